@@ -1,0 +1,235 @@
+//! Compiles every `cuda/*.cu` into a fatbin (SASS for each architecture in `SPECDEC_CUDA_ARCHS`, plus PTX for
+//! the lowest) and embeds them in the library; `src/cuda/module.rs` loads them from memory at run time.
+//!
+//! nvcc is found from `NVCC`, then `$CUDA_HOME/bin`, `$CUDA_PATH/bin`, then `PATH`. nvidia-smi is never run:
+//! the GPU of the build machine says nothing about the GPUs the library will run on. Without nvcc the
+//! CPU-only library is built (one warning); `SPECDEC_REQUIRE_CUDA=1` makes that, or a failed compile, an error.
+
+use std::env;
+use std::fmt::Write as _;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const DEFAULT_ARCHS: &str = "80;86;89;90";
+const ENV_VARS: [&str; 6] = [
+    "NVCC",
+    "CUDA_HOME",
+    "CUDA_PATH",
+    "PATH",
+    "SPECDEC_CUDA_ARCHS",
+    "SPECDEC_REQUIRE_CUDA",
+];
+
+struct Kernel {
+    name: String,
+    fatbin: PathBuf,
+    size: usize,
+}
+
+fn main() {
+    for var in ENV_VARS {
+        println!("cargo:rerun-if-env-changed={var}");
+    }
+    println!("cargo:rerun-if-changed=cuda");
+    let out_dir = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let require_cuda = env::var("SPECDEC_REQUIRE_CUDA").is_ok_and(|v| v == "1");
+
+    let sources = cuda_sources(Path::new("cuda"));
+    for source in &sources {
+        println!("cargo:rerun-if-changed={}", source.display());
+    }
+
+    let outcome = find_nvcc()
+        .ok_or_else(|| {
+            "nvcc not found (looked at NVCC, $CUDA_HOME/bin, $CUDA_PATH/bin, PATH)".to_string()
+        })
+        .and_then(|nvcc| {
+            let archs = parse_archs(
+                &env::var("SPECDEC_CUDA_ARCHS").unwrap_or_else(|_| DEFAULT_ARCHS.into()),
+            )?;
+            compile_all(&nvcc, &sources, &archs, &out_dir).map(|kernels| (kernels, archs))
+        });
+
+    let generated = match outcome {
+        Ok((kernels, archs)) => generated_module(&kernels, &archs),
+        Err(reason) if require_cuda => {
+            panic!("SPECDEC_REQUIRE_CUDA=1 but the CUDA kernels were not built: {reason}")
+        }
+        Err(reason) => {
+            println!(
+                "cargo:warning=specdec: building the CPU-only library ({reason}); CUDA entry points will return \
+                 KernelsNotCompiled. Run scripts/install-nvcc.sh to get the pinned nvcc."
+            );
+            generated_module(&[], &[])
+        }
+    };
+    fs::write(out_dir.join("kernels.rs"), generated).expect("write kernels.rs");
+}
+
+fn cuda_sources(dir: &Path) -> Vec<PathBuf> {
+    let mut sources: Vec<PathBuf> = fs::read_dir(dir)
+        .map(|entries| entries.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    sources.retain(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("cu" | "cuh")));
+    sources.sort();
+    sources
+}
+
+fn find_nvcc() -> Option<PathBuf> {
+    let exe = if cfg!(windows) { "nvcc.exe" } else { "nvcc" };
+    let candidates = env::var_os("NVCC")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain(
+            ["CUDA_HOME", "CUDA_PATH"]
+                .iter()
+                .filter_map(|v| env::var_os(v))
+                .map(|root| PathBuf::from(root).join("bin").join(exe)),
+        )
+        .chain(env::var_os("PATH").into_iter().flat_map(|p| {
+            env::split_paths(&p)
+                .map(|dir| dir.join(exe))
+                .collect::<Vec<_>>()
+        }));
+    candidates.into_iter().find(|p| p.is_file())
+}
+
+fn parse_archs(list: &str) -> Result<Vec<u32>, String> {
+    let mut archs = list
+        .split([';', ','])
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<u32>()
+                .ok()
+                .filter(|a| *a >= 75)
+                .ok_or_else(|| format!("SPECDEC_CUDA_ARCHS: '{s}' is not a compute capability of 75 or more (e.g. 80;90)"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    archs.sort_unstable();
+    archs.dedup();
+    if archs.is_empty() {
+        return Err("SPECDEC_CUDA_ARCHS names no architecture".into());
+    }
+    Ok(archs)
+}
+
+fn compile_all(
+    nvcc: &Path,
+    sources: &[PathBuf],
+    archs: &[u32],
+    out_dir: &Path,
+) -> Result<Vec<Kernel>, String> {
+    let units: Vec<&PathBuf> = sources
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "cu"))
+        .collect();
+    // One nvcc per kernel family, in parallel: nvcc itself compiles the architectures one after another.
+    std::thread::scope(|scope| {
+        let jobs: Vec<_> = units
+            .iter()
+            .map(|src| scope.spawn(move || compile_one(nvcc, src, archs, out_dir)))
+            .collect();
+        jobs.into_iter()
+            .map(|j| j.join().expect("nvcc thread panicked"))
+            .collect()
+    })
+}
+
+fn compile_one(
+    nvcc: &Path,
+    source: &Path,
+    archs: &[u32],
+    out_dir: &Path,
+) -> Result<Kernel, String> {
+    let name = source
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .expect("utf-8 file name")
+        .to_string();
+    let fatbin = out_dir.join(format!("{name}.fatbin"));
+    let mut cmd = Command::new(nvcc);
+    cmd.args([
+        "--fatbin",
+        "-O3",
+        "-std=c++17",
+        "-lineinfo",
+        "-Xptxas",
+        "-v",
+        "-Icuda",
+        "-o",
+    ])
+    .arg(&fatbin)
+    .arg(source);
+    for arch in archs {
+        cmd.arg(format!("-gencode=arch=compute_{arch},code=sm_{arch}"));
+    }
+    let lowest = archs[0];
+    cmd.arg(format!(
+        "-gencode=arch=compute_{lowest},code=compute_{lowest}"
+    ));
+    let output = cmd
+        .output()
+        .map_err(|e| format!("could not run {}: {e}", nvcc.display()))?;
+    let report = String::from_utf8_lossy(&output.stderr).into_owned();
+    let report_path = out_dir.join(format!("{name}.resources.txt"));
+    fs::write(&report_path, &report).map_err(|e| e.to_string())?;
+    if !output.status.success() {
+        return Err(format!("nvcc failed on {}:\n{report}", source.display()));
+    }
+    for spill in spill_lines(&report) {
+        println!(
+            "cargo:warning=specdec: {name}: register spill: {spill} (full report: {})",
+            report_path.display()
+        );
+    }
+    let size = fs::metadata(&fatbin).map_err(|e| e.to_string())?.len() as usize;
+    Ok(Kernel { name, fatbin, size })
+}
+
+/// ptxas prints "Compiling entry function 'X' for 'sm_NN'" and then "N bytes stack frame, N bytes spill stores,
+/// N bytes spill loads" for it; name each function whose spill counts are not zero.
+fn spill_lines(report: &str) -> Vec<String> {
+    let mut current = String::new();
+    let mut spills = Vec::new();
+    for line in report.lines() {
+        if let Some(rest) = line.split("Compiling entry function ").nth(1) {
+            current = rest.trim().to_string();
+        }
+        if line.contains("spill stores")
+            && !(line.contains(" 0 bytes spill stores") && line.contains(" 0 bytes spill loads"))
+        {
+            spills.push(format!("{current}: {}", line.trim()));
+        }
+    }
+    spills
+}
+
+fn generated_module(kernels: &[Kernel], archs: &[u32]) -> String {
+    let mut code = String::from("// Generated by build.rs: the fatbins compiled from cuda/*.cu.\n");
+    writeln!(
+        code,
+        "pub const KERNELS_COMPILED: bool = {};",
+        !kernels.is_empty()
+    )
+    .unwrap();
+    writeln!(code, "pub const COMPILED_ARCHS: &[u32] = &{archs:?};").unwrap();
+    // cuModuleLoadData reads the image in place; keep it aligned like the allocation nvcc's loaders use.
+    code.push_str("#[repr(C, align(64))]\npub struct Aligned<const N: usize>(pub [u8; N]);\n");
+    for (i, k) in kernels.iter().enumerate() {
+        writeln!(
+            code,
+            "static FATBIN_{i}: Aligned<{}> = Aligned(*include_bytes!({:?}));",
+            k.size,
+            k.fatbin.display().to_string()
+        )
+        .unwrap();
+    }
+    code.push_str("/// (kernel family, fatbin image), one per cuda/*.cu file.\npub static FATBINS: &[(&str, &[u8])] = &[\n");
+    for (i, k) in kernels.iter().enumerate() {
+        writeln!(code, "    ({:?}, &FATBIN_{i}.0),", k.name).unwrap();
+    }
+    code.push_str("];\n");
+    code
+}

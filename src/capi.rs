@@ -1,0 +1,403 @@
+//! The C ABI, declared in `include/specdec.h` (generated from this file by cbindgen; a test fails when the two
+//! differ).
+//!
+//! Conventions: every function returns a [`specdec_status`] (fixed values, only ever appended to); on failure
+//! [`specdec_last_error`] gives a message naming the offending argument. Sizes are `int64_t` so that negative
+//! values are caught rather than wrapped. A pointer may be null only where the array it points to is empty.
+//! Every function runs inside a panic boundary: a bug in specdec is reported as [`specdec_status::SPECDEC_PANIC`],
+//! never as an abort of the host process.
+#![allow(non_camel_case_types)]
+
+use std::cell::RefCell;
+use std::ffi::{c_char, c_void, CStr, CString};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use half::{bf16, f16};
+
+use crate::cuda::greedy::GreedyDevicePtrs;
+use crate::cuda::CudaBackend;
+use crate::dtype::{DType, LogitsElement};
+use crate::error::{Error, Result};
+use crate::greedy::GreedyShape;
+
+/// Major version of the library this header belongs to.
+pub const SPECDEC_VERSION_MAJOR: u32 = 0;
+/// Minor version.
+pub const SPECDEC_VERSION_MINOR: u32 = 1;
+/// Patch version.
+pub const SPECDEC_VERSION_PATCH: u32 = 0;
+/// MAJOR * 1000000 + MINOR * 1000 + PATCH: what `specdec_version()` returns for this header.
+pub const SPECDEC_VERSION: u32 = 1000;
+
+/// The outcome of a call. Values are fixed and new ones are only ever appended.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum specdec_status {
+    /// Success.
+    SPECDEC_OK = 0,
+    /// A null pointer, a negative, zero or overflowing size, an unknown dtype, an array whose contents break
+    /// the documented rules, a pointer not aligned for its elements. The message names the argument.
+    SPECDEC_INVALID_ARGUMENT = 1,
+    /// The library was built without CUDA kernels (no nvcc at build time).
+    SPECDEC_KERNELS_NOT_COMPILED = 2,
+    /// The CUDA driver library (libcuda) could not be loaded.
+    SPECDEC_NO_DRIVER = 3,
+    /// No CUDA device with that ordinal.
+    SPECDEC_NO_DEVICE = 4,
+    /// The device is older than every architecture compiled into the library.
+    SPECDEC_UNSUPPORTED_ARCHITECTURE = 5,
+    /// A CUDA driver call failed; the message names the call and the CUDA error.
+    SPECDEC_CUDA_ERROR = 6,
+    /// A bug in specdec was caught at the C boundary; the message says where.
+    SPECDEC_PANIC = 7,
+}
+
+/// Element type of a logits tensor, passed as `int32_t`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum specdec_dtype {
+    /// IEEE binary32.
+    SPECDEC_DTYPE_F32 = 0,
+    /// IEEE binary16.
+    SPECDEC_DTYPE_F16 = 1,
+    /// bfloat16.
+    SPECDEC_DTYPE_BF16 = 2,
+}
+
+/// What `specdec_context_backend` reports.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum specdec_backend {
+    /// The CPU reference backend: every pointer is host memory.
+    SPECDEC_BACKEND_CPU = 0,
+    /// A CUDA device: every array pointer is device memory (or mapped into the device), and work is enqueued on
+    /// the stream passed to each call.
+    SPECDEC_BACKEND_CUDA = 1,
+}
+
+/// An opaque handle: the CPU backend or one CUDA device. Created by `specdec_context_create_cpu` or
+/// `specdec_context_create_cuda`, released by `specdec_context_destroy`. A context may be used from several
+/// threads at once.
+pub struct specdec_context {
+    backend: Backend,
+}
+
+enum Backend {
+    Cpu,
+    Cuda(CudaBackend),
+}
+
+thread_local! {
+    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+}
+
+fn status_of(error: &Error) -> specdec_status {
+    match error {
+        Error::InvalidArgument { .. } => specdec_status::SPECDEC_INVALID_ARGUMENT,
+        Error::KernelsNotCompiled => specdec_status::SPECDEC_KERNELS_NOT_COMPILED,
+        Error::NoDriver => specdec_status::SPECDEC_NO_DRIVER,
+        Error::NoDevice { .. } => specdec_status::SPECDEC_NO_DEVICE,
+        Error::UnsupportedArchitecture { .. } => specdec_status::SPECDEC_UNSUPPORTED_ARCHITECTURE,
+        Error::Cuda { .. } => specdec_status::SPECDEC_CUDA_ERROR,
+    }
+}
+
+fn set_last_error(message: String) {
+    let message = CString::new(message.replace('\0', " ")).unwrap_or_default();
+    LAST_ERROR.with(|slot| *slot.borrow_mut() = message);
+}
+
+/// The panic boundary every exported function runs in: records the outcome for `specdec_last_error`.
+fn boundary(call: impl FnOnce() -> Result<()>) -> specdec_status {
+    match catch_unwind(AssertUnwindSafe(call)) {
+        Ok(Ok(())) => {
+            set_last_error(String::new());
+            specdec_status::SPECDEC_OK
+        }
+        Ok(Err(error)) => {
+            set_last_error(error.to_string());
+            status_of(&error)
+        }
+        Err(payload) => {
+            let what = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            set_last_error(format!("internal error in specdec (please report): {what}"));
+            specdec_status::SPECDEC_PANIC
+        }
+    }
+}
+
+fn size_arg(argument: &str, value: i64) -> Result<usize> {
+    usize::try_from(value)
+        .map_err(|_| Error::invalid(argument, format!("is {value}; sizes cannot be negative")))
+}
+
+fn dtype_arg(argument: &str, value: i32) -> Result<DType> {
+    match value {
+        0 => Ok(DType::F32),
+        1 => Ok(DType::F16),
+        2 => Ok(DType::BF16),
+        _ => Err(Error::invalid(
+            argument,
+            format!("is {value}, not a specdec_dtype (0 = F32, 1 = F16, 2 = BF16)"),
+        )),
+    }
+}
+
+fn non_null<'a, T>(argument: &str, ptr: *mut T) -> Result<&'a mut T> {
+    // SAFETY: the caller passes a pointer to a live T or null; null is rejected.
+    unsafe { ptr.as_mut() }.ok_or_else(|| Error::invalid(argument, "is a null pointer"))
+}
+
+/// A host array of `len` elements at `ptr`: null only if empty, and aligned for `T`.
+///
+/// # Safety
+/// A non-null `ptr` must point to `len` initialised elements that stay valid for `'a`.
+unsafe fn host_slice<'a, T>(argument: &str, ptr: *const T, len: usize) -> Result<&'a [T]> {
+    if len == 0 {
+        return Ok(&[]);
+    }
+    check_host_ptr(argument, ptr as usize, len, std::mem::align_of::<T>())?;
+    Ok(std::slice::from_raw_parts(ptr, len))
+}
+
+/// As [`host_slice`], writable.
+///
+/// # Safety
+/// A non-null `ptr` must point to `len` elements that nothing else accesses for `'a`.
+unsafe fn host_slice_mut<'a, T>(argument: &str, ptr: *mut T, len: usize) -> Result<&'a mut [T]> {
+    if len == 0 {
+        return Ok(&mut []);
+    }
+    check_host_ptr(argument, ptr as usize, len, std::mem::align_of::<T>())?;
+    Ok(std::slice::from_raw_parts_mut(ptr, len))
+}
+
+fn check_host_ptr(argument: &str, address: usize, len: usize, align: usize) -> Result<()> {
+    if address == 0 {
+        return Err(Error::invalid(
+            argument,
+            format!("is a null pointer but has {len} elements"),
+        ));
+    }
+    if address % align != 0 {
+        return Err(Error::invalid(
+            argument,
+            format!("pointer {address:#x} is not aligned to {align} bytes"),
+        ));
+    }
+    Ok(())
+}
+
+/// The library's version, `MAJOR * 1000000 + MINOR * 1000 + PATCH`; compare with `SPECDEC_VERSION`.
+#[no_mangle]
+pub extern "C" fn specdec_version() -> u32 {
+    SPECDEC_VERSION
+}
+
+/// The library's version as text, e.g. `"0.1.0"`. Static storage: never free it.
+#[no_mangle]
+pub extern "C" fn specdec_version_string() -> *const c_char {
+    concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr() as *const c_char
+}
+
+/// The name of a status code, e.g. `"SPECDEC_INVALID_ARGUMENT"`; `"SPECDEC_UNKNOWN_STATUS"` for a value that is
+/// not one. Static storage: never free it.
+#[no_mangle]
+pub extern "C" fn specdec_status_string(status: i32) -> *const c_char {
+    let name: &'static CStr = match status {
+        0 => c"SPECDEC_OK",
+        1 => c"SPECDEC_INVALID_ARGUMENT",
+        2 => c"SPECDEC_KERNELS_NOT_COMPILED",
+        3 => c"SPECDEC_NO_DRIVER",
+        4 => c"SPECDEC_NO_DEVICE",
+        5 => c"SPECDEC_UNSUPPORTED_ARCHITECTURE",
+        6 => c"SPECDEC_CUDA_ERROR",
+        7 => c"SPECDEC_PANIC",
+        _ => c"SPECDEC_UNKNOWN_STATUS",
+    };
+    name.as_ptr()
+}
+
+/// The message of this thread's last specdec call: empty if it succeeded, otherwise what went wrong, naming the
+/// offending argument. Valid until this thread's next specdec call; never free it.
+#[no_mangle]
+pub extern "C" fn specdec_last_error() -> *const c_char {
+    LAST_ERROR.with(|slot| slot.borrow().as_ptr())
+}
+
+/// Creates a context for the CPU reference backend in `*out`.
+///
+/// # Safety
+/// `out` must be null (rejected) or point to writable storage for a pointer.
+#[no_mangle]
+pub unsafe extern "C" fn specdec_context_create_cpu(
+    out: *mut *mut specdec_context,
+) -> specdec_status {
+    boundary(|| {
+        let out = non_null("out", out)?;
+        *out = Box::into_raw(Box::new(specdec_context {
+            backend: Backend::Cpu,
+        }));
+        Ok(())
+    })
+}
+
+/// Creates a context for CUDA device `device_ordinal` in `*out`, using the device's primary context (the one
+/// the CUDA runtime, PyTorch and most engines use), so their device pointers and streams can be passed in.
+/// Fails with SPECDEC_KERNELS_NOT_COMPILED, SPECDEC_NO_DRIVER, SPECDEC_NO_DEVICE or
+/// SPECDEC_UNSUPPORTED_ARCHITECTURE where CUDA cannot be used. The calling thread's current context is left
+/// as it was.
+///
+/// # Safety
+/// `out` must be null (rejected) or point to writable storage for a pointer.
+#[no_mangle]
+pub unsafe extern "C" fn specdec_context_create_cuda(
+    device_ordinal: i32,
+    out: *mut *mut specdec_context,
+) -> specdec_status {
+    boundary(|| {
+        let out = non_null("out", out)?;
+        let ordinal = usize::try_from(device_ordinal).map_err(|_| {
+            Error::invalid(
+                "device_ordinal",
+                format!("is {device_ordinal}; ordinals are 0 or more"),
+            )
+        })?;
+        let backend = CudaBackend::new(ordinal)?;
+        *out = Box::into_raw(Box::new(specdec_context {
+            backend: Backend::Cuda(backend),
+        }));
+        Ok(())
+    })
+}
+
+/// Releases a context. Null is accepted and ignored. Work already enqueued on a stream is not affected.
+///
+/// # Safety
+/// `ctx` must be null or a context from `specdec_context_create_*` not yet destroyed.
+#[no_mangle]
+pub unsafe extern "C" fn specdec_context_destroy(ctx: *mut specdec_context) -> specdec_status {
+    boundary(|| {
+        if !ctx.is_null() {
+            drop(Box::from_raw(ctx));
+        }
+        Ok(())
+    })
+}
+
+/// Reports in `*out_backend` which backend a context runs on: a `specdec_backend` value.
+///
+/// # Safety
+/// `ctx` must be null (rejected) or a live context; `out_backend` null (rejected) or writable.
+#[no_mangle]
+pub unsafe extern "C" fn specdec_context_backend(
+    ctx: *const specdec_context,
+    out_backend: *mut i32,
+) -> specdec_status {
+    boundary(|| {
+        let ctx = non_null("ctx", ctx as *mut specdec_context)?;
+        let out = non_null("out_backend", out_backend)?;
+        *out = match ctx.backend {
+            Backend::Cpu => specdec_backend::SPECDEC_BACKEND_CPU as i32,
+            Backend::Cuda(_) => specdec_backend::SPECDEC_BACKEND_CUDA as i32,
+        };
+        Ok(())
+    })
+}
+
+/// Greedy verification of a batch of drafted chains (temperature 0).
+///
+/// Request `b` drafted `k_b = draft_offsets[b+1] - draft_offsets[b]` tokens, stored at
+/// `draft_tokens[draft_offsets[b] ..]`. `logits` is `[num_draft_tokens + num_requests, vocab_size]` of
+/// `logits_dtype`: rows `draft_offsets[b] + b + j`, `j = 0..k_b`, are request `b`'s target positions (the last one
+/// gives the bonus token). With `a_j` the argmax of row `j` (ties to the lowest index; a NaN above every number),
+/// the request accepts its longest draft prefix equal to `a_0, a_1, ...`: `accepted_counts[b]` = that count `n`,
+/// and `emitted_tokens[b * emit_width ..]` = `a_0 .. a_n` then -1 up to `emit_width` (which must be at least
+/// `k_b + 1` for every request).
+///
+/// On a CPU context every pointer is host memory, `stream` is ignored, and bad contents of `draft_offsets` or
+/// `draft_tokens` return SPECDEC_INVALID_ARGUMENT naming the element. On a CUDA context every array is device
+/// memory, the work is enqueued on `stream` (a `cudaStream_t` / `CUstream`; NULL is the legacy default stream)
+/// and the call returns without waiting; the kernel checks the contents per request and marks a bad request
+/// with `accepted_counts[b] = -1` and a row of -1.
+///
+/// # Safety
+/// Each non-null pointer must point to the number of elements stated above, valid (on a CUDA context: until the
+/// work on `stream` has finished), and the output arrays must not overlap the inputs.
+#[no_mangle]
+pub unsafe extern "C" fn specdec_greedy_verify(
+    ctx: *const specdec_context,
+    logits: *const c_void,
+    logits_dtype: i32,
+    vocab_size: i64,
+    draft_offsets: *const i32,
+    num_requests: i64,
+    draft_tokens: *const i32,
+    num_draft_tokens: i64,
+    emit_width: i64,
+    accepted_counts: *mut i32,
+    emitted_tokens: *mut i32,
+    stream: *mut c_void,
+) -> specdec_status {
+    boundary(|| {
+        let ctx = non_null("ctx", ctx as *mut specdec_context)?;
+        let dtype = dtype_arg("logits_dtype", logits_dtype)?;
+        let shape = GreedyShape::new(
+            size_arg("num_requests", num_requests)?,
+            size_arg("vocab_size", vocab_size)?,
+            size_arg("num_draft_tokens", num_draft_tokens)?,
+            size_arg("emit_width", emit_width)?,
+        )?;
+        match &ctx.backend {
+            Backend::Cpu => {
+                let offsets = host_slice("draft_offsets", draft_offsets, shape.num_requests + 1)?;
+                let drafts = host_slice("draft_tokens", draft_tokens, shape.num_draft_tokens)?;
+                let accepted =
+                    host_slice_mut("accepted_counts", accepted_counts, shape.num_requests)?;
+                let emitted =
+                    host_slice_mut("emitted_tokens", emitted_tokens, shape.emitted_len())?;
+                fn run<T: LogitsElement>(
+                    logits: *const c_void,
+                    shape: &GreedyShape,
+                    o: &[i32],
+                    d: &[i32],
+                    a: &mut [i32],
+                    e: &mut [i32],
+                ) -> Result<()> {
+                    // SAFETY: the caller's contract on `logits`.
+                    let logits =
+                        unsafe { host_slice("logits", logits as *const T, shape.logits_len())? };
+                    crate::cpu::greedy_verify(
+                        logits,
+                        shape.vocab_size,
+                        o,
+                        d,
+                        shape.emit_width,
+                        a,
+                        e,
+                    )
+                }
+                match dtype {
+                    DType::F32 => run::<f32>(logits, &shape, offsets, drafts, accepted, emitted),
+                    DType::F16 => run::<f16>(logits, &shape, offsets, drafts, accepted, emitted),
+                    DType::BF16 => run::<bf16>(logits, &shape, offsets, drafts, accepted, emitted),
+                }
+            }
+            Backend::Cuda(backend) => {
+                let ptrs = GreedyDevicePtrs {
+                    logits: logits as u64,
+                    draft_offsets: draft_offsets as u64,
+                    draft_tokens: draft_tokens as u64,
+                    accepted_counts: accepted_counts as u64,
+                    emitted_tokens: emitted_tokens as u64,
+                };
+                ptrs.check(&shape, dtype)?;
+                backend.launch_greedy_verify(stream as _, &shape, dtype, &ptrs)
+            }
+        }
+    })
+}

@@ -1,0 +1,8 @@
+//! The CPU backend: plain, readable reference implementations of every primitive.
+//!
+//! They are the oracle of the GPU tests and the fallback where no GPU is present. Work is spread over the
+//! machine's cores with rayon where a call has independent requests.
+
+mod greedy;
+
+pub use greedy::{argmax, greedy_verify};

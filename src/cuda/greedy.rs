@@ -1,0 +1,230 @@
+//! Launcher of greedy verification (`cuda/greedy_verify.cu`). Semantics and validation: [`crate::greedy`].
+
+use std::ffi::c_void;
+
+use cudarc::driver::{result, sys, CudaStream};
+
+use super::memory::{check_device_ptr, StreamScratch};
+use super::{cuda_error, CudaBackend, DeviceIn, DeviceOut};
+use crate::dtype::{DType, LogitsElement};
+use crate::error::Result;
+use crate::greedy::GreedyShape;
+
+const MODULE: &str = "greedy_verify";
+/// Threads per block of both kernels; must match kArgmaxThreads / kAcceptThreads in the .cu file.
+const BLOCK_THREADS: u32 = 256;
+/// The smallest vocabulary chunk one block reduces: below this, block start-up costs more than it saves.
+const MIN_CHUNK: usize = 8192;
+/// How many blocks per multiprocessor to aim for when splitting rows across blocks.
+const BLOCKS_PER_SM: usize = 4;
+
+/// Raw device pointers of one greedy-verification call, after validation.
+pub(crate) struct GreedyDevicePtrs {
+    pub logits: sys::CUdeviceptr,
+    pub draft_offsets: sys::CUdeviceptr,
+    pub draft_tokens: sys::CUdeviceptr,
+    pub accepted_counts: sys::CUdeviceptr,
+    pub emitted_tokens: sys::CUdeviceptr,
+}
+
+impl GreedyDevicePtrs {
+    pub(crate) fn check(&self, shape: &GreedyShape, dtype: DType) -> Result<()> {
+        check_device_ptr("logits", self.logits, shape.logits_len(), dtype.size())?;
+        check_device_ptr(
+            "draft_offsets",
+            self.draft_offsets,
+            shape.num_requests + 1,
+            4,
+        )?;
+        check_device_ptr("draft_tokens", self.draft_tokens, shape.num_draft_tokens, 4)?;
+        check_device_ptr(
+            "accepted_counts",
+            self.accepted_counts,
+            shape.num_requests,
+            4,
+        )?;
+        check_device_ptr(
+            "emitted_tokens",
+            self.emitted_tokens,
+            shape.emitted_len(),
+            4,
+        )
+    }
+}
+
+/// How the vocabulary of each row is split across blocks: enough blocks to fill the device, none smaller than
+/// [`MIN_CHUNK`]. Results do not depend on it.
+fn vocabulary_split(rows: usize, vocab_size: usize, multiprocessors: u32) -> (usize, u32) {
+    let target_blocks = BLOCKS_PER_SM * multiprocessors as usize;
+    let splits = target_blocks
+        .div_ceil(rows.max(1))
+        .min(vocab_size / MIN_CHUNK)
+        .clamp(1, 65535);
+    let chunk = vocab_size.div_ceil(splits);
+    (chunk, vocab_size.div_ceil(chunk) as u32)
+}
+
+impl CudaBackend {
+    /// Greedy verification on the GPU; see [`crate::greedy`] for layout, semantics and validation, and the
+    /// module documentation for an example.
+    ///
+    /// Sizes and lengths are checked before anything is launched. The contents of `draft_offsets` and
+    /// `draft_tokens` are checked per request by the kernel, which marks a bad request with
+    /// `accepted_counts[b] = `[`crate::greedy::REQUEST_INVALID`]. The call returns once the work is enqueued
+    /// on `stream`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn greedy_verify<T: LogitsElement>(
+        &self,
+        stream: &CudaStream,
+        logits: DeviceIn<'_, T>,
+        vocab_size: usize,
+        draft_offsets: DeviceIn<'_, i32>,
+        draft_tokens: DeviceIn<'_, i32>,
+        emit_width: usize,
+        accepted_counts: DeviceOut<'_, i32>,
+        emitted_tokens: DeviceOut<'_, i32>,
+    ) -> Result<()> {
+        self.check_stream(stream)?;
+        let shape = GreedyShape::from_lengths(
+            vocab_size,
+            draft_offsets.len(),
+            draft_tokens.len(),
+            emit_width,
+        )?;
+        shape.check_lengths(
+            logits.len(),
+            draft_offsets.len(),
+            draft_tokens.len(),
+            accepted_counts.len(),
+            emitted_tokens.len(),
+        )?;
+        let ptrs = GreedyDevicePtrs {
+            logits: logits.ptr,
+            draft_offsets: draft_offsets.ptr,
+            draft_tokens: draft_tokens.ptr,
+            accepted_counts: accepted_counts.ptr,
+            emitted_tokens: emitted_tokens.ptr,
+        };
+        ptrs.check(&shape, T::DTYPE)?;
+        self.launch_greedy_verify(stream.cu_stream(), &shape, T::DTYPE, &ptrs)
+    }
+
+    /// Enqueues both kernels. `shape` and `ptrs` are validated by the caller.
+    pub(crate) fn launch_greedy_verify(
+        &self,
+        stream: sys::CUstream,
+        shape: &GreedyShape,
+        dtype: DType,
+        ptrs: &GreedyDevicePtrs,
+    ) -> Result<()> {
+        if shape.num_requests == 0 {
+            return Ok(());
+        }
+        let _bound = self.bind()?;
+        let argmax = self.function(
+            MODULE,
+            match dtype {
+                DType::F32 => "GreedyRowArgmaxKernel_f32",
+                DType::F16 => "GreedyRowArgmaxKernel_f16",
+                DType::BF16 => "GreedyRowArgmaxKernel_bf16",
+            },
+        )?;
+        let accept = self.function(MODULE, "GreedyAcceptKernel")?;
+
+        let rows = shape.num_rows();
+        let (chunk, splits) = vocabulary_split(rows, shape.vocab_size, self.multiprocessors());
+        let partials =
+            StreamScratch::alloc(stream, rows * splits as usize * std::mem::size_of::<u64>())?;
+
+        let (mut logits, mut vocab, mut chunk, mut partials_ptr) = (
+            ptrs.logits,
+            shape.vocab_size as i64,
+            chunk as i64,
+            partials.ptr(),
+        );
+        let mut args = [
+            arg(&mut logits),
+            arg(&mut vocab),
+            arg(&mut chunk),
+            arg(&mut partials_ptr),
+        ];
+        // SAFETY: argument types match GreedyRowArgmaxKernel_*; every block reads inside its row of `logits`
+        // (rows * vocab elements, checked by the caller) and writes its own partial.
+        unsafe {
+            result::launch_kernel(
+                argmax,
+                (rows as u32, splits, 1),
+                (BLOCK_THREADS, 1, 1),
+                0,
+                stream,
+                &mut args,
+            )
+        }
+        .map_err(|e| cuda_error("cuLaunchKernel(GreedyRowArgmaxKernel)", e))?;
+
+        let (mut offsets, mut drafts, mut splits_arg) =
+            (ptrs.draft_offsets, ptrs.draft_tokens, splits as i32);
+        let (mut requests, mut num_drafts, mut vocab, mut width) = (
+            shape.num_requests as i64,
+            shape.num_draft_tokens as i64,
+            shape.vocab_size as i64,
+            shape.emit_width as i64,
+        );
+        let (mut accepted, mut emitted) = (ptrs.accepted_counts, ptrs.emitted_tokens);
+        let mut args = [
+            arg(&mut offsets),
+            arg(&mut drafts),
+            arg(&mut partials_ptr),
+            arg(&mut splits_arg),
+            arg(&mut requests),
+            arg(&mut num_drafts),
+            arg(&mut vocab),
+            arg(&mut width),
+            arg(&mut accepted),
+            arg(&mut emitted),
+        ];
+        let warps_per_block = (BLOCK_THREADS / 32) as usize;
+        let blocks = shape.num_requests.div_ceil(warps_per_block) as u32;
+        // SAFETY: argument types match GreedyAcceptKernel; it validates each request before indexing.
+        unsafe {
+            result::launch_kernel(
+                accept,
+                (blocks, 1, 1),
+                (BLOCK_THREADS, 1, 1),
+                0,
+                stream,
+                &mut args,
+            )
+        }
+        .map_err(|e| cuda_error("cuLaunchKernel(GreedyAcceptKernel)", e))?;
+        partials.free()
+    }
+}
+
+fn arg<T>(value: &mut T) -> *mut c_void {
+    value as *mut T as *mut c_void
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vocabulary_split_covers_each_row_without_empty_chunks() {
+        for rows in [1usize, 2, 5, 33, 320, 10_000] {
+            for vocab in [1usize, 3, 8191, 8192, 8193, 32000, 128256, 151936, 262144] {
+                for sms in [1u32, 108, 132] {
+                    let (chunk, splits) = vocabulary_split(rows, vocab, sms);
+                    let splits = splits as usize;
+                    assert!(chunk * splits >= vocab, "chunks cover the row");
+                    assert!(chunk * (splits - 1) < vocab, "the last chunk is not empty");
+                    assert!((1..=65535).contains(&splits));
+                    assert!(
+                        splits == 1 || chunk >= MIN_CHUNK,
+                        "no chunk below MIN_CHUNK"
+                    );
+                }
+            }
+        }
+    }
+}

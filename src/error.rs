@@ -1,0 +1,101 @@
+//! The error type of every fallible specdec call, on every backend and through the C ABI.
+
+use std::fmt;
+
+/// Why a specdec call failed.
+///
+/// Run-time conditions (no driver, no device, a CUDA error) are errors, never panics. Every variant maps to
+/// one fixed C status code (see [`crate::capi::specdec_status`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Error {
+    /// An argument is wrong: a size, a length, a pointer, or the contents of an input array. `argument`
+    /// names it as the documentation does (`"draft_offsets[3]"`, `"vocab_size"`).
+    InvalidArgument {
+        /// The offending argument.
+        argument: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// This build of specdec has no CUDA kernels: nvcc was not found when it was compiled.
+    KernelsNotCompiled,
+    /// The CUDA driver library (libcuda) could not be loaded.
+    NoDriver,
+    /// No CUDA device with this ordinal.
+    NoDevice {
+        /// The ordinal asked for.
+        ordinal: usize,
+        /// How many devices the driver reports.
+        count: usize,
+    },
+    /// The device is older than every architecture compiled into this build.
+    UnsupportedArchitecture {
+        /// The device ordinal.
+        ordinal: usize,
+        /// Its compute capability, as major * 10 + minor.
+        compute_capability: u32,
+        /// The architectures compiled into this build.
+        compiled: &'static [u32],
+    },
+    /// A CUDA driver call failed.
+    Cuda {
+        /// The driver function, e.g. `"cuLaunchKernel"`.
+        call: &'static str,
+        /// The CUresult code.
+        code: u32,
+        /// The CUresult name, e.g. `"CUDA_ERROR_ILLEGAL_ADDRESS"`.
+        name: String,
+    },
+}
+
+/// `Result<T, specdec::Error>`.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// An [`Error::InvalidArgument`] for `argument`.
+    pub fn invalid(argument: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::InvalidArgument {
+            argument: argument.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::InvalidArgument { argument, reason } => write!(f, "invalid argument `{argument}`: {reason}"),
+            Error::KernelsNotCompiled => write!(
+                f,
+                "CUDA kernels not compiled into this build of specdec (nvcc was not found when it was built; \
+                 see scripts/install-nvcc.sh)"
+            ),
+            Error::NoDriver => write!(f, "the CUDA driver library (libcuda.so) could not be loaded"),
+            Error::NoDevice { ordinal, count } => {
+                write!(f, "no CUDA device with ordinal {ordinal} (the driver reports {count})")
+            }
+            Error::UnsupportedArchitecture { ordinal, compute_capability, compiled } => write!(
+                f,
+                "CUDA device {ordinal} has compute capability {}.{}, older than every architecture in this build \
+                 ({compiled:?}); rebuild with SPECDEC_CUDA_ARCHS including it",
+                compute_capability / 10,
+                compute_capability % 10
+            ),
+            Error::Cuda { call, code, name } => write!(f, "{call} failed: {name} ({code})"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// Checks that `len` equals `expected`, naming `argument` otherwise.
+pub(crate) fn check_len(argument: &str, len: usize, expected: usize) -> Result<()> {
+    if len == expected {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            argument,
+            format!("has {len} elements, expected {expected}"),
+        ))
+    }
+}

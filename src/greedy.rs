@@ -1,0 +1,209 @@
+//! Greedy verification: what it computes, its layout, and the validation shared by every backend.
+//!
+//! # Semantics
+//!
+//! A batch of `B` requests; request `b` drafted `k_b = draft_offsets[b+1] - draft_offsets[b]` tokens (ragged,
+//! 0 allowed), stored at `draft_tokens[draft_offsets[b] .. draft_offsets[b+1]]`. The target scored `k_b + 1`
+//! positions of it: rows `draft_offsets[b] + b + j`, `j = 0..=k_b`, of `logits: [num_draft_tokens + B, V]`
+//! (row-major, any of fp32, fp16, bf16).
+//!
+//! With `a_j` the argmax of row `j` (ties go to the lowest index; a NaN is above every number, so a row holding
+//! one yields its first NaN, as `torch.argmax` does), the request accepts the longest prefix of drafts with
+//! `draft[j] == a_j`, `n_b` of them, and emits `n_b + 1` tokens: `a_0 .. a_{n_b}`, i.e. the accepted drafts,
+//! then the target's token at the first mismatch, or the bonus token after all `k_b` drafts.
+//!
+//! # Outputs
+//!
+//! * `accepted_counts: [B]`: `n_b`.
+//! * `emitted_tokens: [B, emit_width]`: row `b` holds the `n_b + 1` emitted tokens, then `-1` up to
+//!   `emit_width`. `emit_width` must be at least `k_b + 1` for every request (the longest draft plus one).
+//!
+//! # Validation
+//!
+//! Sizes and lengths are checked before anything runs, on every backend ([`GreedyShape`]). The contents of
+//! `draft_offsets` and `draft_tokens` follow per-request rules ([`GreedyShape::check_request`]):
+//! `0 <= draft_offsets[b] <= draft_offsets[b+1] <= num_draft_tokens`, `k_b + 1 <= emit_width`, and every draft
+//! id in `[0, V)`. The CPU backend returns [`Error::InvalidArgument`] naming the first offending element. The
+//! CUDA backend cannot read device arrays without synchronising, so its kernel checks the same rules per
+//! request and marks a failing request with `accepted_counts[b] = `[`REQUEST_INVALID`] and a row of `-1`; it
+//! never reads or writes outside the documented arrays, whatever the contents.
+
+use crate::error::{check_len, Error, Result};
+
+/// The value of `accepted_counts[b]` written by a CUDA kernel for a request whose inputs break the rules of
+/// [`GreedyShape::check_request`].
+pub const REQUEST_INVALID: i32 = -1;
+
+/// The validated sizes of one greedy-verification call. Constructing one is the only way into any backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GreedyShape {
+    /// `B`, the number of requests.
+    pub num_requests: usize,
+    /// `V`, the vocabulary size (the row length of the logits).
+    pub vocab_size: usize,
+    /// The total number of draft tokens (the length of `draft_tokens`).
+    pub num_draft_tokens: usize,
+    /// The row length of `emitted_tokens`.
+    pub emit_width: usize,
+}
+
+impl GreedyShape {
+    /// Checks the sizes: `vocab_size` and `emit_width` at least 1, token ids and offsets representable as
+    /// `i32`, and no array size overflowing the address space.
+    pub fn new(
+        num_requests: usize,
+        vocab_size: usize,
+        num_draft_tokens: usize,
+        emit_width: usize,
+    ) -> Result<Self> {
+        let max = i32::MAX as usize;
+        if vocab_size == 0 || vocab_size > max {
+            return Err(Error::invalid(
+                "vocab_size",
+                format!("is {vocab_size}, must be in 1..={max}"),
+            ));
+        }
+        if emit_width == 0 || emit_width > max {
+            return Err(Error::invalid(
+                "emit_width",
+                format!("is {emit_width}, must be in 1..={max}"),
+            ));
+        }
+        if num_draft_tokens > max {
+            return Err(Error::invalid(
+                "num_draft_tokens",
+                format!("is {num_draft_tokens}, must be at most {max}"),
+            ));
+        }
+        if num_requests >= max {
+            return Err(Error::invalid(
+                "num_requests",
+                format!("is {num_requests}, must be below {max}"),
+            ));
+        }
+        let shape = GreedyShape {
+            num_requests,
+            vocab_size,
+            num_draft_tokens,
+            emit_width,
+        };
+        let rows = shape.num_rows();
+        if rows > max
+            || rows
+                .checked_mul(vocab_size)
+                .and_then(|n| n.checked_mul(4))
+                .is_none_or(|b| b > isize::MAX as usize)
+        {
+            return Err(Error::invalid(
+                "logits",
+                format!("{rows} rows of {vocab_size} overflow the address space"),
+            ));
+        }
+        if num_requests
+            .checked_mul(emit_width)
+            .is_none_or(|n| n > isize::MAX as usize / 4)
+        {
+            return Err(Error::invalid(
+                "emitted_tokens",
+                "num_requests * emit_width overflows the address space",
+            ));
+        }
+        Ok(shape)
+    }
+
+    /// The shape implied by slice lengths: `B = draft_offsets.len() - 1`.
+    pub fn from_lengths(
+        vocab_size: usize,
+        draft_offsets_len: usize,
+        num_draft_tokens: usize,
+        emit_width: usize,
+    ) -> Result<Self> {
+        let num_requests = draft_offsets_len.checked_sub(1).ok_or_else(|| {
+            Error::invalid(
+                "draft_offsets",
+                "is empty; it needs num_requests + 1 elements",
+            )
+        })?;
+        Self::new(num_requests, vocab_size, num_draft_tokens, emit_width)
+    }
+
+    /// Rows of the logits tensor: one per draft token plus one bonus row per request.
+    pub fn num_rows(&self) -> usize {
+        self.num_draft_tokens + self.num_requests
+    }
+
+    /// Elements of the logits tensor.
+    pub fn logits_len(&self) -> usize {
+        self.num_rows() * self.vocab_size
+    }
+
+    /// Elements of `emitted_tokens`.
+    pub fn emitted_len(&self) -> usize {
+        self.num_requests * self.emit_width
+    }
+
+    /// Checks the lengths of all five arrays against the shape.
+    pub fn check_lengths(
+        &self,
+        logits: usize,
+        draft_offsets: usize,
+        draft_tokens: usize,
+        accepted: usize,
+        emitted: usize,
+    ) -> Result<()> {
+        check_len("logits", logits, self.logits_len())?;
+        check_len("draft_offsets", draft_offsets, self.num_requests + 1)?;
+        check_len("draft_tokens", draft_tokens, self.num_draft_tokens)?;
+        check_len("accepted_counts", accepted, self.num_requests)?;
+        check_len("emitted_tokens", emitted, self.emitted_len())
+    }
+
+    /// Checks request `b`'s slice of the inputs and returns its drafts. The CUDA kernel applies the same rules
+    /// (`GreedyRequestIsValid` in `cuda/greedy_verify.cu`).
+    pub fn check_request<'a>(
+        &self,
+        b: usize,
+        draft_offsets: &[i32],
+        draft_tokens: &'a [i32],
+    ) -> Result<&'a [i32]> {
+        let (first, last) = (draft_offsets[b], draft_offsets[b + 1]);
+        let limit = self.num_draft_tokens as i64;
+        if first < 0 || i64::from(first) > limit {
+            return Err(Error::invalid(
+                format!("draft_offsets[{b}]"),
+                format!("is {first}, outside 0..={limit}"),
+            ));
+        }
+        if last < first || i64::from(last) > limit {
+            return Err(Error::invalid(
+                format!("draft_offsets[{}]", b + 1),
+                format!("is {last}; offsets must be non-decreasing (previous {first}) and at most {limit}"),
+            ));
+        }
+        let drafts = &draft_tokens[first as usize..last as usize];
+        if drafts.len() + 1 > self.emit_width {
+            return Err(Error::invalid(
+                "emit_width",
+                format!(
+                    "is {}, but request {b} has {} drafts and emits up to {}",
+                    self.emit_width,
+                    drafts.len(),
+                    drafts.len() + 1
+                ),
+            ));
+        }
+        if let Some(j) = drafts
+            .iter()
+            .position(|&t| t < 0 || t as usize >= self.vocab_size)
+        {
+            return Err(Error::invalid(
+                format!("draft_tokens[{}]", first as usize + j),
+                format!(
+                    "is {}, outside the vocabulary 0..{}",
+                    drafts[j], self.vocab_size
+                ),
+            ));
+        }
+        Ok(drafts)
+    }
+}

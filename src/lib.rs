@@ -1,0 +1,26 @@
+//! # specdec
+//!
+//! Hand-written CUDA kernels for speculative decoding in LLM reinforcement-learning rollouts, a CPU reference
+//! backend for every primitive, and a C ABI (`include/specdec.h`) so that any engine can call the primitives on
+//! its own device pointers and CUDA stream.
+//!
+//! * [`cpu`]: the reference implementations; the oracle of the GPU tests and the fallback without a GPU.
+//! * [`cuda`]: the same primitives on a CUDA device, launched on the caller's stream.
+//! * [`capi`]: the C ABI.
+//!
+//! Primitives so far: greedy verification ([`greedy`]).
+//!
+//! Every entry point validates its arguments through one shared path (for greedy verification,
+//! [`greedy::GreedyShape`]) before dispatching to a backend, and reports problems as an [`Error`] naming the
+//! argument.
+#![warn(missing_docs)]
+
+pub mod capi;
+pub mod cpu;
+pub mod cuda;
+pub mod dtype;
+mod error;
+pub mod greedy;
+
+pub use dtype::{DType, LogitsElement};
+pub use error::{Error, Result};
