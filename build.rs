@@ -216,7 +216,9 @@ fn generated_module(kernels: &[Kernel], archs: &[u32]) -> String {
     .unwrap();
     writeln!(code, "pub const COMPILED_ARCHS: &[u32] = &{archs:?};").unwrap();
     // cuModuleLoadData reads the image in place; keep it aligned like the allocation nvcc's loaders use.
-    code.push_str("#[repr(C, align(64))]\npub struct Aligned<const N: usize>(pub [u8; N]);\n");
+    if !kernels.is_empty() {
+        code.push_str("#[repr(C, align(64))]\npub struct Aligned<const N: usize>(pub [u8; N]);\n");
+    }
     for (i, k) in kernels.iter().enumerate() {
         writeln!(
             code,

@@ -1,0 +1,175 @@
+/*
+ * Exercises the C ABI on the CPU backend: correct results on hand-worked cases, and every kind of bad argument
+ * returning SPECDEC_INVALID_ARGUMENT with a message naming the argument. Compiled as C99 and as C++17 with
+ * -Wall -Wextra -Werror by tests/c/run.sh. Prints "N passed, N failed" and exits non-zero on any failure.
+ */
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "specdec.h"
+
+static int passed = 0;
+static int failed = 0;
+
+#define CHECK(cond)                                                      \
+  do {                                                                   \
+    if (cond) {                                                          \
+      ++passed;                                                          \
+    } else {                                                             \
+      ++failed;                                                          \
+      fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
+    }                                                                    \
+  } while (0)
+
+/* The call failed with `status` and the last error names `argument`. */
+static void expect_error(specdec_status got, specdec_status want, const char *argument, int line) {
+  const char *message = specdec_last_error();
+  if (got == want && strstr(message, argument) != NULL) {
+    ++passed;
+  } else {
+    ++failed;
+    fprintf(stderr, "line %d: got %s (\"%s\"), want %s naming `%s`\n", line, specdec_status_string((int32_t)got),
+            message, specdec_status_string((int32_t)want), argument);
+  }
+}
+#define EXPECT_INVALID(call, argument) expect_error((call), SPECDEC_INVALID_ARGUMENT, (argument), __LINE__)
+
+/* bf16 is the top half of an f32; these values are exact in both. */
+static uint16_t bf16_of(float x) {
+  uint32_t bits;
+  memcpy(&bits, &x, sizeof bits);
+  return (uint16_t)(bits >> 16);
+}
+
+/* fp16 bit patterns of small integers, worked by hand: sign 0, exponent bias 15, 10 mantissa bits. */
+static uint16_t f16_of_small_int(int v) {
+  switch (v) {
+    case 0: return 0x0000;
+    case 1: return 0x3C00;
+    case 2: return 0x4000;
+    case 3: return 0x4200;
+    case 9: return 0x4880;
+    default: return 0x7E00; /* NaN: not used by the cases below */
+  }
+}
+
+/*
+ * Two requests, V = 4. Request 0 drafted [2, 1]: row 0 argmax 2 (accepted), row 1 argmax 3 (mismatch: 3 is
+ * emitted, 1 accepted). Request 1 drafted [] and its bonus row has a tie between 1 and 3 (lowest index: 1).
+ */
+static const float kLogits[4][4] = {{0, 1, 9, 0}, {0, 1, 2, 9}, {9, 0, 0, 0}, {0, 3, 2, 3}};
+static const int32_t kOffsets[3] = {0, 2, 2};
+static const int32_t kDrafts[2] = {2, 1};
+
+static void check_greedy_result(const int32_t accepted[2], const int32_t emitted[6]) {
+  CHECK(accepted[0] == 1);
+  CHECK(accepted[1] == 0);
+  CHECK(emitted[0] == 2 && emitted[1] == 3 && emitted[2] == -1);
+  CHECK(emitted[3] == 1 && emitted[4] == -1 && emitted[5] == -1);
+}
+
+static void test_greedy_every_dtype(specdec_context *ctx) {
+  float logits_f32[16];
+  uint16_t logits_f16[16], logits_bf16[16];
+  int i;
+  for (i = 0; i < 16; ++i) {
+    float x = kLogits[i / 4][i % 4];
+    logits_f32[i] = x;
+    logits_bf16[i] = bf16_of(x);
+    logits_f16[i] = f16_of_small_int((int)x);
+  }
+  {
+    const void *inputs[3] = {logits_f32, logits_f16, logits_bf16};
+    const int32_t dtypes[3] = {SPECDEC_DTYPE_F32, SPECDEC_DTYPE_F16, SPECDEC_DTYPE_BF16};
+    int d;
+    for (d = 0; d < 3; ++d) {
+      int32_t accepted[2] = {77, 77};
+      int32_t emitted[6] = {77, 77, 77, 77, 77, 77};
+      specdec_status s = specdec_greedy_verify(ctx, inputs[d], dtypes[d], 4, kOffsets, 2, kDrafts, 2, 3, accepted,
+                                               emitted, NULL);
+      CHECK(s == SPECDEC_OK);
+      CHECK(strcmp(specdec_last_error(), "") == 0);
+      check_greedy_result(accepted, emitted);
+    }
+  }
+}
+
+static void test_greedy_bad_arguments(specdec_context *ctx) {
+  int32_t accepted[2], emitted[6];
+  const float *l = &kLogits[0][0];
+  int32_t bad_offsets[3] = {0, 3, 2};
+  int32_t bad_drafts[2] = {2, 4};
+  int32_t minus_one_drafts[2] = {-1, 1};
+  const char *bytes = (const char *)l;
+
+  EXPECT_INVALID(specdec_greedy_verify(NULL, l, 0, 4, kOffsets, 2, kDrafts, 2, 3, accepted, emitted, NULL), "ctx");
+  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 7, 4, kOffsets, 2, kDrafts, 2, 3, accepted, emitted, NULL), "logits_dtype");
+  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, 0, kOffsets, 2, kDrafts, 2, 3, accepted, emitted, NULL), "vocab_size");
+  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, -4, kOffsets, 2, kDrafts, 2, 3, accepted, emitted, NULL), "vocab_size");
+  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, 4, kOffsets, -2, kDrafts, 2, 3, accepted, emitted, NULL), "num_requests");
+  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, 4, kOffsets, 2, kDrafts, -1, 3, accepted, emitted, NULL), "num_draft_tokens");
+  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, 4, kOffsets, 2, kDrafts, 2, 0, accepted, emitted, NULL), "emit_width");
+  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, INT64_MAX, kOffsets, 2, kDrafts, 2, 3, accepted, emitted, NULL), "vocab_size");
+  /* Sizes whose products overflow: rejected before any pointer is used. */
+  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, INT32_MAX, kOffsets, 2, kDrafts, INT32_MAX, 3, accepted, emitted, NULL), "logits");
+  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, 4, kOffsets, 2, kDrafts, 2, INT64_MAX / 2, accepted, emitted, NULL), "emit_width");
+  EXPECT_INVALID(specdec_greedy_verify(ctx, NULL, 0, 4, kOffsets, 2, kDrafts, 2, 3, accepted, emitted, NULL), "logits");
+  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, 4, NULL, 2, kDrafts, 2, 3, accepted, emitted, NULL), "draft_offsets");
+  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, 4, kOffsets, 2, NULL, 2, 3, accepted, emitted, NULL), "draft_tokens");
+  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, 4, kOffsets, 2, kDrafts, 2, 3, NULL, emitted, NULL), "accepted_counts");
+  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, 4, kOffsets, 2, kDrafts, 2, 3, accepted, NULL, NULL), "emitted_tokens");
+  EXPECT_INVALID(specdec_greedy_verify(ctx, bytes + 2, 0, 4, kOffsets, 2, kDrafts, 2, 3, accepted, emitted, NULL), "aligned");
+  /* Contents: offsets decreasing, a draft id outside the vocabulary, a -1 padded draft, too narrow an output. */
+  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, 4, bad_offsets, 2, kDrafts, 2, 3, accepted, emitted, NULL), "draft_offsets[1]");
+  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, 4, kOffsets, 2, bad_drafts, 2, 3, accepted, emitted, NULL), "draft_tokens[1]");
+  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, 4, kOffsets, 2, minus_one_drafts, 2, 3, accepted, emitted, NULL), "draft_tokens[0]");
+  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, 4, kOffsets, 2, kDrafts, 2, 2, accepted, emitted, NULL), "emit_width");
+}
+
+static void test_empty_batch(specdec_context *ctx) {
+  int32_t offsets[1] = {0};
+  /* No requests: every array but the offsets is empty, so null pointers are fine. */
+  CHECK(specdec_greedy_verify(ctx, NULL, SPECDEC_DTYPE_BF16, 8, offsets, 0, NULL, 0, 1, NULL, NULL, NULL) == SPECDEC_OK);
+}
+
+int main(void) {
+  specdec_context *ctx = NULL;
+  int32_t backend = -1;
+
+  CHECK(specdec_version() == SPECDEC_VERSION);
+  CHECK(SPECDEC_VERSION == SPECDEC_VERSION_MAJOR * 1000000 + SPECDEC_VERSION_MINOR * 1000 + SPECDEC_VERSION_PATCH);
+  CHECK(strlen(specdec_version_string()) >= 5);
+  CHECK(strcmp(specdec_status_string(SPECDEC_OK), "SPECDEC_OK") == 0);
+  CHECK(strcmp(specdec_status_string(SPECDEC_PANIC), "SPECDEC_PANIC") == 0);
+  CHECK(strcmp(specdec_status_string(12345), "SPECDEC_UNKNOWN_STATUS") == 0);
+
+  EXPECT_INVALID(specdec_context_create_cpu(NULL), "out");
+  EXPECT_INVALID(specdec_context_create_cuda(-1, &ctx), "device_ordinal");
+  CHECK(ctx == NULL);
+  {
+    /* Without a GPU this fails cleanly; with one it succeeds. Either way: a status, never a crash. */
+    specdec_context *cuda = NULL;
+    specdec_status s = specdec_context_create_cuda(0, &cuda);
+    CHECK(s == SPECDEC_OK || s == SPECDEC_KERNELS_NOT_COMPILED || s == SPECDEC_NO_DRIVER || s == SPECDEC_NO_DEVICE ||
+          s == SPECDEC_UNSUPPORTED_ARCHITECTURE);
+    CHECK((s == SPECDEC_OK) == (cuda != NULL));
+    CHECK(s == SPECDEC_OK || strlen(specdec_last_error()) > 0);
+    CHECK(specdec_context_destroy(cuda) == SPECDEC_OK);
+  }
+
+  CHECK(specdec_context_create_cpu(&ctx) == SPECDEC_OK && ctx != NULL);
+  CHECK(specdec_context_backend(ctx, &backend) == SPECDEC_OK && backend == SPECDEC_BACKEND_CPU);
+  EXPECT_INVALID(specdec_context_backend(ctx, NULL), "out_backend");
+  EXPECT_INVALID(specdec_context_backend(NULL, &backend), "ctx");
+
+  test_greedy_every_dtype(ctx);
+  test_greedy_bad_arguments(ctx);
+  test_empty_batch(ctx);
+
+  CHECK(specdec_context_destroy(ctx) == SPECDEC_OK);
+  CHECK(specdec_context_destroy(NULL) == SPECDEC_OK);
+
+  printf("%d passed, %d failed\n", passed, failed);
+  return failed == 0 ? 0 : 1;
+}

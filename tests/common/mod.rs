@@ -1,0 +1,181 @@
+//! Test support: seeded random cases and a naive, independent reference for greedy verification.
+#![allow(dead_code)]
+
+use half::{bf16, f16};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use specdec::LogitsElement;
+
+/// A fresh seed per run (printed, so a failure can be replayed), or `SPECDEC_TEST_SEED` when set.
+pub fn rng(test: &str) -> StdRng {
+    let seed = std::env::var("SPECDEC_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos();
+            (nanos as u64) ^ 0x9E37_79B9_7F4A_7C15
+        });
+    eprintln!("{test}: seed {seed} (replay with SPECDEC_TEST_SEED={seed})");
+    StdRng::seed_from_u64(seed)
+}
+
+/// Logits types the tests generate from f32 values.
+pub trait TestElement: LogitsElement {
+    fn from_f32(x: f32) -> Self;
+}
+impl TestElement for f32 {
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+}
+impl TestElement for f16 {
+    fn from_f32(x: f32) -> Self {
+        f16::from_f32(x)
+    }
+}
+impl TestElement for bf16 {
+    fn from_f32(x: f32) -> Self {
+        bf16::from_f32(x)
+    }
+}
+
+/// Argmax written the obvious way, independently of specdec's bit-level keys: the first NaN if any, else the
+/// first element equal to the maximum (so -0.0 and +0.0 tie and the lower index wins).
+pub fn naive_argmax<T: LogitsElement>(row: &[T]) -> usize {
+    let values: Vec<f64> = row.iter().map(|x| f64::from(x.to_f32())).collect();
+    if let Some(i) = values.iter().position(|v| v.is_nan()) {
+        return i;
+    }
+    let max = values.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    values.iter().position(|&v| v == max).unwrap()
+}
+
+/// One greedy-verification problem.
+pub struct GreedyCase<T> {
+    pub vocab_size: usize,
+    pub logits: Vec<T>,
+    pub draft_offsets: Vec<i32>,
+    pub draft_tokens: Vec<i32>,
+    pub emit_width: usize,
+}
+
+/// The outputs of greedy verification.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GreedyOutput {
+    pub accepted: Vec<i32>,
+    pub emitted: Vec<i32>,
+}
+
+/// A value none of the kernels writes: outputs are filled with it before each run, so an element the kernel
+/// forgot stands out.
+pub const POISON: i32 = 0x5EED_BAD;
+
+impl GreedyOutput {
+    pub fn poisoned(num_requests: usize, emit_width: usize) -> Self {
+        GreedyOutput {
+            accepted: vec![POISON; num_requests],
+            emitted: vec![POISON; num_requests * emit_width],
+        }
+    }
+}
+
+impl<T: TestElement> GreedyCase<T> {
+    pub fn num_requests(&self) -> usize {
+        self.draft_offsets.len() - 1
+    }
+
+    pub fn emitted_len(&self) -> usize {
+        self.num_requests() * self.emit_width
+    }
+
+    /// Random ragged drafts of 0..=max_drafts tokens (the first request gets 0 and the last max_drafts, when
+    /// there are two or more), logits drawn so that ties happen (`tie_prone`: small integers) or not, and each
+    /// draft equal to its row's argmax with probability `match_probability`, so acceptance runs vary in length.
+    pub fn random(
+        rng: &mut impl Rng,
+        num_requests: usize,
+        vocab_size: usize,
+        max_drafts: usize,
+        match_probability: f64,
+        tie_prone: bool,
+    ) -> Self {
+        let mut draft_offsets = vec![0i32];
+        for b in 0..num_requests {
+            let k = match b {
+                0 if num_requests > 1 => 0,
+                _ if b + 1 == num_requests && num_requests > 1 => max_drafts,
+                _ => rng.random_range(0..=max_drafts),
+            };
+            draft_offsets.push(draft_offsets[b] + k as i32);
+        }
+        let rows = *draft_offsets.last().unwrap() as usize + num_requests;
+        let logits: Vec<T> = (0..rows * vocab_size)
+            .map(|_| {
+                if tie_prone {
+                    T::from_f32(rng.random_range(0..4) as f32)
+                } else {
+                    T::from_f32(rng.random_range(-8.0f32..8.0))
+                }
+            })
+            .collect();
+        let mut draft_tokens = Vec::new();
+        for b in 0..num_requests {
+            for j in 0..(draft_offsets[b + 1] - draft_offsets[b]) as usize {
+                let row = draft_offsets[b] as usize + b + j;
+                let token = if rng.random_bool(match_probability) {
+                    naive_argmax(&logits[row * vocab_size..(row + 1) * vocab_size])
+                } else {
+                    rng.random_range(0..vocab_size)
+                };
+                draft_tokens.push(token as i32);
+            }
+        }
+        GreedyCase {
+            vocab_size,
+            logits,
+            draft_offsets,
+            draft_tokens,
+            emit_width: max_drafts + 1,
+        }
+    }
+
+    /// The expected outputs, computed naively.
+    pub fn expected(&self) -> GreedyOutput {
+        let v = self.vocab_size;
+        let mut out = GreedyOutput {
+            accepted: vec![0; self.num_requests()],
+            emitted: vec![-1; self.num_requests() * self.emit_width],
+        };
+        for b in 0..self.num_requests() {
+            let first = self.draft_offsets[b] as usize;
+            let drafts = &self.draft_tokens[first..self.draft_offsets[b + 1] as usize];
+            for j in 0..=drafts.len() {
+                let row = first + b + j;
+                let target = naive_argmax(&self.logits[row * v..(row + 1) * v]) as i32;
+                out.emitted[b * self.emit_width + j] = target;
+                if j == drafts.len() || drafts[j] != target {
+                    out.accepted[b] = j as i32;
+                    break;
+                }
+            }
+        }
+        out
+    }
+
+    pub fn run_cpu(&self) -> specdec::Result<GreedyOutput> {
+        let mut out = GreedyOutput::poisoned(self.num_requests(), self.emit_width);
+        specdec::cpu::greedy_verify(
+            &self.logits,
+            self.vocab_size,
+            &self.draft_offsets,
+            &self.draft_tokens,
+            self.emit_width,
+            &mut out.accepted,
+            &mut out.emitted,
+        )?;
+        Ok(out)
+    }
+}
