@@ -84,7 +84,7 @@ fn find_nvcc() -> Option<PathBuf> {
         .chain(
             ["CUDA_HOME", "CUDA_PATH"]
                 .iter()
-                .filter_map(|v| env::var_os(v))
+                .filter_map(env::var_os)
                 .map(|root| PathBuf::from(root).join("bin").join(exe)),
         )
         .chain(env::var_os("PATH").into_iter().flat_map(|p| {

@@ -1,23 +1,70 @@
 //! Greedy verification on the CPU. Semantics and validation: [`crate::greedy`].
 
+use std::cmp::Reverse;
+
 use rayon::prelude::*;
 
 use crate::dtype::LogitsElement;
 use crate::error::Result;
 use crate::greedy::GreedyShape;
 
+/// Rows longer than this are split into chunks of this many elements, reduced on several threads.
+const PARALLEL_CHUNK: usize = 1 << 15;
+
 /// The index of the largest element of `row` in specdec's order ([`LogitsElement::order_key`]): ties go to
-/// the lowest index, and a NaN is above every number. `row` must not be empty.
+/// the lowest index, and a NaN is above every number. Panics on an empty row.
 pub fn argmax<T: LogitsElement>(row: &[T]) -> usize {
-    // Two passes keep each loop simple enough for the compiler to vectorise: the best key, then where it is.
-    let best = row
+    // One pass in 16 independent lanes, each keeping its largest key and where that key first occurred (the
+    // strict comparison keeps the earliest), so the loop vectorises. Then the largest key over the lanes and
+    // the tail, the lowest index among equals.
+    const LANES: usize = 16;
+    assert!(!row.is_empty(), "argmax of an empty row");
+    let mut lane_key = [0u32; LANES];
+    let mut lane_index = [0u32; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for (c, chunk) in (&mut chunks).enumerate() {
+        for lane in 0..LANES {
+            let key = chunk[lane].order_key();
+            let greater = key > lane_key[lane];
+            lane_key[lane] = if greater { key } else { lane_key[lane] };
+            lane_index[lane] = if greater {
+                (c * LANES + lane) as u32
+            } else {
+                lane_index[lane]
+            };
+        }
+    }
+    // Every real key is above 0, so a lane that saw any element holds a real candidate; a lane that saw none
+    // (a row shorter than 16) still has key 0 and loses to any real element.
+    let lanes = lane_key
         .iter()
-        .map(|x| x.order_key())
+        .zip(&lane_index)
+        .map(|(&k, &i)| (k, Reverse(i as usize)));
+    let tail_start = row.len() - chunks.remainder().len();
+    let tail = chunks
+        .remainder()
+        .iter()
+        .enumerate()
+        .map(|(i, x)| (x.order_key(), Reverse(tail_start + i)));
+    let (_, Reverse(index)) = lanes.chain(tail).max().expect("row is not empty");
+    index
+}
+
+/// [`argmax`] with a long row split across threads: the largest key wins, then the lowest index.
+fn parallel_argmax<T: LogitsElement>(row: &[T]) -> usize {
+    if row.len() <= PARALLEL_CHUNK {
+        return argmax(row);
+    }
+    let (_, Reverse(index)) = row
+        .par_chunks(PARALLEL_CHUNK)
+        .enumerate()
+        .map(|(c, chunk)| {
+            let i = argmax(chunk);
+            (chunk[i].order_key(), Reverse(c * PARALLEL_CHUNK + i))
+        })
         .max()
-        .expect("argmax of an empty row");
-    row.iter()
-        .position(|x| x.order_key() == best)
-        .expect("the maximum is in the row")
+        .expect("row is not empty");
+    index
 }
 
 /// Greedy verification of a batch of drafted chains; see [`crate::greedy`] for the layout and semantics.
@@ -64,25 +111,28 @@ pub fn greedy_verify<T: LogitsElement>(
         shape.check_request(b, draft_offsets, draft_tokens)?;
     }
 
-    accepted_counts
-        .par_iter_mut()
-        .zip(emitted_tokens.par_chunks_mut(emit_width.max(1)))
-        .enumerate()
-        .for_each(|(b, (accepted, emitted))| {
-            let first = draft_offsets[b] as usize;
-            let drafts = &draft_tokens[first..draft_offsets[b + 1] as usize];
-            let rows = logits[(first + b) * vocab_size..].chunks_exact(vocab_size);
-            emitted.fill(-1);
-            let mut n = 0;
-            for (j, row) in rows.take(drafts.len() + 1).enumerate() {
-                let target = argmax(row) as i32;
-                emitted[j] = target;
-                if drafts.get(j) != Some(&target) {
-                    break;
-                }
-                n += 1;
-            }
-            *accepted = n as i32;
-        });
+    // Every row's argmax, in parallel over rows and over chunks of long rows, as the CUDA kernel does: at small
+    // batch that keeps every core busy, which stopping at each request's first mismatch would not.
+    let targets: Vec<i32> = logits
+        .par_chunks_exact(vocab_size)
+        .map(|row| parallel_argmax(row) as i32)
+        .collect();
+
+    let outputs = accepted_counts
+        .iter_mut()
+        .zip(emitted_tokens.chunks_exact_mut(emit_width));
+    for (b, (accepted, emitted)) in outputs.enumerate() {
+        let first = draft_offsets[b] as usize;
+        let drafts = &draft_tokens[first..draft_offsets[b + 1] as usize];
+        let targets = &targets[first + b..=first + b + drafts.len()];
+        let n = drafts
+            .iter()
+            .zip(targets)
+            .take_while(|(draft, target)| draft == target)
+            .count();
+        emitted.fill(-1);
+        emitted[..=n].copy_from_slice(&targets[..=n]);
+        *accepted = n as i32;
+    }
     Ok(())
 }

@@ -71,7 +71,7 @@ pub struct GreedyOutput {
 
 /// A value none of the kernels writes: outputs are filled with it before each run, so an element the kernel
 /// forgot stands out.
-pub const POISON: i32 = 0x5EED_BAD;
+pub const POISON: i32 = 0x05EE_DBAD;
 
 impl GreedyOutput {
     pub fn poisoned(num_requests: usize, emit_width: usize) -> Self {

@@ -1,0 +1,549 @@
+//! The main job: every specdec primitive on the best available backend (CUDA when usable, otherwise the CPU),
+//! each result checked against the CPU reference, timed, and printed as a markdown table with the bytes that
+//! must move, the achieved bandwidth and its share of this machine's bandwidth measured in the same run.
+//!
+//! ```text
+//! cargo run --release --example bench                  # CUDA if usable, else the CPU
+//! cargo run --release --example bench -- --backend cpu # or: cuda
+//! cargo run --release --example bench -- --quick       # fewer cases
+//! ```
+//!
+//! Timing: on CUDA, events around batches of calls on one stream, the median over batches, inputs rotated over
+//! copies that together exceed the L2 cache; on the CPU, wall-clock per call, the median. Bandwidth ceiling:
+//! a device-to-device copy (CUDA) or a multi-threaded memcpy (CPU), counting bytes read plus bytes written.
+//! Greedy inputs have every draft equal to its row's argmax, so every backend must read every logits row.
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Instant;
+
+use cudarc::driver::{sys, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr};
+use half::{bf16, f16};
+use rayon::prelude::*;
+use specdec::cuda::{CudaBackend, DeviceIn, DeviceOut};
+use specdec::{cpu, DType, LogitsElement};
+
+/// Rotate inputs over copies totalling at least this many bytes (several times the 50-60 MB L2 of an H100/H200).
+const GPU_ROTATION_BYTES: usize = 256 << 20;
+/// On the CPU, rotate over copies totalling at least this (more than any last-level cache here).
+const CPU_ROTATION_BYTES: usize = 128 << 20;
+
+struct Options {
+    backend: String,
+    quick: bool,
+}
+
+fn parse_options() -> Options {
+    let mut options = Options {
+        backend: "auto".into(),
+        quick: false,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--backend" => options.backend = args.next().unwrap_or_default(),
+            "--quick" => options.quick = true,
+            "-h" | "--help" => {
+                println!("usage: bench [--backend auto|cpu|cuda] [--quick]");
+                std::process::exit(0);
+            }
+            other => {
+                eprintln!("bench: unknown argument {other:?} (try --help)");
+                std::process::exit(2);
+            }
+        }
+    }
+    if !["auto", "cpu", "cuda"].contains(&options.backend.as_str()) {
+        eprintln!("bench: --backend must be auto, cpu or cuda");
+        std::process::exit(2);
+    }
+    options
+}
+
+enum Backend {
+    Cpu,
+    Cuda {
+        backend: CudaBackend,
+        stream: Arc<CudaStream>,
+    },
+}
+
+/// One greedy-verification case: `batch` requests of `drafts` draft tokens each over vocabulary `vocab`.
+#[derive(Clone, Copy)]
+struct GreedyCase {
+    dtype: DType,
+    batch: usize,
+    drafts: usize,
+    vocab: usize,
+}
+
+impl GreedyCase {
+    fn rows(&self) -> usize {
+        self.batch * (self.drafts + 1)
+    }
+    fn logits_bytes(&self) -> usize {
+        self.rows() * self.vocab * self.dtype.size()
+    }
+    /// The floor: logits read once, offsets and drafts read, outputs written.
+    fn bytes(&self) -> usize {
+        self.logits_bytes()
+            + 4 * ((self.batch + 1) + self.batch * self.drafts + self.batch * (1 + self.drafts + 1))
+    }
+}
+
+struct Row {
+    case: GreedyCase,
+    micros: f64,
+    check: String,
+}
+
+fn main() {
+    let options = parse_options();
+    let backend = choose_backend(&options.backend);
+    let (machine, ceiling_gbps) = match &backend {
+        Backend::Cpu => (cpu_name(), cpu_copy_bandwidth()),
+        Backend::Cuda { backend, stream } => (gpu_name(backend), gpu_copy_bandwidth(stream)),
+    };
+
+    let mut cases = Vec::new();
+    let (batches, vocabs): (&[usize], &[usize]) = if options.quick {
+        (&[1, 64], &[32000, 128256])
+    } else {
+        (&[1, 8, 64, 256], &[32000, 128256, 151936])
+    };
+    for &vocab in vocabs {
+        for &batch in batches {
+            cases.push(GreedyCase {
+                dtype: DType::BF16,
+                batch,
+                drafts: 4,
+                vocab,
+            });
+        }
+    }
+    for dtype in [DType::F16, DType::F32] {
+        cases.push(GreedyCase {
+            dtype,
+            batch: 64,
+            drafts: 4,
+            vocab: 128256,
+        });
+    }
+
+    let mut rows = Vec::new();
+    for (i, case) in cases.iter().enumerate() {
+        // On a terminal the progress line is redrawn in place; in a log, one line per case.
+        let (start, end) = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            ("\r", "")
+        } else {
+            ("", "\n")
+        };
+        eprint!(
+            "{start}[{}/{}] greedy_verify {} B={} k={} V={} ...{end}",
+            i + 1,
+            cases.len(),
+            case.dtype.name(),
+            case.batch,
+            case.drafts,
+            case.vocab
+        );
+        let _ = std::io::stderr().flush();
+        let row = match case.dtype {
+            DType::F32 => run_greedy::<f32>(&backend, *case),
+            DType::F16 => run_greedy::<f16>(&backend, *case),
+            DType::BF16 => run_greedy::<bf16>(&backend, *case),
+        };
+        rows.push(row);
+    }
+    eprintln!("\rdone: {} cases{}", cases.len(), " ".repeat(40));
+
+    let backend_name = match &backend {
+        Backend::Cpu => format!("cpu ({} threads)", rayon::current_num_threads()),
+        Backend::Cuda { backend, .. } => format!("cuda (device {})", backend.ordinal()),
+    };
+    println!("## specdec main job");
+    println!();
+    println!("- machine: {machine}");
+    println!("- backend: {backend_name}");
+    println!("- date: {} (UTC)", utc_date());
+    println!("- commit: {}", commit());
+    println!("- measured copy bandwidth (read + write): {ceiling_gbps:.1} GB/s");
+    println!();
+    println!(
+        "| primitive | dtype | B | k | V | time (us) | bytes (MB) | GB/s | % of copy BW | check |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---|");
+    let mut failures = 0;
+    for row in &rows {
+        let c = row.case;
+        let gbps = c.bytes() as f64 / row.micros / 1e3;
+        println!(
+            "| greedy_verify | {} | {} | {} | {} | {:.2} | {:.2} | {:.1} | {:.1} | {} |",
+            c.dtype.name(),
+            c.batch,
+            c.drafts,
+            c.vocab,
+            row.micros,
+            c.bytes() as f64 / 1e6,
+            gbps,
+            100.0 * gbps / ceiling_gbps,
+            row.check
+        );
+        failures += usize::from(row.check.starts_with("MISMATCH"));
+    }
+    if failures > 0 {
+        eprintln!("bench: {failures} case(s) disagree with the CPU reference");
+        std::process::exit(1);
+    }
+}
+
+fn choose_backend(choice: &str) -> Backend {
+    if choice == "cpu" {
+        return Backend::Cpu;
+    }
+    match CudaBackend::new(0) {
+        Ok(backend) => {
+            let stream = backend
+                .context()
+                .new_stream()
+                .expect("create a CUDA stream");
+            Backend::Cuda { backend, stream }
+        }
+        Err(e) if choice == "cuda" => {
+            eprintln!("bench: --backend cuda, but CUDA is unusable: {e}");
+            std::process::exit(1);
+        }
+        Err(e) => {
+            eprintln!("bench: CUDA unusable ({e}); running on the CPU backend");
+            Backend::Cpu
+        }
+    }
+}
+
+/// Values the generator can produce in every logits type.
+trait BenchElement: LogitsElement + DeviceRepr + Default {
+    fn from_f32(x: f32) -> Self;
+}
+impl BenchElement for f32 {
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+}
+impl BenchElement for f16 {
+    fn from_f32(x: f32) -> Self {
+        f16::from_f32(x)
+    }
+}
+impl BenchElement for bf16 {
+    fn from_f32(x: f32) -> Self {
+        bf16::from_f32(x)
+    }
+}
+
+/// SplitMix64: a fast, seeded generator for benchmark inputs.
+fn splitmix(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+struct GreedyInputs<T> {
+    logits: Vec<T>,
+    offsets: Vec<i32>,
+    drafts: Vec<i32>,
+    width: usize,
+}
+
+/// Random logits in [-8, 8); every draft equals its row's argmax, so every row must be read.
+fn greedy_inputs<T: BenchElement>(case: GreedyCase) -> GreedyInputs<T> {
+    let len = case.rows() * case.vocab;
+    let mut logits = vec![T::default(); len];
+    logits
+        .par_chunks_mut(1 << 16)
+        .enumerate()
+        .for_each(|(chunk, out)| {
+            let mut state = 0x5EED ^ chunk as u64;
+            for x in out {
+                *x = T::from_f32(
+                    (splitmix(&mut state) >> 40) as f32 / (1u64 << 24) as f32 * 16.0 - 8.0,
+                );
+            }
+        });
+    let offsets: Vec<i32> = (0..=case.batch).map(|b| (b * case.drafts) as i32).collect();
+    let mut drafts = Vec::with_capacity(case.batch * case.drafts);
+    for b in 0..case.batch {
+        for j in 0..case.drafts {
+            let row = b * (case.drafts + 1) + j;
+            drafts.push(cpu::argmax(&logits[row * case.vocab..(row + 1) * case.vocab]) as i32);
+        }
+    }
+    GreedyInputs {
+        logits,
+        offsets,
+        drafts,
+        width: case.drafts + 1,
+    }
+}
+
+fn reference(case: GreedyCase, inputs: &GreedyInputs<impl BenchElement>) -> (Vec<i32>, Vec<i32>) {
+    let (mut accepted, mut emitted) = (vec![0; case.batch], vec![0; case.batch * inputs.width]);
+    cpu::greedy_verify(
+        &inputs.logits,
+        case.vocab,
+        &inputs.offsets,
+        &inputs.drafts,
+        inputs.width,
+        &mut accepted,
+        &mut emitted,
+    )
+    .expect("benchmark inputs are valid");
+    (accepted, emitted)
+}
+
+fn median(mut samples: Vec<f64>) -> f64 {
+    samples.sort_by(|a, b| a.total_cmp(b));
+    samples[samples.len() / 2]
+}
+
+fn run_greedy<T: BenchElement>(backend: &Backend, case: GreedyCase) -> Row {
+    let inputs = greedy_inputs::<T>(case);
+    let (want_accepted, want_emitted) = reference(case, &inputs);
+    let all_accepted = want_accepted.iter().all(|&n| n as usize == case.drafts);
+    assert!(
+        all_accepted,
+        "benchmark drafts are argmaxes, so all are accepted"
+    );
+    match backend {
+        Backend::Cpu => {
+            let copies = CPU_ROTATION_BYTES
+                .div_ceil(case.logits_bytes())
+                .clamp(1, 64);
+            let rotated: Vec<Vec<T>> = (0..copies).map(|_| inputs.logits.clone()).collect();
+            let (mut accepted, mut emitted) =
+                (vec![0; case.batch], vec![0; case.batch * inputs.width]);
+            let mut samples = Vec::new();
+            let started = Instant::now();
+            while samples.len() < 5
+                || (started.elapsed().as_secs_f64() < 0.5 && samples.len() < 200)
+            {
+                let logits = &rotated[samples.len() % copies];
+                let t = Instant::now();
+                cpu::greedy_verify(
+                    logits,
+                    case.vocab,
+                    &inputs.offsets,
+                    &inputs.drafts,
+                    inputs.width,
+                    &mut accepted,
+                    &mut emitted,
+                )
+                .expect("valid inputs");
+                samples.push(t.elapsed().as_secs_f64() * 1e6);
+            }
+            Row {
+                case,
+                micros: median(samples),
+                check: "is the CPU reference".into(),
+            }
+        }
+        Backend::Cuda { backend, stream } => {
+            let (micros, accepted, emitted) = time_greedy_cuda(backend, stream, case, &inputs);
+            let check = if accepted == want_accepted && emitted == want_emitted {
+                "= CPU reference".to_string()
+            } else {
+                let first = emitted.iter().zip(&want_emitted).position(|(a, b)| a != b);
+                format!("MISMATCH (first emitted difference at {first:?})")
+            };
+            Row {
+                case,
+                micros,
+                check,
+            }
+        }
+    }
+}
+
+fn time_greedy_cuda<T: BenchElement>(
+    backend: &CudaBackend,
+    stream: &Arc<CudaStream>,
+    case: GreedyCase,
+    inputs: &GreedyInputs<T>,
+) -> (f64, Vec<i32>, Vec<i32>) {
+    const BATCHES: usize = 30;
+    const CALLS_PER_BATCH: usize = 10;
+    let len = inputs.logits.len();
+    let copies = GPU_ROTATION_BYTES
+        .div_ceil(case.logits_bytes())
+        .clamp(1, 4096);
+    let one: CudaSlice<T> = stream.clone_htod(&inputs.logits).expect("upload logits");
+    let mut rotated: CudaSlice<T> =
+        unsafe { stream.alloc::<T>(copies * len) }.expect("allocate rotated logits");
+    for c in 0..copies {
+        stream
+            .memcpy_dtod(&one, &mut rotated.slice_mut(c * len..(c + 1) * len))
+            .expect("replicate logits");
+    }
+    let offsets = stream.clone_htod(&inputs.offsets).expect("upload offsets");
+    let drafts = stream.clone_htod(&inputs.drafts).expect("upload drafts");
+    let mut accepted = stream
+        .clone_htod(&vec![-7; case.batch])
+        .expect("poisoned output");
+    let mut emitted = stream
+        .clone_htod(&vec![-7; case.batch * inputs.width])
+        .expect("poisoned output");
+
+    let (base, _r) = rotated.device_ptr(stream);
+    let (o, _o) = offsets.device_ptr(stream);
+    let (d, _d) = drafts.device_ptr(stream);
+    let (a, _a) = accepted.device_ptr_mut(stream);
+    let (e, _e) = emitted.device_ptr_mut(stream);
+    let elem = std::mem::size_of::<T>() as u64;
+    let call = |i: usize| {
+        let logits = base + (i % copies * len) as u64 * elem;
+        // SAFETY: every pointer is a live allocation above of the stated length, used on `stream`.
+        unsafe {
+            backend.greedy_verify::<T>(
+                stream,
+                DeviceIn::from_raw(logits, len),
+                case.vocab,
+                DeviceIn::from_raw(o, case.batch + 1),
+                DeviceIn::from_raw(d, inputs.drafts.len()),
+                inputs.width,
+                DeviceOut::from_raw(a, case.batch),
+                DeviceOut::from_raw(e, case.batch * inputs.width),
+            )
+        }
+        .expect("greedy_verify launch");
+    };
+    for i in 0..10 {
+        call(i);
+    }
+    let timing = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
+    let (start, end) = (
+        backend.context().new_event(timing).unwrap(),
+        backend.context().new_event(timing).unwrap(),
+    );
+    let mut samples = Vec::new();
+    for batch in 0..BATCHES {
+        start.record(stream).unwrap();
+        for i in 0..CALLS_PER_BATCH {
+            call(batch * CALLS_PER_BATCH + i);
+        }
+        end.record(stream).unwrap();
+        samples.push(start.elapsed_ms(&end).unwrap() as f64 * 1e3 / CALLS_PER_BATCH as f64);
+    }
+    drop((_r, _o, _d, _a, _e));
+    stream.synchronize().expect("benchmark work completes");
+    (
+        median(samples),
+        stream.clone_dtoh(&accepted).unwrap(),
+        stream.clone_dtoh(&emitted).unwrap(),
+    )
+}
+
+/// Device-to-device copy of 1 GiB, median of 10, counting bytes read plus bytes written.
+fn gpu_copy_bandwidth(stream: &Arc<CudaStream>) -> f64 {
+    let n = 1usize << 30;
+    let src = stream.alloc_zeros::<u8>(n).expect("allocate copy source");
+    let mut dst = stream
+        .alloc_zeros::<u8>(n)
+        .expect("allocate copy destination");
+    let ctx = stream.context();
+    let timing = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
+    let (start, end) = (
+        ctx.new_event(timing).unwrap(),
+        ctx.new_event(timing).unwrap(),
+    );
+    stream.memcpy_dtod(&src, &mut dst).unwrap();
+    let samples = (0..10)
+        .map(|_| {
+            start.record(stream).unwrap();
+            stream.memcpy_dtod(&src, &mut dst).unwrap();
+            end.record(stream).unwrap();
+            2.0 * n as f64 / (start.elapsed_ms(&end).unwrap() as f64 * 1e6)
+        })
+        .collect();
+    median(samples)
+}
+
+/// A copy of 512 MiB split over every thread of the CPU backend's pool, median of 7, read + write bytes.
+fn cpu_copy_bandwidth() -> f64 {
+    let n = 512usize << 20;
+    let src = vec![1u8; n];
+    let mut dst = vec![0u8; n];
+    let chunk = n / rayon::current_num_threads().max(1);
+    let samples = (0..7)
+        .map(|_| {
+            let t = Instant::now();
+            dst.par_chunks_mut(chunk)
+                .zip(src.par_chunks(chunk))
+                .for_each(|(d, s)| d.copy_from_slice(s));
+            2.0 * n as f64 / t.elapsed().as_secs_f64() / 1e9
+        })
+        .collect();
+    median(samples)
+}
+
+fn gpu_name(backend: &CudaBackend) -> String {
+    let mut driver = 0;
+    // SAFETY: writes one int; libcuda is loaded (the backend exists).
+    unsafe { sys::cuDriverGetVersion(&mut driver) };
+    format!(
+        "{} ({} SMs), CUDA driver API {}.{}, kernels built for sm_{:?}",
+        backend.device_name().unwrap_or_else(|e| e.to_string()),
+        backend.multiprocessors(),
+        driver / 1000,
+        driver % 1000 / 10,
+        specdec::cuda::COMPILED_ARCHS
+    )
+}
+
+fn cpu_name() -> String {
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string());
+    format!(
+        "{model}, {} CPUs",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    )
+}
+
+fn commit() -> String {
+    if let Ok(commit) = std::env::var("SPECDEC_COMMIT") {
+        return commit;
+    }
+    std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Today's date in UTC as YYYY-MM-DD (days-from-civil inverted; no date crate needed).
+fn utc_date() -> String {
+    let days = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() / 86_400)
+        .unwrap_or(0) as i64;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}")
+}
