@@ -1,0 +1,158 @@
+#!/usr/bin/env python3
+"""Peer harness: specdec through its C ABI (ctypes) next to PyTorch, in one process, on the same inputs.
+
+Runs on a GPU machine with PyTorch (no Rust needed): loads libspecdec.so, passes torch tensors' data_ptr() and
+torch.cuda.current_stream().cuda_stream, checks every specdec result against torch, and times specdec and the
+peers with CUDA events (median over batches of calls, inputs rotated over copies larger than the L2 cache).
+Prints a markdown table with the copy bandwidth measured in the same run.
+
+    python3 bench/peers.py --lib target/release/libspecdec.so [--quick]
+
+Peers per primitive:
+  greedy_verify: torch.argmax over all rows, then compare with the drafts, cumprod for the accepted prefix and
+  torch.where for the padded output (what an engine does without a fused kernel).
+"""
+import argparse
+import ctypes
+import datetime
+import os
+import statistics
+import sys
+
+import torch
+
+ROTATION_BYTES = 256 << 20
+DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+STATUS_OK = 0
+
+
+def load_specdec(path):
+    lib = ctypes.CDLL(path)
+    c = ctypes
+    lib.specdec_version.restype = c.c_uint32
+    lib.specdec_last_error.restype = c.c_char_p
+    lib.specdec_context_create_cuda.argtypes = [c.c_int32, c.POINTER(c.c_void_p)]
+    lib.specdec_context_create_cuda.restype = c.c_int32
+    lib.specdec_context_destroy.argtypes = [c.c_void_p]
+    lib.specdec_context_destroy.restype = c.c_int32
+    lib.specdec_greedy_verify.argtypes = [
+        c.c_void_p, c.c_void_p, c.c_int32, c.c_int64, c.c_void_p, c.c_int64, c.c_void_p, c.c_int64, c.c_int64,
+        c.c_void_p, c.c_void_p, c.c_void_p,
+    ]
+    lib.specdec_greedy_verify.restype = c.c_int32
+    return lib
+
+
+def check(lib, status, what):
+    if status != STATUS_OK:
+        raise RuntimeError(f"{what}: status {status}: {lib.specdec_last_error().decode()}")
+
+
+def time_us(fn, calls, batches=30, per_batch=10, warmup=10):
+    """Median microseconds per call; fn(i) enqueues call i on the current stream."""
+    for i in range(warmup):
+        fn(i)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    samples = []
+    for b in range(batches):
+        start.record()
+        for i in range(per_batch):
+            fn(warmup + b * per_batch + i)
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) * 1e3 / per_batch)
+    return statistics.median(samples)
+
+
+def copy_bandwidth_gbps():
+    n = 1 << 30
+    src = torch.empty(n, dtype=torch.uint8, device="cuda").random_(0, 255)
+    dst = torch.empty_like(src)
+    us = time_us(lambda i: dst.copy_(src), calls=None, batches=10, per_batch=1, warmup=2)
+    return 2 * n / (us * 1e3)
+
+
+def torch_greedy(logits, drafts, batch, k):
+    """The peer: argmax of every row, then the accepted prefix and the padded emitted tokens."""
+    argmax = logits.argmax(dim=-1).to(torch.int32).view(batch, k + 1)
+    matches = argmax[:, :k] == drafts.view(batch, k)
+    accepted = matches.to(torch.int32).cumprod(dim=1).sum(dim=1, dtype=torch.int32)
+    positions = torch.arange(k + 1, device=logits.device)
+    emitted = torch.where(positions[None, :] <= accepted[:, None], argmax, torch.full_like(argmax, -1))
+    return accepted, emitted
+
+
+def bench_greedy(lib, ctx, dtype, batch, k, vocab, gen):
+    rows = batch * (k + 1)
+    base = (torch.randn(rows, vocab, device="cuda", dtype=torch.float32, generator=gen) * 4).to(dtype)
+    # Every draft is its row's argmax, so every row must be read (same inputs as the Rust main job's shape).
+    drafts = base.argmax(dim=-1).to(torch.int32).view(batch, k + 1)[:, :k].contiguous().view(-1)
+    offsets = torch.arange(0, (batch + 1) * k, k, dtype=torch.int32, device="cuda")
+    copies = max(1, min(4096, -(-ROTATION_BYTES // base.nbytes)))
+    rotated = [base.clone() for _ in range(copies)]
+    accepted = torch.full((batch,), -7, dtype=torch.int32, device="cuda")
+    emitted = torch.full((batch, k + 1), -7, dtype=torch.int32, device="cuda")
+
+    def run_specdec(i):
+        logits = rotated[i % copies]
+        check(lib, lib.specdec_greedy_verify(
+            ctx, logits.data_ptr(), DTYPE_CODE[dtype], vocab, offsets.data_ptr(), batch, drafts.data_ptr(),
+            drafts.numel(), k + 1, accepted.data_ptr(), emitted.data_ptr(),
+            torch.cuda.current_stream().cuda_stream), "specdec_greedy_verify")
+
+    def run_torch(i):
+        torch_greedy(rotated[i % copies], drafts, batch, k)
+
+    run_specdec(0)
+    want_accepted, want_emitted = torch_greedy(base, drafts, batch, k)
+    torch.cuda.synchronize()
+    ok = torch.equal(accepted, want_accepted) and torch.equal(emitted, want_emitted)
+    specdec_us = time_us(run_specdec, calls=None)
+    torch_us = time_us(run_torch, calls=None)
+    nbytes = base.nbytes + 4 * (offsets.numel() + drafts.numel() + accepted.numel() + emitted.numel())
+    return specdec_us, torch_us, nbytes, ok
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lib", default=os.path.join(os.path.dirname(__file__), "libspecdec.so"))
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    lib = load_specdec(os.path.abspath(args.lib))
+    device = torch.cuda.current_device()
+    ctx = ctypes.c_void_p()
+    check(lib, lib.specdec_context_create_cuda(device, ctypes.byref(ctx)), "specdec_context_create_cuda")
+    gen = torch.Generator(device="cuda")
+    seed = int.from_bytes(os.urandom(4), "little")
+    gen.manual_seed(seed)
+
+    bandwidth = copy_bandwidth_gbps()
+    batches, vocabs = ([1, 64], [32000, 128256]) if args.quick else ([1, 8, 64, 256], [32000, 128256, 151936])
+    cases = [(torch.bfloat16, b, 4, v) for v in vocabs for b in batches]
+    cases += [(torch.float16, 64, 4, 128256), (torch.float32, 64, 4, 128256)]
+
+    print("## specdec vs peers (PyTorch, same process, same inputs)")
+    print()
+    print(f"- gpu: {torch.cuda.get_device_name(device)}; torch {torch.__version__}; CUDA {torch.version.cuda}")
+    print(f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d} (UTC); specdec {lib.specdec_version()}"
+          f"; commit {os.environ.get('SPECDEC_COMMIT', 'unknown')}; input seed {seed}")
+    print(f"- measured copy bandwidth (read + write): {bandwidth:.1f} GB/s")
+    print()
+    print("| primitive | dtype | B | k | V | specdec (us) | torch argmax+compare (us) | speedup | MB | specdec GB/s "
+          "| % of copy BW | check |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    failures = 0
+    for i, (dtype, batch, k, vocab) in enumerate(cases):
+        print(f"[{i + 1}/{len(cases)}] greedy {dtype} B={batch} V={vocab}", file=sys.stderr, flush=True)
+        specdec_us, torch_us, nbytes, ok = bench_greedy(lib, ctx, dtype, batch, k, vocab, gen)
+        gbps = nbytes / (specdec_us * 1e3)
+        failures += not ok
+        print(f"| greedy_verify | {str(dtype).replace('torch.', '')} | {batch} | {k} | {vocab} | {specdec_us:.2f} "
+              f"| {torch_us:.2f} | {torch_us / specdec_us:.2f}x | {nbytes / 1e6:.2f} | {gbps:.1f} "
+              f"| {100 * gbps / bandwidth:.1f} | {'= torch' if ok else 'MISMATCH'} |")
+    lib.specdec_context_destroy(ctx)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The GPU runner, staged as gpu-stage/run.sh by scripts/stage-gpu.sh. Runs on a machine with a GPU and no Rust
+# toolchain: the test binaries with SPECDEC_REQUIRE_GPU=1, the GPU tests again under compute-sanitizer (when it
+# is installed), the main job on CUDA, and the peer harness (PyTorch). Logs and tables go to $OUT (or ./out).
+# The last line is "N passed, N failed" over those steps.
+set -uo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+cd "$here"
+out=${OUT:-$here/out}
+mkdir -p "$out"
+passed=0
+failed=0
+step() { # step NAME LOG COMMAND...: runs a step, logs it, counts it
+  local name=$1 log=$2
+  shift 2
+  local start=$SECONDS
+  if "$@" >"$out/$log" 2>&1; then
+    passed=$((passed + 1))
+    echo "PASS $name ($((SECONDS - start)) s)"
+  else
+    failed=$((failed + 1))
+    echo "FAIL $name ($((SECONDS - start)) s); last lines of $log:"
+    tail -n 25 "$out/$log"
+  fi
+}
+
+echo "# specdec GPU run"
+echo "- commit: $(cat COMMIT)"
+echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader | sed 's/^/- gpu: /'
+export SPECDEC_REQUIRE_GPU=1 SPECDEC_COMMIT
+SPECDEC_COMMIT=$(cat COMMIT)
+
+for t in tests/*; do
+  step "tests/$(basename "$t")" "test-$(basename "$t").log" "$t"
+done
+
+if command -v compute-sanitizer >/dev/null; then
+  gpu_tests=(tests/greedy_gpu)
+  for t in "${gpu_tests[@]}"; do
+    step "memcheck $(basename "$t")" "memcheck-$(basename "$t").log" \
+      compute-sanitizer --tool memcheck --leak-check full --error-exitcode 99 "$t" --test-threads=1
+    for tool in racecheck synccheck initcheck; do
+      step "$tool $(basename "$t")" "$tool-$(basename "$t").log" \
+        compute-sanitizer --tool "$tool" --error-exitcode 99 "$t" --test-threads=1 special_values bad_requests c_abi raw_pointers
+    done
+  done
+else
+  echo "SKIP compute-sanitizer: not installed"
+fi
+
+step "bench (main job on CUDA)" bench.md ./bench --backend cuda
+cat "$out/bench.md"
+if python3 -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
+  step "peers (PyTorch)" peers.md python3 peers.py --lib ./libspecdec.so
+  cat "$out/peers.md"
+else
+  echo "SKIP peers: no PyTorch with CUDA"
+fi
+
+echo "$passed passed, $failed failed"
+[[ $failed -eq 0 ]]
