@@ -401,3 +401,77 @@ pub unsafe extern "C" fn specdec_greedy_verify(
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn last_error() -> String {
+        // SAFETY: the pointer is valid until this thread's next specdec call.
+        unsafe { CStr::from_ptr(specdec_last_error()) }
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    #[test]
+    fn a_panic_becomes_a_status_and_a_message() {
+        let status = boundary(|| panic!("boom at the boundary"));
+        assert_eq!(status, specdec_status::SPECDEC_PANIC);
+        assert!(
+            last_error().contains("boom at the boundary"),
+            "{}",
+            last_error()
+        );
+        // The next successful call clears the message.
+        assert_eq!(boundary(|| Ok(())), specdec_status::SPECDEC_OK);
+        assert_eq!(last_error(), "");
+    }
+
+    #[test]
+    fn every_error_maps_to_its_documented_status() {
+        let cases = [
+            (
+                Error::invalid("x", "bad"),
+                specdec_status::SPECDEC_INVALID_ARGUMENT,
+            ),
+            (
+                Error::KernelsNotCompiled,
+                specdec_status::SPECDEC_KERNELS_NOT_COMPILED,
+            ),
+            (Error::NoDriver, specdec_status::SPECDEC_NO_DRIVER),
+            (
+                Error::NoDevice {
+                    ordinal: 1,
+                    count: 0,
+                },
+                specdec_status::SPECDEC_NO_DEVICE,
+            ),
+            (
+                Error::UnsupportedArchitecture {
+                    ordinal: 0,
+                    compute_capability: 75,
+                    compiled: &[80],
+                },
+                specdec_status::SPECDEC_UNSUPPORTED_ARCHITECTURE,
+            ),
+            (
+                Error::Cuda {
+                    call: "cuX",
+                    code: 700,
+                    name: "CUDA_ERROR_ILLEGAL_ADDRESS".into(),
+                },
+                specdec_status::SPECDEC_CUDA_ERROR,
+            ),
+        ];
+        for (error, status) in cases {
+            let message = error.to_string();
+            assert_eq!(boundary(|| Err(error)), status);
+            assert_eq!(last_error(), message);
+            // SAFETY: static strings.
+            let name = unsafe { CStr::from_ptr(specdec_status_string(status as i32)) }
+                .to_str()
+                .unwrap();
+            assert_eq!(name, format!("{status:?}"), "status names match the enum");
+        }
+    }
+}

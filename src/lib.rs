@@ -24,3 +24,8 @@ pub mod greedy;
 
 pub use dtype::{DType, LogitsElement};
 pub use error::{Error, Result};
+
+/// The README's Rust examples, compiled and run by `cargo test`.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -183,12 +183,12 @@ impl Device {
         }
         let previous = result::ctx::get_current().map_err(|e| cuda_error("cuCtxGetCurrent", e))?;
         let ctx = CudaContext::new(ordinal).map_err(|e| cuda_error("cuDevicePrimaryCtxRetain", e));
-        // CudaContext::new makes the context current; give the caller's thread its own back.
-        if let Some(previous) = previous {
-            // SAFETY: `previous` was current on this thread a moment ago.
-            unsafe { result::ctx::set_current(previous) }
-                .map_err(|e| cuda_error("cuCtxSetCurrent", e))?;
-        }
+        // CudaContext::new makes the context current; give the caller's thread its own back, or none if it
+        // had none.
+        let previous = previous.unwrap_or(std::ptr::null_mut());
+        // SAFETY: `previous` was current on this thread a moment ago (or is null, which unbinds).
+        unsafe { result::ctx::set_current(previous) }
+            .map_err(|e| cuda_error("cuCtxSetCurrent", e))?;
         let ctx = ctx?;
         let (major, minor) = ctx
             .compute_capability()
