@@ -8,7 +8,8 @@
 //! * [`cuda`]: the same primitives on a CUDA device, launched on the caller's stream.
 //! * [`capi`]: the C ABI.
 //!
-//! Primitives so far: greedy verification ([`greedy`]).
+//! Primitives so far: greedy verification ([`greedy`]). Host-side: a suffix drafter over rollout history
+//! ([`drafter`]).
 //!
 //! Every entry point validates its arguments through one shared path (for greedy verification,
 //! [`greedy::GreedyShape`]) before dispatching to a backend, and reports problems as an [`Error`] naming the
@@ -18,6 +19,7 @@
 pub mod capi;
 pub mod cpu;
 pub mod cuda;
+pub mod drafter;
 pub mod dtype;
 mod error;
 pub mod greedy;

@@ -1,0 +1,315 @@
+//! The suffix index of one source of token sequences (one prompt's rollouts, or one request's own context).
+//!
+//! What it answers: the longest suffix of a context (at most `max_match` tokens, at least `min_match`) that
+//! occurs somewhere in the stored sequences *followed by another token*, and every such occurrence.
+//!
+//! How: every occurrence of a k-gram that has a continuation is linked into a chain of positions holding the
+//! same k-gram, for two gram lengths: `min_match` and a longer anchor. A query walks the anchor chain of the
+//! context's last tokens, extending each candidate backwards token by token to get its exact match length;
+//! only when the anchor occurs nowhere does it fall back to the `min_match` chain (then every match is shorter
+//! than the anchor). Because every candidate is compared token by token, hash collisions never produce a
+//! wrong match, and the set of occurrences is exact.
+//!
+//! Why not a suffix tree: a depth-capped suffix tree updates up to `depth` nodes per appended token, each a
+//! map operation; this index does one map operation per gram length, so appends stay in the tens of
+//! nanoseconds, and a stored token costs its 4 bytes, two 16-byte links and its share of two hash maps.
+//! Removing a sequence unlinks each of its positions in O(1) (the chains are doubly linked).
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+/// A token id.
+pub type Token = u32;
+
+/// The two gram lengths indexed: `min_match`, and this anchor (or `min_match` if that is longer).
+const ANCHOR: usize = 6;
+const LEVELS: usize = 2;
+const NONE: u64 = u64::MAX;
+
+/// An occurrence: the matched tokens end just before `end` in the sequence in `slot`, and `tokens[end]` is
+/// the continuation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Occurrence {
+    pub slot: u32,
+    pub end: u32,
+}
+
+impl Occurrence {
+    fn pack(self) -> u64 {
+        (u64::from(self.slot) << 32) | u64::from(self.end)
+    }
+    fn unpack(p: u64) -> Self {
+        Occurrence {
+            slot: (p >> 32) as u32,
+            end: p as u32,
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Link {
+    next: u64,
+    prev: u64,
+}
+
+const UNLINKED: Link = Link {
+    next: NONE,
+    prev: NONE,
+};
+
+struct Sequence {
+    id: u64,
+    tokens: Vec<Token>,
+    /// `links[level][i]`: the chain links of the occurrence ending at `i` (used for `i >= gram length`).
+    links: [Vec<Link>; LEVELS],
+}
+
+/// Keys are already well-mixed gram hashes: hash them by identity.
+#[derive(Default)]
+struct IdentityHasher(u64);
+
+impl Hasher for IdentityHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, _: &[u8]) {
+        unreachable!("only u64 keys are hashed")
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type Heads = HashMap<u64, u64, BuildHasherDefault<IdentityHasher>>;
+
+fn gram_hash(gram: &[Token]) -> u64 {
+    let mut h = 0x243F_6A88_85A3_08D3u64 ^ gram.len() as u64;
+    for &t in gram {
+        h = (h.rotate_left(23) ^ u64::from(t)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+    h ^ (h >> 29)
+}
+
+/// The suffix index of one source. Not synchronised: the drafter wraps it in a lock.
+pub(crate) struct SuffixIndex {
+    gram_lens: [usize; LEVELS],
+    max_match: usize,
+    slots: Vec<Option<Sequence>>,
+    free_slots: Vec<u32>,
+    slot_of: HashMap<u64, u32>,
+    heads: [Heads; LEVELS],
+    num_tokens: usize,
+}
+
+impl SuffixIndex {
+    /// `1 <= min_match <= max_match` is checked by the drafter's configuration.
+    pub fn new(min_match: usize, max_match: usize) -> Self {
+        SuffixIndex {
+            gram_lens: [min_match, ANCHOR.max(min_match)],
+            max_match,
+            slots: Vec::new(),
+            free_slots: Vec::new(),
+            slot_of: HashMap::new(),
+            heads: Default::default(),
+            num_tokens: 0,
+        }
+    }
+
+    /// Tokens stored over all sequences.
+    pub fn num_tokens(&self) -> usize {
+        self.num_tokens
+    }
+
+    /// Whether sequence `id` is stored.
+    pub fn contains(&self, id: u64) -> bool {
+        self.slot_of.contains_key(&id)
+    }
+
+    /// The tokens of sequence `id`.
+    pub fn tokens(&self, id: u64) -> Option<&[Token]> {
+        self.slot_of
+            .get(&id)
+            .map(|&s| self.slot(s).tokens.as_slice())
+    }
+
+    /// The tokens of the sequence holding an occurrence.
+    pub fn tokens_of(&self, occurrence: Occurrence) -> &[Token] {
+        &self.slot(occurrence.slot).tokens
+    }
+
+    /// Bytes allocated by the index: token and link storage and both hash maps (their entries and control
+    /// bytes), from capacities.
+    pub fn memory_bytes(&self) -> usize {
+        let link = std::mem::size_of::<Link>();
+        let sequences: usize = self
+            .slots
+            .iter()
+            .flatten()
+            .map(|s| {
+                s.tokens.capacity() * 4 + s.links.iter().map(|l| l.capacity() * link).sum::<usize>()
+            })
+            .sum();
+        let map_entry = std::mem::size_of::<(u64, u64)>() + 1;
+        let heads: usize = self.heads.iter().map(|h| h.capacity() * map_entry).sum();
+        let ids = self.slot_of.capacity() * (std::mem::size_of::<(u64, u32)>() + 1);
+        sequences + heads + ids + self.slots.capacity() * std::mem::size_of::<Option<Sequence>>()
+    }
+
+    fn slot(&self, slot: u32) -> &Sequence {
+        self.slots[slot as usize].as_ref().expect("live slot")
+    }
+
+    fn link_mut(&mut self, level: usize, at: u64) -> &mut Link {
+        let o = Occurrence::unpack(at);
+        &mut self.slots[o.slot as usize]
+            .as_mut()
+            .expect("live slot")
+            .links[level][o.end as usize]
+    }
+
+    /// Appends tokens to sequence `id`, creating it if new.
+    pub fn extend(&mut self, id: u64, tokens: &[Token]) {
+        let slot = match self.slot_of.get(&id) {
+            Some(&slot) => slot,
+            None => {
+                let sequence = Sequence {
+                    id,
+                    tokens: Vec::new(),
+                    links: Default::default(),
+                };
+                let slot = match self.free_slots.pop() {
+                    Some(slot) => {
+                        self.slots[slot as usize] = Some(sequence);
+                        slot
+                    }
+                    None => {
+                        self.slots.push(Some(sequence));
+                        (self.slots.len() - 1) as u32
+                    }
+                };
+                self.slot_of.insert(id, slot);
+                slot
+            }
+        };
+        for &token in tokens {
+            self.push(slot, token);
+        }
+    }
+
+    fn push(&mut self, slot: u32, token: Token) {
+        let sequence = self.slots[slot as usize].as_mut().expect("live slot");
+        let end = sequence.tokens.len();
+        sequence.tokens.push(token);
+        for level in 0..LEVELS {
+            sequence.links[level].push(UNLINKED);
+        }
+        self.num_tokens += 1;
+        for level in 0..LEVELS {
+            let k = self.gram_lens[level];
+            if end < k {
+                continue;
+            }
+            // The gram ending at `end` now has a continuation: link it in at the head of its chain.
+            let sequence = self.slots[slot as usize].as_ref().expect("live slot");
+            let hash = gram_hash(&sequence.tokens[end - k..end]);
+            let here = Occurrence {
+                slot,
+                end: end as u32,
+            }
+            .pack();
+            let old_head = self.heads[level].insert(hash, here).unwrap_or(NONE);
+            *self.link_mut(level, here) = Link {
+                next: old_head,
+                prev: NONE,
+            };
+            if old_head != NONE {
+                self.link_mut(level, old_head).prev = here;
+            }
+        }
+    }
+
+    /// Removes sequence `id` and returns how many tokens it held (0 if it was not stored).
+    pub fn remove(&mut self, id: u64) -> usize {
+        let Some(slot) = self.slot_of.remove(&id) else {
+            return 0;
+        };
+        let len = self.slot(slot).tokens.len();
+        for level in 0..LEVELS {
+            let k = self.gram_lens[level];
+            for end in k..len {
+                let sequence = self.slot(slot);
+                let Link { next, prev } = sequence.links[level][end];
+                if prev == NONE {
+                    let hash = gram_hash(&sequence.tokens[end - k..end]);
+                    if next == NONE {
+                        self.heads[level].remove(&hash);
+                    } else {
+                        self.heads[level].insert(hash, next);
+                    }
+                } else {
+                    self.link_mut(level, prev).next = next;
+                }
+                if next != NONE {
+                    self.link_mut(level, next).prev = prev;
+                }
+            }
+        }
+        self.slots[slot as usize] = None;
+        self.free_slots.push(slot);
+        self.num_tokens -= len;
+        len
+    }
+
+    /// The longest match of `context`'s suffix, and its occurrences (newest first), skipping sequence
+    /// `exclude`. Returns `(0, [])` when no suffix of at least `min_match` tokens occurs with a continuation.
+    pub fn longest_match(
+        &self,
+        context: &[Token],
+        exclude: Option<u64>,
+        occurrences: &mut Vec<Occurrence>,
+    ) -> usize {
+        occurrences.clear();
+        let limit = self.max_match.min(context.len());
+        for level in (0..LEVELS).rev() {
+            let k = self.gram_lens[level];
+            if context.len() < k {
+                continue;
+            }
+            let mut best = 0;
+            let mut at = self.heads[level]
+                .get(&gram_hash(&context[context.len() - k..]))
+                .copied()
+                .unwrap_or(NONE);
+            while at != NONE {
+                let o = Occurrence::unpack(at);
+                let sequence = self.slot(o.slot);
+                at = sequence.links[level][o.end as usize].next;
+                if exclude == Some(sequence.id) {
+                    continue;
+                }
+                let before = &sequence.tokens[..o.end as usize];
+                let len = before
+                    .iter()
+                    .rev()
+                    .zip(context.iter().rev())
+                    .take(limit)
+                    .take_while(|(a, b)| a == b)
+                    .count();
+                if len < k {
+                    continue; // a hash collision
+                }
+                if len > best {
+                    best = len;
+                    occurrences.clear();
+                }
+                if len == best {
+                    occurrences.push(o);
+                }
+            }
+            if best > 0 {
+                return best;
+            }
+        }
+        0
+    }
+}

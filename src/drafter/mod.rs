@@ -1,0 +1,561 @@
+//! A training-free drafter over rollout history: suffix matching against earlier and concurrent rollouts of
+//! the same prompt, and against the request's own prompt and output.
+//!
+//! In RL the same prompts are rolled out again and again (GRPO samples several responses per prompt at once
+//! and revisits prompts every epoch), and the rollouts of one prompt share long spans. Matching the end of a
+//! request's context against them proposes drafts that need no training and follow the policy as it changes.
+//! The drafts are point masses: verify them with the rejection sampler's no-q path (chain or tree), or with
+//! greedy verification at temperature 0.
+//!
+//! # Sources and semantics
+//!
+//! * Each prompt has a **history**: the token sequences of its rollouts that started in the last
+//!   `window_iterations` training iterations ([`Drafter::begin_iteration`]). Rollouts in flight are included as
+//!   their tokens are appended, so the rollouts of one prompt generated together help each other.
+//! * Each request also matches against **its own context**, its prompt followed by its output so far. Its
+//!   own rollout is skipped in the history, because the context already holds it.
+//! * **Match**: the longest suffix of the request's context, of `min_match..=max_match` tokens, that occurs in
+//!   either source followed by at least one token. Every such occurrence, in both sources, is a cursor.
+//! * **Chain**: follow the most frequent continuation among the cursors (ties to the smallest token id), keep
+//!   the cursors that agree, repeat. **Tree**: best-first by path probability (ties to the lower parent index,
+//!   then the smaller token). A token's empirical probability is the share of cursors continuing with it; a
+//!   node is drafted only while its path probability is at least `min_token_prob`. See [`Draft`].
+//! * **Budget** (draft tokens for a chain, nodes for a tree): `min(max_draft, floor(match_len * match_factor +
+//!   match_offset))`, further capped by the request's length class if [`LengthClasses`] are configured.
+//!
+//! # Memory
+//!
+//! Rollout tokens count against a per-prompt and an overall token budget. A rollout that would exceed a budget
+//! first evicts the oldest rollouts, of that prompt or of any prompt respectively, so the stored tokens never
+//! exceed either budget. A rollout that is itself evicted stops growing in the history; its request still
+//! drafts from its own context. [`Drafter::stats`] reports bytes per stored token.
+//!
+//! # Threads
+//!
+//! A [`Drafter`] is `Sync`. Requests of different prompts append and draft in parallel; requests of one
+//! prompt share its history behind a reader-writer lock.
+
+mod index;
+mod propose;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use crate::error::{Error, Result};
+pub use index::Token;
+use index::{Occurrence, SuffixIndex};
+use propose::Cursor;
+pub use propose::Draft;
+
+/// Request length classes after DAS: a request's predicted length (the moving average of its prompt's past
+/// rollout lengths, or its current length once that is larger) picks its draft budget.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LengthClasses {
+    /// Predicted lengths of at least this many tokens are Long.
+    pub long_threshold: usize,
+    /// Predicted lengths of at least this many tokens (and below `long_threshold`) are Medium.
+    pub medium_threshold: usize,
+    /// Draft budget of a Long request.
+    pub long_budget: usize,
+    /// Draft budget of a Medium request.
+    pub medium_budget: usize,
+    /// Draft budget of a Short request.
+    pub short_budget: usize,
+    /// Weight of the newest rollout length in the prompt's moving average, in (0, 1].
+    pub smoothing: f64,
+}
+
+impl Default for LengthClasses {
+    /// Budgets 24 / 8 / 0 at thresholds 1024 / 256 tokens (the values of an independent DAS reimplementation).
+    fn default() -> Self {
+        LengthClasses {
+            long_threshold: 1024,
+            medium_threshold: 256,
+            long_budget: 24,
+            medium_budget: 8,
+            short_budget: 0,
+            smoothing: 0.5,
+        }
+    }
+}
+
+/// The drafter's settings. [`DrafterConfig::default`] gives usable values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DrafterConfig {
+    /// The shortest context suffix worth matching.
+    pub min_match: usize,
+    /// The longest context suffix matched (the depth cap).
+    pub max_match: usize,
+    /// The most draft tokens (chain) or nodes (tree) ever proposed.
+    pub max_draft: usize,
+    /// Budget from the match length: `floor(match_len * match_factor + match_offset)`.
+    pub match_factor: f64,
+    /// See `match_factor`.
+    pub match_offset: f64,
+    /// Nodes whose path probability falls below this are not drafted.
+    pub min_token_prob: f64,
+    /// Rollouts started this many iterations ago or more are dropped by [`Drafter::begin_iteration`].
+    pub window_iterations: u64,
+    /// Most rollout tokens stored for one prompt.
+    pub prompt_token_budget: usize,
+    /// Most rollout tokens stored overall.
+    pub total_token_budget: usize,
+    /// Length-class budgets, if any.
+    pub length_classes: Option<LengthClasses>,
+}
+
+impl Default for DrafterConfig {
+    fn default() -> Self {
+        DrafterConfig {
+            min_match: 2,
+            max_match: 32,
+            max_draft: 24,
+            match_factor: 1.0,
+            match_offset: 0.0,
+            min_token_prob: 0.1,
+            window_iterations: 4,
+            prompt_token_budget: 1 << 20,
+            total_token_budget: 64 << 20,
+            length_classes: None,
+        }
+    }
+}
+
+impl DrafterConfig {
+    fn validate(&self) -> Result<()> {
+        if self.min_match == 0 || self.min_match > self.max_match {
+            return Err(Error::invalid(
+                "min_match",
+                format!(
+                    "is {}; needs 1 <= min_match <= max_match ({})",
+                    self.min_match, self.max_match
+                ),
+            ));
+        }
+        if self.max_match > 1024 {
+            return Err(Error::invalid(
+                "max_match",
+                format!("is {}, above 1024", self.max_match),
+            ));
+        }
+        if self.max_draft == 0 {
+            return Err(Error::invalid(
+                "max_draft",
+                "is 0; a drafter that may never draft is a mistake",
+            ));
+        }
+        if !(self.match_factor.is_finite()
+            && self.match_factor >= 0.0
+            && self.match_offset.is_finite())
+        {
+            return Err(Error::invalid(
+                "match_factor",
+                "match_factor must be finite and >= 0, match_offset finite",
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.min_token_prob) {
+            return Err(Error::invalid(
+                "min_token_prob",
+                format!("is {}, outside [0, 1]", self.min_token_prob),
+            ));
+        }
+        if self.window_iterations == 0 {
+            return Err(Error::invalid(
+                "window_iterations",
+                "is 0; the window must hold the current iteration",
+            ));
+        }
+        if self.prompt_token_budget == 0 || self.total_token_budget == 0 {
+            return Err(Error::invalid(
+                "token_budget",
+                "token budgets must be at least 1",
+            ));
+        }
+        if let Some(c) = &self.length_classes {
+            if c.medium_threshold > c.long_threshold {
+                return Err(Error::invalid(
+                    "length_classes",
+                    "medium_threshold is above long_threshold",
+                ));
+            }
+            if !(c.smoothing > 0.0 && c.smoothing <= 1.0) {
+                return Err(Error::invalid(
+                    "length_classes.smoothing",
+                    format!("is {}, outside (0, 1]", c.smoothing),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Chain or tree drafts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DraftKind {
+    /// Follow the most frequent continuation.
+    Chain,
+    /// Best-first over continuations.
+    Tree,
+}
+
+/// What [`Drafter::stats`] reports.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DrafterStats {
+    /// Prompts with a history.
+    pub prompts: usize,
+    /// Rollouts stored.
+    pub rollouts: usize,
+    /// Rollout tokens stored (what the budgets count).
+    pub tokens: usize,
+    /// Bytes the histories occupy.
+    pub bytes: usize,
+    /// `bytes / tokens` (0 when empty).
+    pub bytes_per_token: f64,
+    /// Requests registered and not finished.
+    pub active_requests: usize,
+}
+
+struct PromptHistory {
+    index: SuffixIndex,
+    /// Rollouts stored, oldest first, with the iteration they started in.
+    rollouts: VecDeque<(u64, u64)>,
+    /// Moving average of finished rollout lengths.
+    length_average: Option<f64>,
+}
+
+struct RequestState {
+    prompt: u64,
+    rollout: u64,
+    /// The request's prompt and output, as sequence 0.
+    own: SuffixIndex,
+    generated: usize,
+}
+
+struct Accounting {
+    iteration: u64,
+    tokens: usize,
+    /// Every rollout stored, oldest first: (prompt, rollout). Entries of rollouts already gone are skipped.
+    rollouts: VecDeque<(u64, u64)>,
+}
+
+/// The drafter: histories per prompt, and the requests drafting from them. See the module documentation.
+pub struct Drafter {
+    config: DrafterConfig,
+    prompts: RwLock<HashMap<u64, Arc<RwLock<PromptHistory>>>>,
+    requests: RwLock<HashMap<u64, Arc<Mutex<RequestState>>>>,
+    accounting: Mutex<Accounting>,
+    next_rollout: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+fn read<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(|e| e.into_inner())
+}
+fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Drafter {
+    /// A drafter with `config`, checked.
+    pub fn new(config: DrafterConfig) -> Result<Self> {
+        config.validate()?;
+        Ok(Drafter {
+            config,
+            prompts: RwLock::default(),
+            requests: RwLock::default(),
+            accounting: Mutex::new(Accounting {
+                iteration: 0,
+                tokens: 0,
+                rollouts: VecDeque::new(),
+            }),
+            next_rollout: AtomicU64::new(0),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &DrafterConfig {
+        &self.config
+    }
+
+    /// Starts training iteration `iteration` (non-decreasing): rollouts that started `window_iterations` or more
+    /// iterations before it leave the history.
+    pub fn begin_iteration(&self, iteration: u64) -> Result<()> {
+        let mut accounting = lock(&self.accounting);
+        if iteration < accounting.iteration {
+            return Err(Error::invalid(
+                "iteration",
+                format!(
+                    "is {iteration}, before the current {}",
+                    accounting.iteration
+                ),
+            ));
+        }
+        accounting.iteration = iteration;
+        let oldest_kept = iteration.saturating_sub(self.config.window_iterations - 1);
+        let prompts: Vec<_> = read(&self.prompts)
+            .iter()
+            .map(|(&id, h)| (id, h.clone()))
+            .collect();
+        for (_, history) in prompts {
+            let mut history = write(&history);
+            while let Some(&(rollout, started)) = history.rollouts.front() {
+                if started >= oldest_kept {
+                    break;
+                }
+                history.rollouts.pop_front();
+                accounting.tokens -= history.index.remove(rollout);
+            }
+        }
+        Ok(())
+    }
+
+    /// Registers request `request` of prompt `prompt` with its prompt tokens; its rollout starts in the current
+    /// iteration. Fails if `request` is already registered.
+    pub fn add_request(&self, request: u64, prompt: u64, prompt_tokens: &[Token]) -> Result<()> {
+        let mut requests = write(&self.requests);
+        if requests.contains_key(&request) {
+            return Err(Error::invalid(
+                "request",
+                format!("{request} is already registered"),
+            ));
+        }
+        let rollout = self.next_rollout.fetch_add(1, Ordering::Relaxed);
+        let mut own = SuffixIndex::new(self.config.min_match, self.config.max_match);
+        own.extend(0, prompt_tokens);
+        let history = write(&self.prompts)
+            .entry(prompt)
+            .or_insert_with(|| {
+                Arc::new(RwLock::new(PromptHistory {
+                    index: SuffixIndex::new(self.config.min_match, self.config.max_match),
+                    rollouts: VecDeque::new(),
+                    length_average: None,
+                }))
+            })
+            .clone();
+        let mut accounting = lock(&self.accounting);
+        {
+            let mut history = write(&history);
+            history.index.extend(rollout, &[]);
+            history.rollouts.push_back((rollout, accounting.iteration));
+        }
+        accounting.rollouts.push_back((prompt, rollout));
+        drop(accounting);
+        requests.insert(
+            request,
+            Arc::new(Mutex::new(RequestState {
+                prompt,
+                rollout,
+                own,
+                generated: 0,
+            })),
+        );
+        Ok(())
+    }
+
+    fn request(&self, request: u64) -> Result<Arc<Mutex<RequestState>>> {
+        read(&self.requests)
+            .get(&request)
+            .cloned()
+            .ok_or_else(|| Error::invalid("request", format!("{request} is not registered")))
+    }
+
+    fn prompt_history(&self, prompt: u64) -> Arc<RwLock<PromptHistory>> {
+        read(&self.prompts)
+            .get(&prompt)
+            .cloned()
+            .expect("a registered request's prompt has a history")
+    }
+
+    /// Appends verified tokens to a request's output: to its own context and to its rollout in the history.
+    pub fn append(&self, request: u64, tokens: &[Token]) -> Result<()> {
+        let state = self.request(request)?;
+        let mut state = lock(&state);
+        state.own.extend(0, tokens);
+        state.generated += tokens.len();
+        let history = self.prompt_history(state.prompt);
+        let mut accounting = lock(&self.accounting);
+        if !self.make_room(
+            &mut accounting,
+            state.prompt,
+            &history,
+            state.rollout,
+            tokens.len(),
+        ) {
+            return Ok(()); // the rollout was evicted, or cannot fit: it stops growing in the history
+        }
+        accounting.tokens += tokens.len();
+        write(&history).index.extend(state.rollout, tokens);
+        Ok(())
+    }
+
+    /// Evicts the oldest rollouts until `extra` more tokens fit in both budgets. Returns false if `rollout` is
+    /// gone (evicted now or before) or the tokens cannot fit.
+    fn make_room(
+        &self,
+        accounting: &mut Accounting,
+        prompt: u64,
+        history: &RwLock<PromptHistory>,
+        rollout: u64,
+        extra: usize,
+    ) -> bool {
+        loop {
+            let prompt_tokens = read(history).index.num_tokens();
+            if !read(history).index.contains(rollout) {
+                return false;
+            }
+            if prompt_tokens + extra > self.config.prompt_token_budget {
+                let mut h = write(history);
+                let Some((oldest, _)) = h.rollouts.pop_front() else {
+                    return false;
+                };
+                accounting.tokens -= h.index.remove(oldest);
+                continue;
+            }
+            if accounting.tokens + extra > self.config.total_token_budget {
+                let Some((victim_prompt, victim)) = accounting.rollouts.pop_front() else {
+                    return false;
+                };
+                let victim_history = if victim_prompt == prompt {
+                    None
+                } else {
+                    read(&self.prompts).get(&victim_prompt).cloned()
+                };
+                let mut h = match &victim_history {
+                    Some(v) => write(v),
+                    None => write(history),
+                };
+                h.rollouts.retain(|&(r, _)| r != victim);
+                accounting.tokens -= h.index.remove(victim);
+                continue;
+            }
+            return true;
+        }
+    }
+
+    /// Ends a request: its rollout stays in the history (until the window or a budget drops it), and its
+    /// length feeds the prompt's moving average for length classes.
+    pub fn finish_request(&self, request: u64) -> Result<()> {
+        let state = write(&self.requests)
+            .remove(&request)
+            .ok_or_else(|| Error::invalid("request", format!("{request} is not registered")))?;
+        let state = lock(&state);
+        let history = self.prompt_history(state.prompt);
+        let mut history = write(&history);
+        let length = state.generated as f64;
+        let smoothing = self
+            .config
+            .length_classes
+            .as_ref()
+            .map_or(0.5, |c| c.smoothing);
+        history.length_average = Some(match history.length_average {
+            Some(average) => smoothing * length + (1.0 - smoothing) * average,
+            None => length,
+        });
+        Ok(())
+    }
+
+    /// The draft budget of a request whose match is `match_len` tokens long.
+    fn budget(&self, match_len: usize, generated: usize, predicted: Option<f64>) -> usize {
+        let from_match = (match_len as f64 * self.config.match_factor + self.config.match_offset)
+            .floor()
+            .max(0.0) as usize;
+        let mut budget = self.config.max_draft.min(from_match);
+        if let Some(classes) = &self.config.length_classes {
+            let length = predicted.unwrap_or(0.0).max(generated as f64);
+            let class_budget = if length >= classes.long_threshold as f64 {
+                classes.long_budget
+            } else if length >= classes.medium_threshold as f64 {
+                classes.medium_budget
+            } else {
+                classes.short_budget
+            };
+            budget = budget.min(class_budget);
+        }
+        budget
+    }
+
+    /// Proposes a draft for `request`, continuing its context (prompt and output so far). An empty draft means
+    /// nothing matched or the budget is 0.
+    pub fn propose(&self, request: u64, kind: DraftKind) -> Result<Draft> {
+        let state = self.request(request)?;
+        let state = lock(&state);
+        let history = self.prompt_history(state.prompt);
+        let history = read(&history);
+        let context = state.own.tokens(0).expect("the request's own sequence");
+
+        let mut from_history = Vec::new();
+        let mut from_own = Vec::new();
+        let history_len =
+            history
+                .index
+                .longest_match(context, Some(state.rollout), &mut from_history);
+        let own_len = state.own.longest_match(context, None, &mut from_own);
+        let match_len = history_len.max(own_len);
+        let budget = self.budget(match_len, state.generated, history.length_average);
+        if match_len == 0 || budget == 0 {
+            return Ok(Draft {
+                match_len,
+                ..Draft::default()
+            });
+        }
+        fn cursor<'a>(index: &'a SuffixIndex, o: &Occurrence) -> Cursor<'a> {
+            Cursor {
+                tokens: index.tokens_of(*o),
+                next: o.end as usize,
+            }
+        }
+        let mut cursors = Vec::new();
+        if history_len == match_len {
+            cursors.extend(from_history.iter().map(|o| cursor(&history.index, o)));
+        }
+        if own_len == match_len {
+            cursors.extend(from_own.iter().map(|o| cursor(&state.own, o)));
+        }
+        let mut draft = match kind {
+            DraftKind::Chain => propose::chain(cursors, budget, self.config.min_token_prob),
+            DraftKind::Tree => propose::tree(cursors, budget, self.config.min_token_prob),
+        };
+        draft.match_len = match_len;
+        Ok(draft)
+    }
+
+    /// The rollouts stored for `prompt`, oldest first (empty if none): what drafts are matched against.
+    pub fn history(&self, prompt: u64) -> Vec<Vec<Token>> {
+        let Some(history) = read(&self.prompts).get(&prompt).cloned() else {
+            return Vec::new();
+        };
+        let history = read(&history);
+        history
+            .rollouts
+            .iter()
+            .filter_map(|&(rollout, _)| history.index.tokens(rollout).map(<[Token]>::to_vec))
+            .collect()
+    }
+
+    /// Sizes of the histories.
+    pub fn stats(&self) -> DrafterStats {
+        let prompts = read(&self.prompts);
+        let (mut rollouts, mut tokens, mut bytes) = (0, 0, 0);
+        for history in prompts.values() {
+            let history = read(history);
+            rollouts += history.rollouts.len();
+            tokens += history.index.num_tokens();
+            bytes += history.index.memory_bytes();
+        }
+        DrafterStats {
+            prompts: prompts.len(),
+            rollouts,
+            tokens,
+            bytes,
+            bytes_per_token: if tokens == 0 {
+                0.0
+            } else {
+                bytes as f64 / tokens as f64
+            },
+            active_requests: read(&self.requests).len(),
+        }
+    }
+}

@@ -1,0 +1,566 @@
+//! The suffix drafter against a brute-force reference that rescans every stored sequence for every count, on
+//! random and repetitive histories, after removals and evictions; budgets, windows, length classes, threads.
+
+mod common;
+
+use std::collections::HashMap;
+
+use rand::Rng;
+use specdec::drafter::{Draft, DraftKind, Drafter, DrafterConfig, LengthClasses, Token};
+use specdec::Error;
+
+/// The continuations of every occurrence of `s` (followed by a token) in `sequences`.
+fn continuations(sequences: &[Vec<Token>], s: &[Token]) -> Vec<Token> {
+    let mut out = Vec::new();
+    for seq in sequences {
+        for end in s.len()..seq.len() {
+            if seq[end - s.len()..end] == *s {
+                out.push(seq[end]);
+            }
+        }
+    }
+    out
+}
+
+/// (token, count) of the continuations of `s`, and their total.
+fn counts(sequences: &[Vec<Token>], s: &[Token]) -> (Vec<(Token, usize)>, usize) {
+    let all = continuations(sequences, s);
+    let mut map: HashMap<Token, usize> = HashMap::new();
+    for &t in &all {
+        *map.entry(t).or_default() += 1;
+    }
+    let mut counts: Vec<_> = map.into_iter().collect();
+    counts.sort();
+    (counts, all.len())
+}
+
+/// The reference drafter: `sequences` are the history (without the request's own rollout) and the request's
+/// own context, which is also `context`.
+fn reference(
+    sequences: &[Vec<Token>],
+    context: &[Token],
+    config: &DrafterConfig,
+    kind: DraftKind,
+    budget_cap: usize,
+) -> Draft {
+    let top = config.max_match.min(context.len());
+    let match_len = (config.min_match..=top)
+        .rev()
+        .find(|&m| !continuations(sequences, &context[context.len() - m..]).is_empty())
+        .unwrap_or(0);
+    let budget = budget_cap.min(config.max_draft).min(
+        (match_len as f64 * config.match_factor + config.match_offset)
+            .floor()
+            .max(0.0) as usize,
+    );
+    let mut draft = Draft {
+        match_len,
+        ..Draft::default()
+    };
+    if match_len == 0 || budget == 0 {
+        return draft;
+    }
+    let base = context[context.len() - match_len..].to_vec();
+    match kind {
+        DraftKind::Chain => {
+            let mut s = base;
+            let mut prob = 1.0f64;
+            while draft.tokens.len() < budget {
+                let (counts, total) = counts(sequences, &s);
+                let Some(&(token, count)) =
+                    counts
+                        .iter()
+                        .fold(None, |best: Option<&(Token, usize)>, c| match best {
+                            Some(b) if b.1 >= c.1 => Some(b),
+                            _ => Some(c),
+                        })
+                else {
+                    break;
+                };
+                prob *= count as f64 / total as f64;
+                if prob < config.min_token_prob {
+                    break;
+                }
+                draft.parents.push(draft.tokens.len() as i32 - 1);
+                draft.tokens.push(token);
+                draft.probs.push(prob);
+                s.push(token);
+            }
+        }
+        DraftKind::Tree => {
+            // Candidates: (prob, parent, token, string). Pick the best by (prob desc, parent asc, token asc).
+            let mut candidates: Vec<(f64, i32, Token, Vec<Token>)> = Vec::new();
+            let push_children =
+                |s: &[Token],
+                 parent: i32,
+                 prob: f64,
+                 candidates: &mut Vec<(f64, i32, Token, Vec<Token>)>| {
+                    let (counts, total) = counts(sequences, s);
+                    for (token, count) in counts {
+                        let p = prob * (count as f64 / total as f64);
+                        if p >= config.min_token_prob {
+                            let mut child = s.to_vec();
+                            child.push(token);
+                            candidates.push((p, parent, token, child));
+                        }
+                    }
+                };
+            push_children(&base, -1, 1.0, &mut candidates);
+            while draft.tokens.len() < budget && !candidates.is_empty() {
+                let best = (0..candidates.len())
+                    .max_by(|&a, &b| {
+                        let (pa, qa, ta, _) = &candidates[a];
+                        let (pb, qb, tb, _) = &candidates[b];
+                        pa.total_cmp(pb).then(qb.cmp(qa)).then(tb.cmp(ta))
+                    })
+                    .unwrap();
+                let (prob, parent, token, s) = candidates.swap_remove(best);
+                let index = draft.tokens.len() as i32;
+                draft.tokens.push(token);
+                draft.parents.push(parent);
+                draft.probs.push(prob);
+                push_children(&s, index, prob, &mut candidates);
+            }
+        }
+    }
+    draft
+}
+
+fn random_sequence(rng: &mut impl Rng, len: usize, vocab: u32) -> Vec<Token> {
+    (0..len).map(|_| rng.random_range(0..vocab)).collect()
+}
+
+/// A copy of `base` with a few tokens replaced, inserted or deleted: rollouts of one prompt sharing spans.
+fn mutated(rng: &mut impl Rng, base: &[Token], vocab: u32) -> Vec<Token> {
+    let mut out = Vec::with_capacity(base.len() + 8);
+    for &t in base {
+        match rng.random_range(0..20) {
+            0 => out.push(rng.random_range(0..vocab)),
+            1 => {}
+            2 => {
+                out.push(t);
+                out.push(rng.random_range(0..vocab));
+            }
+            _ => out.push(t),
+        }
+    }
+    out
+}
+
+/// Drafts for `probe` from the drafter and from the reference over the drafter's stored history (minus the
+/// probe's own rollout, which is the tail of its context).
+fn check_probe(
+    drafter: &Drafter,
+    prompt: u64,
+    probe: u64,
+    context: &[Token],
+    own_output_len: usize,
+    what: &str,
+) {
+    let mut sequences = drafter.history(prompt);
+    // The probe's own rollout is in the history; the reference uses its full context instead.
+    let own_rollout = &context[context.len() - own_output_len..];
+    if let Some(i) = sequences.iter().position(|s| s.as_slice() == own_rollout) {
+        sequences.remove(i);
+    }
+    sequences.push(context.to_vec());
+    for kind in [DraftKind::Chain, DraftKind::Tree] {
+        let got = drafter.propose(probe, kind).unwrap();
+        let want = reference(&sequences, context, drafter.config(), kind, usize::MAX);
+        assert_eq!(
+            got, want,
+            "{what}: {kind:?} draft differs from the brute-force reference"
+        );
+    }
+}
+
+fn configs() -> Vec<DrafterConfig> {
+    vec![
+        DrafterConfig::default(),
+        DrafterConfig {
+            min_match: 1,
+            max_match: 8,
+            max_draft: 12,
+            min_token_prob: 0.0,
+            ..DrafterConfig::default()
+        },
+        DrafterConfig {
+            min_match: 3,
+            max_match: 40,
+            max_draft: 30,
+            match_factor: 0.5,
+            match_offset: 2.0,
+            min_token_prob: 0.3,
+            ..DrafterConfig::default()
+        },
+    ]
+}
+
+#[test]
+fn proposals_match_the_brute_force_reference() {
+    let mut rng = common::rng("drafter reference");
+    for (c, config) in configs().into_iter().enumerate() {
+        for (vocab, repetitive) in [(3u32, false), (12, false), (50, true), (1000, true)] {
+            let drafter = Drafter::new(config.clone()).unwrap();
+            let base = random_sequence(&mut rng, 300, vocab);
+            let prompt_tokens = random_sequence(&mut rng, 20, vocab);
+            for r in 0..6u64 {
+                drafter.add_request(r, 7, &prompt_tokens).unwrap();
+                let rollout = if repetitive {
+                    mutated(&mut rng, &base, vocab)
+                } else {
+                    random_sequence(&mut rng, 200, vocab)
+                };
+                drafter.append(r, &rollout).unwrap();
+                drafter.finish_request(r).unwrap();
+            }
+            // The probe generates its own rollout; draft at several points along it.
+            let probe_output = if repetitive {
+                mutated(&mut rng, &base, vocab)
+            } else {
+                random_sequence(&mut rng, 120, vocab)
+            };
+            drafter.add_request(100, 7, &prompt_tokens).unwrap();
+            let mut context = prompt_tokens.clone();
+            for (i, chunk) in probe_output.chunks(17).enumerate() {
+                drafter.append(100, chunk).unwrap();
+                context.extend_from_slice(chunk);
+                let what = format!("config {c}, vocab {vocab}, repetitive {repetitive}, step {i}");
+                check_probe(
+                    &drafter,
+                    7,
+                    100,
+                    &context,
+                    context.len() - prompt_tokens.len(),
+                    &what,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn hand_worked_chain_and_tree() {
+    // History: [1 2 3 4], [1 2 3 5], [1 2 3 4 9], [7 2 3 4]. Context [8 2 3]: the longest match is [2 3]
+    // (3 tokens [8 2 3] occur nowhere). Continuations of [2 3]: 4, 5, 4, 4 -> 4 with 3/4.
+    // After [2 3 4]: continuations 9 (one of the three [2 3 4] is followed by a token) -> 9 with 1/1.
+    let config = DrafterConfig {
+        min_token_prob: 0.0,
+        ..DrafterConfig::default()
+    };
+    let drafter = Drafter::new(config).unwrap();
+    for (r, rollout) in [
+        vec![1, 2, 3, 4],
+        vec![1, 2, 3, 5],
+        vec![1, 2, 3, 4, 9],
+        vec![7, 2, 3, 4],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        drafter.add_request(r as u64, 1, &[]).unwrap();
+        drafter.append(r as u64, &rollout).unwrap();
+        drafter.finish_request(r as u64).unwrap();
+    }
+    drafter.add_request(10, 1, &[8, 2, 3]).unwrap();
+    let chain = drafter.propose(10, DraftKind::Chain).unwrap();
+    assert_eq!(chain.match_len, 2);
+    // Budget floor(2 * 1.0 + 0) = 2 tokens: 4 (3/4), then 9 (1/1, path 0.75).
+    assert_eq!(
+        (chain.tokens, chain.parents, chain.probs),
+        (vec![4, 9], vec![-1, 0], vec![0.75, 0.75])
+    );
+    // Tree, 2 nodes: the root's children are 4 (0.75) and 5 (0.25); 4 is taken first, which queues 9 (0.75);
+    // 9 beats 5.
+    let tree = drafter.propose(10, DraftKind::Tree).unwrap();
+    assert_eq!(
+        (tree.tokens, tree.parents, tree.probs),
+        (vec![4, 9], vec![-1, 0], vec![0.75, 0.75])
+    );
+    // With a budget of 3 (match factor 1.5) the tree also takes 5: [4, 9, 5] with parents [-1, 0, -1].
+    let wide = Drafter::new(DrafterConfig {
+        match_factor: 1.5,
+        min_token_prob: 0.0,
+        ..DrafterConfig::default()
+    })
+    .unwrap();
+    // A floor of 0.8 stops the chain before its first token (0.75 < 0.8).
+    let strict = Drafter::new(DrafterConfig {
+        min_token_prob: 0.8,
+        ..DrafterConfig::default()
+    })
+    .unwrap();
+    for d in [&wide, &strict] {
+        for (r, rollout) in [
+            vec![1, 2, 3, 4],
+            vec![1, 2, 3, 5],
+            vec![1, 2, 3, 4, 9],
+            vec![7, 2, 3, 4],
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            d.add_request(r as u64, 1, &[]).unwrap();
+            d.append(r as u64, &rollout).unwrap();
+        }
+        d.add_request(10, 1, &[8, 2, 3]).unwrap();
+    }
+    let tree = wide.propose(10, DraftKind::Tree).unwrap();
+    assert_eq!(
+        (tree.tokens, tree.parents, tree.probs),
+        (vec![4, 9, 5], vec![-1, 0, -1], vec![0.75, 0.75, 0.25])
+    );
+    assert_eq!(
+        strict.propose(10, DraftKind::Chain).unwrap(),
+        Draft {
+            match_len: 2,
+            ..Draft::default()
+        }
+    );
+}
+
+#[test]
+fn window_drops_old_rollouts_and_budgets_evict_the_oldest() {
+    let config = DrafterConfig {
+        window_iterations: 2,
+        prompt_token_budget: 100,
+        total_token_budget: 150,
+        ..DrafterConfig::default()
+    };
+    let drafter = Drafter::new(config).unwrap();
+    let mut next = 0u64;
+    let mut add = |drafter: &Drafter, prompt: u64, len: usize, fill: Token| {
+        drafter.add_request(next, prompt, &[]).unwrap();
+        drafter.append(next, &vec![fill; len]).unwrap();
+        drafter.finish_request(next).unwrap();
+        next += 1;
+        let stats = drafter.stats();
+        assert!(
+            stats.tokens <= 150,
+            "overall budget exceeded: {}",
+            stats.tokens
+        );
+        for p in 0..3 {
+            let held: usize = drafter.history(p).iter().map(Vec::len).sum();
+            assert!(held <= 100, "prompt {p} budget exceeded: {held}");
+        }
+    };
+    add(&drafter, 0, 40, 1); // iteration 0
+    drafter.begin_iteration(1).unwrap();
+    add(&drafter, 0, 40, 2);
+    assert_eq!(drafter.history(0), [vec![1; 40], vec![2; 40]]);
+    add(&drafter, 0, 40, 3); // prompt 0 would hold 120 > 100: the oldest (1s) goes
+    assert_eq!(drafter.history(0), [vec![2; 40], vec![3; 40]]);
+    add(&drafter, 1, 60, 4); // overall 140
+    add(&drafter, 2, 30, 5); // overall would be 170 > 150: the oldest overall (2s, prompt 0) goes
+    assert_eq!(drafter.history(0), [vec![3; 40]]);
+    assert_eq!(drafter.stats().tokens, 130);
+    drafter.begin_iteration(3).unwrap(); // window 2: rollouts of iterations < 2 leave, i.e. all of them
+    assert_eq!(drafter.stats().tokens, 0);
+    assert!(drafter.history(0).is_empty() && drafter.history(1).is_empty());
+    assert!(
+        drafter.begin_iteration(2).is_err(),
+        "iterations cannot go back"
+    );
+}
+
+#[test]
+fn proposals_match_the_reference_after_evictions() {
+    let mut rng = common::rng("drafter evictions");
+    let config = DrafterConfig {
+        prompt_token_budget: 700,
+        total_token_budget: 1000,
+        min_token_prob: 0.05,
+        ..DrafterConfig::default()
+    };
+    let drafter = Drafter::new(config).unwrap();
+    let base = random_sequence(&mut rng, 250, 40);
+    for r in 0..20u64 {
+        let prompt = r % 2;
+        drafter.add_request(r, prompt, &[]).unwrap();
+        drafter.append(r, &mutated(&mut rng, &base, 40)).unwrap();
+        drafter.finish_request(r).unwrap();
+        if r % 7 == 6 {
+            drafter.begin_iteration(r / 7).unwrap();
+        }
+        assert!(drafter.stats().tokens <= 1000);
+    }
+    let context = mutated(&mut rng, &base[..150], 40);
+    drafter.add_request(99, 0, &context).unwrap();
+    check_probe(&drafter, 0, 99, &context, 0, "after evictions");
+}
+
+#[test]
+fn length_classes_cap_the_budget_and_requests_move_up() {
+    let classes = LengthClasses {
+        long_threshold: 40,
+        medium_threshold: 20,
+        long_budget: 6,
+        medium_budget: 3,
+        short_budget: 0,
+        smoothing: 1.0,
+    };
+    let config = DrafterConfig {
+        length_classes: Some(classes),
+        min_token_prob: 0.0,
+        ..DrafterConfig::default()
+    };
+    let drafter = Drafter::new(config).unwrap();
+    let rollout: Vec<Token> = (0..30).collect();
+    drafter.add_request(0, 5, &[]).unwrap();
+    drafter.append(0, &rollout).unwrap();
+    drafter.finish_request(0).unwrap(); // prompt 5's predicted length: 30 (Medium)
+    drafter.add_request(1, 5, &[]).unwrap();
+    drafter.append(1, &rollout[..10]).unwrap(); // matches [..10] fully: match budget 10
+    assert_eq!(
+        drafter.propose(1, DraftKind::Chain).unwrap().tokens.len(),
+        3,
+        "Medium: 3"
+    );
+    // A new prompt with no history: predicted nothing, 10 tokens generated: Short, budget 0.
+    drafter.add_request(2, 6, &[]).unwrap();
+    drafter.append(2, &[1, 2, 1, 2, 1, 2, 1, 2, 1, 2]).unwrap();
+    assert!(
+        drafter
+            .propose(2, DraftKind::Chain)
+            .unwrap()
+            .tokens
+            .is_empty(),
+        "Short: 0"
+    );
+    // It grows past 40 tokens: Long, budget 6 (its own context repeats, so there is something to draft).
+    drafter.append(2, &[1, 2].repeat(16)).unwrap();
+    assert_eq!(
+        drafter.propose(2, DraftKind::Chain).unwrap().tokens,
+        [1, 2, 1, 2, 1, 2]
+    );
+}
+
+#[test]
+fn concurrent_use_gives_the_same_proposals_as_serial_use() {
+    let mut rng = common::rng("drafter threads");
+    let workloads: Vec<(Vec<Token>, Vec<Vec<Token>>)> = (0..4)
+        .map(|_| {
+            let base = random_sequence(&mut rng, 300, 30);
+            let rollouts = (0..5).map(|_| mutated(&mut rng, &base, 30)).collect();
+            (base, rollouts)
+        })
+        .collect();
+    // Each thread drives its own prompt: rollouts one after another, then a probe drafting step by step.
+    let run = |drafter: &Drafter, p: usize| -> Vec<Draft> {
+        let (_, rollouts) = &workloads[p];
+        let prompt = p as u64;
+        for (i, rollout) in rollouts[..4].iter().enumerate() {
+            let r = prompt * 100 + i as u64;
+            drafter.add_request(r, prompt, &[]).unwrap();
+            for chunk in rollout.chunks(9) {
+                drafter.append(r, chunk).unwrap();
+            }
+            drafter.finish_request(r).unwrap();
+        }
+        let probe = prompt * 100 + 99;
+        drafter.add_request(probe, prompt, &[]).unwrap();
+        let mut drafts = Vec::new();
+        for chunk in rollouts[4].chunks(13) {
+            drafter.append(probe, chunk).unwrap();
+            drafts.push(drafter.propose(probe, DraftKind::Chain).unwrap());
+            drafts.push(drafter.propose(probe, DraftKind::Tree).unwrap());
+        }
+        drafts
+    };
+    let serial = Drafter::new(DrafterConfig::default()).unwrap();
+    let want: Vec<Vec<Draft>> = (0..4).map(|p| run(&serial, p)).collect();
+    let shared = Drafter::new(DrafterConfig::default()).unwrap();
+    let got: Vec<Vec<Draft>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|p| {
+                s.spawn({
+                    let (shared, run) = (&shared, &run);
+                    move || run(shared, p)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(got, want);
+    // Many readers of one prompt at once: every thread sees the serial answers.
+    let answers: Vec<Draft> = (0..4)
+        .map(|p| serial.propose(p * 100 + 99, DraftKind::Tree).unwrap())
+        .collect();
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| {
+                for _ in 0..50 {
+                    for p in 0..4u64 {
+                        assert_eq!(
+                            serial.propose(p * 100 + 99, DraftKind::Tree).unwrap(),
+                            answers[p as usize]
+                        );
+                    }
+                }
+            });
+        }
+    });
+}
+
+#[test]
+fn bad_arguments_are_rejected() {
+    let bad = |config: DrafterConfig, argument: &str| match Drafter::new(config) {
+        Err(Error::InvalidArgument { argument: got, .. }) => assert_eq!(got, argument),
+        Ok(_) => panic!("accepted a config with a bad {argument}"),
+        Err(e) => panic!("unexpected {e}"),
+    };
+    let base = DrafterConfig::default();
+    bad(
+        DrafterConfig {
+            min_match: 0,
+            ..base.clone()
+        },
+        "min_match",
+    );
+    bad(
+        DrafterConfig {
+            min_match: 40,
+            max_match: 30,
+            ..base.clone()
+        },
+        "min_match",
+    );
+    bad(
+        DrafterConfig {
+            max_draft: 0,
+            ..base.clone()
+        },
+        "max_draft",
+    );
+    bad(
+        DrafterConfig {
+            min_token_prob: 1.5,
+            ..base.clone()
+        },
+        "min_token_prob",
+    );
+    bad(
+        DrafterConfig {
+            window_iterations: 0,
+            ..base.clone()
+        },
+        "window_iterations",
+    );
+    bad(
+        DrafterConfig {
+            total_token_budget: 0,
+            ..base.clone()
+        },
+        "token_budget",
+    );
+    let drafter = Drafter::new(base).unwrap();
+    assert!(drafter.append(5, &[1]).is_err(), "unknown request");
+    assert!(
+        drafter.propose(5, DraftKind::Chain).is_err(),
+        "unknown request"
+    );
+    assert!(drafter.finish_request(5).is_err(), "unknown request");
+    drafter.add_request(5, 1, &[]).unwrap();
+    assert!(drafter.add_request(5, 1, &[]).is_err(), "duplicate request");
+}
