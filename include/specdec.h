@@ -114,6 +114,112 @@ typedef enum {
  */
 typedef struct specdec_context specdec_context;
 
+/**
+ * An opaque suffix drafter over rollout history (see `specdec::drafter`). Usable from several threads at once.
+ */
+typedef struct specdec_drafter specdec_drafter;
+
+/**
+ * Settings of a suffix drafter. Fill with `specdec_drafter_config_default`, then change fields. Sizes are
+ * `int64_t` and must be positive; see the Rust documentation of `specdec::drafter::DrafterConfig`.
+ */
+typedef struct {
+  /**
+   * The shortest context suffix worth matching (at least 1).
+   */
+  int64_t min_match;
+  /**
+   * The longest context suffix matched (the depth cap).
+   */
+  int64_t max_match;
+  /**
+   * The most draft tokens (chain) or nodes (tree) proposed.
+   */
+  int64_t max_draft;
+  /**
+   * Budget from the match length: floor(match_len * match_factor + match_offset).
+   */
+  double match_factor;
+  /**
+   * See match_factor.
+   */
+  double match_offset;
+  /**
+   * Nodes whose path probability falls below this are not drafted.
+   */
+  double min_token_prob;
+  /**
+   * Rollouts started this many iterations ago or more leave the history at specdec_drafter_begin_iteration.
+   */
+  int64_t window_iterations;
+  /**
+   * Most tokens stored for one prompt.
+   */
+  int64_t prompt_token_budget;
+  /**
+   * Most tokens stored overall.
+   */
+  int64_t total_token_budget;
+  /**
+   * 1: cap budgets by length class (the fields below); 0: no length classes.
+   */
+  int32_t use_length_classes;
+  /**
+   * Predicted lengths of at least this many tokens are Long.
+   */
+  int64_t long_threshold;
+  /**
+   * Predicted lengths of at least this many tokens (below long_threshold) are Medium.
+   */
+  int64_t medium_threshold;
+  /**
+   * Draft budget of a Long request.
+   */
+  int64_t long_budget;
+  /**
+   * Draft budget of a Medium request.
+   */
+  int64_t medium_budget;
+  /**
+   * Draft budget of a Short request.
+   */
+  int64_t short_budget;
+  /**
+   * Weight of the newest rollout length in a prompt's moving average, in (0, 1].
+   */
+  double length_smoothing;
+} specdec_drafter_config;
+
+/**
+ * Sizes of a drafter's histories, from `specdec_drafter_get_stats`.
+ */
+typedef struct {
+  /**
+   * Prompts with a history.
+   */
+  int64_t prompts;
+  /**
+   * Rollouts stored.
+   */
+  int64_t rollouts;
+  /**
+   * Tokens stored (what the budgets count).
+   */
+  int64_t tokens;
+  /**
+   * Bytes the histories occupy.
+   */
+  int64_t bytes;
+  /**
+   * bytes / tokens (0 when empty).
+   */
+  double bytes_per_token;
+  /**
+   * Requests registered and not finished.
+   */
+  int64_t active_requests;
+} specdec_drafter_stats;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -209,6 +315,99 @@ specdec_status specdec_greedy_verify(const specdec_context *ctx,
                                      int32_t *accepted_counts,
                                      int32_t *emitted_tokens,
                                      void *stream);
+
+/**
+ * Writes the default drafter settings into `*out`.
+ *
+ * # Safety
+ * `out` must be null (rejected) or writable.
+ */
+specdec_status specdec_drafter_config_default(specdec_drafter_config *out);
+
+/**
+ * Creates a drafter with `*config` in `*out`. The settings are checked; a bad one is named in the error.
+ *
+ * # Safety
+ * `config` must be null (rejected) or readable; `out` null (rejected) or writable.
+ */
+specdec_status specdec_drafter_create(const specdec_drafter_config *config, specdec_drafter **out);
+
+/**
+ * Releases a drafter and everything it stores. Null is accepted and ignored.
+ *
+ * # Safety
+ * `drafter` must be null or a drafter from `specdec_drafter_create` not yet destroyed, used by no other thread.
+ */
+specdec_status specdec_drafter_destroy(specdec_drafter *drafter);
+
+/**
+ * Starts training iteration `iteration` (non-decreasing): rollouts older than the window leave the history.
+ *
+ * # Safety
+ * `drafter` must be null (rejected) or live.
+ */
+specdec_status specdec_drafter_begin_iteration(const specdec_drafter *drafter, uint64_t iteration);
+
+/**
+ * Registers request `request` (an id of the caller's choosing, unique among registered requests) of prompt
+ * `prompt`, with its `num_tokens` prompt tokens.
+ *
+ * # Safety
+ * `drafter` must be null (rejected) or live; `prompt_tokens` must hold `num_tokens` ids (null if 0).
+ */
+specdec_status specdec_drafter_add_request(const specdec_drafter *drafter,
+                                           uint64_t request,
+                                           uint64_t prompt,
+                                           const int32_t *prompt_tokens,
+                                           int64_t num_tokens);
+
+/**
+ * Appends `num_tokens` verified tokens to a request's output.
+ *
+ * # Safety
+ * `drafter` must be null (rejected) or live; `tokens` must hold `num_tokens` ids (null if 0).
+ */
+specdec_status specdec_drafter_append(const specdec_drafter *drafter,
+                                      uint64_t request,
+                                      const int32_t *tokens,
+                                      int64_t num_tokens);
+
+/**
+ * Ends a request; its rollout stays in the history until the window or a budget drops it.
+ *
+ * # Safety
+ * `drafter` must be null (rejected) or live.
+ */
+specdec_status specdec_drafter_finish_request(const specdec_drafter *drafter, uint64_t request);
+
+/**
+ * Proposes a draft continuing a request's context: `kind` 0 for a chain, 1 for a tree. Writes up to `capacity`
+ * nodes: `out_tokens[i]`, `out_parents[i]` (-1 for a child of the context's last token, otherwise an earlier
+ * index: the first n nodes always form a valid tree) and `out_probs[i]` (path probability); `*out_count` =
+ * nodes written, `*out_match_len` = length of the matched context suffix (0: nothing matched). For tree
+ * verification, put the context's last token as node 0 and shift the parents by one.
+ *
+ * # Safety
+ * `drafter` must be null (rejected) or live; each output array must hold `capacity` elements; `out_count`
+ * and `out_match_len` must be writable.
+ */
+specdec_status specdec_drafter_propose(const specdec_drafter *drafter,
+                                       uint64_t request,
+                                       int32_t kind,
+                                       int64_t capacity,
+                                       int32_t *out_tokens,
+                                       int32_t *out_parents,
+                                       double *out_probs,
+                                       int64_t *out_count,
+                                       int64_t *out_match_len);
+
+/**
+ * Writes the sizes of a drafter's histories into `*out`.
+ *
+ * # Safety
+ * `drafter` must be null (rejected) or live; `out` null (rejected) or writable.
+ */
+specdec_status specdec_drafter_get_stats(const specdec_drafter *drafter, specdec_drafter_stats *out);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -34,8 +34,8 @@ fn counts(sequences: &[Vec<Token>], s: &[Token]) -> (Vec<(Token, usize)>, usize)
     (counts, all.len())
 }
 
-/// The reference drafter: `sequences` are the history (without the request's own rollout) and the request's
-/// own context, which is also `context`.
+/// The reference drafter: `sequences` are the prompt's stored rollouts (prompt and output each), among them
+/// the request's own, whose tokens are `context` unless it was evicted.
 fn reference(
     sequences: &[Vec<Token>],
     context: &[Token],
@@ -147,23 +147,10 @@ fn mutated(rng: &mut impl Rng, base: &[Token], vocab: u32) -> Vec<Token> {
     out
 }
 
-/// Drafts for `probe` from the drafter and from the reference over the drafter's stored history (minus the
-/// probe's own rollout, which is the tail of its context).
-fn check_probe(
-    drafter: &Drafter,
-    prompt: u64,
-    probe: u64,
-    context: &[Token],
-    own_output_len: usize,
-    what: &str,
-) {
-    let mut sequences = drafter.history(prompt);
-    // The probe's own rollout is in the history; the reference uses its full context instead.
-    let own_rollout = &context[context.len() - own_output_len..];
-    if let Some(i) = sequences.iter().position(|s| s.as_slice() == own_rollout) {
-        sequences.remove(i);
-    }
-    sequences.push(context.to_vec());
+/// Drafts for `probe` from the drafter and from the reference over the drafter's stored history, which holds
+/// the probe's own rollout (its prompt and output, i.e. `context`) unless that was evicted.
+fn check_probe(drafter: &Drafter, prompt: u64, probe: u64, context: &[Token], what: &str) {
+    let sequences = drafter.history(prompt);
     for kind in [DraftKind::Chain, DraftKind::Tree] {
         let got = drafter.propose(probe, kind).unwrap();
         let want = reference(&sequences, context, drafter.config(), kind, usize::MAX);
@@ -226,14 +213,7 @@ fn proposals_match_the_brute_force_reference() {
                 drafter.append(100, chunk).unwrap();
                 context.extend_from_slice(chunk);
                 let what = format!("config {c}, vocab {vocab}, repetitive {repetitive}, step {i}");
-                check_probe(
-                    &drafter,
-                    7,
-                    100,
-                    &context,
-                    context.len() - prompt_tokens.len(),
-                    &what,
-                );
+                check_probe(&drafter, 7, 100, &context, &what);
             }
         }
     }
@@ -387,7 +367,7 @@ fn proposals_match_the_reference_after_evictions() {
     }
     let context = mutated(&mut rng, &base[..150], 40);
     drafter.add_request(99, 0, &context).unwrap();
-    check_probe(&drafter, 0, 99, &context, 0, "after evictions");
+    check_probe(&drafter, 0, 99, &context, "after evictions");
 }
 
 #[test]

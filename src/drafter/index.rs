@@ -58,7 +58,6 @@ const UNLINKED: Link = Link {
 };
 
 struct Sequence {
-    id: u64,
     tokens: Vec<Token>,
     /// `links[level][i]`: the chain links of the occurrence ending at `i` (used for `i >= gram length`).
     links: [Vec<Link>; LEVELS],
@@ -173,7 +172,6 @@ impl SuffixIndex {
             Some(&slot) => slot,
             None => {
                 let sequence = Sequence {
-                    id,
                     tokens: Vec::new(),
                     links: Default::default(),
                 };
@@ -260,14 +258,9 @@ impl SuffixIndex {
         len
     }
 
-    /// The longest match of `context`'s suffix, and its occurrences (newest first), skipping sequence
-    /// `exclude`. Returns `(0, [])` when no suffix of at least `min_match` tokens occurs with a continuation.
-    pub fn longest_match(
-        &self,
-        context: &[Token],
-        exclude: Option<u64>,
-        occurrences: &mut Vec<Occurrence>,
-    ) -> usize {
+    /// The length of the longest match of `context`'s suffix, with its occurrences (newest first) in
+    /// `occurrences`; 0 when no suffix of at least `min_match` tokens occurs with a continuation.
+    pub fn longest_match(&self, context: &[Token], occurrences: &mut Vec<Occurrence>) -> usize {
         occurrences.clear();
         let limit = self.max_match.min(context.len());
         for level in (0..LEVELS).rev() {
@@ -284,9 +277,6 @@ impl SuffixIndex {
                 let o = Occurrence::unpack(at);
                 let sequence = self.slot(o.slot);
                 at = sequence.links[level][o.end as usize].next;
-                if exclude == Some(sequence.id) {
-                    continue;
-                }
                 let before = &sequence.tokens[..o.end as usize];
                 let len = before
                     .iter()

@@ -12,10 +12,10 @@
 //! * Each prompt has a **history**: the token sequences of its rollouts that started in the last
 //!   `window_iterations` training iterations ([`Drafter::begin_iteration`]). Rollouts in flight are included as
 //!   their tokens are appended, so the rollouts of one prompt generated together help each other.
-//! * Each request also matches against **its own context**, its prompt followed by its output so far. Its
-//!   own rollout is skipped in the history, because the context already holds it.
+//! * A rollout is stored as its prompt followed by its output, so each request also matches against **its own
+//!   context** (its own rollout), and matches may run from the prompt into the output.
 //! * **Match**: the longest suffix of the request's context, of `min_match..=max_match` tokens, that occurs in
-//!   either source followed by at least one token. Every such occurrence, in both sources, is a cursor.
+//!   the prompt's history followed by at least one token. Every such occurrence is a cursor.
 //! * **Chain**: follow the most frequent continuation among the cursors (ties to the smallest token id), keep
 //!   the cursors that agree, repeat. **Tree**: best-first by path probability (ties to the lower parent index,
 //!   then the smaller token). A token's empirical probability is the share of cursors continuing with it; a
@@ -27,8 +27,9 @@
 //!
 //! Rollout tokens count against a per-prompt and an overall token budget. A rollout that would exceed a budget
 //! first evicts the oldest rollouts, of that prompt or of any prompt respectively, so the stored tokens never
-//! exceed either budget. A rollout that is itself evicted stops growing in the history; its request still
-//! drafts from its own context. [`Drafter::stats`] reports bytes per stored token.
+//! exceed either budget (prompt tokens count too, once per rollout). A rollout that is itself evicted stops
+//! growing in the history; its request then drafts from the other rollouts. [`Drafter::stats`] reports bytes
+//! per stored token.
 //!
 //! # Threads
 //!
@@ -43,8 +44,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use crate::error::{Error, Result};
+use index::SuffixIndex;
 pub use index::Token;
-use index::{Occurrence, SuffixIndex};
 use propose::Cursor;
 pub use propose::Draft;
 
@@ -226,10 +227,11 @@ struct PromptHistory {
 
 struct RequestState {
     prompt: u64,
+    history: Arc<RwLock<PromptHistory>>,
     rollout: u64,
-    /// The request's prompt and output, as sequence 0.
-    own: SuffixIndex,
-    generated: usize,
+    /// The request's prompt and output so far (also its rollout in the history, unless that was evicted).
+    context: Vec<Token>,
+    prompt_len: usize,
 }
 
 struct Accounting {
@@ -312,8 +314,8 @@ impl Drafter {
         Ok(())
     }
 
-    /// Registers request `request` of prompt `prompt` with its prompt tokens; its rollout starts in the current
-    /// iteration. Fails if `request` is already registered.
+    /// Registers request `request` of prompt `prompt` with its prompt tokens; its rollout (the prompt, then the
+    /// output as it is appended) starts in the current iteration. Fails if `request` is already registered.
     pub fn add_request(&self, request: u64, prompt: u64, prompt_tokens: &[Token]) -> Result<()> {
         let mut requests = write(&self.requests);
         if requests.contains_key(&request) {
@@ -323,8 +325,6 @@ impl Drafter {
             ));
         }
         let rollout = self.next_rollout.fetch_add(1, Ordering::Relaxed);
-        let mut own = SuffixIndex::new(self.config.min_match, self.config.max_match);
-        own.extend(0, prompt_tokens);
         let history = write(&self.prompts)
             .entry(prompt)
             .or_insert_with(|| {
@@ -335,23 +335,23 @@ impl Drafter {
                 }))
             })
             .clone();
-        let mut accounting = lock(&self.accounting);
         {
-            let mut history = write(&history);
-            history.index.extend(rollout, &[]);
-            history.rollouts.push_back((rollout, accounting.iteration));
+            let mut accounting = lock(&self.accounting);
+            let mut h = write(&history);
+            h.index.extend(rollout, &[]);
+            let iteration = accounting.iteration;
+            h.rollouts.push_back((rollout, iteration));
+            accounting.rollouts.push_back((prompt, rollout));
+            self.store(&mut accounting, prompt, &mut h, rollout, prompt_tokens);
         }
-        accounting.rollouts.push_back((prompt, rollout));
-        drop(accounting);
-        requests.insert(
-            request,
-            Arc::new(Mutex::new(RequestState {
-                prompt,
-                rollout,
-                own,
-                generated: 0,
-            })),
-        );
+        let state = RequestState {
+            prompt,
+            history,
+            rollout,
+            context: prompt_tokens.to_vec(),
+            prompt_len: prompt_tokens.len(),
+        };
+        requests.insert(request, Arc::new(Mutex::new(state)));
         Ok(())
     }
 
@@ -362,76 +362,64 @@ impl Drafter {
             .ok_or_else(|| Error::invalid("request", format!("{request} is not registered")))
     }
 
-    fn prompt_history(&self, prompt: u64) -> Arc<RwLock<PromptHistory>> {
-        read(&self.prompts)
-            .get(&prompt)
-            .cloned()
-            .expect("a registered request's prompt has a history")
-    }
-
-    /// Appends verified tokens to a request's output: to its own context and to its rollout in the history.
+    /// Appends verified tokens to a request's output: to its context and to its rollout in the history.
     pub fn append(&self, request: u64, tokens: &[Token]) -> Result<()> {
         let state = self.request(request)?;
         let mut state = lock(&state);
-        state.own.extend(0, tokens);
-        state.generated += tokens.len();
-        let history = self.prompt_history(state.prompt);
+        state.context.extend_from_slice(tokens);
         let mut accounting = lock(&self.accounting);
-        if !self.make_room(
+        let mut history = write(&state.history);
+        self.store(
             &mut accounting,
             state.prompt,
-            &history,
+            &mut history,
             state.rollout,
-            tokens.len(),
-        ) {
-            return Ok(()); // the rollout was evicted, or cannot fit: it stops growing in the history
-        }
-        accounting.tokens += tokens.len();
-        write(&history).index.extend(state.rollout, tokens);
+            tokens,
+        );
         Ok(())
     }
 
-    /// Evicts the oldest rollouts until `extra` more tokens fit in both budgets. Returns false if `rollout` is
-    /// gone (evicted now or before) or the tokens cannot fit.
-    fn make_room(
+    /// Adds `tokens` to `rollout` of `prompt` (whose history the caller holds), first evicting the oldest
+    /// rollouts until both budgets have room. If the rollout is gone (evicted now or before), or the tokens
+    /// cannot fit even alone, nothing is stored: the rollout stops growing in the history.
+    fn store(
         &self,
         accounting: &mut Accounting,
         prompt: u64,
-        history: &RwLock<PromptHistory>,
+        history: &mut PromptHistory,
         rollout: u64,
-        extra: usize,
-    ) -> bool {
-        loop {
-            let prompt_tokens = read(history).index.num_tokens();
-            if !read(history).index.contains(rollout) {
-                return false;
+        tokens: &[Token],
+    ) {
+        let extra = tokens.len();
+        while history.index.contains(rollout)
+            && history.index.num_tokens() + extra > self.config.prompt_token_budget
+        {
+            let Some((oldest, _)) = history.rollouts.pop_front() else {
+                break;
+            };
+            accounting.tokens -= history.index.remove(oldest);
+        }
+        while history.index.contains(rollout)
+            && accounting.tokens + extra > self.config.total_token_budget
+        {
+            let Some((victim_prompt, victim)) = accounting.rollouts.pop_front() else {
+                break;
+            };
+            if victim_prompt == prompt {
+                history.rollouts.retain(|&(r, _)| r != victim);
+                accounting.tokens -= history.index.remove(victim);
+            } else if let Some(other) = read(&self.prompts).get(&victim_prompt).cloned() {
+                // Safe from deadlock: a thread locks a second prompt only while holding `accounting`.
+                let mut other = write(&other);
+                other.rollouts.retain(|&(r, _)| r != victim);
+                accounting.tokens -= other.index.remove(victim);
             }
-            if prompt_tokens + extra > self.config.prompt_token_budget {
-                let mut h = write(history);
-                let Some((oldest, _)) = h.rollouts.pop_front() else {
-                    return false;
-                };
-                accounting.tokens -= h.index.remove(oldest);
-                continue;
-            }
-            if accounting.tokens + extra > self.config.total_token_budget {
-                let Some((victim_prompt, victim)) = accounting.rollouts.pop_front() else {
-                    return false;
-                };
-                let victim_history = if victim_prompt == prompt {
-                    None
-                } else {
-                    read(&self.prompts).get(&victim_prompt).cloned()
-                };
-                let mut h = match &victim_history {
-                    Some(v) => write(v),
-                    None => write(history),
-                };
-                h.rollouts.retain(|&(r, _)| r != victim);
-                accounting.tokens -= h.index.remove(victim);
-                continue;
-            }
-            return true;
+        }
+        let fits = history.index.num_tokens() + extra <= self.config.prompt_token_budget
+            && accounting.tokens + extra <= self.config.total_token_budget;
+        if history.index.contains(rollout) && fits {
+            accounting.tokens += extra;
+            history.index.extend(rollout, tokens);
         }
     }
 
@@ -442,9 +430,8 @@ impl Drafter {
             .remove(&request)
             .ok_or_else(|| Error::invalid("request", format!("{request} is not registered")))?;
         let state = lock(&state);
-        let history = self.prompt_history(state.prompt);
-        let mut history = write(&history);
-        let length = state.generated as f64;
+        let mut history = write(&state.history);
+        let length = (state.context.len() - state.prompt_len) as f64;
         let smoothing = self
             .config
             .length_classes
@@ -482,38 +469,29 @@ impl Drafter {
     pub fn propose(&self, request: u64, kind: DraftKind) -> Result<Draft> {
         let state = self.request(request)?;
         let state = lock(&state);
-        let history = self.prompt_history(state.prompt);
-        let history = read(&history);
-        let context = state.own.tokens(0).expect("the request's own sequence");
-
-        let mut from_history = Vec::new();
-        let mut from_own = Vec::new();
-        let history_len =
-            history
-                .index
-                .longest_match(context, Some(state.rollout), &mut from_history);
-        let own_len = state.own.longest_match(context, None, &mut from_own);
-        let match_len = history_len.max(own_len);
-        let budget = self.budget(match_len, state.generated, history.length_average);
+        let history = read(&state.history);
+        let mut occurrences = Vec::new();
+        let match_len = history
+            .index
+            .longest_match(&state.context, &mut occurrences);
+        let budget = self.budget(
+            match_len,
+            state.context.len() - state.prompt_len,
+            history.length_average,
+        );
         if match_len == 0 || budget == 0 {
             return Ok(Draft {
                 match_len,
                 ..Draft::default()
             });
         }
-        fn cursor<'a>(index: &'a SuffixIndex, o: &Occurrence) -> Cursor<'a> {
-            Cursor {
-                tokens: index.tokens_of(*o),
+        let cursors = occurrences
+            .iter()
+            .map(|o| Cursor {
+                tokens: history.index.tokens_of(*o),
                 next: o.end as usize,
-            }
-        }
-        let mut cursors = Vec::new();
-        if history_len == match_len {
-            cursors.extend(from_history.iter().map(|o| cursor(&history.index, o)));
-        }
-        if own_len == match_len {
-            cursors.extend(from_own.iter().map(|o| cursor(&state.own, o)));
-        }
+            })
+            .collect();
         let mut draft = match kind {
             DraftKind::Chain => propose::chain(cursors, budget, self.config.min_token_prob),
             DraftKind::Tree => propose::tree(cursors, budget, self.config.min_token_prob),

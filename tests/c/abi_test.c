@@ -133,6 +133,80 @@ static void test_empty_batch(specdec_context *ctx) {
   CHECK(specdec_greedy_verify(ctx, NULL, SPECDEC_DTYPE_BF16, 8, offsets, 0, NULL, 0, 1, NULL, NULL, NULL) == SPECDEC_OK);
 }
 
+/*
+ * The suffix drafter, worked by hand: history [1 2 3 4], [1 2 3 5], [1 2 3 4 9], [7 2 3 4]; a request whose
+ * prompt is [8 2 3] matches [2 3] (2 tokens, so a budget of 2), continued by 4 three times in four (0.75),
+ * then [2 3 4] by 9 once in once (path 0.75).
+ */
+static void test_drafter(void) {
+  specdec_drafter_config config;
+  specdec_drafter *drafter = NULL;
+  specdec_drafter_stats stats;
+  const int32_t rollouts[4][5] = {{1, 2, 3, 4, 0}, {1, 2, 3, 5, 0}, {1, 2, 3, 4, 9}, {7, 2, 3, 4, 0}};
+  const int64_t lengths[4] = {4, 4, 5, 4};
+  const int32_t probe_prompt[3] = {8, 2, 3};
+  const int32_t negative[1] = {-5};
+  int32_t tokens[8], parents[8];
+  double probs[8];
+  int64_t count = -1, match_len = -1;
+  uint64_t r;
+
+  CHECK(specdec_drafter_config_default(&config) == SPECDEC_OK);
+  config.min_token_prob = 0.0;
+  CHECK(specdec_drafter_create(&config, &drafter) == SPECDEC_OK && drafter != NULL);
+  for (r = 0; r < 4; ++r) {
+    CHECK(specdec_drafter_add_request(drafter, r, 1, NULL, 0) == SPECDEC_OK);
+    CHECK(specdec_drafter_append(drafter, r, rollouts[r], lengths[r]) == SPECDEC_OK);
+    CHECK(specdec_drafter_finish_request(drafter, r) == SPECDEC_OK);
+  }
+  CHECK(specdec_drafter_add_request(drafter, 10, 1, probe_prompt, 3) == SPECDEC_OK);
+  CHECK(specdec_drafter_propose(drafter, 10, 0, 8, tokens, parents, probs, &count, &match_len) == SPECDEC_OK);
+  CHECK(count == 2 && match_len == 2);
+  CHECK(tokens[0] == 4 && tokens[1] == 9 && parents[0] == -1 && parents[1] == 0);
+  CHECK(probs[0] == 0.75 && probs[1] == 0.75);
+  /* A capacity of 1 keeps the first node. */
+  CHECK(specdec_drafter_propose(drafter, 10, 1, 1, tokens, parents, probs, &count, &match_len) == SPECDEC_OK);
+  CHECK(count == 1 && tokens[0] == 4);
+  CHECK(specdec_drafter_get_stats(drafter, &stats) == SPECDEC_OK);
+  CHECK(stats.prompts == 1 && stats.rollouts == 5 && stats.tokens == 17 + 3 && stats.active_requests == 1);
+  CHECK(stats.bytes > 0 && stats.bytes_per_token > 0.0);
+
+  EXPECT_INVALID(specdec_drafter_propose(drafter, 99, 0, 8, tokens, parents, probs, &count, &match_len), "request");
+  EXPECT_INVALID(specdec_drafter_propose(drafter, 10, 2, 8, tokens, parents, probs, &count, &match_len), "kind");
+  EXPECT_INVALID(specdec_drafter_propose(drafter, 10, 0, 0, tokens, parents, probs, &count, &match_len), "capacity");
+  EXPECT_INVALID(specdec_drafter_propose(drafter, 10, 0, 8, NULL, parents, probs, &count, &match_len), "out_tokens");
+  EXPECT_INVALID(specdec_drafter_propose(drafter, 10, 0, 8, tokens, parents, probs, NULL, &match_len), "out_count");
+  EXPECT_INVALID(specdec_drafter_propose(NULL, 10, 0, 8, tokens, parents, probs, &count, &match_len), "drafter");
+  EXPECT_INVALID(specdec_drafter_append(drafter, 10, negative, 1), "tokens[0]");
+  EXPECT_INVALID(specdec_drafter_append(drafter, 10, NULL, 3), "tokens");
+  EXPECT_INVALID(specdec_drafter_append(drafter, 10, negative, -1), "tokens");
+  EXPECT_INVALID(specdec_drafter_append(drafter, 12345, negative, 0), "request");
+  EXPECT_INVALID(specdec_drafter_add_request(drafter, 10, 1, NULL, 0), "request");
+  EXPECT_INVALID(specdec_drafter_finish_request(drafter, 777), "request");
+  EXPECT_INVALID(specdec_drafter_begin_iteration(NULL, 1), "drafter");
+  CHECK(specdec_drafter_begin_iteration(drafter, 3) == SPECDEC_OK);
+  EXPECT_INVALID(specdec_drafter_begin_iteration(drafter, 2), "iteration");
+  CHECK(specdec_drafter_destroy(drafter) == SPECDEC_OK);
+  CHECK(specdec_drafter_destroy(NULL) == SPECDEC_OK);
+
+  /* Bad settings are named. */
+  drafter = NULL;
+  CHECK(specdec_drafter_config_default(&config) == SPECDEC_OK);
+  config.min_match = 0;
+  EXPECT_INVALID(specdec_drafter_create(&config, &drafter), "min_match");
+  CHECK(specdec_drafter_config_default(&config) == SPECDEC_OK);
+  config.total_token_budget = -1;
+  EXPECT_INVALID(specdec_drafter_create(&config, &drafter), "total_token_budget");
+  CHECK(specdec_drafter_config_default(&config) == SPECDEC_OK);
+  config.max_draft = 0;
+  EXPECT_INVALID(specdec_drafter_create(&config, &drafter), "max_draft");
+  CHECK(specdec_drafter_config_default(&config) == SPECDEC_OK);
+  config.use_length_classes = 2;
+  EXPECT_INVALID(specdec_drafter_create(&config, &drafter), "use_length_classes");
+  EXPECT_INVALID(specdec_drafter_create(NULL, &drafter), "config");
+  CHECK(drafter == NULL);
+}
+
 int main(void) {
   specdec_context *ctx = NULL;
   int32_t backend = -1;
@@ -166,6 +240,7 @@ int main(void) {
   test_greedy_every_dtype(ctx);
   test_greedy_bad_arguments(ctx);
   test_empty_batch(ctx);
+  test_drafter();
 
   CHECK(specdec_context_destroy(ctx) == SPECDEC_OK);
   CHECK(specdec_context_destroy(NULL) == SPECDEC_OK);
