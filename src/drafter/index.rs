@@ -11,12 +11,18 @@
 //! wrong match, and the set of occurrences is exact.
 //!
 //! Why not a suffix tree: a depth-capped suffix tree updates up to `depth` nodes per appended token, each a
-//! map operation; this index does one map operation per gram length, so appends stay in the tens of
-//! nanoseconds, and a stored token costs its 4 bytes, two 16-byte links and its share of two hash maps.
-//! Removing a sequence unlinks each of its positions in O(1) (the chains are doubly linked).
+//! map operation. Here an appended token touches one bucket of a head table and one older link per gram
+//! length, and a stored token costs its 4 bytes, two 16-byte links and one or two 8-byte buckets per gram
+//! length. Removing a sequence unlinks each of its positions in O(1) (the chains are doubly linked).
+//!
+//! The head tables are keyless, as in zlib's hash chains: a power-of-two array indexed by the top bits of
+//! the gram's hash, holding the newest position. Grams whose hashes share a bucket share a chain, and the
+//! token-by-token comparison of every candidate filters them out. A table grows fourfold (and its chains are
+//! relinked, O(positions)) when it holds more than two positions per bucket, which keeps chains short and
+//! costs a third of a relink per token, amortised. At 10^6 tokens and more every table access is a cache miss, so the number of them per
+//! appended token is what bounds appends.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 
 /// A token id.
 pub type Token = u32;
@@ -63,23 +69,49 @@ struct Sequence {
     links: [Vec<Link>; LEVELS],
 }
 
-/// Keys are already well-mixed gram hashes: hash them by identity.
-#[derive(Default)]
-struct IdentityHasher(u64);
+/// Chain heads by gram hash: see the module documentation.
+struct HeadTable {
+    buckets: Vec<u64>,
+    shift: u32,
+    /// Positions linked into this level's chains.
+    linked: usize,
+}
 
-impl Hasher for IdentityHasher {
-    fn finish(&self) -> u64 {
-        self.0
+impl HeadTable {
+    const INITIAL_BITS: u32 = 10;
+    /// Positions per bucket before the table grows: chains then hold about this many other grams' positions.
+    const MAX_LOAD: usize = 2;
+    /// Growth by 4x: each position is relinked a third of a time on average over the table's life.
+    const GROWTH_BITS: u32 = 2;
+
+    fn new() -> Self {
+        HeadTable {
+            buckets: vec![NONE; 1 << Self::INITIAL_BITS],
+            shift: 64 - Self::INITIAL_BITS,
+            linked: 0,
+        }
     }
-    fn write(&mut self, _: &[u8]) {
-        unreachable!("only u64 keys are hashed")
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
+
+    fn bucket(&self, hash: u64) -> usize {
+        (hash >> self.shift) as usize
     }
 }
 
-type Heads = HashMap<u64, u64, BuildHasherDefault<IdentityHasher>>;
+/// Tokens appended per prefetch batch.
+const PREFETCH_BATCH: usize = 16;
+
+#[inline(always)]
+fn prefetch_read<T>(value: &T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint; it never faults and changes no state the program can observe.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+            value as *const T as *const i8,
+        )
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = value;
+}
 
 fn gram_hash(gram: &[Token]) -> u64 {
     let mut h = 0x243F_6A88_85A3_08D3u64 ^ gram.len() as u64;
@@ -96,7 +128,7 @@ pub(crate) struct SuffixIndex {
     slots: Vec<Option<Sequence>>,
     free_slots: Vec<u32>,
     slot_of: HashMap<u64, u32>,
-    heads: [Heads; LEVELS],
+    heads: [HeadTable; LEVELS],
     num_tokens: usize,
 }
 
@@ -109,7 +141,7 @@ impl SuffixIndex {
             slots: Vec::new(),
             free_slots: Vec::new(),
             slot_of: HashMap::new(),
-            heads: Default::default(),
+            heads: [HeadTable::new(), HeadTable::new()],
             num_tokens: 0,
         }
     }
@@ -148,8 +180,7 @@ impl SuffixIndex {
                 s.tokens.capacity() * 4 + s.links.iter().map(|l| l.capacity() * link).sum::<usize>()
             })
             .sum();
-        let map_entry = std::mem::size_of::<(u64, u64)>() + 1;
-        let heads: usize = self.heads.iter().map(|h| h.capacity() * map_entry).sum();
+        let heads: usize = self.heads.iter().map(|h| h.buckets.capacity() * 8).sum();
         let ids = self.slot_of.capacity() * (std::mem::size_of::<(u64, u32)>() + 1);
         sequences + heads + ids + self.slots.capacity() * std::mem::size_of::<Option<Sequence>>()
     }
@@ -189,8 +220,58 @@ impl SuffixIndex {
                 slot
             }
         };
-        for &token in tokens {
-            self.push(slot, token);
+        // In batches: first bring every bucket and old chain head the batch will touch towards the cache,
+        // so that their misses overlap instead of following one another.
+        for batch in tokens.chunks(PREFETCH_BATCH) {
+            self.prefetch(slot, batch);
+            for &token in batch {
+                self.push(slot, token);
+            }
+        }
+    }
+
+    /// Prefetches the head-table buckets, then the old chain heads' links, that appending `batch` to the
+    /// sequence in `slot` will write. Changes nothing; a stale guess only costs a wasted prefetch.
+    fn prefetch(&self, slot: u32, batch: &[Token]) {
+        let sequence = self.slot(slot);
+        let history = &sequence.tokens[sequence.tokens.len().saturating_sub(self.gram_lens[1])..];
+        let mut window = [0 as Token; 2 * PREFETCH_BATCH + ANCHOR];
+        if history.len() + batch.len() > window.len() {
+            return; // a long min_match: no prefetching, same results
+        }
+        window[..history.len()].copy_from_slice(history);
+        window[history.len()..history.len() + batch.len()].copy_from_slice(batch);
+        let first_end = sequence.tokens.len();
+        let mut buckets = [[usize::MAX; PREFETCH_BATCH]; LEVELS];
+        for level in 0..LEVELS {
+            let k = self.gram_lens[level];
+            let table = &self.heads[level];
+            for i in 0..batch.len() {
+                // The gram ending at sequence position first_end + i, i.e. at window position history.len() + i.
+                let (end, at) = (first_end + i, history.len() + i);
+                if end >= k && at >= k {
+                    let bucket = table.bucket(gram_hash(&window[at - k..at]));
+                    prefetch_read(&table.buckets[bucket]);
+                    buckets[level][i] = bucket;
+                }
+            }
+        }
+        for (level, level_buckets) in buckets.iter().enumerate() {
+            for &bucket in level_buckets
+                .iter()
+                .take(batch.len())
+                .filter(|&&b| b != usize::MAX)
+            {
+                let head = self.heads[level].buckets[bucket];
+                if head != NONE {
+                    let o = Occurrence::unpack(head);
+                    if let Some(Some(s)) = self.slots.get(o.slot as usize) {
+                        if let Some(link) = s.links[level].get(o.end as usize) {
+                            prefetch_read(link);
+                        }
+                    }
+                }
+            }
         }
     }
 
@@ -210,18 +291,61 @@ impl SuffixIndex {
             // The gram ending at `end` now has a continuation: link it in at the head of its chain.
             let sequence = self.slots[slot as usize].as_ref().expect("live slot");
             let hash = gram_hash(&sequence.tokens[end - k..end]);
-            let here = Occurrence {
-                slot,
-                end: end as u32,
+            self.link_at_head(
+                level,
+                hash,
+                Occurrence {
+                    slot,
+                    end: end as u32,
+                }
+                .pack(),
+            );
+            let table = &mut self.heads[level];
+            table.linked += 1;
+            if table.linked > HeadTable::MAX_LOAD * table.buckets.len() {
+                self.grow(level);
             }
-            .pack();
-            let old_head = self.heads[level].insert(hash, here).unwrap_or(NONE);
-            *self.link_mut(level, here) = Link {
-                next: old_head,
-                prev: NONE,
+        }
+    }
+
+    /// Makes `here` the head of the chain of the bucket of `hash`.
+    fn link_at_head(&mut self, level: usize, hash: u64, here: u64) {
+        let table = &mut self.heads[level];
+        let bucket = table.bucket(hash);
+        let old_head = std::mem::replace(&mut table.buckets[bucket], here);
+        *self.link_mut(level, here) = Link {
+            next: old_head,
+            prev: NONE,
+        };
+        if old_head != NONE {
+            self.link_mut(level, old_head).prev = here;
+        }
+    }
+
+    /// Quadruples a level's head table and relinks every position of that level into it.
+    fn grow(&mut self, level: usize) {
+        let table = &mut self.heads[level];
+        let bits = table.buckets.len().trailing_zeros() + HeadTable::GROWTH_BITS;
+        table.buckets = vec![NONE; 1 << bits];
+        table.shift = 64 - bits;
+        let k = self.gram_lens[level];
+        for slot in 0..self.slots.len() as u32 {
+            let Some(sequence) = self.slots[slot as usize].as_ref() else {
+                continue;
             };
-            if old_head != NONE {
-                self.link_mut(level, old_head).prev = here;
+            let hashes: Vec<u64> = (k..sequence.tokens.len())
+                .map(|end| gram_hash(&sequence.tokens[end - k..end]))
+                .collect();
+            for (end, hash) in (k..).zip(hashes) {
+                self.link_at_head(
+                    level,
+                    hash,
+                    Occurrence {
+                        slot,
+                        end: end as u32,
+                    }
+                    .pack(),
+                );
             }
         }
     }
@@ -239,11 +363,9 @@ impl SuffixIndex {
                 let Link { next, prev } = sequence.links[level][end];
                 if prev == NONE {
                     let hash = gram_hash(&sequence.tokens[end - k..end]);
-                    if next == NONE {
-                        self.heads[level].remove(&hash);
-                    } else {
-                        self.heads[level].insert(hash, next);
-                    }
+                    let table = &mut self.heads[level];
+                    let bucket = table.bucket(hash);
+                    table.buckets[bucket] = next;
                 } else {
                     self.link_mut(level, prev).next = next;
                 }
@@ -251,6 +373,7 @@ impl SuffixIndex {
                     self.link_mut(level, next).prev = prev;
                 }
             }
+            self.heads[level].linked -= len.saturating_sub(k);
         }
         self.slots[slot as usize] = None;
         self.free_slots.push(slot);
@@ -269,10 +392,8 @@ impl SuffixIndex {
                 continue;
             }
             let mut best = 0;
-            let mut at = self.heads[level]
-                .get(&gram_hash(&context[context.len() - k..]))
-                .copied()
-                .unwrap_or(NONE);
+            let table = &self.heads[level];
+            let mut at = table.buckets[table.bucket(gram_hash(&context[context.len() - k..]))];
             while at != NONE {
                 let o = Occurrence::unpack(at);
                 let sequence = self.slot(o.slot);
@@ -286,7 +407,7 @@ impl SuffixIndex {
                     .take_while(|(a, b)| a == b)
                     .count();
                 if len < k {
-                    continue; // a hash collision
+                    continue; // another gram sharing the bucket
                 }
                 if len > best {
                     best = len;

@@ -391,16 +391,17 @@ impl Drafter {
         tokens: &[Token],
     ) {
         let extra = tokens.len();
-        while history.index.contains(rollout)
-            && history.index.num_tokens() + extra > self.config.prompt_token_budget
+        // Budgets first: in the common case (room left) the rollout is looked up once, at the end.
+        while history.index.num_tokens() + extra > self.config.prompt_token_budget
+            && history.index.contains(rollout)
         {
             let Some((oldest, _)) = history.rollouts.pop_front() else {
                 break;
             };
             accounting.tokens -= history.index.remove(oldest);
         }
-        while history.index.contains(rollout)
-            && accounting.tokens + extra > self.config.total_token_budget
+        while accounting.tokens + extra > self.config.total_token_budget
+            && history.index.contains(rollout)
         {
             let Some((victim_prompt, victim)) = accounting.rollouts.pop_front() else {
                 break;
