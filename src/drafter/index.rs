@@ -243,16 +243,15 @@ impl SuffixIndex {
         window[history.len()..history.len() + batch.len()].copy_from_slice(batch);
         let first_end = sequence.tokens.len();
         let mut buckets = [[usize::MAX; PREFETCH_BATCH]; LEVELS];
-        for level in 0..LEVELS {
-            let k = self.gram_lens[level];
-            let table = &self.heads[level];
-            for i in 0..batch.len() {
+        for ((level_buckets, &k), table) in buckets.iter_mut().zip(&self.gram_lens).zip(&self.heads)
+        {
+            for (i, slot_bucket) in level_buckets.iter_mut().take(batch.len()).enumerate() {
                 // The gram ending at sequence position first_end + i, i.e. at window position history.len() + i.
                 let (end, at) = (first_end + i, history.len() + i);
                 if end >= k && at >= k {
                     let bucket = table.bucket(gram_hash(&window[at - k..at]));
                     prefetch_read(&table.buckets[bucket]);
-                    buckets[level][i] = bucket;
+                    *slot_bucket = bucket;
                 }
             }
         }
