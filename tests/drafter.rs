@@ -219,6 +219,22 @@ fn proposals_match_the_brute_force_reference() {
     }
 }
 
+/// Prompt 1's history [1 2 3 4], [1 2 3 5], [1 2 3 4 9], [7 2 3 4], and request 10 with prompt [8 2 3].
+fn hand_worked_history(drafter: &Drafter) {
+    let rollouts: [&[Token]; 4] = [
+        &[1, 2, 3, 4],
+        &[1, 2, 3, 5],
+        &[1, 2, 3, 4, 9],
+        &[7, 2, 3, 4],
+    ];
+    for (r, rollout) in rollouts.into_iter().enumerate() {
+        drafter.add_request(r as u64, 1, &[]).unwrap();
+        drafter.append(r as u64, rollout).unwrap();
+        drafter.finish_request(r as u64).unwrap();
+    }
+    drafter.add_request(10, 1, &[8, 2, 3]).unwrap();
+}
+
 #[test]
 fn hand_worked_chain_and_tree() {
     // History: [1 2 3 4], [1 2 3 5], [1 2 3 4 9], [7 2 3 4]. Context [8 2 3]: the longest match is [2 3]
@@ -229,20 +245,7 @@ fn hand_worked_chain_and_tree() {
         ..DrafterConfig::default()
     };
     let drafter = Drafter::new(config).unwrap();
-    for (r, rollout) in [
-        vec![1, 2, 3, 4],
-        vec![1, 2, 3, 5],
-        vec![1, 2, 3, 4, 9],
-        vec![7, 2, 3, 4],
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        drafter.add_request(r as u64, 1, &[]).unwrap();
-        drafter.append(r as u64, &rollout).unwrap();
-        drafter.finish_request(r as u64).unwrap();
-    }
-    drafter.add_request(10, 1, &[8, 2, 3]).unwrap();
+    hand_worked_history(&drafter);
     let chain = drafter.propose(10, DraftKind::Chain).unwrap();
     assert_eq!(chain.match_len, 2);
     // Budget floor(2 * 1.0 + 0) = 2 tokens: 4 (3/4), then 9 (1/1, path 0.75).
@@ -270,21 +273,8 @@ fn hand_worked_chain_and_tree() {
         ..DrafterConfig::default()
     })
     .unwrap();
-    for d in [&wide, &strict] {
-        for (r, rollout) in [
-            vec![1, 2, 3, 4],
-            vec![1, 2, 3, 5],
-            vec![1, 2, 3, 4, 9],
-            vec![7, 2, 3, 4],
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            d.add_request(r as u64, 1, &[]).unwrap();
-            d.append(r as u64, &rollout).unwrap();
-        }
-        d.add_request(10, 1, &[8, 2, 3]).unwrap();
-    }
+    hand_worked_history(&wide);
+    hand_worked_history(&strict);
     let tree = wide.propose(10, DraftKind::Tree).unwrap();
     assert_eq!(
         (tree.tokens, tree.parents, tree.probs),

@@ -41,6 +41,14 @@ pub(crate) struct Occurrence {
 }
 
 impl Occurrence {
+    /// The packed position of the occurrence ending at `end` in `slot`.
+    fn at(slot: u32, end: usize) -> u64 {
+        Occurrence {
+            slot,
+            end: end as u32,
+        }
+        .pack()
+    }
     fn pack(self) -> u64 {
         (u64::from(self.slot) << 32) | u64::from(self.end)
     }
@@ -290,15 +298,7 @@ impl SuffixIndex {
             // The gram ending at `end` now has a continuation: link it in at the head of its chain.
             let sequence = self.slots[slot as usize].as_ref().expect("live slot");
             let hash = gram_hash(&sequence.tokens[end - k..end]);
-            self.link_at_head(
-                level,
-                hash,
-                Occurrence {
-                    slot,
-                    end: end as u32,
-                }
-                .pack(),
-            );
+            self.link_at_head(level, hash, Occurrence::at(slot, end));
             let table = &mut self.heads[level];
             table.linked += 1;
             if table.linked > HeadTable::MAX_LOAD * table.buckets.len() {
@@ -336,15 +336,7 @@ impl SuffixIndex {
                 .map(|end| gram_hash(&sequence.tokens[end - k..end]))
                 .collect();
             for (end, hash) in (k..).zip(hashes) {
-                self.link_at_head(
-                    level,
-                    hash,
-                    Occurrence {
-                        slot,
-                        end: end as u32,
-                    }
-                    .pack(),
-                );
+                self.link_at_head(level, hash, Occurrence::at(slot, end));
             }
         }
     }
