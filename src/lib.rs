@@ -9,7 +9,7 @@
 //! * [`capi`]: the C ABI.
 //!
 //! Primitives so far: greedy verification ([`greedy`]). Host-side: a suffix drafter over rollout history
-//! ([`drafter`]).
+//! ([`drafter`]); the step cost model and speculation policies ([`policy`]).
 //!
 //! Every entry point validates its arguments through one shared path (for greedy verification,
 //! [`greedy::GreedyShape`]) before dispatching to a backend, and reports problems as an [`Error`] naming the
@@ -23,6 +23,7 @@ pub mod drafter;
 pub mod dtype;
 mod error;
 pub mod greedy;
+pub mod policy;
 
 pub use dtype::{DType, LogitsElement};
 pub use error::{Error, Result};

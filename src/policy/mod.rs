@@ -1,0 +1,35 @@
+//! Host-side speculation policy: when speculation pays, and how long drafts should be.
+//!
+//! Speculation pays only when verification is nearly free: at small active batch, late in a rollout, for
+//! requests whose drafts are accepted. This module holds the pieces an engine calls every decoding step:
+//!
+//! * [`CostModel`]: the time of one target decode step, one draft step and one verification step, from a
+//!   roofline (bytes over bandwidth, FLOPs over the matrix rate, for a named [`Gpu`] and [`ModelShape`], with an
+//!   int4 self-drafter) plus per-step overheads, which [`CostModel::fit`] calibrates from measured step times by
+//!   least squares.
+//! * [`expected_tokens`]: tokens emitted per verification step for a draft length and per-position acceptance.
+//! * [`EfficientRollout`]: EfficientRollout's speculation toggle and draft-length ladder, as published.
+
+mod cost;
+mod efficient_rollout;
+
+pub use cost::{CostModel, FitReport, Gpu, ModelShape, Overheads, StepKind, StepSample};
+pub use efficient_rollout::{EfficientRollout, EfficientRolloutConfig};
+
+/// Expected tokens emitted by one verification step of a `k`-token draft whose `j`-th token (1-based) is
+/// accepted, given all before it were, with probability `acceptance(j)`: `1 + sum_{j=1..k} prod_{m<=j} a_m`
+/// (the accepted drafts, plus the correction or bonus token).
+pub fn expected_tokens(k: usize, acceptance: impl Fn(usize) -> f64) -> f64 {
+    let mut survive = 1.0;
+    let mut total = 1.0;
+    for j in 1..=k {
+        survive *= acceptance(j);
+        total += survive;
+    }
+    total
+}
+
+/// Per-position acceptance decaying from `a0`: `a_j = a0 * exp(-beta * (j - 1))` (the form DAS fits).
+pub fn decaying_acceptance(a0: f64, beta: f64) -> impl Fn(usize) -> f64 {
+    move |j| a0 * (-beta * (j as f64 - 1.0)).exp()
+}

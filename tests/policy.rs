@@ -1,0 +1,302 @@
+//! The step cost model against hand-computed roofline values, its least-squares fit, EfficientRollout's
+//! toggle and ladder against their published rules, and the validation against EfficientRollout's figures.
+
+use specdec::policy::{
+    decaying_acceptance, expected_tokens, CostModel, EfficientRollout, EfficientRolloutConfig, Gpu,
+    ModelShape, Overheads, StepKind, StepSample,
+};
+
+fn close(a: f64, b: f64, relative: f64) -> bool {
+    (a - b).abs() <= relative * b.abs().max(1e-300)
+}
+
+#[test]
+fn expected_tokens_by_hand() {
+    assert_eq!(expected_tokens(0, |_| 0.9), 1.0);
+    assert_eq!(expected_tokens(2, |_| 0.5), 1.0 + 0.5 + 0.25);
+    // Constant acceptance: the closed form (1 - a^(k+1)) / (1 - a).
+    assert!(close(
+        expected_tokens(5, |_| 0.9),
+        (1.0 - 0.9f64.powi(6)) / 0.1,
+        1e-12
+    ));
+    // Decay: a_1 = 0.8, a_2 = 0.8 e^-0.5.
+    let a2 = 0.8 * (-0.5f64).exp();
+    assert!(close(
+        expected_tokens(2, decaying_acceptance(0.8, 0.5)),
+        1.0 + 0.8 + 0.8 * a2,
+        1e-12
+    ));
+}
+
+#[test]
+fn roofline_terms_by_hand() {
+    let qwen = CostModel::new(Gpu::A100, ModelShape::QWEN25_7B, Overheads::default());
+    // Weights read by a target step: all 7.62e9 parameters but the 152064 x 3584 embedding table, bf16.
+    let weights = 2.0 * (7.62e9 - 152_064.0 * 3584.0);
+    let bandwidth = 2.039e12 * 0.85;
+    // Batch 1, no context: memory-bound.
+    assert!(close(qwen.target_step(1, 0), weights / bandwidth, 1e-12));
+    // KV: 28 layers x (K and V) x 4 heads x 128 x 2 bytes = 57344 bytes per context token.
+    assert!(close(
+        qwen.target_step(1, 10_000),
+        (weights + 57_344.0 * 10_000.0) / bandwidth,
+        1e-12
+    ));
+    // Batch 4096: compute-bound, 2 FLOPs per matmul parameter per token at 312 TFLOP/s x 0.7.
+    let matmul_params = 7.62e9 - 152_064.0 * 3584.0;
+    assert!(close(
+        qwen.target_step(4096, 0),
+        2.0 * matmul_params * 4096.0 / (312e12 * 0.7),
+        1e-12
+    ));
+    // The int4 drafter: linear layers (matmul params minus the LM head) at 4.25 bits, LM head in bf16.
+    let drafter = (matmul_params - 152_064.0 * 3584.0) * 4.25 / 8.0 + 2.0 * 152_064.0 * 3584.0;
+    assert!(close(qwen.draft_step(1, 0), drafter / bandwidth, 1e-12));
+    // Verification of 6 tokens of one sequence at batch 1 costs the same bytes as a target step.
+    assert!(close(qwen.verify_step(1, 0, 6), weights / bandwidth, 1e-12));
+    // Overheads add as documented.
+    let o = Overheads {
+        t0: 1e-3,
+        t1: 2e-5,
+        d0: 3e-3,
+        d1: 4e-5,
+        v1: 5e-6,
+    };
+    let with = CostModel::new(Gpu::A100, ModelShape::QWEN25_7B, o);
+    assert!(close(
+        with.target_step(1, 0),
+        weights / bandwidth + 1e-3 + 2e-5,
+        1e-12
+    ));
+    assert!(close(
+        with.draft_step(1, 0),
+        drafter / bandwidth + 3e-3 + 4e-5,
+        1e-12
+    ));
+    assert!(close(
+        with.verify_step(1, 0, 6),
+        weights / bandwidth + 1e-3 + 2e-5 + 6.0 * 5e-6,
+        1e-12
+    ));
+    // Llama-3-8B on an H100: 32 x 2 x 8 x 128 x 2 = 131072 KV bytes per token.
+    let llama = CostModel::new(Gpu::H100, ModelShape::LLAMA3_8B, Overheads::default());
+    let llama_weights = 2.0 * (8.03e9 - 128_256.0 * 4096.0);
+    assert!(close(
+        llama.target_step(1, 1000),
+        (llama_weights + 131_072.0 * 1000.0) / (3.35e12 * 0.85),
+        1e-12
+    ));
+}
+
+#[test]
+fn fit_recovers_known_overheads_and_reports_residuals() {
+    let truth = Overheads {
+        t0: 0.7e-3,
+        t1: 0.03e-3,
+        d0: 1.2e-3,
+        d1: 0.05e-3,
+        v1: 0.004e-3,
+    };
+    let model = CostModel::new(Gpu::H100, ModelShape::LLAMA3_8B, truth);
+    let mut samples = Vec::new();
+    for batch in [1usize, 4, 16, 64] {
+        let context = batch * 2048;
+        samples.push(StepSample {
+            kind: StepKind::Target,
+            batch,
+            context_tokens: context,
+            seconds: model.target_step(batch, context),
+        });
+        samples.push(StepSample {
+            kind: StepKind::Draft,
+            batch,
+            context_tokens: context,
+            seconds: model.draft_step(batch, context),
+        });
+        for k in [3usize, 7] {
+            let tokens = batch * (k + 1);
+            samples.push(StepSample {
+                kind: StepKind::Verify { tokens },
+                batch,
+                context_tokens: context,
+                seconds: model.verify_step(batch, context, tokens),
+            });
+        }
+    }
+    let (fitted, report) = CostModel::fit(Gpu::H100, ModelShape::LLAMA3_8B, &samples).unwrap();
+    let o = fitted.overheads;
+    for (got, want) in [
+        (o.t0, truth.t0),
+        (o.t1, truth.t1),
+        (o.d0, truth.d0),
+        (o.d1, truth.d1),
+        (o.v1, truth.v1),
+    ] {
+        assert!(close(got, want, 1e-6), "fitted {got} vs true {want}");
+    }
+    assert!(report.rms < 1e-12 && report.samples == samples.len());
+    // With noise, the residuals say how far off the model is.
+    let noisy: Vec<StepSample> = samples
+        .iter()
+        .enumerate()
+        .map(|(i, s)| StepSample {
+            seconds: s.seconds * if i % 2 == 0 { 1.05 } else { 0.95 },
+            ..*s
+        })
+        .collect();
+    let (_, report) = CostModel::fit(Gpu::H100, ModelShape::LLAMA3_8B, &noisy).unwrap();
+    assert!(
+        report.rms > 0.0 && report.max_relative > 0.01 && report.max_relative < 0.5,
+        "{report:?}"
+    );
+    // One batch size cannot separate t0 from t1.
+    let single: Vec<StepSample> = samples.iter().filter(|s| s.batch == 4).cloned().collect();
+    assert!(CostModel::fit(Gpu::H100, ModelShape::LLAMA3_8B, &single).is_err());
+}
+
+fn er() -> EfficientRollout {
+    EfficientRollout::new(EfficientRolloutConfig::default()).unwrap()
+}
+
+/// Ends a rollout with acceptance rate `rate` (of 1000 drafted tokens).
+fn rollout(e: &mut EfficientRollout, rate: f64) {
+    e.end_rollout((rate * 1000.0).round() as u64, 1000, 500, 100);
+}
+
+#[test]
+fn ladder_follows_the_published_rule() {
+    let mut e = er();
+    assert_eq!(e.gamma(), 5);
+    rollout(&mut e, 0.95);
+    assert_eq!(e.gamma(), 5, "one high rollout is not enough");
+    rollout(&mut e, 0.94);
+    assert_eq!(e.gamma(), 7, "two in a row at >= 0.94 move up");
+    rollout(&mut e, 0.95);
+    rollout(&mut e, 0.93);
+    rollout(&mut e, 0.95);
+    assert_eq!(e.gamma(), 7, "a streak broken by 0.93 does not count");
+    rollout(&mut e, 0.96);
+    assert_eq!(e.gamma(), 9);
+    e.end_rollout(0, 0, 0, 0); // nothing drafted: no change, streaks kept
+    rollout(&mut e, 0.99);
+    rollout(&mut e, 0.99);
+    assert_eq!(e.gamma(), 11);
+    rollout(&mut e, 0.99);
+    rollout(&mut e, 0.99);
+    assert_eq!(e.gamma(), 11, "the top rung is the top");
+    rollout(&mut e, 0.85);
+    rollout(&mut e, 0.80);
+    assert_eq!(e.gamma(), 9, "two in a row at <= 0.85 move down");
+    rollout(&mut e, 0.86);
+    rollout(&mut e, 0.85);
+    assert_eq!(e.gamma(), 9, "0.86 is not <= 0.85");
+    for _ in 0..10 {
+        rollout(&mut e, 0.5);
+    }
+    assert_eq!(e.gamma(), 5, "the bottom rung is the bottom");
+}
+
+#[test]
+fn toggle_turns_on_at_the_margin_and_stays_on_until_the_next_rollout() {
+    let cost = CostModel::new(
+        Gpu::A100,
+        ModelShape::QWEN25_7B,
+        Overheads::EFFICIENT_ROLLOUT_A100,
+    );
+    let mut e = er();
+    // Cold start: L = expected_tokens(5, 0.8) = 3.69; at batch 64 the predicted speedup is below 1.05.
+    assert!(close(
+        e.acceptance_length(),
+        (1.0 - 0.8f64.powi(6)) / 0.2,
+        1e-12
+    ));
+    let context = 4096;
+    assert!(cost.predicted_speedup(64, 64 * context, 5, e.acceptance_length()) < 1.05);
+    assert!(!e.step(&cost, 64, 64 * context));
+    // The batch shrinks: off while the prediction is below 1.05, on from the first step at or above it.
+    let mut turned_on_at = None;
+    for batch in (1..64).rev() {
+        let predicted = cost.predicted_speedup(batch, batch * context, 5, e.acceptance_length());
+        let on = e.step(&cost, batch, batch * context);
+        if turned_on_at.is_none() {
+            assert_eq!(
+                on,
+                predicted >= 1.05,
+                "batch {batch}: predicted {predicted}"
+            );
+            if on {
+                turned_on_at = Some(batch);
+            }
+        } else {
+            assert!(on, "stays on");
+        }
+    }
+    assert!(turned_on_at.is_some());
+    assert!(
+        e.step(&cost, 64, 64 * context),
+        "stays on even if the batch grew again"
+    );
+    // The next rollout starts off, and uses the measured acceptance length.
+    e.end_rollout(900, 1000, 480, 100);
+    assert!(!e.is_on());
+    assert_eq!(e.acceptance_length(), 4.8);
+}
+
+/// EfficientRollout's published setting: A100, Qwen2.5-7B, int4 g128 drafter at about 0.48 of a target step,
+/// acceptance around 0.9 (between the ladder's thresholds). Published: break-even active batch about 14 to 25
+/// (depending on context length and gamma), predicted speedup at batch 1 about 1.3 to 1.37x.
+#[test]
+fn reproduces_efficient_rollouts_published_operating_point() {
+    let cost = CostModel::new(
+        Gpu::A100,
+        ModelShape::QWEN25_7B,
+        Overheads::EFFICIENT_ROLLOUT_A100,
+    );
+    let ratio = cost.draft_step(1, 1024) / cost.target_step(1, 1024);
+    eprintln!("drafter step / target step at batch 1: {ratio:.3}");
+    assert!((0.46..=0.50).contains(&ratio), "drafter ratio {ratio}");
+    let tokens = |gamma: usize| expected_tokens(gamma, |_| 0.9);
+    for context in [1024usize, 4096, 8192] {
+        let s = cost.predicted_speedup(1, context, 5, tokens(5));
+        eprintln!("gamma 5, context {context}: predicted speedup at batch 1 {s:.3}");
+        assert!(
+            (1.30..=1.37).contains(&s),
+            "speedup {s} at context {context}"
+        );
+    }
+    for gamma in [5usize, 7] {
+        for context in [1024usize, 4096, 8192] {
+            let b = cost
+                .break_even_batch(context, gamma, tokens(gamma), 256)
+                .unwrap();
+            eprintln!("gamma {gamma}, context {context}: break-even batch {b}");
+            assert!(
+                (14 - 3..=25 + 3).contains(&b),
+                "break-even {b} is not about 14-25 (gamma {gamma}, context {context})"
+            );
+        }
+    }
+    let middle = cost.break_even_batch(4096, 5, tokens(5), 256).unwrap();
+    assert!(
+        (14..=25).contains(&middle),
+        "gamma 5 at 4k context: {middle}"
+    );
+}
+
+#[test]
+fn bad_ladders_are_rejected() {
+    for ladder in [vec![], vec![5, 5], vec![7, 5], vec![0, 5]] {
+        assert!(EfficientRollout::new(EfficientRolloutConfig {
+            ladder,
+            ..Default::default()
+        })
+        .is_err());
+    }
+    assert!(EfficientRollout::new(EfficientRolloutConfig {
+        promote_at: 0.8,
+        demote_at: 0.85,
+        ..Default::default()
+    })
+    .is_err());
+}
