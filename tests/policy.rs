@@ -1,6 +1,8 @@
 //! The step cost model against hand-computed roofline values, its least-squares fit, EfficientRollout's
 //! toggle and ladder against their published rules, and the validation against EfficientRollout's figures.
 
+mod common;
+
 use specdec::policy::{
     decaying_acceptance, expected_tokens, CostModel, EfficientRollout, EfficientRolloutConfig, Gpu,
     ModelShape, Overheads, StepKind, StepSample,
@@ -299,4 +301,69 @@ fn bad_ladders_are_rejected() {
         ..Default::default()
     })
     .is_err());
+}
+
+mod acceptance {
+    use rand::Rng;
+    use specdec::policy::{expected_tokens, AcceptanceStats};
+
+    #[test]
+    fn moving_averages_by_hand() {
+        let mut s = AcceptanceStats::new(4, 0.5, 0.5).unwrap();
+        // 3 drafted, 1 accepted: position 1 accepted (0.5 -> 0.75), position 2 rejected (0.5 -> 0.25),
+        // position 3 not tried.
+        s.record(3, 1).unwrap();
+        assert_eq!(
+            (s.acceptance(1), s.acceptance(2), s.acceptance(3)),
+            (0.75, 0.25, 0.5)
+        );
+        assert_eq!((s.tried(1), s.tried(2), s.tried(3)), (1, 1, 0));
+        // All 2 of 2 accepted: positions 1 and 2 accepted, nothing rejected.
+        s.record(2, 2).unwrap();
+        assert_eq!((s.acceptance(1), s.acceptance(2)), (0.875, 0.625));
+        // Indicators as the sampler reports them: accepted, rejected.
+        s.record_indicators(&[true, false]).unwrap();
+        assert_eq!((s.acceptance(1), s.acceptance(2)), (0.9375, 0.3125));
+        assert_eq!(
+            s.acceptance(99),
+            s.acceptance(4),
+            "past the last tracked position"
+        );
+        assert!(s.record(2, 3).is_err());
+        assert!(s.record_indicators(&[true, false, true]).is_err());
+        assert!(
+            AcceptanceStats::new(0, 0.5, 0.5).is_err()
+                && AcceptanceStats::new(4, 0.5, 0.0).is_err()
+        );
+    }
+
+    /// Chains drawn from a known per-position acceptance a_j = 0.9 exp(-0.1 (j - 1)): the estimates and the
+    /// fitted decay come back within the moving average's noise (weight 0.01: standard deviation of each
+    /// estimate about sqrt(0.01 / 2 * a (1 - a)) < 0.03).
+    #[test]
+    fn recovers_a_known_decay() {
+        let mut rng = crate::common::rng("acceptance decay");
+        let truth = |j: usize| 0.9 * (-0.1 * (j as f64 - 1.0)).exp();
+        let mut s = AcceptanceStats::new(6, 0.5, 0.01).unwrap();
+        for _ in 0..20_000 {
+            let accepted = (1..=6).take_while(|&j| rng.random_bool(truth(j))).count();
+            s.record(6, accepted).unwrap();
+        }
+        for j in 1..=6 {
+            assert!(
+                (s.acceptance(j) - truth(j)).abs() < 0.15,
+                "position {j}: {} vs {}",
+                s.acceptance(j),
+                truth(j)
+            );
+        }
+        let (a0, beta) = s.decay().unwrap();
+        assert!(
+            (a0 - 0.9).abs() < 0.1 && (beta - 0.1).abs() < 0.1,
+            "fitted a0 {a0}, beta {beta}"
+        );
+        // What the policy consumes: the expected tokens per verification from the estimates.
+        let estimated = expected_tokens(6, |j| s.acceptance(j));
+        assert!((estimated - expected_tokens(6, truth)).abs() < 0.5);
+    }
 }

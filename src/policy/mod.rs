@@ -7,12 +7,16 @@
 //!   roofline (bytes over bandwidth, FLOPs over the matrix rate, for a named [`Gpu`] and [`ModelShape`], with an
 //!   int4 self-drafter) plus per-step overheads, which [`CostModel::fit`] calibrates from measured step times by
 //!   least squares.
+//! * [`AcceptanceStats`]: per-request, per-position acceptance from verification results (moving averages,
+//!   with a fitted per-position decay).
 //! * [`expected_tokens`]: tokens emitted per verification step for a draft length and per-position acceptance.
 //! * [`EfficientRollout`]: EfficientRollout's speculation toggle and draft-length ladder, as published.
 
+mod acceptance;
 mod cost;
 mod efficient_rollout;
 
+pub use acceptance::AcceptanceStats;
 pub use cost::{CostModel, FitReport, Gpu, ModelShape, Overheads, StepKind, StepSample};
 pub use efficient_rollout::{EfficientRollout, EfficientRolloutConfig};
 
