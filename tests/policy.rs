@@ -367,3 +367,130 @@ mod acceptance {
         assert!((estimated - expected_tokens(6, truth)).abs() < 0.5);
     }
 }
+
+mod goodput {
+    use rand::Rng;
+    use specdec::policy::{
+        choose_draft_lengths, goodput, step_seconds, CostModel, Gpu, ModelShape, Overheads,
+        RequestOutlook,
+    };
+
+    fn qwen() -> CostModel {
+        CostModel::new(
+            Gpu::A100,
+            ModelShape::QWEN25_7B,
+            Overheads::EFFICIENT_ROLLOUT_A100,
+        )
+    }
+
+    fn outlook(context: usize, a0: f64, beta: f64, positions: usize) -> RequestOutlook {
+        RequestOutlook {
+            context,
+            acceptance: (0..positions)
+                .map(|j| a0 * (-beta * j as f64).exp())
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn step_time_by_hand() {
+        let cost = qwen();
+        let r = [
+            outlook(1000, 0.9, 0.0, 4),
+            outlook(2000, 0.9, 0.0, 4),
+            outlook(3000, 0.9, 0.0, 4),
+        ];
+        assert_eq!(
+            step_seconds(&cost, &r, &[0, 0, 0]),
+            cost.target_step(3, 6000)
+        );
+        // Draft lengths 2, 0, 1: position 1 drafts requests 0 and 2 (4000 context tokens), position 2 request 0
+        // alone; then 3 + 1 + 2 = 6 tokens are verified.
+        let want =
+            cost.draft_step(2, 4000) + cost.draft_step(1, 1000) + cost.verify_step(3, 6000, 6);
+        assert_eq!(step_seconds(&cost, &r, &[2, 0, 1]), want);
+        // Goodput: expected tokens (1 + 0.9 + 0.81) + 1 + (1 + 0.9) over that time.
+        let tokens = (1.0 + 0.9 + 0.9 * 0.9) + 1.0 + (1.0 + 0.9);
+        assert!((goodput(&cost, &r, &[2, 0, 1]) - tokens / want).abs() < 1e-9 * tokens / want);
+    }
+
+    /// Every vector of draft lengths in 0..=max_draft, for brute force.
+    fn all_vectors(batch: usize, max_draft: usize) -> Vec<Vec<usize>> {
+        let mut out = vec![vec![]];
+        for _ in 0..batch {
+            out = out
+                .into_iter()
+                .flat_map(|v| (0..=max_draft).map(move |k| [v.clone(), vec![k]].concat()))
+                .collect();
+        }
+        out
+    }
+
+    #[test]
+    fn matches_brute_force_over_every_draft_length_vector() {
+        let mut rng = crate::common::rng("goodput brute force");
+        let models = [
+            qwen(),
+            CostModel::new(
+                Gpu::H100,
+                ModelShape::LLAMA3_8B,
+                Overheads {
+                    t0: 0.3e-3,
+                    t1: 0.01e-3,
+                    d0: 0.6e-3,
+                    d1: 0.03e-3,
+                    v1: 0.001e-3,
+                },
+            ),
+        ];
+        for trial in 0..500 {
+            let cost = &models[trial % 2];
+            let batch = rng.random_range(1..=4);
+            let max_draft = rng.random_range(1..=5);
+            let requests: Vec<RequestOutlook> = (0..batch)
+                .map(|_| {
+                    outlook(
+                        rng.random_range(0..20_000),
+                        rng.random_range(0.05..0.99),
+                        rng.random_range(0.0..0.4),
+                        max_draft,
+                    )
+                })
+                .collect();
+            let (lengths, value) = choose_draft_lengths(cost, &requests, max_draft);
+            assert!(lengths.iter().all(|&k| k <= max_draft));
+            assert!((goodput(cost, &requests, &lengths) - value).abs() <= 1e-12 * value);
+            let best = all_vectors(batch, max_draft)
+                .iter()
+                .map(|v| goodput(cost, &requests, v))
+                .fold(0.0, f64::max);
+            assert!(
+                value >= best * (1.0 - 1e-12),
+                "trial {trial}: chose {lengths:?} at {value}, brute force {best}; {requests:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn speculates_at_small_batch_not_at_large_and_per_request() {
+        let cost = qwen();
+        // One request with a good drafter: speculate.
+        let (lengths, _) = choose_draft_lengths(&cost, &[outlook(4096, 0.9, 0.02, 11)], 11);
+        assert!(lengths[0] >= 3, "batch 1: {lengths:?}");
+        // 128 requests at 8k context: verification is compute-bound and drafts read the KV cache: none pays.
+        let many: Vec<_> = (0..128).map(|_| outlook(8192, 0.9, 0.02, 11)).collect();
+        let (lengths, _) = choose_draft_lengths(&cost, &many, 11);
+        assert!(lengths.iter().all(|&k| k == 0), "batch 128: {lengths:?}");
+        // Mixed acceptance at small batch: the request whose drafts are rejected drafts less than the others.
+        let mixed = [
+            outlook(4096, 0.95, 0.0, 11),
+            outlook(4096, 0.95, 0.0, 11),
+            outlook(4096, 0.2, 0.0, 11),
+        ];
+        let (lengths, _) = choose_draft_lengths(&cost, &mixed, 11);
+        assert!(
+            lengths[2] < lengths[0] && lengths[0] > 0,
+            "mixed: {lengths:?}"
+        );
+    }
+}

@@ -11,14 +11,18 @@
 //!   with a fitted per-position decay).
 //! * [`expected_tokens`]: tokens emitted per verification step for a draft length and per-position acceptance.
 //! * [`EfficientRollout`]: EfficientRollout's speculation toggle and draft-length ladder, as published.
+//! * [`choose_draft_lengths`]: specdec's policy, per-request draft lengths maximising expected emitted tokens
+//!   per second under the cost model.
 
 mod acceptance;
 mod cost;
 mod efficient_rollout;
+mod goodput;
 
 pub use acceptance::AcceptanceStats;
 pub use cost::{CostModel, FitReport, Gpu, ModelShape, Overheads, StepKind, StepSample};
 pub use efficient_rollout::{EfficientRollout, EfficientRolloutConfig};
+pub use goodput::{choose_draft_lengths, goodput, step_seconds, RequestOutlook};
 
 /// Expected tokens emitted by one verification step of a `k`-token draft whose `j`-th token (1-based) is
 /// accepted, given all before it were, with probability `acceptance(j)`: `1 + sum_{j=1..k} prod_{m<=j} a_m`
