@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 #[derive(Debug, Clone, PartialEq)]
 pub struct AcceptanceStats {
     weight: f64,
+    prior: f64,
     /// Per position (index j - 1): the moving average and how many times the position was tried.
     positions: Vec<(f64, u64)>,
 }
@@ -38,6 +39,7 @@ impl AcceptanceStats {
         }
         Ok(AcceptanceStats {
             weight,
+            prior,
             positions: vec![(prior, 0); max_positions],
         })
     }
@@ -71,6 +73,15 @@ impl AcceptanceStats {
             ));
         }
         self.record(indicators.len(), accepted)
+    }
+
+    /// A step in which the request was not verified: every estimate moves `weight` of the way back to the
+    /// prior. Without it, a request whose estimate once fell low enough that no policy drafts for it would
+    /// never be observed again, and never drafted for again; with it, it is retried after a while.
+    pub fn forget(&mut self, weight: f64) {
+        for (average, _) in &mut self.positions {
+            *average += weight.clamp(0.0, 1.0) * (self.prior - *average);
+        }
     }
 
     /// The estimated acceptance of position `j` (1-based) given all before it were accepted; positions past

@@ -18,11 +18,16 @@ mod acceptance;
 mod cost;
 mod efficient_rollout;
 mod goodput;
+mod simulate;
 
 pub use acceptance::AcceptanceStats;
 pub use cost::{CostModel, FitReport, Gpu, ModelShape, Overheads, StepKind, StepSample};
 pub use efficient_rollout::{EfficientRollout, EfficientRolloutConfig};
 pub use goodput::{choose_draft_lengths, goodput, step_seconds, RequestOutlook};
+pub use simulate::{
+    simulate, ActiveRequest, Autoregressive, FixedDraft, GoodputDraft, LengthClassDraft,
+    RolloutConfig, RolloutTotals, SimulationReport, SpeculationPolicy, StepRecord,
+};
 
 /// Expected tokens emitted by one verification step of a `k`-token draft whose `j`-th token (1-based) is
 /// accepted, given all before it were, with probability `acceptance(j)`: `1 + sum_{j=1..k} prod_{m<=j} a_m`
