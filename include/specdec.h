@@ -220,6 +220,86 @@ typedef struct {
   int64_t active_requests;
 } specdec_drafter_stats;
 
+/**
+ * A step cost model (see `specdec::policy::CostModel`): a GPU's rates, a model's shape, the drafter's weight
+ * bytes and the fitted overheads, in SI units (bytes, seconds, FLOP). Fill it with
+ * `specdec_cost_model_preset`, then adjust fields (for example the overheads from a fit).
+ */
+typedef struct {
+  /**
+   * Peak memory bandwidth, bytes per second.
+   */
+  double bandwidth;
+  /**
+   * Peak bf16 matrix rate, FLOP per second.
+   */
+  double flops;
+  /**
+   * Fraction of the bandwidth reached, in (0, 1].
+   */
+  double bandwidth_efficiency;
+  /**
+   * Fraction of the matrix rate reached, in (0, 1].
+   */
+  double compute_efficiency;
+  /**
+   * All parameters of the target model.
+   */
+  double params;
+  /**
+   * Transformer layers.
+   */
+  int64_t layers;
+  /**
+   * Model width.
+   */
+  int64_t hidden;
+  /**
+   * Query heads.
+   */
+  int64_t q_heads;
+  /**
+   * Key/value heads.
+   */
+  int64_t kv_heads;
+  /**
+   * Head dimension.
+   */
+  int64_t head_dim;
+  /**
+   * Vocabulary size.
+   */
+  int64_t vocab;
+  /**
+   * 1 if the LM head shares the embedding table, else 0.
+   */
+  int32_t tied_embeddings;
+  /**
+   * Bytes of weights one draft step reads.
+   */
+  double drafter_weight_bytes;
+  /**
+   * Seconds per target or verification step.
+   */
+  double t0;
+  /**
+   * Seconds per sequence on a target or verification step.
+   */
+  double t1;
+  /**
+   * Seconds per draft step.
+   */
+  double d0;
+  /**
+   * Seconds per sequence on a draft step.
+   */
+  double d1;
+  /**
+   * Seconds per verified token.
+   */
+  double v1;
+} specdec_cost_model;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -408,6 +488,50 @@ specdec_status specdec_drafter_propose(const specdec_drafter *drafter,
  * `drafter` must be null (rejected) or live; `out` null (rejected) or writable.
  */
 specdec_status specdec_drafter_get_stats(const specdec_drafter *drafter, specdec_drafter_stats *out);
+
+/**
+ * Fills `*out` with a named GPU (`gpu`: 0 = A100-80GB, 1 = H100-80GB) and model (`model`: 0 = Qwen2.5-7B,
+ * 1 = Llama-3-8B), its int4 self-drafter, and the overheads calibrated to EfficientRollout's published A100
+ * operating point (replace them with fitted ones for real decisions).
+ *
+ * # Safety
+ * `out` must be null (rejected) or writable.
+ */
+specdec_status specdec_cost_model_preset(int32_t gpu, int32_t model, specdec_cost_model *out);
+
+/**
+ * Seconds of one step: `kind` 0 = plain decode, 1 = draft step, 2 = verification of `verified_tokens`
+ * tokens (the sum of k_i + 1; ignored otherwise), for `batch` sequences holding `context_tokens` in all.
+ *
+ * # Safety
+ * `model` must be null (rejected) or readable; `out_seconds` null (rejected) or writable.
+ */
+specdec_status specdec_cost_model_step_seconds(const specdec_cost_model *model,
+                                               int32_t kind,
+                                               int64_t batch,
+                                               int64_t context_tokens,
+                                               int64_t verified_tokens,
+                                               double *out_seconds);
+
+/**
+ * specdec's policy for one decoding step: for `num_requests` requests with `contexts[i]` context tokens and
+ * per-position acceptance `acceptance[i * positions + j]` (position j + 1, given the earlier ones were
+ * accepted; positions past `positions` reuse the last), writes each request's draft length (0..=`max_draft`,
+ * 0 = do not draft) to `out_lengths[i]`, maximising expected emitted tokens per second under `model`, and that
+ * rate to `*out_goodput`.
+ *
+ * # Safety
+ * `model` must be null (rejected) or readable; `contexts` must hold `num_requests` values, `acceptance`
+ * `num_requests * positions`, `out_lengths` `num_requests` (null if 0); `out_goodput` null (rejected) or writable.
+ */
+specdec_status specdec_choose_draft_lengths(const specdec_cost_model *model,
+                                            const int64_t *contexts,
+                                            const double *acceptance,
+                                            int64_t num_requests,
+                                            int64_t positions,
+                                            int64_t max_draft,
+                                            int32_t *out_lengths,
+                                            double *out_goodput);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -20,6 +20,7 @@ use crate::drafter::{DraftKind, Drafter, DrafterConfig, LengthClasses, Token};
 use crate::dtype::{DType, LogitsElement};
 use crate::error::{Error, Result};
 use crate::greedy::GreedyShape;
+use crate::policy::{choose_draft_lengths, CostModel, Gpu, ModelShape, Overheads, RequestOutlook};
 
 /// Major version of the library this header belongs to.
 pub const SPECDEC_VERSION_MAJOR: u32 = 0;
@@ -729,6 +730,299 @@ pub unsafe extern "C" fn specdec_drafter_get_stats(
             bytes_per_token: stats.bytes_per_token,
             active_requests: stats.active_requests as i64,
         };
+        Ok(())
+    })
+}
+
+/// A step cost model (see `specdec::policy::CostModel`): a GPU's rates, a model's shape, the drafter's weight
+/// bytes and the fitted overheads, in SI units (bytes, seconds, FLOP). Fill it with
+/// `specdec_cost_model_preset`, then adjust fields (for example the overheads from a fit).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct specdec_cost_model {
+    /// Peak memory bandwidth, bytes per second.
+    pub bandwidth: f64,
+    /// Peak bf16 matrix rate, FLOP per second.
+    pub flops: f64,
+    /// Fraction of the bandwidth reached, in (0, 1].
+    pub bandwidth_efficiency: f64,
+    /// Fraction of the matrix rate reached, in (0, 1].
+    pub compute_efficiency: f64,
+    /// All parameters of the target model.
+    pub params: f64,
+    /// Transformer layers.
+    pub layers: i64,
+    /// Model width.
+    pub hidden: i64,
+    /// Query heads.
+    pub q_heads: i64,
+    /// Key/value heads.
+    pub kv_heads: i64,
+    /// Head dimension.
+    pub head_dim: i64,
+    /// Vocabulary size.
+    pub vocab: i64,
+    /// 1 if the LM head shares the embedding table, else 0.
+    pub tied_embeddings: i32,
+    /// Bytes of weights one draft step reads.
+    pub drafter_weight_bytes: f64,
+    /// Seconds per target or verification step.
+    pub t0: f64,
+    /// Seconds per sequence on a target or verification step.
+    pub t1: f64,
+    /// Seconds per draft step.
+    pub d0: f64,
+    /// Seconds per sequence on a draft step.
+    pub d1: f64,
+    /// Seconds per verified token.
+    pub v1: f64,
+}
+
+fn cost_model_from_c(c: &specdec_cost_model) -> Result<CostModel> {
+    let positive = |argument: &str, v: f64| {
+        if v.is_finite() && v > 0.0 {
+            Ok(v)
+        } else {
+            Err(Error::invalid(
+                argument,
+                format!("is {v}; it must be finite and positive"),
+            ))
+        }
+    };
+    let fraction = |argument: &str, v: f64| {
+        if v > 0.0 && v <= 1.0 {
+            Ok(v)
+        } else {
+            Err(Error::invalid(argument, format!("is {v}, outside (0, 1]")))
+        }
+    };
+    let count = |argument: &str, v: i64| match size_arg(argument, v)? {
+        0 => Err(Error::invalid(argument, "is 0")),
+        n => Ok(n),
+    };
+    let overhead = |argument: &str, v: f64| {
+        if v.is_finite() && v >= 0.0 {
+            Ok(v)
+        } else {
+            Err(Error::invalid(
+                argument,
+                format!("is {v}; overheads are finite and >= 0"),
+            ))
+        }
+    };
+    let gpu = Gpu {
+        name: "custom",
+        bandwidth: positive("bandwidth", c.bandwidth)?,
+        flops: positive("flops", c.flops)?,
+        bandwidth_efficiency: fraction("bandwidth_efficiency", c.bandwidth_efficiency)?,
+        compute_efficiency: fraction("compute_efficiency", c.compute_efficiency)?,
+    };
+    let model = ModelShape {
+        name: "custom",
+        params: positive("params", c.params)?,
+        layers: count("layers", c.layers)?,
+        hidden: count("hidden", c.hidden)?,
+        q_heads: count("q_heads", c.q_heads)?,
+        kv_heads: count("kv_heads", c.kv_heads)?,
+        head_dim: count("head_dim", c.head_dim)?,
+        vocab: count("vocab", c.vocab)?,
+        tied_embeddings: match c.tied_embeddings {
+            0 => false,
+            1 => true,
+            other => {
+                return Err(Error::invalid(
+                    "tied_embeddings",
+                    format!("is {other}, not 0 or 1"),
+                ))
+            }
+        },
+    };
+    if model.matmul_params() <= 0.0 {
+        return Err(Error::invalid(
+            "params",
+            "is not more than the embedding table (vocab x hidden)",
+        ));
+    }
+    let overheads = Overheads {
+        t0: overhead("t0", c.t0)?,
+        t1: overhead("t1", c.t1)?,
+        d0: overhead("d0", c.d0)?,
+        d1: overhead("d1", c.d1)?,
+        v1: overhead("v1", c.v1)?,
+    };
+    let mut cost = CostModel::new(gpu, model, overheads);
+    cost.drafter_weight_bytes = positive("drafter_weight_bytes", c.drafter_weight_bytes)?;
+    Ok(cost)
+}
+
+/// Fills `*out` with a named GPU (`gpu`: 0 = A100-80GB, 1 = H100-80GB) and model (`model`: 0 = Qwen2.5-7B,
+/// 1 = Llama-3-8B), its int4 self-drafter, and the overheads calibrated to EfficientRollout's published A100
+/// operating point (replace them with fitted ones for real decisions).
+///
+/// # Safety
+/// `out` must be null (rejected) or writable.
+#[no_mangle]
+pub unsafe extern "C" fn specdec_cost_model_preset(
+    gpu: i32,
+    model: i32,
+    out: *mut specdec_cost_model,
+) -> specdec_status {
+    boundary(|| {
+        let out = non_null("out", out)?;
+        let gpu = match gpu {
+            0 => Gpu::A100,
+            1 => Gpu::H100,
+            other => {
+                return Err(Error::invalid(
+                    "gpu",
+                    format!("is {other}, not 0 (A100) or 1 (H100)"),
+                ))
+            }
+        };
+        let model = match model {
+            0 => ModelShape::QWEN25_7B,
+            1 => ModelShape::LLAMA3_8B,
+            other => {
+                return Err(Error::invalid(
+                    "model",
+                    format!("is {other}, not 0 (Qwen2.5-7B) or 1 (Llama-3-8B)"),
+                ))
+            }
+        };
+        let cost = CostModel::new(gpu, model, Overheads::EFFICIENT_ROLLOUT_A100);
+        let o = cost.overheads;
+        *out = specdec_cost_model {
+            bandwidth: gpu.bandwidth,
+            flops: gpu.flops,
+            bandwidth_efficiency: gpu.bandwidth_efficiency,
+            compute_efficiency: gpu.compute_efficiency,
+            params: model.params,
+            layers: model.layers as i64,
+            hidden: model.hidden as i64,
+            q_heads: model.q_heads as i64,
+            kv_heads: model.kv_heads as i64,
+            head_dim: model.head_dim as i64,
+            vocab: model.vocab as i64,
+            tied_embeddings: i32::from(model.tied_embeddings),
+            drafter_weight_bytes: cost.drafter_weight_bytes,
+            t0: o.t0,
+            t1: o.t1,
+            d0: o.d0,
+            d1: o.d1,
+            v1: o.v1,
+        };
+        Ok(())
+    })
+}
+
+/// Seconds of one step: `kind` 0 = plain decode, 1 = draft step, 2 = verification of `verified_tokens`
+/// tokens (the sum of k_i + 1; ignored otherwise), for `batch` sequences holding `context_tokens` in all.
+///
+/// # Safety
+/// `model` must be null (rejected) or readable; `out_seconds` null (rejected) or writable.
+#[no_mangle]
+pub unsafe extern "C" fn specdec_cost_model_step_seconds(
+    model: *const specdec_cost_model,
+    kind: i32,
+    batch: i64,
+    context_tokens: i64,
+    verified_tokens: i64,
+    out_seconds: *mut f64,
+) -> specdec_status {
+    boundary(|| {
+        let cost = cost_model_from_c(non_null("model", model as *mut specdec_cost_model)?)?;
+        let batch = size_arg("batch", batch)?;
+        let context = size_arg("context_tokens", context_tokens)?;
+        let out = non_null("out_seconds", out_seconds)?;
+        *out = match kind {
+            0 => cost.target_step(batch, context),
+            1 => cost.draft_step(batch, context),
+            2 => {
+                let tokens = size_arg("verified_tokens", verified_tokens)?;
+                if tokens < batch {
+                    return Err(Error::invalid(
+                        "verified_tokens",
+                        format!("is {tokens}, fewer than one per sequence ({batch})"),
+                    ));
+                }
+                cost.verify_step(batch, context, tokens)
+            }
+            other => {
+                return Err(Error::invalid(
+                    "kind",
+                    format!("is {other}, not 0 (target), 1 (draft) or 2 (verify)"),
+                ))
+            }
+        };
+        Ok(())
+    })
+}
+
+/// specdec's policy for one decoding step: for `num_requests` requests with `contexts[i]` context tokens and
+/// per-position acceptance `acceptance[i * positions + j]` (position j + 1, given the earlier ones were
+/// accepted; positions past `positions` reuse the last), writes each request's draft length (0..=`max_draft`,
+/// 0 = do not draft) to `out_lengths[i]`, maximising expected emitted tokens per second under `model`, and that
+/// rate to `*out_goodput`.
+///
+/// # Safety
+/// `model` must be null (rejected) or readable; `contexts` must hold `num_requests` values, `acceptance`
+/// `num_requests * positions`, `out_lengths` `num_requests` (null if 0); `out_goodput` null (rejected) or writable.
+#[no_mangle]
+pub unsafe extern "C" fn specdec_choose_draft_lengths(
+    model: *const specdec_cost_model,
+    contexts: *const i64,
+    acceptance: *const f64,
+    num_requests: i64,
+    positions: i64,
+    max_draft: i64,
+    out_lengths: *mut i32,
+    out_goodput: *mut f64,
+) -> specdec_status {
+    boundary(|| {
+        let cost = cost_model_from_c(non_null("model", model as *mut specdec_cost_model)?)?;
+        let n = size_arg("num_requests", num_requests)?;
+        let positions = size_arg("positions", positions)?;
+        if positions == 0 {
+            return Err(Error::invalid(
+                "positions",
+                "is 0; give at least the first position's acceptance",
+            ));
+        }
+        let max_draft = size_arg("max_draft", max_draft)?;
+        if max_draft > 64 {
+            return Err(Error::invalid(
+                "max_draft",
+                format!("is {max_draft}, above 64"),
+            ));
+        }
+        let total = n
+            .checked_mul(positions)
+            .ok_or_else(|| Error::invalid("positions", "num_requests * positions overflows"))?;
+        let contexts = host_slice("contexts", contexts, n)?;
+        let acceptance = host_slice("acceptance", acceptance, total)?;
+        let lengths = host_slice_mut("out_lengths", out_lengths, n)?;
+        let goodput = non_null("out_goodput", out_goodput)?;
+        let mut outlooks = Vec::with_capacity(n);
+        for i in 0..n {
+            let context = usize::try_from(contexts[i])
+                .map_err(|_| Error::invalid(format!("contexts[{i}]"), "is negative"))?;
+            let row = &acceptance[i * positions..(i + 1) * positions];
+            if let Some(j) = row.iter().position(|a| !(0.0..=1.0).contains(a)) {
+                return Err(Error::invalid(
+                    format!("acceptance[{}]", i * positions + j),
+                    format!("is {}, outside [0, 1]", row[j]),
+                ));
+            }
+            outlooks.push(RequestOutlook {
+                context,
+                acceptance: row.to_vec(),
+            });
+        }
+        let (chosen, value) = choose_draft_lengths(&cost, &outlooks, max_draft);
+        for (out, k) in lengths.iter_mut().zip(chosen) {
+            *out = k as i32;
+        }
+        *goodput = value;
         Ok(())
     })
 }

@@ -207,6 +207,44 @@ static void test_drafter(void) {
   CHECK(drafter == NULL);
 }
 
+/* The policy: a preset cost model, step prices, and per-request draft lengths. */
+static void test_policy(void) {
+  specdec_cost_model model;
+  double target = 0, draft = 0, verify = 0, goodput = -1;
+  const int64_t contexts[3] = {4096, 4096, 4096};
+  /* Requests 0 and 1 have drafts accepted 95% of the time; request 2 only 20%. */
+  const double acceptance[3 * 2] = {0.95, 0.95, 0.95, 0.95, 0.2, 0.2};
+  const double bad_acceptance[2] = {0.9, 1.5};
+  int32_t lengths[3] = {-1, -1, -1};
+
+  CHECK(specdec_cost_model_preset(0, 0, &model) == SPECDEC_OK);
+  CHECK(model.layers == 28 && model.vocab == 152064 && model.bandwidth == 2.039e12);
+  CHECK(specdec_cost_model_step_seconds(&model, 0, 1, 4096, 0, &target) == SPECDEC_OK);
+  CHECK(specdec_cost_model_step_seconds(&model, 1, 1, 4096, 0, &draft) == SPECDEC_OK);
+  CHECK(specdec_cost_model_step_seconds(&model, 2, 1, 4096, 6, &verify) == SPECDEC_OK);
+  CHECK(target > 0.005 && target < 0.02 && draft > 0.4 * target && draft < 0.6 * target && verify >= target);
+  CHECK(specdec_choose_draft_lengths(&model, contexts, acceptance, 3, 2, 8, lengths, &goodput) == SPECDEC_OK);
+  CHECK(lengths[0] > 0 && lengths[1] > 0 && lengths[2] < lengths[0] && goodput > 0);
+
+  EXPECT_INVALID(specdec_cost_model_preset(2, 0, &model), "gpu");
+  EXPECT_INVALID(specdec_cost_model_preset(0, 5, &model), "model");
+  EXPECT_INVALID(specdec_cost_model_preset(0, 0, NULL), "out");
+  EXPECT_INVALID(specdec_cost_model_step_seconds(&model, 3, 1, 0, 0, &target), "kind");
+  EXPECT_INVALID(specdec_cost_model_step_seconds(&model, 2, 4, 0, 3, &target), "verified_tokens");
+  EXPECT_INVALID(specdec_cost_model_step_seconds(&model, 0, -1, 0, 0, &target), "batch");
+  EXPECT_INVALID(specdec_cost_model_step_seconds(NULL, 0, 1, 0, 0, &target), "model");
+  EXPECT_INVALID(specdec_choose_draft_lengths(&model, contexts, bad_acceptance, 1, 2, 8, lengths, &goodput), "acceptance[1]");
+  EXPECT_INVALID(specdec_choose_draft_lengths(&model, contexts, acceptance, 3, 0, 8, lengths, &goodput), "positions");
+  EXPECT_INVALID(specdec_choose_draft_lengths(&model, contexts, acceptance, 3, 2, 100, lengths, &goodput), "max_draft");
+  EXPECT_INVALID(specdec_choose_draft_lengths(&model, NULL, acceptance, 3, 2, 8, lengths, &goodput), "contexts");
+  EXPECT_INVALID(specdec_choose_draft_lengths(&model, contexts, acceptance, 3, 2, 8, lengths, NULL), "out_goodput");
+  model.bandwidth_efficiency = 0.0;
+  EXPECT_INVALID(specdec_cost_model_step_seconds(&model, 0, 1, 0, 0, &target), "bandwidth_efficiency");
+  CHECK(specdec_cost_model_preset(1, 1, &model) == SPECDEC_OK);
+  model.t0 = -1.0;
+  EXPECT_INVALID(specdec_cost_model_step_seconds(&model, 0, 1, 0, 0, &target), "t0");
+}
+
 int main(void) {
   specdec_context *ctx = NULL;
   int32_t backend = -1;
@@ -241,6 +279,7 @@ int main(void) {
   test_greedy_bad_arguments(ctx);
   test_empty_batch(ctx);
   test_drafter();
+  test_policy();
 
   CHECK(specdec_context_destroy(ctx) == SPECDEC_OK);
   CHECK(specdec_context_destroy(NULL) == SPECDEC_OK);
