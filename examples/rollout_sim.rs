@@ -7,6 +7,7 @@
 //! cargo run --release --example rollout_sim                               # A100, Qwen2.5-7B (EfficientRollout's setting)
 //! cargo run --release --example rollout_sim -- --gpu h100 --model llama-3-8b --svg sim.svg
 //! cargo run --release --example rollout_sim -- --prompts 16 --rollouts 2  # smaller and faster
+//! cargo run --release --example rollout_sim -- --acceptance 0.93 0.99 --decay 0  # EfficientRollout's regime
 //! ```
 //!
 //! The batch, length and acceptance settings and their sources: `specdec::policy::RolloutConfig`.
@@ -52,9 +53,17 @@ fn main() {
             "--engines" => config.engines = number(&value()),
             "--rollouts" => config.rollouts = number(&value()),
             "--seed" => config.seed = number(&value()) as u64,
+            "--acceptance" => {
+                let (low, high) = (fraction(&value()), fraction(&value()));
+                if low > high {
+                    fail("--acceptance LOW HIGH needs LOW <= HIGH");
+                }
+                config.acceptance = (low, high);
+            }
+            "--decay" => config.decay = fraction(&value()),
             "--svg" => svg = value(),
             "-h" | "--help" => {
-                println!("usage: rollout_sim [--gpu a100|h100] [--model qwen2.5-7b|llama-3-8b] [--prompts N] [--samples N] [--engines N] [--rollouts N] [--seed N] [--svg FILE]");
+                println!("usage: rollout_sim [--gpu a100|h100] [--model qwen2.5-7b|llama-3-8b] [--prompts N] [--samples N] [--engines N] [--rollouts N] [--seed N] [--acceptance LOW HIGH] [--decay D] [--svg FILE]");
                 return;
             }
             other => fail(&format!("unknown argument {other} (try --help)")),
@@ -147,6 +156,13 @@ fn main() {
         .unwrap_or_else(|e| fail(&format!("cannot write {svg}: {e}")));
     println!();
     println!("Engine 0's last rollout under {}: {svg}", goodput.policy);
+}
+
+fn fraction(text: &str) -> f64 {
+    text.parse()
+        .ok()
+        .filter(|v| (0.0..=1.0).contains(v))
+        .unwrap_or_else(|| fail(&format!("{text:?} is not a number in [0, 1]")))
 }
 
 fn number(text: &str) -> usize {

@@ -310,12 +310,14 @@ mod acceptance {
     #[test]
     fn moving_averages_by_hand() {
         let mut s = AcceptanceStats::new(4, 0.5, 0.5).unwrap();
+        // Nothing tried yet: the prior.
+        assert_eq!(s.acceptance(1), 0.5);
         // 3 drafted, 1 accepted: position 1 accepted (0.5 -> 0.75), position 2 rejected (0.5 -> 0.25),
-        // position 3 not tried.
+        // position 3 not tried, so it reads position 2's estimate.
         s.record(3, 1).unwrap();
         assert_eq!(
             (s.acceptance(1), s.acceptance(2), s.acceptance(3)),
-            (0.75, 0.25, 0.5)
+            (0.75, 0.25, 0.25)
         );
         assert_eq!((s.tried(1), s.tried(2), s.tried(3)), (1, 1, 0));
         // All 2 of 2 accepted: positions 1 and 2 accepted, nothing rejected.

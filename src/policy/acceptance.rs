@@ -84,11 +84,18 @@ impl AcceptanceStats {
         }
     }
 
-    /// The estimated acceptance of position `j` (1-based) given all before it were accepted; positions past
-    /// the last tracked one use the last tracked estimate.
+    /// The estimated acceptance of position `j` (1-based) given all before it were accepted. A position never
+    /// tried takes the estimate of the deepest tried position before it (the prior if none was tried): without
+    /// that, positions past the drafts a policy has chosen so far would keep the prior forever, and a policy
+    /// choosing from these estimates would never learn that longer drafts pay. Positions past the last tracked
+    /// one use the last tracked position's estimate.
     pub fn acceptance(&self, j: usize) -> f64 {
         let index = j.clamp(1, self.positions.len()) - 1;
-        self.positions[index].0
+        self.positions[..=index]
+            .iter()
+            .rev()
+            .find(|(_, tried)| *tried > 0)
+            .map_or(self.prior, |(average, _)| *average)
     }
 
     /// How many verifications tried position `j` (1-based).
