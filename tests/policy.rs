@@ -403,14 +403,14 @@ mod goodput {
             outlook(3000, 0.9, 0.0, 4),
         ];
         assert_eq!(
-            step_seconds(&cost, &r, &[0, 0, 0]),
+            step_seconds(&cost, &[1000, 2000, 3000], &[0, 0, 0]),
             cost.target_step(3, 6000)
         );
         // Draft lengths 2, 0, 1: position 1 drafts requests 0 and 2 (4000 context tokens), position 2 request 0
         // alone; then 3 + 1 + 2 = 6 tokens are verified.
         let want =
             cost.draft_step(2, 4000) + cost.draft_step(1, 1000) + cost.verify_step(3, 6000, 6);
-        assert_eq!(step_seconds(&cost, &r, &[2, 0, 1]), want);
+        assert_eq!(step_seconds(&cost, &[1000, 2000, 3000], &[2, 0, 1]), want);
         // Goodput: expected tokens (1 + 0.9 + 0.81) + 1 + (1 + 0.9) over that time.
         let tokens = (1.0 + 0.9 + 0.9 * 0.9) + 1.0 + (1.0 + 0.9);
         assert!((goodput(&cost, &r, &[2, 0, 1]) - tokens / want).abs() < 1e-9 * tokens / want);

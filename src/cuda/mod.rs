@@ -100,11 +100,6 @@ impl CudaBackend {
         Ok(CudaBackend { device })
     }
 
-    /// Whether [`CudaBackend::new`] would succeed for `ordinal`, and why not.
-    pub fn probe(ordinal: usize) -> Result<()> {
-        Self::new(ordinal).map(|_| ())
-    }
-
     /// The cudarc context (the device's primary context), to allocate memory and make streams with.
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.device.ctx

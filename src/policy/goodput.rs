@@ -40,21 +40,22 @@ impl RequestOutlook {
     }
 }
 
-/// Seconds of one decoding step in which request `i` drafts `draft_lengths[i]` tokens.
-pub fn step_seconds(cost: &CostModel, requests: &[RequestOutlook], draft_lengths: &[usize]) -> f64 {
-    let batch = requests.len();
-    let context: usize = requests.iter().map(|r| r.context).sum();
+/// Seconds of one decoding step in which the request holding `contexts[i]` context tokens drafts
+/// `draft_lengths[i]` tokens.
+pub fn step_seconds(cost: &CostModel, contexts: &[usize], draft_lengths: &[usize]) -> f64 {
+    let batch = contexts.len();
+    let context: usize = contexts.iter().sum();
     let longest = draft_lengths.iter().copied().max().unwrap_or(0);
     if longest == 0 {
         return cost.target_step(batch, context);
     }
     let mut seconds = 0.0;
     for j in 1..=longest {
-        let (drafting, drafting_context) = requests
+        let (drafting, drafting_context) = contexts
             .iter()
             .zip(draft_lengths)
             .filter(|(_, &k)| k >= j)
-            .fold((0, 0), |(n, c), (r, _)| (n + 1, c + r.context));
+            .fold((0, 0), |(n, c), (&r, _)| (n + 1, c + r));
         seconds += cost.draft_step(drafting, drafting_context);
     }
     let tokens: usize = draft_lengths.iter().map(|k| k + 1).sum();
@@ -68,7 +69,8 @@ pub fn goodput(cost: &CostModel, requests: &[RequestOutlook], draft_lengths: &[u
         .zip(draft_lengths)
         .map(|(r, &k)| r.expected_tokens(k))
         .sum();
-    tokens / step_seconds(cost, requests, draft_lengths)
+    let contexts: Vec<usize> = requests.iter().map(|r| r.context).collect();
+    tokens / step_seconds(cost, &contexts, draft_lengths)
 }
 
 /// The draft lengths (each at most `max_draft`) that maximise [`goodput`], and that goodput.

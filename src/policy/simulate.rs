@@ -329,14 +329,8 @@ pub fn simulate(
                     })
                     .collect();
                 let lengths = policy.draft_lengths(cost, &views);
-                let outlooks: Vec<RequestOutlook> = views
-                    .iter()
-                    .map(|v| RequestOutlook {
-                        context: v.context,
-                        acceptance: vec![],
-                    })
-                    .collect();
-                let seconds = step_seconds(cost, &outlooks, &lengths);
+                let contexts: Vec<usize> = views.iter().map(|v| v.context).collect();
+                let seconds = step_seconds(cost, &contexts, &lengths);
                 let mut step_tokens = 0;
                 for (&r, &k) in active.iter().zip(&lengths) {
                     let request = &mut requests[r];
