@@ -8,7 +8,8 @@
 //! * [`cuda`]: the same primitives on a CUDA device, launched on the caller's stream.
 //! * [`capi`]: the C ABI.
 //!
-//! Primitives so far: greedy verification ([`greedy`]). Host-side: a suffix drafter over rollout history
+//! Primitives so far: greedy verification ([`greedy`]); lossless rejection-sampling verification of chains and
+//! trees ([`sampling`]; CPU only so far). Host-side: a suffix drafter over rollout history
 //! ([`drafter`]); the step cost model and speculation policies ([`policy`]).
 //!
 //! Every entry point validates its arguments through one shared path (for greedy verification,
@@ -24,6 +25,7 @@ pub mod dtype;
 mod error;
 pub mod greedy;
 pub mod policy;
+pub mod sampling;
 
 pub use dtype::{DType, LogitsElement};
 pub use error::{Error, Result};

@@ -4,5 +4,7 @@
 //! machine's cores with rayon where a call has independent requests.
 
 mod greedy;
+mod sampling;
 
 pub use greedy::{argmax, greedy_verify};
+pub use sampling::rejection_verify;

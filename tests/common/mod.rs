@@ -1,6 +1,8 @@
 //! Test support: seeded random cases and a naive, independent reference for greedy verification.
 #![allow(dead_code)]
 
+pub mod stats;
+
 use half::{bf16, f16};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

@@ -1,0 +1,325 @@
+//! Lossless rejection-sampling verification on the CPU: the reference of every rule in [`crate::sampling`],
+//! written to be read. Requests run in parallel; each walks its tree from the root, reading only the rows of
+//! the nodes it visits.
+
+use rayon::prelude::*;
+
+use crate::error::Result;
+use crate::sampling::noise::{self, RequestNoise};
+use crate::sampling::{
+    check_request, check_row_values, Node, RequestParams, Rows, VerifyInputs, VerifyOutputs,
+    VerifyShape,
+};
+
+/// Verifies a batch of chains or trees ([`crate::sampling`] has the semantics). Every request is checked before
+/// any output is written; on an error the outputs are untouched.
+pub fn rejection_verify(inputs: &VerifyInputs<'_>, outputs: &mut VerifyOutputs<'_>) -> Result<()> {
+    let shape = VerifyShape::of(inputs, outputs)?;
+    let results: Vec<Result<RequestResult>> = (0..shape.num_requests)
+        .into_par_iter()
+        .map(|b| verify_request(&shape, inputs, b))
+        .collect();
+    let results = results.into_iter().collect::<Result<Vec<_>>>()?;
+    let w = shape.emit_width;
+    for (b, result) in results.iter().enumerate() {
+        outputs.accepted_counts[b] = result.path.len() as i32;
+        let emitted = &mut outputs.emitted_tokens[b * w..(b + 1) * w];
+        emitted.fill(-1);
+        emitted[..result.emitted.len()].copy_from_slice(&result.emitted);
+        if let Some(nodes) = outputs.accepted_nodes.as_deref_mut() {
+            let nodes = &mut nodes[b * w..(b + 1) * w];
+            nodes.fill(-1);
+            for (slot, &node) in nodes.iter_mut().zip(&result.path) {
+                *slot = node as i32;
+            }
+        }
+        if let Some(flags) = outputs.accept_flags.as_deref_mut() {
+            let flags = &mut flags[b * w..(b + 1) * w];
+            flags.fill(-1);
+            flags[..result.flags.len()].copy_from_slice(&result.flags);
+        }
+    }
+    Ok(())
+}
+
+/// One request's outcome.
+struct RequestResult {
+    /// Accepted node indices, root excluded.
+    path: Vec<usize>,
+    /// The accepted tokens, then the correction or bonus token.
+    emitted: Vec<i32>,
+    /// One entry per depth visited: 1 accepted, 0 all children rejected, -1 no children.
+    flags: Vec<i8>,
+}
+
+/// The distribution at one node, ready to be drawn from or compared.
+enum Dist {
+    /// Log weights (logits over the temperature), `-inf` where removed by top-k / top-p or masked.
+    Log(Vec<f32>),
+    /// Non-negative weights (probabilities).
+    Weights(Vec<f32>),
+}
+
+fn verify_request(
+    shape: &VerifyShape,
+    inputs: &VerifyInputs<'_>,
+    b: usize,
+) -> Result<RequestResult> {
+    let (nodes, params) = check_request(shape, inputs, b)?;
+    let children = children_of(&nodes);
+    let v = shape.vocab_size;
+    let logits = params.map(|p| (b, p.temperature));
+    for (i, node) in nodes.iter().enumerate() {
+        check_row_values(
+            "target",
+            &inputs.target.row_f32(node.target_row, v),
+            node.target_row,
+            logits,
+            true,
+        )?;
+        if let (Some(draft), Some(row)) = (&inputs.draft, node.draft_row) {
+            let has_children = !children[i].is_empty();
+            check_row_values("draft", &draft.row_f32(row, v), row, logits, has_children)?;
+        }
+    }
+    let noise = RequestNoise {
+        seed: inputs.seeds[b],
+        step: inputs.steps[b],
+    };
+    let greedy = params.is_some_and(|p| p.temperature == 0.0);
+    let mut result = RequestResult {
+        path: Vec::new(),
+        emitted: Vec::new(),
+        flags: Vec::new(),
+    };
+    let mut node = 0;
+    loop {
+        let kids = &children[node];
+        let flag_if_rejected = if kids.is_empty() { -1 } else { 0 };
+        let target_row = nodes[node].target_row;
+        let next = if greedy {
+            let y = argmax_row(&inputs.target, target_row, v) as i32;
+            Step::from_point_mass(&nodes, kids, y)
+        } else {
+            let p = distribution(&inputs.target, target_row, v, params.as_ref());
+            match (&inputs.draft, nodes[node].draft_row) {
+                (Some(draft), Some(draft_row)) if !kids.is_empty() => {
+                    let q = distribution(draft, draft_row, v, params.as_ref());
+                    verify_iid_children(&nodes, kids, p, q, &noise, node as u32)
+                }
+                _ => Step::from_point_mass(&nodes, kids, draw(&p, &noise, node as u32) as i32),
+            }
+        };
+        match next {
+            Step::Accept(child) => {
+                result.path.push(child);
+                result.emitted.push(nodes[child].token);
+                result.flags.push(1);
+                node = child;
+            }
+            Step::Emit(token) => {
+                result.emitted.push(token);
+                result.flags.push(flag_if_rejected);
+                return Ok(result);
+            }
+        }
+    }
+}
+
+fn children_of(nodes: &[Node]) -> Vec<Vec<usize>> {
+    let mut children = vec![Vec::new(); nodes.len()];
+    for (i, node) in nodes.iter().enumerate().skip(1) {
+        children[node.parent as usize].push(i);
+    }
+    children
+}
+
+enum Step {
+    /// Move to this child.
+    Accept(usize),
+    /// Stop, emitting this token.
+    Emit(i32),
+}
+
+impl Step {
+    /// The point-mass rule in its single-draw form: `y` was drawn from the node's target distribution; the first
+    /// child holding `y` is accepted, else `y` is the emitted token.
+    fn from_point_mass(nodes: &[Node], kids: &[usize], y: i32) -> Step {
+        match kids.iter().find(|&&c| nodes[c].token == y) {
+            Some(&c) => Step::Accept(c),
+            None => Step::Emit(y),
+        }
+    }
+}
+
+/// SpecInfer's multi-step speculative sampling at one node whose children were drawn i.i.d. from `q` (for a
+/// chain, the single child is Leviathan's rule). `r / mass` is the current residual distribution: `p` as given
+/// (mass 1) before the first rejection, so a chain needs no normalising sum.
+fn verify_iid_children(
+    nodes: &[Node],
+    kids: &[usize],
+    p: Dist,
+    q: Dist,
+    noise: &RequestNoise,
+    node: u32,
+) -> Step {
+    let p = probabilities(p);
+    let q = probabilities(q);
+    let mut r = p.clone();
+    let mut mass = 1.0f64;
+    for (j, &child) in kids.iter().enumerate() {
+        let x = nodes[child].token as usize;
+        let u = noise.coin(node, j as u32);
+        // Exact in f64 while mass is 1 (a product of two f32): u q(x) < p(x) never accepts p(x) = 0, and always
+        // accepts p(x) >= q(x) > 0 because u < 1.
+        if f64::from(u) * f64::from(q[x]) * mass < f64::from(r[x]) {
+            return Step::Accept(child);
+        }
+        let scale = if mass == 1.0 { 1.0 } else { mass as f32 };
+        for (rx, &qx) in r.iter_mut().zip(&q) {
+            let residual = if scale == 1.0 {
+                *rx - qx
+            } else {
+                *rx / scale - qx
+            };
+            *rx = residual.max(0.0);
+        }
+        mass = r.iter().map(|&x| f64::from(x)).sum();
+    }
+    // No residual mass is reachable only through rounding (the rejected children's p <= q everywhere means
+    // p = q); then the draw falls back to p.
+    let weights = if mass > 0.0 { r } else { p };
+    Step::Emit(draw(&Dist::Weights(weights), noise, node) as i32)
+}
+
+/// The node's distribution: log weights for logits (temperature, top-k, top-p applied), or the given
+/// probabilities.
+fn distribution(rows: &Rows<'_>, row: usize, v: usize, params: Option<&RequestParams>) -> Dist {
+    let values = rows.row_f32(row, v);
+    let Some(params) = params else {
+        return Dist::Weights(values);
+    };
+    let t = params.temperature;
+    let mut z: Vec<f32> = values.iter().map(|&l| l / t).collect();
+    if let Some(k) = params.top_k {
+        let threshold = kth_largest(&z, k);
+        mask_below(&mut z, threshold);
+    }
+    if params.top_p < 1.0 {
+        let threshold = top_p_threshold(&z, params.top_p);
+        mask_below(&mut z, threshold);
+    }
+    Dist::Log(z)
+}
+
+fn mask_below(z: &mut [f32], threshold: f32) {
+    for x in z.iter_mut() {
+        if *x < threshold {
+            *x = f32::NEG_INFINITY;
+        }
+    }
+}
+
+/// The `k`-th largest value (counting repeats), `1 <= k <= len`.
+fn kth_largest(z: &[f32], k: usize) -> f32 {
+    let mut sorted = z.to_vec();
+    sorted.sort_unstable_by(|a, b| b.total_cmp(a));
+    sorted[k - 1]
+}
+
+/// The smallest kept log weight: walking the softmax of `z` in decreasing order, the first at which the
+/// cumulative mass reaches `top_p` (everything if rounding never gets there).
+fn top_p_threshold(z: &[f32], top_p: f32) -> f32 {
+    let probs = softmax(z);
+    let mut order: Vec<usize> = (0..z.len()).filter(|&i| z[i] > f32::NEG_INFINITY).collect();
+    order.sort_unstable_by(|&a, &b| z[b].total_cmp(&z[a]).then(a.cmp(&b)));
+    let mut cumulative = 0.0f64;
+    for &i in &order {
+        cumulative += probs[i];
+        if cumulative >= f64::from(top_p) {
+            return z[i];
+        }
+    }
+    f32::NEG_INFINITY
+}
+
+/// Softmax of log weights, in f64.
+fn softmax(z: &[f32]) -> Vec<f64> {
+    let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let exps: Vec<f64> = z.iter().map(|&x| f64::from(x - max).exp()).collect();
+    let sum: f64 = exps.iter().sum();
+    exps.into_iter().map(|e| e / sum).collect()
+}
+
+/// Probabilities (f32) of a distribution.
+fn probabilities(d: Dist) -> Vec<f32> {
+    match d {
+        Dist::Weights(w) => w,
+        Dist::Log(z) => softmax(&z).into_iter().map(|p| p as f32).collect(),
+    }
+}
+
+/// A token drawn from `d` with the node's noise: the exponential race `argmax w(x) / E_x` over `w(x) > 0`, or
+/// its log form `argmax z(x) - ln E_x` over `z(x) > -inf`; ties go to the lowest index.
+///
+/// Tokens are visited in increasing order, and a block of 4 whose keys cannot exceed the best key so far (by
+/// the bounds on the noise, [`noise::MIN_EXPONENTIAL`]) is skipped without drawing its noise: exact, since a
+/// skipped key is at most the best and a tie goes to the earlier token.
+fn draw(d: &Dist, noise: &RequestNoise, node: u32) -> usize {
+    let (v, key_ceiling) = match d {
+        Dist::Weights(w) => (w.len(), weight_ceiling as fn(&[f32], usize) -> f64),
+        Dist::Log(z) => (z.len(), log_weight_ceiling as fn(&[f32], usize) -> f64),
+    };
+    let values = match d {
+        Dist::Weights(w) => w,
+        Dist::Log(z) => z,
+    };
+    let mut best: Option<(f32, usize)> = None;
+    for first in (0..v).step_by(4) {
+        let lanes = first..(first + 4).min(v);
+        if let Some((best_key, _)) = best {
+            if lanes
+                .clone()
+                .all(|x| key_ceiling(values, x) < f64::from(best_key))
+            {
+                continue;
+            }
+        }
+        let block = noise.block(noise::Domain::Token, node, first as u32);
+        for x in lanes {
+            let e = noise::exponential(block[x - first]);
+            let key = match d {
+                Dist::Weights(w) if w[x] > 0.0 => w[x] / e,
+                Dist::Log(z) if z[x] > f32::NEG_INFINITY => z[x] - noise::ln(e),
+                _ => continue,
+            };
+            if best.is_none_or(|(k, _)| key > k) {
+                best = Some((key, x));
+            }
+        }
+    }
+    best.expect("a validated row has mass").1
+}
+
+/// An upper bound on the race key `w / E` of token `x` (`-inf` for no mass).
+fn weight_ceiling(w: &[f32], x: usize) -> f64 {
+    if w[x] > 0.0 {
+        f64::from(w[x]) / noise::MIN_EXPONENTIAL
+    } else {
+        f64::NEG_INFINITY
+    }
+}
+
+/// An upper bound on the key `z - ln E` of token `x`.
+fn log_weight_ceiling(z: &[f32], x: usize) -> f64 {
+    f64::from(z[x]) - noise::MIN_EXPONENTIAL.ln()
+}
+
+fn argmax_row(rows: &Rows<'_>, row: usize, v: usize) -> usize {
+    let range = row * v..(row + 1) * v;
+    match rows {
+        Rows::LogitsF32(r) | Rows::Probs(r) => super::argmax(&r[range]),
+        Rows::LogitsF16(r) => super::argmax(&r[range]),
+        Rows::LogitsBF16(r) => super::argmax(&r[range]),
+    }
+}

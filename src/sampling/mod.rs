@@ -1,0 +1,677 @@
+//! Lossless speculative verification by rejection sampling: chain and tree drafts, with or without the
+//! drafter's distributions, from logits (with temperature, top-k, top-p) or from probabilities.
+//!
+//! # Which algorithm for which drafter
+//!
+//! | drafter | call | rule at a node |
+//! |---|---|---|
+//! | a small model sampling a chain (EAGLE-1 chain, a draft model) | chain, with `draft` rows | accept `x` with probability `min(1, p(x)/q(x))`; on rejection draw from `norm(max(0, p - q))` |
+//! | n-gram, suffix tree ([`crate::drafter`]), prompt lookup, a greedy draft model | chain, no `draft` rows | the drafts are point masses: accept `x` with probability `p(x)`; on rejection draw from `p` without `x` |
+//! | a tree of deterministic children (top-k expansion, suffix-tree branches, EAGLE-2 / SGLang trees) | tree, no `draft` rows | children are point masses tried in order against the current residual |
+//! | a tree whose children were drawn i.i.d. from the drafter (SpecInfer) | tree, with `draft` rows | child `j`: accept with `min(1, p'(x_j)/q(x_j))`, else `p' = norm(max(0, p' - q))`; after the last child draw from `p'` |
+//!
+//! Every rule leaves the target distribution exactly unchanged, provided the drafts were chosen without looking
+//! at this call's noise, and (with `draft` rows) each draft token was drawn from the `q` row passed here, after
+//! the same temperature, top-k and top-p (the bug of transformers#47932: a different `q` in the ratio than the
+//! one sampled from biases the output).
+//!
+//! Point-mass nodes are computed in an equivalent, single-pass form: the node draws `y ~ p` (from its own
+//! noise); the first child whose token is `y` is accepted, and if there is none, `y` is the emitted token. The
+//! child tried `i`-th is then accepted with probability `p(x_i)` given that the earlier ones were rejected
+//! relative to the residual, which is the sequential rule above, and the emitted token has the residual's law.
+//!
+//! # Layout
+//!
+//! **Tree**: request `b` has `T_b = node_offsets[b+1] - node_offsets[b]` nodes (1 to [`MAX_TREE_NODES`]), at
+//! global index `g = node_offsets[b] + i`. Node 0 is the last accepted token (its `node_tokens` entry is not
+//! read); node `i >= 1` is a draft token `node_tokens[g]` whose parent is `parents[g]`, in `0..i` (`parents` of
+//! node 0 must be -1). Children of a node are tried in increasing index order. Target row `g` of
+//! `target: [sum T, V]` is the target's distribution after node `i`; draft row `g` of `draft: [sum T, V]` is
+//! the distribution node `i`'s children were drawn from (leaf rows are not read).
+//!
+//! **Chain**: the layout of greedy verification ([`crate::greedy`]): `k_b = draft_offsets[b+1] -
+//! draft_offsets[b]` drafts (0 to [`MAX_TREE_NODES`] - 1) at `draft_tokens[draft_offsets[b] ..]`, target rows
+//! `draft_offsets[b] + b + j` for `j = 0..=k_b` of `target: [num_draft_tokens + B, V]`, draft rows
+//! `draft_offsets[b] + j` for `j < k_b` of `draft: [num_draft_tokens, V]`. It is the tree whose node `j` is
+//! the `j`-th draft with parent `j - 1`.
+//!
+//! # Distributions
+//!
+//! * **Logits** (fp32, fp16, bf16) with [`SamplingParams`] per request: `z = logit / temperature` (in `f32`),
+//!   then top-k keeps `z >= ` the `k`-th largest `z` (ties kept), then top-p keeps, in decreasing order, the
+//!   smallest prefix whose softmax mass reaches `top_p` (ties with its last element kept), then softmax. The
+//!   same is applied to the draft rows. A logit may be `-inf` (probability 0); NaN and `+inf` are errors, and
+//!   a row must hold a finite logit. **Temperature 0** is greedy: the emitted tokens are exactly those of
+//!   [`crate::cpu::greedy_verify`] on the target rows (draft rows, top-k and top-p are ignored).
+//! * **Probabilities** (fp32): rows are used as given (finite, non-negative, a target row must have mass); no
+//!   sampling parameters. Acceptance assumes each row sums to 1.
+//!
+//! # Randomness
+//!
+//! Philox keyed by `seeds[b]`, indexed by `steps[b]`, node and token ([`noise`]): a request's result depends
+//! only on its own inputs, seed and step. Tokens are drawn by an exponential race, `argmax_x w(x) / E_x` over
+//! `w(x) > 0` (probability weights) or `argmax_x z(x) - ln E_x` over kept `x` (log weights, the Gumbel-max
+//! form), with `E_x` the node's per-token Exp(1) noise and ties to the lowest index; this needs no
+//! normalisation and no prefix sum, so a backend may split the vocabulary any way and get the same token. An
+//! acceptance coin `u` in (0, 1) accepts when `u * q(x) < p(x)`, computed exactly in `f64`: a token of zero
+//! target probability is never accepted, and `p(x) >= q(x) > 0` always is.
+//!
+//! CPU and CUDA agree bit for bit wherever no normalising constant is needed: point-mass nodes from logits
+//! without top-p, and every probability input except a tree node with `draft` rows that rejects two or more
+//! children (the residual's mass is a sum). Elsewhere softmax sums are rounded in a backend-specific order, and
+//! a draw may differ when a coin or race lands within rounding of a threshold.
+//!
+//! # Outputs
+//!
+//! * `accepted_counts: [B]`: `n_b`, the accepted drafts (the path length in the tree).
+//! * `emitted_tokens: [B, emit_width]`: the `n_b` accepted tokens, then the correction or bonus token, then
+//!   -1. `emit_width` must be at least the depth of every tree (the longest chain) plus one.
+//! * `accepted_nodes: [B, emit_width]` (optional): the node indices of the accepted path, then -1.
+//! * `accept_flags: [B, emit_width]` (optional): entry `d` is 1 when a child at depth `d + 1` was accepted, 0
+//!   when the node at depth `d` had children and all were rejected, -1 when nothing was tried.
+//!
+//! # Validation
+//!
+//! Shapes and the per-request contents (offsets, parents, draft ids, sampling parameters, NaN or `+inf`
+//! logits, negative or NaN probabilities) are checked by [`VerifyShape`] and [`check_request`] on the CPU and
+//! through the C ABI, which return [`Error::InvalidArgument`] naming the element. The CUDA kernels apply the
+//! same per-request rules and mark a failing request with `accepted_counts[b] = `[`REQUEST_INVALID`] and rows
+//! of -1, never reading or writing outside the documented arrays.
+
+pub mod noise;
+
+use half::{bf16, f16};
+
+use crate::error::{check_len, Error, Result};
+use crate::LogitsElement;
+
+pub use crate::greedy::REQUEST_INVALID;
+pub use noise::RequestNoise;
+
+/// The most nodes of one request's tree, its root included (64 drafts and the last accepted token).
+pub const MAX_TREE_NODES: usize = 65;
+
+/// The target or draft rows of a call.
+#[derive(Debug, Clone, Copy)]
+pub enum Rows<'a> {
+    /// fp32 logits.
+    LogitsF32(&'a [f32]),
+    /// fp16 logits.
+    LogitsF16(&'a [f16]),
+    /// bf16 logits.
+    LogitsBF16(&'a [bf16]),
+    /// fp32 probabilities.
+    Probs(&'a [f32]),
+}
+
+impl Rows<'_> {
+    /// Elements.
+    pub fn len(&self) -> usize {
+        match self {
+            Rows::LogitsF32(r) => r.len(),
+            Rows::LogitsF16(r) => r.len(),
+            Rows::LogitsBF16(r) => r.len(),
+            Rows::Probs(r) => r.len(),
+        }
+    }
+
+    /// Whether there are no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether these are logits (else probabilities).
+    pub fn is_logits(&self) -> bool {
+        !matches!(self, Rows::Probs(_))
+    }
+
+    /// Row `row` (of `vocab_size` elements) as `f32`.
+    pub fn row_f32(&self, row: usize, vocab_size: usize) -> Vec<f32> {
+        fn convert<T: LogitsElement>(r: &[T], row: usize, v: usize) -> Vec<f32> {
+            r[row * v..(row + 1) * v]
+                .iter()
+                .map(|x| x.to_f32())
+                .collect()
+        }
+        match self {
+            Rows::LogitsF32(r) | Rows::Probs(r) => {
+                r[row * vocab_size..(row + 1) * vocab_size].to_vec()
+            }
+            Rows::LogitsF16(r) => convert(r, row, vocab_size),
+            Rows::LogitsBF16(r) => convert(r, row, vocab_size),
+        }
+    }
+
+    fn same_kind(&self, other: &Rows<'_>) -> bool {
+        std::mem::discriminant(self) == std::mem::discriminant(other)
+    }
+}
+
+/// Per-request sampling parameters of logits inputs (`[B]` each).
+#[derive(Debug, Clone, Copy)]
+pub struct SamplingParams<'a> {
+    /// Finite and `>= 0`; 0 is greedy.
+    pub temperature: &'a [f32],
+    /// `None`, or per request -1 (off) or `1..=V`.
+    pub top_k: Option<&'a [i32]>,
+    /// `None`, or per request in (0, 1]; 1 is off.
+    pub top_p: Option<&'a [f32]>,
+}
+
+/// One request's sampling parameters, checked.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RequestParams {
+    /// 0 is greedy.
+    pub temperature: f32,
+    /// `None` when off.
+    pub top_k: Option<usize>,
+    /// 1 when off.
+    pub top_p: f32,
+}
+
+/// How the drafts of a call are laid out.
+#[derive(Debug, Clone, Copy)]
+pub enum Drafts<'a> {
+    /// Ragged chains, the layout of greedy verification.
+    Chain {
+        /// `[B + 1]`.
+        draft_offsets: &'a [i32],
+        /// `[num_draft_tokens]`.
+        draft_tokens: &'a [i32],
+    },
+    /// Trees as parent arrays.
+    Tree {
+        /// `[B + 1]`.
+        node_offsets: &'a [i32],
+        /// `[sum T]`; node 0's entry is not read.
+        node_tokens: &'a [i32],
+        /// `[sum T]`; -1 for node 0, else in `0..i`.
+        parents: &'a [i32],
+    },
+}
+
+/// Everything a verification call reads.
+#[derive(Debug, Clone, Copy)]
+pub struct VerifyInputs<'a> {
+    /// `V`.
+    pub vocab_size: usize,
+    /// The drafts and their layout.
+    pub drafts: Drafts<'a>,
+    /// Target rows: one per node (tree) or per draft plus one per request (chain).
+    pub target: Rows<'a>,
+    /// Draft rows, of the same kind as `target`, or `None` for point-mass drafts.
+    pub draft: Option<Rows<'a>>,
+    /// Required with logits, `None` with probabilities.
+    pub params: Option<SamplingParams<'a>>,
+    /// `[B]`: the Philox key of each request.
+    pub seeds: &'a [u64],
+    /// `[B]`: each request's step counter.
+    pub steps: &'a [u64],
+}
+
+/// Everything a verification call writes.
+#[derive(Debug)]
+pub struct VerifyOutputs<'a> {
+    /// The row length of the `[B, emit_width]` outputs.
+    pub emit_width: usize,
+    /// `[B]`.
+    pub accepted_counts: &'a mut [i32],
+    /// `[B, emit_width]`.
+    pub emitted_tokens: &'a mut [i32],
+    /// `[B, emit_width]`, optional.
+    pub accepted_nodes: Option<&'a mut [i32]>,
+    /// `[B, emit_width]`, optional.
+    pub accept_flags: Option<&'a mut [i8]>,
+}
+
+/// The validated sizes of a verification call; constructing one is the only way into a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VerifyShape {
+    /// `B`.
+    pub num_requests: usize,
+    /// `V`.
+    pub vocab_size: usize,
+    /// Chain: draft tokens; tree: nodes.
+    pub num_tokens: usize,
+    /// Whether the drafts are trees.
+    pub tree: bool,
+    /// Row length of the `[B, emit_width]` outputs.
+    pub emit_width: usize,
+}
+
+impl VerifyShape {
+    /// Checks the sizes: `V` and `emit_width` at least 1, ids and offsets representable as `i32`, no array
+    /// overflowing the address space.
+    pub fn new(
+        num_requests: usize,
+        vocab_size: usize,
+        num_tokens: usize,
+        tree: bool,
+        emit_width: usize,
+    ) -> Result<Self> {
+        let max = i32::MAX as usize;
+        if vocab_size == 0 || vocab_size > max {
+            return Err(Error::invalid(
+                "vocab_size",
+                format!("is {vocab_size}, must be in 1..={max}"),
+            ));
+        }
+        if emit_width == 0 || emit_width > max {
+            return Err(Error::invalid(
+                "emit_width",
+                format!("is {emit_width}, must be in 1..={max}"),
+            ));
+        }
+        let tokens = if tree {
+            "num_nodes"
+        } else {
+            "num_draft_tokens"
+        };
+        if num_tokens > max {
+            return Err(Error::invalid(
+                tokens,
+                format!("is {num_tokens}, must be at most {max}"),
+            ));
+        }
+        if num_requests >= max {
+            return Err(Error::invalid(
+                "num_requests",
+                format!("is {num_requests}, must be below {max}"),
+            ));
+        }
+        let shape = VerifyShape {
+            num_requests,
+            vocab_size,
+            num_tokens,
+            tree,
+            emit_width,
+        };
+        let rows = shape.target_rows();
+        if rows > max
+            || rows
+                .checked_mul(vocab_size)
+                .and_then(|n| n.checked_mul(4))
+                .is_none_or(|b| b > isize::MAX as usize)
+        {
+            return Err(Error::invalid(
+                "target",
+                format!("{rows} rows of {vocab_size} overflow the address space"),
+            ));
+        }
+        if num_requests
+            .checked_mul(emit_width)
+            .is_none_or(|n| n > isize::MAX as usize / 4)
+        {
+            return Err(Error::invalid(
+                "emitted_tokens",
+                "num_requests * emit_width overflows the address space",
+            ));
+        }
+        Ok(shape)
+    }
+
+    /// Rows of `target`.
+    pub fn target_rows(&self) -> usize {
+        if self.tree {
+            self.num_tokens
+        } else {
+            self.num_tokens + self.num_requests
+        }
+    }
+
+    /// Rows of `draft`: one per node (tree) or per draft token (chain).
+    pub fn draft_rows(&self) -> usize {
+        self.num_tokens
+    }
+
+    /// Elements of each `[B, emit_width]` output.
+    pub fn output_len(&self) -> usize {
+        self.num_requests * self.emit_width
+    }
+
+    /// The shape of `inputs` and `outputs`, with every length and the kinds of rows and parameters checked.
+    pub fn of(inputs: &VerifyInputs<'_>, outputs: &VerifyOutputs<'_>) -> Result<Self> {
+        let (offsets, tokens, tree) = match inputs.drafts {
+            Drafts::Chain {
+                draft_offsets,
+                draft_tokens,
+            } => (draft_offsets, draft_tokens.len(), false),
+            Drafts::Tree {
+                node_offsets,
+                node_tokens,
+                parents,
+            } => {
+                check_len("parents", parents.len(), node_tokens.len())?;
+                (node_offsets, node_tokens.len(), true)
+            }
+        };
+        let offsets_name = if tree {
+            "node_offsets"
+        } else {
+            "draft_offsets"
+        };
+        let num_requests = offsets.len().checked_sub(1).ok_or_else(|| {
+            Error::invalid(offsets_name, "is empty; it needs num_requests + 1 elements")
+        })?;
+        let shape = Self::new(
+            num_requests,
+            inputs.vocab_size,
+            tokens,
+            tree,
+            outputs.emit_width,
+        )?;
+        shape.check_inputs(inputs)?;
+        shape.check_outputs(outputs)?;
+        Ok(shape)
+    }
+
+    fn check_inputs(&self, inputs: &VerifyInputs<'_>) -> Result<()> {
+        let b = self.num_requests;
+        check_len(
+            "target",
+            inputs.target.len(),
+            self.target_rows() * self.vocab_size,
+        )?;
+        if let Some(draft) = &inputs.draft {
+            if !draft.same_kind(&inputs.target) {
+                return Err(Error::invalid(
+                    "draft",
+                    "must be of the same kind (logits dtype or probabilities) as target",
+                ));
+            }
+            check_len("draft", draft.len(), self.draft_rows() * self.vocab_size)?;
+        }
+        match (inputs.target.is_logits(), &inputs.params) {
+            (true, None) => {
+                return Err(Error::invalid("params", "logits need sampling parameters (temperature at least)"))
+            }
+            (false, Some(_)) => {
+                return Err(Error::invalid(
+                    "params",
+                    "probabilities take no sampling parameters: apply temperature, top-k and top-p before",
+                ))
+            }
+            (true, Some(p)) => {
+                check_len("temperature", p.temperature.len(), b)?;
+                if let Some(top_k) = p.top_k {
+                    check_len("top_k", top_k.len(), b)?;
+                }
+                if let Some(top_p) = p.top_p {
+                    check_len("top_p", top_p.len(), b)?;
+                }
+            }
+            (false, None) => {}
+        }
+        check_len("seeds", inputs.seeds.len(), b)?;
+        check_len("steps", inputs.steps.len(), b)
+    }
+
+    fn check_outputs(&self, outputs: &VerifyOutputs<'_>) -> Result<()> {
+        check_len(
+            "accepted_counts",
+            outputs.accepted_counts.len(),
+            self.num_requests,
+        )?;
+        check_len(
+            "emitted_tokens",
+            outputs.emitted_tokens.len(),
+            self.output_len(),
+        )?;
+        if let Some(nodes) = &outputs.accepted_nodes {
+            check_len("accepted_nodes", nodes.len(), self.output_len())?;
+        }
+        if let Some(flags) = &outputs.accept_flags {
+            check_len("accept_flags", flags.len(), self.output_len())?;
+        }
+        Ok(())
+    }
+}
+
+/// One node of a request's tree, with where its rows are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Node {
+    /// The draft token (node 0: not used, -1).
+    pub token: i32,
+    /// The parent's index (node 0: -1).
+    pub parent: i32,
+    /// Its row in `target`.
+    pub target_row: usize,
+    /// Its row in `draft`, or `None` for a chain's last node (which has no children).
+    pub draft_row: Option<usize>,
+}
+
+/// Request `b`'s tree and parameters, checked: the rules every backend applies (the CUDA kernels check the
+/// same per request). Row contents are checked separately by [`check_rows`].
+pub fn check_request(
+    shape: &VerifyShape,
+    inputs: &VerifyInputs<'_>,
+    b: usize,
+) -> Result<(Vec<Node>, Option<RequestParams>)> {
+    let nodes = match inputs.drafts {
+        Drafts::Chain {
+            draft_offsets,
+            draft_tokens,
+        } => {
+            let (first, last) = check_offsets("draft_offsets", draft_offsets, b, shape.num_tokens)?;
+            let k = last - first;
+            if k + 1 > MAX_TREE_NODES {
+                return Err(Error::invalid(
+                    format!("draft_offsets[{}]", b + 1),
+                    format!(
+                        "gives request {b} {k} drafts; at most {} are supported",
+                        MAX_TREE_NODES - 1
+                    ),
+                ));
+            }
+            let mut nodes = vec![Node {
+                token: -1,
+                parent: -1,
+                target_row: first + b,
+                draft_row: Some(first),
+            }];
+            for j in 1..=k {
+                nodes.push(Node {
+                    token: draft_tokens[first + j - 1],
+                    parent: j as i32 - 1,
+                    target_row: first + b + j,
+                    draft_row: (j < k).then_some(first + j),
+                });
+            }
+            if k == 0 {
+                nodes[0].draft_row = None;
+            }
+            for (j, node) in nodes.iter().enumerate().skip(1) {
+                check_token(shape, "draft_tokens", first + j - 1, node.token)?;
+            }
+            nodes
+        }
+        Drafts::Tree {
+            node_offsets,
+            node_tokens,
+            parents,
+        } => {
+            let (first, last) = check_offsets("node_offsets", node_offsets, b, shape.num_tokens)?;
+            let t = last - first;
+            if t == 0 || t > MAX_TREE_NODES {
+                return Err(Error::invalid(
+                    format!("node_offsets[{}]", b + 1),
+                    format!("gives request {b} {t} nodes; a tree has 1..={MAX_TREE_NODES} (its root included)"),
+                ));
+            }
+            let mut nodes = Vec::with_capacity(t);
+            for i in 0..t {
+                let g = first + i;
+                let parent = parents[g];
+                let ok = if i == 0 {
+                    parent == -1
+                } else {
+                    parent >= 0 && (parent as usize) < i
+                };
+                if !ok {
+                    let rule = if i == 0 {
+                        "must be -1 (node 0 is the root)".to_string()
+                    } else {
+                        format!("must be in 0..{i} (topological order)")
+                    };
+                    return Err(Error::invalid(
+                        format!("parents[{g}]"),
+                        format!("is {parent}; node {i} of request {b}: {rule}"),
+                    ));
+                }
+                let token = if i == 0 { -1 } else { node_tokens[g] };
+                if i > 0 {
+                    check_token(shape, "node_tokens", g, token)?;
+                }
+                nodes.push(Node {
+                    token,
+                    parent,
+                    target_row: g,
+                    draft_row: Some(g),
+                });
+            }
+            nodes
+        }
+    };
+    let mut depth = vec![0usize; nodes.len()];
+    for i in 1..nodes.len() {
+        depth[i] = depth[nodes[i].parent as usize] + 1;
+    }
+    let max_depth = depth.iter().copied().max().unwrap_or(0);
+    if max_depth + 1 > shape.emit_width {
+        return Err(Error::invalid(
+            "emit_width",
+            format!(
+                "is {}, but request {b} has a path of {max_depth} drafts and emits up to {}",
+                shape.emit_width,
+                max_depth + 1
+            ),
+        ));
+    }
+    let params = inputs
+        .params
+        .map(|p| check_params(shape, &p, b))
+        .transpose()?;
+    Ok((nodes, params))
+}
+
+fn check_offsets(name: &str, offsets: &[i32], b: usize, limit: usize) -> Result<(usize, usize)> {
+    let (first, last) = (offsets[b], offsets[b + 1]);
+    let limit_i = limit as i64;
+    if first < 0 || i64::from(first) > limit_i {
+        return Err(Error::invalid(
+            format!("{name}[{b}]"),
+            format!("is {first}, outside 0..={limit}"),
+        ));
+    }
+    if last < first || i64::from(last) > limit_i {
+        return Err(Error::invalid(
+            format!("{name}[{}]", b + 1),
+            format!(
+                "is {last}; offsets must be non-decreasing (previous {first}) and at most {limit}"
+            ),
+        ));
+    }
+    Ok((first as usize, last as usize))
+}
+
+fn check_token(shape: &VerifyShape, name: &str, index: usize, token: i32) -> Result<()> {
+    if token < 0 || token as usize >= shape.vocab_size {
+        return Err(Error::invalid(
+            format!("{name}[{index}]"),
+            format!(
+                "is {token}, outside the vocabulary 0..{} (padding with -1 is not a draft)",
+                shape.vocab_size
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn check_params(shape: &VerifyShape, p: &SamplingParams<'_>, b: usize) -> Result<RequestParams> {
+    let temperature = p.temperature[b];
+    if !(temperature.is_finite() && temperature >= 0.0) {
+        return Err(Error::invalid(
+            format!("temperature[{b}]"),
+            format!("is {temperature}, must be finite and >= 0 (0 is greedy)"),
+        ));
+    }
+    let top_k = match p.top_k.map(|k| k[b]) {
+        None | Some(-1) => None,
+        Some(k) if k >= 1 && k as usize <= shape.vocab_size => Some(k as usize),
+        Some(k) => {
+            return Err(Error::invalid(
+                format!("top_k[{b}]"),
+                format!("is {k}, must be -1 (off) or in 1..={}", shape.vocab_size),
+            ))
+        }
+    };
+    let top_p = p.top_p.map_or(1.0, |t| t[b]);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(Error::invalid(
+            format!("top_p[{b}]"),
+            format!("is {top_p}, must be in (0, 1] (1 is off)"),
+        ));
+    }
+    Ok(RequestParams {
+        temperature,
+        top_k,
+        top_p,
+    })
+}
+
+/// Checks the values of row `row` (`name` is `target` or `draft`): logits may not be NaN or `+inf`, and
+/// probabilities must be finite and non-negative; a row that is read as a distribution (`needs_mass`: every
+/// target row, and the draft row of a node with children) needs a finite logit or a positive probability.
+/// `logits` is `None` for probabilities, else request `b` and its temperature: with a positive temperature,
+/// `logit / temperature` must stay finite.
+pub fn check_row_values(
+    name: &str,
+    values: &[f32],
+    row: usize,
+    logits: Option<(usize, f32)>,
+    needs_mass: bool,
+) -> Result<()> {
+    let bad = |i: usize, why: &str| {
+        Err(Error::invalid(
+            format!("{name}[{row}, {i}]"),
+            format!("is {}: {why}", values[i]),
+        ))
+    };
+    if let Some((b, temperature)) = logits {
+        if let Some(i) = values
+            .iter()
+            .position(|x| x.is_nan() || *x == f32::INFINITY)
+        {
+            return bad(i, "logits may not be NaN or +inf");
+        }
+        let overflows = |x: f32| x.is_finite() && (x / temperature).is_infinite();
+        if temperature > 0.0 {
+            if let Some(i) = values.iter().position(|&x| overflows(x)) {
+                return Err(Error::invalid(
+                    format!("temperature[{b}]"),
+                    format!(
+                        "is {temperature}: {name}[{row}, {i}] = {} divided by it overflows f32",
+                        values[i]
+                    ),
+                ));
+            }
+        }
+        if needs_mass && values.iter().all(|x| *x == f32::NEG_INFINITY) {
+            return Err(Error::invalid(
+                format!("{name}[{row}]"),
+                "has no finite logit",
+            ));
+        }
+    } else {
+        if let Some(i) = values.iter().position(|x| !(x.is_finite() && *x >= 0.0)) {
+            return bad(i, "probabilities must be finite and >= 0");
+        }
+        if needs_mass && values.iter().all(|x| *x == 0.0) {
+            return Err(Error::invalid(
+                format!("{name}[{row}]"),
+                "has no probability mass",
+            ));
+        }
+    }
+    Ok(())
+}

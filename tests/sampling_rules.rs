@@ -1,0 +1,525 @@
+//! The rules of the rejection samplers other than exactness: a request's result depends only on its own inputs,
+//! seed and step; temperature 0 is greedy verification; bad input gets an error naming the argument.
+
+mod common;
+
+use half::bf16;
+use rand::Rng;
+use specdec::cpu;
+use specdec::sampling::{Drafts, Rows, SamplingParams, VerifyInputs, VerifyOutputs};
+use specdec::Error;
+
+/// A batch of chain requests with bf16 logits and draft rows, ready to be verified whole or in parts.
+#[derive(Clone)]
+struct ChainBatch {
+    vocab: usize,
+    drafts: Vec<Vec<i32>>,
+    /// Per request: k + 1 target rows, then k draft rows.
+    target: Vec<Vec<bf16>>,
+    draft: Vec<Vec<bf16>>,
+    temperature: Vec<f32>,
+    top_k: Vec<i32>,
+    top_p: Vec<f32>,
+    seeds: Vec<u64>,
+    steps: Vec<u64>,
+}
+
+/// One request's outputs: (accepted, emitted, nodes, flags).
+type Result1 = (i32, Vec<i32>, Vec<i32>, Vec<i8>);
+
+impl ChainBatch {
+    fn random(rng: &mut impl Rng, b: usize, vocab: usize) -> ChainBatch {
+        let mut batch = ChainBatch {
+            vocab,
+            drafts: vec![],
+            target: vec![],
+            draft: vec![],
+            temperature: vec![],
+            top_k: vec![],
+            top_p: vec![],
+            seeds: vec![],
+            steps: vec![],
+        };
+        for i in 0..b {
+            let k = rng.random_range(0..6);
+            let mut row = |n: usize| -> Vec<bf16> {
+                (0..n * vocab)
+                    .map(|_| bf16::from_f32(rng.random_range(-3.0..3.0)))
+                    .collect()
+            };
+            let target = row(k + 1);
+            let draft = row(k);
+            // Half the drafts are the target's argmax, so that chains get accepted.
+            let drafts = (0..k)
+                .map(|j| {
+                    if rng.random_bool(0.5) {
+                        common::naive_argmax(&target[j * vocab..(j + 1) * vocab]) as i32
+                    } else {
+                        rng.random_range(0..vocab as i32)
+                    }
+                })
+                .collect();
+            batch.drafts.push(drafts);
+            batch.target.push(target);
+            batch.draft.push(draft);
+            batch.temperature.push([0.0, 0.7, 1.0, 1.3][i % 4]);
+            batch.top_k.push(if i % 3 == 0 { 5 } else { -1 });
+            batch.top_p.push(if i % 5 == 0 { 0.9 } else { 1.0 });
+            batch.seeds.push(rng.random());
+            batch.steps.push(rng.random_range(0..1000));
+        }
+        batch
+    }
+
+    fn subset(&self, order: &[usize]) -> ChainBatch {
+        fn pick<T: Copy>(v: &[T], order: &[usize]) -> Vec<T> {
+            order.iter().map(|&i| v[i]).collect()
+        }
+        ChainBatch {
+            vocab: self.vocab,
+            drafts: order.iter().map(|&i| self.drafts[i].clone()).collect(),
+            target: order.iter().map(|&i| self.target[i].clone()).collect(),
+            draft: order.iter().map(|&i| self.draft[i].clone()).collect(),
+            temperature: pick(&self.temperature, order),
+            top_k: pick(&self.top_k, order),
+            top_p: pick(&self.top_p, order),
+            seeds: pick(&self.seeds, order),
+            steps: pick(&self.steps, order),
+        }
+    }
+
+    fn run(&self, with_q: bool) -> Result<Vec<Result1>, Error> {
+        let b = self.drafts.len();
+        let width = 7;
+        let mut offsets = vec![0i32];
+        for d in &self.drafts {
+            offsets.push(offsets.last().unwrap() + d.len() as i32);
+        }
+        let tokens: Vec<i32> = self.drafts.concat();
+        let target: Vec<bf16> = self.target.concat();
+        let draft: Vec<bf16> = self.draft.concat();
+        let inputs = VerifyInputs {
+            vocab_size: self.vocab,
+            drafts: Drafts::Chain {
+                draft_offsets: &offsets,
+                draft_tokens: &tokens,
+            },
+            target: Rows::LogitsBF16(&target),
+            draft: with_q.then_some(Rows::LogitsBF16(&draft)),
+            params: Some(SamplingParams {
+                temperature: &self.temperature,
+                top_k: Some(&self.top_k),
+                top_p: Some(&self.top_p),
+            }),
+            seeds: &self.seeds,
+            steps: &self.steps,
+        };
+        let mut accepted = vec![-7; b];
+        let mut emitted = vec![-7; b * width];
+        let mut nodes = vec![-7; b * width];
+        let mut flags = vec![-7i8; b * width];
+        let mut outputs = VerifyOutputs {
+            emit_width: width,
+            accepted_counts: &mut accepted,
+            emitted_tokens: &mut emitted,
+            accepted_nodes: Some(&mut nodes),
+            accept_flags: Some(&mut flags),
+        };
+        cpu::rejection_verify(&inputs, &mut outputs)?;
+        Ok((0..b)
+            .map(|i| {
+                let r = i * width..(i + 1) * width;
+                (
+                    accepted[i],
+                    emitted[r.clone()].to_vec(),
+                    nodes[r.clone()].to_vec(),
+                    flags[r].to_vec(),
+                )
+            })
+            .collect())
+    }
+}
+
+#[test]
+fn a_request_depends_only_on_its_inputs_seed_and_step() {
+    // vllm#6038: per-request seeds ignored; flashinfer: the stream depends on the batch position.
+    let mut rng = common::rng("a_request_depends_only_on_its_inputs_seed_and_step");
+    let batch = ChainBatch::random(&mut rng, 24, 301);
+    for with_q in [true, false] {
+        let whole = batch.run(with_q).unwrap();
+        let reversed: Vec<usize> = (0..24).rev().collect();
+        let backwards = batch.subset(&reversed).run(with_q).unwrap();
+        for i in 0..24 {
+            assert_eq!(
+                whole[i],
+                backwards[23 - i],
+                "request {i} changed with its batch position"
+            );
+            assert_eq!(
+                whole[i],
+                batch.subset(&[i]).run(with_q).unwrap()[0],
+                "request {i} changed alone"
+            );
+        }
+        // A different seed or step changes some sampled results (temperature > 0), never a greedy one.
+        for change in ["seed", "step"] {
+            let mut other = batch.clone();
+            for i in 0..24 {
+                if change == "seed" {
+                    other.seeds[i] ^= 0x9E37_79B9;
+                } else {
+                    other.steps[i] += 1;
+                }
+            }
+            let moved = other.run(with_q).unwrap();
+            let differ = (0..24).filter(|&i| moved[i] != whole[i]).count();
+            assert!(
+                differ >= 6,
+                "only {differ} of 24 requests changed with the {change}"
+            );
+            for i in (0..24).filter(|i| i % 4 == 0) {
+                assert_eq!(
+                    moved[i], whole[i],
+                    "greedy request {i} changed with the {change}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn temperature_zero_is_greedy_verification_mixed_in_a_batch() {
+    let mut rng = common::rng("temperature_zero_is_greedy_verification_mixed_in_a_batch");
+    let batch = ChainBatch::random(&mut rng, 40, 1000);
+    for with_q in [true, false] {
+        let results = batch.run(with_q).unwrap();
+        for i in (0..40).filter(|i| i % 4 == 0) {
+            let k = batch.drafts[i].len();
+            let (mut accepted, mut emitted) = ([0i32], vec![0i32; k + 1]);
+            cpu::greedy_verify(
+                &batch.target[i],
+                1000,
+                &[0, k as i32],
+                &batch.drafts[i],
+                k + 1,
+                &mut accepted,
+                &mut emitted,
+            )
+            .unwrap();
+            assert_eq!(results[i].0, accepted[0], "request {i}");
+            assert_eq!(&results[i].1[..k + 1], &emitted[..], "request {i}");
+        }
+    }
+}
+
+/// A one-request tree call on probabilities; `edit` breaks one input.
+fn tree_call(edit: impl FnOnce(&mut TreeCall)) -> Result<(), Error> {
+    let mut c = TreeCall {
+        vocab: 8,
+        offsets: vec![0, 4],
+        tokens: vec![-1, 1, 2, 3],
+        parents: vec![-1, 0, 0, 1],
+        target: vec![0.125; 32],
+        draft: Some(vec![0.125; 32]),
+        seeds: vec![1],
+        steps: vec![0],
+        width: 3,
+    };
+    edit(&mut c);
+    let drafts = Drafts::Tree {
+        node_offsets: &c.offsets,
+        node_tokens: &c.tokens,
+        parents: &c.parents,
+    };
+    let inputs = VerifyInputs {
+        vocab_size: c.vocab,
+        drafts,
+        target: Rows::Probs(&c.target),
+        draft: c.draft.as_deref().map(Rows::Probs),
+        params: None,
+        seeds: &c.seeds,
+        steps: &c.steps,
+    };
+    let b = c.offsets.len().saturating_sub(1);
+    let (mut accepted, mut emitted) = (vec![-9; b], vec![-9; b * c.width]);
+    let mut outputs = VerifyOutputs {
+        emit_width: c.width,
+        accepted_counts: &mut accepted,
+        emitted_tokens: &mut emitted,
+        accepted_nodes: None,
+        accept_flags: None,
+    };
+    let result = cpu::rejection_verify(&inputs, &mut outputs);
+    if result.is_err() {
+        assert!(
+            accepted.iter().chain(&emitted).all(|&x| x == -9),
+            "outputs written by a failing call"
+        );
+    }
+    result
+}
+
+struct TreeCall {
+    vocab: usize,
+    offsets: Vec<i32>,
+    tokens: Vec<i32>,
+    parents: Vec<i32>,
+    target: Vec<f32>,
+    draft: Option<Vec<f32>>,
+    seeds: Vec<u64>,
+    steps: Vec<u64>,
+    width: usize,
+}
+
+fn assert_names(result: Result<(), Error>, argument: &str, words: &str) {
+    match result {
+        Err(Error::InvalidArgument {
+            argument: a,
+            reason,
+        }) => {
+            assert_eq!(a, argument, "reason: {reason}");
+            assert!(
+                reason.contains(words),
+                "{argument}: {reason:?} does not say {words:?}"
+            );
+        }
+        other => panic!("expected an error naming {argument}, got {other:?}"),
+    }
+}
+
+#[test]
+fn bad_trees_and_probabilities_are_errors_naming_the_element() {
+    tree_call(|_| {}).unwrap();
+    assert_names(tree_call(|c| c.parents[3] = 3), "parents[3]", "topological");
+    assert_names(
+        tree_call(|c| c.parents[2] = -1),
+        "parents[2]",
+        "topological",
+    );
+    assert_names(tree_call(|c| c.parents[0] = 0), "parents[0]", "root");
+    assert_names(
+        tree_call(|c| c.tokens[2] = 8),
+        "node_tokens[2]",
+        "vocabulary",
+    );
+    assert_names(tree_call(|c| c.tokens[1] = -1), "node_tokens[1]", "padding");
+    assert_names(tree_call(|c| c.width = 2), "emit_width", "path of 2");
+    assert_names(
+        tree_call(|c| c.offsets = vec![0, 0]),
+        "node_offsets[1]",
+        "1..=65",
+    );
+    assert_names(
+        tree_call(|c| c.offsets = vec![0, 5]),
+        "node_offsets[1]",
+        "at most 4",
+    );
+    assert_names(
+        tree_call(|c| c.target[9] = -0.5),
+        "target[1, 1]",
+        "finite and >= 0",
+    );
+    assert_names(
+        tree_call(|c| c.target[9] = f32::NAN),
+        "target[1, 1]",
+        "finite",
+    );
+    assert_names(
+        tree_call(|c| c.target[8..16].fill(0.0)),
+        "target[1]",
+        "no probability mass",
+    );
+    assert_names(
+        tree_call(|c| c.draft.as_mut().unwrap()[17] = f32::INFINITY),
+        "draft[2, 1]",
+        "finite",
+    );
+    // A leaf's draft row is not a distribution anything was drawn from: it may be all zero.
+    tree_call(|c| c.draft.as_mut().unwrap()[24..].fill(0.0)).unwrap();
+    assert_names(
+        tree_call(|c| c.draft.as_mut().unwrap()[8..16].fill(0.0)),
+        "draft[1]",
+        "no probability mass",
+    );
+    assert_names(tree_call(|c| c.seeds.clear()), "seeds", "");
+    assert_names(
+        tree_call(|c| c.target.pop().map(|_| ()).unwrap()),
+        "target",
+        "",
+    );
+    assert_names(tree_call(|c| c.vocab = 0), "vocab_size", "");
+    // 64 drafts fit; 65 do not.
+    let chain = |n: usize| {
+        move |c: &mut TreeCall| {
+            c.offsets = vec![0, n as i32];
+            c.tokens = (0..n as i32).map(|i| i % 8).collect();
+            c.parents = (-1..n as i32 - 1).collect();
+            c.target = vec![0.125; 8 * n];
+            c.draft = None;
+            c.width = n;
+        }
+    };
+    tree_call(chain(65)).unwrap();
+    assert_names(tree_call(chain(66)), "node_offsets[1]", "1..=65");
+}
+
+/// A one-request chain call on f32 logits with sampling parameters; `edit` breaks one input.
+fn chain_call(
+    edit: impl FnOnce(&mut Vec<f32>, &mut Vec<i32>, &mut f32, &mut i32, &mut f32),
+) -> Result<(), Error> {
+    let (mut logits, mut drafts) = (vec![0.5f32; 3 * 10], vec![1, 2]);
+    let (mut t, mut k, mut p) = (1.0f32, -1i32, 1.0f32);
+    edit(&mut logits, &mut drafts, &mut t, &mut k, &mut p);
+    let inputs = VerifyInputs {
+        vocab_size: 10,
+        drafts: Drafts::Chain {
+            draft_offsets: &[0, 2],
+            draft_tokens: &drafts,
+        },
+        target: Rows::LogitsF32(&logits),
+        draft: None,
+        params: Some(SamplingParams {
+            temperature: &[t],
+            top_k: Some(&[k]),
+            top_p: Some(&[p]),
+        }),
+        seeds: &[3],
+        steps: &[4],
+    };
+    let (mut accepted, mut emitted) = ([0], [0; 3]);
+    cpu::rejection_verify(
+        &inputs,
+        &mut VerifyOutputs {
+            emit_width: 3,
+            accepted_counts: &mut accepted,
+            emitted_tokens: &mut emitted,
+            accepted_nodes: None,
+            accept_flags: None,
+        },
+    )
+}
+
+#[test]
+fn bad_logits_and_sampling_parameters_are_errors_naming_the_element() {
+    chain_call(|_, _, _, _, _| {}).unwrap();
+    assert_names(
+        chain_call(|_, d, _, _, _| d[1] = 10),
+        "draft_tokens[1]",
+        "vocabulary",
+    );
+    assert_names(
+        chain_call(|l, _, _, _, _| l[13] = f32::NAN),
+        "target[1, 3]",
+        "NaN",
+    );
+    assert_names(
+        chain_call(|l, _, _, _, _| l[13] = f32::INFINITY),
+        "target[1, 3]",
+        "+inf",
+    );
+    assert_names(
+        chain_call(|l, _, _, _, _| l[10..20].fill(f32::NEG_INFINITY)),
+        "target[1]",
+        "no finite logit",
+    );
+    // -inf is a masked token, not an error.
+    chain_call(|l, _, _, _, _| l[13] = f32::NEG_INFINITY).unwrap();
+    assert_names(
+        chain_call(|_, _, t, _, _| *t = -0.5),
+        "temperature[0]",
+        ">= 0",
+    );
+    assert_names(
+        chain_call(|_, _, t, _, _| *t = f32::NAN),
+        "temperature[0]",
+        "finite",
+    );
+    assert_names(
+        chain_call(|_, _, t, _, _| *t = f32::INFINITY),
+        "temperature[0]",
+        "finite",
+    );
+    assert_names(chain_call(|_, _, _, k, _| *k = 0), "top_k[0]", "-1 (off)");
+    assert_names(chain_call(|_, _, _, k, _| *k = 11), "top_k[0]", "1..=10");
+    assert_names(chain_call(|_, _, _, k, _| *k = -2), "top_k[0]", "-1 (off)");
+    chain_call(|_, _, _, k, _| *k = 10).unwrap();
+    for bad in [0.0, -0.1, 1.5, f32::NAN] {
+        assert_names(chain_call(|_, _, _, _, p| *p = bad), "top_p[0]", "(0, 1]");
+    }
+    // A temperature so small that logit / temperature overflows is an error, not a row of infinities.
+    assert_names(
+        chain_call(|l, _, t, _, _| {
+            l[0] = 3e38;
+            *t = 0.1;
+        }),
+        "temperature[0]",
+        "overflows",
+    );
+}
+
+#[test]
+fn inputs_of_the_wrong_kind_are_errors() {
+    let logits = vec![0.0f32; 20];
+    let probs = vec![0.1f32; 10];
+    let base = VerifyInputs {
+        vocab_size: 10,
+        drafts: Drafts::Chain {
+            draft_offsets: &[0, 1],
+            draft_tokens: &[1],
+        },
+        target: Rows::LogitsF32(&logits),
+        draft: None,
+        params: None,
+        seeds: &[1],
+        steps: &[1],
+    };
+    let run = |inputs: VerifyInputs<'_>| {
+        let (mut a, mut e) = ([0], [0; 2]);
+        cpu::rejection_verify(
+            &inputs,
+            &mut VerifyOutputs {
+                emit_width: 2,
+                accepted_counts: &mut a,
+                emitted_tokens: &mut e,
+                accepted_nodes: None,
+                accept_flags: None,
+            },
+        )
+    };
+    assert_names(run(base), "params", "temperature");
+    let params = SamplingParams {
+        temperature: &[1.0],
+        top_k: None,
+        top_p: None,
+    };
+    assert_names(
+        run(VerifyInputs {
+            params: Some(params),
+            draft: Some(Rows::Probs(&probs)),
+            ..base
+        }),
+        "draft",
+        "same kind",
+    );
+    let probs2 = vec![0.1f32; 20];
+    assert_names(
+        run(VerifyInputs {
+            target: Rows::Probs(&probs2),
+            params: Some(params),
+            ..base
+        }),
+        "params",
+        "probabilities take no",
+    );
+    assert_names(
+        run(VerifyInputs {
+            params: Some(SamplingParams {
+                temperature: &[1.0, 1.0],
+                ..params
+            }),
+            ..base
+        }),
+        "temperature",
+        "",
+    );
+}
