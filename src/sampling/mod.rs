@@ -441,7 +441,7 @@ pub struct Node {
 }
 
 /// Request `b`'s tree and parameters, checked: the rules every backend applies (the CUDA kernels check the
-/// same per request). Row contents are checked separately by [`check_rows`].
+/// same per request). Row contents are checked separately by [`check_row_values`].
 pub fn check_request(
     shape: &VerifyShape,
     inputs: &VerifyInputs<'_>,
