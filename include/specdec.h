@@ -72,6 +72,10 @@ typedef enum {
    * A bug in specdec was caught at the C boundary; the message says where.
    */
   SPECDEC_PANIC = 7,
+  /**
+   * The primitive is not available on this context's backend (yet); the message says which.
+   */
+  SPECDEC_NOT_SUPPORTED = 8,
 } specdec_status;
 
 /**
@@ -108,6 +112,28 @@ typedef enum {
 } specdec_backend;
 
 /**
+ * What the rows of a rejection-sampling call hold, passed as `int32_t`.
+ */
+typedef enum {
+  /**
+   * fp32 logits.
+   */
+  SPECDEC_ROWS_LOGITS_F32 = 0,
+  /**
+   * fp16 logits.
+   */
+  SPECDEC_ROWS_LOGITS_F16 = 1,
+  /**
+   * bf16 logits.
+   */
+  SPECDEC_ROWS_LOGITS_BF16 = 2,
+  /**
+   * fp32 probabilities.
+   */
+  SPECDEC_ROWS_PROBS_F32 = 3,
+} specdec_rows;
+
+/**
  * An opaque handle: the CPU backend or one CUDA device. Created by `specdec_context_create_cpu` or
  * `specdec_context_create_cuda`, released by `specdec_context_destroy`. A context may be used from several
  * threads at once.
@@ -118,6 +144,54 @@ typedef struct specdec_context specdec_context;
  * An opaque suffix drafter over rollout history (see `specdec::drafter`). Usable from several threads at once.
  */
 typedef struct specdec_drafter specdec_drafter;
+
+/**
+ * Per-request sampling inputs of a rejection-sampling call (each array `[num_requests]`).
+ */
+typedef struct {
+  /**
+   * Logits: required, finite, `>= 0` (0 = greedy). Probabilities: NULL.
+   */
+  const float *temperature;
+  /**
+   * NULL, or -1 (off) or `1..=vocab_size` per request. Probabilities: NULL.
+   */
+  const int32_t *top_k;
+  /**
+   * NULL, or in (0, 1] per request (1 = off). Probabilities: NULL.
+   */
+  const float *top_p;
+  /**
+   * Required: the Philox key of each request.
+   */
+  const uint64_t *seeds;
+  /**
+   * Required: each request's step counter.
+   */
+  const uint64_t *steps;
+} specdec_sampling;
+
+/**
+ * The outputs of a rejection-sampling call.
+ */
+typedef struct {
+  /**
+   * `[num_requests]`: accepted drafts.
+   */
+  int32_t *accepted_counts;
+  /**
+   * `[num_requests * emit_width]`: accepted tokens, then the correction or bonus token, then -1.
+   */
+  int32_t *emitted_tokens;
+  /**
+   * NULL or `[num_requests * emit_width]`: the accepted path's node indices, then -1.
+   */
+  int32_t *accepted_nodes;
+  /**
+   * NULL or `[num_requests * emit_width]`: 1 accepted, 0 all children rejected, -1 nothing tried.
+   */
+  int8_t *accept_flags;
+} specdec_verify_outputs;
 
 /**
  * Settings of a suffix drafter. Fill with `specdec_drafter_config_default`, then change fields. Sizes are
@@ -395,6 +469,63 @@ specdec_status specdec_greedy_verify(const specdec_context *ctx,
                                      int32_t *accepted_counts,
                                      int32_t *emitted_tokens,
                                      void *stream);
+
+/**
+ * Rejection-sampling verification of ragged chains (`specdec_rejection_verify_chain`) or trees
+ * (`specdec_rejection_verify_tree`); the semantics, layouts and rules are those of the Rust module
+ * `specdec::sampling` (see its documentation and the README).
+ *
+ * * `rows_kind`: a `specdec_rows`. `target` holds `num_draft_tokens + num_requests` rows (chain) or
+ *   `num_nodes` rows (tree) of `vocab_size`; `draft` (NULL: point-mass drafts) `num_draft_tokens` or
+ *   `num_nodes` rows of the same kind.
+ * * Logits need `temperature[num_requests]` (0 = greedy); `top_k[num_requests]` (-1 = off) and
+ *   `top_p[num_requests]` (1 = off) may be NULL. Probabilities take none of the three (all NULL).
+ * * `seeds[num_requests]`, `steps[num_requests]`: the Philox key and step of each request.
+ * * Outputs: `accepted_counts[num_requests]`, `emitted_tokens[num_requests * emit_width]`, and optionally
+ *   (NULL to skip) `accepted_nodes[num_requests * emit_width]` and `accept_flags[num_requests * emit_width]`.
+ *
+ * On a CPU context the call checks everything and returns SPECDEC_INVALID_ARGUMENT naming the first bad
+ * element, writing no output. A CUDA context returns SPECDEC_NOT_SUPPORTED in this version.
+ *
+ * # Safety
+ * Each non-null pointer must point to the number of elements stated, valid for the call, and the outputs must
+ * not overlap the inputs.
+ */
+specdec_status specdec_rejection_verify_chain(const specdec_context *ctx,
+                                              int32_t rows_kind,
+                                              const void *target,
+                                              const void *draft,
+                                              int64_t vocab_size,
+                                              const int32_t *draft_offsets,
+                                              int64_t num_requests,
+                                              const int32_t *draft_tokens,
+                                              int64_t num_draft_tokens,
+                                              const specdec_sampling *sampling,
+                                              int64_t emit_width,
+                                              const specdec_verify_outputs *outputs,
+                                              void *stream);
+
+/**
+ * See `specdec_rejection_verify_chain`. Request `b` has nodes `node_offsets[b] .. node_offsets[b+1]` (1 to 65,
+ * node 0 the last accepted token), `node_tokens` and `parents` (`-1` for node 0, else an earlier node) per node.
+ *
+ * # Safety
+ * As `specdec_rejection_verify_chain`.
+ */
+specdec_status specdec_rejection_verify_tree(const specdec_context *ctx,
+                                             int32_t rows_kind,
+                                             const void *target,
+                                             const void *draft,
+                                             int64_t vocab_size,
+                                             const int32_t *node_offsets,
+                                             int64_t num_requests,
+                                             const int32_t *node_tokens,
+                                             const int32_t *parents,
+                                             int64_t num_nodes,
+                                             const specdec_sampling *sampling,
+                                             int64_t emit_width,
+                                             const specdec_verify_outputs *outputs,
+                                             void *stream);
 
 /**
  * Writes the default drafter settings into `*out`.

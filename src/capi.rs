@@ -21,6 +21,7 @@ use crate::dtype::{DType, LogitsElement};
 use crate::error::{Error, Result};
 use crate::greedy::GreedyShape;
 use crate::policy::{choose_draft_lengths, CostModel, Gpu, ModelShape, Overheads, RequestOutlook};
+use crate::sampling::{Drafts, Rows, SamplingParams, VerifyInputs, VerifyOutputs, VerifyShape};
 
 /// Major version of the library this header belongs to.
 pub const SPECDEC_VERSION_MAJOR: u32 = 0;
@@ -52,6 +53,8 @@ pub enum specdec_status {
     SPECDEC_CUDA_ERROR = 6,
     /// A bug in specdec was caught at the C boundary; the message says where.
     SPECDEC_PANIC = 7,
+    /// The primitive is not available on this context's backend (yet); the message says which.
+    SPECDEC_NOT_SUPPORTED = 8,
 }
 
 /// Element type of a logits tensor, passed as `int32_t`.
@@ -64,6 +67,20 @@ pub enum specdec_dtype {
     SPECDEC_DTYPE_F16 = 1,
     /// bfloat16.
     SPECDEC_DTYPE_BF16 = 2,
+}
+
+/// What the rows of a rejection-sampling call hold, passed as `int32_t`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum specdec_rows {
+    /// fp32 logits.
+    SPECDEC_ROWS_LOGITS_F32 = 0,
+    /// fp16 logits.
+    SPECDEC_ROWS_LOGITS_F16 = 1,
+    /// bf16 logits.
+    SPECDEC_ROWS_LOGITS_BF16 = 2,
+    /// fp32 probabilities.
+    SPECDEC_ROWS_PROBS_F32 = 3,
 }
 
 /// What `specdec_context_backend` reports.
@@ -101,6 +118,7 @@ fn status_of(error: &Error) -> specdec_status {
         Error::NoDevice { .. } => specdec_status::SPECDEC_NO_DEVICE,
         Error::UnsupportedArchitecture { .. } => specdec_status::SPECDEC_UNSUPPORTED_ARCHITECTURE,
         Error::Cuda { .. } => specdec_status::SPECDEC_CUDA_ERROR,
+        Error::NotSupported { .. } => specdec_status::SPECDEC_NOT_SUPPORTED,
     }
 }
 
@@ -178,6 +196,38 @@ unsafe fn host_slice_mut<'a, T>(argument: &str, ptr: *mut T, len: usize) -> Resu
     Ok(std::slice::from_raw_parts_mut(ptr, len))
 }
 
+/// [`host_slice`] of an optional array: `None` for a null pointer.
+///
+/// # Safety
+/// As [`host_slice`].
+unsafe fn optional_slice<'a, T>(
+    argument: &str,
+    ptr: *const T,
+    len: usize,
+) -> Result<Option<&'a [T]>> {
+    if ptr.is_null() {
+        Ok(None)
+    } else {
+        host_slice(argument, ptr, len).map(Some)
+    }
+}
+
+/// [`host_slice_mut`] of an optional array: `None` for a null pointer.
+///
+/// # Safety
+/// As [`host_slice_mut`].
+unsafe fn optional_slice_mut<'a, T>(
+    argument: &str,
+    ptr: *mut T,
+    len: usize,
+) -> Result<Option<&'a mut [T]>> {
+    if ptr.is_null() {
+        Ok(None)
+    } else {
+        host_slice_mut(argument, ptr, len).map(Some)
+    }
+}
+
 fn check_host_ptr(argument: &str, address: usize, len: usize, align: usize) -> Result<()> {
     if address == 0 {
         return Err(Error::invalid(
@@ -219,6 +269,7 @@ pub extern "C" fn specdec_status_string(status: i32) -> *const c_char {
         5 => c"SPECDEC_UNSUPPORTED_ARCHITECTURE",
         6 => c"SPECDEC_CUDA_ERROR",
         7 => c"SPECDEC_PANIC",
+        8 => c"SPECDEC_NOT_SUPPORTED",
         _ => c"SPECDEC_UNKNOWN_STATUS",
     };
     name.as_ptr()
@@ -402,6 +453,262 @@ pub unsafe extern "C" fn specdec_greedy_verify(
             }
         }
     })
+}
+
+/// Rejection-sampling verification of ragged chains (`specdec_rejection_verify_chain`) or trees
+/// (`specdec_rejection_verify_tree`); the semantics, layouts and rules are those of the Rust module
+/// `specdec::sampling` (see its documentation and the README).
+///
+/// * `rows_kind`: a `specdec_rows`. `target` holds `num_draft_tokens + num_requests` rows (chain) or
+///   `num_nodes` rows (tree) of `vocab_size`; `draft` (NULL: point-mass drafts) `num_draft_tokens` or
+///   `num_nodes` rows of the same kind.
+/// * Logits need `temperature[num_requests]` (0 = greedy); `top_k[num_requests]` (-1 = off) and
+///   `top_p[num_requests]` (1 = off) may be NULL. Probabilities take none of the three (all NULL).
+/// * `seeds[num_requests]`, `steps[num_requests]`: the Philox key and step of each request.
+/// * Outputs: `accepted_counts[num_requests]`, `emitted_tokens[num_requests * emit_width]`, and optionally
+///   (NULL to skip) `accepted_nodes[num_requests * emit_width]` and `accept_flags[num_requests * emit_width]`.
+///
+/// On a CPU context the call checks everything and returns SPECDEC_INVALID_ARGUMENT naming the first bad
+/// element, writing no output. A CUDA context returns SPECDEC_NOT_SUPPORTED in this version.
+///
+/// # Safety
+/// Each non-null pointer must point to the number of elements stated, valid for the call, and the outputs must
+/// not overlap the inputs.
+#[no_mangle]
+pub unsafe extern "C" fn specdec_rejection_verify_chain(
+    ctx: *const specdec_context,
+    rows_kind: i32,
+    target: *const c_void,
+    draft: *const c_void,
+    vocab_size: i64,
+    draft_offsets: *const i32,
+    num_requests: i64,
+    draft_tokens: *const i32,
+    num_draft_tokens: i64,
+    sampling: *const specdec_sampling,
+    emit_width: i64,
+    outputs: *const specdec_verify_outputs,
+    stream: *mut c_void,
+) -> specdec_status {
+    boundary(|| {
+        let call = RejectionCall {
+            ctx,
+            rows_kind,
+            target,
+            draft,
+            vocab_size,
+            offsets: draft_offsets,
+            num_requests,
+            tokens: draft_tokens,
+            parents: std::ptr::null(),
+            num_tokens: num_draft_tokens,
+            sampling,
+            emit_width,
+            outputs,
+            stream,
+        };
+        call.run(false)
+    })
+}
+
+/// See `specdec_rejection_verify_chain`. Request `b` has nodes `node_offsets[b] .. node_offsets[b+1]` (1 to 65,
+/// node 0 the last accepted token), `node_tokens` and `parents` (`-1` for node 0, else an earlier node) per node.
+///
+/// # Safety
+/// As `specdec_rejection_verify_chain`.
+#[no_mangle]
+pub unsafe extern "C" fn specdec_rejection_verify_tree(
+    ctx: *const specdec_context,
+    rows_kind: i32,
+    target: *const c_void,
+    draft: *const c_void,
+    vocab_size: i64,
+    node_offsets: *const i32,
+    num_requests: i64,
+    node_tokens: *const i32,
+    parents: *const i32,
+    num_nodes: i64,
+    sampling: *const specdec_sampling,
+    emit_width: i64,
+    outputs: *const specdec_verify_outputs,
+    stream: *mut c_void,
+) -> specdec_status {
+    boundary(|| {
+        let call = RejectionCall {
+            ctx,
+            rows_kind,
+            target,
+            draft,
+            vocab_size,
+            offsets: node_offsets,
+            num_requests,
+            tokens: node_tokens,
+            parents,
+            num_tokens: num_nodes,
+            sampling,
+            emit_width,
+            outputs,
+            stream,
+        };
+        call.run(true)
+    })
+}
+
+/// Per-request sampling inputs of a rejection-sampling call (each array `[num_requests]`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct specdec_sampling {
+    /// Logits: required, finite, `>= 0` (0 = greedy). Probabilities: NULL.
+    pub temperature: *const f32,
+    /// NULL, or -1 (off) or `1..=vocab_size` per request. Probabilities: NULL.
+    pub top_k: *const i32,
+    /// NULL, or in (0, 1] per request (1 = off). Probabilities: NULL.
+    pub top_p: *const f32,
+    /// Required: the Philox key of each request.
+    pub seeds: *const u64,
+    /// Required: each request's step counter.
+    pub steps: *const u64,
+}
+
+/// The outputs of a rejection-sampling call.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct specdec_verify_outputs {
+    /// `[num_requests]`: accepted drafts.
+    pub accepted_counts: *mut i32,
+    /// `[num_requests * emit_width]`: accepted tokens, then the correction or bonus token, then -1.
+    pub emitted_tokens: *mut i32,
+    /// NULL or `[num_requests * emit_width]`: the accepted path's node indices, then -1.
+    pub accepted_nodes: *mut i32,
+    /// NULL or `[num_requests * emit_width]`: 1 accepted, 0 all children rejected, -1 nothing tried.
+    pub accept_flags: *mut i8,
+}
+
+struct RejectionCall {
+    ctx: *const specdec_context,
+    rows_kind: i32,
+    target: *const c_void,
+    draft: *const c_void,
+    vocab_size: i64,
+    offsets: *const i32,
+    num_requests: i64,
+    tokens: *const i32,
+    parents: *const i32,
+    num_tokens: i64,
+    sampling: *const specdec_sampling,
+    emit_width: i64,
+    outputs: *const specdec_verify_outputs,
+    stream: *mut c_void,
+}
+
+impl RejectionCall {
+    /// # Safety
+    /// The contract of `specdec_rejection_verify_chain`.
+    unsafe fn run(self, tree: bool) -> Result<()> {
+        let ctx = non_null("ctx", self.ctx as *mut specdec_context)?;
+        let sampling = *non_null("sampling", self.sampling as *mut specdec_sampling)?;
+        let outputs = *non_null("outputs", self.outputs as *mut specdec_verify_outputs)?;
+        let tokens_name = if tree {
+            "num_nodes"
+        } else {
+            "num_draft_tokens"
+        };
+        let shape = VerifyShape::new(
+            size_arg("num_requests", self.num_requests)?,
+            size_arg("vocab_size", self.vocab_size)?,
+            size_arg(tokens_name, self.num_tokens)?,
+            tree,
+            size_arg("emit_width", self.emit_width)?,
+        )?;
+        // The CPU backend runs synchronously; the stream is for a CUDA context.
+        let _ = self.stream;
+        if let Backend::Cuda(_) = ctx.backend {
+            return Err(Error::NotSupported {
+                what: "rejection-sampling verification on a CUDA context in this version (use a CPU context)",
+            });
+        }
+        let b = shape.num_requests;
+        let target_len = shape.target_rows() * shape.vocab_size;
+        let draft_len = shape.draft_rows() * shape.vocab_size;
+        let rows = |name: &str, ptr: *const c_void, len: usize| -> Result<Rows<'_>> {
+            Ok(match self.rows_kind {
+                0 => Rows::LogitsF32(host_slice(name, ptr as *const f32, len)?),
+                1 => Rows::LogitsF16(host_slice(name, ptr as *const f16, len)?),
+                2 => Rows::LogitsBF16(host_slice(name, ptr as *const bf16, len)?),
+                3 => Rows::Probs(host_slice(name, ptr as *const f32, len)?),
+                other => {
+                    return Err(Error::invalid(
+                        "rows_kind",
+                        format!(
+                        "is {other}, not a specdec_rows (0-2 logits F32/F16/BF16, 3 probabilities)"
+                    ),
+                    ))
+                }
+            })
+        };
+        let target = rows("target", self.target, target_len)?;
+        let draft = if self.draft.is_null() {
+            None
+        } else {
+            Some(rows("draft", self.draft, draft_len)?)
+        };
+        let (offsets_name, tokens_name) = if tree {
+            ("node_offsets", "node_tokens")
+        } else {
+            ("draft_offsets", "draft_tokens")
+        };
+        let offsets = host_slice(offsets_name, self.offsets, b + 1)?;
+        let tokens = host_slice(tokens_name, self.tokens, shape.num_tokens)?;
+        let drafts = if tree {
+            let parents = host_slice("parents", self.parents, shape.num_tokens)?;
+            Drafts::Tree {
+                node_offsets: offsets,
+                node_tokens: tokens,
+                parents,
+            }
+        } else {
+            Drafts::Chain {
+                draft_offsets: offsets,
+                draft_tokens: tokens,
+            }
+        };
+        let params = match (target.is_logits(), sampling.temperature.is_null()) {
+            (true, true) => {
+                return Err(Error::invalid(
+                    "sampling.temperature",
+                    "is a null pointer; logits need a temperature per request (0 = greedy)",
+                ))
+            }
+            (false, true) if sampling.top_k.is_null() && sampling.top_p.is_null() => None,
+            _ => Some(SamplingParams {
+                temperature: host_slice("sampling.temperature", sampling.temperature, b)?,
+                top_k: optional_slice("sampling.top_k", sampling.top_k, b)?,
+                top_p: optional_slice("sampling.top_p", sampling.top_p, b)?,
+            }),
+        };
+        let inputs = VerifyInputs {
+            vocab_size: shape.vocab_size,
+            drafts,
+            target,
+            draft,
+            params,
+            seeds: host_slice("sampling.seeds", sampling.seeds, b)?,
+            steps: host_slice("sampling.steps", sampling.steps, b)?,
+        };
+        let n = shape.output_len();
+        let mut out = VerifyOutputs {
+            emit_width: shape.emit_width,
+            accepted_counts: host_slice_mut("outputs.accepted_counts", outputs.accepted_counts, b)?,
+            emitted_tokens: host_slice_mut("outputs.emitted_tokens", outputs.emitted_tokens, n)?,
+            accepted_nodes: optional_slice_mut(
+                "outputs.accepted_nodes",
+                outputs.accepted_nodes,
+                n,
+            )?,
+            accept_flags: optional_slice_mut("outputs.accept_flags", outputs.accept_flags, n)?,
+        };
+        crate::cpu::rejection_verify(&inputs, &mut out)
+    }
 }
 
 /// Settings of a suffix drafter. Fill with `specdec_drafter_config_default`, then change fields. Sizes are
@@ -1086,6 +1393,10 @@ mod tests {
                     name: "CUDA_ERROR_ILLEGAL_ADDRESS".into(),
                 },
                 specdec_status::SPECDEC_CUDA_ERROR,
+            ),
+            (
+                Error::NotSupported { what: "x on y" },
+                specdec_status::SPECDEC_NOT_SUPPORTED,
             ),
         ];
         for (error, status) in cases {

@@ -37,6 +37,11 @@ pub enum Error {
         /// The architectures compiled into this build.
         compiled: &'static [u32],
     },
+    /// The primitive is not available on this backend (yet): `what` says which and where it is.
+    NotSupported {
+        /// The primitive and the backend.
+        what: &'static str,
+    },
     /// A CUDA driver call failed.
     Cuda {
         /// The driver function, e.g. `"cuLaunchKernel"`.
@@ -82,6 +87,7 @@ impl fmt::Display for Error {
                 compute_capability % 10
             ),
             Error::Cuda { call, code, name } => write!(f, "{call} failed: {name} ({code})"),
+            Error::NotSupported { what } => write!(f, "not supported: {what}"),
         }
     }
 }

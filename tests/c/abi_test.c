@@ -245,6 +245,95 @@ static void test_policy(void) {
   EXPECT_INVALID(specdec_cost_model_step_seconds(&model, 0, 1, 0, 0, &target), "t0");
 }
 
+/* Rejection sampling with certain outcomes: one-hot rows make every coin and race decided. */
+static void test_rejection_chain_and_tree(specdec_context *ctx) {
+  const uint64_t seeds[2] = {7, 8}, steps[2] = {0, 1};
+  const int32_t offsets[3] = {0, 2, 2}, drafts[2] = {2, 1};
+  /* Target rows of request 0 (one-hot on 2, 1, then bonus 3) and request 1 (one-hot on 0). */
+  float probs[4 * 4] = {0};
+  float draft_probs[2 * 4] = {0};
+  int32_t accepted[2], emitted[6], nodes[6];
+  int8_t flags[6];
+  specdec_sampling sampling = {NULL, NULL, NULL, seeds, steps};
+  specdec_verify_outputs out = {accepted, emitted, nodes, flags};
+  probs[0 * 4 + 2] = 1;
+  probs[1 * 4 + 1] = 1;
+  probs[2 * 4 + 3] = 1;
+  probs[3 * 4 + 0] = 1;
+  draft_probs[0 * 4 + 2] = 1;
+  draft_probs[1 * 4 + 1] = 1;
+  CHECK(specdec_rejection_verify_chain(ctx, SPECDEC_ROWS_PROBS_F32, probs, draft_probs, 4, offsets, 2, drafts, 2, &sampling,
+                                       3, &out, NULL) == SPECDEC_OK);
+  CHECK(accepted[0] == 2 && emitted[0] == 2 && emitted[1] == 1 && emitted[2] == 3);
+  CHECK(nodes[0] == 1 && nodes[1] == 2 && nodes[2] == -1 && flags[0] == 1 && flags[1] == 1 && flags[2] == -1);
+  CHECK(accepted[1] == 0 && emitted[3] == 0 && emitted[4] == -1 && nodes[3] == -1 && flags[3] == -1);
+  /* Point-mass drafts (no draft rows), optional outputs skipped. */
+  out.accepted_nodes = NULL;
+  out.accept_flags = NULL;
+  CHECK(specdec_rejection_verify_chain(ctx, SPECDEC_ROWS_PROBS_F32, probs, NULL, 4, offsets, 2, drafts, 2, &sampling, 3, &out,
+                                       NULL) == SPECDEC_OK);
+  CHECK(accepted[0] == 2 && emitted[2] == 3 && accepted[1] == 0 && emitted[3] == 0);
+
+  {
+    /* bf16 logits at temperature 0 are greedy verification: the greedy test's rows give its result. */
+    uint16_t logits[16];
+    const float temperature[2] = {0, 0};
+    int r, c;
+    for (r = 0; r < 4; ++r) {
+      for (c = 0; c < 4; ++c) logits[r * 4 + c] = bf16_of(kLogits[r][c]);
+    }
+    sampling.temperature = temperature;
+    CHECK(specdec_rejection_verify_chain(ctx, SPECDEC_ROWS_LOGITS_BF16, logits, NULL, 4, kOffsets, 2, kDrafts, 2, &sampling,
+                                         3, &out, NULL) == SPECDEC_OK);
+    check_greedy_result(accepted, emitted);
+    sampling.temperature = NULL;
+    EXPECT_INVALID(specdec_rejection_verify_chain(ctx, SPECDEC_ROWS_LOGITS_BF16, logits, NULL, 4, kOffsets, 2, kDrafts, 2,
+                                                  &sampling, 3, &out, NULL),
+                   "sampling.temperature");
+  }
+
+  {
+    /* A root with children 1 and 2 (tokens 1, 2); the root's row is one-hot on 2, node 2's on 0. */
+    const int32_t node_offsets[2] = {0, 3}, tokens[3] = {-1, 1, 2}, parents[3] = {-1, 0, 0};
+    int32_t bad_parents[3] = {-1, 1, 0};
+    float tree_probs[3 * 4] = {0};
+    tree_probs[0 * 4 + 2] = 1;
+    tree_probs[1 * 4 + 3] = 1;
+    tree_probs[2 * 4 + 0] = 1;
+    out.accepted_nodes = nodes;
+    CHECK(specdec_rejection_verify_tree(ctx, SPECDEC_ROWS_PROBS_F32, tree_probs, NULL, 4, node_offsets, 1, tokens, parents,
+                                        3, &sampling, 2, &out, NULL) == SPECDEC_OK);
+    CHECK(accepted[0] == 1 && emitted[0] == 2 && emitted[1] == 0 && nodes[0] == 2 && nodes[1] == -1);
+    EXPECT_INVALID(specdec_rejection_verify_tree(ctx, SPECDEC_ROWS_PROBS_F32, tree_probs, NULL, 4, node_offsets, 1, tokens,
+                                                 bad_parents, 3, &sampling, 2, &out, NULL),
+                   "parents[1]");
+  }
+
+  EXPECT_INVALID(specdec_rejection_verify_chain(ctx, SPECDEC_ROWS_PROBS_F32, probs, NULL, 4, offsets, 2, drafts, 2, NULL, 3,
+                                                &out, NULL),
+                 "sampling");
+  EXPECT_INVALID(specdec_rejection_verify_chain(ctx, 7, probs, NULL, 4, offsets, 2, drafts, 2, &sampling, 3, &out, NULL),
+                 "rows_kind");
+  EXPECT_INVALID(specdec_rejection_verify_chain(ctx, SPECDEC_ROWS_PROBS_F32, probs, NULL, 4, offsets, 2, drafts, 2, &sampling,
+                                                2, &out, NULL),
+                 "emit_width");
+  {
+    const int32_t padded[2] = {-1, 1};
+    EXPECT_INVALID(specdec_rejection_verify_chain(ctx, SPECDEC_ROWS_PROBS_F32, probs, NULL, 4, offsets, 2, padded, 2,
+                                                  &sampling, 3, &out, NULL),
+                   "draft_tokens[0]");
+  }
+  {
+    const float negative[2] = {-1, 1};
+    float logits[16] = {0};
+    sampling.temperature = negative;
+    EXPECT_INVALID(specdec_rejection_verify_chain(ctx, SPECDEC_ROWS_LOGITS_F32, logits, NULL, 4, offsets, 2, drafts, 2,
+                                                  &sampling, 3, &out, NULL),
+                   "temperature[0]");
+    sampling.temperature = NULL;
+  }
+}
+
 int main(void) {
   specdec_context *ctx = NULL;
   int32_t backend = -1;
@@ -254,6 +343,7 @@ int main(void) {
   CHECK(strlen(specdec_version_string()) >= 5);
   CHECK(strcmp(specdec_status_string(SPECDEC_OK), "SPECDEC_OK") == 0);
   CHECK(strcmp(specdec_status_string(SPECDEC_PANIC), "SPECDEC_PANIC") == 0);
+  CHECK(strcmp(specdec_status_string(SPECDEC_NOT_SUPPORTED), "SPECDEC_NOT_SUPPORTED") == 0);
   CHECK(strcmp(specdec_status_string(12345), "SPECDEC_UNKNOWN_STATUS") == 0);
 
   EXPECT_INVALID(specdec_context_create_cpu(NULL), "out");
@@ -280,6 +370,7 @@ int main(void) {
   test_empty_batch(ctx);
   test_drafter();
   test_policy();
+  test_rejection_chain_and_tree(ctx);
 
   CHECK(specdec_context_destroy(ctx) == SPECDEC_OK);
   CHECK(specdec_context_destroy(NULL) == SPECDEC_OK);
