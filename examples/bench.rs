@@ -191,10 +191,126 @@ fn main() {
         );
         failures += usize::from(row.check.starts_with("MISMATCH"));
     }
+    match &backend {
+        Backend::Cpu => {
+            for case in sampler_cases(options.quick) {
+                eprintln!(
+                    "rejection_verify bf16 B={} k={} V={} ...",
+                    case.batch, case.drafts, case.vocab
+                );
+                let micros = time_sampler_cpu(case);
+                let bytes = case.bytes() as f64;
+                let gbps = bytes / micros / 1e3;
+                println!(
+                    "| rejection_verify (chain, q) | bf16 | {} | {} | {} | {:.2} | {:.2} | {:.1} | {:.1} | is the CPU reference |",
+                    case.batch,
+                    case.drafts,
+                    case.vocab,
+                    micros,
+                    bytes / 1e6,
+                    gbps,
+                    100.0 * gbps / ceiling_gbps
+                );
+            }
+        }
+        Backend::Cuda { .. } => println!(
+            "| rejection_verify | | | | | | | | | no CUDA kernel in this version (CPU: --backend cpu) |"
+        ),
+    }
     if failures > 0 {
         eprintln!("bench: {failures} case(s) disagree with the CPU reference");
         std::process::exit(1);
     }
+}
+
+/// One rejection-sampling case: `batch` chains of `drafts` tokens with draft rows, bf16 logits, temperature 1.
+#[derive(Clone, Copy)]
+struct SamplerCase {
+    batch: usize,
+    drafts: usize,
+    vocab: usize,
+}
+
+impl SamplerCase {
+    /// The floor: target rows (`k + 1` per request) and draft rows (`k`) read once.
+    fn bytes(&self) -> usize {
+        self.batch * (2 * self.drafts + 1) * self.vocab * 2
+    }
+}
+
+fn sampler_cases(quick: bool) -> Vec<SamplerCase> {
+    let batches: &[usize] = if quick { &[1, 8] } else { &[1, 8, 64] };
+    let vocabs: &[usize] = if quick { &[32000] } else { &[32000, 128256] };
+    let mut cases = Vec::new();
+    for &vocab in vocabs {
+        for &batch in batches {
+            cases.push(SamplerCase {
+                batch,
+                drafts: 4,
+                vocab,
+            });
+        }
+    }
+    cases
+}
+
+/// Median wall-clock time of the CPU sampler on `case`: target logits in [-8, 8), draft logits the target's
+/// plus noise, each draft the argmax of its draft row (so most are accepted and most rows are visited).
+fn time_sampler_cpu(case: SamplerCase) -> f64 {
+    use specdec::sampling::{Drafts, Rows, SamplingParams, VerifyInputs, VerifyOutputs};
+    let (b, k, v) = (case.batch, case.drafts, case.vocab);
+    let mut state = 0x5A3B_u64;
+    let mut uniform = move || (splitmix(&mut state) >> 40) as f32 / (1u64 << 24) as f32;
+    let target: Vec<f32> = (0..b * (k + 1) * v)
+        .map(|_| uniform() * 16.0 - 8.0)
+        .collect();
+    let mut draft = Vec::with_capacity(b * k * v);
+    let mut tokens = Vec::with_capacity(b * k);
+    for r in 0..b {
+        for j in 0..k {
+            let row = &target[(r * (k + 1) + j) * v..][..v];
+            let noisy: Vec<f32> = row.iter().map(|&x| x + uniform() - 0.5).collect();
+            tokens.push(cpu::argmax(&noisy) as i32);
+            draft.extend(noisy);
+        }
+    }
+    let target: Vec<bf16> = target.into_iter().map(bf16::from_f32).collect();
+    let draft: Vec<bf16> = draft.into_iter().map(bf16::from_f32).collect();
+    let offsets: Vec<i32> = (0..=b).map(|r| (r * k) as i32).collect();
+    let (temperature, seeds) = (vec![1.0f32; b], (0..b as u64).collect::<Vec<_>>());
+    let mut samples = Vec::new();
+    let started = Instant::now();
+    while samples.len() < 3 || (started.elapsed().as_secs_f64() < 0.5 && samples.len() < 50) {
+        let steps = vec![samples.len() as u64; b];
+        let inputs = VerifyInputs {
+            vocab_size: v,
+            drafts: Drafts::Chain {
+                draft_offsets: &offsets,
+                draft_tokens: &tokens,
+            },
+            target: Rows::LogitsBF16(&target),
+            draft: Some(Rows::LogitsBF16(&draft)),
+            params: Some(SamplingParams {
+                temperature: &temperature,
+                top_k: None,
+                top_p: None,
+            }),
+            seeds: &seeds,
+            steps: &steps,
+        };
+        let (mut accepted, mut emitted) = (vec![0; b], vec![0; b * (k + 1)]);
+        let mut outputs = VerifyOutputs {
+            emit_width: k + 1,
+            accepted_counts: &mut accepted,
+            emitted_tokens: &mut emitted,
+            accepted_nodes: None,
+            accept_flags: None,
+        };
+        let t = Instant::now();
+        cpu::rejection_verify(&inputs, &mut outputs).expect("valid inputs");
+        samples.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    median(samples)
 }
 
 fn choose_backend(choice: &str) -> Backend {
