@@ -38,6 +38,7 @@
 pub(crate) mod greedy;
 mod memory;
 mod module;
+pub(crate) mod sampling;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -47,6 +48,7 @@ use cudarc::driver::{result, sys, CudaContext, CudaStream, DriverError};
 use crate::error::{Error, Result};
 pub use memory::{DeviceIn, DeviceOut};
 pub use module::{COMPILED_ARCHS, KERNELS_COMPILED};
+pub use sampling::{DeviceDrafts, DeviceRows, DeviceVerifyInputs, DeviceVerifyOutputs};
 
 /// specdec's kernels on one CUDA device. Cheap to clone; safe to use from several threads at once.
 #[derive(Clone)]

@@ -104,7 +104,45 @@ pub enum Rows<'a> {
     Probs(&'a [f32]),
 }
 
+/// What a call's rows hold, without the data: [`Rows`] on the host, the kind of a device array on a GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowsKind {
+    /// fp32 logits.
+    LogitsF32,
+    /// fp16 logits.
+    LogitsF16,
+    /// bf16 logits.
+    LogitsBF16,
+    /// fp32 probabilities.
+    Probs,
+}
+
+impl RowsKind {
+    /// Bytes per element.
+    pub fn element_size(self) -> usize {
+        match self {
+            RowsKind::LogitsF16 | RowsKind::LogitsBF16 => 2,
+            RowsKind::LogitsF32 | RowsKind::Probs => 4,
+        }
+    }
+
+    /// Whether these are logits (else probabilities).
+    pub fn is_logits(self) -> bool {
+        self != RowsKind::Probs
+    }
+}
+
 impl Rows<'_> {
+    /// The kind of these rows.
+    pub fn kind(&self) -> RowsKind {
+        match self {
+            Rows::LogitsF32(_) => RowsKind::LogitsF32,
+            Rows::LogitsF16(_) => RowsKind::LogitsF16,
+            Rows::LogitsBF16(_) => RowsKind::LogitsBF16,
+            Rows::Probs(_) => RowsKind::Probs,
+        }
+    }
+
     /// Elements.
     pub fn len(&self) -> usize {
         match self {

@@ -1,0 +1,548 @@
+// Lossless rejection-sampling verification of chains and trees of drafted tokens (src/sampling/mod.rs has the
+// semantics; src/cpu/sampling.rs is the reference these kernels must match).
+//
+// What it computes. Per request b a tree of T_b <= 65 nodes (a chain is the tree j -> j + 1); node 0 is the last
+// accepted token. Walking from the root, a node either accepts one of its children (the next node) or emits a
+// token and stops:
+//   * point-mass nodes (no draft rows, or temperature 0): the node draws y from its target row (an exponential
+//     race over the row with the node's Philox noise; temperature 0: the argmax); the first child holding y is
+//     accepted, else y is emitted;
+//   * nodes whose children were drawn i.i.d. from a draft row q: child j is accepted when u_j q(x_j) m_j < r_j(x_j)
+//     (exact in f64), with r_0 = p and r_{j+1} = max(0, r_j / m_j - q), m_j = sum r_j (m_0 = 1); after the last
+//     child, the emitted token is an exponential race over the final residual.
+// Outputs: accepted count, emitted tokens, accepted node path and per-depth accept flags, -1 padded.
+//
+// Three launches:
+//   1. SamplingRowOwnerKernel: one thread per request checks its offsets and stamps its target and draft rows with
+//      its index, so that a block working on a row knows the request's temperature, seed, step and node.
+//   2. SamplingRowKernel_<T>: grid (target rows + draft rows, vocabulary splits). Block (row, split) reads its
+//      chunk once and writes three partials: the race key of the node's draw (target rows), the softmax
+//      statistics (max, sum exp) of z = logit / temperature (when draft rows are given), and value flags (NaN,
+//      +inf, overflow of logit / temperature, negative probability, any mass). The race key is a 64-bit max with
+//      ties to the lowest index and the noise is indexed by token, so the split does not change any result.
+//   3. RejectionWalkKernel_<T>: one block per request validates it (the rules of sampling::check_request and
+//      check_row_values; a bad request gets accepted = -1 and rows of -1), merges the partials of the nodes it
+//      visits in a fixed order, decides acceptances, and for i.i.d. nodes runs the block over the row for each
+//      residual mass it needs and for the final residual race.
+//
+// Napkin math (B = 64, k = 4, V = 128256, bf16, draft rows): target and draft logits are read once by launch 2,
+// 64 x 9 rows x 256.5 KB = 148 MB: 44 us at 3.35 TB/s (H100). Launch 3 re-reads at most the rows of the node
+// where a request stops (2 rows per request, mostly from L2). Per element: a Philox round per 4 tokens and two
+// logarithms only for tokens whose key could still win (the race bound), so compute stays under the memory time.
+
+#include "common.cuh"
+#include "sampling_noise.cuh"
+
+namespace specdec {
+
+constexpr int kOwnerThreads = 128;
+constexpr int kRowThreads = 256;
+constexpr int kWalkThreads = 256;
+constexpr int kMaxTreeNodes = 65;
+constexpr int32_t kRequestInvalid = -1;
+
+// Row flags, OR-ed over a row's splits.
+constexpr uint32_t kFlagBadValue = 1u;  // a NaN or +inf logit; a NaN, infinite or negative probability
+constexpr uint32_t kFlagOverflow = 2u;  // a finite logit / temperature is infinite
+constexpr uint32_t kFlagHasMass = 4u;   // a logit above -inf; a probability above 0
+
+// Every argument of the three kernels, passed by value (the host mirrors this layout: src/cuda/sampling.rs).
+struct SamplingArgs {
+  const void* target;         // [target_rows, V] of T (logits) or float (probabilities)
+  const void* draft;          // [draft_rows, V], or null: point-mass drafts
+  int64_t vocab_size;
+  const int32_t* offsets;     // [B + 1]: draft offsets (chain) or node offsets (tree)
+  int64_t num_requests;
+  const int32_t* tokens;      // [num_tokens]: drafts (chain) or node tokens (tree)
+  const int32_t* parents;     // [num_tokens] (tree), or null: chains
+  int64_t num_tokens;
+  const float* temperature;   // [B] for logits, null for probabilities
+  const uint64_t* seeds;      // [B]
+  const uint64_t* steps;      // [B]
+  int64_t emit_width;
+  int32_t* accepted;          // [B]
+  int32_t* emitted;           // [B, W]
+  int32_t* nodes;             // [B, W] or null
+  int8_t* flags;              // [B, W] or null
+  int32_t* row_owner;         // scratch [target_rows + draft_rows]: request + 1, 0 for none
+  uint64_t* race;             // scratch [target_rows, splits]
+  float2* stats;              // scratch [target_rows + draft_rows, splits]: (max z, sum exp(z - max))
+  uint32_t* row_flags;        // scratch [target_rows + draft_rows, splits]
+  int64_t target_rows;
+  int64_t draft_rows;
+  int64_t chunk;              // vocabulary chunk per split, a multiple of 4
+  int64_t splits;
+};
+static_assert(sizeof(SamplingArgs) == 24 * 8, "the host mirrors this layout");
+
+__device__ __forceinline__ bool IsTree(const SamplingArgs& a) { return a.parents != nullptr; }
+
+// Rows and nodes of request b, from offsets the caller has checked (0 <= first <= last <= num_tokens).
+__device__ __forceinline__ int64_t TargetRowStart(const SamplingArgs& a, int64_t b) {
+  return IsTree(a) ? a.offsets[b] : a.offsets[b] + b;
+}
+__device__ __forceinline__ int64_t NodeCount(const SamplingArgs& a, int64_t b) {
+  return a.offsets[b + 1] - a.offsets[b] + (IsTree(a) ? 0 : 1);
+}
+__device__ __forceinline__ int64_t DraftRowCount(const SamplingArgs& a, int64_t b) {
+  return a.offsets[b + 1] - a.offsets[b];  // chain: k rows (the last node has none); tree: T rows
+}
+
+// The offsets of request b are in range and give it 1..kMaxTreeNodes nodes.
+__device__ __forceinline__ bool OffsetsAreValid(const SamplingArgs& a, int64_t b) {
+  const int64_t first = a.offsets[b], last = a.offsets[b + 1];
+  if (first < 0 || first > last || last > a.num_tokens) return false;
+  const int64_t nodes = last - first + (IsTree(a) ? 0 : 1);
+  return nodes >= 1 && nodes <= kMaxTreeNodes;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// 1. Row owners.
+// ---------------------------------------------------------------------------------------------------------
+__device__ __forceinline__ void StampRowOwners(const SamplingArgs& a) {
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * kOwnerThreads + threadIdx.x;
+  if (b >= a.num_requests || !OffsetsAreValid(a, b)) return;
+  const int32_t owner = static_cast<int32_t>(b + 1);
+  const int64_t target_start = TargetRowStart(a, b);
+  for (int64_t i = 0; i < NodeCount(a, b); ++i) a.row_owner[target_start + i] = owner;
+  if (a.draft != nullptr) {
+    for (int64_t i = 0; i < DraftRowCount(a, b); ++i) a.row_owner[a.target_rows + a.offsets[b] + i] = owner;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// 2. Row partials.
+// ---------------------------------------------------------------------------------------------------------
+
+// Online softmax statistics: the max of z and the sum of exp(z - max).
+struct SoftmaxStats {
+  float max = -INFINITY;
+  float sum = 0.0f;
+
+  __device__ __forceinline__ void Add(float z) {
+    if (z == -INFINITY) return;
+    if (z > max) {
+      sum = sum * expf(max - z) + 1.0f;
+      max = z;
+    } else {
+      sum += expf(z - max);
+    }
+  }
+  __device__ __forceinline__ void Merge(float other_max, float other_sum) {
+    if (other_max == -INFINITY) return;
+    if (max == -INFINITY) {
+      max = other_max;
+      sum = other_sum;
+    } else if (other_max > max) {
+      sum = sum * expf(max - other_max) + other_sum;
+      max = other_max;
+    } else {
+      sum += other_sum * expf(other_max - max);
+    }
+  }
+};
+
+__device__ __forceinline__ SoftmaxStats WarpReduceStats(SoftmaxStats s) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    const float m = __shfl_xor_sync(0xFFFFFFFFu, s.max, offset);
+    const float t = __shfl_xor_sync(0xFFFFFFFFu, s.sum, offset);
+    s.Merge(m, t);
+  }
+  return s;
+}
+
+template <typename T>
+__device__ __forceinline__ void RowPartials(const SamplingArgs& a) {
+  __shared__ uint64_t key_scratch[kRowThreads / 32];
+  __shared__ float2 stats_scratch[kRowThreads / 32];
+  __shared__ uint32_t block_flags;
+  const int64_t row = blockIdx.x;
+  const int64_t split = blockIdx.y;
+  const int64_t slot = row * a.splits + split;
+  const bool is_draft = row >= a.target_rows;
+  const int64_t b = static_cast<int64_t>(a.row_owner[row]) - 1;
+  if (threadIdx.x == 0) block_flags = 0u;
+  __syncthreads();
+
+  const bool logits = a.temperature != nullptr;
+  const float t = (b >= 0 && logits) ? a.temperature[b] : 1.0f;
+  const bool temperature_ok = !logits || (isfinite(t) && t >= 0.0f);
+  uint64_t best = 0ull;
+  float best_key = -INFINITY;
+  SoftmaxStats stats;
+  uint32_t flags = 0u;
+  if (b >= 0 && temperature_ok) {
+    const int64_t local_row = is_draft ? row - a.target_rows : row;
+    const int64_t node = is_draft ? local_row - a.offsets[b] : local_row - TargetRowStart(a, b);
+    const T* values = static_cast<const T*>(is_draft ? a.draft : a.target) + local_row * a.vocab_size;
+    const RequestNoise noise{a.seeds[b], a.steps[b]};
+    const bool greedy = logits && t == 0.0f;
+    const bool race = !is_draft;
+    const bool want_stats = logits && !greedy && a.draft != nullptr;
+    const int64_t begin = split * a.chunk;
+    const int64_t end = begin + a.chunk < a.vocab_size ? begin + a.chunk : a.vocab_size;
+    for (int64_t first = begin + 4 * static_cast<int64_t>(threadIdx.x); first < end; first += 4 * kRowThreads) {
+      const int n = end - first < 4 ? static_cast<int>(end - first) : 4;
+      float v[4], z[4];
+      bool may_win = false;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        v[i] = i < n ? ToFloat(values[first + i]) : -INFINITY;
+        if (i >= n) {
+          z[i] = -INFINITY;
+          continue;
+        }
+        if (logits) {
+          if (v[i] != v[i] || v[i] == INFINITY) flags |= kFlagBadValue;
+          if (v[i] > -INFINITY) flags |= kFlagHasMass;
+          z[i] = (greedy || v[i] != v[i]) ? v[i] : __fdiv_rn(v[i], t);
+          if (!greedy && isfinite(v[i]) && isinf(z[i])) flags |= kFlagOverflow;
+          if (want_stats && isfinite(z[i])) stats.Add(z[i]);
+        } else {
+          if (!(isfinite(v[i]) && v[i] >= 0.0f)) flags |= kFlagBadValue;
+          if (v[i] > 0.0f && isfinite(v[i])) flags |= kFlagHasMass;
+          z[i] = v[i];
+        }
+        if (race && !greedy) {
+          // The race bound: a token whose key cannot exceed this thread's best (which has a lower index) is
+          // skipped without drawing its noise, as the CPU reference does.
+          const double ceiling = logits ? (z[i] > -INFINITY ? static_cast<double>(z[i]) + kMaxGumbel : -INFINITY)
+                                        : (z[i] > 0.0f && isfinite(z[i]) ? static_cast<double>(z[i]) / kMinExponential
+                                                                         : -INFINITY);
+          may_win = may_win || (ceiling > -INFINITY && ceiling >= static_cast<double>(best_key));
+        }
+      }
+      if (race && greedy) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          if (i < n) {
+            const uint64_t key = ArgmaxKey(v[i], static_cast<uint32_t>(first + i));
+            best = key > best ? key : best;
+          }
+        }
+      } else if (race && may_win) {
+        const Philox4 block = noise.Block(kNoiseToken, static_cast<uint32_t>(node), static_cast<uint32_t>(first));
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const bool candidate = logits ? (i < n && z[i] > -INFINITY && z[i] == z[i])
+                                        : (i < n && z[i] > 0.0f && isfinite(z[i]));
+          if (!candidate) continue;
+          const float e = ExponentialFromBits(PhiloxWord(block, i));
+          const float key = logits ? __fsub_rn(z[i], DeterministicLn(e)) : __fdiv_rn(z[i], e);
+          const uint64_t packed = ArgmaxKey(key, static_cast<uint32_t>(first + i));
+          if (packed > best) {
+            best = packed;
+            best_key = key;
+          }
+        }
+      }
+    }
+  }
+  if (flags != 0u) atomicOr(&block_flags, flags);
+  best = BlockReduceMax<kRowThreads>(best, key_scratch);  // its barriers also publish block_flags
+
+  stats = WarpReduceStats(stats);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (lane == 0) stats_scratch[warp] = make_float2(stats.max, stats.sum);
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    SoftmaxStats total;
+    for (int w = 0; w < kRowThreads / 32; ++w) total.Merge(stats_scratch[w].x, stats_scratch[w].y);
+    if (!is_draft) a.race[slot] = best;
+    a.stats[slot] = make_float2(total.max, total.sum);
+    a.row_flags[slot] = block_flags;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// 3. The walk.
+// ---------------------------------------------------------------------------------------------------------
+
+// Everything the walk of one request shares across its block.
+struct WalkState {
+  int32_t token[kMaxTreeNodes];
+  int32_t parent[kMaxTreeNodes];
+  int32_t path[kMaxTreeNodes];
+  uint8_t has_children[kMaxTreeNodes];
+  int32_t kids[kMaxTreeNodes];
+  double mass[kMaxTreeNodes + 1];  // mass[l] of residual level l at the current node; mass[0] = 1
+  int32_t nodes;
+  int32_t valid;
+  int32_t node;
+  int32_t num_kids;
+  int32_t accepted_kid;  // -1 while none
+  int32_t path_length;
+  int32_t final_token;
+  int32_t final_flag;
+  int32_t done;
+  float p_max, p_sum, q_max, q_sum;
+};
+
+// The request's own rules, by thread 0: offsets, parents, tokens, depth against the output width, temperature.
+__device__ __forceinline__ bool RequestIsValid(const SamplingArgs& a, int64_t b, WalkState& s) {
+  if (!OffsetsAreValid(a, b)) return false;
+  const int64_t first = a.offsets[b];
+  s.nodes = static_cast<int32_t>(NodeCount(a, b));
+  int32_t depth[kMaxTreeNodes];
+  int32_t max_depth = 0;
+  for (int i = 0; i < s.nodes; ++i) {
+    int32_t parent, token;
+    if (IsTree(a)) {
+      parent = a.parents[first + i];
+      token = i == 0 ? -1 : a.tokens[first + i];
+    } else {
+      parent = i - 1;
+      token = i == 0 ? -1 : a.tokens[first + i - 1];
+    }
+    if (i == 0 ? parent != -1 : (parent < 0 || parent >= i)) return false;
+    if (i > 0 && (token < 0 || token >= a.vocab_size)) return false;
+    s.parent[i] = parent;
+    s.token[i] = token;
+    s.has_children[i] = 0;
+    depth[i] = i == 0 ? 0 : depth[parent] + 1;
+    max_depth = depth[i] > max_depth ? depth[i] : max_depth;
+  }
+  for (int i = 1; i < s.nodes; ++i) s.has_children[s.parent[i]] = 1;
+  if (max_depth + 1 > a.emit_width) return false;
+  if (a.temperature != nullptr) {
+    const float t = a.temperature[b];
+    if (!(isfinite(t) && t >= 0.0f)) return false;
+  }
+  return true;
+}
+
+// The rows of request b: stamped with its index, and their values acceptable (check_row_values).
+__device__ __forceinline__ bool RowsAreValid(const SamplingArgs& a, int64_t b, const WalkState& s) {
+  const int64_t target_start = TargetRowStart(a, b);
+  const int64_t draft_rows = a.draft != nullptr ? DraftRowCount(a, b) : 0;
+  bool bad = false;
+  for (int64_t item = threadIdx.x; item < (s.nodes + draft_rows) * a.splits; item += kWalkThreads) {
+    const int64_t r = item / a.splits;
+    const bool is_draft = r >= s.nodes;
+    const int64_t node = is_draft ? r - s.nodes : r;
+    const int64_t row = is_draft ? a.target_rows + a.offsets[b] + node : target_start + node;
+    bad = bad || a.row_owner[row] != b + 1;
+    const uint32_t flags = a.row_flags[row * a.splits + item % a.splits];
+    bad = bad || (flags & (kFlagBadValue | kFlagOverflow)) != 0u;
+  }
+  // A row read as a distribution needs mass somewhere in it: every target row, and the draft row of a node
+  // with children.
+  for (int64_t r = threadIdx.x; r < s.nodes + draft_rows; r += kWalkThreads) {
+    const bool is_draft = r >= s.nodes;
+    const int64_t node = is_draft ? r - s.nodes : r;
+    if (is_draft && !s.has_children[node]) continue;
+    const int64_t row = is_draft ? a.target_rows + a.offsets[b] + node : target_start + node;
+    uint32_t any = 0u;
+    for (int64_t split = 0; split < a.splits; ++split) any |= a.row_flags[row * a.splits + split];
+    bad = bad || (any & kFlagHasMass) == 0u;
+  }
+  return !__syncthreads_or(bad);
+}
+
+// The node's probability of token x under a row: softmax of logit / temperature, or the probability as given.
+template <typename T>
+__device__ __forceinline__ float Probability(const SamplingArgs& a, const void* rows, int64_t row, int64_t x, float t,
+                                             float max, float sum) {
+  if (a.temperature == nullptr) return static_cast<const float*>(rows)[row * a.vocab_size + x];
+  const float z = __fdiv_rn(ToFloat(static_cast<const T*>(rows)[row * a.vocab_size + x]), t);
+  return z == -INFINITY ? 0.0f : __fdiv_rn(expf(z - max), sum);
+}
+
+// r_level(x): the residual after `level` rejections at the node, r_0 = p, r_{l+1} = max(0, r_l / m_l - q).
+__device__ __forceinline__ float Residual(float p, float q, int level, const double* mass) {
+  float r = p;
+  for (int l = 0; l < level; ++l) {
+    const float scale = static_cast<float>(mass[l]);
+    const float base = scale == 1.0f ? r : __fdiv_rn(r, scale);
+    const float next = __fsub_rn(base, q);
+    r = next > 0.0f ? next : 0.0f;
+  }
+  return r;
+}
+
+template <typename T>
+__device__ __forceinline__ void Walk(const SamplingArgs& a) {
+  __shared__ WalkState s;
+  __shared__ uint64_t key_scratch[kWalkThreads / 32];
+  __shared__ double sum_scratch[kWalkThreads / 32];
+  const int64_t b = blockIdx.x;
+  const int64_t width = a.emit_width;
+  int32_t* emitted = a.emitted + b * width;
+
+  if (threadIdx.x == 0) s.valid = RequestIsValid(a, b, s) ? 1 : 0;
+  __syncthreads();
+  const bool valid = s.valid && RowsAreValid(a, b, s);
+  if (!valid) {
+    for (int64_t j = threadIdx.x; j < width; j += kWalkThreads) {
+      emitted[j] = kRequestInvalid;
+      if (a.nodes != nullptr) a.nodes[b * width + j] = kRequestInvalid;
+      if (a.flags != nullptr) a.flags[b * width + j] = -1;
+    }
+    if (threadIdx.x == 0) a.accepted[b] = kRequestInvalid;
+    return;
+  }
+
+  const int64_t target_start = TargetRowStart(a, b);
+  const float t = a.temperature != nullptr ? a.temperature[b] : 1.0f;
+  const bool point_mass = a.draft == nullptr || (a.temperature != nullptr && t == 0.0f);
+  const RequestNoise noise{a.seeds[b], a.steps[b]};
+  if (threadIdx.x == 0) {
+    s.node = 0;
+    s.path_length = 0;
+    s.done = 0;
+  }
+  __syncthreads();
+
+  while (!s.done) {
+    const int node = s.node;
+    const int64_t target_row = target_start + node;
+    if (threadIdx.x == 0) {
+      s.num_kids = 0;
+      for (int i = node + 1; i < s.nodes; ++i) {
+        if (s.parent[i] == node) s.kids[s.num_kids++] = i;
+      }
+      s.accepted_kid = -1;
+    }
+    __syncthreads();
+
+    if (point_mass || s.num_kids == 0) {
+      if (threadIdx.x == 0) {
+        uint64_t best = 0ull;
+        for (int64_t split = 0; split < a.splits; ++split) {
+          const uint64_t key = a.race[target_row * a.splits + split];
+          best = key > best ? key : best;
+        }
+        const int32_t y = static_cast<int32_t>(ArgmaxKeyIndex(best));
+        for (int j = 0; j < s.num_kids && s.accepted_kid < 0; ++j) {
+          if (s.token[s.kids[j]] == y) s.accepted_kid = s.kids[j];
+        }
+        if (s.accepted_kid < 0) {
+          s.final_token = y;
+          s.final_flag = s.num_kids > 0 ? 0 : -1;
+        }
+      }
+      __syncthreads();
+    } else {
+      const int64_t draft_row = a.offsets[b] + node;
+      if (threadIdx.x == 0) {
+        SoftmaxStats p, q;
+        for (int64_t split = 0; split < a.splits; ++split) {
+          const float2 ps = a.stats[target_row * a.splits + split];
+          const float2 qs = a.stats[(a.target_rows + draft_row) * a.splits + split];
+          p.Merge(ps.x, ps.y);
+          q.Merge(qs.x, qs.y);
+        }
+        s.p_max = p.max;
+        s.p_sum = p.sum;
+        s.q_max = q.max;
+        s.q_sum = q.sum;
+        s.mass[0] = 1.0;
+      }
+      __syncthreads();
+      int level = 0;
+      for (int j = 0; j < s.num_kids; ++j) {
+        if (threadIdx.x == 0) {
+          const int64_t x = s.token[s.kids[j]];
+          const float px = Probability<T>(a, a.target, target_row, x, t, s.p_max, s.p_sum);
+          const float qx = Probability<T>(a, a.draft, draft_row, x, t, s.q_max, s.q_sum);
+          const float rx = Residual(px, qx, level, s.mass);
+          const float u = UniformFromBits(noise.Bits(kNoiseCoin, static_cast<uint32_t>(node), static_cast<uint32_t>(j)));
+          const double lhs = __dmul_rn(__dmul_rn(static_cast<double>(u), static_cast<double>(qx)), s.mass[level]);
+          if (lhs < static_cast<double>(rx)) s.accepted_kid = s.kids[j];
+        }
+        __syncthreads();
+        if (s.accepted_kid >= 0) break;
+        ++level;
+        if (j + 1 < s.num_kids) {
+          // The next child is tested against the normalised residual: its mass is a pass over the row.
+          double sum = 0.0;
+          for (int64_t x = threadIdx.x; x < a.vocab_size; x += kWalkThreads) {
+            const float px = Probability<T>(a, a.target, target_row, x, t, s.p_max, s.p_sum);
+            const float qx = Probability<T>(a, a.draft, draft_row, x, t, s.q_max, s.q_sum);
+            sum += static_cast<double>(Residual(px, qx, level, s.mass));
+          }
+#pragma unroll
+          for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(0xFFFFFFFFu, sum, offset);
+          if (threadIdx.x % 32 == 0) sum_scratch[threadIdx.x / 32] = sum;
+          __syncthreads();
+          if (threadIdx.x == 0) {
+            double total = 0.0;
+            for (int w = 0; w < kWalkThreads / 32; ++w) total += sum_scratch[w];
+            s.mass[level] = total;
+          }
+          __syncthreads();
+        }
+      }
+      if (s.accepted_kid < 0) {
+        // Every child rejected: an exponential race over the final residual, with the node's token noise.
+        uint64_t best = 0ull;
+        for (int64_t first = 4 * static_cast<int64_t>(threadIdx.x); first < a.vocab_size; first += 4 * kWalkThreads) {
+          const Philox4 block = noise.Block(kNoiseToken, static_cast<uint32_t>(node), static_cast<uint32_t>(first));
+          for (int i = 0; i < 4 && first + i < a.vocab_size; ++i) {
+            const int64_t x = first + i;
+            const float px = Probability<T>(a, a.target, target_row, x, t, s.p_max, s.p_sum);
+            const float qx = Probability<T>(a, a.draft, draft_row, x, t, s.q_max, s.q_sum);
+            const float rx = Residual(px, qx, level, s.mass);
+            if (rx > 0.0f) {
+              const float key = __fdiv_rn(rx, ExponentialFromBits(PhiloxWord(block, i)));
+              const uint64_t packed = ArgmaxKey(key, static_cast<uint32_t>(x));
+              best = packed > best ? packed : best;
+            }
+          }
+        }
+        best = BlockReduceMax<kWalkThreads>(best, key_scratch);
+        if (threadIdx.x == 0) {
+          if (best == 0ull) {
+            // No residual mass (reachable only through rounding): the node's draw from p.
+            for (int64_t split = 0; split < a.splits; ++split) {
+              const uint64_t key = a.race[target_row * a.splits + split];
+              best = key > best ? key : best;
+            }
+          }
+          s.final_token = static_cast<int32_t>(ArgmaxKeyIndex(best));
+          s.final_flag = 0;
+        }
+        __syncthreads();
+      }
+    }
+
+    if (threadIdx.x == 0) {
+      if (s.accepted_kid >= 0) {
+        s.path[s.path_length++] = s.accepted_kid;
+        s.node = s.accepted_kid;
+      } else {
+        s.done = 1;
+      }
+    }
+    __syncthreads();
+  }
+
+  const int n = s.path_length;
+  for (int64_t j = threadIdx.x; j < width; j += kWalkThreads) {
+    emitted[j] = j < n ? s.token[s.path[j]] : j == n ? s.final_token : -1;
+    if (a.nodes != nullptr) a.nodes[b * width + j] = j < n ? s.path[j] : -1;
+    if (a.flags != nullptr) a.flags[b * width + j] = static_cast<int8_t>(j < n ? 1 : j == n ? s.final_flag : -1);
+  }
+  if (threadIdx.x == 0) a.accepted[b] = n;
+}
+
+}  // namespace specdec
+
+// Unmangled entry points, looked up by name from the Rust launcher (src/cuda/sampling.rs).
+extern "C" __global__ void __launch_bounds__(specdec::kOwnerThreads) SamplingRowOwnerKernel(specdec::SamplingArgs a) {
+  specdec::StampRowOwners(a);
+}
+
+#define SPECDEC_SAMPLING_KERNELS(suffix, T)                                                                  \
+  extern "C" __global__ void __launch_bounds__(specdec::kRowThreads)                                       \
+      SamplingRowKernel_##suffix(specdec::SamplingArgs a) {                                                \
+    specdec::RowPartials<T>(a);                                                                            \
+  }                                                                                                        \
+  extern "C" __global__ void __launch_bounds__(specdec::kWalkThreads)                                      \
+      RejectionWalkKernel_##suffix(specdec::SamplingArgs a) {                                              \
+    specdec::Walk<T>(a);                                                                                   \
+  }
+SPECDEC_SAMPLING_KERNELS(f32, float)
+SPECDEC_SAMPLING_KERNELS(f16, __half)
+SPECDEC_SAMPLING_KERNELS(bf16, __nv_bfloat16)

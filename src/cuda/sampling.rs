@@ -1,0 +1,427 @@
+//! Launcher of rejection-sampling verification (`cuda/rejection_sampling.cu`). Semantics, layout and
+//! validation: [`crate::sampling`].
+//!
+//! This version runs chains and trees, point-mass and i.i.d. drafts, logits with temperature (0 included) and
+//! probabilities. Top-k and top-p are CPU-only so far: the C ABI answers `SPECDEC_NOT_SUPPORTED` when they are
+//! given with a CUDA context.
+
+use std::ffi::c_void;
+
+use cudarc::driver::{result, sys, CudaStream};
+use half::{bf16, f16};
+
+use super::memory::{check_device_ptr, StreamScratch};
+use super::{cuda_error, CudaBackend, DeviceIn, DeviceOut};
+use crate::error::{check_len, Error, Result};
+use crate::sampling::{RowsKind, VerifyShape};
+
+const MODULE: &str = "rejection_sampling";
+/// Threads per block; must match kOwnerThreads / kRowThreads / kWalkThreads in the .cu file.
+const OWNER_THREADS: u32 = 128;
+const ROW_THREADS: u32 = 256;
+const WALK_THREADS: u32 = 256;
+/// The smallest vocabulary chunk one block of the row kernel reads.
+const MIN_CHUNK: usize = 8192;
+/// How many row-kernel blocks per multiprocessor to aim for.
+const BLOCKS_PER_SM: usize = 4;
+
+/// Target or draft rows on the device.
+pub enum DeviceRows<'a> {
+    /// fp32 logits.
+    LogitsF32(DeviceIn<'a, f32>),
+    /// fp16 logits.
+    LogitsF16(DeviceIn<'a, f16>),
+    /// bf16 logits.
+    LogitsBF16(DeviceIn<'a, bf16>),
+    /// fp32 probabilities.
+    Probs(DeviceIn<'a, f32>),
+}
+
+impl DeviceRows<'_> {
+    fn kind(&self) -> RowsKind {
+        match self {
+            DeviceRows::LogitsF32(_) => RowsKind::LogitsF32,
+            DeviceRows::LogitsF16(_) => RowsKind::LogitsF16,
+            DeviceRows::LogitsBF16(_) => RowsKind::LogitsBF16,
+            DeviceRows::Probs(_) => RowsKind::Probs,
+        }
+    }
+
+    fn ptr_len(&self) -> (sys::CUdeviceptr, usize) {
+        match self {
+            DeviceRows::LogitsF32(r) | DeviceRows::Probs(r) => (r.ptr, r.len),
+            DeviceRows::LogitsF16(r) => (r.ptr, r.len),
+            DeviceRows::LogitsBF16(r) => (r.ptr, r.len),
+        }
+    }
+}
+
+/// The drafts of a call on the device, in the layouts of [`crate::sampling::Drafts`].
+pub enum DeviceDrafts<'a> {
+    /// Ragged chains.
+    Chain {
+        /// `[B + 1]`.
+        draft_offsets: DeviceIn<'a, i32>,
+        /// `[num_draft_tokens]`.
+        draft_tokens: DeviceIn<'a, i32>,
+    },
+    /// Trees as parent arrays.
+    Tree {
+        /// `[B + 1]`.
+        node_offsets: DeviceIn<'a, i32>,
+        /// `[num_nodes]`.
+        node_tokens: DeviceIn<'a, i32>,
+        /// `[num_nodes]`.
+        parents: DeviceIn<'a, i32>,
+    },
+}
+
+/// Everything a verification call reads, on the device ([`crate::sampling::VerifyInputs`]).
+pub struct DeviceVerifyInputs<'a> {
+    /// `V`.
+    pub vocab_size: usize,
+    /// The drafts.
+    pub drafts: DeviceDrafts<'a>,
+    /// Target rows.
+    pub target: DeviceRows<'a>,
+    /// Draft rows of the same kind, or `None` for point-mass drafts.
+    pub draft: Option<DeviceRows<'a>>,
+    /// `[B]` temperatures for logits (0 is greedy); `None` for probabilities.
+    pub temperature: Option<DeviceIn<'a, f32>>,
+    /// `[B]` Philox keys.
+    pub seeds: DeviceIn<'a, u64>,
+    /// `[B]` step counters.
+    pub steps: DeviceIn<'a, u64>,
+}
+
+/// Everything a verification call writes, on the device ([`crate::sampling::VerifyOutputs`]).
+pub struct DeviceVerifyOutputs<'a> {
+    /// Row length of the `[B, emit_width]` outputs.
+    pub emit_width: usize,
+    /// `[B]`.
+    pub accepted_counts: DeviceOut<'a, i32>,
+    /// `[B, emit_width]`.
+    pub emitted_tokens: DeviceOut<'a, i32>,
+    /// `[B, emit_width]`, optional.
+    pub accepted_nodes: Option<DeviceOut<'a, i32>>,
+    /// `[B, emit_width]`, optional.
+    pub accept_flags: Option<DeviceOut<'a, i8>>,
+}
+
+/// Raw device pointers of one call (0 for an absent optional array), after validation by [`Self::check`].
+pub(crate) struct SamplingDevicePtrs {
+    pub kind: RowsKind,
+    pub target: sys::CUdeviceptr,
+    pub draft: sys::CUdeviceptr,
+    pub offsets: sys::CUdeviceptr,
+    pub tokens: sys::CUdeviceptr,
+    pub parents: sys::CUdeviceptr,
+    pub temperature: sys::CUdeviceptr,
+    pub seeds: sys::CUdeviceptr,
+    pub steps: sys::CUdeviceptr,
+    pub accepted: sys::CUdeviceptr,
+    pub emitted: sys::CUdeviceptr,
+    pub nodes: sys::CUdeviceptr,
+    pub flags: sys::CUdeviceptr,
+}
+
+impl SamplingDevicePtrs {
+    pub(crate) fn check(&self, shape: &VerifyShape) -> Result<()> {
+        let (b, v, n) = (shape.num_requests, shape.vocab_size, shape.num_tokens);
+        let size = self.kind.element_size();
+        check_device_ptr("target", self.target, shape.target_rows() * v, size)?;
+        check_device_ptr("draft", self.draft, shape.draft_rows() * v, size)?;
+        let (offsets, tokens) = if shape.tree {
+            check_device_ptr("parents", self.parents, n, 4)?;
+            ("node_offsets", "node_tokens")
+        } else {
+            ("draft_offsets", "draft_tokens")
+        };
+        check_device_ptr(offsets, self.offsets, b + 1, 4)?;
+        check_device_ptr(tokens, self.tokens, n, 4)?;
+        match (self.kind.is_logits(), self.temperature != 0) {
+            (true, false) if b > 0 => {
+                return Err(Error::invalid(
+                    "temperature",
+                    "is missing; logits need a temperature per request (0 = greedy)",
+                ))
+            }
+            (false, true) => {
+                return Err(Error::invalid(
+                    "temperature",
+                    "probabilities take no sampling parameters",
+                ))
+            }
+            _ => check_device_ptr("temperature", self.temperature, b, 4)?,
+        }
+        check_device_ptr("seeds", self.seeds, b, 8)?;
+        check_device_ptr("steps", self.steps, b, 8)?;
+        check_device_ptr("accepted_counts", self.accepted, b, 4)?;
+        let out = shape.output_len();
+        check_device_ptr("emitted_tokens", self.emitted, out, 4)?;
+        check_device_ptr("accepted_nodes", self.nodes, out, 4)?;
+        check_device_ptr("accept_flags", self.flags, out, 1)
+    }
+}
+
+/// The kernels' argument block, passed by value: the layout of `SamplingArgs` in the .cu file.
+#[repr(C)]
+struct SamplingArgs {
+    target: u64,
+    draft: u64,
+    vocab_size: i64,
+    offsets: u64,
+    num_requests: i64,
+    tokens: u64,
+    parents: u64,
+    num_tokens: i64,
+    temperature: u64,
+    seeds: u64,
+    steps: u64,
+    emit_width: i64,
+    accepted: u64,
+    emitted: u64,
+    nodes: u64,
+    flags: u64,
+    row_owner: u64,
+    race: u64,
+    stats: u64,
+    row_flags: u64,
+    target_rows: i64,
+    draft_rows: i64,
+    chunk: i64,
+    splits: i64,
+}
+const _: () = assert!(std::mem::size_of::<SamplingArgs>() == 24 * 8);
+
+/// How each row's vocabulary is split across blocks: enough blocks to fill the device, none smaller than
+/// [`MIN_CHUNK`], chunks a multiple of 4 tokens (one Philox block). Results do not depend on it.
+fn vocabulary_split(rows: usize, vocab_size: usize, multiprocessors: u32) -> (usize, u32) {
+    let target_blocks = BLOCKS_PER_SM * multiprocessors as usize;
+    let splits = target_blocks
+        .div_ceil(rows.max(1))
+        .min(vocab_size / MIN_CHUNK)
+        .clamp(1, 65535);
+    let chunk = vocab_size.div_ceil(splits).next_multiple_of(4);
+    (chunk, vocab_size.div_ceil(chunk) as u32)
+}
+
+impl CudaBackend {
+    /// Rejection-sampling verification on the GPU; see [`crate::sampling`] for layout, semantics and
+    /// validation. Sizes and lengths are checked before anything is launched; the contents (offsets, parents,
+    /// draft ids, temperatures, NaN or infinite values) are checked per request by the kernels, which mark a bad
+    /// request with `accepted_counts[b] = `[`crate::sampling::REQUEST_INVALID`] and rows of -1. Returns once the
+    /// work is enqueued on `stream`. Top-k and top-p are not available on the GPU in this version.
+    pub fn rejection_verify(
+        &self,
+        stream: &CudaStream,
+        inputs: &DeviceVerifyInputs<'_>,
+        outputs: &DeviceVerifyOutputs<'_>,
+    ) -> Result<()> {
+        self.check_stream(stream)?;
+        let (offsets, tokens, parents, tree) = match &inputs.drafts {
+            DeviceDrafts::Chain {
+                draft_offsets,
+                draft_tokens,
+            } => (draft_offsets, draft_tokens, None, false),
+            DeviceDrafts::Tree {
+                node_offsets,
+                node_tokens,
+                parents,
+            } => {
+                check_len("parents", parents.len(), node_tokens.len())?;
+                (node_offsets, node_tokens, Some(parents), true)
+            }
+        };
+        let num_requests = offsets.len().checked_sub(1).ok_or_else(|| {
+            Error::invalid("offsets", "is empty; it needs num_requests + 1 elements")
+        })?;
+        let shape = VerifyShape::new(
+            num_requests,
+            inputs.vocab_size,
+            tokens.len(),
+            tree,
+            outputs.emit_width,
+        )?;
+        let kind = inputs.target.kind();
+        let (target, target_len) = inputs.target.ptr_len();
+        check_len("target", target_len, shape.target_rows() * shape.vocab_size)?;
+        let draft = match &inputs.draft {
+            Some(d) if d.kind() != kind => {
+                return Err(Error::invalid(
+                    "draft",
+                    "must be of the same kind (logits dtype or probabilities) as target",
+                ))
+            }
+            Some(d) => {
+                let (ptr, len) = d.ptr_len();
+                check_len("draft", len, shape.draft_rows() * shape.vocab_size)?;
+                ptr
+            }
+            None => 0,
+        };
+        let b = shape.num_requests;
+        if let Some(t) = &inputs.temperature {
+            check_len("temperature", t.len(), b)?;
+        }
+        check_len("seeds", inputs.seeds.len(), b)?;
+        check_len("steps", inputs.steps.len(), b)?;
+        check_len("accepted_counts", outputs.accepted_counts.len(), b)?;
+        let out = shape.output_len();
+        check_len("emitted_tokens", outputs.emitted_tokens.len(), out)?;
+        if let Some(nodes) = &outputs.accepted_nodes {
+            check_len("accepted_nodes", nodes.len(), out)?;
+        }
+        if let Some(flags) = &outputs.accept_flags {
+            check_len("accept_flags", flags.len(), out)?;
+        }
+        let ptrs = SamplingDevicePtrs {
+            kind,
+            target,
+            draft,
+            offsets: offsets.ptr,
+            tokens: tokens.ptr,
+            parents: parents.map_or(0, |p| p.ptr),
+            temperature: inputs.temperature.as_ref().map_or(0, |t| t.ptr),
+            seeds: inputs.seeds.ptr,
+            steps: inputs.steps.ptr,
+            accepted: outputs.accepted_counts.ptr,
+            emitted: outputs.emitted_tokens.ptr,
+            nodes: outputs.accepted_nodes.as_ref().map_or(0, |n| n.ptr),
+            flags: outputs.accept_flags.as_ref().map_or(0, |f| f.ptr),
+        };
+        ptrs.check(&shape)?;
+        self.launch_rejection_verify(stream.cu_stream(), &shape, &ptrs)
+    }
+
+    /// Enqueues the three kernels. `shape` and `ptrs` are validated by the caller.
+    pub(crate) fn launch_rejection_verify(
+        &self,
+        stream: sys::CUstream,
+        shape: &VerifyShape,
+        ptrs: &SamplingDevicePtrs,
+    ) -> Result<()> {
+        if shape.num_requests == 0 {
+            return Ok(());
+        }
+        let _bound = self.bind()?;
+        let suffix_kernels = match ptrs.kind {
+            RowsKind::LogitsF32 | RowsKind::Probs => {
+                ("SamplingRowKernel_f32", "RejectionWalkKernel_f32")
+            }
+            RowsKind::LogitsF16 => ("SamplingRowKernel_f16", "RejectionWalkKernel_f16"),
+            RowsKind::LogitsBF16 => ("SamplingRowKernel_bf16", "RejectionWalkKernel_bf16"),
+        };
+        let owner_kernel = self.function(MODULE, "SamplingRowOwnerKernel")?;
+        let row_kernel = self.function(MODULE, suffix_kernels.0)?;
+        let walk_kernel = self.function(MODULE, suffix_kernels.1)?;
+
+        let target_rows = shape.target_rows();
+        let draft_rows = if ptrs.draft != 0 {
+            shape.draft_rows()
+        } else {
+            0
+        };
+        let rows = target_rows + draft_rows;
+        if rows > i32::MAX as usize {
+            return Err(Error::invalid(
+                "target",
+                format!(
+                    "{rows} target and draft rows exceed one launch ({} at most)",
+                    i32::MAX
+                ),
+            ));
+        }
+        let (chunk, splits) = vocabulary_split(rows, shape.vocab_size, self.multiprocessors());
+        let partials = rows * splits as usize;
+        // One scratch allocation: row owners, race keys, softmax statistics, row flags (8-byte aligned parts).
+        let owner_bytes = (rows * 4).next_multiple_of(8);
+        let race_bytes = target_rows * splits as usize * 8;
+        let stats_bytes = partials * 8;
+        let flags_bytes = partials * 4;
+        let scratch =
+            StreamScratch::alloc(stream, owner_bytes + race_bytes + stats_bytes + flags_bytes)?;
+        let owner = scratch.ptr();
+        // SAFETY: `owner` is the start of a live allocation of at least `rows * 4` bytes, enqueued on `stream`.
+        unsafe { sys::cuMemsetD8Async(owner, 0, rows * 4, stream) }
+            .result()
+            .map_err(|e| cuda_error("cuMemsetD8Async", e))?;
+
+        let mut args = SamplingArgs {
+            target: ptrs.target,
+            draft: ptrs.draft,
+            vocab_size: shape.vocab_size as i64,
+            offsets: ptrs.offsets,
+            num_requests: shape.num_requests as i64,
+            tokens: ptrs.tokens,
+            parents: ptrs.parents,
+            num_tokens: shape.num_tokens as i64,
+            temperature: ptrs.temperature,
+            seeds: ptrs.seeds,
+            steps: ptrs.steps,
+            emit_width: shape.emit_width as i64,
+            accepted: ptrs.accepted,
+            emitted: ptrs.emitted,
+            nodes: ptrs.nodes,
+            flags: ptrs.flags,
+            row_owner: owner,
+            race: owner + owner_bytes as u64,
+            stats: owner + (owner_bytes + race_bytes) as u64,
+            row_flags: owner + (owner_bytes + race_bytes + stats_bytes) as u64,
+            target_rows: target_rows as i64,
+            draft_rows: draft_rows as i64,
+            chunk: chunk as i64,
+            splits: i64::from(splits),
+        };
+        let owner_blocks = shape.num_requests.div_ceil(OWNER_THREADS as usize) as u32;
+        let launches = [
+            (
+                owner_kernel,
+                (owner_blocks, 1, 1),
+                OWNER_THREADS,
+                "cuLaunchKernel(SamplingRowOwnerKernel)",
+            ),
+            (
+                row_kernel,
+                (rows as u32, splits, 1),
+                ROW_THREADS,
+                "cuLaunchKernel(SamplingRowKernel)",
+            ),
+            (
+                walk_kernel,
+                (shape.num_requests as u32, 1, 1),
+                WALK_THREADS,
+                "cuLaunchKernel(RejectionWalkKernel)",
+            ),
+        ];
+        for (kernel, grid, threads, name) in launches {
+            let mut params = [&mut args as *mut SamplingArgs as *mut c_void];
+            // SAFETY: the kernel takes one SamplingArgs by value (the same layout, asserted on both sides);
+            // every pointer in it was checked against the shape, and the scratch parts are sized above. The
+            // kernels validate each request's contents before indexing with them.
+            unsafe { result::launch_kernel(kernel, grid, (threads, 1, 1), 0, stream, &mut params) }
+                .map_err(|e| cuda_error(name, e))?;
+        }
+        scratch.free()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vocabulary_split_uses_whole_philox_blocks_and_covers_each_row() {
+        for rows in [1usize, 2, 9, 576, 10_000] {
+            for vocab in [1usize, 3, 5, 8191, 8193, 32000, 128256, 151937, 262144] {
+                for sms in [1u32, 132] {
+                    let (chunk, splits) = vocabulary_split(rows, vocab, sms);
+                    let splits = splits as usize;
+                    assert_eq!(chunk % 4, 0);
+                    assert!(chunk * splits >= vocab && chunk * (splits - 1) < vocab);
+                    assert!(splits == 1 || chunk >= MIN_CHUNK);
+                }
+            }
+        }
+    }
+}
