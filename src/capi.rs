@@ -15,13 +15,16 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use half::{bf16, f16};
 
 use crate::cuda::greedy::GreedyDevicePtrs;
+use crate::cuda::sampling::SamplingDevicePtrs;
 use crate::cuda::CudaBackend;
 use crate::drafter::{DraftKind, Drafter, DrafterConfig, LengthClasses, Token};
 use crate::dtype::{DType, LogitsElement};
 use crate::error::{Error, Result};
 use crate::greedy::GreedyShape;
 use crate::policy::{choose_draft_lengths, CostModel, Gpu, ModelShape, Overheads, RequestOutlook};
-use crate::sampling::{Drafts, Rows, SamplingParams, VerifyInputs, VerifyOutputs, VerifyShape};
+use crate::sampling::{
+    Drafts, Rows, RowsKind, SamplingParams, VerifyInputs, VerifyOutputs, VerifyShape,
+};
 
 /// Major version of the library this header belongs to.
 pub const SPECDEC_VERSION_MAJOR: u32 = 0;
@@ -469,7 +472,10 @@ pub unsafe extern "C" fn specdec_greedy_verify(
 ///   (NULL to skip) `accepted_nodes[num_requests * emit_width]` and `accept_flags[num_requests * emit_width]`.
 ///
 /// On a CPU context the call checks everything and returns SPECDEC_INVALID_ARGUMENT naming the first bad
-/// element, writing no output. A CUDA context returns SPECDEC_NOT_SUPPORTED in this version.
+/// element, writing no output. On a CUDA context every array is device memory and the work is enqueued on
+/// `stream` (the call returns without waiting); sizes and pointers are checked on the host, and the kernels
+/// check each request's contents, marking a bad request with `accepted_counts[b] = -1` and rows of -1. Top-k
+/// and top-p are CPU-only in this version: a CUDA context returns SPECDEC_NOT_SUPPORTED when they are given.
 ///
 /// # Safety
 /// Each non-null pointer must point to the number of elements stated, valid for the call, and the outputs must
@@ -602,6 +608,56 @@ struct RejectionCall {
 }
 
 impl RejectionCall {
+    fn rows_kind(&self) -> Result<RowsKind> {
+        Ok(match self.rows_kind {
+            0 => RowsKind::LogitsF32,
+            1 => RowsKind::LogitsF16,
+            2 => RowsKind::LogitsBF16,
+            3 => RowsKind::Probs,
+            other => {
+                return Err(Error::invalid(
+                    "rows_kind",
+                    format!(
+                        "is {other}, not a specdec_rows (0-2 logits F32/F16/BF16, 3 probabilities)"
+                    ),
+                ))
+            }
+        })
+    }
+
+    /// The CUDA path: device pointers, enqueued on the caller's stream.
+    fn run_cuda(
+        &self,
+        backend: &CudaBackend,
+        shape: &VerifyShape,
+        sampling: &specdec_sampling,
+        outputs: &specdec_verify_outputs,
+    ) -> Result<()> {
+        if !sampling.top_k.is_null() || !sampling.top_p.is_null() {
+            return Err(Error::NotSupported {
+                what: "top-k and top-p in rejection-sampling verification on a CUDA context in this version \
+                       (pass NULL, or use a CPU context)",
+            });
+        }
+        let ptrs = SamplingDevicePtrs {
+            kind: self.rows_kind()?,
+            target: self.target as u64,
+            draft: self.draft as u64,
+            offsets: self.offsets as u64,
+            tokens: self.tokens as u64,
+            parents: if shape.tree { self.parents as u64 } else { 0 },
+            temperature: sampling.temperature as u64,
+            seeds: sampling.seeds as u64,
+            steps: sampling.steps as u64,
+            accepted: outputs.accepted_counts as u64,
+            emitted: outputs.emitted_tokens as u64,
+            nodes: outputs.accepted_nodes as u64,
+            flags: outputs.accept_flags as u64,
+        };
+        ptrs.check(shape)?;
+        backend.launch_rejection_verify(self.stream as _, shape, &ptrs)
+    }
+
     /// # Safety
     /// The contract of `specdec_rejection_verify_chain`.
     unsafe fn run(self, tree: bool) -> Result<()> {
@@ -620,30 +676,21 @@ impl RejectionCall {
             tree,
             size_arg("emit_width", self.emit_width)?,
         )?;
-        // The CPU backend runs synchronously; the stream is for a CUDA context.
-        let _ = self.stream;
-        if let Backend::Cuda(_) = ctx.backend {
-            return Err(Error::NotSupported {
-                what: "rejection-sampling verification on a CUDA context in this version (use a CPU context)",
-            });
+        if let Backend::Cuda(backend) = &ctx.backend {
+            return self.run_cuda(backend, &shape, &sampling, &outputs);
         }
         let b = shape.num_requests;
         let target_len = shape.target_rows() * shape.vocab_size;
         let draft_len = shape.draft_rows() * shape.vocab_size;
+        let kind = self.rows_kind()?;
         let rows = |name: &str, ptr: *const c_void, len: usize| -> Result<Rows<'_>> {
-            Ok(match self.rows_kind {
-                0 => Rows::LogitsF32(host_slice(name, ptr as *const f32, len)?),
-                1 => Rows::LogitsF16(host_slice(name, ptr as *const f16, len)?),
-                2 => Rows::LogitsBF16(host_slice(name, ptr as *const bf16, len)?),
-                3 => Rows::Probs(host_slice(name, ptr as *const f32, len)?),
-                other => {
-                    return Err(Error::invalid(
-                        "rows_kind",
-                        format!(
-                        "is {other}, not a specdec_rows (0-2 logits F32/F16/BF16, 3 probabilities)"
-                    ),
-                    ))
+            Ok(match kind {
+                RowsKind::LogitsF32 => Rows::LogitsF32(host_slice(name, ptr as *const f32, len)?),
+                RowsKind::LogitsF16 => Rows::LogitsF16(host_slice(name, ptr as *const f16, len)?),
+                RowsKind::LogitsBF16 => {
+                    Rows::LogitsBF16(host_slice(name, ptr as *const bf16, len)?)
                 }
+                RowsKind::Probs => Rows::Probs(host_slice(name, ptr as *const f32, len)?),
             })
         };
         let target = rows("target", self.target, target_len)?;

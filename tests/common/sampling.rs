@@ -86,7 +86,7 @@ pub struct Model {
 }
 
 impl Model {
-    fn new(vocab: usize, live: usize, seed: u64) -> Model {
+    pub fn new(vocab: usize, live: usize, seed: u64) -> Model {
         Model {
             vocab,
             live,
@@ -210,7 +210,7 @@ pub struct Scenario {
 }
 
 impl Scenario {
-    fn new(name: &'static str, model: Model, shape: Shape, with_q: bool) -> Scenario {
+    pub fn new(name: &'static str, model: Model, shape: Shape, with_q: bool) -> Scenario {
         Scenario {
             name,
             model,
