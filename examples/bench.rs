@@ -191,31 +191,30 @@ fn main() {
         );
         failures += usize::from(row.check.starts_with("MISMATCH"));
     }
-    match &backend {
-        Backend::Cpu => {
-            for case in sampler_cases(options.quick) {
-                eprintln!(
-                    "rejection_verify bf16 B={} k={} V={} ...",
-                    case.batch, case.drafts, case.vocab
-                );
-                let micros = time_sampler_cpu(case);
-                let bytes = case.bytes() as f64;
-                let gbps = bytes / micros / 1e3;
-                println!(
-                    "| rejection_verify (chain, q) | bf16 | {} | {} | {} | {:.2} | {:.2} | {:.1} | {:.1} | is the CPU reference |",
-                    case.batch,
-                    case.drafts,
-                    case.vocab,
-                    micros,
-                    bytes / 1e6,
-                    gbps,
-                    100.0 * gbps / ceiling_gbps
-                );
-            }
-        }
-        Backend::Cuda { .. } => println!(
-            "| rejection_verify | | | | | | | | | no CUDA kernel in this version (CPU: --backend cpu) |"
-        ),
+    for case in sampler_cases(options.quick, matches!(backend, Backend::Cuda { .. })) {
+        eprintln!(
+            "rejection_verify bf16 {} B={} k={} V={} ...",
+            if case.with_q { "q" } else { "point mass" },
+            case.batch,
+            case.drafts,
+            case.vocab
+        );
+        let (micros, check) = run_sampler(&backend, case);
+        let bytes = case.bytes() as f64;
+        let gbps = bytes / micros / 1e3;
+        println!(
+            "| rejection_verify (chain, {}) | bf16 | {} | {} | {} | {:.2} | {:.2} | {:.1} | {:.1} | {} |",
+            if case.with_q { "q" } else { "point mass" },
+            case.batch,
+            case.drafts,
+            case.vocab,
+            micros,
+            bytes / 1e6,
+            gbps,
+            100.0 * gbps / ceiling_gbps,
+            check
+        );
+        failures += usize::from(check.starts_with("MISMATCH"));
     }
     if failures > 0 {
         eprintln!("bench: {failures} case(s) disagree with the CPU reference");
@@ -223,82 +222,130 @@ fn main() {
     }
 }
 
-/// One rejection-sampling case: `batch` chains of `drafts` tokens with draft rows, bf16 logits, temperature 1.
+/// One rejection-sampling case: `batch` chains of `drafts` tokens, bf16 logits, temperature 1, with draft rows
+/// (`with_q`) or point-mass drafts.
 #[derive(Clone, Copy)]
 struct SamplerCase {
     batch: usize,
     drafts: usize,
     vocab: usize,
+    with_q: bool,
 }
 
 impl SamplerCase {
-    /// The floor: target rows (`k + 1` per request) and draft rows (`k`) read once.
+    /// The floor: target rows (`k + 1` per request) and draft rows (`k`, with q) read once.
     fn bytes(&self) -> usize {
-        self.batch * (2 * self.drafts + 1) * self.vocab * 2
+        let rows = self.drafts + 1 + if self.with_q { self.drafts } else { 0 };
+        self.batch * rows * self.vocab * 2
     }
 }
 
-fn sampler_cases(quick: bool) -> Vec<SamplerCase> {
-    let batches: &[usize] = if quick { &[1, 8] } else { &[1, 8, 64] };
-    let vocabs: &[usize] = if quick { &[32000] } else { &[32000, 128256] };
+/// The matrix on CUDA (every B, k, V with draft rows; k = 4 without); a few cases on the CPU.
+fn sampler_cases(quick: bool, cuda: bool) -> Vec<SamplerCase> {
+    let (batches, drafts, vocabs): (&[usize], &[usize], &[usize]) = match (cuda, quick) {
+        (true, false) => (&[1, 8, 64, 256], &[1, 4, 8], &[32000, 128256, 151936]),
+        (true, true) => (&[1, 64], &[4], &[128256]),
+        (false, false) => (&[1, 8, 64], &[4], &[32000, 128256]),
+        (false, true) => (&[1, 8], &[4], &[32000]),
+    };
     let mut cases = Vec::new();
     for &vocab in vocabs {
-        for &batch in batches {
-            cases.push(SamplerCase {
-                batch,
-                drafts: 4,
-                vocab,
-            });
+        for &k in drafts {
+            for &batch in batches {
+                cases.push(SamplerCase {
+                    batch,
+                    drafts: k,
+                    vocab,
+                    with_q: true,
+                });
+                if k == 4 {
+                    cases.push(SamplerCase {
+                        batch,
+                        drafts: k,
+                        vocab,
+                        with_q: false,
+                    });
+                }
+            }
         }
     }
     cases
 }
 
-/// Median wall-clock time of the CPU sampler on `case`: target logits in [-8, 8), draft logits the target's
-/// plus noise, each draft the argmax of its draft row (so most are accepted and most rows are visited).
-fn time_sampler_cpu(case: SamplerCase) -> f64 {
-    use specdec::sampling::{Drafts, Rows, SamplingParams, VerifyInputs, VerifyOutputs};
+/// Inputs of a sampler case: target logits in [-8, 8), draft logits the target's plus noise in [-0.5, 0.5),
+/// each draft the argmax of its draft row (so most are accepted and most rows are visited).
+struct SamplerInputs {
+    target: Vec<bf16>,
+    draft: Vec<bf16>,
+    offsets: Vec<i32>,
+    tokens: Vec<i32>,
+    temperature: Vec<f32>,
+    seeds: Vec<u64>,
+    steps: Vec<u64>,
+}
+
+fn sampler_inputs(case: SamplerCase) -> SamplerInputs {
     let (b, k, v) = (case.batch, case.drafts, case.vocab);
-    let mut state = 0x5A3B_u64;
-    let mut uniform = move || (splitmix(&mut state) >> 40) as f32 / (1u64 << 24) as f32;
-    let target: Vec<f32> = (0..b * (k + 1) * v)
-        .map(|_| uniform() * 16.0 - 8.0)
+    let target: Vec<bf16> = (0..b * (k + 1) * v)
+        .into_par_iter()
+        .map(|i| {
+            let mut state = 0x5A3B ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            bf16::from_f32((splitmix(&mut state) >> 40) as f32 / (1u64 << 24) as f32 * 16.0 - 8.0)
+        })
         .collect();
-    let mut draft = Vec::with_capacity(b * k * v);
-    let mut tokens = Vec::with_capacity(b * k);
-    for r in 0..b {
-        for j in 0..k {
-            let row = &target[(r * (k + 1) + j) * v..][..v];
-            let noisy: Vec<f32> = row.iter().map(|&x| x + uniform() - 0.5).collect();
-            tokens.push(cpu::argmax(&noisy) as i32);
-            draft.extend(noisy);
+    let mut draft = vec![bf16::ZERO; b * k * v];
+    draft.par_chunks_mut(v).enumerate().for_each(|(row, out)| {
+        let (r, j) = (row / k, row % k);
+        let source = &target[(r * (k + 1) + j) * v..][..v];
+        let mut state = 0xD4AF ^ row as u64;
+        for (x, t) in out.iter_mut().zip(source) {
+            let noise = (splitmix(&mut state) >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+            *x = bf16::from_f32(t.to_f32() + noise);
         }
+    });
+    let tokens: Vec<i32> = draft
+        .par_chunks(v)
+        .map(|row| cpu::argmax(row) as i32)
+        .collect();
+    SamplerInputs {
+        target,
+        draft,
+        offsets: (0..=b).map(|r| (r * k) as i32).collect(),
+        tokens,
+        temperature: vec![1.0; b],
+        seeds: (0..b as u64).map(|r| r * 7919 + 1).collect(),
+        steps: vec![0; b],
     }
-    let target: Vec<bf16> = target.into_iter().map(bf16::from_f32).collect();
-    let draft: Vec<bf16> = draft.into_iter().map(bf16::from_f32).collect();
-    let offsets: Vec<i32> = (0..=b).map(|r| (r * k) as i32).collect();
-    let (temperature, seeds) = (vec![1.0f32; b], (0..b as u64).collect::<Vec<_>>());
+}
+
+/// The CPU reference's accepted counts and emitted tokens, and its median time.
+fn sampler_cpu(
+    case: SamplerCase,
+    inputs: &SamplerInputs,
+    timed: bool,
+) -> (f64, Vec<i32>, Vec<i32>) {
+    use specdec::sampling::{Drafts, Rows, SamplingParams, VerifyInputs, VerifyOutputs};
+    let (b, k) = (case.batch, case.drafts);
+    let verify_inputs = VerifyInputs {
+        vocab_size: case.vocab,
+        drafts: Drafts::Chain {
+            draft_offsets: &inputs.offsets,
+            draft_tokens: &inputs.tokens,
+        },
+        target: Rows::LogitsBF16(&inputs.target),
+        draft: case.with_q.then_some(Rows::LogitsBF16(&inputs.draft)),
+        params: Some(SamplingParams {
+            temperature: &inputs.temperature,
+            top_k: None,
+            top_p: None,
+        }),
+        seeds: &inputs.seeds,
+        steps: &inputs.steps,
+    };
+    let (mut accepted, mut emitted) = (vec![0; b], vec![0; b * (k + 1)]);
     let mut samples = Vec::new();
     let started = Instant::now();
-    while samples.len() < 3 || (started.elapsed().as_secs_f64() < 0.5 && samples.len() < 50) {
-        let steps = vec![samples.len() as u64; b];
-        let inputs = VerifyInputs {
-            vocab_size: v,
-            drafts: Drafts::Chain {
-                draft_offsets: &offsets,
-                draft_tokens: &tokens,
-            },
-            target: Rows::LogitsBF16(&target),
-            draft: Some(Rows::LogitsBF16(&draft)),
-            params: Some(SamplingParams {
-                temperature: &temperature,
-                top_k: None,
-                top_p: None,
-            }),
-            seeds: &seeds,
-            steps: &steps,
-        };
-        let (mut accepted, mut emitted) = (vec![0; b], vec![0; b * (k + 1)]);
+    loop {
         let mut outputs = VerifyOutputs {
             emit_width: k + 1,
             accepted_counts: &mut accepted,
@@ -307,10 +354,159 @@ fn time_sampler_cpu(case: SamplerCase) -> f64 {
             accept_flags: None,
         };
         let t = Instant::now();
-        cpu::rejection_verify(&inputs, &mut outputs).expect("valid inputs");
+        cpu::rejection_verify(&verify_inputs, &mut outputs).expect("valid inputs");
         samples.push(t.elapsed().as_secs_f64() * 1e6);
+        if !timed
+            || samples.len() >= 50
+            || (samples.len() >= 3 && started.elapsed().as_secs_f64() > 0.5)
+        {
+            break;
+        }
     }
-    median(samples)
+    (median(samples), accepted, emitted)
+}
+
+/// Times a sampler case on the backend; on CUDA, compares every request with the CPU reference (with draft
+/// rows, a token may differ where softmax sums round differently: more than 1 in 100 requests is a mismatch).
+fn run_sampler(backend: &Backend, case: SamplerCase) -> (f64, String) {
+    let inputs = sampler_inputs(case);
+    match backend {
+        Backend::Cpu => (
+            sampler_cpu(case, &inputs, true).0,
+            "is the CPU reference".into(),
+        ),
+        Backend::Cuda { backend, stream } => {
+            let (micros, accepted, emitted) = time_sampler_cuda(backend, stream, case, &inputs);
+            let (_, want_accepted, want_emitted) = sampler_cpu(case, &inputs, false);
+            let w = case.drafts + 1;
+            let differ = (0..case.batch)
+                .filter(|&r| {
+                    accepted[r] != want_accepted[r]
+                        || emitted[r * w..(r + 1) * w] != want_emitted[r * w..(r + 1) * w]
+                })
+                .count();
+            let check = match (differ, case.with_q) {
+                (0, _) => "= CPU reference".to_string(),
+                (n, true) if n * 100 <= case.batch => {
+                    format!("{n} of {} requests differ (rounding)", case.batch)
+                }
+                (n, _) => format!("MISMATCH ({n} of {} requests differ)", case.batch),
+            };
+            (micros, check)
+        }
+    }
+}
+
+fn time_sampler_cuda(
+    backend: &CudaBackend,
+    stream: &Arc<CudaStream>,
+    case: SamplerCase,
+    inputs: &SamplerInputs,
+) -> (f64, Vec<i32>, Vec<i32>) {
+    use specdec::cuda::{DeviceDrafts, DeviceRows, DeviceVerifyInputs, DeviceVerifyOutputs};
+    const BATCHES: usize = 30;
+    const CALLS_PER_BATCH: usize = 10;
+    let (b, w) = (case.batch, case.drafts + 1);
+    let (target_len, draft_len) = (inputs.target.len(), inputs.draft.len());
+    let per_call = 2 * (target_len + if case.with_q { draft_len } else { 0 });
+    let copies = GPU_ROTATION_BYTES.div_ceil(per_call).clamp(1, 4096);
+    let replicate = |host: &[bf16]| -> CudaSlice<bf16> {
+        let one = stream.clone_htod(host).expect("upload");
+        let mut all =
+            unsafe { stream.alloc::<bf16>(copies * host.len()) }.expect("allocate rotated rows");
+        for c in 0..copies {
+            stream
+                .memcpy_dtod(
+                    &one,
+                    &mut all.slice_mut(c * host.len()..(c + 1) * host.len()),
+                )
+                .expect("replicate rows");
+        }
+        all
+    };
+    let target = replicate(&inputs.target);
+    let draft = replicate(if case.with_q {
+        &inputs.draft
+    } else {
+        &inputs.draft[..1]
+    });
+    let offsets = stream.clone_htod(&inputs.offsets).expect("upload");
+    let tokens = stream.clone_htod(&inputs.tokens).expect("upload");
+    let temperature = stream.clone_htod(&inputs.temperature).expect("upload");
+    let seeds = stream.clone_htod(&inputs.seeds).expect("upload");
+    let steps = stream.clone_htod(&inputs.steps).expect("upload");
+    let mut accepted = stream.clone_htod(&vec![-7; b]).expect("poisoned output");
+    let mut emitted = stream
+        .clone_htod(&vec![-7; b * w])
+        .expect("poisoned output");
+    let (t, _t) = target.device_ptr(stream);
+    let (d, _d) = draft.device_ptr(stream);
+    let (o, _o) = offsets.device_ptr(stream);
+    let (k, _k) = tokens.device_ptr(stream);
+    let (tp, _tp) = temperature.device_ptr(stream);
+    let (sd, _sd) = seeds.device_ptr(stream);
+    let (st, _st) = steps.device_ptr(stream);
+    let (a, _a) = accepted.device_ptr_mut(stream);
+    let (e, _e) = emitted.device_ptr_mut(stream);
+    let call = |i: usize| {
+        let c = (i % copies) as u64;
+        // SAFETY: every pointer is a live allocation of at least the length given, used on `stream` only.
+        unsafe {
+            let device_inputs = DeviceVerifyInputs {
+                vocab_size: case.vocab,
+                drafts: DeviceDrafts::Chain {
+                    draft_offsets: DeviceIn::from_raw(o, b + 1),
+                    draft_tokens: DeviceIn::from_raw(k, inputs.tokens.len()),
+                },
+                target: DeviceRows::LogitsBF16(DeviceIn::from_raw(
+                    t + c * 2 * target_len as u64,
+                    target_len,
+                )),
+                draft: case.with_q.then(|| {
+                    DeviceRows::LogitsBF16(DeviceIn::from_raw(
+                        d + c * 2 * draft_len as u64,
+                        draft_len,
+                    ))
+                }),
+                temperature: Some(DeviceIn::from_raw(tp, b)),
+                seeds: DeviceIn::from_raw(sd, b),
+                steps: DeviceIn::from_raw(st, b),
+            };
+            let outputs = DeviceVerifyOutputs {
+                emit_width: w,
+                accepted_counts: DeviceOut::from_raw(a, b),
+                emitted_tokens: DeviceOut::from_raw(e, b * w),
+                accepted_nodes: None,
+                accept_flags: None,
+            };
+            backend.rejection_verify(stream, &device_inputs, &outputs)
+        }
+        .expect("rejection_verify launch");
+    };
+    for i in 0..10 {
+        call(i);
+    }
+    let timing = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
+    let (start, end) = (
+        backend.context().new_event(timing).unwrap(),
+        backend.context().new_event(timing).unwrap(),
+    );
+    let mut samples = Vec::new();
+    for batch in 0..BATCHES {
+        start.record(stream).unwrap();
+        for i in 0..CALLS_PER_BATCH {
+            call(batch * CALLS_PER_BATCH + i);
+        }
+        end.record(stream).unwrap();
+        samples.push(start.elapsed_ms(&end).unwrap() as f64 * 1e3 / CALLS_PER_BATCH as f64);
+    }
+    drop((_t, _d, _o, _k, _tp, _sd, _st, _a, _e));
+    stream.synchronize().expect("benchmark work completes");
+    (
+        median(samples),
+        stream.clone_dtoh(&accepted).unwrap(),
+        stream.clone_dtoh(&emitted).unwrap(),
+    )
 }
 
 fn choose_backend(choice: &str) -> Backend {
