@@ -11,6 +11,10 @@ Prints a markdown table with the copy bandwidth measured in the same run.
 Peers per primitive:
   greedy_verify: torch.argmax over all rows, then compare with the drafts, cumprod for the accepted prefix and
   torch.where for the padded output (what an engine does without a fused kernel).
+  rejection_verify (chain, bf16 logits, draft rows, temperature 1): vLLM's algorithm written in torch (softmax of
+  target and draft rows in fp32, accept u < p/q, recovered tokens by an exponential race over max(0, p - q),
+  bonus by the same race over p), and FlashInfer's chain_speculative_sampling after the softmax it needs, when
+  the flashinfer package is importable (its wheel must be carried to the GPU machine).
 """
 import argparse
 import ctypes
@@ -40,7 +44,26 @@ def load_specdec(path):
         c.c_void_p, c.c_void_p, c.c_void_p,
     ]
     lib.specdec_greedy_verify.restype = c.c_int32
+    lib.specdec_rejection_verify_chain.argtypes = [
+        c.c_void_p, c.c_int32, c.c_void_p, c.c_void_p, c.c_int64, c.c_void_p, c.c_int64, c.c_void_p, c.c_int64,
+        c.POINTER(Sampling), c.c_int64, c.POINTER(VerifyOutputs), c.c_void_p,
+    ]
+    lib.specdec_rejection_verify_chain.restype = c.c_int32
     return lib
+
+
+class Sampling(ctypes.Structure):
+    """specdec_sampling: per-request arrays (device pointers on a CUDA context)."""
+    _fields_ = [(name, ctypes.c_void_p) for name in ("temperature", "top_k", "top_p", "seeds", "steps")]
+
+
+class VerifyOutputs(ctypes.Structure):
+    """specdec_verify_outputs."""
+    _fields_ = [(name, ctypes.c_void_p)
+                for name in ("accepted_counts", "emitted_tokens", "accepted_nodes", "accept_flags")]
+
+
+ROWS_LOGITS_BF16 = 2
 
 
 def check(lib, status, what):
@@ -113,6 +136,85 @@ def bench_greedy(lib, ctx, dtype, batch, k, vocab, gen):
     return specdec_us, torch_us, nbytes, ok
 
 
+def torch_vllm_chain(target, draft, drafts, batch, k, gen):
+    """vLLM's rejection sampler in torch: fp32 softmax of both, accept u < p/q, recovered and bonus tokens by an
+    exponential race (argmax of weight / Exp(1) noise)."""
+    vocab = target.shape[-1]
+    p = torch.softmax(target.float(), dim=-1).view(batch, k + 1, vocab)
+    q = torch.softmax(draft.float(), dim=-1).view(batch, k, vocab)
+    x = drafts.view(batch, k).long()
+    p_x = p[:, :k].gather(2, x[..., None]).squeeze(2)
+    q_x = q.gather(2, x[..., None]).squeeze(2)
+    u = torch.rand(batch, k, device=target.device, generator=gen)
+    accept = u * q_x < p_x
+    accepted = accept.to(torch.int32).cumprod(dim=1).sum(dim=1, dtype=torch.int32)
+    weights = torch.cat([(p[:, :k] - q).clamp_min_(0), p[:, k:]], dim=1)
+    noise = torch.empty_like(weights).exponential_(generator=gen)
+    recovered = weights.div_(noise).argmax(dim=-1).to(torch.int32)
+    positions = torch.arange(k + 1, device=target.device)
+    drafted = torch.cat([drafts.view(batch, k), recovered[:, k:]], dim=1)
+    emitted = torch.where(positions[None, :] < accepted[:, None], drafted, recovered)
+    emitted = torch.where(positions[None, :] <= accepted[:, None], emitted, torch.full_like(emitted, -1))
+    return accepted, emitted
+
+
+def flashinfer_chain(target, draft, drafts, batch, k):
+    """FlashInfer's chain_speculative_sampling after the softmax it needs (None when not installed)."""
+    import flashinfer  # noqa: PLC0415 (optional peer)
+    vocab = target.shape[-1]
+    p = torch.softmax(target.float(), dim=-1).view(batch, k + 1, vocab)
+    q = torch.softmax(draft.float(), dim=-1).view(batch, k, vocab)
+    return flashinfer.sampling.chain_speculative_sampling(q, drafts.view(batch, k), p)
+
+
+def bench_sampler(lib, ctx, batch, k, vocab, gen):
+    target = (torch.randn(batch * (k + 1), vocab, device="cuda", generator=gen) * 3).to(torch.bfloat16)
+    draft = (target.view(batch, k + 1, vocab)[:, :k].float()
+             + torch.randn(batch, k, vocab, device="cuda", generator=gen) * 0.5).to(torch.bfloat16)
+    draft = draft.view(batch * k, vocab).contiguous()
+    drafts = torch.multinomial(torch.softmax(draft.float(), dim=-1), 1, generator=gen).to(torch.int32).view(-1)
+    offsets = torch.arange(0, (batch + 1) * k, k, dtype=torch.int32, device="cuda")
+    temperature = torch.ones(batch, device="cuda")
+    seeds = torch.randint(0, 2**62, (batch,), device="cuda", generator=gen, dtype=torch.int64)
+    steps = torch.zeros(batch, dtype=torch.int64, device="cuda")
+    per_call = target.nbytes + draft.nbytes
+    copies = max(1, min(4096, -(-ROTATION_BYTES // per_call)))
+    rotated = [(target.clone(), draft.clone()) for _ in range(copies)]
+    accepted = torch.full((batch,), -7, dtype=torch.int32, device="cuda")
+    emitted = torch.full((batch, k + 1), -7, dtype=torch.int32, device="cuda")
+    sampling = Sampling(temperature.data_ptr(), None, None, seeds.data_ptr(), steps.data_ptr())
+    outputs = VerifyOutputs(accepted.data_ptr(), emitted.data_ptr(), None, None)
+
+    def run_specdec(i):
+        t, d = rotated[i % copies]
+        check(lib, lib.specdec_rejection_verify_chain(
+            ctx, ROWS_LOGITS_BF16, t.data_ptr(), d.data_ptr(), vocab, offsets.data_ptr(), batch, drafts.data_ptr(),
+            drafts.numel(), ctypes.byref(sampling), k + 1, ctypes.byref(outputs),
+            torch.cuda.current_stream().cuda_stream), "specdec_rejection_verify_chain")
+
+    def run_torch(i):
+        t, d = rotated[i % copies]
+        torch_vllm_chain(t, d, drafts, batch, k, gen)
+
+    run_specdec(0)
+    torch.cuda.synchronize()
+    n = accepted.long()
+    positions = torch.arange(k + 1, device="cuda")
+    ok = bool(((n >= 0) & (n <= k)).all()) and bool(((emitted >= 0) == (positions[None, :] <= n[:, None])).all())
+    ok = ok and bool((emitted[:, :k] == torch.where(positions[None, :k] < n[:, None], drafts.view(batch, k),
+                                                     emitted[:, :k])).all())
+    specdec_us = time_us(run_specdec, calls=None)
+    torch_us = time_us(run_torch, calls=None)
+    try:
+        flashinfer_chain(target, draft, drafts, batch, k)
+        flashinfer_us = time_us(lambda i: flashinfer_chain(*rotated[i % copies], drafts, batch, k), calls=None)
+    except ImportError:
+        flashinfer_us = "not installed"
+    except Exception as e:  # a peer's API drift is reported, not fatal
+        flashinfer_us = f"failed: {type(e).__name__}"
+    return specdec_us, torch_us, flashinfer_us, target.nbytes + draft.nbytes, ok
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lib", default=os.path.join(os.path.dirname(__file__), "libspecdec.so"))
@@ -150,6 +252,23 @@ def main():
         print(f"| greedy_verify | {str(dtype).replace('torch.', '')} | {batch} | {k} | {vocab} | {specdec_us:.2f} "
               f"| {torch_us:.2f} | {torch_us / specdec_us:.2f}x | {nbytes / 1e6:.2f} | {gbps:.1f} "
               f"| {100 * gbps / bandwidth:.1f} | {'= torch' if ok else 'MISMATCH'} |")
+    sampler_cases = ([(b, 4, 128256) for b in (1, 64)] if args.quick else
+                     [(b, k, v) for v in (32000, 128256, 151936) for k in (1, 4, 8) for b in (1, 8, 64, 256)])
+    print()
+    print("| primitive | dtype | B | k | V | specdec (us) | torch vLLM algorithm (us) | FlashInfer + softmax (us) "
+          "| speedup vs best peer | MB | specdec GB/s | % of copy BW | check |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for i, (batch, k, vocab) in enumerate(sampler_cases):
+        print(f"[{i + 1}/{len(sampler_cases)}] rejection B={batch} k={k} V={vocab}", file=sys.stderr, flush=True)
+        specdec_us, torch_us, flashinfer_us, nbytes, ok = bench_sampler(lib, ctx, batch, k, vocab, gen)
+        gbps = nbytes / (specdec_us * 1e3)
+        failures += not ok
+        timed = isinstance(flashinfer_us, float)
+        best = min(torch_us, flashinfer_us) if timed else torch_us
+        fi = f"{flashinfer_us:.2f}" if timed else flashinfer_us
+        print(f"| rejection_verify (chain, q) | bfloat16 | {batch} | {k} | {vocab} | {specdec_us:.2f} | {torch_us:.2f} "
+              f"| {fi} | {best / specdec_us:.2f}x | {nbytes / 1e6:.2f} | {gbps:.1f} | {100 * gbps / bandwidth:.1f} "
+              f"| {'well-formed' if ok else 'MALFORMED'} |")
     lib.specdec_context_destroy(ctx)
     return 1 if failures else 0
 
