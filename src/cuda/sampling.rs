@@ -130,7 +130,15 @@ impl SamplingDevicePtrs {
         let (b, v, n) = (shape.num_requests, shape.vocab_size, shape.num_tokens);
         let size = self.kind.element_size();
         check_device_ptr("target", self.target, shape.target_rows() * v, size)?;
-        check_device_ptr("draft", self.draft, shape.draft_rows() * v, size)?;
+        // Optional arrays are 0 when absent.
+        let optional = |name: &str, ptr: sys::CUdeviceptr, len: usize, align: usize| {
+            if ptr == 0 {
+                Ok(())
+            } else {
+                check_device_ptr(name, ptr, len, align)
+            }
+        };
+        optional("draft", self.draft, shape.draft_rows() * v, size)?;
         let (offsets, tokens) = if shape.tree {
             check_device_ptr("parents", self.parents, n, 4)?;
             ("node_offsets", "node_tokens")
@@ -152,15 +160,15 @@ impl SamplingDevicePtrs {
                     "probabilities take no sampling parameters",
                 ))
             }
-            _ => check_device_ptr("temperature", self.temperature, b, 4)?,
+            _ => optional("temperature", self.temperature, b, 4)?,
         }
         check_device_ptr("seeds", self.seeds, b, 8)?;
         check_device_ptr("steps", self.steps, b, 8)?;
         check_device_ptr("accepted_counts", self.accepted, b, 4)?;
         let out = shape.output_len();
         check_device_ptr("emitted_tokens", self.emitted, out, 4)?;
-        check_device_ptr("accepted_nodes", self.nodes, out, 4)?;
-        check_device_ptr("accept_flags", self.flags, out, 1)
+        optional("accepted_nodes", self.nodes, out, 4)?;
+        optional("accept_flags", self.flags, out, 1)
     }
 }
 
@@ -409,6 +417,85 @@ impl CudaBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn ptrs(kind: RowsKind) -> SamplingDevicePtrs {
+        SamplingDevicePtrs {
+            kind,
+            target: 0x1000,
+            draft: 0,
+            offsets: 0x2000,
+            tokens: 0x3000,
+            parents: 0,
+            temperature: 0,
+            seeds: 0x4000,
+            steps: 0x5000,
+            accepted: 0x6000,
+            emitted: 0x7000,
+            nodes: 0,
+            flags: 0,
+        }
+    }
+
+    fn invalid_argument(result: Result<()>) -> String {
+        match result {
+            Err(Error::InvalidArgument { argument, .. }) => argument,
+            other => panic!("expected an invalid argument, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn pointer_checks_allow_absent_optional_arrays_and_name_the_bad_ones() {
+        let chain = VerifyShape::new(2, 100, 6, false, 5).unwrap();
+        let tree = VerifyShape::new(2, 100, 6, true, 5).unwrap();
+        // Probabilities: no temperature, no draft rows, no optional outputs.
+        ptrs(RowsKind::Probs).check(&chain).unwrap();
+        // Logits need a temperature; probabilities refuse one.
+        let logits = ptrs(RowsKind::LogitsBF16);
+        assert_eq!(invalid_argument(logits.check(&chain)), "temperature");
+        SamplingDevicePtrs {
+            temperature: 0x8000,
+            ..logits
+        }
+        .check(&chain)
+        .unwrap();
+        let probs = SamplingDevicePtrs {
+            temperature: 0x8000,
+            ..ptrs(RowsKind::Probs)
+        };
+        assert_eq!(invalid_argument(probs.check(&chain)), "temperature");
+        // Trees need parents.
+        assert_eq!(
+            invalid_argument(ptrs(RowsKind::Probs).check(&tree)),
+            "parents"
+        );
+        SamplingDevicePtrs {
+            parents: 0x9000,
+            ..ptrs(RowsKind::Probs)
+        }
+        .check(&tree)
+        .unwrap();
+        // Present arrays must be aligned for their elements; required ones must be present.
+        let misaligned = SamplingDevicePtrs {
+            draft: 0x1002,
+            ..ptrs(RowsKind::Probs)
+        };
+        assert_eq!(invalid_argument(misaligned.check(&chain)), "draft");
+        let misaligned = SamplingDevicePtrs {
+            flags: 0x1001,
+            ..ptrs(RowsKind::Probs)
+        };
+        misaligned.check(&chain).unwrap(); // bytes: any alignment
+        let misaligned = SamplingDevicePtrs {
+            seeds: 0x4004,
+            ..ptrs(RowsKind::Probs)
+        };
+        assert_eq!(invalid_argument(misaligned.check(&chain)), "seeds");
+        let missing = SamplingDevicePtrs {
+            emitted: 0,
+            ..ptrs(RowsKind::Probs)
+        };
+        assert_eq!(invalid_argument(missing.check(&chain)), "emitted_tokens");
+    }
 
     #[test]
     fn vocabulary_split_uses_whole_philox_blocks_and_covers_each_row() {
