@@ -12,9 +12,13 @@
 //     child, the emitted token is an exponential race over the final residual.
 // Outputs: accepted count, emitted tokens, accepted node path and per-depth accept flags, -1 padded.
 //
-// Three launches:
+// Three launches (four with top-k or top-p):
 //   1. SamplingRowOwnerKernel: one thread per request checks its offsets and stamps its target and draft rows with
 //      its index, so that a block working on a row knows the request's temperature, seed, step and node.
+//   1b. SamplingThresholdKernel_<T> (only when top-k or top-p are given): one block per row of a request that uses
+//      them finds the smallest kept z: the k-th largest logit by radix selection over 32-bit order keys (4 passes
+//      of 8 bits), then the top-p cut by the same selection weighted by softmax mass (a pass for the softmax
+//      statistics, 4 for the cut). Tokens with z below the threshold are removed from every later step.
 //   2. SamplingRowKernel_<T>: grid (target rows + draft rows, vocabulary splits). Block (row, split) reads its
 //      chunk once and writes three partials: the race key of the node's draw (target rows), the softmax
 //      statistics (max, sum exp) of z = logit / temperature (when draft rows are given), and value flags (NaN,
@@ -36,6 +40,7 @@
 namespace specdec {
 
 constexpr int kOwnerThreads = 128;
+constexpr int kThresholdThreads = 1024;
 constexpr int kRowThreads = 256;
 constexpr int kWalkThreads = 256;
 constexpr int kMaxTreeNodes = 65;
@@ -57,6 +62,8 @@ struct SamplingArgs {
   const int32_t* parents;     // [num_tokens] (tree), or null: chains
   int64_t num_tokens;
   const float* temperature;   // [B] for logits, null for probabilities
+  const int32_t* top_k;       // [B] (-1 = off) or null
+  const float* top_p;         // [B] (1 = off) or null
   const uint64_t* seeds;      // [B]
   const uint64_t* steps;      // [B]
   int64_t emit_width;
@@ -68,12 +75,13 @@ struct SamplingArgs {
   uint64_t* race;             // scratch [target_rows, splits]
   float2* stats;              // scratch [target_rows + draft_rows, splits]: (max z, sum exp(z - max))
   uint32_t* row_flags;        // scratch [target_rows + draft_rows, splits]
+  float* thresholds;          // scratch [target_rows + draft_rows]: keep z >= threshold; null without top-k/top-p
   int64_t target_rows;
   int64_t draft_rows;
   int64_t chunk;              // vocabulary chunk per split, a multiple of 4
   int64_t splits;
 };
-static_assert(sizeof(SamplingArgs) == 24 * 8, "the host mirrors this layout");
+static_assert(sizeof(SamplingArgs) == 27 * 8, "the host mirrors this layout");
 
 __device__ __forceinline__ bool IsTree(const SamplingArgs& a) { return a.parents != nullptr; }
 
@@ -108,6 +116,175 @@ __device__ __forceinline__ void StampRowOwners(const SamplingArgs& a) {
   if (a.draft != nullptr) {
     for (int64_t i = 0; i < DraftRowCount(a, b); ++i) a.row_owner[a.target_rows + a.offsets[b] + i] = owner;
   }
+}
+
+// Request b's top-k (0 when off) and top-p (1 when off); `ok` is false when either is malformed (the walk
+// flags the request).
+struct TopKTopP {
+  bool ok;
+  int64_t top_k;
+  float top_p;
+};
+
+__device__ __forceinline__ TopKTopP RequestTopKTopP(const SamplingArgs& a, int64_t b) {
+  TopKTopP r{true, 0, 1.0f};
+  if (a.top_k != nullptr) {
+    const int32_t k = a.top_k[b];
+    r.ok = r.ok && (k == -1 || (k >= 1 && k <= a.vocab_size));
+    r.top_k = k > 0 ? k : 0;
+  }
+  if (a.top_p != nullptr) {
+    const float p = a.top_p[b];
+    r.ok = r.ok && p > 0.0f && p <= 1.0f;
+    r.top_p = r.ok ? p : 1.0f;
+  }
+  return r;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// 1b. Top-k / top-p thresholds.
+// ---------------------------------------------------------------------------------------------------------
+
+// The value whose OrderedValueKey is `key` (-0.0 comes back as +0.0, which compares equal).
+__device__ __forceinline__ float FloatFromOrderedKey(uint32_t key) {
+  return __uint_as_float((key & 0x80000000u) ? (key & 0x7FFFFFFFu) : ~key);
+}
+
+template <int kThreads>
+__device__ __forceinline__ float BlockMaxFloat(float v, float* scratch) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xFFFFFFFFu, v, offset));
+  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
+  __syncthreads();
+  float total = -INFINITY;
+  for (int w = 0; w < kThreads / 32; ++w) total = fmaxf(total, scratch[w]);
+  __syncthreads();
+  return total;
+}
+
+template <int kThreads>
+__device__ __forceinline__ double BlockSumDouble(double v, double* scratch) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, offset);
+  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
+  __syncthreads();
+  double total = 0.0;
+  for (int w = 0; w < kThreads / 32; ++w) total += scratch[w];
+  __syncthreads();
+  return total;
+}
+
+// One pass of radix selection from the top: among the tokens whose key matches `prefix` on `mask`, the weight
+// (a count, or a softmax mass) of each value of the 8 bits at `shift`; then the highest bin at which the weight
+// above it plus its own reaches `target`. Returns false when no bin does (only rounding can cause it).
+template <typename T, typename Weight, typename WeightOf>
+__device__ __forceinline__ bool SelectBin(const T* values, int64_t vocab_size, int shift, Weight* bins,
+                                          uint32_t* prefix, uint32_t* mask, Weight* above, Weight target,
+                                          WeightOf weight_of) {
+  for (int i = threadIdx.x; i < 256; i += kThresholdThreads) bins[i] = Weight(0);
+  __syncthreads();
+  const uint32_t p = *prefix, m = *mask;
+  for (int64_t x = threadIdx.x; x < vocab_size; x += kThresholdThreads) {
+    const float v = ToFloat(values[x]);
+    const uint32_t key = OrderedValueKey(v);
+    if ((key & m) == p) {
+      const Weight w = weight_of(v);
+      if (w > Weight(0)) atomicAdd(&bins[(key >> shift) & 0xFFu], w);
+    }
+  }
+  __syncthreads();
+  __shared__ int found;
+  if (threadIdx.x == 0) {
+    Weight carried = *above;
+    int bin = 255;
+    for (; bin >= 0; --bin) {
+      if (carried + bins[bin] >= target) break;
+      carried += bins[bin];
+    }
+    found = bin >= 0;
+    if (bin >= 0) {
+      *prefix = p | (static_cast<uint32_t>(bin) << shift);
+      *mask = m | (0xFFu << shift);
+      *above = carried;
+    }
+  }
+  __syncthreads();
+  return found != 0;
+}
+
+template <typename T>
+__device__ __forceinline__ void RowThreshold(const SamplingArgs& a) {
+  __shared__ uint32_t counts[256];
+  __shared__ double masses[256];
+  __shared__ uint32_t prefix, mask, count_above;
+  __shared__ double mass_above;
+  __shared__ float float_scratch[kThresholdThreads / 32];
+  __shared__ double double_scratch[kThresholdThreads / 32];
+  const int64_t row = blockIdx.x;
+  const int64_t b = static_cast<int64_t>(a.row_owner[row]) - 1;
+  const float t = b >= 0 ? a.temperature[b] : 0.0f;
+    const TopKTopP params = b >= 0 ? RequestTopKTopP(a, b) : TopKTopP{false, 0, 1.0f};
+  const bool params_ok = params.ok;
+  const int64_t top_k = params.top_k;
+  const float top_p = params.top_p;
+  const int64_t vocab = a.vocab_size;
+  // Uniform across the block: it depends on the row's request only.
+  if (!params_ok || !(isfinite(t) && t > 0.0f) || (!(top_k > 0 && top_k < vocab) && top_p == 1.0f)) {
+    if (threadIdx.x == 0) a.thresholds[row] = -INFINITY;
+    return;
+  }
+  const bool is_draft = row >= a.target_rows;
+  const T* values = static_cast<const T*>(is_draft ? a.draft : a.target) + (is_draft ? row - a.target_rows : row) * vocab;
+
+  // Top-k: keep z >= the k-th largest z, which is the k-th largest logit divided by t (division is monotone).
+  float threshold = -INFINITY;
+  if (top_k > 0 && top_k < vocab) {
+    if (threadIdx.x == 0) {
+      prefix = 0u;
+      mask = 0u;
+      count_above = 0u;
+    }
+    __syncthreads();
+    for (int shift = 24; shift >= 0; shift -= 8) {
+      SelectBin<T, uint32_t>(values, vocab, shift, counts, &prefix, &mask, &count_above,
+                             static_cast<uint32_t>(top_k), [](float) { return 1u; });
+    }
+    threshold = __fdiv_rn(FloatFromOrderedKey(prefix), t);
+  }
+
+  // Top-p: among the kept tokens, the largest logit v whose tokens at or above it hold softmax mass >= top_p.
+  if (top_p < 1.0f) {
+    const float kept_min = threshold;
+        const auto kept_z = [=](float v) {
+      const float z = (v != v) ? -INFINITY : __fdiv_rn(v, t);
+      return z >= kept_min ? z : -INFINITY;
+    };
+    float local_max = -INFINITY;
+    for (int64_t x = threadIdx.x; x < vocab; x += kThresholdThreads) local_max = fmaxf(local_max, kept_z(ToFloat(values[x])));
+    const float z_max = BlockMaxFloat<kThresholdThreads>(local_max, float_scratch);
+    double local_sum = 0.0;
+    for (int64_t x = threadIdx.x; x < vocab; x += kThresholdThreads) {
+      const float z = kept_z(ToFloat(values[x]));
+      if (z > -INFINITY) local_sum += static_cast<double>(expf(z - z_max));
+    }
+    const double z_sum = BlockSumDouble<kThresholdThreads>(local_sum, double_scratch);
+    if (threadIdx.x == 0) {
+      prefix = 0u;
+      mask = 0u;
+      mass_above = 0.0;
+    }
+    __syncthreads();
+    bool found = z_sum > 0.0;
+    for (int shift = 24; shift >= 0 && found; shift -= 8) {
+      found = SelectBin<T, double>(values, vocab, shift, masses, &prefix, &mask, &mass_above,
+                                                                      static_cast<double>(top_p), [=](float v) {
+                                     const float z = kept_z(v);
+                                     return z > -INFINITY ? static_cast<double>(expf(z - z_max)) / z_sum : 0.0;
+                                   });
+    }
+    if (found) threshold = fmaxf(threshold, __fdiv_rn(FloatFromOrderedKey(prefix), t));
+  }
+  if (threadIdx.x == 0) a.thresholds[row] = threshold;
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -168,6 +345,7 @@ __device__ __forceinline__ void RowPartials(const SamplingArgs& a) {
   const bool logits = a.temperature != nullptr;
   const float t = (b >= 0 && logits) ? a.temperature[b] : 1.0f;
   const bool temperature_ok = !logits || (isfinite(t) && t >= 0.0f);
+  const float threshold = (b >= 0 && a.thresholds != nullptr) ? a.thresholds[row] : -INFINITY;
   uint64_t best = 0ull;
   float best_key = -INFINITY;
   SoftmaxStats stats;
@@ -198,6 +376,7 @@ __device__ __forceinline__ void RowPartials(const SamplingArgs& a) {
           if (v[i] > -INFINITY) flags |= kFlagHasMass;
           z[i] = (greedy || v[i] != v[i]) ? v[i] : __fdiv_rn(v[i], t);
           if (!greedy && isfinite(v[i]) && isinf(z[i])) flags |= kFlagOverflow;
+          if (!greedy && z[i] < threshold) z[i] = -INFINITY;  // removed by top-k / top-p
           if (want_stats && isfinite(z[i])) stats.Add(z[i]);
         } else {
           if (!(isfinite(v[i]) && v[i] >= 0.0f)) flags |= kFlagBadValue;
@@ -309,7 +488,7 @@ __device__ __forceinline__ bool RequestIsValid(const SamplingArgs& a, int64_t b,
     const float t = a.temperature[b];
     if (!(isfinite(t) && t >= 0.0f)) return false;
   }
-  return true;
+    return RequestTopKTopP(a, b).ok;
 }
 
 // The rows of request b: stamped with its index, and their values acceptable (check_row_values).
@@ -341,12 +520,14 @@ __device__ __forceinline__ bool RowsAreValid(const SamplingArgs& a, int64_t b, c
 }
 
 // The node's probability of token x under a row: softmax of logit / temperature, or the probability as given.
+// `threshold_row` indexes a.thresholds (target rows, then draft rows).
 template <typename T>
 __device__ __forceinline__ float Probability(const SamplingArgs& a, const void* rows, int64_t row, int64_t x, float t,
-                                             float max, float sum) {
+                                             float max, float sum, int64_t threshold_row) {
   if (a.temperature == nullptr) return static_cast<const float*>(rows)[row * a.vocab_size + x];
   const float z = __fdiv_rn(ToFloat(static_cast<const T*>(rows)[row * a.vocab_size + x]), t);
-  return z == -INFINITY ? 0.0f : __fdiv_rn(expf(z - max), sum);
+  const float threshold = a.thresholds != nullptr ? a.thresholds[threshold_row] : -INFINITY;
+  return (z == -INFINITY || z < threshold) ? 0.0f : __fdiv_rn(expf(z - max), sum);
 }
 
 // r_level(x): the residual after `level` rejections at the node, r_0 = p, r_{l+1} = max(0, r_l / m_l - q).
@@ -444,8 +625,8 @@ __device__ __forceinline__ void Walk(const SamplingArgs& a) {
       for (int j = 0; j < s.num_kids; ++j) {
         if (threadIdx.x == 0) {
           const int64_t x = s.token[s.kids[j]];
-          const float px = Probability<T>(a, a.target, target_row, x, t, s.p_max, s.p_sum);
-          const float qx = Probability<T>(a, a.draft, draft_row, x, t, s.q_max, s.q_sum);
+          const float px = Probability<T>(a, a.target, target_row, x, t, s.p_max, s.p_sum, target_row);
+          const float qx = Probability<T>(a, a.draft, draft_row, x, t, s.q_max, s.q_sum, a.target_rows + draft_row);
           const float rx = Residual(px, qx, level, s.mass);
           const float u = UniformFromBits(noise.Bits(kNoiseCoin, static_cast<uint32_t>(node), static_cast<uint32_t>(j)));
           const double lhs = __dmul_rn(__dmul_rn(static_cast<double>(u), static_cast<double>(qx)), s.mass[level]);
@@ -458,8 +639,8 @@ __device__ __forceinline__ void Walk(const SamplingArgs& a) {
           // The next child is tested against the normalised residual: its mass is a pass over the row.
           double sum = 0.0;
           for (int64_t x = threadIdx.x; x < a.vocab_size; x += kWalkThreads) {
-            const float px = Probability<T>(a, a.target, target_row, x, t, s.p_max, s.p_sum);
-            const float qx = Probability<T>(a, a.draft, draft_row, x, t, s.q_max, s.q_sum);
+            const float px = Probability<T>(a, a.target, target_row, x, t, s.p_max, s.p_sum, target_row);
+            const float qx = Probability<T>(a, a.draft, draft_row, x, t, s.q_max, s.q_sum, a.target_rows + draft_row);
             sum += static_cast<double>(Residual(px, qx, level, s.mass));
           }
 #pragma unroll
@@ -481,8 +662,8 @@ __device__ __forceinline__ void Walk(const SamplingArgs& a) {
           const Philox4 block = noise.Block(kNoiseToken, static_cast<uint32_t>(node), static_cast<uint32_t>(first));
           for (int i = 0; i < 4 && first + i < a.vocab_size; ++i) {
             const int64_t x = first + i;
-            const float px = Probability<T>(a, a.target, target_row, x, t, s.p_max, s.p_sum);
-            const float qx = Probability<T>(a, a.draft, draft_row, x, t, s.q_max, s.q_sum);
+            const float px = Probability<T>(a, a.target, target_row, x, t, s.p_max, s.p_sum, target_row);
+            const float qx = Probability<T>(a, a.draft, draft_row, x, t, s.q_max, s.q_sum, a.target_rows + draft_row);
             const float rx = Residual(px, qx, level, s.mass);
             if (rx > 0.0f) {
               const float key = __fdiv_rn(rx, ExponentialFromBits(PhiloxWord(block, i)));
@@ -535,6 +716,10 @@ extern "C" __global__ void __launch_bounds__(specdec::kOwnerThreads) SamplingRow
 }
 
 #define SPECDEC_SAMPLING_KERNELS(suffix, T)                                                                  \
+  extern "C" __global__ void __launch_bounds__(specdec::kThresholdThreads)                                 \
+      SamplingThresholdKernel_##suffix(specdec::SamplingArgs a) {                                          \
+    specdec::RowThreshold<T>(a);                                                                           \
+  }                                                                                                        \
   extern "C" __global__ void __launch_bounds__(specdec::kRowThreads)                                       \
       SamplingRowKernel_##suffix(specdec::SamplingArgs a) {                                                \
     specdec::RowPartials<T>(a);                                                                            \

@@ -469,6 +469,8 @@ fn time_sampler_cuda(
                     ))
                 }),
                 temperature: Some(DeviceIn::from_raw(tp, b)),
+                top_k: None,
+                top_p: None,
                 seeds: DeviceIn::from_raw(sd, b),
                 steps: DeviceIn::from_raw(st, b),
             };

@@ -474,8 +474,7 @@ pub unsafe extern "C" fn specdec_greedy_verify(
 /// On a CPU context the call checks everything and returns SPECDEC_INVALID_ARGUMENT naming the first bad
 /// element, writing no output. On a CUDA context every array is device memory and the work is enqueued on
 /// `stream` (the call returns without waiting); sizes and pointers are checked on the host, and the kernels
-/// check each request's contents, marking a bad request with `accepted_counts[b] = -1` and rows of -1. Top-k
-/// and top-p are CPU-only in this version: a CUDA context returns SPECDEC_NOT_SUPPORTED when they are given.
+/// check each request's contents, marking a bad request with `accepted_counts[b] = -1` and rows of -1.
 ///
 /// # Safety
 /// Each non-null pointer must point to the number of elements stated, valid for the call, and the outputs must
@@ -633,12 +632,6 @@ impl RejectionCall {
         sampling: &specdec_sampling,
         outputs: &specdec_verify_outputs,
     ) -> Result<()> {
-        if !sampling.top_k.is_null() || !sampling.top_p.is_null() {
-            return Err(Error::NotSupported {
-                what: "top-k and top-p in rejection-sampling verification on a CUDA context in this version \
-                       (pass NULL, or use a CPU context)",
-            });
-        }
         let ptrs = SamplingDevicePtrs {
             kind: self.rows_kind()?,
             target: self.target as u64,
@@ -647,6 +640,8 @@ impl RejectionCall {
             tokens: self.tokens as u64,
             parents: if shape.tree { self.parents as u64 } else { 0 },
             temperature: sampling.temperature as u64,
+            top_k: sampling.top_k as u64,
+            top_p: sampling.top_p as u64,
             seeds: sampling.seeds as u64,
             steps: sampling.steps as u64,
             accepted: outputs.accepted_counts as u64,

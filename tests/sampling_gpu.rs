@@ -52,19 +52,11 @@ fn raw<T>(slice: &CudaSlice<T>, stream: &Arc<CudaStream>) -> u64 {
 }
 
 /// Runs a host-described call on the GPU: uploads every array, poisons the outputs, verifies, downloads. The
-/// statistical harness only passes valid inputs; top-k and top-p are not on the GPU (an error, as the C ABI).
+/// statistical harness only passes valid inputs.
 fn gpu_verify(inputs: &VerifyInputs<'_>, outputs: &mut VerifyOutputs<'_>) -> Result<(), Error> {
     let backend = CudaBackend::new(0)?;
     let stream = backend.context().default_stream();
-    if let Some(p) = &inputs.params {
-        let top_k = p.top_k.is_some_and(|k| k.iter().any(|&k| k != -1));
-        let top_p = p.top_p.is_some_and(|t| t.iter().any(|&t| t != 1.0));
-        if top_k || top_p {
-            return Err(Error::NotSupported {
-                what: "top-k / top-p on the GPU",
-            });
-        }
-    }
+
     enum Held {
         F32(CudaSlice<f32>),
         F16(CudaSlice<f16>),
@@ -110,6 +102,14 @@ fn gpu_verify(inputs: &VerifyInputs<'_>, outputs: &mut VerifyOutputs<'_>) -> Res
         ),
     };
     let temperature = inputs.params.map(|p| upload(&stream, p.temperature));
+    let top_k = inputs
+        .params
+        .and_then(|p| p.top_k)
+        .map(|k| upload(&stream, k));
+    let top_p = inputs
+        .params
+        .and_then(|p| p.top_p)
+        .map(|t| upload(&stream, t));
     let (seeds, steps) = (upload(&stream, inputs.seeds), upload(&stream, inputs.steps));
     let b = inputs.seeds.len();
     let n = outputs.emitted_tokens.len();
@@ -144,6 +144,12 @@ fn gpu_verify(inputs: &VerifyInputs<'_>, outputs: &mut VerifyOutputs<'_>) -> Res
                 .as_ref()
                 .map(|d| device_rows(d, inputs.draft.as_ref().unwrap())),
             temperature: temperature
+                .as_ref()
+                .map(|t| DeviceIn::from_raw(raw(t, &stream), b)),
+            top_k: top_k
+                .as_ref()
+                .map(|k| DeviceIn::from_raw(raw(k, &stream), b)),
+            top_p: top_p
                 .as_ref()
                 .map(|t| DeviceIn::from_raw(raw(t, &stream), b)),
             seeds: DeviceIn::from_raw(raw(&seeds, &stream), b),
@@ -200,6 +206,7 @@ gpu_scenarios!(
     tree_of_iid_children_is_exact,
     wide_iid_tree_with_repeated_children_is_exact,
     temperatures_are_exact_on_both_rows,
+    top_k_and_top_p_are_exact_on_both_rows,
     half_precision_logits_and_probabilities_are_exact,
     zero_target_probability_where_the_drafter_has_mass_is_never_emitted,
     zero_draft_probability_where_the_target_has_mass_is_exact,
@@ -234,7 +241,8 @@ fn tokens_equal_the_cpu_where_no_normalising_sum_is_needed() {
         cases.push((Input::Probs, shape, with_q, PLAIN));
     }
     for input in [Input::F32, Input::F16, Input::BF16] {
-        for temperature in [0.0, 0.7, 1.0] {
+        // Top-k's threshold is an order statistic, so it needs no sum either.
+        for (temperature, top_k) in [(0.0, -1), (0.7, -1), (1.0, -1), (0.8, 5)] {
             for shape in [Shape::Chain(5), Shape::TopTree(&[2, 2, 2])] {
                 cases.push((
                     input,
@@ -242,6 +250,7 @@ fn tokens_equal_the_cpu_where_no_normalising_sum_is_needed() {
                     false,
                     sampling::Params {
                         temperature,
+                        top_k,
                         ..PLAIN
                     },
                 ));
@@ -279,27 +288,42 @@ fn tokens_rarely_differ_where_softmax_sums_round() {
     // Bound: under 1 in 200 requests (each of the ~10 draws per request would need to land within ~1e-6 of a
     // threshold), counted and printed.
     let mut total = (0, 0);
+    let top_p = sampling::Params {
+        top_p: 0.9,
+        top_k: 30,
+        ..PLAIN
+    };
     let mut cases = vec![
-        (Input::Probs, Shape::IidTree(&[3, 2])),
-        (Input::Probs, Shape::IidTree(&[6, 1])),
+        (Input::Probs, Shape::IidTree(&[3, 2]), true, PLAIN),
+        (Input::Probs, Shape::IidTree(&[6, 1]), true, PLAIN),
+        // Top-p's cut is a sum of softmax mass, even without draft rows.
+        (Input::BF16, Shape::Chain(4), false, top_p),
+        (Input::F32, Shape::TopTree(&[2, 2]), false, top_p),
     ];
     for input in [Input::F32, Input::F16, Input::BF16] {
-        cases.push((input, Shape::Chain(4)));
-        cases.push((input, Shape::IidTree(&[3, 2])));
+        cases.push((input, Shape::Chain(4), true, PLAIN));
+        cases.push((input, Shape::IidTree(&[3, 2]), true, PLAIN));
+        cases.push((input, Shape::Chain(4), true, top_p));
     }
-    for (i, &(input, shape)) in cases.iter().enumerate() {
-        let mut s = Scenario::new("rounding", Model::new(301, 40, 90 + i as u64), shape, true);
+    for (i, &(input, shape, with_q, params)) in cases.iter().enumerate() {
+        let mut s = Scenario::new(
+            "rounding",
+            Model::new(301, 40, 90 + i as u64),
+            shape,
+            with_q,
+        );
         s.input = input;
+        s.params = params;
         s.trials = 4000;
         let (cpu, gpu) = (sampling::run(&s, CPU), sampling::run(&s, GPU));
         let differ = disagreements(&cpu, &gpu);
         eprintln!(
-            "{input:?} {shape:?}: {differ} of {} requests differ",
+            "{input:?} {shape:?} q={with_q} {params:?}: {differ} of {} requests differ",
             s.trials
         );
         assert!(
             differ * 200 < s.trials,
-            "{input:?} {shape:?}: {differ} of {} differ",
+            "{input:?} {shape:?} q={with_q} {params:?}: {differ} of {} differ",
             s.trials
         );
         total = (total.0 + differ, total.1 + s.trials);
@@ -315,8 +339,8 @@ fn bad_requests_are_flagged_and_the_others_are_untouched() {
     let mut rng = common::rng("bad_requests_are_flagged_and_the_others_are_untouched");
     drop(backend);
     let v = 517usize;
-    // Twelve trees of 4 nodes (root, two children, one grandchild); request r gets defect r (0 = none).
-    let b = 12;
+    // Fourteen trees of 4 nodes (root, two children, one grandchild); request r gets defect r (0 = none).
+    let b = 14;
     let mut offsets = vec![0i32];
     let mut tokens = Vec::new();
     let mut parents = Vec::new();
@@ -337,6 +361,8 @@ fn bad_requests_are_flagged_and_the_others_are_untouched() {
         .map(|_| rng.random_range(-4.0..4.0))
         .collect();
     let mut temperature = vec![0.9f32; b];
+    let mut top_k = vec![-1i32; b];
+    let mut top_p = vec![1.0f32; b];
     let width = 3;
     // Request 7's defect is in its draft rows, so it is good when they are not passed.
     let good = |r: usize, with_q: bool| [0, 6, 11].contains(&r) || (r == 7 && !with_q);
@@ -350,7 +376,9 @@ fn bad_requests_are_flagged_and_the_others_are_untouched() {
     temperature[8] = -1.0; // 8: a negative temperature
     temperature[9] = f32::NAN; // 9: a NaN temperature
     target[(40 + 2) * v..(40 + 3) * v].fill(f32::NEG_INFINITY); // 10: a target row without mass
-                                                                // 6 and 11 are good; 0 too.
+    top_k[12] = 0; // 12: a top-k of 0
+    top_p[13] = 1.5; // 13: a top-p above 1
+                     // 6 and 11 are good; 0 too.
     let seeds: Vec<u64> = (0..b as u64).map(|i| i * 31 + 5).collect();
     let steps = vec![3u64; b];
     let run = |verify: Verify, with_q: bool| {
@@ -365,8 +393,8 @@ fn bad_requests_are_flagged_and_the_others_are_untouched() {
             draft: with_q.then_some(Rows::LogitsF32(&draft)),
             params: Some(SamplingParams {
                 temperature: &temperature,
-                top_k: None,
-                top_p: None,
+                top_k: Some(&top_k),
+                top_p: Some(&top_p),
             }),
             seeds: &seeds,
             steps: &steps,

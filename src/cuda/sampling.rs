@@ -1,9 +1,8 @@
 //! Launcher of rejection-sampling verification (`cuda/rejection_sampling.cu`). Semantics, layout and
 //! validation: [`crate::sampling`].
 //!
-//! This version runs chains and trees, point-mass and i.i.d. drafts, logits with temperature (0 included) and
-//! probabilities. Top-k and top-p are CPU-only so far: the C ABI answers `SPECDEC_NOT_SUPPORTED` when they are
-//! given with a CUDA context.
+//! Chains and trees, point-mass and i.i.d. drafts, logits with temperature (0 included), top-k and top-p, or
+//! probabilities: everything the CPU reference does.
 
 use std::ffi::c_void;
 
@@ -16,8 +15,9 @@ use crate::error::{check_len, Error, Result};
 use crate::sampling::{RowsKind, VerifyShape};
 
 const MODULE: &str = "rejection_sampling";
-/// Threads per block; must match kOwnerThreads / kRowThreads / kWalkThreads in the .cu file.
+/// Threads per block; must match kOwnerThreads / kThresholdThreads / kRowThreads / kWalkThreads in the .cu file.
 const OWNER_THREADS: u32 = 128;
+const THRESHOLD_THREADS: u32 = 1024;
 const ROW_THREADS: u32 = 256;
 const WALK_THREADS: u32 = 256;
 /// The smallest vocabulary chunk one block of the row kernel reads.
@@ -88,6 +88,10 @@ pub struct DeviceVerifyInputs<'a> {
     pub draft: Option<DeviceRows<'a>>,
     /// `[B]` temperatures for logits (0 is greedy); `None` for probabilities.
     pub temperature: Option<DeviceIn<'a, f32>>,
+    /// `[B]` top-k per request (-1 = off), logits only; `None` for off everywhere.
+    pub top_k: Option<DeviceIn<'a, i32>>,
+    /// `[B]` top-p per request (1 = off), logits only; `None` for off everywhere.
+    pub top_p: Option<DeviceIn<'a, f32>>,
     /// `[B]` Philox keys.
     pub seeds: DeviceIn<'a, u64>,
     /// `[B]` step counters.
@@ -117,6 +121,8 @@ pub(crate) struct SamplingDevicePtrs {
     pub tokens: sys::CUdeviceptr,
     pub parents: sys::CUdeviceptr,
     pub temperature: sys::CUdeviceptr,
+    pub top_k: sys::CUdeviceptr,
+    pub top_p: sys::CUdeviceptr,
     pub seeds: sys::CUdeviceptr,
     pub steps: sys::CUdeviceptr,
     pub accepted: sys::CUdeviceptr,
@@ -162,6 +168,15 @@ impl SamplingDevicePtrs {
             }
             _ => optional("temperature", self.temperature, b, 4)?,
         }
+        for (name, ptr) in [("top_k", self.top_k), ("top_p", self.top_p)] {
+            if ptr != 0 && !self.kind.is_logits() {
+                return Err(Error::invalid(
+                    name,
+                    "probabilities take no sampling parameters",
+                ));
+            }
+            optional(name, ptr, b, 4)?;
+        }
         check_device_ptr("seeds", self.seeds, b, 8)?;
         check_device_ptr("steps", self.steps, b, 8)?;
         check_device_ptr("accepted_counts", self.accepted, b, 4)?;
@@ -184,6 +199,8 @@ struct SamplingArgs {
     parents: u64,
     num_tokens: i64,
     temperature: u64,
+    top_k: u64,
+    top_p: u64,
     seeds: u64,
     steps: u64,
     emit_width: i64,
@@ -195,12 +212,13 @@ struct SamplingArgs {
     race: u64,
     stats: u64,
     row_flags: u64,
+    thresholds: u64,
     target_rows: i64,
     draft_rows: i64,
     chunk: i64,
     splits: i64,
 }
-const _: () = assert!(std::mem::size_of::<SamplingArgs>() == 24 * 8);
+const _: () = assert!(std::mem::size_of::<SamplingArgs>() == 27 * 8);
 
 /// How each row's vocabulary is split across blocks: enough blocks to fill the device, none smaller than
 /// [`MIN_CHUNK`], chunks a multiple of 4 tokens (one Philox block). Results do not depend on it.
@@ -272,6 +290,12 @@ impl CudaBackend {
         if let Some(t) = &inputs.temperature {
             check_len("temperature", t.len(), b)?;
         }
+        if let Some(k) = &inputs.top_k {
+            check_len("top_k", k.len(), b)?;
+        }
+        if let Some(p) = &inputs.top_p {
+            check_len("top_p", p.len(), b)?;
+        }
         check_len("seeds", inputs.seeds.len(), b)?;
         check_len("steps", inputs.steps.len(), b)?;
         check_len("accepted_counts", outputs.accepted_counts.len(), b)?;
@@ -291,6 +315,8 @@ impl CudaBackend {
             tokens: tokens.ptr,
             parents: parents.map_or(0, |p| p.ptr),
             temperature: inputs.temperature.as_ref().map_or(0, |t| t.ptr),
+            top_k: inputs.top_k.as_ref().map_or(0, |k| k.ptr),
+            top_p: inputs.top_p.as_ref().map_or(0, |p| p.ptr),
             seeds: inputs.seeds.ptr,
             steps: inputs.steps.ptr,
             accepted: outputs.accepted_counts.ptr,
@@ -313,16 +339,28 @@ impl CudaBackend {
             return Ok(());
         }
         let _bound = self.bind()?;
-        let suffix_kernels = match ptrs.kind {
-            RowsKind::LogitsF32 | RowsKind::Probs => {
-                ("SamplingRowKernel_f32", "RejectionWalkKernel_f32")
-            }
-            RowsKind::LogitsF16 => ("SamplingRowKernel_f16", "RejectionWalkKernel_f16"),
-            RowsKind::LogitsBF16 => ("SamplingRowKernel_bf16", "RejectionWalkKernel_bf16"),
+        let [threshold_name, row_name, walk_name] = match ptrs.kind {
+            RowsKind::LogitsF32 | RowsKind::Probs => [
+                "SamplingThresholdKernel_f32",
+                "SamplingRowKernel_f32",
+                "RejectionWalkKernel_f32",
+            ],
+            RowsKind::LogitsF16 => [
+                "SamplingThresholdKernel_f16",
+                "SamplingRowKernel_f16",
+                "RejectionWalkKernel_f16",
+            ],
+            RowsKind::LogitsBF16 => [
+                "SamplingThresholdKernel_bf16",
+                "SamplingRowKernel_bf16",
+                "RejectionWalkKernel_bf16",
+            ],
         };
         let owner_kernel = self.function(MODULE, "SamplingRowOwnerKernel")?;
-        let row_kernel = self.function(MODULE, suffix_kernels.0)?;
-        let walk_kernel = self.function(MODULE, suffix_kernels.1)?;
+        let threshold_kernel = self.function(MODULE, threshold_name)?;
+        let row_kernel = self.function(MODULE, row_name)?;
+        let walk_kernel = self.function(MODULE, walk_name)?;
+        let thresholds = ptrs.top_k != 0 || ptrs.top_p != 0;
 
         let target_rows = shape.target_rows();
         let draft_rows = if ptrs.draft != 0 {
@@ -347,8 +385,11 @@ impl CudaBackend {
         let race_bytes = target_rows * splits as usize * 8;
         let stats_bytes = partials * 8;
         let flags_bytes = partials * 4;
-        let scratch =
-            StreamScratch::alloc(stream, owner_bytes + race_bytes + stats_bytes + flags_bytes)?;
+        let threshold_bytes = if thresholds { rows * 4 } else { 0 };
+        let scratch = StreamScratch::alloc(
+            stream,
+            owner_bytes + race_bytes + stats_bytes + flags_bytes + threshold_bytes,
+        )?;
         let owner = scratch.ptr();
         // SAFETY: `owner` is the start of a live allocation of at least `rows * 4` bytes, enqueued on `stream`.
         unsafe { sys::cuMemsetD8Async(owner, 0, rows * 4, stream) }
@@ -365,6 +406,8 @@ impl CudaBackend {
             parents: ptrs.parents,
             num_tokens: shape.num_tokens as i64,
             temperature: ptrs.temperature,
+            top_k: ptrs.top_k,
+            top_p: ptrs.top_p,
             seeds: ptrs.seeds,
             steps: ptrs.steps,
             emit_width: shape.emit_width as i64,
@@ -376,33 +419,45 @@ impl CudaBackend {
             race: owner + owner_bytes as u64,
             stats: owner + (owner_bytes + race_bytes) as u64,
             row_flags: owner + (owner_bytes + race_bytes + stats_bytes) as u64,
+            thresholds: if thresholds {
+                owner + (owner_bytes + race_bytes + stats_bytes + flags_bytes) as u64
+            } else {
+                0
+            },
             target_rows: target_rows as i64,
             draft_rows: draft_rows as i64,
             chunk: chunk as i64,
             splits: i64::from(splits),
         };
         let owner_blocks = shape.num_requests.div_ceil(OWNER_THREADS as usize) as u32;
+        let threshold_launch = (
+            threshold_kernel,
+            (rows as u32, 1, 1),
+            THRESHOLD_THREADS,
+            "cuLaunchKernel(SamplingThresholdKernel)",
+        );
         let launches = [
-            (
+            Some((
                 owner_kernel,
                 (owner_blocks, 1, 1),
                 OWNER_THREADS,
                 "cuLaunchKernel(SamplingRowOwnerKernel)",
-            ),
-            (
+            )),
+            thresholds.then_some(threshold_launch),
+            Some((
                 row_kernel,
                 (rows as u32, splits, 1),
                 ROW_THREADS,
                 "cuLaunchKernel(SamplingRowKernel)",
-            ),
-            (
+            )),
+            Some((
                 walk_kernel,
                 (shape.num_requests as u32, 1, 1),
                 WALK_THREADS,
                 "cuLaunchKernel(RejectionWalkKernel)",
-            ),
+            )),
         ];
-        for (kernel, grid, threads, name) in launches {
+        for (kernel, grid, threads, name) in launches.into_iter().flatten() {
             let mut params = [&mut args as *mut SamplingArgs as *mut c_void];
             // SAFETY: the kernel takes one SamplingArgs by value (the same layout, asserted on both sides);
             // every pointer in it was checked against the shape, and the scratch parts are sized above. The
@@ -427,6 +482,8 @@ mod tests {
             tokens: 0x3000,
             parents: 0,
             temperature: 0,
+            top_k: 0,
+            top_p: 0,
             seeds: 0x4000,
             steps: 0x5000,
             accepted: 0x6000,
@@ -490,6 +547,23 @@ mod tests {
             ..ptrs(RowsKind::Probs)
         };
         assert_eq!(invalid_argument(misaligned.check(&chain)), "seeds");
+        // Top-k and top-p: logits only, aligned.
+        let with_top_k = SamplingDevicePtrs {
+            top_k: 0xA000,
+            ..ptrs(RowsKind::Probs)
+        };
+        assert_eq!(invalid_argument(with_top_k.check(&chain)), "top_k");
+        let logits_top_p = SamplingDevicePtrs {
+            temperature: 0x8000,
+            top_p: 0xB000,
+            ..ptrs(RowsKind::LogitsF16)
+        };
+        logits_top_p.check(&chain).unwrap();
+        let misaligned = SamplingDevicePtrs {
+            top_p: 0xB002,
+            ..logits_top_p
+        };
+        assert_eq!(invalid_argument(misaligned.check(&chain)), "top_p");
         let missing = SamplingDevicePtrs {
             emitted: 0,
             ..ptrs(RowsKind::Probs)
