@@ -487,8 +487,7 @@ specdec_status specdec_greedy_verify(const specdec_context *ctx,
  * On a CPU context the call checks everything and returns SPECDEC_INVALID_ARGUMENT naming the first bad
  * element, writing no output. On a CUDA context every array is device memory and the work is enqueued on
  * `stream` (the call returns without waiting); sizes and pointers are checked on the host, and the kernels
- * check each request's contents, marking a bad request with `accepted_counts[b] = -1` and rows of -1. Top-k
- * and top-p are CPU-only in this version: a CUDA context returns SPECDEC_NOT_SUPPORTED when they are given.
+ * check each request's contents, marking a bad request with `accepted_counts[b] = -1` and rows of -1.
  *
  * # Safety
  * Each non-null pointer must point to the number of elements stated, valid for the call, and the outputs must

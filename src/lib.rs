@@ -9,7 +9,7 @@
 //! * [`capi`]: the C ABI.
 //!
 //! Primitives so far: greedy verification ([`greedy`]); lossless rejection-sampling verification of chains and
-//! trees ([`sampling`]; CPU only so far). Host-side: a suffix drafter over rollout history
+//! trees ([`sampling`]). Host-side: a suffix drafter over rollout history
 //! ([`drafter`]); the step cost model and speculation policies ([`policy`]).
 //!
 //! Every entry point validates its arguments through one shared path (for greedy verification,
