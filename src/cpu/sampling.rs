@@ -7,8 +7,7 @@ use rayon::prelude::*;
 use crate::error::Result;
 use crate::sampling::noise::{self, RequestNoise};
 use crate::sampling::{
-    check_request, check_row_values, Node, RequestParams, Rows, VerifyInputs, VerifyOutputs,
-    VerifyShape,
+    check_request, Node, RequestParams, Rows, VerifyInputs, VerifyOutputs, VerifyShape,
 };
 
 /// Verifies a batch of chains or trees ([`crate::sampling`] has the semantics). Every request is checked before
@@ -70,16 +69,12 @@ fn verify_request(
     let v = shape.vocab_size;
     let logits = params.map(|p| (b, p.temperature));
     for (i, node) in nodes.iter().enumerate() {
-        check_row_values(
-            "target",
-            &inputs.target.row_f32(node.target_row, v),
-            node.target_row,
-            logits,
-            true,
-        )?;
+        inputs
+            .target
+            .check_row("target", node.target_row, v, logits, true)?;
         if let (Some(draft), Some(row)) = (&inputs.draft, node.draft_row) {
             let has_children = !children[i].is_empty();
-            check_row_values("draft", &draft.row_f32(row, v), row, logits, has_children)?;
+            draft.check_row("draft", row, v, logits, has_children)?;
         }
     }
     let noise = RequestNoise {
@@ -243,10 +238,11 @@ fn top_p_threshold(z: &[f32], top_p: f32) -> f32 {
     f32::NEG_INFINITY
 }
 
-/// Softmax of log weights, in f64.
+/// Softmax of log weights: exponentials in f32, their sum and the quotients in f64.
 fn softmax(z: &[f32]) -> Vec<f64> {
+    // exp in f32 (as the GPU does), accumulated in f64.
     let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let exps: Vec<f64> = z.iter().map(|&x| f64::from(x - max).exp()).collect();
+    let exps: Vec<f64> = z.iter().map(|&x| f64::from((x - max).exp())).collect();
     let sum: f64 = exps.iter().sum();
     exps.into_iter().map(|e| e / sum).collect()
 }
@@ -285,12 +281,18 @@ fn draw(d: &Dist, noise: &RequestNoise, node: u32) -> usize {
                 continue;
             }
         }
-        let block = noise.block(noise::Domain::Token, node, first as u32);
+        // The four lanes' noise first, as independent chains the CPU can overlap.
+        let exponentials = noise
+            .block(noise::Domain::Token, node, first as u32)
+            .map(noise::exponential);
+        let log_exponentials = match d {
+            Dist::Log(_) => exponentials.map(noise::ln),
+            Dist::Weights(_) => [0.0; 4],
+        };
         for x in lanes {
-            let e = noise::exponential(block[x - first]);
             let key = match d {
-                Dist::Weights(w) if w[x] > 0.0 => w[x] / e,
-                Dist::Log(z) if z[x] > f32::NEG_INFINITY => z[x] - noise::ln(e),
+                Dist::Weights(w) if w[x] > 0.0 => w[x] / exponentials[x - first],
+                Dist::Log(z) if z[x] > f32::NEG_INFINITY => z[x] - log_exponentials[x - first],
                 _ => continue,
             };
             if best.is_none_or(|(k, _)| key > k) {

@@ -180,6 +180,25 @@ impl Rows<'_> {
         }
     }
 
+    /// [`check_row_values`] on row `row` (of `vocab_size` elements), in its own element type.
+    pub fn check_row(
+        &self,
+        name: &str,
+        row: usize,
+        vocab_size: usize,
+        logits: Option<(usize, f32)>,
+        needs_mass: bool,
+    ) -> Result<()> {
+        let range = row * vocab_size..(row + 1) * vocab_size;
+        match self {
+            Rows::LogitsF32(r) | Rows::Probs(r) => {
+                check_row_values(name, &r[range], row, logits, needs_mass)
+            }
+            Rows::LogitsF16(r) => check_row_values(name, &r[range], row, logits, needs_mass),
+            Rows::LogitsBF16(r) => check_row_values(name, &r[range], row, logits, needs_mass),
+        }
+    }
+
     fn same_kind(&self, other: &Rows<'_>) -> bool {
         std::mem::discriminant(self) == std::mem::discriminant(other)
     }
@@ -662,53 +681,56 @@ fn check_params(shape: &VerifyShape, p: &SamplingParams<'_>, b: usize) -> Result
 /// target row, and the draft row of a node with children) needs a finite logit or a positive probability.
 /// `logits` is `None` for probabilities, else request `b` and its temperature: with a positive temperature,
 /// `logit / temperature` must stay finite.
-pub fn check_row_values(
+pub fn check_row_values<T: LogitsElement>(
     name: &str,
-    values: &[f32],
+    values: &[T],
     row: usize,
     logits: Option<(usize, f32)>,
     needs_mass: bool,
 ) -> Result<()> {
-    let bad = |i: usize, why: &str| {
+    let bad = |i: usize, x: f32, why: &str| {
         Err(Error::invalid(
             format!("{name}[{row}, {i}]"),
-            format!("is {}: {why}", values[i]),
+            format!("is {x}: {why}"),
         ))
     };
-    if let Some((b, temperature)) = logits {
-        if let Some(i) = values
-            .iter()
-            .position(|x| x.is_nan() || *x == f32::INFINITY)
-        {
-            return bad(i, "logits may not be NaN or +inf");
-        }
-        let overflows = |x: f32| x.is_finite() && (x / temperature).is_infinite();
-        if temperature > 0.0 {
-            if let Some(i) = values.iter().position(|&x| overflows(x)) {
+    let mut has_mass = false;
+    match logits {
+        Some((b, temperature)) => {
+            for (i, x) in values.iter().map(|x| x.to_f32()).enumerate() {
+                if x.is_nan() || x == f32::INFINITY {
+                    return bad(i, x, "logits may not be NaN or +inf");
+                }
+                if temperature > 0.0 && x.is_finite() && (x / temperature).is_infinite() {
+                    return Err(Error::invalid(
+                        format!("temperature[{b}]"),
+                        format!(
+                            "is {temperature}: {name}[{row}, {i}] = {x} divided by it overflows f32"
+                        ),
+                    ));
+                }
+                has_mass |= x > f32::NEG_INFINITY;
+            }
+            if needs_mass && !has_mass {
                 return Err(Error::invalid(
-                    format!("temperature[{b}]"),
-                    format!(
-                        "is {temperature}: {name}[{row}, {i}] = {} divided by it overflows f32",
-                        values[i]
-                    ),
+                    format!("{name}[{row}]"),
+                    "has no finite logit",
                 ));
             }
         }
-        if needs_mass && values.iter().all(|x| *x == f32::NEG_INFINITY) {
-            return Err(Error::invalid(
-                format!("{name}[{row}]"),
-                "has no finite logit",
-            ));
-        }
-    } else {
-        if let Some(i) = values.iter().position(|x| !(x.is_finite() && *x >= 0.0)) {
-            return bad(i, "probabilities must be finite and >= 0");
-        }
-        if needs_mass && values.iter().all(|x| *x == 0.0) {
-            return Err(Error::invalid(
-                format!("{name}[{row}]"),
-                "has no probability mass",
-            ));
+        None => {
+            for (i, x) in values.iter().map(|x| x.to_f32()).enumerate() {
+                if !(x.is_finite() && x >= 0.0) {
+                    return bad(i, x, "probabilities must be finite and >= 0");
+                }
+                has_mass |= x > 0.0;
+            }
+            if needs_mass && !has_mass {
+                return Err(Error::invalid(
+                    format!("{name}[{row}]"),
+                    "has no probability mass",
+                ));
+            }
         }
     }
     Ok(())
