@@ -404,8 +404,6 @@ fn time_sampler_cuda(
     inputs: &SamplerInputs,
 ) -> (f64, Vec<i32>, Vec<i32>) {
     use specdec::cuda::{DeviceDrafts, DeviceRows, DeviceVerifyInputs, DeviceVerifyOutputs};
-    const BATCHES: usize = 30;
-    const CALLS_PER_BATCH: usize = 10;
     let (b, w) = (case.batch, case.drafts + 1);
     let (target_len, draft_len) = (inputs.target.len(), inputs.draft.len());
     let per_call = 2 * (target_len + if case.with_q { draft_len } else { 0 });
@@ -485,27 +483,11 @@ fn time_sampler_cuda(
         }
         .expect("rejection_verify launch");
     };
-    for i in 0..10 {
-        call(i);
-    }
-    let timing = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
-    let (start, end) = (
-        backend.context().new_event(timing).unwrap(),
-        backend.context().new_event(timing).unwrap(),
-    );
-    let mut samples = Vec::new();
-    for batch in 0..BATCHES {
-        start.record(stream).unwrap();
-        for i in 0..CALLS_PER_BATCH {
-            call(batch * CALLS_PER_BATCH + i);
-        }
-        end.record(stream).unwrap();
-        samples.push(start.elapsed_ms(&end).unwrap() as f64 * 1e3 / CALLS_PER_BATCH as f64);
-    }
+    let micros = time_cuda_calls(backend, stream, call);
     drop((_t, _d, _o, _k, _tp, _sd, _st, _a, _e));
     stream.synchronize().expect("benchmark work completes");
     (
-        median(samples),
+        micros,
         stream.clone_dtoh(&accepted).unwrap(),
         stream.clone_dtoh(&emitted).unwrap(),
     )
@@ -685,8 +667,6 @@ fn time_greedy_cuda<T: BenchElement>(
     case: GreedyCase,
     inputs: &GreedyInputs<T>,
 ) -> (f64, Vec<i32>, Vec<i32>) {
-    const BATCHES: usize = 30;
-    const CALLS_PER_BATCH: usize = 10;
     let len = inputs.logits.len();
     let copies = GPU_ROTATION_BYTES
         .div_ceil(case.logits_bytes())
@@ -731,7 +711,23 @@ fn time_greedy_cuda<T: BenchElement>(
         }
         .expect("greedy_verify launch");
     };
-    for i in 0..10 {
+    let micros = time_cuda_calls(backend, stream, call);
+    drop((_r, _o, _d, _a, _e));
+    stream.synchronize().expect("benchmark work completes");
+    (
+        micros,
+        stream.clone_dtoh(&accepted).unwrap(),
+        stream.clone_dtoh(&emitted).unwrap(),
+    )
+}
+
+/// Median microseconds per call of `call(i)` (which enqueues call `i` on `stream`): 10 warm-up calls, then
+/// 30 batches of 10 calls timed with CUDA events.
+fn time_cuda_calls(backend: &CudaBackend, stream: &Arc<CudaStream>, call: impl Fn(usize)) -> f64 {
+    const WARMUP: usize = 10;
+    const BATCHES: usize = 30;
+    const CALLS_PER_BATCH: usize = 10;
+    for i in 0..WARMUP {
         call(i);
     }
     let timing = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
@@ -743,18 +739,12 @@ fn time_greedy_cuda<T: BenchElement>(
     for batch in 0..BATCHES {
         start.record(stream).unwrap();
         for i in 0..CALLS_PER_BATCH {
-            call(batch * CALLS_PER_BATCH + i);
+            call(WARMUP + batch * CALLS_PER_BATCH + i);
         }
         end.record(stream).unwrap();
         samples.push(start.elapsed_ms(&end).unwrap() as f64 * 1e3 / CALLS_PER_BATCH as f64);
     }
-    drop((_r, _o, _d, _a, _e));
-    stream.synchronize().expect("benchmark work completes");
-    (
-        median(samples),
-        stream.clone_dtoh(&accepted).unwrap(),
-        stream.clone_dtoh(&emitted).unwrap(),
-    )
+    median(samples)
 }
 
 /// Device-to-device copy of 1 GiB, median of 10, counting bytes read plus bytes written.

@@ -105,3 +105,91 @@ pub(crate) fn check_len(argument: &str, len: usize, expected: usize) -> Result<(
         ))
     }
 }
+
+/// The size rules every verification primitive shares, checked before anything runs: `vocab_size` and
+/// `emit_width` in `1..=i32::MAX`; token counts (`tokens`, named) and offsets representable as `i32`; and
+/// neither the input of `rows` rows (named) of `vocab_size` elements of up to 4 bytes nor the
+/// `num_requests x emit_width` outputs overflowing the address space. `rows` is computed by the caller from
+/// the other sizes (at most `2 * i32::MAX` here, so it cannot overflow).
+pub(crate) fn check_batch_sizes(
+    num_requests: usize,
+    vocab_size: usize,
+    (tokens_name, num_tokens): (&str, usize),
+    emit_width: usize,
+    rows: impl FnOnce() -> (&'static str, usize),
+) -> Result<()> {
+    let max = i32::MAX as usize;
+    if vocab_size == 0 || vocab_size > max {
+        return Err(Error::invalid(
+            "vocab_size",
+            format!("is {vocab_size}, must be in 1..={max}"),
+        ));
+    }
+    if emit_width == 0 || emit_width > max {
+        return Err(Error::invalid(
+            "emit_width",
+            format!("is {emit_width}, must be in 1..={max}"),
+        ));
+    }
+    if num_tokens > max {
+        return Err(Error::invalid(
+            tokens_name,
+            format!("is {num_tokens}, must be at most {max}"),
+        ));
+    }
+    if num_requests >= max {
+        return Err(Error::invalid(
+            "num_requests",
+            format!("is {num_requests}, must be below {max}"),
+        ));
+    }
+    let (rows_name, rows) = rows();
+    if rows > max
+        || rows
+            .checked_mul(vocab_size)
+            .and_then(|n| n.checked_mul(4))
+            .is_none_or(|b| b > isize::MAX as usize)
+    {
+        return Err(Error::invalid(
+            rows_name,
+            format!("{rows} rows of {vocab_size} overflow the address space"),
+        ));
+    }
+    if num_requests
+        .checked_mul(emit_width)
+        .is_none_or(|n| n > isize::MAX as usize / 4)
+    {
+        return Err(Error::invalid(
+            "emitted_tokens",
+            "num_requests * emit_width overflows the address space",
+        ));
+    }
+    Ok(())
+}
+
+/// Request `b`'s range `offsets[b] .. offsets[b + 1]` of an array of `limit` elements (`name` is the offsets
+/// argument): non-decreasing and inside `0..=limit`, else an error naming the offending element.
+pub(crate) fn check_offsets(
+    name: &str,
+    offsets: &[i32],
+    b: usize,
+    limit: usize,
+) -> Result<(usize, usize)> {
+    let (first, last) = (offsets[b], offsets[b + 1]);
+    let limit_i = limit as i64;
+    if first < 0 || i64::from(first) > limit_i {
+        return Err(Error::invalid(
+            format!("{name}[{b}]"),
+            format!("is {first}, outside 0..={limit}"),
+        ));
+    }
+    if last < first || i64::from(last) > limit_i {
+        return Err(Error::invalid(
+            format!("{name}[{}]", b + 1),
+            format!(
+                "is {last}; offsets must be non-decreasing (previous {first}) and at most {limit}"
+            ),
+        ));
+    }
+    Ok((first as usize, last as usize))
+}

@@ -28,7 +28,7 @@
 //! request and marks a failing request with `accepted_counts[b] = `[`REQUEST_INVALID`] and a row of `-1`; it
 //! never reads or writes outside the documented arrays, whatever the contents.
 
-use crate::error::{check_len, Error, Result};
+use crate::error::{check_batch_sizes, check_len, check_offsets, Error, Result};
 
 /// The value of `accepted_counts[b]` written by a CUDA kernel for a request whose inputs break the rules of
 /// [`GreedyShape::check_request`].
@@ -56,58 +56,19 @@ impl GreedyShape {
         num_draft_tokens: usize,
         emit_width: usize,
     ) -> Result<Self> {
-        let max = i32::MAX as usize;
-        if vocab_size == 0 || vocab_size > max {
-            return Err(Error::invalid(
-                "vocab_size",
-                format!("is {vocab_size}, must be in 1..={max}"),
-            ));
-        }
-        if emit_width == 0 || emit_width > max {
-            return Err(Error::invalid(
-                "emit_width",
-                format!("is {emit_width}, must be in 1..={max}"),
-            ));
-        }
-        if num_draft_tokens > max {
-            return Err(Error::invalid(
-                "num_draft_tokens",
-                format!("is {num_draft_tokens}, must be at most {max}"),
-            ));
-        }
-        if num_requests >= max {
-            return Err(Error::invalid(
-                "num_requests",
-                format!("is {num_requests}, must be below {max}"),
-            ));
-        }
         let shape = GreedyShape {
             num_requests,
             vocab_size,
             num_draft_tokens,
             emit_width,
         };
-        let rows = shape.num_rows();
-        if rows > max
-            || rows
-                .checked_mul(vocab_size)
-                .and_then(|n| n.checked_mul(4))
-                .is_none_or(|b| b > isize::MAX as usize)
-        {
-            return Err(Error::invalid(
-                "logits",
-                format!("{rows} rows of {vocab_size} overflow the address space"),
-            ));
-        }
-        if num_requests
-            .checked_mul(emit_width)
-            .is_none_or(|n| n > isize::MAX as usize / 4)
-        {
-            return Err(Error::invalid(
-                "emitted_tokens",
-                "num_requests * emit_width overflows the address space",
-            ));
-        }
+        check_batch_sizes(
+            num_requests,
+            vocab_size,
+            ("num_draft_tokens", num_draft_tokens),
+            emit_width,
+            || ("logits", shape.num_rows()),
+        )?;
         Ok(shape)
     }
 
@@ -166,21 +127,9 @@ impl GreedyShape {
         draft_offsets: &[i32],
         draft_tokens: &'a [i32],
     ) -> Result<&'a [i32]> {
-        let (first, last) = (draft_offsets[b], draft_offsets[b + 1]);
-        let limit = self.num_draft_tokens as i64;
-        if first < 0 || i64::from(first) > limit {
-            return Err(Error::invalid(
-                format!("draft_offsets[{b}]"),
-                format!("is {first}, outside 0..={limit}"),
-            ));
-        }
-        if last < first || i64::from(last) > limit {
-            return Err(Error::invalid(
-                format!("draft_offsets[{}]", b + 1),
-                format!("is {last}; offsets must be non-decreasing (previous {first}) and at most {limit}"),
-            ));
-        }
-        let drafts = &draft_tokens[first as usize..last as usize];
+        let (first, last) =
+            check_offsets("draft_offsets", draft_offsets, b, self.num_draft_tokens)?;
+        let drafts = &draft_tokens[first..last];
         if drafts.len() + 1 > self.emit_width {
             return Err(Error::invalid(
                 "emit_width",
@@ -197,7 +146,7 @@ impl GreedyShape {
             .position(|&t| t < 0 || t as usize >= self.vocab_size)
         {
             return Err(Error::invalid(
-                format!("draft_tokens[{}]", first as usize + j),
+                format!("draft_tokens[{}]", first + j),
                 format!(
                     "is {}, outside the vocabulary 0..{}",
                     drafts[j], self.vocab_size

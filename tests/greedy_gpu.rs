@@ -12,27 +12,12 @@ mod common;
 use std::ffi::c_void;
 use std::sync::Arc;
 
-use common::{rng, GreedyCase, GreedyOutput, TestElement, POISON};
+use common::{gpu, rng, GreedyCase, GreedyOutput, TestElement, POISON};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use half::{bf16, f16};
 use specdec::capi::{self, specdec_status};
 use specdec::cuda::{CudaBackend, DeviceIn, DeviceOut};
 use specdec::greedy::REQUEST_INVALID;
-
-fn gpu(test: &str) -> Option<CudaBackend> {
-    match CudaBackend::new(0) {
-        Ok(backend) => Some(backend),
-        Err(e) if std::env::var("SPECDEC_REQUIRE_GPU").is_ok_and(|v| v == "1") => {
-            panic!("{test}: SPECDEC_REQUIRE_GPU=1 but CUDA is unusable: {e}")
-        }
-        Err(e) => {
-            // Written to the stderr handle rather than with eprintln!, which the test harness captures.
-            use std::io::Write;
-            let _ = writeln!(std::io::stderr(), "SKIPPED {test}: no usable GPU: {e}");
-            None
-        }
-    }
-}
 
 /// Device copies of a case's logits (shifted by `logits_offset` elements, to exercise rows that are not
 /// 16-byte aligned), offsets and drafts. Every array gets one spare element: cudarc rejects empty copies.

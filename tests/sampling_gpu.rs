@@ -9,6 +9,7 @@ mod common;
 
 use std::sync::Arc;
 
+use common::gpu;
 use common::sampling::{self, Input, Model, Outcome, Scenario, Shape, Verify, PLAIN};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr};
 use half::{bf16, f16};
@@ -23,20 +24,6 @@ use specdec::Error;
 const CPU: Verify = specdec::cpu::rejection_verify;
 const GPU: Verify = gpu_verify;
 const POISON: i32 = i32::MIN + 7;
-
-fn gpu(test: &str) -> Option<CudaBackend> {
-    match CudaBackend::new(0) {
-        Ok(backend) => Some(backend),
-        Err(e) if std::env::var("SPECDEC_REQUIRE_GPU").is_ok_and(|v| v == "1") => {
-            panic!("{test}: SPECDEC_REQUIRE_GPU=1 but CUDA is unusable: {e}")
-        }
-        Err(e) => {
-            use std::io::Write;
-            let _ = writeln!(std::io::stderr(), "SKIPPED {test}: no usable GPU: {e}");
-            None
-        }
-    }
-}
 
 /// A device copy of `host` with one spare element (cudarc rejects empty copies).
 fn upload<T: DeviceRepr + Default + Clone>(stream: &Arc<CudaStream>, host: &[T]) -> CudaSlice<T> {

@@ -5,7 +5,7 @@ use std::ffi::c_void;
 use cudarc::driver::{result, sys, CudaStream};
 
 use super::memory::{check_device_ptr, StreamScratch};
-use super::{cuda_error, CudaBackend, DeviceIn, DeviceOut};
+use super::{cuda_error, vocabulary_split, CudaBackend, DeviceIn, DeviceOut};
 use crate::dtype::{DType, LogitsElement};
 use crate::error::Result;
 use crate::greedy::GreedyShape;
@@ -13,10 +13,6 @@ use crate::greedy::GreedyShape;
 const MODULE: &str = "greedy_verify";
 /// Threads per block of both kernels; must match kArgmaxThreads / kAcceptThreads in the .cu file.
 const BLOCK_THREADS: u32 = 256;
-/// The smallest vocabulary chunk one block reduces: below this, block start-up costs more than it saves.
-const MIN_CHUNK: usize = 8192;
-/// How many blocks per multiprocessor to aim for when splitting rows across blocks.
-const BLOCKS_PER_SM: usize = 4;
 
 /// Raw device pointers of one greedy-verification call, after validation.
 pub(crate) struct GreedyDevicePtrs {
@@ -50,18 +46,6 @@ impl GreedyDevicePtrs {
             4,
         )
     }
-}
-
-/// How the vocabulary of each row is split across blocks: enough blocks to fill the device, none smaller than
-/// [`MIN_CHUNK`]. Results do not depend on it.
-fn vocabulary_split(rows: usize, vocab_size: usize, multiprocessors: u32) -> (usize, u32) {
-    let target_blocks = BLOCKS_PER_SM * multiprocessors as usize;
-    let splits = target_blocks
-        .div_ceil(rows.max(1))
-        .min(vocab_size / MIN_CHUNK)
-        .clamp(1, 65535);
-    let chunk = vocab_size.div_ceil(splits);
-    (chunk, vocab_size.div_ceil(chunk) as u32)
 }
 
 impl CudaBackend {
@@ -132,7 +116,7 @@ impl CudaBackend {
         let accept = self.function(MODULE, "GreedyAcceptKernel")?;
 
         let rows = shape.num_rows();
-        let (chunk, splits) = vocabulary_split(rows, shape.vocab_size, self.multiprocessors());
+        let (chunk, splits) = vocabulary_split(rows, shape.vocab_size, self.multiprocessors(), 1);
         let partials =
             StreamScratch::alloc(stream, rows * splits as usize * std::mem::size_of::<u64>())?;
 
@@ -203,28 +187,4 @@ impl CudaBackend {
 
 fn arg<T>(value: &mut T) -> *mut c_void {
     value as *mut T as *mut c_void
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn vocabulary_split_covers_each_row_without_empty_chunks() {
-        for rows in [1usize, 2, 5, 33, 320, 10_000] {
-            for vocab in [1usize, 3, 8191, 8192, 8193, 32000, 128256, 151936, 262144] {
-                for sms in [1u32, 108, 132] {
-                    let (chunk, splits) = vocabulary_split(rows, vocab, sms);
-                    let splits = splits as usize;
-                    assert!(chunk * splits >= vocab, "chunks cover the row");
-                    assert!(chunk * (splits - 1) < vocab, "the last chunk is not empty");
-                    assert!((1..=65535).contains(&splits));
-                    assert!(
-                        splits == 1 || chunk >= MIN_CHUNK,
-                        "no chunk below MIN_CHUNK"
-                    );
-                }
-            }
-        }
-    }
 }

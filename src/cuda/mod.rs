@@ -239,6 +239,29 @@ impl Drop for ContextGuard {
     }
 }
 
+/// The smallest vocabulary chunk one block reads: below this, block start-up costs more than it saves.
+const MIN_CHUNK: usize = 8192;
+/// How many blocks per multiprocessor to aim for when splitting rows across blocks.
+const BLOCKS_PER_SM: usize = 4;
+
+/// How each row's vocabulary is split across blocks: `(chunk, splits)` with enough blocks to fill the device,
+/// no chunk below [`MIN_CHUNK`] (unless there is one), and chunks a multiple of `granularity` tokens (the
+/// samplers draw noise 4 tokens at a time). The kernels' results do not depend on it.
+pub(crate) fn vocabulary_split(
+    rows: usize,
+    vocab_size: usize,
+    multiprocessors: u32,
+    granularity: usize,
+) -> (usize, u32) {
+    let target_blocks = BLOCKS_PER_SM * multiprocessors as usize;
+    let splits = target_blocks
+        .div_ceil(rows.max(1))
+        .min(vocab_size / MIN_CHUNK)
+        .clamp(1, 65535);
+    let chunk = vocab_size.div_ceil(splits).next_multiple_of(granularity);
+    (chunk, vocab_size.div_ceil(chunk) as u32)
+}
+
 /// An [`Error::Cuda`] for a failed driver call. libcuda is loaded whenever a driver call could fail, so
 /// asking it for the error's name is safe.
 pub(crate) fn cuda_error(call: &'static str, e: DriverError) -> Error {
@@ -250,5 +273,34 @@ pub(crate) fn cuda_error(call: &'static str, e: DriverError) -> Error {
         call,
         code: e.0 as u32,
         name,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vocabulary_split_covers_each_row_in_whole_granules_without_empty_chunks() {
+        for rows in [1usize, 2, 5, 33, 320, 576, 10_000] {
+            for vocab in [
+                1usize, 3, 5, 8191, 8192, 8193, 32000, 128256, 151936, 151937, 262144,
+            ] {
+                for sms in [1u32, 108, 132] {
+                    for granularity in [1usize, 4] {
+                        let (chunk, splits) = vocabulary_split(rows, vocab, sms, granularity);
+                        let splits = splits as usize;
+                        assert_eq!(chunk % granularity, 0);
+                        assert!(chunk * splits >= vocab, "chunks cover the row");
+                        assert!(chunk * (splits - 1) < vocab, "the last chunk is not empty");
+                        assert!((1..=65535).contains(&splits));
+                        assert!(
+                            splits == 1 || chunk >= MIN_CHUNK,
+                            "no chunk below MIN_CHUNK"
+                        );
+                    }
+                }
+            }
+        }
     }
 }

@@ -10,7 +10,7 @@ use cudarc::driver::{result, sys, CudaStream};
 use half::{bf16, f16};
 
 use super::memory::{check_device_ptr, StreamScratch};
-use super::{cuda_error, CudaBackend, DeviceIn, DeviceOut};
+use super::{cuda_error, vocabulary_split, CudaBackend, DeviceIn, DeviceOut};
 use crate::error::{check_len, Error, Result};
 use crate::sampling::{RowsKind, VerifyShape};
 
@@ -20,10 +20,6 @@ const OWNER_THREADS: u32 = 128;
 const THRESHOLD_THREADS: u32 = 1024;
 const ROW_THREADS: u32 = 256;
 const WALK_THREADS: u32 = 256;
-/// The smallest vocabulary chunk one block of the row kernel reads.
-const MIN_CHUNK: usize = 8192;
-/// How many row-kernel blocks per multiprocessor to aim for.
-const BLOCKS_PER_SM: usize = 4;
 
 /// Target or draft rows on the device.
 pub enum DeviceRows<'a> {
@@ -220,18 +216,6 @@ struct SamplingArgs {
 }
 const _: () = assert!(std::mem::size_of::<SamplingArgs>() == 27 * 8);
 
-/// How each row's vocabulary is split across blocks: enough blocks to fill the device, none smaller than
-/// [`MIN_CHUNK`], chunks a multiple of 4 tokens (one Philox block). Results do not depend on it.
-fn vocabulary_split(rows: usize, vocab_size: usize, multiprocessors: u32) -> (usize, u32) {
-    let target_blocks = BLOCKS_PER_SM * multiprocessors as usize;
-    let splits = target_blocks
-        .div_ceil(rows.max(1))
-        .min(vocab_size / MIN_CHUNK)
-        .clamp(1, 65535);
-    let chunk = vocab_size.div_ceil(splits).next_multiple_of(4);
-    (chunk, vocab_size.div_ceil(chunk) as u32)
-}
-
 impl CudaBackend {
     /// Rejection-sampling verification on the GPU; see [`crate::sampling`] for layout, semantics and
     /// validation. Sizes and lengths are checked before anything is launched; the contents (offsets, parents,
@@ -378,7 +362,7 @@ impl CudaBackend {
                 ),
             ));
         }
-        let (chunk, splits) = vocabulary_split(rows, shape.vocab_size, self.multiprocessors());
+        let (chunk, splits) = vocabulary_split(rows, shape.vocab_size, self.multiprocessors(), 4);
         let partials = rows * splits as usize;
         // One scratch allocation: row owners, race keys, softmax statistics, row flags (8-byte aligned parts).
         let owner_bytes = (rows * 4).next_multiple_of(8);
@@ -569,20 +553,5 @@ mod tests {
             ..ptrs(RowsKind::Probs)
         };
         assert_eq!(invalid_argument(missing.check(&chain)), "emitted_tokens");
-    }
-
-    #[test]
-    fn vocabulary_split_uses_whole_philox_blocks_and_covers_each_row() {
-        for rows in [1usize, 2, 9, 576, 10_000] {
-            for vocab in [1usize, 3, 5, 8191, 8193, 32000, 128256, 151937, 262144] {
-                for sms in [1u32, 132] {
-                    let (chunk, splits) = vocabulary_split(rows, vocab, sms);
-                    let splits = splits as usize;
-                    assert_eq!(chunk % 4, 0);
-                    assert!(chunk * splits >= vocab && chunk * (splits - 1) < vocab);
-                    assert!(splits == 1 || chunk >= MIN_CHUNK);
-                }
-            }
-        }
     }
 }

@@ -82,7 +82,7 @@ pub mod noise;
 
 use half::{bf16, f16};
 
-use crate::error::{check_len, Error, Result};
+use crate::error::{check_batch_sizes, check_len, check_offsets, Error, Result};
 use crate::LogitsElement;
 
 pub use crate::greedy::REQUEST_INVALID;
@@ -306,36 +306,6 @@ impl VerifyShape {
         tree: bool,
         emit_width: usize,
     ) -> Result<Self> {
-        let max = i32::MAX as usize;
-        if vocab_size == 0 || vocab_size > max {
-            return Err(Error::invalid(
-                "vocab_size",
-                format!("is {vocab_size}, must be in 1..={max}"),
-            ));
-        }
-        if emit_width == 0 || emit_width > max {
-            return Err(Error::invalid(
-                "emit_width",
-                format!("is {emit_width}, must be in 1..={max}"),
-            ));
-        }
-        let tokens = if tree {
-            "num_nodes"
-        } else {
-            "num_draft_tokens"
-        };
-        if num_tokens > max {
-            return Err(Error::invalid(
-                tokens,
-                format!("is {num_tokens}, must be at most {max}"),
-            ));
-        }
-        if num_requests >= max {
-            return Err(Error::invalid(
-                "num_requests",
-                format!("is {num_requests}, must be below {max}"),
-            ));
-        }
         let shape = VerifyShape {
             num_requests,
             vocab_size,
@@ -343,27 +313,18 @@ impl VerifyShape {
             tree,
             emit_width,
         };
-        let rows = shape.target_rows();
-        if rows > max
-            || rows
-                .checked_mul(vocab_size)
-                .and_then(|n| n.checked_mul(4))
-                .is_none_or(|b| b > isize::MAX as usize)
-        {
-            return Err(Error::invalid(
-                "target",
-                format!("{rows} rows of {vocab_size} overflow the address space"),
-            ));
-        }
-        if num_requests
-            .checked_mul(emit_width)
-            .is_none_or(|n| n > isize::MAX as usize / 4)
-        {
-            return Err(Error::invalid(
-                "emitted_tokens",
-                "num_requests * emit_width overflows the address space",
-            ));
-        }
+        let tokens = if tree {
+            "num_nodes"
+        } else {
+            "num_draft_tokens"
+        };
+        check_batch_sizes(
+            num_requests,
+            vocab_size,
+            (tokens, num_tokens),
+            emit_width,
+            || ("target", shape.target_rows()),
+        )?;
         Ok(shape)
     }
 
@@ -609,26 +570,6 @@ pub fn check_request(
         .map(|p| check_params(shape, &p, b))
         .transpose()?;
     Ok((nodes, params))
-}
-
-fn check_offsets(name: &str, offsets: &[i32], b: usize, limit: usize) -> Result<(usize, usize)> {
-    let (first, last) = (offsets[b], offsets[b + 1]);
-    let limit_i = limit as i64;
-    if first < 0 || i64::from(first) > limit_i {
-        return Err(Error::invalid(
-            format!("{name}[{b}]"),
-            format!("is {first}, outside 0..={limit}"),
-        ));
-    }
-    if last < first || i64::from(last) > limit_i {
-        return Err(Error::invalid(
-            format!("{name}[{}]", b + 1),
-            format!(
-                "is {last}; offsets must be non-decreasing (previous {first}) and at most {limit}"
-            ),
-        ));
-    }
-    Ok((first as usize, last as usize))
 }
 
 fn check_token(shape: &VerifyShape, name: &str, index: usize, token: i32) -> Result<()> {

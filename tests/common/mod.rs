@@ -7,7 +7,25 @@ pub mod stats;
 use half::{bf16, f16};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use specdec::cuda::CudaBackend;
 use specdec::LogitsElement;
+
+/// The device-0 backend, or `None` after printing why the calling test is skipped; with
+/// `SPECDEC_REQUIRE_GPU=1` a missing GPU fails the test instead.
+pub fn gpu(test: &str) -> Option<CudaBackend> {
+    match CudaBackend::new(0) {
+        Ok(backend) => Some(backend),
+        Err(e) if std::env::var("SPECDEC_REQUIRE_GPU").is_ok_and(|v| v == "1") => {
+            panic!("{test}: SPECDEC_REQUIRE_GPU=1 but CUDA is unusable: {e}")
+        }
+        Err(e) => {
+            // Written to the stderr handle rather than with eprintln!, which the test harness captures.
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "SKIPPED {test}: no usable GPU: {e}");
+            None
+        }
+    }
+}
 
 /// A fresh seed per run (printed, so a failure can be replayed), or `SPECDEC_TEST_SEED` when set.
 pub fn rng(test: &str) -> StdRng {
