@@ -3,7 +3,13 @@
 # toolchain: the test binaries with SPECDEC_REQUIRE_GPU=1, the GPU tests again under compute-sanitizer (when it
 # is installed), the main job on CUDA, and the peer harness (PyTorch). Logs and tables go to $OUT (or ./out).
 # The last line is "N passed, N failed" over those steps.
+#
+#   bash gpu-stage/run.sh                  # everything
+#   bash gpu-stage/run.sh tests sanitize   # some of: tests sanitize bench peers (to split a run that would
+#                                          # exceed one call's time limit on the GPU machine)
 set -uo pipefail
+parts=${*:-tests sanitize bench peers}
+want() { [[ " $parts " == *" $1 "* ]]; }
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 cd "$here"
 out=${OUT:-$here/out}
@@ -31,9 +37,11 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 export SPECDEC_REQUIRE_GPU=1 SPECDEC_COMMIT
 SPECDEC_COMMIT=$(cat COMMIT)
 
-for t in tests/*; do
-  step "tests/$(basename "$t")" "test-$(basename "$t").log" "$t"
-done
+if want tests; then
+  for t in tests/*; do
+    step "tests/$(basename "$t")" "test-$(basename "$t").log" "$t"
+  done
+fi
 
 # Per test binary: the tests memcheck runs (all when empty), then the ones the slower tools run.
 sanitized() {
@@ -44,7 +52,9 @@ sanitized() {
     sampling_gpu:*) echo "bad_requests tokens_equal tree_of_iid_children vocabulary_sizes" ;;
   esac
 }
-if command -v compute-sanitizer >/dev/null; then
+if ! want sanitize; then
+  :
+elif command -v compute-sanitizer >/dev/null; then
   for t in tests/greedy_gpu tests/sampling_gpu; do
     # shellcheck disable=SC2046 # the filters are separate words
     step "memcheck $(basename "$t")" "memcheck-$(basename "$t").log" \
@@ -59,9 +69,13 @@ else
   echo "SKIP compute-sanitizer: not installed"
 fi
 
-step "bench (main job on CUDA)" bench.md ./bench --backend cuda
-cat "$out/bench.md"
-if python3 -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
+if want bench; then
+  step "bench (main job on CUDA)" bench.md ./bench --backend cuda
+  cat "$out/bench.md"
+fi
+if ! want peers; then
+  :
+elif python3 -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
   step "peers (PyTorch)" peers.md python3 peers.py --lib ./libspecdec.so
   cat "$out/peers.md"
 else
