@@ -72,10 +72,6 @@ typedef enum {
    * A bug in specdec was caught at the C boundary; the message says where.
    */
   SPECDEC_PANIC = 7,
-  /**
-   * The primitive is not available on this context's backend (yet); the message says which.
-   */
-  SPECDEC_NOT_SUPPORTED = 8,
 } specdec_status;
 
 /**

@@ -56,8 +56,6 @@ pub enum specdec_status {
     SPECDEC_CUDA_ERROR = 6,
     /// A bug in specdec was caught at the C boundary; the message says where.
     SPECDEC_PANIC = 7,
-    /// The primitive is not available on this context's backend (yet); the message says which.
-    SPECDEC_NOT_SUPPORTED = 8,
 }
 
 /// Element type of a logits tensor, passed as `int32_t`.
@@ -121,7 +119,6 @@ fn status_of(error: &Error) -> specdec_status {
         Error::NoDevice { .. } => specdec_status::SPECDEC_NO_DEVICE,
         Error::UnsupportedArchitecture { .. } => specdec_status::SPECDEC_UNSUPPORTED_ARCHITECTURE,
         Error::Cuda { .. } => specdec_status::SPECDEC_CUDA_ERROR,
-        Error::NotSupported { .. } => specdec_status::SPECDEC_NOT_SUPPORTED,
     }
 }
 
@@ -272,7 +269,6 @@ pub extern "C" fn specdec_status_string(status: i32) -> *const c_char {
         5 => c"SPECDEC_UNSUPPORTED_ARCHITECTURE",
         6 => c"SPECDEC_CUDA_ERROR",
         7 => c"SPECDEC_PANIC",
-        8 => c"SPECDEC_NOT_SUPPORTED",
         _ => c"SPECDEC_UNKNOWN_STATUS",
     };
     name.as_ptr()
@@ -1435,10 +1431,6 @@ mod tests {
                     name: "CUDA_ERROR_ILLEGAL_ADDRESS".into(),
                 },
                 specdec_status::SPECDEC_CUDA_ERROR,
-            ),
-            (
-                Error::NotSupported { what: "x on y" },
-                specdec_status::SPECDEC_NOT_SUPPORTED,
             ),
         ];
         for (error, status) in cases {

@@ -37,11 +37,6 @@ pub enum Error {
         /// The architectures compiled into this build.
         compiled: &'static [u32],
     },
-    /// The primitive is not available on this backend (yet): `what` says which and where it is.
-    NotSupported {
-        /// The primitive and the backend.
-        what: &'static str,
-    },
     /// A CUDA driver call failed.
     Cuda {
         /// The driver function, e.g. `"cuLaunchKernel"`.
@@ -87,7 +82,6 @@ impl fmt::Display for Error {
                 compute_capability % 10
             ),
             Error::Cuda { call, code, name } => write!(f, "{call} failed: {name} ({code})"),
-            Error::NotSupported { what } => write!(f, "not supported: {what}"),
         }
     }
 }
