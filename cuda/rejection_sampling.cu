@@ -12,10 +12,10 @@
 //     child, the emitted token is an exponential race over the final residual.
 // Outputs: accepted count, emitted tokens, accepted node path and per-depth accept flags, -1 padded.
 //
-// Three launches (four with top-k or top-p):
-//   1. SamplingRowOwnerKernel: one thread per request checks its offsets and stamps its target and draft rows with
-//      its index, so that a block working on a row knows the request's temperature, seed, step and node.
-//   1b. SamplingThresholdKernel_<T> (only when top-k or top-p are given): one block per row of a request that uses
+// Two launches for point-mass drafts, three with draft rows, one more with top-k or top-p. A block working on a
+// row finds the row's request by a binary search over the offsets (RowOwner), accepted only if the row lies in
+// that request's valid range; the walk flags a request any of whose rows does not map back to it.
+//   1. SamplingThresholdKernel_<T> (only when top-k or top-p are given): one block per row of a request that uses
 //      them finds the smallest kept z: the k-th largest logit by radix selection over 32-bit order keys (4 passes
 //      of 8 bits), then the top-p cut by the same selection weighted by softmax mass (a pass for the softmax
 //      statistics, 4 for the cut). Tokens with z below the threshold are removed from every later step.
@@ -26,23 +26,28 @@
 //      ties to the lowest index and the noise is indexed by token, so the split does not change any result.
 //   3. RejectionWalkKernel_<T>: one block per request validates it (the rules of sampling::check_request and
 //      check_row_values; a bad request gets accepted = -1 and rows of -1), merges the partials of the nodes it
-//      visits in a fixed order, decides acceptances, and for i.i.d. nodes runs the block over the row for each
-//      residual mass it needs and for the final residual race.
+//      visits in a fixed order and decides acceptances. Where a node with draft rows rejects all its children, it
+//      leaves a residual job (node, level, softmax statistics, residual masses); for an i.i.d. node that rejects
+//      two or more children, the block makes a pass over the row for each residual mass.
+//   4. ResidualRaceKernel_<T> (with draft rows): grid (requests, vocabulary splits); blocks of requests with a job
+//      race over their chunk of max(0, r - q), and the last block of a request to finish (a ticket counter)
+//      merges the partials and writes the emitted token. No request waits on one block walking its vocabulary.
 //
 // Napkin math (B = 64, k = 4, V = 128256, bf16, draft rows): target and draft logits are read once by launch 2,
-// 64 x 9 rows x 256.5 KB = 148 MB: 44 us at 3.35 TB/s (H100). Launch 3 re-reads at most the rows of the node
-// where a request stops (2 rows per request, mostly from L2). Per element: a Philox round per 4 tokens and two
-// logarithms only for tokens whose key could still win (the race bound), so compute stays under the memory time.
+// 64 x 9 rows x 256.5 KB = 148 MB: 44 us at 3.35 TB/s (H100). Launch 4 re-reads the two rows of the node where a
+// request stops (mostly from L2). Per element: a Philox round per 4 tokens and two logarithms only for tokens
+// whose key could still win (the race bound), so compute stays under the memory time.
 
 #include "common.cuh"
 #include "sampling_noise.cuh"
 
 namespace specdec {
 
-constexpr int kOwnerThreads = 128;
+
 constexpr int kThresholdThreads = 1024;
 constexpr int kRowThreads = 256;
 constexpr int kWalkThreads = 256;
+constexpr int kResidualThreads = 256;
 constexpr int kMaxTreeNodes = 65;
 constexpr int32_t kRequestInvalid = -1;
 
@@ -71,17 +76,31 @@ struct SamplingArgs {
   int32_t* emitted;           // [B, W]
   int32_t* nodes;             // [B, W] or null
   int8_t* flags;              // [B, W] or null
-  int32_t* row_owner;         // scratch [target_rows + draft_rows]: request + 1, 0 for none
+  
   uint64_t* race;             // scratch [target_rows, splits]
   float2* stats;              // scratch [target_rows + draft_rows, splits]: (max z, sum exp(z - max))
   uint32_t* row_flags;        // scratch [target_rows + draft_rows, splits]
-  float* thresholds;          // scratch [target_rows + draft_rows]: keep z >= threshold; null without top-k/top-p
+    float* thresholds;          // scratch [target_rows + draft_rows]: keep z >= threshold; null without top-k/top-p
+  struct ResidualJob* jobs;   // scratch [B] (with draft rows): the residual race a request left, node -1 for none
+  uint32_t* tickets;          // scratch [B] (with draft rows): residual-race blocks of a request done so far
+  uint64_t* residual_race;    // scratch [B, residual_splits]
+  int64_t residual_chunk;     // vocabulary chunk per residual split, a multiple of 4
+  int64_t residual_splits;
   int64_t target_rows;
   int64_t draft_rows;
   int64_t chunk;              // vocabulary chunk per split, a multiple of 4
   int64_t splits;
 };
-static_assert(sizeof(SamplingArgs) == 27 * 8, "the host mirrors this layout");
+static_assert(sizeof(SamplingArgs) == 31 * 8, "the host mirrors this layout");
+
+// What the walk leaves for the residual race of a request whose stopping node rejected all its children.
+struct ResidualJob {
+  int32_t node;                    // -1: no job
+  int32_t level;                   // children rejected at the node
+  float p_max, p_sum, q_max, q_sum;  // softmax statistics of the node's target and draft rows (logits)
+  double mass[kMaxTreeNodes + 1];  // residual masses; mass[0] = 1
+};
+static_assert(sizeof(ResidualJob) == 24 + 8 * (kMaxTreeNodes + 1), "the host sizes the scratch from this");
 
 __device__ __forceinline__ bool IsTree(const SamplingArgs& a) { return a.parents != nullptr; }
 
@@ -104,18 +123,34 @@ __device__ __forceinline__ bool OffsetsAreValid(const SamplingArgs& a, int64_t b
   return nodes >= 1 && nodes <= kMaxTreeNodes;
 }
 
-// ---------------------------------------------------------------------------------------------------------
-// 1. Row owners.
-// ---------------------------------------------------------------------------------------------------------
-__device__ __forceinline__ void StampRowOwners(const SamplingArgs& a) {
-  const int64_t b = static_cast<int64_t>(blockIdx.x) * kOwnerThreads + threadIdx.x;
-  if (b >= a.num_requests || !OffsetsAreValid(a, b)) return;
-  const int32_t owner = static_cast<int32_t>(b + 1);
-  const int64_t target_start = TargetRowStart(a, b);
-  for (int64_t i = 0; i < NodeCount(a, b); ++i) a.row_owner[target_start + i] = owner;
-  if (a.draft != nullptr) {
-    for (int64_t i = 0; i < DraftRowCount(a, b); ++i) a.row_owner[a.target_rows + a.offsets[b] + i] = owner;
+// The request owning `row` (target rows, then draft rows), or -1: the last request whose rows start at or before
+// it, if the row lies inside that request's valid range. With non-decreasing offsets (every request valid) this
+// is the true owner; otherwise the search may miss a request, and the walk then flags that request. It reads
+// only offsets[0..=B] and never trusts their values for anything but comparisons.
+__device__ __forceinline__ int64_t RowOwner(const SamplingArgs& a, int64_t row) {
+  const bool is_draft = row >= a.target_rows;
+  const int64_t local = is_draft ? row - a.target_rows : row;
+  const auto start = [&](int64_t b) { return is_draft ? static_cast<int64_t>(a.offsets[b]) : TargetRowStart(a, b); };
+  int64_t lo = 0, hi = a.num_requests - 1;
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo + 1) / 2;
+    if (start(mid) <= local) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
   }
+  if (!OffsetsAreValid(a, lo)) return -1;
+  const int64_t count = is_draft ? DraftRowCount(a, lo) : NodeCount(a, lo);
+  return local >= start(lo) && local < start(lo) + count ? lo : -1;
+}
+
+// RowOwner of this block's row (blockIdx.x), computed once and shared with the block.
+__device__ __forceinline__ int64_t BlockRowOwner(const SamplingArgs& a) {
+  __shared__ int64_t owner;
+  if (threadIdx.x == 0) owner = RowOwner(a, blockIdx.x);
+  __syncthreads();
+  return owner;
 }
 
 // Request b's top-k (0 when off) and top-p (1 when off); `ok` is false when either is malformed (the walk
@@ -221,7 +256,7 @@ __device__ __forceinline__ void RowThreshold(const SamplingArgs& a) {
   __shared__ float float_scratch[kThresholdThreads / 32];
   __shared__ double double_scratch[kThresholdThreads / 32];
   const int64_t row = blockIdx.x;
-  const int64_t b = static_cast<int64_t>(a.row_owner[row]) - 1;
+  const int64_t b = BlockRowOwner(a);
   const float t = b >= 0 ? a.temperature[b] : 0.0f;
     const TopKTopP params = b >= 0 ? RequestTopKTopP(a, b) : TopKTopP{false, 0, 1.0f};
   const bool params_ok = params.ok;
@@ -338,7 +373,7 @@ __device__ __forceinline__ void RowPartials(const SamplingArgs& a) {
   const int64_t split = blockIdx.y;
   const int64_t slot = row * a.splits + split;
   const bool is_draft = row >= a.target_rows;
-  const int64_t b = static_cast<int64_t>(a.row_owner[row]) - 1;
+  const int64_t b = BlockRowOwner(a);
   if (threadIdx.x == 0) block_flags = 0u;
   __syncthreads();
 
@@ -501,7 +536,7 @@ __device__ __forceinline__ bool RowsAreValid(const SamplingArgs& a, int64_t b, c
     const bool is_draft = r >= s.nodes;
     const int64_t node = is_draft ? r - s.nodes : r;
     const int64_t row = is_draft ? a.target_rows + a.offsets[b] + node : target_start + node;
-    bad = bad || a.row_owner[row] != b + 1;
+    bad = bad || RowOwner(a, row) != b;
     const uint32_t flags = a.row_flags[row * a.splits + item % a.splits];
     bad = bad || (flags & (kFlagBadValue | kFlagOverflow)) != 0u;
   }
@@ -545,13 +580,18 @@ __device__ __forceinline__ float Residual(float p, float q, int level, const dou
 template <typename T>
 __device__ __forceinline__ void Walk(const SamplingArgs& a) {
   __shared__ WalkState s;
-  __shared__ uint64_t key_scratch[kWalkThreads / 32];
   __shared__ double sum_scratch[kWalkThreads / 32];
   const int64_t b = blockIdx.x;
   const int64_t width = a.emit_width;
   int32_t* emitted = a.emitted + b * width;
 
-  if (threadIdx.x == 0) s.valid = RequestIsValid(a, b, s) ? 1 : 0;
+    if (threadIdx.x == 0) {
+    s.valid = RequestIsValid(a, b, s) ? 1 : 0;
+    if (a.jobs != nullptr) {
+      a.jobs[b].node = -1;
+      a.tickets[b] = 0u;
+    }
+  }
   __syncthreads();
   const bool valid = s.valid && RowsAreValid(a, b, s);
   if (!valid) {
@@ -655,33 +695,19 @@ __device__ __forceinline__ void Walk(const SamplingArgs& a) {
           __syncthreads();
         }
       }
-      if (s.accepted_kid < 0) {
-        // Every child rejected: an exponential race over the final residual, with the node's token noise.
-        uint64_t best = 0ull;
-        for (int64_t first = 4 * static_cast<int64_t>(threadIdx.x); first < a.vocab_size; first += 4 * kWalkThreads) {
-          const Philox4 block = noise.Block(kNoiseToken, static_cast<uint32_t>(node), static_cast<uint32_t>(first));
-          for (int i = 0; i < 4 && first + i < a.vocab_size; ++i) {
-            const int64_t x = first + i;
-            const float px = Probability<T>(a, a.target, target_row, x, t, s.p_max, s.p_sum, target_row);
-            const float qx = Probability<T>(a, a.draft, draft_row, x, t, s.q_max, s.q_sum, a.target_rows + draft_row);
-            const float rx = Residual(px, qx, level, s.mass);
-            if (rx > 0.0f) {
-              const float key = __fdiv_rn(rx, ExponentialFromBits(PhiloxWord(block, i)));
-              const uint64_t packed = ArgmaxKey(key, static_cast<uint32_t>(x));
-              best = packed > best ? packed : best;
-            }
-          }
-        }
-        best = BlockReduceMax<kWalkThreads>(best, key_scratch);
+            if (s.accepted_kid < 0) {
+        // Every child rejected: the emitted token is a race over the final residual, split across blocks by
+        // launch 4, which overwrites the placeholder written here.
         if (threadIdx.x == 0) {
-          if (best == 0ull) {
-            // No residual mass (reachable only through rounding): the node's draw from p.
-            for (int64_t split = 0; split < a.splits; ++split) {
-              const uint64_t key = a.race[target_row * a.splits + split];
-              best = key > best ? key : best;
-            }
-          }
-          s.final_token = static_cast<int32_t>(ArgmaxKeyIndex(best));
+          ResidualJob& job = a.jobs[b];
+          job.node = node;
+          job.level = level;
+          job.p_max = s.p_max;
+          job.p_sum = s.p_sum;
+          job.q_max = s.q_max;
+          job.q_sum = s.q_sum;
+          for (int l = 0; l < level; ++l) job.mass[l] = s.mass[l];
+          s.final_token = -1;
           s.final_flag = 0;
         }
         __syncthreads();
@@ -708,12 +734,71 @@ __device__ __forceinline__ void Walk(const SamplingArgs& a) {
   if (threadIdx.x == 0) a.accepted[b] = n;
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// 4. The residual race.
+// ---------------------------------------------------------------------------------------------------------
+template <typename T>
+__device__ __forceinline__ void ResidualRace(const SamplingArgs& a) {
+  __shared__ uint64_t key_scratch[kResidualThreads / 32];
+  __shared__ double mass[kMaxTreeNodes + 1];
+  __shared__ int last;
+  const int64_t b = blockIdx.x;
+  const int64_t split = blockIdx.y;
+  const ResidualJob& job = a.jobs[b];
+  const int node = job.node;  // the same for the whole block
+  if (node < 0) return;
+  const int level = job.level;
+  for (int l = threadIdx.x; l < level; l += kResidualThreads) mass[l] = job.mass[l];
+  __syncthreads();
+  const int64_t target_row = TargetRowStart(a, b) + node;
+  const int64_t draft_row = a.offsets[b] + node;
+  const float t = a.temperature != nullptr ? a.temperature[b] : 1.0f;
+  const RequestNoise noise{a.seeds[b], a.steps[b]};
+  const int64_t begin = split * a.residual_chunk;
+  const int64_t end = begin + a.residual_chunk < a.vocab_size ? begin + a.residual_chunk : a.vocab_size;
+  uint64_t best = 0ull;
+  for (int64_t first = begin + 4 * static_cast<int64_t>(threadIdx.x); first < end; first += 4 * kResidualThreads) {
+    const Philox4 block = noise.Block(kNoiseToken, static_cast<uint32_t>(node), static_cast<uint32_t>(first));
+    for (int i = 0; i < 4 && first + i < end; ++i) {
+      const int64_t x = first + i;
+      const float px = Probability<T>(a, a.target, target_row, x, t, job.p_max, job.p_sum, target_row);
+      const float qx = Probability<T>(a, a.draft, draft_row, x, t, job.q_max, job.q_sum, a.target_rows + draft_row);
+      const float rx = Residual(px, qx, level, mass);
+      if (rx > 0.0f) {
+        const uint64_t key = ArgmaxKey(__fdiv_rn(rx, ExponentialFromBits(PhiloxWord(block, i))), static_cast<uint32_t>(x));
+        best = key > best ? key : best;
+      }
+    }
+  }
+  best = BlockReduceMax<kResidualThreads>(best, key_scratch);
+  if (threadIdx.x == 0) {
+    a.residual_race[b * a.residual_splits + split] = best;
+    __threadfence();  // the partial is visible before the ticket says so
+    last = atomicAdd(&a.tickets[b], 1u) == static_cast<uint32_t>(a.residual_splits - 1);
+  }
+  __syncthreads();
+  if (last && threadIdx.x == 0) {
+    __threadfence();
+    uint64_t total = 0ull;
+    for (int64_t s = 0; s < a.residual_splits; ++s) {
+      const uint64_t key = __ldcg(&a.residual_race[b * a.residual_splits + s]);
+      total = key > total ? key : total;
+    }
+    if (total == 0ull) {
+      // No residual mass (reachable only through rounding): the node's draw from p.
+      for (int64_t s = 0; s < a.splits; ++s) {
+        const uint64_t key = a.race[target_row * a.splits + s];
+        total = key > total ? key : total;
+      }
+    }
+    a.emitted[b * a.emit_width + a.accepted[b]] = static_cast<int32_t>(ArgmaxKeyIndex(total));
+  }
+}
+
 }  // namespace specdec
 
 // Unmangled entry points, looked up by name from the Rust launcher (src/cuda/sampling.rs).
-extern "C" __global__ void __launch_bounds__(specdec::kOwnerThreads) SamplingRowOwnerKernel(specdec::SamplingArgs a) {
-  specdec::StampRowOwners(a);
-}
+
 
 #define SPECDEC_SAMPLING_KERNELS(suffix, T)                                                                  \
   extern "C" __global__ void __launch_bounds__(specdec::kThresholdThreads)                                 \
@@ -725,8 +810,12 @@ extern "C" __global__ void __launch_bounds__(specdec::kOwnerThreads) SamplingRow
     specdec::RowPartials<T>(a);                                                                            \
   }                                                                                                        \
   extern "C" __global__ void __launch_bounds__(specdec::kWalkThreads)                                      \
-      RejectionWalkKernel_##suffix(specdec::SamplingArgs a) {                                              \
+            RejectionWalkKernel_##suffix(specdec::SamplingArgs a) {                                              \
     specdec::Walk<T>(a);                                                                                   \
+  }                                                                                                        \
+  extern "C" __global__ void __launch_bounds__(specdec::kResidualThreads)                                  \
+      ResidualRaceKernel_##suffix(specdec::SamplingArgs a) {                                               \
+    specdec::ResidualRace<T>(a);                                                                           \
   }
 SPECDEC_SAMPLING_KERNELS(f32, float)
 SPECDEC_SAMPLING_KERNELS(f16, __half)

@@ -15,11 +15,14 @@ use crate::error::{check_len, Error, Result};
 use crate::sampling::{RowsKind, VerifyShape};
 
 const MODULE: &str = "rejection_sampling";
-/// Threads per block; must match kOwnerThreads / kThresholdThreads / kRowThreads / kWalkThreads in the .cu file.
-const OWNER_THREADS: u32 = 128;
+/// Threads per block; must match kThresholdThreads / kRowThreads / kWalkThreads / kResidualThreads in the .cu
+/// file.
 const THRESHOLD_THREADS: u32 = 1024;
 const ROW_THREADS: u32 = 256;
 const WALK_THREADS: u32 = 256;
+const RESIDUAL_THREADS: u32 = 256;
+/// `sizeof(ResidualJob)` in the .cu file: node, level, four floats, 66 doubles.
+const RESIDUAL_JOB_BYTES: usize = 24 + 8 * 66;
 
 /// Target or draft rows on the device.
 pub enum DeviceRows<'a> {
@@ -204,17 +207,21 @@ struct SamplingArgs {
     emitted: u64,
     nodes: u64,
     flags: u64,
-    row_owner: u64,
     race: u64,
     stats: u64,
     row_flags: u64,
     thresholds: u64,
+    jobs: u64,
+    tickets: u64,
+    residual_race: u64,
+    residual_chunk: i64,
+    residual_splits: i64,
     target_rows: i64,
     draft_rows: i64,
     chunk: i64,
     splits: i64,
 }
-const _: () = assert!(std::mem::size_of::<SamplingArgs>() == 27 * 8);
+const _: () = assert!(std::mem::size_of::<SamplingArgs>() == 31 * 8);
 
 impl CudaBackend {
     /// Rejection-sampling verification on the GPU; see [`crate::sampling`] for layout, semantics and
@@ -323,35 +330,33 @@ impl CudaBackend {
             return Ok(());
         }
         let _bound = self.bind()?;
-        let [threshold_name, row_name, walk_name] = match ptrs.kind {
-            RowsKind::LogitsF32 | RowsKind::Probs => [
-                "SamplingThresholdKernel_f32",
-                "SamplingRowKernel_f32",
-                "RejectionWalkKernel_f32",
-            ],
-            RowsKind::LogitsF16 => [
-                "SamplingThresholdKernel_f16",
-                "SamplingRowKernel_f16",
-                "RejectionWalkKernel_f16",
-            ],
-            RowsKind::LogitsBF16 => [
-                "SamplingThresholdKernel_bf16",
-                "SamplingRowKernel_bf16",
-                "RejectionWalkKernel_bf16",
-            ],
+        let suffix = match ptrs.kind {
+            RowsKind::LogitsF32 | RowsKind::Probs => "f32",
+            RowsKind::LogitsF16 => "f16",
+            RowsKind::LogitsBF16 => "bf16",
         };
-        let owner_kernel = self.function(MODULE, "SamplingRowOwnerKernel")?;
-        let threshold_kernel = self.function(MODULE, threshold_name)?;
-        let row_kernel = self.function(MODULE, row_name)?;
-        let walk_kernel = self.function(MODULE, walk_name)?;
+        let kernel = |family: &'static str| {
+            let name: &'static str = match (family, suffix) {
+                ("threshold", "f32") => "SamplingThresholdKernel_f32",
+                ("threshold", "f16") => "SamplingThresholdKernel_f16",
+                ("threshold", _) => "SamplingThresholdKernel_bf16",
+                ("row", "f32") => "SamplingRowKernel_f32",
+                ("row", "f16") => "SamplingRowKernel_f16",
+                ("row", _) => "SamplingRowKernel_bf16",
+                ("walk", "f32") => "RejectionWalkKernel_f32",
+                ("walk", "f16") => "RejectionWalkKernel_f16",
+                ("walk", _) => "RejectionWalkKernel_bf16",
+                (_, "f32") => "ResidualRaceKernel_f32",
+                (_, "f16") => "ResidualRaceKernel_f16",
+                _ => "ResidualRaceKernel_bf16",
+            };
+            self.function(MODULE, name)
+        };
         let thresholds = ptrs.top_k != 0 || ptrs.top_p != 0;
+        let residuals = ptrs.draft != 0;
 
-        let target_rows = shape.target_rows();
-        let draft_rows = if ptrs.draft != 0 {
-            shape.draft_rows()
-        } else {
-            0
-        };
+        let (b, target_rows) = (shape.num_requests, shape.target_rows());
+        let draft_rows = if residuals { shape.draft_rows() } else { 0 };
         let rows = target_rows + draft_rows;
         if rows > i32::MAX as usize {
             return Err(Error::invalid(
@@ -362,30 +367,47 @@ impl CudaBackend {
                 ),
             ));
         }
-        let (chunk, splits) = vocabulary_split(rows, shape.vocab_size, self.multiprocessors(), 4);
+        let sms = self.multiprocessors();
+        let (chunk, splits) = vocabulary_split(rows, shape.vocab_size, sms, 4);
+        let (residual_chunk, residual_splits) = vocabulary_split(b, shape.vocab_size, sms, 4);
+        // One scratch allocation in 8-byte aligned parts: race keys, softmax statistics, row flags, thresholds
+        // (top-k / top-p), and with draft rows the residual jobs, tickets and race partials.
         let partials = rows * splits as usize;
-        // One scratch allocation: row owners, race keys, softmax statistics, row flags (8-byte aligned parts).
-        let owner_bytes = (rows * 4).next_multiple_of(8);
-        let race_bytes = target_rows * splits as usize * 8;
-        let stats_bytes = partials * 8;
-        let flags_bytes = partials * 4;
-        let threshold_bytes = if thresholds { rows * 4 } else { 0 };
-        let scratch = StreamScratch::alloc(
-            stream,
-            owner_bytes + race_bytes + stats_bytes + flags_bytes + threshold_bytes,
-        )?;
-        let owner = scratch.ptr();
-        // SAFETY: `owner` is the start of a live allocation of at least `rows * 4` bytes, enqueued on `stream`.
-        unsafe { sys::cuMemsetD8Async(owner, 0, rows * 4, stream) }
-            .result()
-            .map_err(|e| cuda_error("cuMemsetD8Async", e))?;
+        let parts = [
+            target_rows * splits as usize * 8,
+            partials * 8,
+            (partials * 4).next_multiple_of(8),
+            if thresholds {
+                (rows * 4).next_multiple_of(8)
+            } else {
+                0
+            },
+            if residuals { b * RESIDUAL_JOB_BYTES } else { 0 },
+            if residuals {
+                (b * 4).next_multiple_of(8)
+            } else {
+                0
+            },
+            if residuals {
+                b * residual_splits as usize * 8
+            } else {
+                0
+            },
+        ];
+        let scratch = StreamScratch::alloc(stream, parts.iter().sum())?;
+        let mut at = [0u64; 7];
+        for k in 1..parts.len() {
+            at[k] = at[k - 1] + parts[k - 1] as u64;
+        }
+        let base = scratch.ptr();
+        let part = |k: usize| if parts[k] == 0 { 0 } else { base + at[k] };
 
         let mut args = SamplingArgs {
             target: ptrs.target,
             draft: ptrs.draft,
             vocab_size: shape.vocab_size as i64,
             offsets: ptrs.offsets,
-            num_requests: shape.num_requests as i64,
+            num_requests: b as i64,
             tokens: ptrs.tokens,
             parents: ptrs.parents,
             num_tokens: shape.num_tokens as i64,
@@ -399,55 +421,63 @@ impl CudaBackend {
             emitted: ptrs.emitted,
             nodes: ptrs.nodes,
             flags: ptrs.flags,
-            row_owner: owner,
-            race: owner + owner_bytes as u64,
-            stats: owner + (owner_bytes + race_bytes) as u64,
-            row_flags: owner + (owner_bytes + race_bytes + stats_bytes) as u64,
-            thresholds: if thresholds {
-                owner + (owner_bytes + race_bytes + stats_bytes + flags_bytes) as u64
-            } else {
-                0
-            },
+            race: part(0),
+            stats: part(1),
+            row_flags: part(2),
+            thresholds: part(3),
+            jobs: part(4),
+            tickets: part(5),
+            residual_race: part(6),
+            residual_chunk: residual_chunk as i64,
+            residual_splits: i64::from(residual_splits),
             target_rows: target_rows as i64,
             draft_rows: draft_rows as i64,
             chunk: chunk as i64,
             splits: i64::from(splits),
         };
-        let owner_blocks = shape.num_requests.div_ceil(OWNER_THREADS as usize) as u32;
-        let threshold_launch = (
-            threshold_kernel,
-            (rows as u32, 1, 1),
-            THRESHOLD_THREADS,
-            "cuLaunchKernel(SamplingThresholdKernel)",
-        );
         let launches = [
-            Some((
-                owner_kernel,
-                (owner_blocks, 1, 1),
-                OWNER_THREADS,
-                "cuLaunchKernel(SamplingRowOwnerKernel)",
-            )),
-            thresholds.then_some(threshold_launch),
-            Some((
-                row_kernel,
+            (
+                thresholds,
+                "threshold",
+                (rows as u32, 1, 1),
+                THRESHOLD_THREADS,
+                "cuLaunchKernel(SamplingThresholdKernel)",
+            ),
+            (
+                true,
+                "row",
                 (rows as u32, splits, 1),
                 ROW_THREADS,
                 "cuLaunchKernel(SamplingRowKernel)",
-            )),
-            Some((
-                walk_kernel,
-                (shape.num_requests as u32, 1, 1),
+            ),
+            (
+                true,
+                "walk",
+                (b as u32, 1, 1),
                 WALK_THREADS,
                 "cuLaunchKernel(RejectionWalkKernel)",
-            )),
+            ),
+            (
+                residuals,
+                "residual",
+                (b as u32, residual_splits, 1),
+                RESIDUAL_THREADS,
+                "cuLaunchKernel(ResidualRaceKernel)",
+            ),
         ];
-        for (kernel, grid, threads, name) in launches.into_iter().flatten() {
+        for (wanted, family, grid, threads, name) in launches {
+            if !wanted {
+                continue;
+            }
+            let function = kernel(family)?;
             let mut params = [&mut args as *mut SamplingArgs as *mut c_void];
             // SAFETY: the kernel takes one SamplingArgs by value (the same layout, asserted on both sides);
             // every pointer in it was checked against the shape, and the scratch parts are sized above. The
             // kernels validate each request's contents before indexing with them.
-            unsafe { result::launch_kernel(kernel, grid, (threads, 1, 1), 0, stream, &mut params) }
-                .map_err(|e| cuda_error(name, e))?;
+            unsafe {
+                result::launch_kernel(function, grid, (threads, 1, 1), 0, stream, &mut params)
+            }
+            .map_err(|e| cuda_error(name, e))?;
         }
         scratch.free()
     }
