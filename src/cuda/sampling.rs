@@ -21,6 +21,33 @@ const THRESHOLD_THREADS: u32 = 1024;
 const ROW_THREADS: u32 = 256;
 const WALK_THREADS: u32 = 256;
 const RESIDUAL_THREADS: u32 = 256;
+/// Kernel names by family (the indices below), then element type: f32 (and probabilities), f16, bf16.
+const KERNELS: [[&str; 3]; 4] = [
+    [
+        "SamplingThresholdKernel_f32",
+        "SamplingThresholdKernel_f16",
+        "SamplingThresholdKernel_bf16",
+    ],
+    [
+        "SamplingRowKernel_f32",
+        "SamplingRowKernel_f16",
+        "SamplingRowKernel_bf16",
+    ],
+    [
+        "RejectionWalkKernel_f32",
+        "RejectionWalkKernel_f16",
+        "RejectionWalkKernel_bf16",
+    ],
+    [
+        "ResidualRaceKernel_f32",
+        "ResidualRaceKernel_f16",
+        "ResidualRaceKernel_bf16",
+    ],
+];
+const THRESHOLD: usize = 0;
+const ROW: usize = 1;
+const WALK: usize = 2;
+const RESIDUAL: usize = 3;
 /// `sizeof(ResidualJob)` in the .cu file: node, level, four floats, 66 doubles.
 const RESIDUAL_JOB_BYTES: usize = 24 + 8 * 66;
 
@@ -228,7 +255,7 @@ impl CudaBackend {
     /// validation. Sizes and lengths are checked before anything is launched; the contents (offsets, parents,
     /// draft ids, temperatures, NaN or infinite values) are checked per request by the kernels, which mark a bad
     /// request with `accepted_counts[b] = `[`crate::sampling::REQUEST_INVALID`] and rows of -1. Returns once the
-    /// work is enqueued on `stream`. Top-k and top-p are not available on the GPU in this version.
+    /// work is enqueued on `stream`.
     pub fn rejection_verify(
         &self,
         stream: &CudaStream,
@@ -330,27 +357,10 @@ impl CudaBackend {
             return Ok(());
         }
         let _bound = self.bind()?;
-        let suffix = match ptrs.kind {
-            RowsKind::LogitsF32 | RowsKind::Probs => "f32",
-            RowsKind::LogitsF16 => "f16",
-            RowsKind::LogitsBF16 => "bf16",
-        };
-        let kernel = |family: &'static str| {
-            let name: &'static str = match (family, suffix) {
-                ("threshold", "f32") => "SamplingThresholdKernel_f32",
-                ("threshold", "f16") => "SamplingThresholdKernel_f16",
-                ("threshold", _) => "SamplingThresholdKernel_bf16",
-                ("row", "f32") => "SamplingRowKernel_f32",
-                ("row", "f16") => "SamplingRowKernel_f16",
-                ("row", _) => "SamplingRowKernel_bf16",
-                ("walk", "f32") => "RejectionWalkKernel_f32",
-                ("walk", "f16") => "RejectionWalkKernel_f16",
-                ("walk", _) => "RejectionWalkKernel_bf16",
-                (_, "f32") => "ResidualRaceKernel_f32",
-                (_, "f16") => "ResidualRaceKernel_f16",
-                _ => "ResidualRaceKernel_bf16",
-            };
-            self.function(MODULE, name)
+        let dtype = match ptrs.kind {
+            RowsKind::LogitsF32 | RowsKind::Probs => 0,
+            RowsKind::LogitsF16 => 1,
+            RowsKind::LogitsBF16 => 2,
         };
         let thresholds = ptrs.top_k != 0 || ptrs.top_p != 0;
         let residuals = ptrs.draft != 0;
@@ -438,28 +448,28 @@ impl CudaBackend {
         let launches = [
             (
                 thresholds,
-                "threshold",
+                THRESHOLD,
                 (rows as u32, 1, 1),
                 THRESHOLD_THREADS,
                 "cuLaunchKernel(SamplingThresholdKernel)",
             ),
             (
                 true,
-                "row",
+                ROW,
                 (rows as u32, splits, 1),
                 ROW_THREADS,
                 "cuLaunchKernel(SamplingRowKernel)",
             ),
             (
                 true,
-                "walk",
+                WALK,
                 (b as u32, 1, 1),
                 WALK_THREADS,
                 "cuLaunchKernel(RejectionWalkKernel)",
             ),
             (
                 residuals,
-                "residual",
+                RESIDUAL,
                 (b as u32, residual_splits, 1),
                 RESIDUAL_THREADS,
                 "cuLaunchKernel(ResidualRaceKernel)",
@@ -469,7 +479,7 @@ impl CudaBackend {
             if !wanted {
                 continue;
             }
-            let function = kernel(family)?;
+            let function = self.function(MODULE, KERNELS[family][dtype])?;
             let mut params = [&mut args as *mut SamplingArgs as *mut c_void];
             // SAFETY: the kernel takes one SamplingArgs by value (the same layout, asserted on both sides);
             // every pointer in it was checked against the shape, and the scratch parts are sized above. The
