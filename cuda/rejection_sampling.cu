@@ -798,8 +798,6 @@ __device__ __forceinline__ void ResidualRace(const SamplingArgs& a) {
 }  // namespace specdec
 
 // Unmangled entry points, looked up by name from the Rust launcher (src/cuda/sampling.rs).
-
-
 #define SPECDEC_SAMPLING_KERNELS(suffix, T)                                                                  \
   extern "C" __global__ void __launch_bounds__(specdec::kThresholdThreads)                                 \
       SamplingThresholdKernel_##suffix(specdec::SamplingArgs a) {                                          \
@@ -810,7 +808,7 @@ __device__ __forceinline__ void ResidualRace(const SamplingArgs& a) {
     specdec::RowPartials<T>(a);                                                                            \
   }                                                                                                        \
   extern "C" __global__ void __launch_bounds__(specdec::kWalkThreads)                                      \
-            RejectionWalkKernel_##suffix(specdec::SamplingArgs a) {                                              \
+      RejectionWalkKernel_##suffix(specdec::SamplingArgs a) {                                              \
     specdec::Walk<T>(a);                                                                                   \
   }                                                                                                        \
   extern "C" __global__ void __launch_bounds__(specdec::kResidualThreads)                                  \
