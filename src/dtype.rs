@@ -53,6 +53,56 @@ pub trait LogitsElement: bytemuck::Pod + Send + Sync + sealed::Sealed {
     fn to_f32(self) -> f32;
 }
 
+/// A 16-bit float: [`half::f16`] or [`half::bf16`]; the element type of int4 GEMV activations, of weights to
+/// quantize, and of int4 group scales.
+pub trait HalfElement: LogitsElement {
+    /// The value nearest to `x` (ties to even, one rounding); overflow gives an infinity, NaN a NaN.
+    fn from_f64(x: f64) -> Self {
+        Self::from_f32(f64_to_f32_round_to_odd(x))
+    }
+    /// The value nearest to `x` (ties to even).
+    fn from_f32(x: f32) -> Self;
+    /// The bit pattern.
+    fn to_bits(self) -> u16;
+    /// The canonical quiet NaN of this type (`0x7E00` for fp16, `0x7FC0` for bf16).
+    const NAN: Self;
+}
+
+/// `x` rounded to f32 with round-to-odd: an inexact result gets its last bit set. Rounding that to a format
+/// with at most 22 significant bits (fp16, bf16) then rounds `x` once, as if directly (half's own f64
+/// conversions truncate, or round twice through f32).
+fn f64_to_f32_round_to_odd(x: f64) -> f32 {
+    let nearest = x as f32;
+    if !nearest.is_finite() || f64::from(nearest) == x {
+        return nearest;
+    }
+    let mut bits = nearest.to_bits();
+    if f64::from(nearest).abs() > x.abs() {
+        bits -= 1; // towards zero: the magnitude is the low 31 bits
+    }
+    f32::from_bits(bits | 1)
+}
+
+impl HalfElement for f16 {
+    fn from_f32(x: f32) -> Self {
+        f16::from_f32(x)
+    }
+    fn to_bits(self) -> u16 {
+        f16::to_bits(self)
+    }
+    const NAN: Self = f16::from_bits(0x7E00);
+}
+
+impl HalfElement for bf16 {
+    fn from_f32(x: f32) -> Self {
+        bf16::from_f32(x)
+    }
+    fn to_bits(self) -> u16 {
+        bf16::to_bits(self)
+    }
+    const NAN: Self = bf16::from_bits(0x7FC0);
+}
+
 /// The order key of an IEEE sign-magnitude pattern: `sign_bit` is its top bit, `exponent_mask` its all-ones
 /// exponent. Negative values map below positive ones, in reverse magnitude order. Written without branches
 /// (selects only) so that loops over rows vectorise.
@@ -159,6 +209,56 @@ mod tests {
                     a.order_key().cmp(&b.order_key()),
                     reference_cmp(a, b),
                     "{a:?} vs {b:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn from_f64_rounds_once_to_nearest_even() {
+        // Between two fp16 neighbours: just above the midpoint must round up even though the f32 nearest to
+        // it is the midpoint itself (which a double rounding would send to even, down).
+        let (lo, hi) = (1.0f64, 1.0 + 2f64.powi(-10));
+        let mid = (lo + hi) / 2.0;
+        assert_eq!(
+            <f16 as HalfElement>::from_f64(mid + 2f64.powi(-40)).to_f64(),
+            hi
+        );
+        assert_eq!(
+            <f16 as HalfElement>::from_f64(mid - 2f64.powi(-40)).to_f64(),
+            lo
+        );
+        assert_eq!(
+            <f16 as HalfElement>::from_f64(mid).to_f64(),
+            lo,
+            "tie to even"
+        );
+        let (lo, hi) = (1.0f64, 1.0 + 2f64.powi(-7));
+        let mid = (lo + hi) / 2.0;
+        assert_eq!(
+            <bf16 as HalfElement>::from_f64(mid + 2f64.powi(-45)).to_f64(),
+            hi
+        );
+        assert_eq!(
+            <bf16 as HalfElement>::from_f64(-mid - 2f64.powi(-45)).to_f64(),
+            -hi
+        );
+        assert!(<f16 as HalfElement>::from_f64(1e6).to_f64().is_infinite());
+        assert!(<bf16 as HalfElement>::from_f64(f64::NAN).is_nan());
+        // Against an exhaustive search over the fp16 values around random doubles.
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let v = f64::from_bits(0x3F00_0000_0000_0000 | (x >> 12))
+                * if x & 1 == 0 { 1.0 } else { -1.0 };
+            let got = <f16 as HalfElement>::from_f64(v);
+            for neighbour in [got.to_bits().wrapping_sub(1), got.to_bits().wrapping_add(1)] {
+                let n = f16::from_bits(neighbour).to_f64();
+                assert!(
+                    (n - v).abs() >= (got.to_f64() - v).abs(),
+                    "{v} -> {got}, {n} is nearer"
                 );
             }
         }

@@ -24,10 +24,11 @@ pub mod drafter;
 pub mod dtype;
 mod error;
 pub mod greedy;
+pub mod int4;
 pub mod policy;
 pub mod sampling;
 
-pub use dtype::{DType, LogitsElement};
+pub use dtype::{DType, HalfElement, LogitsElement};
 pub use error::{Error, Result};
 
 /// The README's Rust examples, compiled and run by `cargo test`.

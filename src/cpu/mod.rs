@@ -4,7 +4,9 @@
 //! machine's cores with rayon where a call has independent requests.
 
 mod greedy;
+mod int4;
 mod sampling;
 
 pub use greedy::{argmax, greedy_verify};
+pub use int4::{int4_dequantize, int4_gemv, int4_pack, int4_quantize};
 pub use sampling::rejection_verify;
