@@ -185,6 +185,7 @@ impl CudaBackend {
     }
 }
 
-fn arg<T>(value: &mut T) -> *mut c_void {
+/// A kernel argument as cuLaunchKernel takes it: a pointer to the value.
+pub(crate) fn arg<T>(value: &mut T) -> *mut c_void {
     value as *mut T as *mut c_void
 }

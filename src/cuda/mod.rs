@@ -36,6 +36,7 @@
 //! ```
 
 pub(crate) mod greedy;
+pub(crate) mod int4;
 mod memory;
 mod module;
 pub(crate) mod sampling;

@@ -1,0 +1,351 @@
+//! Launchers of the int4 kernels (`cuda/int4.cu`): quantization and packing on the device, and the GEMV.
+//! Format, rounding rule and shapes: [`crate::int4`].
+
+use cudarc::driver::{result, sys, CudaStream};
+
+use super::greedy::arg;
+use super::memory::check_device_ptr;
+use super::{cuda_error, CudaBackend, DeviceIn, DeviceOut};
+use crate::dtype::{DType, HalfElement};
+use crate::error::{check_len, Error, Result};
+use crate::int4::{GemvShape, Int4Shape, TILE_ROWS};
+
+const MODULE: &str = "int4";
+/// Warps per block of both kernels; must match kQuantizeWarps / kGemvWarps in the .cu file.
+const WARPS: u32 = 8;
+
+/// Raw device pointers of a quantization (`given_scales` null) or packing (given) call, after validation.
+pub(crate) struct QuantizeDevicePtrs {
+    pub weights: sys::CUdeviceptr,
+    pub given_scales: sys::CUdeviceptr,
+    pub given_zeros: sys::CUdeviceptr,
+    pub packed: sys::CUdeviceptr,
+    pub scales: sys::CUdeviceptr,
+    pub zeros: sys::CUdeviceptr,
+}
+
+impl QuantizeDevicePtrs {
+    /// Non-null, and aligned as the kernel reads them: weights and packed in 16-byte vectors.
+    pub(crate) fn check(&self, shape: &Int4Shape, packing: bool) -> Result<()> {
+        check_device_ptr("weights", self.weights, shape.weights_len(), 16)?;
+        check_device_ptr("packed", self.packed, shape.packed_len(), 16)?;
+        let (scales_name, scales, zeros_name, zeros) = if packing {
+            ("scales", self.given_scales, "zeros", self.given_zeros)
+        } else {
+            ("scales", self.scales, "zeros", self.zeros)
+        };
+        check_device_ptr(scales_name, scales, shape.meta_len(), 2)?;
+        check_device_ptr(zeros_name, zeros, shape.meta_len(), 1)
+    }
+}
+
+/// Raw device pointers of a GEMV call, after validation.
+pub(crate) struct GemvDevicePtrs {
+    pub packed: sys::CUdeviceptr,
+    pub scales: sys::CUdeviceptr,
+    pub zeros: sys::CUdeviceptr,
+    pub x: sys::CUdeviceptr,
+    pub y: sys::CUdeviceptr,
+}
+
+impl GemvDevicePtrs {
+    /// Non-null, and aligned as the kernel reads them: packed and x in 16-byte vectors.
+    pub(crate) fn check(&self, shape: &GemvShape) -> Result<()> {
+        let w = &shape.weights;
+        check_device_ptr("packed", self.packed, w.packed_len(), 16)?;
+        check_device_ptr("scales", self.scales, w.meta_len(), 2)?;
+        check_device_ptr("zeros", self.zeros, w.meta_len(), 1)?;
+        check_device_ptr("x", self.x, shape.x_len(), 16)?;
+        check_device_ptr("y", self.y, shape.y_len(), 2)
+    }
+}
+
+impl CudaBackend {
+    /// Round-to-nearest quantization of `weights[N, K]` on the device: the same bytes as
+    /// [`crate::cpu::int4_quantize`], enqueued on `stream`. Outputs must not overlap the input.
+    pub fn int4_quantize<T: HalfElement, S: HalfElement>(
+        &self,
+        stream: &CudaStream,
+        shape: &Int4Shape,
+        weights: DeviceIn<'_, T>,
+        packed: DeviceOut<'_, u32>,
+        scales: DeviceOut<'_, S>,
+        zeros: DeviceOut<'_, u8>,
+    ) -> Result<()> {
+        self.check_stream(stream)?;
+        check_len("weights", weights.len(), shape.weights_len())?;
+        shape.check_packed_lengths(packed.len(), scales.len(), zeros.len())?;
+        let ptrs = QuantizeDevicePtrs {
+            weights: weights.ptr,
+            given_scales: 0,
+            given_zeros: 0,
+            packed: packed.ptr,
+            scales: scales.ptr,
+            zeros: zeros.ptr,
+        };
+        ptrs.check(shape, false)?;
+        self.launch_int4_quantize(stream.cu_stream(), shape, T::DTYPE, S::DTYPE, &ptrs)
+    }
+
+    /// Packs `weights[N, K]` with given `scales` and `zeros` on the device: the same bytes as
+    /// [`crate::cpu::int4_pack`] for valid scales and zeros. The device cannot report an error without
+    /// synchronising, so a group whose scale is unusable (not positive and finite, or with an infinite
+    /// reciprocal) gets codes 0; the CPU returns an error for it. Zeros are used as given (the format allows
+    /// 0..=15).
+    pub fn int4_pack<T: HalfElement, S: HalfElement>(
+        &self,
+        stream: &CudaStream,
+        shape: &Int4Shape,
+        weights: DeviceIn<'_, T>,
+        scales: DeviceIn<'_, S>,
+        zeros: DeviceIn<'_, u8>,
+        packed: DeviceOut<'_, u32>,
+    ) -> Result<()> {
+        self.check_stream(stream)?;
+        check_len("weights", weights.len(), shape.weights_len())?;
+        shape.check_packed_lengths(packed.len(), scales.len(), zeros.len())?;
+        let ptrs = QuantizeDevicePtrs {
+            weights: weights.ptr,
+            given_scales: scales.ptr,
+            given_zeros: zeros.ptr,
+            packed: packed.ptr,
+            scales: 0,
+            zeros: 0,
+        };
+        ptrs.check(shape, true)?;
+        self.launch_int4_quantize(stream.cu_stream(), shape, T::DTYPE, S::DTYPE, &ptrs)
+    }
+
+    /// `y[M, N] = x[M, K] W^T` on the device, fp32 accumulation, output rounded to the activation type;
+    /// enqueued on `stream`. Zeros are read through their low 4 bits (the format's range; the CPU backend
+    /// rejects larger ones). `x` and `packed` must be 16-byte aligned.
+    #[allow(clippy::too_many_arguments)]
+    pub fn int4_gemv<A: HalfElement, S: HalfElement>(
+        &self,
+        stream: &CudaStream,
+        shape: &GemvShape,
+        packed: DeviceIn<'_, u32>,
+        scales: DeviceIn<'_, S>,
+        zeros: DeviceIn<'_, u8>,
+        x: DeviceIn<'_, A>,
+        y: DeviceOut<'_, A>,
+    ) -> Result<()> {
+        self.check_stream(stream)?;
+        shape
+            .weights
+            .check_packed_lengths(packed.len(), scales.len(), zeros.len())?;
+        check_len("x", x.len(), shape.x_len())?;
+        check_len("y", y.len(), shape.y_len())?;
+        let ptrs = GemvDevicePtrs {
+            packed: packed.ptr,
+            scales: scales.ptr,
+            zeros: zeros.ptr,
+            x: x.ptr,
+            y: y.ptr,
+        };
+        ptrs.check(shape)?;
+        self.launch_int4_gemv(stream.cu_stream(), shape, A::DTYPE, S::DTYPE, &ptrs)
+    }
+
+    /// Enqueues the quantization kernel. `shape` and `ptrs` are validated by the caller.
+    pub(crate) fn launch_int4_quantize(
+        &self,
+        stream: sys::CUstream,
+        shape: &Int4Shape,
+        weights_dtype: DType,
+        scale_dtype: DType,
+        ptrs: &QuantizeDevicePtrs,
+    ) -> Result<()> {
+        let name = match (half_name("weights", weights_dtype)?, half_name("scales", scale_dtype)?) {
+            ("f16", "f16") => "Int4QuantizeKernel_f16_f16",
+            ("f16", _) => "Int4QuantizeKernel_f16_bf16",
+            (_, "f16") => "Int4QuantizeKernel_bf16_f16",
+            _ => "Int4QuantizeKernel_bf16_bf16",
+        };
+        let _bound = self.bind()?;
+        let kernel = self.function(MODULE, name)?;
+        let span = shape.group_size.max(64);
+        let warps = (shape.n / TILE_ROWS) * (shape.k / span);
+        let blocks = warps.div_ceil(WARPS as usize) as u32;
+        let (mut weights, mut n, mut k, mut group) = (
+            ptrs.weights,
+            shape.n as i64,
+            shape.k as i64,
+            shape.group_size as i32,
+        );
+        let (mut given_scales, mut given_zeros, mut packed, mut scales, mut zeros) = (
+            ptrs.given_scales,
+            ptrs.given_zeros,
+            ptrs.packed,
+            ptrs.scales,
+            ptrs.zeros,
+        );
+        let mut args = [
+            arg(&mut weights),
+            arg(&mut n),
+            arg(&mut k),
+            arg(&mut group),
+            arg(&mut given_scales),
+            arg(&mut given_zeros),
+            arg(&mut packed),
+            arg(&mut scales),
+            arg(&mut zeros),
+        ];
+        // SAFETY: argument types match Int4QuantizeKernel_*; warps beyond the matrix return at once, and every
+        // other warp reads and writes inside the arrays whose sizes the caller checked.
+        unsafe {
+            result::launch_kernel(
+                kernel,
+                (blocks, 1, 1),
+                (WARPS * 32, 1, 1),
+                0,
+                stream,
+                &mut args,
+            )
+        }
+        .map_err(|e| cuda_error("cuLaunchKernel(Int4QuantizeKernel)", e))
+    }
+
+    /// Enqueues the GEMV kernel. `shape` and `ptrs` are validated by the caller.
+    pub(crate) fn launch_int4_gemv(
+        &self,
+        stream: sys::CUstream,
+        shape: &GemvShape,
+        act_dtype: DType,
+        scale_dtype: DType,
+        ptrs: &GemvDevicePtrs,
+    ) -> Result<()> {
+        let row_tiles_total = shape.weights.n / TILE_ROWS;
+        let row_tiles = gemv_row_tiles(row_tiles_total, self.multiprocessors());
+        let name = gemv_kernel_name(
+            half_name("x", act_dtype)?,
+            half_name("scales", scale_dtype)?,
+            shape.m,
+            row_tiles,
+        );
+        let _bound = self.bind()?;
+        let kernel = self.function(MODULE, name)?;
+        let blocks = (row_tiles_total / row_tiles) as u32;
+        let (mut packed, mut scales, mut zeros, mut x, mut y) =
+            (ptrs.packed, ptrs.scales, ptrs.zeros, ptrs.x, ptrs.y);
+        let (mut m, mut n, mut k, mut group) = (
+            shape.m as i32,
+            shape.weights.n as i64,
+            shape.weights.k as i64,
+            shape.weights.group_size as i32,
+        );
+        let mut args = [
+            arg(&mut packed),
+            arg(&mut scales),
+            arg(&mut zeros),
+            arg(&mut x),
+            arg(&mut y),
+            arg(&mut m),
+            arg(&mut n),
+            arg(&mut k),
+            arg(&mut group),
+        ];
+        // SAFETY: argument types match Int4GemvKernel_*; block b reads row tiles b * R .. (b + 1) * R, all inside
+        // the matrix (R divides the tile count), and the rows of x below m.
+        unsafe {
+            result::launch_kernel(
+                kernel,
+                (blocks, 1, 1),
+                (WARPS * 32, 1, 1),
+                0,
+                stream,
+                &mut args,
+            )
+        }
+        .map_err(|e| cuda_error("cuLaunchKernel(Int4GemvKernel)", e))
+    }
+}
+
+fn half_name(argument: &str, dtype: DType) -> Result<&'static str> {
+    match dtype {
+        DType::F16 | DType::BF16 => Ok(dtype.name()),
+        DType::F32 => Err(Error::invalid(
+            argument,
+            "is fp32; the int4 kernels take fp16 or bf16",
+        )),
+    }
+}
+
+/// Row tiles per GEMV block: the largest of 4, 2, 1 that divides the tile count and still leaves two blocks
+/// per multiprocessor (more rows per block reuse each activation fragment more; fewer fill the device).
+pub(crate) fn gemv_row_tiles(row_tiles: usize, multiprocessors: u32) -> usize {
+    let wanted_blocks = 2 * multiprocessors as usize;
+    [4, 2]
+        .into_iter()
+        .find(|&r| row_tiles % r == 0 && row_tiles / r >= wanted_blocks)
+        .unwrap_or(1)
+}
+
+/// The kernel for activation and scale types, `m` and row tiles per block.
+fn gemv_kernel_name(act: &str, scale: &str, m: usize, row_tiles: usize) -> &'static str {
+    const NAMES: [&str; 24] = [
+        "Int4GemvKernel_f16_f16_m8_r1",
+        "Int4GemvKernel_f16_f16_m8_r2",
+        "Int4GemvKernel_f16_f16_m8_r4",
+        "Int4GemvKernel_f16_f16_m16_r1",
+        "Int4GemvKernel_f16_f16_m16_r2",
+        "Int4GemvKernel_f16_f16_m16_r4",
+        "Int4GemvKernel_f16_bf16_m8_r1",
+        "Int4GemvKernel_f16_bf16_m8_r2",
+        "Int4GemvKernel_f16_bf16_m8_r4",
+        "Int4GemvKernel_f16_bf16_m16_r1",
+        "Int4GemvKernel_f16_bf16_m16_r2",
+        "Int4GemvKernel_f16_bf16_m16_r4",
+        "Int4GemvKernel_bf16_f16_m8_r1",
+        "Int4GemvKernel_bf16_f16_m8_r2",
+        "Int4GemvKernel_bf16_f16_m8_r4",
+        "Int4GemvKernel_bf16_f16_m16_r1",
+        "Int4GemvKernel_bf16_f16_m16_r2",
+        "Int4GemvKernel_bf16_f16_m16_r4",
+        "Int4GemvKernel_bf16_bf16_m8_r1",
+        "Int4GemvKernel_bf16_bf16_m8_r2",
+        "Int4GemvKernel_bf16_bf16_m8_r4",
+        "Int4GemvKernel_bf16_bf16_m16_r1",
+        "Int4GemvKernel_bf16_bf16_m16_r2",
+        "Int4GemvKernel_bf16_bf16_m16_r4",
+    ];
+    let index = usize::from(act == "bf16") * 12
+        + usize::from(scale == "bf16") * 6
+        + usize::from(m > 8) * 3
+        + row_tiles.trailing_zeros() as usize;
+    NAMES[index]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_names_follow_the_instantiations() {
+        for act in ["f16", "bf16"] {
+            for scale in ["f16", "bf16"] {
+                for m in [1, 8, 9, 16] {
+                    for r in [1, 2, 4] {
+                        let mt = if m > 8 { 16 } else { 8 };
+                        assert_eq!(
+                            gemv_kernel_name(act, scale, m, r),
+                            format!("Int4GemvKernel_{act}_{scale}_m{mt}_r{r}")
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn row_tiles_divide_the_matrix_and_fill_the_device() {
+        assert_eq!(gemv_row_tiles(256, 132), 1); // N = 4096
+        assert_eq!(gemv_row_tiles(896, 132), 2); // N = 14336
+        assert_eq!(gemv_row_tiles(1792, 132), 4); // N = 28672
+        assert_eq!(gemv_row_tiles(1, 132), 1);
+        for tiles in 1..3000 {
+            let r = gemv_row_tiles(tiles, 132);
+            assert_eq!(tiles % r, 0);
+        }
+    }
+}
