@@ -662,6 +662,114 @@ specdec_status specdec_choose_draft_lengths(const specdec_cost_model *model,
                                             int32_t *out_lengths,
                                             double *out_goodput);
 
+/**
+ * Round-to-nearest int4 quantization of `weights[n, k]` (row-major, `weights_dtype` fp16 or bf16) into the
+ * format of `docs/int4-format.md`: `packed[n * k / 8]` (uint32 words), `scales[k / group_size * n]`
+ * (`scale_dtype`, fp16 or bf16) and `zeros[k / group_size * n]` (bytes). `n` a multiple of 16, `k` a multiple
+ * of 64 and of `group_size` (32, 64 or 128). The CPU and CUDA contexts produce the same bytes; groups holding
+ * NaN or infinities get a NaN scale. On a CUDA context `weights` and `packed` must be 16-byte aligned.
+ *
+ * # Safety
+ * Each pointer must point to the number of elements stated, valid for the call (on a CUDA context: until the
+ * work on `stream` has finished), and the outputs must not overlap the input.
+ */
+specdec_status specdec_int4_quantize(const specdec_context *ctx,
+                                     const void *weights,
+                                     int32_t weights_dtype,
+                                     int64_t n,
+                                     int64_t k,
+                                     int64_t group_size,
+                                     uint32_t *packed,
+                                     void *scales,
+                                     int32_t scale_dtype,
+                                     uint8_t *zeros,
+                                     void *stream);
+
+/**
+ * Packs `weights[n, k]` into `packed` with given `scales` and `zeros` (GPTQ, AWQ or another quantizer's),
+ * each `[k / group_size * n]`: codes `clamp(round(w / s) + z, 0, 15)` by the rule of `docs/int4-format.md`.
+ * On a CPU context a scale that is not positive and finite (with a finite reciprocal), or a zero above 15, is
+ * SPECDEC_INVALID_ARGUMENT naming the element; on a CUDA context such a group gets codes 0.
+ *
+ * # Safety
+ * As `specdec_int4_quantize`.
+ */
+specdec_status specdec_int4_pack(const specdec_context *ctx,
+                                 const void *weights,
+                                 int32_t weights_dtype,
+                                 int64_t n,
+                                 int64_t k,
+                                 int64_t group_size,
+                                 const void *scales,
+                                 int32_t scale_dtype,
+                                 const uint8_t *zeros,
+                                 uint32_t *packed,
+                                 void *stream);
+
+/**
+ * `y[m, n] = x[m, k] W^T` for an int4 `W` (`packed`, `scales`, `zeros` as `specdec_int4_quantize` writes
+ * them), `m` from 1 to 16, activations and output of `x_dtype` (fp16 or bf16), fp32 accumulation. On a CPU
+ * context a zero above 15 is SPECDEC_INVALID_ARGUMENT; a CUDA context reads zeros' low 4 bits. On a CUDA
+ * context `packed` and `x` must be 16-byte aligned.
+ *
+ * # Safety
+ * As `specdec_int4_quantize`; `y` must not overlap the inputs.
+ */
+specdec_status specdec_int4_gemv(const specdec_context *ctx,
+                                 const uint32_t *packed,
+                                 const void *scales,
+                                 int32_t scale_dtype,
+                                 const uint8_t *zeros,
+                                 int64_t n,
+                                 int64_t k,
+                                 int64_t group_size,
+                                 const void *x,
+                                 int32_t x_dtype,
+                                 int64_t m,
+                                 void *y,
+                                 void *stream);
+
+/**
+ * Converts a GPTQ layer (host memory; see `specdec::int4::convert`): `qweight[k / 8 * n]` (int32, packed
+ * along k), `qzeros[k / group_size * n / 8]` (int32, packed along n), `scales[k / group_size * n]` of
+ * `scale_dtype`, `g_idx[k]` or NULL (act-order checkpoints are rejected), `zeros_minus_one` 1 for AutoGPTQ's
+ * stored `z - 1` ("gptq" format), 0 for GPTQModel's `gptq_v2`. Writes `packed`, `scales_out`, `zeros_out`.
+ *
+ * # Safety
+ * Each non-null pointer must point to the number of elements stated, host memory valid for the call.
+ */
+specdec_status specdec_int4_from_gptq(int64_t n,
+                                      int64_t k,
+                                      int64_t group_size,
+                                      const int32_t *qweight,
+                                      const int32_t *qzeros,
+                                      const void *scales,
+                                      int32_t scale_dtype,
+                                      const int32_t *g_idx,
+                                      int32_t zeros_minus_one,
+                                      uint32_t *packed,
+                                      void *scales_out,
+                                      uint8_t *zeros_out);
+
+/**
+ * Converts an AWQ (GEMM version) layer (host memory; see `specdec::int4::convert`): `qweight[k * n / 8]` and
+ * `qzeros[k / group_size * n / 8]` (int32, packed along n in AWQ's order), `scales[k / group_size * n]` of
+ * `scale_dtype`. Writes `packed`, `scales_out`, `zeros_out`.
+ *
+ * # Safety
+ * As `specdec_int4_from_gptq`.
+ */
+specdec_status specdec_int4_from_awq(int64_t n,
+                                     int64_t k,
+                                     int64_t group_size,
+                                     const int32_t *qweight,
+                                     const int32_t *qzeros,
+                                     const void *scales,
+                                     int32_t scale_dtype,
+                                     uint32_t *packed,
+                                     void *scales_out,
+                                     uint8_t *zeros_out);
+
 #ifdef __cplusplus
 }  // extern "C"
 #endif  // __cplusplus

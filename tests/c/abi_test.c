@@ -334,6 +334,118 @@ static void test_rejection_chain_and_tree(specdec_context *ctx) {
   }
 }
 
+/* The int4 format's rule for where the code of W[row, col] lives (docs/int4-format.md), written out in C. */
+static uint32_t int4_code(const uint32_t *packed, int64_t k, int64_t row, int64_t col) {
+  int64_t tile = (row / 16) * (k / 64) + col / 64;
+  int64_t r = row % 16, within = col % 32, half = (col % 64) / 32;
+  int64_t lane = 4 * (r % 8) + within / 8, word = 2 * half + (within % 8) / 4, d = within % 4;
+  int64_t nibble = 4 * (d % 2) + 2 * (d / 2) + r / 8;
+  return (packed[tile * 128 + lane * 4 + word] >> (4 * nibble)) & 0xFu;
+}
+
+static float bf16_to_float(uint16_t bits) {
+  uint32_t wide = (uint32_t)bits << 16;
+  float x;
+  memcpy(&x, &wide, 4);
+  return x;
+}
+
+static void test_int4(specdec_context *ctx) {
+  enum { N = 32, K = 128, G = 32, GROUPS = K / G };
+  static uint16_t w[N * K], scales[GROUPS * N], scales2[GROUPS * N], x[2 * K], y[2 * N];
+  static uint32_t packed[N * K / 8], packed2[N * K / 8];
+  static uint8_t zeros[GROUPS * N], zeros2[GROUPS * N];
+  static int32_t qweight[K / 8 * N], qzeros[GROUPS * N / 8], g_idx[K];
+  int64_t row, col, i;
+  int bad = 0;
+  for (row = 0; row < N; ++row)
+    for (col = 0; col < K; ++col) w[row * K + col] = bf16_of((float)((row * 7 + col * 3) % 31 - 15) / 16.0f);
+  CHECK(specdec_int4_quantize(ctx, w, SPECDEC_DTYPE_BF16, N, K, G, packed, scales, SPECDEC_DTYPE_BF16, zeros, NULL) ==
+        SPECDEC_OK);
+  /* Every weight within s / 2 (plus the scale's rounding) of its dequantized value, read by the rule above. */
+  for (row = 0; row < N; ++row) {
+    for (col = 0; col < K; ++col) {
+      int64_t meta = (col / G) * N + row;
+      float s = bf16_to_float(scales[meta]);
+      float deq = ((float)int4_code(packed, K, row, col) - (float)zeros[meta]) * s;
+      float err = bf16_to_float(w[row * K + col]) - deq;
+      if (err < 0) err = -err;
+      if (!(err <= 0.56f * s)) ++bad;
+    }
+  }
+  CHECK(bad == 0);
+  /* Packing with the quantizer's own scales and zeros reproduces its codes. */
+  CHECK(specdec_int4_pack(ctx, w, SPECDEC_DTYPE_BF16, N, K, G, scales, SPECDEC_DTYPE_BF16, zeros, packed2, NULL) ==
+        SPECDEC_OK);
+  CHECK(memcmp(packed, packed2, sizeof packed) == 0);
+  /* GEMV, two activation rows, against a double sum of the dequantized weights. */
+  for (i = 0; i < K; ++i) {
+    x[i] = bf16_of(1.0f);
+    x[K + i] = bf16_of(i % 2 ? -0.5f : 0.25f);
+  }
+  CHECK(specdec_int4_gemv(ctx, packed, scales, SPECDEC_DTYPE_BF16, zeros, N, K, G, x, SPECDEC_DTYPE_BF16, 2, y, NULL) ==
+        SPECDEC_OK);
+  bad = 0;
+  for (i = 0; i < 2; ++i) {
+    for (row = 0; row < N; ++row) {
+      double sum = 0, mag = 0;
+      for (col = 0; col < K; ++col) {
+        int64_t meta = (col / G) * N + row;
+        double deq = ((double)int4_code(packed, K, row, col) - zeros[meta]) * bf16_to_float(scales[meta]);
+        double t = deq * bf16_to_float(x[i * K + col]);
+        sum += t;
+        mag += t < 0 ? -t : t;
+      }
+      double got = bf16_to_float(y[i * N + row]), err = got - sum;
+      if (err < 0) err = -err;
+      if (!(err <= (sum < 0 ? -sum : sum) / 256.0 + mag * 1e-6)) ++bad;
+    }
+  }
+  CHECK(bad == 0);
+  /* A GPTQ checkpoint (AutoGPTQ layout, zeros stored minus one) of the same codes converts back to them. */
+  memset(qweight, 0, sizeof qweight);
+  memset(qzeros, 0, sizeof qzeros);
+  for (row = 0; row < N; ++row)
+    for (col = 0; col < K; ++col)
+      qweight[(col / 8) * N + row] |= (int32_t)(int4_code(packed, K, row, col) << (4 * (col % 8)));
+  for (i = 0; i < GROUPS * N; ++i)
+    qzeros[(i / N) * (N / 8) + (i % N) / 8] |= (int32_t)((uint32_t)((zeros[i] + 15) & 0xF) << (4 * (i % N % 8)));
+  for (i = 0; i < K; ++i) g_idx[i] = (int32_t)(i / G);
+  CHECK(specdec_int4_from_gptq(N, K, G, qweight, qzeros, scales, SPECDEC_DTYPE_BF16, g_idx, 1, packed2, scales2,
+                               zeros2) == SPECDEC_OK);
+  CHECK(memcmp(packed, packed2, sizeof packed) == 0 && memcmp(zeros, zeros2, sizeof zeros) == 0 &&
+        memcmp(scales, scales2, sizeof scales) == 0);
+  g_idx[5] = 3; /* act-order */
+  EXPECT_INVALID(specdec_int4_from_gptq(N, K, G, qweight, qzeros, scales, SPECDEC_DTYPE_BF16, g_idx, 1, packed2,
+                                        scales2, zeros2),
+                 "g_idx[5]");
+  EXPECT_INVALID(specdec_int4_from_gptq(N, K, G, qweight, qzeros, scales, SPECDEC_DTYPE_BF16, NULL, 2, packed2,
+                                        scales2, zeros2),
+                 "zeros_minus_one");
+  EXPECT_INVALID(specdec_int4_from_awq(N, K, G, NULL, qzeros, scales, SPECDEC_DTYPE_BF16, packed2, scales2, zeros2),
+                 "qweight");
+  /* Shapes and dtypes outside the format. */
+  EXPECT_INVALID(specdec_int4_quantize(ctx, w, SPECDEC_DTYPE_BF16, 24, K, G, packed, scales, SPECDEC_DTYPE_BF16,
+                                       zeros, NULL),
+                 "`n`");
+  EXPECT_INVALID(specdec_int4_quantize(ctx, w, SPECDEC_DTYPE_BF16, N, K, 48, packed, scales, SPECDEC_DTYPE_BF16,
+                                       zeros, NULL),
+                 "group_size");
+  EXPECT_INVALID(specdec_int4_quantize(ctx, w, SPECDEC_DTYPE_F32, N, K, G, packed, scales, SPECDEC_DTYPE_BF16, zeros,
+                                       NULL),
+                 "weights_dtype");
+  EXPECT_INVALID(specdec_int4_gemv(ctx, packed, scales, SPECDEC_DTYPE_BF16, zeros, N, K, G, x, SPECDEC_DTYPE_BF16, 17,
+                                   y, NULL),
+                 "`m`");
+  EXPECT_INVALID(specdec_int4_gemv(ctx, NULL, scales, SPECDEC_DTYPE_BF16, zeros, N, K, G, x, SPECDEC_DTYPE_BF16, 2, y,
+                                   NULL),
+                 "packed");
+  zeros2[3] = 16;
+  EXPECT_INVALID(specdec_int4_pack(ctx, w, SPECDEC_DTYPE_BF16, N, K, G, scales, SPECDEC_DTYPE_BF16, zeros2, packed2,
+                                   NULL),
+                 "zeros[3]");
+}
+
 int main(void) {
   specdec_context *ctx = NULL;
   int32_t backend = -1;
@@ -370,6 +482,7 @@ int main(void) {
   test_drafter();
   test_policy();
   test_rejection_chain_and_tree(ctx);
+  test_int4(ctx);
 
   CHECK(specdec_context_destroy(ctx) == SPECDEC_OK);
   CHECK(specdec_context_destroy(NULL) == SPECDEC_OK);
