@@ -156,7 +156,10 @@ impl CudaBackend {
         scale_dtype: DType,
         ptrs: &QuantizeDevicePtrs,
     ) -> Result<()> {
-        let name = match (half_name("weights", weights_dtype)?, half_name("scales", scale_dtype)?) {
+        let name = match (
+            half_name("weights", weights_dtype)?,
+            half_name("scales", scale_dtype)?,
+        ) {
             ("f16", "f16") => "Int4QuantizeKernel_f16_f16",
             ("f16", _) => "Int4QuantizeKernel_f16_bf16",
             (_, "f16") => "Int4QuantizeKernel_bf16_f16",

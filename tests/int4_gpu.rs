@@ -1,0 +1,481 @@
+//! The int4 kernels on the GPU against the CPU reference: the quantizer byte for byte (every group size,
+//! weight and scale dtype, NaN and infinite groups, awkward shapes), packing with given scales byte for byte,
+//! and the GEMV against the f64 reference for every group size, dtype pair and M = 1..16, on awkward N and K.
+//! Fresh random data every run (seed printed); outputs are poisoned first and written into the middle of a
+//! larger poisoned buffer, whose margins must stay untouched.
+//!
+//! GEMV tolerance: |y - y_ref| <= ulp(y_ref) (the output's rounding, half an ulp, doubled for slack) +
+//! 2^-14 * sum_k |w_k x_k| (fp32 accumulation over up to 28672 terms in tensor cores, which truncate; typical
+//! error is below 2^-20 of that sum).
+//!
+//! Without a usable GPU every test prints why it was skipped and passes; with `SPECDEC_REQUIRE_GPU=1` it fails.
+
+mod common;
+
+use std::ffi::c_void;
+use std::sync::Arc;
+
+use common::int4::{random_packed, random_weights, random_x, reference_gemv, ulp, Packed};
+use common::{gpu, rng};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, ValidAsZeroBits};
+use half::{bf16, f16};
+use rand::rngs::StdRng;
+use rand::Rng;
+use specdec::capi::{self, specdec_status};
+use specdec::cpu;
+use specdec::cuda::{CudaBackend, DeviceIn, DeviceOut};
+use specdec::int4::{GemvShape, Int4Shape, GROUP_SIZES};
+use specdec::{Error, HalfElement};
+
+const MARGIN: usize = 64;
+
+/// A device buffer of `len` elements with `MARGIN` poisoned elements on each side.
+struct Guarded<T> {
+    buffer: CudaSlice<T>,
+    len: usize,
+    poison: T,
+}
+
+impl<T: DeviceRepr + ValidAsZeroBits + bytemuck::Pod> Guarded<T> {
+    fn new(stream: &Arc<CudaStream>, len: usize, poison: T) -> Self {
+        Guarded {
+            buffer: stream.clone_htod(&vec![poison; len + 2 * MARGIN]).unwrap(),
+            len,
+            poison,
+        }
+    }
+
+    fn out<'a>(&'a mut self, stream: &'a Arc<CudaStream>) -> DeviceOut<'a, T> {
+        let (ptr, _sync) = self.buffer.device_ptr_mut(stream);
+        // SAFETY: the middle `len` elements of a live buffer, used only on `stream`.
+        unsafe { DeviceOut::from_raw(ptr + (MARGIN * size_of::<T>()) as u64, self.len) }
+    }
+
+    /// The middle `len` elements, after checking both margins are still poison (compared bit for bit).
+    fn read(&self, stream: &Arc<CudaStream>, what: &str) -> Vec<T> {
+        let all = stream.clone_dtoh(&self.buffer).unwrap();
+        assert!(
+            all[..MARGIN]
+                .iter()
+                .chain(&all[MARGIN + self.len..])
+                .all(|v| bytemuck::bytes_of(v) == bytemuck::bytes_of(&self.poison)),
+            "{what}: wrote outside its array"
+        );
+        all[MARGIN..MARGIN + self.len].to_vec()
+    }
+}
+
+fn quantize_on_gpu<T: HalfElement + DeviceRepr, S: HalfElement + DeviceRepr + ValidAsZeroBits>(
+    backend: &CudaBackend,
+    stream: &Arc<CudaStream>,
+    shape: Int4Shape,
+    w: &[T],
+) -> Packed<S> {
+    let weights = stream.clone_htod(w).unwrap();
+    let mut packed = Guarded::new(stream, shape.packed_len(), 0xA5A5_A5A5u32);
+    let mut scales = Guarded::new(stream, shape.meta_len(), S::from_f32(-7.0));
+    let mut zeros = Guarded::new(stream, shape.meta_len(), 0xEEu8);
+    backend
+        .int4_quantize(
+            stream,
+            &shape,
+            DeviceIn::new(&weights, stream),
+            packed.out(stream),
+            scales.out(stream),
+            zeros.out(stream),
+        )
+        .unwrap();
+    Packed {
+        shape,
+        packed: packed.read(stream, "packed"),
+        scales: scales.read(stream, "scales"),
+        zeros: zeros.read(stream, "zeros"),
+    }
+}
+
+fn check_quantizer<T: HalfElement + DeviceRepr, S: HalfElement + DeviceRepr + ValidAsZeroBits>(
+    backend: &CudaBackend,
+    stream: &Arc<CudaStream>,
+    rng: &mut StdRng,
+    shape: Int4Shape,
+) {
+    let mut w: Vec<T> = random_weights(rng, &shape, true);
+    for _ in 0..3 {
+        let i = rng.random_range(0..w.len());
+        w[i] = [
+            T::NAN,
+            T::from_f32(f32::INFINITY),
+            T::from_f32(f32::NEG_INFINITY),
+        ][rng.random_range(0..3)];
+    }
+    let gpu: Packed<S> = quantize_on_gpu(backend, stream, shape, &w);
+    let mut cpu_out: Packed<S> = Packed::zeroed(shape);
+    cpu::int4_quantize(
+        &shape,
+        &w,
+        &mut cpu_out.packed,
+        &mut cpu_out.scales,
+        &mut cpu_out.zeros,
+    )
+    .unwrap();
+    let bits = |s: &[S]| s.iter().map(|v| v.to_bits()).collect::<Vec<u16>>();
+    let what = format!("{shape:?} {:?} -> {:?}", T::DTYPE, S::DTYPE);
+    assert_eq!(bits(&gpu.scales), bits(&cpu_out.scales), "scales, {what}");
+    assert_eq!(gpu.zeros, cpu_out.zeros, "zeros, {what}");
+    if let Some(i) = (0..gpu.packed.len()).find(|&i| gpu.packed[i] != cpu_out.packed[i]) {
+        panic!(
+            "packed word {i} differs, {what}: {:#010x} vs {:#010x}",
+            gpu.packed[i], cpu_out.packed[i]
+        );
+    }
+
+    // Packing with the given (CPU) scales and zeros on the device gives the same codes.
+    let scales = stream.clone_htod(&cpu_out.scales).unwrap();
+    let zeros = stream.clone_htod(&cpu_out.zeros).unwrap();
+    let weights = stream.clone_htod(&w).unwrap();
+    let mut packed = Guarded::new(stream, shape.packed_len(), 0x5A5A_5A5Au32);
+    backend
+        .int4_pack(
+            stream,
+            &shape,
+            DeviceIn::new(&weights, stream),
+            DeviceIn::new(&scales, stream),
+            DeviceIn::new(&zeros, stream),
+            packed.out(stream),
+        )
+        .unwrap();
+    assert_eq!(
+        packed.read(stream, "packed"),
+        cpu_out.packed,
+        "pack, {what}"
+    );
+}
+
+#[test]
+fn quantizer_is_byte_identical_to_the_cpu() {
+    let Some(backend) = gpu("quantizer_is_byte_identical_to_the_cpu") else {
+        return;
+    };
+    let stream = backend.context().new_stream().unwrap();
+    let mut rng = rng("quantizer_is_byte_identical_to_the_cpu");
+    for g in GROUP_SIZES {
+        for (n, k) in [
+            (16, 128),
+            (48, 384),
+            (4224, 4224),
+            (11008, 256),
+            (16, 14336),
+            (32, 28672),
+        ] {
+            let shape = Int4Shape::new(n, k, g).unwrap();
+            check_quantizer::<bf16, bf16>(&backend, &stream, &mut rng, shape);
+            check_quantizer::<f16, f16>(&backend, &stream, &mut rng, shape);
+            check_quantizer::<bf16, f16>(&backend, &stream, &mut rng, shape);
+            check_quantizer::<f16, bf16>(&backend, &stream, &mut rng, shape);
+        }
+    }
+}
+
+fn check_gemv<A: HalfElement + DeviceRepr + ValidAsZeroBits, S: HalfElement + DeviceRepr>(
+    backend: &CudaBackend,
+    stream: &Arc<CudaStream>,
+    rng: &mut StdRng,
+    shape: Int4Shape,
+    m: usize,
+) {
+    let p: Packed<S> = random_packed(rng, shape);
+    let x: Vec<A> = random_x(rng, m * shape.k);
+    let gemv = GemvShape::new(m, shape).unwrap();
+    let (packed, scales, zeros, xs) = (
+        stream.clone_htod(&p.packed).unwrap(),
+        stream.clone_htod(&p.scales).unwrap(),
+        stream.clone_htod(&p.zeros).unwrap(),
+        stream.clone_htod(&x).unwrap(),
+    );
+    let mut y = Guarded::new(stream, m * shape.n, A::NAN);
+    backend
+        .int4_gemv(
+            stream,
+            &gemv,
+            DeviceIn::new(&packed, stream),
+            DeviceIn::new(&scales, stream),
+            DeviceIn::new(&zeros, stream),
+            DeviceIn::new(&xs, stream),
+            y.out(stream),
+        )
+        .unwrap();
+    let got = y.read(stream, "y");
+    let (reference, magnitude) = reference_gemv(&p, &x, m);
+    for i in 0..got.len() {
+        let (g, want) = (f64::from(got[i].to_f32()), reference[i]);
+        let tolerance = ulp::<A>(want) + 2f64.powi(-14) * magnitude[i];
+        assert!(
+            (g - want).abs() <= tolerance,
+            "{shape:?} m {m} {:?}/{:?}: y[{}, {}] = {g}, reference {want} (tolerance {tolerance})",
+            A::DTYPE,
+            S::DTYPE,
+            i / shape.n,
+            i % shape.n
+        );
+    }
+}
+
+#[test]
+fn gemv_matches_the_f64_reference_for_every_group_dtype_and_m() {
+    let Some(backend) = gpu("gemv_matches_the_f64_reference_for_every_group_dtype_and_m") else {
+        return;
+    };
+    let stream = backend.context().new_stream().unwrap();
+    let mut rng = rng("gemv_matches_the_f64_reference_for_every_group_dtype_and_m");
+    for g in GROUP_SIZES {
+        let shape = Int4Shape::new(4096 + 128, 1024, g).unwrap();
+        for m in 1..=16 {
+            check_gemv::<bf16, bf16>(&backend, &stream, &mut rng, shape, m);
+            check_gemv::<f16, f16>(&backend, &stream, &mut rng, shape, m);
+        }
+        for m in [1, 8, 9, 16] {
+            check_gemv::<bf16, f16>(&backend, &stream, &mut rng, shape, m);
+            check_gemv::<f16, bf16>(&backend, &stream, &mut rng, shape, m);
+        }
+    }
+}
+
+#[test]
+fn gemv_handles_the_awkward_shapes() {
+    let Some(backend) = gpu("gemv_handles_the_awkward_shapes") else {
+        return;
+    };
+    let stream = backend.context().new_stream().unwrap();
+    let mut rng = rng("gemv_handles_the_awkward_shapes");
+    // The smallest allowed; 4096 + 128; 11008, 14336, 28672 as N and as K; N giving 1, 2 and 4 row tiles per block.
+    let shapes = [
+        (16, 64, 32),
+        (16, 64, 64),
+        (16, 128, 128),
+        (4224, 4224, 128),
+        (11008, 4096, 128),
+        (4096, 11008, 64),
+        (14336, 4096, 32),
+        (4096, 14336, 128),
+        (28672, 512, 128),
+        (512, 28672, 128),
+    ];
+    for (n, k, g) in shapes {
+        let shape = Int4Shape::new(n, k, g).unwrap();
+        for m in [1, 7, 16] {
+            check_gemv::<bf16, bf16>(&backend, &stream, &mut rng, shape, m);
+        }
+        check_gemv::<f16, f16>(&backend, &stream, &mut rng, shape, 3);
+    }
+}
+
+#[test]
+fn quantize_then_gemv_on_the_device_tracks_the_unquantized_product() {
+    // The drafter's path end to end: bf16 weights requantized on the device, then multiplied. The result must
+    // be within the quantization error bound of x W^T computed from the original weights.
+    let Some(backend) = gpu("quantize_then_gemv_on_the_device_tracks_the_unquantized_product")
+    else {
+        return;
+    };
+    let stream = backend.context().new_stream().unwrap();
+    let mut rng = rng("quantize_then_gemv_on_the_device_tracks_the_unquantized_product");
+    let shape = Int4Shape::new(1024, 2048, 128).unwrap();
+    let w: Vec<bf16> = random_weights(&mut rng, &shape, false);
+    let p: Packed<bf16> = quantize_on_gpu(&backend, &stream, shape, &w);
+    let x: Vec<bf16> = random_x(&mut rng, 4 * shape.k);
+    let (quantized, _) = reference_gemv(&p, &x, 4);
+    for i in 0..4 {
+        for row in 0..shape.n {
+            let (mut exact, mut bound) = (0.0f64, 0.0f64);
+            for col in 0..shape.k {
+                let xv = f64::from(x[i * shape.k + col].to_f32());
+                exact += f64::from(w[row * shape.k + col].to_f32()) * xv;
+                let s = f64::from(p.scales[shape.meta_index(row, col)].to_f32());
+                bound += 0.57 * s * xv.abs(); // s / 2 plus 16 roundings of a bf16 scale (2^-8 each)
+            }
+            let q = quantized[i * shape.n + row];
+            assert!(
+                (q - exact).abs() <= bound,
+                "row {row}: quantized {q}, exact {exact}, bound {bound}"
+            );
+        }
+    }
+}
+
+#[test]
+fn misaligned_or_short_device_arrays_are_rejected_naming_them() {
+    let Some(backend) = gpu("misaligned_or_short_device_arrays_are_rejected_naming_them") else {
+        return;
+    };
+    let stream = backend.context().new_stream().unwrap();
+    let shape = Int4Shape::new(16, 64, 32).unwrap();
+    let gemv = GemvShape::new(1, shape).unwrap();
+    let packed = stream.alloc_zeros::<u32>(shape.packed_len() + 4).unwrap();
+    let scales = stream.alloc_zeros::<bf16>(shape.meta_len()).unwrap();
+    let zeros = stream.alloc_zeros::<u8>(shape.meta_len()).unwrap();
+    let x = stream.alloc_zeros::<bf16>(64 + 8).unwrap();
+    let mut y = stream.alloc_zeros::<bf16>(16).unwrap();
+    let name = |r: Result<(), Error>| match r {
+        Err(Error::InvalidArgument { argument, .. }) => argument,
+        other => panic!("{other:?}"),
+    };
+    let x_off = x.slice(1..65); // 2 bytes past a 16-byte boundary
+    let packed_ok = packed.slice(0..shape.packed_len());
+    assert_eq!(
+        name(backend.int4_gemv(
+            &stream,
+            &gemv,
+            DeviceIn::new(&packed_ok, &stream),
+            DeviceIn::new(&scales, &stream),
+            DeviceIn::new(&zeros, &stream),
+            DeviceIn::new(&x_off, &stream),
+            DeviceOut::new(&mut y, &stream)
+        )),
+        "x"
+    );
+    let packed_off = packed.slice(1..1 + shape.packed_len());
+    let x_ok = x.slice(0..64);
+    assert_eq!(
+        name(backend.int4_gemv(
+            &stream,
+            &gemv,
+            DeviceIn::new(&packed_off, &stream),
+            DeviceIn::new(&scales, &stream),
+            DeviceIn::new(&zeros, &stream),
+            DeviceIn::new(&x_ok, &stream),
+            DeviceOut::new(&mut y, &stream)
+        )),
+        "packed"
+    );
+    let short = packed.slice(0..shape.packed_len() - 1);
+    assert_eq!(
+        name(backend.int4_gemv(
+            &stream,
+            &gemv,
+            DeviceIn::new(&short, &stream),
+            DeviceIn::new(&scales, &stream),
+            DeviceIn::new(&zeros, &stream),
+            DeviceIn::new(&x_ok, &stream),
+            DeviceOut::new(&mut y, &stream)
+        )),
+        "packed"
+    );
+}
+
+#[test]
+fn c_abi_quantizes_and_multiplies_on_device_pointers() {
+    let Some(backend) = gpu("c_abi_quantizes_and_multiplies_on_device_pointers") else {
+        return;
+    };
+    let stream = backend.context().new_stream().unwrap();
+    let mut rng = rng("c_abi_quantizes_and_multiplies_on_device_pointers");
+    let shape = Int4Shape::new(256, 512, 64).unwrap();
+    let w: Vec<f16> = random_weights(&mut rng, &shape, false);
+    let x: Vec<f16> = random_x(&mut rng, 2 * shape.k);
+    let mut expected: Packed<f16> = Packed::zeroed(shape);
+    cpu::int4_quantize(
+        &shape,
+        &w,
+        &mut expected.packed,
+        &mut expected.scales,
+        &mut expected.zeros,
+    )
+    .unwrap();
+    let mut y_cpu = vec![f16::from_f32(0.0); 2 * shape.n];
+    cpu::int4_gemv(
+        &GemvShape::new(2, shape).unwrap(),
+        &expected.packed,
+        &expected.scales,
+        &expected.zeros,
+        &x,
+        &mut y_cpu,
+    )
+    .unwrap();
+
+    let weights = stream.clone_htod(&w).unwrap();
+    let xs = stream.clone_htod(&x).unwrap();
+    let mut packed = stream.alloc_zeros::<u32>(shape.packed_len()).unwrap();
+    let mut scales = stream.alloc_zeros::<f16>(shape.meta_len()).unwrap();
+    let mut zeros = stream.alloc_zeros::<u8>(shape.meta_len()).unwrap();
+    let mut y = stream.clone_htod(&vec![f16::NAN; 2 * shape.n]).unwrap();
+    let mut ctx = std::ptr::null_mut();
+    unsafe {
+        assert_eq!(
+            capi::specdec_context_create_cuda(0, &mut ctx),
+            specdec_status::SPECDEC_OK
+        );
+        let (wp, _a) = weights.device_ptr(&stream);
+        let (xp, _b) = xs.device_ptr(&stream);
+        let (pp, _c) = packed.device_ptr_mut(&stream);
+        let (sp, _d) = scales.device_ptr_mut(&stream);
+        let (zp, _e) = zeros.device_ptr_mut(&stream);
+        let (yp, _f) = y.device_ptr_mut(&stream);
+        let s = stream.cu_stream() as *mut c_void;
+        let (n, k, g) = (shape.n as i64, shape.k as i64, shape.group_size as i64);
+        assert_eq!(
+            capi::specdec_int4_quantize(
+                ctx,
+                wp as *const c_void,
+                1,
+                n,
+                k,
+                g,
+                pp as *mut u32,
+                sp as *mut c_void,
+                1,
+                zp as *mut u8,
+                s
+            ),
+            specdec_status::SPECDEC_OK
+        );
+        assert_eq!(
+            capi::specdec_int4_gemv(
+                ctx,
+                pp as *const u32,
+                sp as *const c_void,
+                1,
+                zp as *const u8,
+                n,
+                k,
+                g,
+                xp as *const c_void,
+                1,
+                2,
+                yp as *mut c_void,
+                s
+            ),
+            specdec_status::SPECDEC_OK
+        );
+        assert_eq!(
+            capi::specdec_int4_gemv(
+                ctx,
+                pp as *const u32,
+                sp as *const c_void,
+                1,
+                zp as *const u8,
+                n,
+                k,
+                g,
+                xp as *const c_void,
+                0,
+                2,
+                yp as *mut c_void,
+                s
+            ),
+            specdec_status::SPECDEC_INVALID_ARGUMENT,
+            "fp32 activations"
+        );
+        capi::specdec_context_destroy(ctx);
+    }
+    assert_eq!(stream.clone_dtoh(&packed).unwrap(), expected.packed);
+    assert_eq!(stream.clone_dtoh(&zeros).unwrap(), expected.zeros);
+    let y = stream.clone_dtoh(&y).unwrap();
+    let (reference, magnitude) = reference_gemv(&expected, &x, 2);
+    for i in 0..y.len() {
+        let (g, c) = (f64::from(y[i].to_f32()), f64::from(y_cpu[i].to_f32()));
+        assert!(
+            (g - c).abs() <= 2.0 * ulp::<f16>(reference[i]) + 2f64.powi(-14) * magnitude[i],
+            "y[{i}]: GPU {g}, CPU {c}"
+        );
+    }
+}
