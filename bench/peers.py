@@ -15,6 +15,9 @@ Peers per primitive:
   target and draft rows in fp32, accept u < p/q, recovered tokens by an exponential race over max(0, p - q),
   bonus by the same race over p), and FlashInfer's chain_speculative_sampling after the softmax it needs, when
   the flashinfer package is importable (its wheel must be carried to the GPU machine).
+  int4_gemv (g128, bf16 activations): PyTorch's tinygemm (torch.ops.aten._weight_int4pack_mm, same codes with
+  the zero point written as its float zero (8 - z) * s), gemlite when importable, and bf16 torch.matmul on the
+  unquantized weights. specdec's weights come from specdec_int4_quantize on the device (timed too).
 """
 import argparse
 import ctypes
@@ -49,6 +52,16 @@ def load_specdec(path):
         c.POINTER(Sampling), c.c_int64, c.POINTER(VerifyOutputs), c.c_void_p,
     ]
     lib.specdec_rejection_verify_chain.restype = c.c_int32
+    lib.specdec_int4_quantize.argtypes = [
+        c.c_void_p, c.c_void_p, c.c_int32, c.c_int64, c.c_int64, c.c_int64, c.c_void_p, c.c_void_p, c.c_int32,
+        c.c_void_p, c.c_void_p,
+    ]
+    lib.specdec_int4_quantize.restype = c.c_int32
+    lib.specdec_int4_gemv.argtypes = [
+        c.c_void_p, c.c_void_p, c.c_void_p, c.c_int32, c.c_void_p, c.c_int64, c.c_int64, c.c_int64, c.c_void_p,
+        c.c_int32, c.c_int64, c.c_void_p, c.c_void_p,
+    ]
+    lib.specdec_int4_gemv.restype = c.c_int32
     return lib
 
 
@@ -215,6 +228,98 @@ def bench_sampler(lib, ctx, batch, k, vocab, gen):
     return specdec_us, torch_us, flashinfer_us, target.nbytes + draft.nbytes, ok
 
 
+def int4_codes(packed, n, k):
+    """The codes q[n, k] of specdec's format (docs/int4-format.md), unpacked with torch ops."""
+    words = packed.view(n // 16, k // 64, 32, 4)  # (tile row, tile col, lane, word)
+    nib = torch.stack([(words >> (4 * i)) & 0xF for i in range(8)], dim=-1)  # (..., lane, word, nibble)
+    lane = torch.arange(32, device=packed.device)
+    word = torch.arange(4, device=packed.device)
+    d = torch.arange(4, device=packed.device)
+    q = torch.empty(n, k, dtype=torch.int32, device=packed.device)
+    for rho in range(2):
+        nibble = 4 * (d % 2) + 2 * (d // 2) + rho  # (d,)
+        vals = nib[..., nibble]  # (tr, tc, lane, word, d)
+        rows = (lane // 4 + 8 * rho)[:, None, None].expand(32, 4, 4)
+        cols = (32 * (word // 2)[None, :, None] + 8 * (lane % 4)[:, None, None] + 4 * (word % 2)[None, :, None]
+                + d[None, None, :])
+        tr, tc = n // 16, k // 64
+        full_rows = (torch.arange(tr, device=packed.device)[:, None, None, None, None] * 16 + rows).expand(tr, tc, 32, 4, 4)
+        full_cols = (torch.arange(tc, device=packed.device)[None, :, None, None, None] * 64 + cols).expand(tr, tc, 32, 4, 4)
+        q[full_rows.reshape(-1), full_cols.reshape(-1)] = vals.reshape(-1)
+    return q
+
+
+def bench_int4(lib, ctx, n, k, m, gen):
+    group = 128
+    w = (torch.randn(n, k, device="cuda", generator=gen) * 0.02).to(torch.bfloat16)
+    x = torch.randn(m, k, device="cuda", generator=gen).to(torch.bfloat16)
+    stream = lambda: torch.cuda.current_stream().cuda_stream  # noqa: E731
+    meta = n * (k // group)
+    per_copy = n * k // 2 + 3 * meta
+    copies = max(1, min(64, -(-ROTATION_BYTES // per_copy)))
+    packed = torch.empty(copies, n * k // 8, dtype=torch.int32, device="cuda")
+    scales = torch.empty(copies, meta, dtype=torch.bfloat16, device="cuda")
+    zeros = torch.empty(copies, meta, dtype=torch.uint8, device="cuda")
+    y = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+
+    def quantize(c):
+        check(lib, lib.specdec_int4_quantize(ctx, w.data_ptr(), 2, n, k, group, packed[c].data_ptr(),
+                                             scales[c].data_ptr(), 2, zeros[c].data_ptr(), stream()),
+              "specdec_int4_quantize")
+
+    for c in range(copies):
+        quantize(c)
+    quantize_us = time_us(lambda i: quantize(i % copies), calls=None) if m == 1 else None
+
+    def run_specdec(i):
+        c = i % copies
+        check(lib, lib.specdec_int4_gemv(ctx, packed[c].data_ptr(), scales[c].data_ptr(), 2, zeros[c].data_ptr(), n,
+                                         k, group, x.data_ptr(), 2, m, y.data_ptr(), stream()), "specdec_int4_gemv")
+
+    run_specdec(0)
+    q = int4_codes(packed[0], n, k)
+    s = scales[0].view(k // group, n).float()
+    z = zeros[0].view(k // group, n).float()
+    deq = ((q.float().view(n, k // group, group) - z.t()[:, :, None]) * s.t()[:, :, None]).view(n, k)
+    want = x.float() @ deq.t()
+    torch.cuda.synchronize()
+    err = (y.float() - want).abs().max().item()
+    ok = err <= 2 ** -7 * want.abs().max().item()
+    specdec_us = time_us(run_specdec, calls=None)
+
+    # tinygemm: uint8 [n, k / 2] (even column in the high nibble), scales and float zeros [k / g, n, 2].
+    try:
+        q_u8 = ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8)
+        tiny_w = torch.ops.aten._convert_weight_to_int4pack(q_u8, 8)
+        sz = torch.stack([s, (8 - z) * s], dim=-1).to(torch.bfloat16).contiguous()
+        tiny = lambda i: torch.ops.aten._weight_int4pack_mm(x, tiny_w, group, sz)  # noqa: E731
+        tiny_err = (tiny(0).float() - want).abs().max().item()
+        tiny_us = time_us(tiny, calls=None)
+        tiny_us = tiny_us if tiny_err <= 2 ** -5 * want.abs().max().item() else f"wrong ({tiny_err:.3g})"
+    except Exception as e:  # a peer's API drift is reported, not fatal
+        tiny_us = f"failed: {type(e).__name__}"
+    try:
+        import gemlite  # noqa: PLC0415 (optional peer)
+        layer = gemlite.GemLiteLinear(4, group_size=group, in_features=k, out_features=n,
+                                      input_dtype=gemlite.DType.BF16, output_dtype=gemlite.DType.BF16)
+        layer.pack(q.to(torch.uint8), s.t().contiguous().to(torch.bfloat16), z.t().contiguous().to(torch.bfloat16),
+                   bias=None)
+        gemlite_us = time_us(lambda i: layer(x), calls=None)
+    except ImportError:
+        gemlite_us = "not installed"
+    except Exception as e:
+        gemlite_us = f"failed: {type(e).__name__}"
+    dense_copies = max(1, min(16, -(-ROTATION_BYTES // w.nbytes)))
+    dense = [w.clone() for _ in range(dense_copies)]
+    matmul_us = time_us(lambda i: torch.matmul(x, dense[i % dense_copies].t()), calls=None)
+    nbytes = per_copy + 2 * (m * k + m * n)
+    return specdec_us, quantize_us, tiny_us, gemlite_us, matmul_us, nbytes, ok, err
+
+
+def fmt_us(v):
+    return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lib", default=os.path.join(os.path.dirname(__file__), "libspecdec.so"))
@@ -269,6 +374,23 @@ def main():
         print(f"| rejection_verify (chain, q) | bfloat16 | {batch} | {k} | {vocab} | {specdec_us:.2f} | {torch_us:.2f} "
               f"| {fi} | {best / specdec_us:.2f}x | {nbytes / 1e6:.2f} | {gbps:.1f} | {100 * gbps / bandwidth:.1f} "
               f"| {'well-formed' if ok else 'MALFORMED'} |")
+    print()
+    print("| int4_gemv g128 bf16 | N | K | M | specdec (us) | tinygemm (us) | gemlite (us) | bf16 matmul (us) "
+          "| vs tinygemm | vs matmul | MB | specdec GB/s | % of copy BW | specdec quantize (us) | check |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    shapes = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672), (28672, 8192)]
+    for n, k in shapes:
+        for m in ((1, 8) if args.quick else (1, 2, 4, 8, 16)):
+            print(f"int4 N={n} K={k} M={m}", file=sys.stderr, flush=True)
+            specdec_us, quantize_us, tiny_us, gemlite_us, matmul_us, nbytes, ok, err = bench_int4(lib, ctx, n, k, m,
+                                                                                                  gen)
+            failures += not ok
+            gbps = nbytes / (specdec_us * 1e3)
+            vs_tiny = f"{tiny_us / specdec_us:.2f}x" if isinstance(tiny_us, float) else "-"
+            print(f"| int4_gemv | {n} | {k} | {m} | {specdec_us:.2f} | {fmt_us(tiny_us)} | {fmt_us(gemlite_us)} "
+                  f"| {matmul_us:.2f} | {vs_tiny} | {matmul_us / specdec_us:.2f}x | {nbytes / 1e6:.2f} | {gbps:.1f} "
+                  f"| {100 * gbps / bandwidth:.1f} | {fmt_us(quantize_us) if quantize_us else '-'} "
+                  f"| {'~ dequantized matmul' if ok else f'MISMATCH ({err:.3g})'} |")
     lib.specdec_context_destroy(ctx)
     return 1 if failures else 0
 

@@ -21,6 +21,7 @@ use cudarc::driver::{sys, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, Device
 use half::{bf16, f16};
 use rayon::prelude::*;
 use specdec::cuda::{CudaBackend, DeviceIn, DeviceOut};
+use specdec::int4::{GemvShape, Int4Shape};
 use specdec::{cpu, DType, LogitsElement};
 
 /// Rotate inputs over copies totalling at least this many bytes (several times the 50-60 MB L2 of an H100/H200).
@@ -216,6 +217,7 @@ fn main() {
         );
         failures += usize::from(check.starts_with("MISMATCH"));
     }
+    failures += int4_rows(&backend, options.quick, ceiling_gbps);
     if failures > 0 {
         eprintln!("bench: {failures} case(s) disagree with the CPU reference");
         std::process::exit(1);
@@ -850,4 +852,279 @@ fn utc_date() -> String {
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
     format!("{year:04}-{month:02}-{day:02}")
+}
+
+/// The issue's GEMV shapes (N x K) and, for the requantization total, the remaining Llama-3-8B projection shape.
+const GEMV_SHAPES: [(usize, usize); 5] = [
+    (4096, 4096),
+    (4096, 14336),
+    (14336, 4096),
+    (8192, 28672),
+    (28672, 8192),
+];
+/// Llama-3-8B's linear layers per transformer block (q, k, v, o, gate, up, down) as (N, K); 32 blocks.
+const LLAMA3_8B_LAYER: [(usize, usize); 7] = [
+    (4096, 4096),
+    (1024, 4096),
+    (1024, 4096),
+    (4096, 4096),
+    (14336, 4096),
+    (14336, 4096),
+    (4096, 14336),
+];
+
+/// int4 rows: the GEMV (g128, bf16 activations and scales) for every issue shape and M in {1, 2, 4, 8, 16},
+/// and the quantizer per shape with the Llama-3-8B total. Returns the number of mismatches.
+fn int4_rows(backend: &Backend, quick: bool, ceiling_gbps: f64) -> usize {
+    let cuda = matches!(backend, Backend::Cuda { .. });
+    let mut failures = 0;
+    let ms: &[usize] = if quick || !cuda {
+        &[1, 16]
+    } else {
+        &[1, 2, 4, 8, 16]
+    };
+    let shapes: &[(usize, usize)] = if cuda {
+        &GEMV_SHAPES
+    } else {
+        &GEMV_SHAPES[..3]
+    };
+    for &(n, k) in shapes {
+        let shape = Int4Shape::new(n, k, 128).expect("benchmark shapes are valid");
+        let mut state = (n * 31 + k) as u64;
+        let w: Vec<bf16> = (0..n * k)
+            .map(|_| {
+                bf16::from_f32(
+                    ((splitmix(&mut state) >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.05,
+                )
+            })
+            .collect();
+        let (mut packed, mut scales, mut zeros) = (
+            vec![0u32; shape.packed_len()],
+            vec![bf16::ZERO; shape.meta_len()],
+            vec![0u8; shape.meta_len()],
+        );
+        cpu::int4_quantize(&shape, &w, &mut packed, &mut scales, &mut zeros).expect("valid shape");
+        for &m in ms {
+            eprintln!("int4_gemv bf16 g128 N={n} K={k} M={m} ...");
+            let gemv = GemvShape::new(m, shape).expect("valid");
+            let x: Vec<bf16> = (0..m * k)
+                .map(|_| {
+                    bf16::from_f32((splitmix(&mut state) >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
+                })
+                .collect();
+            let mut want = vec![bf16::ZERO; m * n];
+            let t = Instant::now();
+            cpu::int4_gemv(&gemv, &packed, &scales, &zeros, &x, &mut want).expect("valid inputs");
+            let cpu_micros = t.elapsed().as_secs_f64() * 1e6;
+            let (micros, check) = match backend {
+                Backend::Cpu => (cpu_micros, "is the CPU reference".to_string()),
+                Backend::Cuda { backend, stream } => {
+                    let (micros, got) =
+                        time_gemv_cuda(backend, stream, &gemv, &packed, &scales, &zeros, &x);
+                    (micros, compare_outputs(&got, &want, n))
+                }
+            };
+            let bytes =
+                (shape.packed_len() * 4 + shape.meta_len() * 3 + (m * k + m * n) * 2) as f64;
+            let gbps = bytes / micros / 1e3;
+            println!(
+                "| int4_gemv (g128, M={m}) | bf16 | N={n} | K={k} | - | {micros:.2} | {:.2} | {gbps:.1} | {:.1} | {check} |",
+                bytes / 1e6,
+                100.0 * gbps / ceiling_gbps
+            );
+            failures += usize::from(check.starts_with("MISMATCH"));
+        }
+    }
+    // The quantizer, per distinct Llama-3-8B projection shape.
+    let mut total_micros = 0.0;
+    let mut distinct: Vec<(usize, usize)> = LLAMA3_8B_LAYER.to_vec();
+    distinct.sort();
+    distinct.dedup();
+    for &(n, k) in &distinct {
+        eprintln!("int4_quantize bf16 g128 N={n} K={k} ...");
+        let shape = Int4Shape::new(n, k, 128).expect("valid");
+        let mut state = (n * 7 + k) as u64;
+        let w: Vec<bf16> = (0..n * k)
+            .map(|_| {
+                bf16::from_f32(
+                    ((splitmix(&mut state) >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.05,
+                )
+            })
+            .collect();
+        let (mut packed, mut scales, mut zeros) = (
+            vec![0u32; shape.packed_len()],
+            vec![bf16::ZERO; shape.meta_len()],
+            vec![0u8; shape.meta_len()],
+        );
+        let t = Instant::now();
+        cpu::int4_quantize(&shape, &w, &mut packed, &mut scales, &mut zeros).expect("valid");
+        let cpu_micros = t.elapsed().as_secs_f64() * 1e6;
+        let (micros, check) = match backend {
+            Backend::Cpu => (cpu_micros, "is the CPU reference".to_string()),
+            Backend::Cuda { backend, stream } => {
+                let (micros, got) = time_quantize_cuda(backend, stream, &shape, &w);
+                let same = got.0 == packed
+                    && got
+                        .1
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .eq(scales.iter().map(|v| v.to_bits()))
+                    && got.2 == zeros;
+                (
+                    micros,
+                    if same {
+                        "= CPU bytes".to_string()
+                    } else {
+                        "MISMATCH (bytes differ)".to_string()
+                    },
+                )
+            }
+        };
+        let uses = LLAMA3_8B_LAYER.iter().filter(|&&s| s == (n, k)).count();
+        total_micros += 32.0 * uses as f64 * micros;
+        let bytes = (n * k * 2 + shape.packed_len() * 4 + shape.meta_len() * 3) as f64;
+        let gbps = bytes / micros / 1e3;
+        println!(
+            "| int4_quantize (g128) | bf16 | N={n} | K={k} | - | {micros:.2} | {:.2} | {gbps:.1} | {:.1} | {check} |",
+            bytes / 1e6,
+            100.0 * gbps / ceiling_gbps
+        );
+        failures += usize::from(check.starts_with("MISMATCH"));
+    }
+    println!();
+    println!(
+        "Requantizing every linear layer of Llama-3-8B (32 blocks x q, k, v, o, gate, up, down; one launch per layer, \
+         sum of the per-shape times above): {:.2} ms",
+        total_micros / 1e3
+    );
+    println!();
+    failures
+}
+
+/// `got` against the CPU reference: within 2 ulps of bf16 plus 2^-12 of the largest output of its row block.
+fn compare_outputs(got: &[bf16], want: &[bf16], n: usize) -> String {
+    let mut worst: f64 = 0.0;
+    for (block_got, block_want) in got.chunks(n).zip(want.chunks(n)) {
+        let scale = block_want
+            .iter()
+            .map(|v| f64::from(v.to_f32()).abs())
+            .fold(0.0, f64::max);
+        for (g, w) in block_got.iter().zip(block_want) {
+            let (g, w) = (f64::from(g.to_f32()), f64::from(w.to_f32()));
+            let tolerance = 2.0 * w.abs().max(1e-30) * 2f64.powi(-8) + scale * 2f64.powi(-12);
+            let ratio = (g - w).abs() / tolerance;
+            worst = if ratio.is_nan() {
+                f64::INFINITY
+            } else {
+                worst.max(ratio)
+            };
+        }
+    }
+    if worst <= 1.0 {
+        format!("~ CPU reference ({:.0}% of tolerance)", 100.0 * worst)
+    } else {
+        format!("MISMATCH ({worst:.1}x the tolerance)")
+    }
+}
+
+/// Times the GEMV over weight copies rotated past the L2 cache; returns (median us, output of the last call).
+#[allow(clippy::too_many_arguments)]
+fn time_gemv_cuda(
+    backend: &CudaBackend,
+    stream: &Arc<CudaStream>,
+    shape: &GemvShape,
+    packed: &[u32],
+    scales: &[bf16],
+    zeros: &[u8],
+    x: &[bf16],
+) -> (f64, Vec<bf16>) {
+    let w = &shape.weights;
+    let weight_bytes = w.packed_len() * 4 + w.meta_len() * 3;
+    let copies = GPU_ROTATION_BYTES.div_ceil(weight_bytes).clamp(1, 64);
+    let packed_all = stream
+        .clone_htod(&packed.repeat(copies))
+        .expect("upload packed");
+    let scales_all = stream
+        .clone_htod(&scales.repeat(copies))
+        .expect("upload scales");
+    let zeros_all = stream
+        .clone_htod(&zeros.repeat(copies))
+        .expect("upload zeros");
+    let xs = stream.clone_htod(x).expect("upload x");
+    let mut y = stream
+        .clone_htod(&vec![bf16::NAN; shape.y_len()])
+        .expect("poisoned output");
+    let (p, _p) = packed_all.device_ptr(stream);
+    let (s, _s) = scales_all.device_ptr(stream);
+    let (z, _z) = zeros_all.device_ptr(stream);
+    let (xp, _x) = xs.device_ptr(stream);
+    let (yp, _y) = y.device_ptr_mut(stream);
+    let call = |i: usize| {
+        let c = (i % copies) as u64;
+        // SAFETY: copy `c` of each array lies inside the live allocations above; used on `stream`.
+        unsafe {
+            backend.int4_gemv::<bf16, bf16>(
+                stream,
+                shape,
+                DeviceIn::from_raw(p + c * (w.packed_len() * 4) as u64, w.packed_len()),
+                DeviceIn::from_raw(s + c * (w.meta_len() * 2) as u64, w.meta_len()),
+                DeviceIn::from_raw(z + c * w.meta_len() as u64, w.meta_len()),
+                DeviceIn::from_raw(xp, shape.x_len()),
+                DeviceOut::from_raw(yp, shape.y_len()),
+            )
+        }
+        .expect("int4_gemv launch");
+    };
+    let micros = time_cuda_calls(backend, stream, call);
+    drop((_p, _s, _z, _x, _y));
+    stream.synchronize().expect("benchmark work completes");
+    (micros, stream.clone_dtoh(&y).unwrap())
+}
+
+/// Times the quantizer; returns (median us, (packed, scales, zeros) of the last call).
+fn time_quantize_cuda(
+    backend: &CudaBackend,
+    stream: &Arc<CudaStream>,
+    shape: &Int4Shape,
+    w: &[bf16],
+) -> (f64, (Vec<u32>, Vec<bf16>, Vec<u8>)) {
+    let copies = GPU_ROTATION_BYTES.div_ceil(w.len() * 2).clamp(1, 16);
+    let weights = stream
+        .clone_htod(&w.repeat(copies))
+        .expect("upload weights");
+    let mut packed = stream
+        .alloc_zeros::<u32>(shape.packed_len())
+        .expect("alloc");
+    let mut scales = stream.alloc_zeros::<bf16>(shape.meta_len()).expect("alloc");
+    let mut zeros = stream.alloc_zeros::<u8>(shape.meta_len()).expect("alloc");
+    let (wp, _w) = weights.device_ptr(stream);
+    let (p, _p) = packed.device_ptr_mut(stream);
+    let (s, _s) = scales.device_ptr_mut(stream);
+    let (z, _z) = zeros.device_ptr_mut(stream);
+    let call = |i: usize| {
+        let c = (i % copies) as u64;
+        // SAFETY: copy `c` of the weights and the outputs are live allocations of the stated lengths.
+        unsafe {
+            backend.int4_quantize::<bf16, bf16>(
+                stream,
+                shape,
+                DeviceIn::from_raw(wp + c * (w.len() * 2) as u64, w.len()),
+                DeviceOut::from_raw(p, shape.packed_len()),
+                DeviceOut::from_raw(s, shape.meta_len()),
+                DeviceOut::from_raw(z, shape.meta_len()),
+            )
+        }
+        .expect("int4_quantize launch");
+    };
+    let micros = time_cuda_calls(backend, stream, call);
+    drop((_w, _p, _s, _z));
+    stream.synchronize().expect("benchmark work completes");
+    (
+        micros,
+        (
+            stream.clone_dtoh(&packed).unwrap(),
+            stream.clone_dtoh(&scales).unwrap(),
+            stream.clone_dtoh(&zeros).unwrap(),
+        ),
+    )
 }

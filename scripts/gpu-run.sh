@@ -50,12 +50,14 @@ sanitized() {
     greedy_gpu:memcheck) echo "" ;;
     greedy_gpu:*) echo "special_values bad_requests c_abi raw_pointers" ;;
     sampling_gpu:*) echo "bad_requests tokens_equal tree_of_iid_children vocabulary_sizes" ;;
+    int4_gpu:memcheck) echo "quantizer_is_byte_identical gemv_handles_the_awkward_shapes misaligned c_abi" ;;
+    int4_gpu:*) echo "gemv_handles_the_awkward_shapes c_abi" ;;
   esac
 }
 if ! want sanitize; then
   :
 elif command -v compute-sanitizer >/dev/null; then
-  for t in tests/greedy_gpu tests/sampling_gpu; do
+  for t in tests/greedy_gpu tests/sampling_gpu tests/int4_gpu; do
     # shellcheck disable=SC2046 # the filters are separate words
     step "memcheck $(basename "$t")" "memcheck-$(basename "$t").log" \
       compute-sanitizer --tool memcheck --leak-check full --error-exitcode 99 "$t" --test-threads=1 $(sanitized "$t" memcheck)

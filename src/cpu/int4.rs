@@ -175,21 +175,36 @@ pub fn int4_gemv<A: HalfElement, S: HalfElement>(
     let (m, n, k) = (shape.m, w.n, w.k);
     let x: Vec<f64> = x.iter().map(|v| f64::from(v.to_f32())).collect();
     let tiles_per_row = k / TILE_COLS;
-    // One task per 16-row tile: its sums, [16 rows][M].
+    // One task per 16-row tile: decode each 16 x 64 tile into f32 weights, then dot its rows with x in f64.
     let sums: Vec<Vec<f64>> = packed
         .par_chunks(TILE_WORDS * tiles_per_row)
         .enumerate()
         .map(|(tile_row, words)| {
             let mut acc = vec![0.0f64; TILE_ROWS * m];
-            let sub = Int4Shape { n: TILE_ROWS, ..*w };
-            let base = tile_row * TILE_ROWS;
-            let (tile_scales, tile_zeros) = tile_meta(w, scales, zeros, base);
-            for_each_weight(&sub, words, &tile_scales, &tile_zeros, |r, col, wv| {
-                let wv = f64::from(wv);
-                for i in 0..m {
-                    acc[r * m + i] += wv * x[i * k + col];
+            let mut tile_weights = [[0.0f32; TILE_COLS]; TILE_ROWS];
+            for (tile_col, tile) in words.chunks(TILE_WORDS).enumerate() {
+                decode_tile(
+                    w,
+                    tile,
+                    tile_row,
+                    tile_col,
+                    scales,
+                    zeros,
+                    &mut tile_weights,
+                );
+                let col0 = tile_col * TILE_COLS;
+                for (r, row) in tile_weights.iter().enumerate() {
+                    for i in 0..m {
+                        let xs = &x[i * k + col0..][..TILE_COLS];
+                        let dot: f64 = row
+                            .iter()
+                            .zip(xs)
+                            .map(|(&wv, &xv)| f64::from(wv) * xv)
+                            .sum();
+                        acc[r * m + i] += dot;
+                    }
                 }
-            });
+            }
             acc
         })
         .collect();
@@ -203,19 +218,27 @@ pub fn int4_gemv<A: HalfElement, S: HalfElement>(
     Ok(())
 }
 
-/// The scales and zeros of rows `base .. base + 16`, as a 16-row matrix's `[K / g, 16]` arrays.
-fn tile_meta<S: HalfElement>(
+/// The weights `(q - z) * s` of one 16 x 64 tile, as `[row][col]` of the tile.
+fn decode_tile<S: HalfElement>(
     w: &Int4Shape,
+    tile: &[u32],
+    tile_row: usize,
+    tile_col: usize,
     scales: &[S],
     zeros: &[u8],
-    base: usize,
-) -> (Vec<S>, Vec<u8>) {
-    let groups = w.groups_per_row();
-    let mut s = Vec::with_capacity(groups * TILE_ROWS);
-    let mut z = Vec::with_capacity(groups * TILE_ROWS);
-    for group in 0..groups {
-        s.extend_from_slice(&scales[group * w.n + base..][..TILE_ROWS]);
-        z.extend_from_slice(&zeros[group * w.n + base..][..TILE_ROWS]);
+    out: &mut [[f32; TILE_COLS]; TILE_ROWS],
+) {
+    // Each 32-column half of a tile lies in one group: its 16 rows' scales and zeros.
+    let mut meta = [[(0.0f32, 0.0f32); TILE_ROWS]; 2];
+    for (half, rows) in meta.iter_mut().enumerate() {
+        for (r, slot) in rows.iter_mut().enumerate() {
+            let i = w.meta_index(tile_row * TILE_ROWS + r, tile_col * TILE_COLS + 32 * half);
+            *slot = (scales[i].to_f32(), f32::from(zeros[i]));
+        }
     }
-    (s, z)
+    for (slot, &(r, c)) in TILE_POSITIONS.iter().enumerate() {
+        let q = ((tile[slot / 8] >> (4 * (slot % 8))) & 0xF) as f32;
+        let (s, z) = meta[c as usize / 32][r as usize];
+        out[r as usize][c as usize] = (q - z) * s;
+    }
 }
