@@ -1081,13 +1081,16 @@ fn time_gemv_cuda(
     (micros, stream.clone_dtoh(&y).unwrap())
 }
 
-/// Times the quantizer; returns (median us, (packed, scales, zeros) of the last call).
+/// `(packed, scales, zeros)` of a quantized matrix, read back from the device.
+type QuantizedArrays = (Vec<u32>, Vec<bf16>, Vec<u8>);
+
+/// Times the quantizer; returns (median us, the arrays of the last call).
 fn time_quantize_cuda(
     backend: &CudaBackend,
     stream: &Arc<CudaStream>,
     shape: &Int4Shape,
     w: &[bf16],
-) -> (f64, (Vec<u32>, Vec<bf16>, Vec<u8>)) {
+) -> (f64, QuantizedArrays) {
     let copies = GPU_ROTATION_BYTES.div_ceil(w.len() * 2).clamp(1, 16);
     let weights = stream
         .clone_htod(&w.repeat(copies))
