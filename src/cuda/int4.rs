@@ -197,16 +197,14 @@ impl CudaBackend {
         // SAFETY: argument types match Int4QuantizeKernel_*; warps beyond the matrix return at once, and every
         // other warp reads and writes inside the arrays whose sizes the caller checked.
         unsafe {
-            result::launch_kernel(
+            launch(
                 kernel,
-                (blocks, 1, 1),
-                (WARPS * 32, 1, 1),
-                0,
+                blocks,
                 stream,
                 &mut args,
+                "cuLaunchKernel(Int4QuantizeKernel)",
             )
         }
-        .map_err(|e| cuda_error("cuLaunchKernel(Int4QuantizeKernel)", e))
     }
 
     /// Enqueues the GEMV kernel. `shape` and `ptrs` are validated by the caller.
@@ -251,17 +249,30 @@ impl CudaBackend {
         // SAFETY: argument types match Int4GemvKernel_*; block b reads row tiles b * R .. (b + 1) * R, all inside
         // the matrix (R divides the tile count), and the rows of x below m.
         unsafe {
-            result::launch_kernel(
+            launch(
                 kernel,
-                (blocks, 1, 1),
-                (WARPS * 32, 1, 1),
-                0,
+                blocks,
                 stream,
                 &mut args,
+                "cuLaunchKernel(Int4GemvKernel)",
             )
         }
-        .map_err(|e| cuda_error("cuLaunchKernel(Int4GemvKernel)", e))
     }
+}
+
+/// Launches `blocks` blocks of [`WARPS`] warps, no dynamic shared memory.
+///
+/// # Safety
+/// `args` must match the kernel's parameters, and the kernel must stay inside the memory they describe.
+unsafe fn launch(
+    kernel: sys::CUfunction,
+    blocks: u32,
+    stream: sys::CUstream,
+    args: &mut [*mut std::ffi::c_void],
+    call: &'static str,
+) -> Result<()> {
+    result::launch_kernel(kernel, (blocks, 1, 1), (WARPS * 32, 1, 1), 0, stream, args)
+        .map_err(|e| cuda_error(call, e))
 }
 
 fn half_name(argument: &str, dtype: DType) -> Result<&'static str> {
