@@ -103,4 +103,27 @@ __device__ __forceinline__ void ForEachInRange(const T* row, int64_t begin, int6
   }
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// Tensor-core MMA m16n8k16 (sm_80+): c[16x8] += a[16x16] b[16x8], fp16 or bf16 inputs, fp32 accumulation, in
+// the fragment layouts of the PTX ISA ("mma.m16n8k16"). `a` is four 32-bit registers, `b` two.
+// ---------------------------------------------------------------------------------------------------------
+template <typename A>
+__device__ __forceinline__ void Mma16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1);
+
+template <>
+__device__ __forceinline__ void Mma16816<__half>(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <>
+__device__ __forceinline__ void Mma16816<__nv_bfloat16>(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
 }  // namespace specdec

@@ -9,7 +9,8 @@
 //! * [`capi`]: the C ABI.
 //!
 //! Primitives so far: greedy verification ([`greedy`]); lossless rejection-sampling verification of chains and
-//! trees ([`sampling`]). Host-side: a suffix drafter over rollout history
+//! trees ([`sampling`]); int4 draft weights and their GEMV ([`int4`]); tree attention over a paged KV cache
+//! with KV append, RoPE and accepted-path compaction ([`attention`]). Host-side: a suffix drafter over rollout history
 //! ([`drafter`]); the step cost model and speculation policies ([`policy`]).
 //!
 //! Every entry point validates its arguments through one shared path (for greedy verification,
@@ -17,6 +18,7 @@
 //! argument.
 #![warn(missing_docs)]
 
+pub mod attention;
 pub mod capi;
 pub mod cpu;
 pub mod cuda;

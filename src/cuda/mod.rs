@@ -35,6 +35,7 @@
 //! # Ok(()) }
 //! ```
 
+pub(crate) mod attention;
 pub(crate) mod greedy;
 pub(crate) mod int4;
 mod memory;
@@ -47,6 +48,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use cudarc::driver::{result, sys, CudaContext, CudaStream, DriverError};
 
 use crate::error::{Error, Result};
+pub use attention::{DeviceTreeBatch, DeviceTreeOutputs, MAX_COMPACTION_LAYERS};
 pub use memory::{DeviceIn, DeviceOut};
 pub use module::{COMPILED_ARCHS, KERNELS_COMPILED};
 pub use sampling::{DeviceDrafts, DeviceRows, DeviceVerifyInputs, DeviceVerifyOutputs};

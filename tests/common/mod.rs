@@ -1,6 +1,7 @@
 //! Test support: seeded random cases and a naive, independent reference for greedy verification.
 #![allow(dead_code)]
 
+pub mod attention;
 pub mod int4;
 pub mod sampling;
 pub mod stats;

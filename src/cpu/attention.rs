@@ -1,0 +1,295 @@
+//! Tree attention over a paged KV cache and accepted-path compaction, on the CPU: the reference of
+//! `cuda/tree_attention.cu`. Semantics, layouts and rules: [`crate::attention`].
+//!
+//! Scores, the softmax and the weighted sum of values are computed in f64 from the exact element values, and
+//! each output is rounded once: the oracle the GPU kernels (fp32 accumulation) are measured against.
+
+use rayon::prelude::*;
+
+use crate::attention::{
+    check_softmax_scale, rotate_pair, CompactionShape, TreeAttentionShape, TreeBatch, TreeRequest,
+};
+use crate::dtype::HalfElement;
+use crate::error::{check_len, Error, Result};
+
+/// Tree attention with the tree's KV appended to the cache (see [`crate::attention`]): writes the (rotated)
+/// keys and the values of every node to `k_cache` / `v_cache` at slots `L_b + i`, `out[N, Hq, D]` and, if
+/// given, `lse[N, Hq]`. Every request is checked before anything is written.
+#[allow(clippy::too_many_arguments)]
+pub fn tree_attention<T: HalfElement>(
+    shape: &TreeAttentionShape,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    batch: &TreeBatch<'_>,
+    cos_sin_cache: Option<&[f32]>,
+    softmax_scale: f32,
+    k_cache: &mut [T],
+    v_cache: &mut [T],
+    out: &mut [T],
+    lse: Option<&mut [f32]>,
+) -> Result<()> {
+    check_softmax_scale(softmax_scale)?;
+    shape.check_lengths(
+        q.len(),
+        k.len(),
+        v.len(),
+        batch.token_offsets.len(),
+        batch.parents.len(),
+        batch.prefix_lens.len(),
+        batch.page_table.len(),
+        k_cache.len(),
+        v_cache.len(),
+        cos_sin_cache.map(<[f32]>::len),
+        out.len(),
+        lse.as_ref().map(|l| l.len()),
+    )?;
+    let requests = (0..shape.num_requests)
+        .map(|b| {
+            shape.check_request(
+                b,
+                batch.token_offsets,
+                batch.parents,
+                batch.prefix_lens,
+                batch.page_table,
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
+    check_distinct_append_slots(shape, &requests, batch.page_table)?;
+
+    let (hq, hkv, d) = (
+        shape.num_q_heads,
+        shape.cache.num_kv_heads,
+        shape.cache.head_dim,
+    );
+    let (q_rot, k_rot) = match (shape.rope, cos_sin_cache) {
+        (Some(rope), Some(cos_sin)) => {
+            let mut q_rot = q.to_vec();
+            let mut k_rot = k.to_vec();
+            for request in &requests {
+                for (i, &depth) in request.depths.iter().enumerate() {
+                    let row = request.first_row + i;
+                    let angles = &cos_sin[(request.prefix_len + depth) * d..][..d];
+                    for head in q_rot[row * hq * d..][..hq * d].chunks_mut(d) {
+                        rotate_head(head, angles, rope.style);
+                    }
+                    for head in k_rot[row * hkv * d..][..hkv * d].chunks_mut(d) {
+                        rotate_head(head, angles, rope.style);
+                    }
+                }
+            }
+            (q_rot, k_rot)
+        }
+        _ => (q.to_vec(), k.to_vec()),
+    };
+
+    for request in &requests {
+        for i in 0..request.tree_size() {
+            let row = request.first_row + i;
+            for head in 0..hkv {
+                let at = shape.cache.slot_offset(
+                    batch.page_table,
+                    request_index(batch.token_offsets, row),
+                    request.prefix_len + i,
+                    head,
+                );
+                let from = (row * hkv + head) * d;
+                k_cache[at..at + d].copy_from_slice(&k_rot[from..from + d]);
+                v_cache[at..at + d].copy_from_slice(&v[from..from + d]);
+            }
+        }
+    }
+
+    // Each row's request: rows outside every request (none, once token_offsets[B] = N) are left as they are.
+    let mut row_request = vec![None; shape.num_tokens];
+    for (b, request) in requests.iter().enumerate() {
+        for i in 0..request.tree_size() {
+            row_request[request.first_row + i] = Some((b, i));
+        }
+    }
+    let scale = f64::from(softmax_scale);
+    let (k_cache, v_cache) = (&*k_cache, &*v_cache);
+    let results: Vec<(Vec<T>, Vec<f32>)> = row_request
+        .par_iter()
+        .enumerate()
+        .map(|(row, owner)| {
+            let Some((b, node)) = *owner else {
+                return (Vec::new(), Vec::new());
+            };
+            let request = &requests[b];
+            let mut outs = Vec::with_capacity(hq * d);
+            let mut lses = Vec::with_capacity(hq);
+            for head in 0..hq {
+                let kv_head = head / shape.group_size();
+                let query = &q_rot[(row * hq + head) * d..][..d];
+                let prefix = (0..request.prefix_len).map(|slot| {
+                    let at = shape.cache.slot_offset(batch.page_table, b, slot, kv_head);
+                    (&k_cache[at..at + d], &v_cache[at..at + d])
+                });
+                let tree = (0..=node)
+                    .filter(|&j| request.ancestors[node] >> j & 1 == 1)
+                    .map(|j| {
+                        let at = ((request.first_row + j) * hkv + kv_head) * d;
+                        (&k_rot[at..at + d], &v[at..at + d])
+                    });
+                let (o, l) = attend(query, prefix.chain(tree), scale, d);
+                outs.extend(o.into_iter().map(T::from_f64));
+                lses.push(l as f32);
+            }
+            (outs, lses)
+        })
+        .collect();
+
+    let mut lse = lse;
+    for (row, (o, l)) in results.into_iter().enumerate() {
+        if o.is_empty() {
+            continue;
+        }
+        out[row * hq * d..][..hq * d].copy_from_slice(&o);
+        if let Some(lse) = lse.as_deref_mut() {
+            lse[row * hq..][..hq].copy_from_slice(&l);
+        }
+    }
+    Ok(())
+}
+
+/// The request that owns `row` (rows are in request order).
+fn request_index(token_offsets: &[i32], row: usize) -> usize {
+    token_offsets.partition_point(|&o| o as usize <= row) - 1
+}
+
+/// The softmax-weighted sum of values and the log-sum-exp of the scores, all in f64.
+fn attend<'a, T: HalfElement>(
+    query: &[T],
+    keys_values: impl Iterator<Item = (&'a [T], &'a [T])>,
+    scale: f64,
+    d: usize,
+) -> (Vec<f64>, f64) {
+    let query: Vec<f64> = query.iter().map(|x| f64::from(x.to_f32())).collect();
+    let scored: Vec<(f64, &[T])> = keys_values
+        .map(|(key, value)| {
+            let dot: f64 = key
+                .iter()
+                .zip(&query)
+                .map(|(k, q)| f64::from(k.to_f32()) * q)
+                .sum();
+            (dot * scale, value)
+        })
+        .collect();
+    let max = scored
+        .iter()
+        .map(|(s, _)| *s)
+        .fold(f64::NEG_INFINITY, f64::max);
+    let mut weighted = vec![0.0; d];
+    let mut total = 0.0;
+    for (score, value) in &scored {
+        let p = (score - max).exp();
+        total += p;
+        for (w, x) in weighted.iter_mut().zip(value.iter()) {
+            *w += p * f64::from(x.to_f32());
+        }
+    }
+    weighted.iter_mut().for_each(|w| *w /= total);
+    (weighted, max + total.ln())
+}
+
+/// Rotates one head in place by the rule of [`crate::attention`].
+fn rotate_head<T: HalfElement>(head: &mut [T], angles: &[f32], style: crate::attention::RopeStyle) {
+    let d = head.len();
+    for j in 0..d / 2 {
+        let (a, b) = style.pair(j, d);
+        let (x, y) = rotate_pair(
+            head[a].to_f32(),
+            head[b].to_f32(),
+            angles[j],
+            angles[d / 2 + j],
+        );
+        head[a] = T::from_f32(x);
+        head[b] = T::from_f32(y);
+    }
+}
+
+/// Two requests appending to the same cache row is a caller's error the kernels cannot see; the reference
+/// names it.
+fn check_distinct_append_slots(
+    shape: &TreeAttentionShape,
+    requests: &[TreeRequest],
+    page_table: &[i32],
+) -> Result<()> {
+    let mut owner = std::collections::HashMap::new();
+    for (b, request) in requests.iter().enumerate() {
+        for i in 0..request.tree_size() {
+            let slot = request.prefix_len + i;
+            let row = shape.cache.slot_offset(page_table, b, slot, 0);
+            if let Some(other) = owner.insert(row, b) {
+                if other != b {
+                    return Err(Error::invalid(
+                        format!("page_table[{}]", b * shape.cache.pages_per_request + slot / shape.cache.page_size),
+                        format!(
+                            "maps request {b}'s append slot {slot} to a cache row request {other} also appends to"
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Compaction of accepted paths (see [`crate::attention`]) in every layer's cache: `k_caches[layer]` and
+/// `v_caches[layer]`, each `[num_pages, page_size, Hkv, D]`. Every request is checked before anything moves.
+pub fn tree_kv_compact<'a, T: Copy>(
+    shape: &CompactionShape,
+    accepted_offsets: &[i32],
+    accepted_nodes: &[i32],
+    prefix_lens: &[i32],
+    page_table: &[i32],
+    k_caches: &mut [&'a mut [T]],
+    v_caches: &mut [&'a mut [T]],
+) -> Result<()> {
+    shape.check_lengths(
+        accepted_offsets.len(),
+        accepted_nodes.len(),
+        prefix_lens.len(),
+        page_table.len(),
+    )?;
+    check_len("k_caches", k_caches.len(), shape.num_layers)?;
+    check_len("v_caches", v_caches.len(), shape.num_layers)?;
+    for (layer, (k, v)) in k_caches.iter().zip(v_caches.iter()).enumerate() {
+        check_len(
+            &format!("k_caches[{layer}]"),
+            k.len(),
+            shape.cache.cache_len(),
+        )?;
+        check_len(
+            &format!("v_caches[{layer}]"),
+            v.len(),
+            shape.cache.cache_len(),
+        )?;
+    }
+    let requests = (0..shape.num_requests)
+        .map(|b| shape.check_request(b, accepted_offsets, accepted_nodes, prefix_lens, page_table))
+        .collect::<Result<Vec<_>>>()?;
+
+    let d = shape.cache.head_dim;
+    for cache in k_caches.iter_mut().chain(v_caches.iter_mut()) {
+        for (b, (prefix_len, nodes)) in requests.iter().enumerate() {
+            // Ascending order is safe in place: the source slot of a later entry is above every earlier
+            // destination (nodes are strictly increasing, so node_j >= j).
+            for (j, &node) in nodes.iter().enumerate() {
+                if node as usize == j {
+                    continue;
+                }
+                for head in 0..shape.cache.num_kv_heads {
+                    let from =
+                        shape
+                            .cache
+                            .slot_offset(page_table, b, prefix_len + node as usize, head);
+                    let to = shape.cache.slot_offset(page_table, b, prefix_len + j, head);
+                    cache.copy_within(from..from + d, to);
+                }
+            }
+        }
+    }
+    Ok(())
+}

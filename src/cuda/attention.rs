@@ -1,0 +1,608 @@
+//! Launchers of tree attention and compaction (`cuda/tree_attention.cu`). Semantics and validation:
+//! [`crate::attention`].
+
+use std::ffi::c_void;
+
+use cudarc::driver::{result, sys, CudaStream};
+
+use super::greedy::arg;
+use super::memory::{check_device_ptr, StreamScratch};
+use super::{cuda_error, CudaBackend, DeviceIn, DeviceOut};
+use crate::attention::{check_softmax_scale, CompactionShape, TreeAttentionShape};
+use crate::dtype::{DType, HalfElement};
+use crate::error::{check_len, Error, Result};
+
+const MODULE: &str = "tree_attention";
+/// The most splits of one request's prefix; the merge kernel holds one per lane.
+const MAX_SPLITS: usize = 32;
+/// The most layers one compaction call moves; must match kMaxLayers in the .cu file.
+pub const MAX_COMPACTION_LAYERS: usize = 128;
+/// Threads of the merge and compaction kernels; must match the .cu file.
+const MERGE_THREADS: u32 = 128;
+const COMPACT_THREADS: u32 = 128;
+
+/// The kernel's parameter block; must match `TreeAttentionParams` in the .cu file.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct TreeAttentionParams {
+    q: u64,
+    k: u64,
+    v: u64,
+    token_offsets: u64,
+    parents: u64,
+    prefix_lens: u64,
+    page_table: u64,
+    k_cache: u64,
+    v_cache: u64,
+    cos_sin: u64,
+    out: u64,
+    lse: u64,
+    request_status: u64,
+    partial_out: u64,
+    partial_lse: u64,
+    num_requests: i32,
+    num_tokens: i32,
+    num_q_heads: i32,
+    num_kv_heads: i32,
+    group: i32,
+    max_tree: i32,
+    num_pages: i32,
+    page_size_log2: i32,
+    pages_per_request: i32,
+    max_position: i32,
+    rope_style: i32,
+    num_splits: i32,
+    row_chunks: i32,
+    scale_log2: f32,
+}
+
+/// The compaction kernel's parameter block; must match `CompactionParams` in the .cu file.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CompactionParams {
+    k_caches: [u64; MAX_COMPACTION_LAYERS],
+    v_caches: [u64; MAX_COMPACTION_LAYERS],
+    accepted_offsets: u64,
+    accepted_nodes: u64,
+    prefix_lens: u64,
+    page_table: u64,
+    request_status: u64,
+    num_accepted: i32,
+    num_kv_heads: i32,
+    num_pages: i32,
+    page_size_log2: i32,
+    pages_per_request: i32,
+}
+
+/// Raw device pointers of one tree-attention call (0 for an absent optional array), after validation.
+pub(crate) struct TreeAttentionDevicePtrs {
+    pub q: sys::CUdeviceptr,
+    pub k: sys::CUdeviceptr,
+    pub v: sys::CUdeviceptr,
+    pub token_offsets: sys::CUdeviceptr,
+    pub parents: sys::CUdeviceptr,
+    pub prefix_lens: sys::CUdeviceptr,
+    pub page_table: sys::CUdeviceptr,
+    pub k_cache: sys::CUdeviceptr,
+    pub v_cache: sys::CUdeviceptr,
+    pub cos_sin_cache: sys::CUdeviceptr,
+    pub out: sys::CUdeviceptr,
+    pub lse: sys::CUdeviceptr,
+    pub request_status: sys::CUdeviceptr,
+}
+
+impl TreeAttentionDevicePtrs {
+    /// Non-null where required, and aligned as the kernels read them (the caches in 16-byte vectors).
+    pub(crate) fn check(&self, shape: &TreeAttentionShape) -> Result<()> {
+        check_device_ptr("q", self.q, shape.q_len(), 2)?;
+        check_device_ptr("k", self.k, shape.kv_len(), 2)?;
+        check_device_ptr("v", self.v, shape.kv_len(), 2)?;
+        check_device_ptr(
+            "token_offsets",
+            self.token_offsets,
+            shape.num_requests + 1,
+            4,
+        )?;
+        check_device_ptr("parents", self.parents, shape.num_tokens, 4)?;
+        check_device_ptr("prefix_lens", self.prefix_lens, shape.num_requests, 4)?;
+        check_device_ptr("page_table", self.page_table, shape.page_table_len(), 4)?;
+        check_device_ptr("k_cache", self.k_cache, shape.cache.cache_len(), 16)?;
+        check_device_ptr("v_cache", self.v_cache, shape.cache.cache_len(), 16)?;
+        if shape.rope.is_some() != (self.cos_sin_cache != 0) {
+            return Err(Error::invalid(
+                "cos_sin_cache",
+                if shape.rope.is_some() {
+                    "is null, but RoPE is asked for"
+                } else {
+                    "is given, but RoPE is off"
+                },
+            ));
+        }
+        check_device_ptr("cos_sin_cache", self.cos_sin_cache, shape.cos_sin_len(), 4)?;
+        check_device_ptr("out", self.out, shape.q_len(), 2)?;
+        check_device_ptr("lse", self.lse, 0, 4)?;
+        check_device_ptr("request_status", self.request_status, 0, 4)
+    }
+}
+
+/// Raw device pointers of one compaction call, after validation.
+pub(crate) struct CompactionDevicePtrs<'a> {
+    pub k_caches: &'a [sys::CUdeviceptr],
+    pub v_caches: &'a [sys::CUdeviceptr],
+    pub accepted_offsets: sys::CUdeviceptr,
+    pub accepted_nodes: sys::CUdeviceptr,
+    pub prefix_lens: sys::CUdeviceptr,
+    pub page_table: sys::CUdeviceptr,
+    pub request_status: sys::CUdeviceptr,
+}
+
+impl CompactionDevicePtrs<'_> {
+    pub(crate) fn check(&self, shape: &CompactionShape) -> Result<()> {
+        if shape.num_layers > MAX_COMPACTION_LAYERS {
+            return Err(Error::invalid(
+                "num_layers",
+                format!(
+                    "is {}; one call moves at most {MAX_COMPACTION_LAYERS} layers (call once per \
+                     {MAX_COMPACTION_LAYERS})",
+                    shape.num_layers
+                ),
+            ));
+        }
+        check_len("k_caches", self.k_caches.len(), shape.num_layers)?;
+        check_len("v_caches", self.v_caches.len(), shape.num_layers)?;
+        for (layer, (&k, &v)) in self.k_caches.iter().zip(self.v_caches).enumerate() {
+            check_device_ptr(
+                &format!("k_caches[{layer}]"),
+                k,
+                shape.cache.cache_len(),
+                16,
+            )?;
+            check_device_ptr(
+                &format!("v_caches[{layer}]"),
+                v,
+                shape.cache.cache_len(),
+                16,
+            )?;
+        }
+        check_device_ptr(
+            "accepted_offsets",
+            self.accepted_offsets,
+            shape.num_requests + 1,
+            4,
+        )?;
+        check_device_ptr("accepted_nodes", self.accepted_nodes, shape.num_accepted, 4)?;
+        check_device_ptr("prefix_lens", self.prefix_lens, shape.num_requests, 4)?;
+        check_device_ptr(
+            "page_table",
+            self.page_table,
+            shape.num_requests * shape.cache.pages_per_request,
+            4,
+        )?;
+        check_device_ptr("request_status", self.request_status, 0, 4)
+    }
+}
+
+/// The device arrays of a tree-attention call besides the element tensors.
+pub struct DeviceTreeBatch<'a> {
+    /// `[B + 1]`.
+    pub token_offsets: DeviceIn<'a, i32>,
+    /// `[N]`.
+    pub parents: DeviceIn<'a, i32>,
+    /// `[B]`.
+    pub prefix_lens: DeviceIn<'a, i32>,
+    /// `[B, pages_per_request]`.
+    pub page_table: DeviceIn<'a, i32>,
+}
+
+/// The outputs of a tree-attention call: the cache (appended to), `out`, and optionally `lse[N, Hq]` and
+/// `request_status[B]` ([`crate::attention::RequestStatus`] codes).
+pub struct DeviceTreeOutputs<'a, T> {
+    /// `[num_pages, page_size, Hkv, D]`, read and appended to.
+    pub k_cache: DeviceOut<'a, T>,
+    /// As `k_cache`.
+    pub v_cache: DeviceOut<'a, T>,
+    /// `[N, Hq, D]`.
+    pub out: DeviceOut<'a, T>,
+    /// `[N, Hq]`, natural log-sum-exp of each row's scores.
+    pub lse: Option<DeviceOut<'a, f32>>,
+    /// `[B]`.
+    pub request_status: Option<DeviceOut<'a, i32>>,
+}
+
+impl CudaBackend {
+    /// Tree attention with KV append and RoPE on the device (see [`crate::attention`]), enqueued on `stream`.
+    /// Sizes, lengths and pointers are checked here; the index arrays' contents are checked by the kernel per
+    /// request (`request_status`). `k_cache` and `v_cache` must be 16-byte aligned.
+    #[allow(clippy::too_many_arguments)]
+    pub fn tree_attention<T: HalfElement>(
+        &self,
+        stream: &CudaStream,
+        shape: &TreeAttentionShape,
+        q: DeviceIn<'_, T>,
+        k: DeviceIn<'_, T>,
+        v: DeviceIn<'_, T>,
+        batch: DeviceTreeBatch<'_>,
+        cos_sin_cache: Option<DeviceIn<'_, f32>>,
+        softmax_scale: f32,
+        outputs: DeviceTreeOutputs<'_, T>,
+    ) -> Result<()> {
+        self.check_stream(stream)?;
+        shape.check_lengths(
+            q.len(),
+            k.len(),
+            v.len(),
+            batch.token_offsets.len(),
+            batch.parents.len(),
+            batch.prefix_lens.len(),
+            batch.page_table.len(),
+            outputs.k_cache.len(),
+            outputs.v_cache.len(),
+            cos_sin_cache.as_ref().map(DeviceIn::len),
+            outputs.out.len(),
+            outputs.lse.as_ref().map(DeviceOut::len),
+        )?;
+        if let Some(status) = &outputs.request_status {
+            check_len("request_status", status.len(), shape.num_requests)?;
+        }
+        let ptrs = TreeAttentionDevicePtrs {
+            q: q.ptr,
+            k: k.ptr,
+            v: v.ptr,
+            token_offsets: batch.token_offsets.ptr,
+            parents: batch.parents.ptr,
+            prefix_lens: batch.prefix_lens.ptr,
+            page_table: batch.page_table.ptr,
+            k_cache: outputs.k_cache.ptr,
+            v_cache: outputs.v_cache.ptr,
+            cos_sin_cache: cos_sin_cache.as_ref().map_or(0, |c| c.ptr),
+            out: outputs.out.ptr,
+            lse: outputs.lse.as_ref().map_or(0, |l| l.ptr),
+            request_status: outputs.request_status.as_ref().map_or(0, |s| s.ptr),
+        };
+        ptrs.check(shape)?;
+        self.launch_tree_attention(stream.cu_stream(), shape, T::DTYPE, softmax_scale, &ptrs)
+    }
+
+    /// Enqueues the attention kernel and, when the prefix is split, the merge. `shape` and `ptrs` are validated
+    /// by the caller.
+    pub(crate) fn launch_tree_attention(
+        &self,
+        stream: sys::CUstream,
+        shape: &TreeAttentionShape,
+        dtype: DType,
+        softmax_scale: f32,
+        ptrs: &TreeAttentionDevicePtrs,
+    ) -> Result<()> {
+        check_softmax_scale(softmax_scale)?;
+        let dtype_name = match dtype {
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+            DType::F32 => {
+                return Err(Error::invalid(
+                    "dtype",
+                    "is fp32; tree attention takes fp16 or bf16",
+                ))
+            }
+        };
+        if shape.num_requests == 0 || shape.num_tokens == 0 {
+            return Ok(());
+        }
+        let d = shape.cache.head_dim;
+        let plan = LaunchPlan::new(shape, self.multiprocessors());
+        let _bound = self.bind()?;
+        let kernel = self.function(MODULE, attention_kernel_name(dtype_name, d, plan.row_warps))?;
+        let shared_bytes = plan.shared_bytes(d);
+        // SAFETY: a valid function handle; the size is within every supported device's opt-in limit.
+        unsafe {
+            result::function::set_function_attribute(
+                kernel,
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                shared_bytes as i32,
+            )
+        }
+        .map_err(|e| cuda_error("cuFuncSetAttribute", e))?;
+
+        let scratch = if plan.splits > 1 {
+            let partial_out = plan.splits * shape.q_len();
+            let partial_lse = plan.splits * shape.lse_len();
+            Some(StreamScratch::alloc(
+                stream,
+                (partial_out + partial_lse) * 4,
+            )?)
+        } else {
+            None
+        };
+        let partial_out = scratch.as_ref().map_or(0, StreamScratch::ptr);
+        let partial_lse = partial_out + (plan.splits * shape.q_len() * 4) as u64;
+        let (rope_style, max_position) = shape
+            .rope
+            .map_or((0, 0), |r| (r.style.code(), r.max_position as i32));
+        let mut params = TreeAttentionParams {
+            q: ptrs.q,
+            k: ptrs.k,
+            v: ptrs.v,
+            token_offsets: ptrs.token_offsets,
+            parents: ptrs.parents,
+            prefix_lens: ptrs.prefix_lens,
+            page_table: ptrs.page_table,
+            k_cache: ptrs.k_cache,
+            v_cache: ptrs.v_cache,
+            cos_sin: ptrs.cos_sin_cache,
+            out: ptrs.out,
+            lse: ptrs.lse,
+            request_status: ptrs.request_status,
+            partial_out,
+            partial_lse: if scratch.is_some() { partial_lse } else { 0 },
+            num_requests: shape.num_requests as i32,
+            num_tokens: shape.num_tokens as i32,
+            num_q_heads: shape.num_q_heads as i32,
+            num_kv_heads: shape.cache.num_kv_heads as i32,
+            group: shape.group_size() as i32,
+            max_tree: shape.max_tree_size as i32,
+            num_pages: shape.cache.num_pages as i32,
+            page_size_log2: shape.cache.page_size.trailing_zeros() as i32,
+            pages_per_request: shape.cache.pages_per_request as i32,
+            max_position,
+            rope_style,
+            num_splits: plan.splits as i32,
+            row_chunks: plan.row_chunks as i32,
+            scale_log2: softmax_scale * std::f32::consts::LOG2_E,
+        };
+        let mut args = [arg(&mut params)];
+        let grid = (
+            plan.splits as u32,
+            (shape.cache.num_kv_heads * plan.row_chunks) as u32,
+            shape.num_requests as u32,
+        );
+        // SAFETY: the parameter block matches TreeAttentionParams; every block validates its request's index
+        // arrays before using them, and every array's size was checked against the shape.
+        unsafe {
+            result::launch_kernel(
+                kernel,
+                grid,
+                (plan.threads(), 1, 1),
+                shared_bytes as u32,
+                stream,
+                &mut args,
+            )
+        }
+        .map_err(|e| cuda_error("cuLaunchKernel(TreeAttentionKernel)", e))?;
+
+        if let Some(scratch) = scratch {
+            let merge = self.function(MODULE, merge_kernel_name(dtype_name, d))?;
+            let pairs = shape.max_tree_size * shape.num_q_heads;
+            let warps = MERGE_THREADS as usize / 32;
+            let mut args = [arg(&mut params)];
+            // SAFETY: as above; the merge reads the partials the attention kernel wrote for valid requests.
+            unsafe {
+                result::launch_kernel(
+                    merge,
+                    (pairs.div_ceil(warps) as u32, shape.num_requests as u32, 1),
+                    (MERGE_THREADS, 1, 1),
+                    0,
+                    stream,
+                    &mut args,
+                )
+            }
+            .map_err(|e| cuda_error("cuLaunchKernel(TreeAttentionMergeKernel)", e))?;
+            scratch.free()?;
+        }
+        Ok(())
+    }
+
+    /// Compaction of accepted paths in every layer's cache (see [`crate::attention`]), enqueued on `stream`.
+    /// `k_caches` / `v_caches` hold each layer's device pointer (at most [`MAX_COMPACTION_LAYERS`], 16-byte
+    /// aligned, each `[num_pages, page_size, Hkv, D]` of a 16-bit type).
+    ///
+    /// # Safety
+    /// Each pointer in `k_caches` and `v_caches` must be a device allocation of the shape's cache size, not
+    /// used by other work until this call's work on `stream` has finished.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn tree_kv_compact(
+        &self,
+        stream: &CudaStream,
+        shape: &CompactionShape,
+        k_caches: &[sys::CUdeviceptr],
+        v_caches: &[sys::CUdeviceptr],
+        accepted_offsets: DeviceIn<'_, i32>,
+        accepted_nodes: DeviceIn<'_, i32>,
+        prefix_lens: DeviceIn<'_, i32>,
+        page_table: DeviceIn<'_, i32>,
+        request_status: Option<DeviceOut<'_, i32>>,
+    ) -> Result<()> {
+        self.check_stream(stream)?;
+        shape.check_lengths(
+            accepted_offsets.len(),
+            accepted_nodes.len(),
+            prefix_lens.len(),
+            page_table.len(),
+        )?;
+        if let Some(status) = &request_status {
+            check_len("request_status", status.len(), shape.num_requests)?;
+        }
+        let ptrs = CompactionDevicePtrs {
+            k_caches,
+            v_caches,
+            accepted_offsets: accepted_offsets.ptr,
+            accepted_nodes: accepted_nodes.ptr,
+            prefix_lens: prefix_lens.ptr,
+            page_table: page_table.ptr,
+            request_status: request_status.as_ref().map_or(0, |s| s.ptr),
+        };
+        ptrs.check(shape)?;
+        self.launch_tree_kv_compact(stream.cu_stream(), shape, &ptrs)
+    }
+
+    /// Enqueues the compaction kernel. `shape` and `ptrs` are validated by the caller.
+    pub(crate) fn launch_tree_kv_compact(
+        &self,
+        stream: sys::CUstream,
+        shape: &CompactionShape,
+        ptrs: &CompactionDevicePtrs<'_>,
+    ) -> Result<()> {
+        if shape.num_requests == 0 || shape.num_layers == 0 {
+            return Ok(());
+        }
+        let name = match shape.cache.head_dim {
+            64 => "TreeKvCompactKernel_d64",
+            128 => "TreeKvCompactKernel_d128",
+            _ => "TreeKvCompactKernel_d256",
+        };
+        let _bound = self.bind()?;
+        let kernel = self.function(MODULE, name)?;
+        let mut params = CompactionParams {
+            k_caches: [0; MAX_COMPACTION_LAYERS],
+            v_caches: [0; MAX_COMPACTION_LAYERS],
+            accepted_offsets: ptrs.accepted_offsets,
+            accepted_nodes: ptrs.accepted_nodes,
+            prefix_lens: ptrs.prefix_lens,
+            page_table: ptrs.page_table,
+            request_status: ptrs.request_status,
+            num_accepted: shape.num_accepted as i32,
+            num_kv_heads: shape.cache.num_kv_heads as i32,
+            num_pages: shape.cache.num_pages as i32,
+            page_size_log2: shape.cache.page_size.trailing_zeros() as i32,
+            pages_per_request: shape.cache.pages_per_request as i32,
+        };
+        params.k_caches[..shape.num_layers].copy_from_slice(ptrs.k_caches);
+        params.v_caches[..shape.num_layers].copy_from_slice(ptrs.v_caches);
+        let mut args = [&mut params as *mut CompactionParams as *mut c_void];
+        let grid = (
+            shape.num_requests as u32,
+            shape.cache.num_kv_heads as u32,
+            shape.num_layers as u32,
+        );
+        // SAFETY: the parameter block matches CompactionParams; every block validates its request before moving
+        // anything, inside the caches whose sizes and alignment the caller checked.
+        unsafe {
+            result::launch_kernel(kernel, grid, (COMPACT_THREADS, 1, 1), 0, stream, &mut args)
+        }
+        .map_err(|e| cuda_error("cuLaunchKernel(TreeKvCompactKernel)", e))
+    }
+}
+
+/// How a tree-attention call is laid over the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LaunchPlan {
+    /// Warps of 16 query rows per block (1, 2, 4 or 8); a block has at least 4 warps.
+    pub row_warps: usize,
+    /// Blocks along a request's `max_tree_size x group` rows.
+    pub row_chunks: usize,
+    /// Blocks along each request's prefix.
+    pub splits: usize,
+}
+
+impl LaunchPlan {
+    pub(crate) fn new(shape: &TreeAttentionShape, multiprocessors: u32) -> Self {
+        let rows = shape.max_tree_size * shape.group_size();
+        let mut row_warps = rows.div_ceil(16).next_power_of_two().min(8);
+        if shape.cache.head_dim == 256 {
+            row_warps = row_warps.clamp(2, 4); // the instantiations that fit 99 KiB of shared memory
+        }
+        let row_chunks = rows.div_ceil(16 * row_warps);
+        let blocks = shape.num_requests * shape.cache.num_kv_heads * row_chunks;
+        let splits = (2 * multiprocessors as usize)
+            .div_ceil(blocks)
+            .clamp(1, MAX_SPLITS);
+        LaunchPlan {
+            row_warps,
+            row_chunks,
+            splits,
+        }
+    }
+
+    fn threads(&self) -> u32 {
+        32 * self.row_warps.max(4) as u32
+    }
+
+    /// Dynamic shared memory: Q rows and two stages of K and V tiles, 2-byte elements.
+    fn shared_bytes(&self, head_dim: usize) -> usize {
+        let keys = if head_dim == 256 { 32 } else { 64 };
+        (16 * self.row_warps + 4 * keys) * head_dim * 2
+    }
+}
+
+fn attention_kernel_name(dtype: &str, head_dim: usize, row_warps: usize) -> &'static str {
+    const NAMES: [&str; 24] = [
+        "TreeAttentionKernel_f16_d64_r1",
+        "TreeAttentionKernel_f16_d64_r2",
+        "TreeAttentionKernel_f16_d64_r4",
+        "TreeAttentionKernel_f16_d64_r8",
+        "TreeAttentionKernel_f16_d128_r1",
+        "TreeAttentionKernel_f16_d128_r2",
+        "TreeAttentionKernel_f16_d128_r4",
+        "TreeAttentionKernel_f16_d128_r8",
+        "",
+        "TreeAttentionKernel_f16_d256_r2",
+        "TreeAttentionKernel_f16_d256_r4",
+        "",
+        "TreeAttentionKernel_bf16_d64_r1",
+        "TreeAttentionKernel_bf16_d64_r2",
+        "TreeAttentionKernel_bf16_d64_r4",
+        "TreeAttentionKernel_bf16_d64_r8",
+        "TreeAttentionKernel_bf16_d128_r1",
+        "TreeAttentionKernel_bf16_d128_r2",
+        "TreeAttentionKernel_bf16_d128_r4",
+        "TreeAttentionKernel_bf16_d128_r8",
+        "",
+        "TreeAttentionKernel_bf16_d256_r2",
+        "TreeAttentionKernel_bf16_d256_r4",
+        "",
+    ];
+    let dims = match head_dim {
+        64 => 0,
+        128 => 1,
+        _ => 2,
+    };
+    NAMES[usize::from(dtype == "bf16") * 12 + dims * 4 + row_warps.trailing_zeros() as usize]
+}
+
+fn merge_kernel_name(dtype: &str, head_dim: usize) -> &'static str {
+    match (dtype, head_dim) {
+        ("f16", 64) => "TreeAttentionMergeKernel_f16_d64",
+        ("f16", 128) => "TreeAttentionMergeKernel_f16_d128",
+        ("f16", _) => "TreeAttentionMergeKernel_f16_d256",
+        ("bf16", 64) => "TreeAttentionMergeKernel_bf16_d64",
+        ("bf16", 128) => "TreeAttentionMergeKernel_bf16_d128",
+        _ => "TreeAttentionMergeKernel_bf16_d256",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attention::PagedCacheShape;
+
+    fn shape(batch: usize, tree: usize, hq: usize, hkv: usize, d: usize) -> TreeAttentionShape {
+        let cache = PagedCacheShape::new(64, 16, hkv, d, 4).unwrap();
+        TreeAttentionShape::new(batch, batch * tree, hq, tree, cache, None).unwrap()
+    }
+
+    #[test]
+    fn plans_use_instantiated_kernels_that_fit_shared_memory() {
+        for d in [64, 128, 256] {
+            for tree in 1..=64 {
+                for (hq, hkv) in [(32, 8), (8, 8), (64, 8), (8, 1)] {
+                    for batch in [1, 16, 64] {
+                        let plan = LaunchPlan::new(&shape(batch, tree, hq, hkv, d), 132);
+                        let name = attention_kernel_name("bf16", d, plan.row_warps);
+                        assert_eq!(
+                            name,
+                            format!("TreeAttentionKernel_bf16_d{d}_r{}", plan.row_warps)
+                        );
+                        // sm_86 / sm_89 allow 99 KiB per block, of which the kernel's static arrays take 2 KiB.
+                        assert!(plan.shared_bytes(d) <= 97 * 1024, "{plan:?} d {d}");
+                        assert!(plan.row_chunks * 16 * plan.row_warps >= tree * hq / hkv);
+                        assert!((1..=MAX_SPLITS).contains(&plan.splits));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn small_batches_split_the_prefix_and_large_ones_do_not() {
+        assert_eq!(LaunchPlan::new(&shape(1, 1, 32, 8, 128), 132).splits, 32);
+        assert_eq!(LaunchPlan::new(&shape(64, 16, 32, 8, 128), 132).splits, 1);
+    }
+}

@@ -1,0 +1,519 @@
+//! Tree attention and compaction on the CPU backend, against the naive reference of `common::attention` (which
+//! reads the cache through its own logical view and attends over each node's explicit root-to-node path), on
+//! fresh random data (seed printed): chain, star, random and full binary trees; T = 1; L = 0; L not a multiple of
+//! the page size; shuffled pages; GQA ratios 1, 4 and 8; fp16 and bf16; head dims 64, 128 and 256; RoPE off,
+//! NeoX and GPT-J. Then every bad input, named, with nothing written.
+//!
+//! Tolerances (CPU: f64 sums, one rounding): `|out - ref| <= eps * |ref| + 2^-24` (the final rounding is half an
+//! ulp, at most `eps / 2 * |ref|` or half fp16's subnormal step; the rest is slack for the f64 summation order), `|lse - ref| <= 1e-6 * (1 +
+//! |ref|)` (one f32 rounding). The cache rows written must be exactly the rotated keys and the values, and every
+//! other row must be unchanged.
+
+mod common;
+
+use common::attention::{
+    chain, epsilon, full_binary, path, random_tree, star, worst_violation, Problem, Spec,
+};
+use common::rng;
+use half::{bf16, f16};
+use rand::rngs::StdRng;
+use rand::Rng;
+use specdec::attention::{CompactionShape, PagedCacheShape, RopeStyle, TreeAttentionShape};
+use specdec::{cpu, Error, HalfElement};
+
+/// The spacing of fp16's subnormals, which bounds the absolute rounding error of tiny outputs.
+const SUBNORMAL_STEP: f64 = 1.0 / (1u64 << 24) as f64;
+
+/// Runs the CPU backend on `problem`: (out, lse, k_cache, v_cache).
+fn run<T: HalfElement>(p: &Problem<T>) -> (Vec<T>, Vec<f32>, Vec<T>, Vec<T>) {
+    let mut k_cache = p.k_cache.clone();
+    let mut v_cache = p.v_cache.clone();
+    let mut out = vec![T::NAN; p.shape.q_len()];
+    let mut lse = vec![f32::NAN; p.shape.lse_len()];
+    cpu::tree_attention(
+        &p.shape,
+        &p.q,
+        &p.k,
+        &p.v,
+        &p.batch(),
+        p.cos_sin.as_deref(),
+        p.scale,
+        &mut k_cache,
+        &mut v_cache,
+        &mut out,
+        Some(&mut lse),
+    )
+    .unwrap();
+    (out, lse, k_cache, v_cache)
+}
+
+/// Checks outputs against the reference and the cache against the expected appends.
+fn check<T: HalfElement>(p: &Problem<T>, label: &str) {
+    let (out, lse, k_cache, v_cache) = run(p);
+    let (want_out, want_lse) = p.reference();
+    let got: Vec<f64> = out.iter().map(|x| f64::from(x.to_f32())).collect();
+    let eps = epsilon::<T>();
+    if let Some((i, g, w)) = worst_violation(&got, &want_out, |i| {
+        eps * want_out[i].abs() + SUBNORMAL_STEP
+    }) {
+        panic!("{label}: out[{i}] = {g}, reference {w}");
+    }
+    let got: Vec<f64> = lse.iter().map(|&x| f64::from(x)).collect();
+    if let Some((i, g, w)) = worst_violation(&got, &want_lse, |i| 1e-6 * (1.0 + want_lse[i].abs()))
+    {
+        panic!("{label}: lse[{i}] = {g}, reference {w}");
+    }
+    check_appended(p, &k_cache, &v_cache, label);
+}
+
+/// The rows at slots L_b + i hold the rotated keys and the values; every other element is unchanged.
+fn check_appended<T: HalfElement>(p: &Problem<T>, k_cache: &[T], v_cache: &[T], label: &str) {
+    let (hkv, d) = (p.shape.cache.num_kv_heads, p.shape.cache.head_dim);
+    let mut want_k = p.k_cache.clone();
+    let mut want_v = p.v_cache.clone();
+    for b in 0..p.shape.num_requests {
+        for node in 0..p.rows(b).len() {
+            for h in 0..hkv {
+                let at = p.cache_index(b, p.prefix_lens[b] as usize + node, h);
+                let (k, v) = p.appended(b, node, h);
+                want_k[at..at + d].copy_from_slice(&k);
+                want_v[at..at + d].copy_from_slice(&v);
+            }
+        }
+    }
+    let bits = |x: &[T]| x.iter().map(|e| e.to_bits()).collect::<Vec<_>>();
+    assert!(
+        bits(k_cache) == bits(&want_k),
+        "{label}: k_cache differs from the expected appends"
+    );
+    assert!(
+        bits(v_cache) == bits(&want_v),
+        "{label}: v_cache differs from the expected appends"
+    );
+}
+
+fn tree_of(rng: &mut StdRng, kind: usize, n: usize) -> Vec<i32> {
+    match kind % 4 {
+        0 => chain(n),
+        1 => star(n),
+        2 => full_binary(n),
+        _ => random_tree(rng, n),
+    }
+}
+
+fn sweep<T: HalfElement>(rng: &mut StdRng) {
+    let heads = [(4, 4), (8, 2), (16, 2)]; // GQA ratios 1, 4, 8
+    let styles = [None, Some(RopeStyle::Neox), Some(RopeStyle::Gptj)];
+    let mut case = 0;
+    for head_dim in [64, 128, 256] {
+        for (hq, hkv) in heads {
+            for rope in styles {
+                let page_size = if case % 2 == 0 { 16 } else { 32 };
+                let requests = rng.random_range(1..=3);
+                let trees: Vec<Vec<i32>> = (0..requests)
+                    .map(|r| {
+                        let n = rng.random_range(1..=12);
+                        tree_of(rng, case + r, n)
+                    })
+                    .collect();
+                // L = 0, L below a page, and L not a multiple of the page size.
+                let prefix_lens = (0..requests)
+                    .map(|r| match (case + r) % 3 {
+                        0 => 0,
+                        1 => rng.random_range(1..page_size),
+                        _ => rng.random_range(page_size..4 * page_size) | 1,
+                    })
+                    .collect();
+                let spec = Spec {
+                    trees,
+                    prefix_lens,
+                    num_q_heads: hq,
+                    num_kv_heads: hkv,
+                    head_dim,
+                    page_size,
+                    rope,
+                };
+                let p = Problem::<T>::random(rng, &spec);
+                check(
+                    &p,
+                    &format!(
+                        "{} d{head_dim} hq{hq} hkv{hkv} rope {rope:?}",
+                        T::DTYPE.name()
+                    ),
+                );
+                case += 1;
+            }
+        }
+    }
+}
+
+#[test]
+fn trees_match_the_naive_path_reference_fp16() {
+    sweep::<f16>(&mut rng("trees_match_the_naive_path_reference_fp16"));
+}
+
+#[test]
+fn trees_match_the_naive_path_reference_bf16() {
+    sweep::<bf16>(&mut rng("trees_match_the_naive_path_reference_bf16"));
+}
+
+#[test]
+fn every_tree_shape_at_64_nodes() {
+    let mut rng = rng("every_tree_shape_at_64_nodes");
+    for kind in 0..4 {
+        let spec = Spec {
+            trees: vec![tree_of(&mut rng, kind, 64), tree_of(&mut rng, kind, 5)],
+            prefix_lens: vec![37, 0],
+            num_q_heads: 8,
+            num_kv_heads: 2,
+            head_dim: 64,
+            page_size: 16,
+            rope: Some(RopeStyle::Neox),
+        };
+        check(
+            &Problem::<bf16>::random(&mut rng, &spec),
+            &format!("tree kind {kind}"),
+        );
+    }
+}
+
+/// T = 1 is ordinary decoding: the output is softmax attention over the L cached tokens plus the new one.
+#[test]
+fn single_node_trees_are_plain_decode_attention() {
+    let mut rng = rng("single_node_trees_are_plain_decode_attention");
+    let spec = Spec {
+        trees: vec![vec![-1]; 4],
+        prefix_lens: vec![0, 1, 16, 77],
+        num_q_heads: 32,
+        num_kv_heads: 8,
+        head_dim: 128,
+        page_size: 16,
+        rope: None,
+    };
+    let p = Problem::<f16>::random(&mut rng, &spec);
+    let (out, _, _, _) = run(&p);
+    let (hq, d) = (32, 128);
+    for b in 0..4 {
+        let l = p.prefix_lens[b] as usize;
+        for h in 0..hq {
+            let q: Vec<f64> = p.q[(b * hq + h) * d..][..d]
+                .iter()
+                .map(|x| f64::from(x.to_f32()))
+                .collect();
+            let mut rows: Vec<(Vec<f64>, Vec<f64>)> = (0..l)
+                .map(|t| {
+                    let at = p.cache_index(b, t, h / 4);
+                    let f = |c: &[f16]| {
+                        c[at..at + d]
+                            .iter()
+                            .map(|x| f64::from(x.to_f32()))
+                            .collect()
+                    };
+                    (f(&p.k_cache), f(&p.v_cache))
+                })
+                .collect();
+            let at = (b * 8 + h / 4) * d;
+            let f = |c: &[f16]| {
+                c[at..at + d]
+                    .iter()
+                    .map(|x| f64::from(x.to_f32()))
+                    .collect()
+            };
+            rows.push((f(&p.k), f(&p.v)));
+            let scores: Vec<f64> = rows
+                .iter()
+                .map(|(k, _)| {
+                    k.iter().zip(&q).map(|(a, b)| a * b).sum::<f64>() * f64::from(p.scale)
+                })
+                .collect();
+            let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let total: f64 = scores.iter().map(|s| (s - max).exp()).sum();
+            for e in 0..d {
+                let want: f64 = scores
+                    .iter()
+                    .zip(&rows)
+                    .map(|(s, (_, v))| (s - max).exp() / total * v[e])
+                    .sum();
+                let got = f64::from(out[(b * hq + h) * d + e].to_f32());
+                assert!(
+                    (got - want).abs() <= epsilon::<f16>() * want.abs() + SUBNORMAL_STEP,
+                    "b {b} h {h} e {e}"
+                );
+            }
+        }
+    }
+}
+
+/// RoPE in the call equals RoPE applied beforehand by the documented rule, bit for bit (out and cache).
+#[test]
+fn rope_equals_inputs_rotated_beforehand() {
+    let mut rng = rng("rope_equals_inputs_rotated_beforehand");
+    for style in [RopeStyle::Neox, RopeStyle::Gptj] {
+        let spec = Spec {
+            trees: vec![full_binary(9), chain(4)],
+            prefix_lens: vec![21, 3],
+            num_q_heads: 8,
+            num_kv_heads: 2,
+            head_dim: 64,
+            page_size: 16,
+            rope: Some(style),
+        };
+        let with_rope = Problem::<bf16>::random(&mut rng, &spec);
+        let mut without = Problem::<bf16>::random(&mut rng, &Spec { rope: None, ..spec });
+        without.q = with_rope.q.clone();
+        without.k = with_rope.k.clone();
+        without.v = with_rope.v.clone();
+        without.k_cache = with_rope.k_cache.clone();
+        without.v_cache = with_rope.v_cache.clone();
+        without.page_table = with_rope.page_table.clone();
+        let (hq, hkv, d) = (8, 2, 64);
+        for b in 0..2 {
+            for row in with_rope.rows(b) {
+                let node = row - with_rope.rows(b).start;
+                let depth = path(&with_rope.parents[with_rope.rows(b)], node).len() - 1;
+                let pos = with_rope.prefix_lens[b] as usize + depth;
+                for h in 0..hq {
+                    let r = with_rope.rotated(&with_rope.q[(row * hq + h) * d..][..d], pos);
+                    without.q[(row * hq + h) * d..][..d].copy_from_slice(&r);
+                }
+                for h in 0..hkv {
+                    let r = with_rope.rotated(&with_rope.k[(row * hkv + h) * d..][..d], pos);
+                    without.k[(row * hkv + h) * d..][..d].copy_from_slice(&r);
+                }
+            }
+        }
+        let a = run(&with_rope);
+        let b = run(&without);
+        let bits = |x: &[bf16]| x.iter().map(|e| e.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&a.0), bits(&b.0), "{style:?}: out");
+        assert_eq!(bits(&a.2), bits(&b.2), "{style:?}: k_cache");
+        assert_eq!(a.1, b.1, "{style:?}: lse");
+    }
+}
+
+fn argument(e: Error) -> String {
+    match e {
+        Error::InvalidArgument { argument, .. } => argument,
+        other => panic!("expected InvalidArgument, got {other}"),
+    }
+}
+
+/// Runs a modified problem and returns the argument the error names, checking that nothing was written.
+fn bad<T: HalfElement>(p: &Problem<T>) -> String {
+    let mut k_cache = p.k_cache.clone();
+    let mut v_cache = p.v_cache.clone();
+    let mut out = vec![T::NAN; p.shape.q_len()];
+    let err = cpu::tree_attention(
+        &p.shape,
+        &p.q,
+        &p.k,
+        &p.v,
+        &p.batch(),
+        p.cos_sin.as_deref(),
+        p.scale,
+        &mut k_cache,
+        &mut v_cache,
+        &mut out,
+        None,
+    )
+    .unwrap_err();
+    let bits = |x: &[T]| x.iter().map(|e| e.to_bits()).collect::<Vec<_>>();
+    assert!(
+        bits(&k_cache) == bits(&p.k_cache) && bits(&v_cache) == bits(&p.v_cache),
+        "cache written"
+    );
+    assert!(
+        out.iter().all(|x| x.to_bits() == T::NAN.to_bits()),
+        "out written"
+    );
+    argument(err)
+}
+
+#[test]
+fn bad_inputs_are_named_and_nothing_is_written() {
+    let mut rng = rng("bad_inputs_are_named_and_nothing_is_written");
+    let spec = Spec {
+        trees: vec![chain(3), star(4)],
+        prefix_lens: vec![5, 17],
+        num_q_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 64,
+        page_size: 16,
+        rope: Some(RopeStyle::Neox),
+    };
+    let good = Problem::<f16>::random(&mut rng, &spec);
+    let modified = |f: &dyn Fn(&mut Problem<f16>)| {
+        let mut p = good.clone();
+        f(&mut p);
+        bad(&p)
+    };
+    // Parents out of order, or below -1.
+    assert_eq!(modified(&|p| p.parents[4] = 2), "parents[4]");
+    assert_eq!(modified(&|p| p.parents[1] = 1), "parents[1]");
+    assert_eq!(modified(&|p| p.parents[2] = -7), "parents[2]");
+    // Page-table entries out of range (a used entry; unused ones are never read).
+    assert_eq!(
+        modified(&|p| p.page_table[0] = p.shape.cache.num_pages as i32),
+        "page_table[0]"
+    );
+    assert_eq!(modified(&|p| p.page_table[4] = -1), "page_table[4]");
+    // Offsets out of order, and a tree above max_tree_size.
+    assert_eq!(modified(&|p| p.token_offsets[1] = 8), "token_offsets[1]");
+    assert_eq!(
+        modified(&|p| {
+            p.shape.max_tree_size = 3;
+        }),
+        "token_offsets[2]"
+    );
+    // A cache too small: the prefix and tree do not fit the request's pages; a negative prefix.
+    assert_eq!(
+        modified(&|p| p.prefix_lens[1] = (p.shape.cache.capacity() - 3) as i32),
+        "prefix_lens[1]"
+    );
+    assert_eq!(modified(&|p| p.prefix_lens[0] = -1), "prefix_lens[0]");
+    // A RoPE position beyond the cos/sin table.
+    assert_eq!(
+        modified(&|p| {
+            // Request 1's depth-1 nodes after 17 cached tokens need position 18.
+            p.shape.rope.as_mut().unwrap().max_position = 18;
+            p.cos_sin.as_mut().unwrap().truncate(18 * 64);
+        }),
+        "cos_sin_cache"
+    );
+    // Wrong lengths and a non-finite scale.
+    assert_eq!(
+        modified(&|p| {
+            p.q.pop();
+        }),
+        "q"
+    );
+    assert_eq!(
+        modified(&|p| {
+            p.k_cache.pop();
+        }),
+        "k_cache"
+    );
+    assert_eq!(modified(&|p| p.scale = f32::NAN), "softmax_scale");
+    // Two requests appending to the same cache row.
+    assert_eq!(
+        modified(&|p| {
+            let ppr = p.shape.cache.pages_per_request;
+            p.page_table[ppr + 1] = p.page_table[0];
+            p.prefix_lens[1] = 16 + 5;
+        }),
+        "page_table[4]"
+    );
+    // More than 64 nodes is refused by the shape itself.
+    let err = TreeAttentionShape::new(1, 65, 4, 65, good.shape.cache, None).unwrap_err();
+    assert_eq!(argument(err), "max_tree_size");
+}
+
+/// Compaction against a copy made here through the logical view, for several layers, including a path
+/// already in place (nothing moves) and overlapping moves.
+#[test]
+fn compaction_matches_a_reference_copy() {
+    let mut rng = rng("compaction_matches_a_reference_copy");
+    let (ps, hkv, d, layers) = (16, 2, 64, 3);
+    let prefix_lens = [0i32, 13, 40, 7];
+    let paths: [&[i32]; 4] = [&[0, 1, 2], &[0, 2, 3, 9], &[1, 5, 6, 7, 8], &[]];
+    let pages_per_request = 5;
+    let num_pages = 4 * pages_per_request + 2;
+    let cache = PagedCacheShape::new(num_pages, ps, hkv, d, pages_per_request).unwrap();
+    let mut pool: Vec<i32> = (0..num_pages as i32).collect();
+    rand::seq::SliceRandom::shuffle(&mut pool[..], &mut rng);
+    let page_table: Vec<i32> = pool[..4 * pages_per_request].to_vec();
+    let mut offsets = vec![0i32];
+    for p in paths {
+        offsets.push(offsets.last().unwrap() + p.len() as i32);
+    }
+    let nodes: Vec<i32> = paths.concat();
+    let shape = CompactionShape::new(4, layers, nodes.len(), cache).unwrap();
+    let index = |b: usize, t: usize, h: usize| {
+        let page = page_table[b * pages_per_request + t / ps] as usize;
+        ((page * ps + t % ps) * hkv + h) * d
+    };
+    let mut caches: Vec<Vec<f16>> = (0..2 * layers)
+        .map(|_| {
+            (0..cache.cache_len())
+                .map(|_| f16::from_f32(rng.random_range(-1.0..1.0)))
+                .collect()
+        })
+        .collect();
+    let mut want = caches.clone();
+    for c in &mut want {
+        let old = c.clone();
+        for (b, p) in paths.iter().enumerate() {
+            for (j, &node) in p.iter().enumerate() {
+                for h in 0..hkv {
+                    let from = index(b, prefix_lens[b] as usize + node as usize, h);
+                    let to = index(b, prefix_lens[b] as usize + j, h);
+                    c[to..to + d].copy_from_slice(&old[from..from + d]);
+                }
+            }
+        }
+    }
+    let (k, v) = caches.split_at_mut(layers);
+    let mut k: Vec<&mut [f16]> = k.iter_mut().map(|c| c.as_mut_slice()).collect();
+    let mut v: Vec<&mut [f16]> = v.iter_mut().map(|c| c.as_mut_slice()).collect();
+    cpu::tree_kv_compact(
+        &shape,
+        &offsets,
+        &nodes,
+        &prefix_lens,
+        &page_table,
+        &mut k,
+        &mut v,
+    )
+    .unwrap();
+    assert!(
+        caches == want,
+        "compacted caches differ from the reference copy"
+    );
+
+    // Bad paths are named and nothing moves.
+    let before = caches.clone();
+    let (k, v) = caches.split_at_mut(layers);
+    let mut k: Vec<&mut [f16]> = k.iter_mut().map(|c| c.as_mut_slice()).collect();
+    let mut v: Vec<&mut [f16]> = v.iter_mut().map(|c| c.as_mut_slice()).collect();
+    let mut decreasing = nodes.clone();
+    decreasing.swap(4, 5);
+    let err = cpu::tree_kv_compact(
+        &shape,
+        &offsets,
+        &decreasing,
+        &prefix_lens,
+        &page_table,
+        &mut k,
+        &mut v,
+    );
+    assert_eq!(argument(err.unwrap_err()), "accepted_nodes[5]");
+    let mut too_far = prefix_lens;
+    too_far[2] = (5 * ps - 8) as i32;
+    let err = cpu::tree_kv_compact(
+        &shape,
+        &offsets,
+        &nodes,
+        &too_far,
+        &page_table,
+        &mut k,
+        &mut v,
+    );
+    assert_eq!(argument(err.unwrap_err()), "prefix_lens[2]");
+    let mut bad_table = page_table.clone();
+    bad_table[pages_per_request] = num_pages as i32;
+    let err = cpu::tree_kv_compact(
+        &shape,
+        &offsets,
+        &nodes,
+        &prefix_lens,
+        &bad_table,
+        &mut k,
+        &mut v,
+    );
+    assert_eq!(
+        argument(err.unwrap_err()),
+        format!("page_table[{pages_per_request}]")
+    );
+    drop((k, v));
+    assert!(caches == before, "a rejected call moved entries");
+}

@@ -1,0 +1,294 @@
+//! Tree-attention test support: random problems over a shuffled paged cache, tree shapes, and an independent
+//! naive reference that reads the cache through a contiguous logical view (not through the library's
+//! `slot_offset`) and attends over each node's root-to-node path explicitly.
+
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::Rng;
+use specdec::attention::{
+    rotate_pair, PagedCacheShape, RopeShape, RopeStyle, TreeAttentionShape, TreeBatch,
+};
+use specdec::HalfElement;
+
+/// Tree shapes as parent arrays.
+pub fn chain(n: usize) -> Vec<i32> {
+    (0..n as i32).map(|i| i - 1).collect()
+}
+
+pub fn star(n: usize) -> Vec<i32> {
+    (0..n as i32).map(|i| if i == 0 { -1 } else { 0 }).collect()
+}
+
+pub fn full_binary(n: usize) -> Vec<i32> {
+    (0..n as i32)
+        .map(|i| if i == 0 { -1 } else { (i - 1) / 2 })
+        .collect()
+}
+
+/// A random tree (parents uniform over earlier nodes), with a second root now and then.
+pub fn random_tree(rng: &mut StdRng, n: usize) -> Vec<i32> {
+    (0..n as i32)
+        .map(|i| {
+            if i == 0 || rng.random_bool(0.05) {
+                -1
+            } else {
+                rng.random_range(0..i)
+            }
+        })
+        .collect()
+}
+
+/// Node `i`'s path from its root, root first.
+pub fn path(parents: &[i32], i: usize) -> Vec<usize> {
+    let mut nodes = vec![i];
+    while parents[*nodes.last().unwrap()] >= 0 {
+        nodes.push(parents[*nodes.last().unwrap()] as usize);
+    }
+    nodes.reverse();
+    nodes
+}
+
+pub struct Spec {
+    pub trees: Vec<Vec<i32>>,
+    pub prefix_lens: Vec<usize>,
+    pub num_q_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub page_size: usize,
+    pub rope: Option<RopeStyle>,
+}
+
+/// A problem with the cache and inputs filled with random values in [-1, 1) (keys scaled so that scores
+/// spread over several units), pages shuffled in the table, spare pages and spare table entries of -1.
+#[derive(Clone)]
+pub struct Problem<T> {
+    pub shape: TreeAttentionShape,
+    pub q: Vec<T>,
+    pub k: Vec<T>,
+    pub v: Vec<T>,
+    pub token_offsets: Vec<i32>,
+    pub parents: Vec<i32>,
+    pub prefix_lens: Vec<i32>,
+    pub page_table: Vec<i32>,
+    pub k_cache: Vec<T>,
+    pub v_cache: Vec<T>,
+    pub cos_sin: Option<Vec<f32>>,
+    pub scale: f32,
+}
+
+impl<T: HalfElement> Problem<T> {
+    pub fn random(rng: &mut StdRng, spec: &Spec) -> Self {
+        let (hq, hkv, d, ps) = (
+            spec.num_q_heads,
+            spec.num_kv_heads,
+            spec.head_dim,
+            spec.page_size,
+        );
+        let needs: Vec<usize> = spec
+            .trees
+            .iter()
+            .zip(&spec.prefix_lens)
+            .map(|(t, l)| (l + t.len()).div_ceil(ps))
+            .collect();
+        let pages_per_request = needs.iter().copied().max().unwrap_or(0) + 1;
+        let num_pages = needs.iter().sum::<usize>() + 3;
+        let mut pool: Vec<i32> = (0..num_pages as i32).collect();
+        pool.shuffle(rng);
+        let mut page_table = vec![-1; spec.trees.len() * pages_per_request];
+        let mut next = 0;
+        for (b, &need) in needs.iter().enumerate() {
+            for p in 0..need {
+                page_table[b * pages_per_request + p] = pool[next];
+                next += 1;
+            }
+        }
+        let max_tree = spec.trees.iter().map(Vec::len).max().unwrap_or(1).max(1);
+        let num_tokens: usize = spec.trees.iter().map(Vec::len).sum();
+        let mut token_offsets = vec![0i32];
+        for t in &spec.trees {
+            token_offsets.push(token_offsets.last().unwrap() + t.len() as i32);
+        }
+        let max_position = spec
+            .prefix_lens
+            .iter()
+            .zip(&spec.trees)
+            .map(|(l, t)| l + t.len())
+            .max()
+            .unwrap_or(0)
+            + 5;
+        let cache = PagedCacheShape::new(num_pages, ps, hkv, d, pages_per_request).unwrap();
+        let rope = spec.rope.map(|style| RopeShape {
+            style,
+            max_position,
+        });
+        let shape =
+            TreeAttentionShape::new(spec.trees.len(), num_tokens, hq, max_tree, cache, rope)
+                .unwrap();
+        let mut values = |n: usize, scale: f32| -> Vec<T> {
+            (0..n)
+                .map(|_| T::from_f32(rng.random_range(-1.0f32..1.0) * scale))
+                .collect()
+        };
+        let key_scale = 3.0;
+        let q = values(shape.q_len(), 1.0);
+        let k = values(shape.kv_len(), key_scale);
+        let v = values(shape.kv_len(), 1.0);
+        let k_cache = values(cache.cache_len(), key_scale);
+        let v_cache = values(cache.cache_len(), 1.0);
+        let cos_sin = spec.rope.map(|_| {
+            // Llama's frequencies, theta 10000.
+            let mut table = vec![0.0f32; max_position * d];
+            for p in 0..max_position {
+                for j in 0..d / 2 {
+                    let angle = p as f64 / 10000f64.powf(2.0 * j as f64 / d as f64);
+                    table[p * d + j] = angle.cos() as f32;
+                    table[p * d + d / 2 + j] = angle.sin() as f32;
+                }
+            }
+            table
+        });
+        Problem {
+            shape,
+            q,
+            k,
+            v,
+            token_offsets,
+            parents: spec.trees.concat(),
+            prefix_lens: spec.prefix_lens.iter().map(|&l| l as i32).collect(),
+            page_table,
+            k_cache,
+            v_cache,
+            cos_sin,
+            scale: 1.0 / (d as f32).sqrt(),
+        }
+    }
+
+    pub fn batch(&self) -> TreeBatch<'_> {
+        TreeBatch {
+            token_offsets: &self.token_offsets,
+            parents: &self.parents,
+            prefix_lens: &self.prefix_lens,
+            page_table: &self.page_table,
+        }
+    }
+
+    /// The element index of request `b`'s logical slot `t`, head `h`, computed here from the layout.
+    pub fn cache_index(&self, b: usize, t: usize, h: usize) -> usize {
+        let c = &self.shape.cache;
+        let page = self.page_table[b * c.pages_per_request + t / c.page_size] as usize;
+        (((page * c.page_size) + t % c.page_size) * c.num_kv_heads + h) * c.head_dim
+    }
+
+    /// Node rows of request `b`.
+    pub fn rows(&self, b: usize) -> std::ops::Range<usize> {
+        self.token_offsets[b] as usize..self.token_offsets[b + 1] as usize
+    }
+
+    /// `x` rotated for position `pos` (the documented rule), or `x` without RoPE.
+    pub fn rotated(&self, x: &[T], pos: usize) -> Vec<T> {
+        let Some(style) = self.shape.rope.map(|r| r.style) else {
+            return x.to_vec();
+        };
+        let d = x.len();
+        let table = &self.cos_sin.as_ref().unwrap()[pos * d..][..d];
+        let mut y = x.to_vec();
+        for j in 0..d / 2 {
+            let (a, b) = match style {
+                RopeStyle::Neox => (j, j + d / 2),
+                RopeStyle::Gptj => (2 * j, 2 * j + 1),
+            };
+            let (ra, rb) = rotate_pair(x[a].to_f32(), x[b].to_f32(), table[j], table[d / 2 + j]);
+            y[a] = T::from_f32(ra);
+            y[b] = T::from_f32(rb);
+        }
+        y
+    }
+
+    /// The expected key rows the call appends: `(request, node, kv head) -> (k, v)`.
+    pub fn appended(&self, b: usize, node: usize, h: usize) -> (Vec<T>, Vec<T>) {
+        let (hkv, d) = (self.shape.cache.num_kv_heads, self.shape.cache.head_dim);
+        let row = self.rows(b).start + node;
+        let depth = path(&self.parents[self.rows(b)], node).len() - 1;
+        let pos = self.prefix_lens[b] as usize + depth;
+        let k = self.rotated(&self.k[(row * hkv + h) * d..][..d], pos);
+        (k, self.v[(row * hkv + h) * d..][..d].to_vec())
+    }
+
+    /// Naive attention in f64 of every node and q head: keys are the prefix read slot by slot from the
+    /// original cache, then the node's path read from the inputs (rotated here). Returns (out, lse).
+    pub fn reference(&self) -> (Vec<f64>, Vec<f64>) {
+        let (hq, hkv, d) = (
+            self.shape.num_q_heads,
+            self.shape.cache.num_kv_heads,
+            self.shape.cache.head_dim,
+        );
+        let group = hq / hkv;
+        let mut out = vec![0.0; self.shape.q_len()];
+        let mut lse = vec![0.0; self.shape.lse_len()];
+        for b in 0..self.shape.num_requests {
+            let parents = &self.parents[self.rows(b)];
+            let l = self.prefix_lens[b] as usize;
+            for node in 0..parents.len() {
+                let row = self.rows(b).start + node;
+                let nodes = path(parents, node);
+                let pos = l + nodes.len() - 1;
+                for h in 0..hq {
+                    let kv = h / group;
+                    let query = self.rotated(&self.q[(row * hq + h) * d..][..d], pos);
+                    let mut keys: Vec<(Vec<T>, Vec<T>)> = (0..l)
+                        .map(|t| {
+                            let at = self.cache_index(b, t, kv);
+                            (
+                                self.k_cache[at..at + d].to_vec(),
+                                self.v_cache[at..at + d].to_vec(),
+                            )
+                        })
+                        .collect();
+                    keys.extend(nodes.iter().map(|&j| self.appended(b, j, kv)));
+                    let scores: Vec<f64> = keys
+                        .iter()
+                        .map(|(k, _)| {
+                            k.iter()
+                                .zip(&query)
+                                .map(|(a, b)| f64::from(a.to_f32()) * f64::from(b.to_f32()))
+                                .sum::<f64>()
+                                * f64::from(self.scale)
+                        })
+                        .collect();
+                    let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                    let total: f64 = weights.iter().sum();
+                    for (w, (_, v)) in weights.iter().zip(&keys) {
+                        for (o, x) in out[(row * hq + h) * d..][..d].iter_mut().zip(v) {
+                            *o += w / total * f64::from(x.to_f32());
+                        }
+                    }
+                    lse[row * hq + h] = max + total.ln();
+                }
+            }
+        }
+        (out, lse)
+    }
+}
+
+/// The distance from 1 to the next value of `T` (2^-10 fp16, 2^-7 bf16).
+pub fn epsilon<T: HalfElement>() -> f64 {
+    match T::DTYPE {
+        specdec::DType::BF16 => 2f64.powi(-7),
+        _ => 2f64.powi(-10),
+    }
+}
+
+/// The largest difference between `got` and `want`, each beyond `tolerance(i)`: `None` when all are within.
+pub fn worst_violation(
+    got: &[f64],
+    want: &[f64],
+    tolerance: impl Fn(usize) -> f64,
+) -> Option<(usize, f64, f64)> {
+    got.iter()
+        .zip(want)
+        .enumerate()
+        .filter(|(i, (g, w))| (*g - *w).abs() > tolerance(*i) || g.is_nan() != w.is_nan())
+        .map(|(i, (g, w))| (i, *g, *w))
+        .max_by(|a, b| (a.1 - a.2).abs().total_cmp(&(b.1 - b.2).abs()))
+}
