@@ -52,12 +52,14 @@ sanitized() {
     sampling_gpu:*) echo "bad_requests tokens_equal tree_of_iid_children vocabulary_sizes" ;;
     int4_gpu:memcheck) echo "quantizer_is_byte_identical gemv_handles_the_awkward_shapes misaligned c_abi" ;;
     int4_gpu:*) echo "gemv_handles_the_awkward_shapes c_abi" ;;
+    attention_gpu:memcheck) echo "bad_requests compaction long_prefixes" ;;
+    attention_gpu:*) echo "bad_requests compaction" ;;
   esac
 }
 if ! want sanitize; then
   :
 elif command -v compute-sanitizer >/dev/null; then
-  for t in tests/greedy_gpu tests/sampling_gpu tests/int4_gpu; do
+  for t in tests/greedy_gpu tests/sampling_gpu tests/int4_gpu tests/attention_gpu; do
     # shellcheck disable=SC2046 # the filters are separate words
     step "memcheck $(basename "$t")" "memcheck-$(basename "$t").log" \
       compute-sanitizer --tool memcheck --leak-check full --error-exitcode 99 "$t" --test-threads=1 $(sanitized "$t" memcheck)

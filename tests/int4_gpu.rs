@@ -15,9 +15,10 @@ mod common;
 use std::ffi::c_void;
 use std::sync::Arc;
 
+use common::guarded::Guarded;
 use common::int4::{random_packed, random_weights, random_x, reference_gemv, ulp, Packed};
 use common::{gpu, rng};
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, ValidAsZeroBits};
+use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, ValidAsZeroBits};
 use half::{bf16, f16};
 use rand::rngs::StdRng;
 use rand::Rng;
@@ -26,44 +27,6 @@ use specdec::cpu;
 use specdec::cuda::{CudaBackend, DeviceIn, DeviceOut};
 use specdec::int4::{GemvShape, Int4Shape, GROUP_SIZES};
 use specdec::{Error, HalfElement};
-
-const MARGIN: usize = 64;
-
-/// A device buffer of `len` elements with `MARGIN` poisoned elements on each side.
-struct Guarded<T> {
-    buffer: CudaSlice<T>,
-    len: usize,
-    poison: T,
-}
-
-impl<T: DeviceRepr + ValidAsZeroBits + bytemuck::Pod> Guarded<T> {
-    fn new(stream: &Arc<CudaStream>, len: usize, poison: T) -> Self {
-        Guarded {
-            buffer: stream.clone_htod(&vec![poison; len + 2 * MARGIN]).unwrap(),
-            len,
-            poison,
-        }
-    }
-
-    fn out<'a>(&'a mut self, stream: &'a Arc<CudaStream>) -> DeviceOut<'a, T> {
-        let (ptr, _sync) = self.buffer.device_ptr_mut(stream);
-        // SAFETY: the middle `len` elements of a live buffer, used only on `stream`.
-        unsafe { DeviceOut::from_raw(ptr + (MARGIN * size_of::<T>()) as u64, self.len) }
-    }
-
-    /// The middle `len` elements, after checking both margins are still poison (compared bit for bit).
-    fn read(&self, stream: &Arc<CudaStream>, what: &str) -> Vec<T> {
-        let all = stream.clone_dtoh(&self.buffer).unwrap();
-        assert!(
-            all[..MARGIN]
-                .iter()
-                .chain(&all[MARGIN + self.len..])
-                .all(|v| bytemuck::bytes_of(v) == bytemuck::bytes_of(&self.poison)),
-            "{what}: wrote outside its array"
-        );
-        all[MARGIN..MARGIN + self.len].to_vec()
-    }
-}
 
 fn quantize_on_gpu<T: HalfElement + DeviceRepr, S: HalfElement + DeviceRepr + ValidAsZeroBits>(
     backend: &CudaBackend,

@@ -58,6 +58,12 @@ impl<'a, T> DeviceIn<'a, T> {
         self.len
     }
 
+    /// The device address, for APIs that take raw pointers (such as the per-layer caches of
+    /// [`super::CudaBackend::tree_kv_compact`]).
+    pub fn as_raw(&self) -> sys::CUdeviceptr {
+        self.ptr
+    }
+
     /// Whether the array is empty.
     pub fn is_empty(&self) -> bool {
         self.len == 0
@@ -95,6 +101,12 @@ impl<'a, T> DeviceOut<'a, T> {
     /// The number of elements.
     pub fn len(&self) -> usize {
         self.len
+    }
+
+    /// The device address, for APIs that take raw pointers (such as the per-layer caches of
+    /// [`super::CudaBackend::tree_kv_compact`]).
+    pub fn as_raw(&self) -> sys::CUdeviceptr {
+        self.ptr
     }
 
     /// Whether the array is empty.

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod attention;
+pub mod guarded;
 pub mod int4;
 pub mod sampling;
 pub mod stats;

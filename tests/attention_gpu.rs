@@ -1,0 +1,472 @@
+//! Tree attention and compaction on the GPU against the CPU reference (f64 softmax), fresh random data every run
+//! (seed printed): chain, star, random and full binary trees up to 64 nodes; T = 1; L = 0, L below a page, L
+//! not a multiple of the page size and long prefixes split across blocks (batch 1) or not (batch 64); shuffled
+//! pages; GQA ratios 1, 4 and 8; fp16 and bf16; head dims 64, 128, 256; RoPE off, NeoX, GPT-J. Outputs and the
+//! cache live in buffers with poisoned margins that must stay untouched; outputs start as poison.
+//!
+//! Tolerances: `|out - ref| <= 2 eps max_j |v_j| + eps |ref| + 2^-24` per element, with `max |v| = 1` here
+//! (`eps` = 2^-10 fp16, 2^-7 bf16): probabilities are rounded to the element type before the PV product (each
+//! off by at most eps/2 relative, which moves the output by at most eps/2 max|v|), the output is rounded once,
+//! and fp32 accumulation and exp2f add far less. `|lse - ref| <= 2^-12 (1 + |ref|)`. The appended cache rows
+//! must equal the CPU's bit for bit (the rotation rule is exact), and every other cache element is unchanged.
+//!
+//! Without a usable GPU every test prints why it was skipped and passes; with `SPECDEC_REQUIRE_GPU=1` it fails.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::attention::{
+    chain, epsilon, full_binary, random_tree, star, worst_violation, Problem, Spec,
+};
+use common::guarded::Guarded;
+use common::{gpu, rng};
+use cudarc::driver::{CudaStream, DeviceRepr, ValidAsZeroBits};
+use half::{bf16, f16};
+use rand::rngs::StdRng;
+use rand::Rng;
+use specdec::attention::{CompactionShape, PagedCacheShape, RequestStatus, RopeStyle};
+use specdec::cpu;
+use specdec::cuda::{CudaBackend, DeviceIn, DeviceTreeBatch, DeviceTreeOutputs};
+use specdec::HalfElement;
+
+const SUBNORMAL_STEP: f64 = 1.0 / (1u64 << 24) as f64;
+
+struct GpuResult<T> {
+    out: Vec<T>,
+    lse: Vec<f32>,
+    k_cache: Vec<T>,
+    v_cache: Vec<T>,
+    status: Vec<i32>,
+}
+
+fn run_gpu<T: HalfElement + DeviceRepr + ValidAsZeroBits>(
+    backend: &CudaBackend,
+    stream: &Arc<CudaStream>,
+    p: &Problem<T>,
+) -> GpuResult<T> {
+    let up = |x: &[i32]| stream.clone_htod(x).unwrap();
+    let (q, k, v) = (
+        stream.clone_htod(&p.q).unwrap(),
+        stream.clone_htod(&p.k).unwrap(),
+        stream.clone_htod(&p.v).unwrap(),
+    );
+    let (offsets, parents, prefix, table) = (
+        up(&p.token_offsets),
+        up(&p.parents),
+        up(&p.prefix_lens),
+        up(&p.page_table),
+    );
+    let cos_sin = p.cos_sin.as_ref().map(|c| stream.clone_htod(c).unwrap());
+    let poison = T::from_f32(-12345.0);
+    let mut k_cache = Guarded::with_contents(stream, &p.k_cache, poison);
+    let mut v_cache = Guarded::with_contents(stream, &p.v_cache, poison);
+    let mut out = Guarded::new(stream, p.shape.q_len(), poison);
+    let mut lse = Guarded::new(stream, p.shape.lse_len(), -777.0f32);
+    let mut status = Guarded::new(stream, p.shape.num_requests, -9i32);
+    backend
+        .tree_attention(
+            stream,
+            &p.shape,
+            DeviceIn::new(&q, stream),
+            DeviceIn::new(&k, stream),
+            DeviceIn::new(&v, stream),
+            DeviceTreeBatch {
+                token_offsets: DeviceIn::new(&offsets, stream),
+                parents: DeviceIn::new(&parents, stream),
+                prefix_lens: DeviceIn::new(&prefix, stream),
+                page_table: DeviceIn::new(&table, stream),
+            },
+            cos_sin.as_ref().map(|c| DeviceIn::new(c, stream)),
+            p.scale,
+            DeviceTreeOutputs {
+                k_cache: k_cache.out(stream),
+                v_cache: v_cache.out(stream),
+                out: out.out(stream),
+                lse: Some(lse.out(stream)),
+                request_status: Some(status.out(stream)),
+            },
+        )
+        .unwrap();
+    stream.synchronize().unwrap();
+    GpuResult {
+        out: out.read(stream, "out"),
+        lse: lse.read(stream, "lse"),
+        k_cache: k_cache.read(stream, "k_cache"),
+        v_cache: v_cache.read(stream, "v_cache"),
+        status: status.read(stream, "request_status"),
+    }
+}
+
+/// The CPU backend's results: (out, lse, k_cache, v_cache).
+fn run_cpu<T: HalfElement>(p: &Problem<T>) -> (Vec<T>, Vec<f32>, Vec<T>, Vec<T>) {
+    let mut k_cache = p.k_cache.clone();
+    let mut v_cache = p.v_cache.clone();
+    let mut out = vec![T::NAN; p.shape.q_len()];
+    let mut lse = vec![f32::NAN; p.shape.lse_len()];
+    cpu::tree_attention(
+        &p.shape,
+        &p.q,
+        &p.k,
+        &p.v,
+        &p.batch(),
+        p.cos_sin.as_deref(),
+        p.scale,
+        &mut k_cache,
+        &mut v_cache,
+        &mut out,
+        Some(&mut lse),
+    )
+    .unwrap();
+    (out, lse, k_cache, v_cache)
+}
+
+fn check<T: HalfElement + DeviceRepr + ValidAsZeroBits>(
+    backend: &CudaBackend,
+    stream: &Arc<CudaStream>,
+    p: &Problem<T>,
+    label: &str,
+) {
+    let gpu = run_gpu(backend, stream, p);
+    let (out, lse, k_cache, v_cache) = run_cpu(p);
+    assert!(
+        gpu.status.iter().all(|&s| s == 0),
+        "{label}: request_status {:?}",
+        gpu.status
+    );
+    let eps = epsilon::<T>();
+    let f = |x: &[T]| x.iter().map(|e| f64::from(e.to_f32())).collect::<Vec<_>>();
+    let (got, want) = (f(&gpu.out), f(&out));
+    if let Some((i, g, w)) = worst_violation(&got, &want, |i| {
+        2.0 * eps + eps * want[i].abs() + SUBNORMAL_STEP
+    }) {
+        panic!("{label}: out[{i}] = {g}, reference {w}");
+    }
+    let g = |x: &[f32]| x.iter().map(|&e| f64::from(e)).collect::<Vec<_>>();
+    let (got, want) = (g(&gpu.lse), g(&lse));
+    if let Some((i, g, w)) = worst_violation(&got, &want, |i| (1.0 + want[i].abs()) / 4096.0) {
+        panic!("{label}: lse[{i}] = {g}, reference {w}");
+    }
+    let bits = |x: &[T]| x.iter().map(|e| e.to_bits()).collect::<Vec<_>>();
+    assert!(
+        bits(&gpu.k_cache) == bits(&k_cache),
+        "{label}: k_cache differs from the CPU's"
+    );
+    assert!(
+        bits(&gpu.v_cache) == bits(&v_cache),
+        "{label}: v_cache differs from the CPU's"
+    );
+}
+
+fn tree_of(rng: &mut StdRng, kind: usize, n: usize) -> Vec<i32> {
+    match kind % 4 {
+        0 => chain(n),
+        1 => star(n),
+        2 => full_binary(n),
+        _ => random_tree(rng, n),
+    }
+}
+
+fn sweep<T: HalfElement + DeviceRepr + ValidAsZeroBits>(backend: &CudaBackend, rng: &mut StdRng) {
+    let stream = backend.context().new_stream().unwrap();
+    let styles = [None, Some(RopeStyle::Neox), Some(RopeStyle::Gptj)];
+    let mut case = 0;
+    for head_dim in [64, 128, 256] {
+        for (hq, hkv) in [(4, 4), (16, 4), (32, 4)] {
+            for rope in styles {
+                // Tree sizes that land on every row-warp configuration: 1 to 64 nodes.
+                for tree_size in [1, 3, 8, 17, 64] {
+                    let page_size = [16, 32, 64][case % 3];
+                    let requests = 1 + case % 3;
+                    let trees: Vec<Vec<i32>> = (0..requests)
+                        .map(|r| {
+                            let n = if r == 0 {
+                                tree_size
+                            } else {
+                                rng.random_range(1..=tree_size)
+                            };
+                            tree_of(rng, case + r, n)
+                        })
+                        .collect();
+                    let prefix_lens = (0..requests)
+                        .map(|r| match (case + r) % 4 {
+                            0 => 0,
+                            1 => rng.random_range(1..page_size),
+                            2 => rng.random_range(page_size..300) | 1,
+                            _ => rng.random_range(1000..2600),
+                        })
+                        .collect();
+                    let spec = Spec {
+                        trees,
+                        prefix_lens,
+                        num_q_heads: hq,
+                        num_kv_heads: hkv,
+                        head_dim,
+                        page_size,
+                        rope,
+                    };
+                    let p = Problem::<T>::random(rng, &spec);
+                    let label = format!(
+                        "{} d{head_dim} hq{hq} hkv{hkv} T{tree_size} rope {rope:?}",
+                        T::DTYPE.name()
+                    );
+                    check(backend, &stream, &p, &label);
+                    case += 1;
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn gpu_trees_match_the_cpu_reference_fp16() {
+    let Some(backend) = gpu("gpu_trees_match_the_cpu_reference_fp16") else {
+        return;
+    };
+    sweep::<f16>(&backend, &mut rng("gpu_trees_match_the_cpu_reference_fp16"));
+}
+
+#[test]
+fn gpu_trees_match_the_cpu_reference_bf16() {
+    let Some(backend) = gpu("gpu_trees_match_the_cpu_reference_bf16") else {
+        return;
+    };
+    sweep::<bf16>(&backend, &mut rng("gpu_trees_match_the_cpu_reference_bf16"));
+}
+
+/// Llama-3-8B-shaped heads with long prefixes: batch 1 splits the prefix over many blocks and merges; batch 24
+/// with T = 16 does not split.
+#[test]
+fn gpu_long_prefixes_split_and_merge_exactly() {
+    let Some(backend) = gpu("gpu_long_prefixes_split_and_merge_exactly") else {
+        return;
+    };
+    let mut rng = rng("gpu_long_prefixes_split_and_merge_exactly");
+    let stream = backend.context().new_stream().unwrap();
+    for (batch, tree, prefix) in [(1, 1, 8191), (1, 16, 12000), (2, 64, 5000), (24, 16, 700)] {
+        let spec = Spec {
+            trees: (0..batch).map(|b| tree_of(&mut rng, b + 3, tree)).collect(),
+            prefix_lens: (0..batch).map(|b| prefix - 37 * b).collect(),
+            num_q_heads: 32,
+            num_kv_heads: 8,
+            head_dim: 128,
+            page_size: 16,
+            rope: Some(RopeStyle::Neox),
+        };
+        let p = Problem::<bf16>::random(&mut rng, &spec);
+        check(
+            &backend,
+            &stream,
+            &p,
+            &format!("batch {batch} T {tree} L {prefix}"),
+        );
+    }
+}
+
+/// Bad index arrays: each request gets the status of the rule it breaks (the one the CPU names), a failing
+/// request writes nothing to the cache and NaN to its rows, and the valid requests beside it are exact.
+#[test]
+fn gpu_bad_requests_are_marked_and_touch_nothing() {
+    let Some(backend) = gpu("gpu_bad_requests_are_marked_and_touch_nothing") else {
+        return;
+    };
+    let mut rng = rng("gpu_bad_requests_are_marked_and_touch_nothing");
+    let stream = backend.context().new_stream().unwrap();
+    let spec = Spec {
+        trees: vec![
+            chain(3),
+            star(4),
+            full_binary(5),
+            chain(2),
+            star(3),
+            chain(4),
+        ],
+        prefix_lens: vec![5, 17, 40, 3, 20, 9],
+        num_q_heads: 8,
+        num_kv_heads: 2,
+        head_dim: 64,
+        page_size: 16,
+        rope: Some(RopeStyle::Gptj),
+    };
+    let good = Problem::<f16>::random(&mut rng, &spec);
+    let mut p = good.clone();
+    let ppr = p.shape.cache.pages_per_request;
+    p.parents[p.token_offsets[1] as usize + 2] = 2; // request 1: a parent not before its child
+    p.page_table[2 * ppr] = p.shape.cache.num_pages as i32 + 1000; // request 2: a page beyond the cache
+    p.prefix_lens[3] = p.shape.cache.capacity() as i32; // request 3: no room for its tree
+    p.prefix_lens[4] = -3; // request 4: a negative prefix
+    let expected: Vec<RequestStatus> = (0..6)
+        .map(|b| {
+            p.shape.request_status(
+                b,
+                &p.token_offsets,
+                &p.parents,
+                &p.prefix_lens,
+                &p.page_table,
+            )
+        })
+        .collect();
+    assert_eq!(
+        expected,
+        [
+            RequestStatus::Ok,
+            RequestStatus::Parents,
+            RequestStatus::PageTable,
+            RequestStatus::PrefixLen,
+            RequestStatus::PrefixLen,
+            RequestStatus::Ok
+        ]
+    );
+    let gpu = run_gpu(&backend, &stream, &p);
+    let codes: Vec<i32> = expected.iter().map(|&s| s as i32).collect();
+    assert_eq!(gpu.status, codes);
+
+    // The unbroken problem on the CPU gives the reference for the valid requests' rows and cache rows.
+    let (hq, d) = (8, 64);
+    let (out, _, k_cache, _) = run_cpu(&good);
+    for (b, &code) in codes.iter().enumerate() {
+        for row in p.rows(b) {
+            let got = &gpu.out[row * hq * d..][..hq * d];
+            if code == 0 {
+                let want = &out[row * hq * d..][..hq * d];
+                let eps = epsilon::<f16>();
+                for (g, w) in got.iter().zip(want) {
+                    let (g, w) = (f64::from(g.to_f32()), f64::from(w.to_f32()));
+                    assert!(
+                        (g - w).abs() <= 2.0 * eps + eps * w.abs() + SUBNORMAL_STEP,
+                        "request {b}"
+                    );
+                }
+            } else {
+                assert!(
+                    got.iter().all(|x| x.to_f32().is_nan()),
+                    "request {b}: rows not NaN"
+                );
+                assert!(
+                    gpu.lse[row * hq..][..hq].iter().all(|x| x.is_nan()),
+                    "request {b}: lse not NaN"
+                );
+            }
+        }
+    }
+    // Cache: rows appended by valid requests as on the CPU; nothing else changed.
+    let mut want = good.k_cache.clone();
+    for b in [0, 5] {
+        for node in 0..p.rows(b).len() {
+            for h in 0..2 {
+                let at = p.cache_index(b, p.prefix_lens[b] as usize + node, h);
+                want[at..at + d].copy_from_slice(&k_cache[at..at + d]);
+            }
+        }
+    }
+    let bits = |x: &[f16]| x.iter().map(|e| e.to_bits()).collect::<Vec<_>>();
+    assert!(
+        bits(&gpu.k_cache) == bits(&want),
+        "invalid requests wrote to the cache"
+    );
+}
+
+/// Compaction on the device equals the CPU's, for several layers, in place, with overlapping moves; a bad
+/// request is marked and moves nothing.
+#[test]
+fn gpu_compaction_matches_the_cpu() {
+    let Some(backend) = gpu("gpu_compaction_matches_the_cpu") else {
+        return;
+    };
+    let mut rng = rng("gpu_compaction_matches_the_cpu");
+    let stream = backend.context().new_stream().unwrap();
+    for head_dim in [64, 128, 256] {
+        let (ps, hkv, layers, requests) = (16, 4, 5, 6);
+        let pages_per_request = 8;
+        let num_pages = requests * pages_per_request + 1;
+        let cache = PagedCacheShape::new(num_pages, ps, hkv, head_dim, pages_per_request).unwrap();
+        let mut pool: Vec<i32> = (0..num_pages as i32).collect();
+        rand::seq::SliceRandom::shuffle(&mut pool[..], &mut rng);
+        let page_table = pool[..requests * pages_per_request].to_vec();
+        let mut offsets = vec![0i32];
+        let mut nodes = Vec::new();
+        let mut prefix_lens = Vec::new();
+        for b in 0..requests {
+            let mut path: Vec<i32> = (0..64).filter(|_| rng.random_bool(0.3)).collect();
+            if b == 0 {
+                path = vec![0, 1, 2, 3]; // already in place
+            }
+            if b == requests - 1 {
+                path = vec![3, 9, 7]; // breaks a rule: not increasing
+            }
+            prefix_lens.push(rng.random_range(0..(pages_per_request * ps - 64)) as i32);
+            nodes.extend(&path);
+            offsets.push(nodes.len() as i32);
+        }
+        let shape = CompactionShape::new(requests, layers, nodes.len(), cache).unwrap();
+        let host: Vec<Vec<f16>> = (0..2 * layers)
+            .map(|_| {
+                (0..cache.cache_len())
+                    .map(|_| f16::from_f32(rng.random_range(-1.0..1.0)))
+                    .collect()
+            })
+            .collect();
+        let mut want = host.clone();
+        {
+            // The valid requests on the CPU (request 5 emptied there).
+            let mut cpu_offsets = offsets.clone();
+            cpu_offsets[6] = cpu_offsets[5];
+            let cpu_shape =
+                CompactionShape::new(requests, layers, offsets[5] as usize, cache).unwrap();
+            let (k, v) = want.split_at_mut(layers);
+            let mut k: Vec<&mut [f16]> = k.iter_mut().map(|c| c.as_mut_slice()).collect();
+            let mut v: Vec<&mut [f16]> = v.iter_mut().map(|c| c.as_mut_slice()).collect();
+            cpu::tree_kv_compact(
+                &cpu_shape,
+                &cpu_offsets,
+                &nodes[..offsets[5] as usize],
+                &prefix_lens,
+                &page_table,
+                &mut k,
+                &mut v,
+            )
+            .unwrap();
+        }
+        let mut buffers: Vec<Guarded<f16>> = host
+            .iter()
+            .map(|c| Guarded::with_contents(&stream, c, f16::from_f32(-3.0)))
+            .collect();
+        let pointers: Vec<u64> = buffers
+            .iter_mut()
+            .map(|g| {
+                // Only the address is taken; the buffer outlives the call.
+                g.out(&stream).as_raw()
+            })
+            .collect();
+        let up = |x: &[i32]| stream.clone_htod(x).unwrap();
+        let (o, n, l, t) = (up(&offsets), up(&nodes), up(&prefix_lens), up(&page_table));
+        let mut status = Guarded::new(&stream, requests, -9i32);
+        // SAFETY: each pointer is a live guarded buffer of the cache's size, used only on this stream.
+        unsafe {
+            backend.tree_kv_compact(
+                &stream,
+                &shape,
+                &pointers[..layers],
+                &pointers[layers..],
+                DeviceIn::new(&o, &stream),
+                DeviceIn::new(&n, &stream),
+                DeviceIn::new(&l, &stream),
+                DeviceIn::new(&t, &stream),
+                Some(status.out(&stream)),
+            )
+        }
+        .unwrap();
+        stream.synchronize().unwrap();
+        assert_eq!(
+            status.read(&stream, "request_status"),
+            [0, 0, 0, 0, 0, RequestStatus::Parents as i32]
+        );
+        for (i, g) in buffers.iter().enumerate() {
+            let got = g.read(&stream, "cache");
+            assert!(
+                got == want[i],
+                "d {head_dim}: cache {i} differs from the CPU's compaction"
+            );
+        }
+    }
+}
