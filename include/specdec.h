@@ -770,6 +770,92 @@ specdec_status specdec_int4_from_awq(int64_t n,
                                      void *scales_out,
                                      uint8_t *zeros_out);
 
+/**
+ * Tree-attention verification over a paged KV cache with the tree's KV appended (and RoPE applied) in the
+ * same call; semantics, layouts and rules are those of the Rust module `specdec::attention` (and the README).
+ *
+ * * `dtype` (fp16 or bf16) for `q[num_tokens * num_q_heads * head_dim]`, `k`, `v`
+ *   `[num_tokens * num_kv_heads * head_dim]`, `k_cache`, `v_cache`
+ *   `[num_pages * page_size * num_kv_heads * head_dim]` and `out` (like `q`).
+ * * `token_offsets[num_requests + 1]`, `parents[num_tokens]` (-1 for a root, else an earlier node of the same
+ *   tree), `prefix_lens[num_requests]`, `page_table[num_requests * pages_per_request]` (int32).
+ * * RoPE: `cos_sin_cache[max_position * head_dim]` (f32; cos then sin per position) with `rope_style` 0 (NeoX)
+ *   or 1 (GPT-J); NULL (and `max_position` 0) for none.
+ * * Optional outputs (NULL to skip): `lse[num_tokens * num_q_heads]` (f32, natural log) and
+ *   `request_status[num_requests]` (0 = ok, else the `specdec::attention::RequestStatus` code of the rule the
+ *   request broke).
+ *
+ * On a CPU context the call checks everything and returns SPECDEC_INVALID_ARGUMENT naming the first bad element,
+ * writing nothing (`request_status`, when given, is set to 0 on success). On a CUDA context every array is device
+ * memory and the work is enqueued on `stream`; the kernel checks each request's index arrays, skips a failing
+ * request (its rows of `out` are NaN) and reports it in `request_status`. `k_cache` and `v_cache` must be
+ * 16-byte aligned there.
+ *
+ * # Safety
+ * Each non-null pointer must point to the number of elements stated, valid for the call (on a CUDA context:
+ * until the work on `stream` has finished), and the outputs must not overlap the inputs.
+ */
+specdec_status specdec_tree_attention(const specdec_context *ctx,
+                                      int32_t dtype,
+                                      const void *q,
+                                      const void *k,
+                                      const void *v,
+                                      int64_t num_requests,
+                                      int64_t num_tokens,
+                                      int64_t num_q_heads,
+                                      int64_t max_tree_size,
+                                      const int32_t *token_offsets,
+                                      const int32_t *parents,
+                                      const int32_t *prefix_lens,
+                                      const int32_t *page_table,
+                                      void *k_cache,
+                                      void *v_cache,
+                                      int64_t num_pages,
+                                      int64_t page_size,
+                                      int64_t num_kv_heads,
+                                      int64_t head_dim,
+                                      int64_t pages_per_request,
+                                      const float *cos_sin_cache,
+                                      int64_t max_position,
+                                      int32_t rope_style,
+                                      float softmax_scale,
+                                      void *out,
+                                      float *lse,
+                                      int32_t *request_status,
+                                      void *stream);
+
+/**
+ * Moves each request's accepted tree nodes to contiguous cache slots in every layer (see `specdec::attention`):
+ * for request `b`, the entries at slot `prefix_lens[b] + accepted_nodes[accepted_offsets[b] + j]` move to slot
+ * `prefix_lens[b] + j`; entries already in place are not touched. `k_caches[num_layers]` and
+ * `v_caches[num_layers]` are host arrays holding each layer's cache pointer (`[num_pages * page_size *
+ * num_kv_heads * head_dim]` 16-bit elements; on a CUDA context device memory, 16-byte aligned, at most 128
+ * layers per call). `accepted_offsets[num_requests + 1]`, `accepted_nodes[num_accepted]` (strictly increasing
+ * per request, below 64), `prefix_lens[num_requests]`, `page_table[num_requests * pages_per_request]`, and
+ * optionally `request_status[num_requests]`, live where the caches do. Errors as `specdec_tree_attention`.
+ *
+ * # Safety
+ * Each non-null pointer must point to the number of elements stated, valid for the call (on a CUDA context:
+ * until the work on `stream` has finished); `k_caches` and `v_caches` are read during the call only.
+ */
+specdec_status specdec_tree_kv_compact(const specdec_context *ctx,
+                                       void *const *k_caches,
+                                       void *const *v_caches,
+                                       int64_t num_layers,
+                                       int64_t num_pages,
+                                       int64_t page_size,
+                                       int64_t num_kv_heads,
+                                       int64_t head_dim,
+                                       int64_t pages_per_request,
+                                       int64_t num_requests,
+                                       const int32_t *accepted_offsets,
+                                       const int32_t *accepted_nodes,
+                                       int64_t num_accepted,
+                                       const int32_t *prefix_lens,
+                                       const int32_t *page_table,
+                                       int32_t *request_status,
+                                       void *stream);
+
 #ifdef __cplusplus
 }  // extern "C"
 #endif  // __cplusplus

@@ -5,6 +5,7 @@
  */
 #include <stdint.h>
 #include <stdio.h>
+#include <math.h>
 #include <string.h>
 
 #include "specdec.h"
@@ -446,6 +447,74 @@ static void test_int4(specdec_context *ctx) {
                  "zeros[3]");
 }
 
+/* Tree attention: a 2-node chain with no prefix. Node 0 sees only itself, so its output is its own value; node 1
+ * sees both, with softmax weights from the scores computed here. Then compaction of the path [1] moves slot 1 to
+ * slot 0, and bad parents and page-table entries are named. bf16, GQA 2:1, head_dim 64, one page of 16. */
+static float f32_of_bf16(uint16_t b) {
+  uint32_t bits = (uint32_t)b << 16;
+  float x;
+  memcpy(&x, &bits, sizeof x);
+  return x;
+}
+
+static void test_tree_attention(specdec_context *ctx) {
+  enum { D = 64, HQ = 2, HKV = 1, N = 2, PAGES = 2, PS = 16 };
+  uint16_t q[N * HQ * D], k[N * HKV * D], v[N * HKV * D], out[N * HQ * D];
+  static uint16_t k_cache[PAGES * PS * HKV * D], v_cache[PAGES * PS * HKV * D];
+  float lse[N * HQ];
+  int32_t offsets[2] = {0, N}, parents[N] = {-1, 0}, prefix[1] = {0}, table[1] = {1}, status[1] = {-9};
+  for (int i = 0; i < N * HQ * D; ++i) q[i] = bf16_of((float)((i * 7) % 5 - 2) * 0.25f);
+  for (int i = 0; i < N * HKV * D; ++i) {
+    k[i] = bf16_of((float)((i * 3) % 7 - 3) * 0.125f);
+    v[i] = bf16_of((float)(i % 9 - 4) * 0.5f);
+  }
+  const float scale = 0.125f;
+  CHECK(specdec_tree_attention(ctx, SPECDEC_DTYPE_BF16, q, k, v, 1, N, HQ, 4, offsets, parents, prefix, table, k_cache,
+                               v_cache, PAGES, PS, HKV, D, 1, NULL, 0, 0, scale, out, lse, status, NULL) == SPECDEC_OK);
+  CHECK(status[0] == 0);
+  for (int h = 0; h < HQ; ++h) {
+    for (int d = 0; d < D; ++d) CHECK(out[h * D + d] == v[d]); /* node 0: its own value, exactly */
+    double s[2];
+    for (int j = 0; j < 2; ++j) {
+      double dot = 0;
+      for (int d = 0; d < D; ++d) dot += (double)f32_of_bf16(q[(HQ + h) * D + d]) * f32_of_bf16(k[j * D + d]);
+      s[j] = dot * scale;
+    }
+    double m = s[0] > s[1] ? s[0] : s[1], w0 = exp(s[0] - m), w1 = exp(s[1] - m);
+    for (int d = 0; d < D; ++d) {
+      double want = (w0 * f32_of_bf16(v[d]) + w1 * f32_of_bf16(v[D + d])) / (w0 + w1);
+      CHECK(fabs(f32_of_bf16(out[(HQ + h) * D + d]) - want) <= fabs(want) / 128 + 1e-6);
+    }
+    CHECK(fabs(lse[HQ + h] - (m + log(w0 + w1))) <= 1e-5 * (1 + fabs(lse[HQ + h])));
+  }
+  /* The nodes were appended to page 1 (the table's only entry), slots 0 and 1. */
+  CHECK(memcmp(&k_cache[PS * D], k, sizeof k) == 0 && memcmp(&v_cache[PS * D], v, sizeof v) == 0);
+
+  void *k_layers[1] = {k_cache}, *v_layers[1] = {v_cache};
+  int32_t acc_offsets[2] = {0, 1}, acc_nodes[1] = {1};
+  CHECK(specdec_tree_kv_compact(ctx, k_layers, v_layers, 1, PAGES, PS, HKV, D, 1, 1, acc_offsets, acc_nodes, 1, prefix,
+                                table, NULL, NULL) == SPECDEC_OK);
+  CHECK(memcmp(&k_cache[PS * D], &k[D], D * 2) == 0 && memcmp(&v_cache[PS * D], &v[D], D * 2) == 0);
+
+  int32_t bad_parents[N] = {-1, 1}, bad_table[1] = {PAGES};
+  EXPECT_INVALID(specdec_tree_attention(ctx, SPECDEC_DTYPE_BF16, q, k, v, 1, N, HQ, 4, offsets, bad_parents, prefix,
+                                        table, k_cache, v_cache, PAGES, PS, HKV, D, 1, NULL, 0, 0, scale, out, NULL,
+                                        NULL, NULL),
+                 "parents[1]");
+  EXPECT_INVALID(specdec_tree_attention(ctx, SPECDEC_DTYPE_BF16, q, k, v, 1, N, HQ, 4, offsets, parents, prefix,
+                                        bad_table, k_cache, v_cache, PAGES, PS, HKV, D, 1, NULL, 0, 0, scale, out, NULL,
+                                        NULL, NULL),
+                 "page_table[0]");
+  EXPECT_INVALID(specdec_tree_attention(ctx, SPECDEC_DTYPE_F32, q, k, v, 1, N, HQ, 4, offsets, parents, prefix, table,
+                                        k_cache, v_cache, PAGES, PS, HKV, D, 1, NULL, 0, 0, scale, out, NULL, NULL,
+                                        NULL),
+                 "dtype");
+  EXPECT_INVALID(specdec_tree_attention(ctx, SPECDEC_DTYPE_BF16, q, k, v, 1, N, HQ, 65, offsets, parents, prefix,
+                                        table, k_cache, v_cache, PAGES, PS, HKV, D, 1, NULL, 0, 0, scale, out, NULL,
+                                        NULL, NULL),
+                 "max_tree_size");
+}
+
 int main(void) {
   specdec_context *ctx = NULL;
   int32_t backend = -1;
@@ -483,6 +552,7 @@ int main(void) {
   test_policy();
   test_rejection_chain_and_tree(ctx);
   test_int4(ctx);
+  test_tree_attention(ctx);
 
   CHECK(specdec_context_destroy(ctx) == SPECDEC_OK);
   CHECK(specdec_context_destroy(NULL) == SPECDEC_OK);
