@@ -20,7 +20,8 @@ use std::time::Instant;
 use cudarc::driver::{sys, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr};
 use half::{bf16, f16};
 use rayon::prelude::*;
-use specdec::cuda::{CudaBackend, DeviceIn, DeviceOut};
+use specdec::attention::{PagedCacheShape, TreeAttentionShape, TreeBatch};
+use specdec::cuda::{CudaBackend, DeviceIn, DeviceOut, DeviceTreeBatch, DeviceTreeOutputs};
 use specdec::int4::{GemvShape, Int4Shape};
 use specdec::{cpu, DType, LogitsElement};
 
@@ -218,6 +219,7 @@ fn main() {
         failures += usize::from(check.starts_with("MISMATCH"));
     }
     failures += int4_rows(&backend, options.quick, ceiling_gbps);
+    failures += attention_rows(&backend, options.quick, ceiling_gbps);
     if failures > 0 {
         eprintln!("bench: {failures} case(s) disagree with the CPU reference");
         std::process::exit(1);
@@ -1130,4 +1132,184 @@ fn time_quantize_cuda(
             stream.clone_dtoh(&zeros).unwrap(),
         ),
     )
+}
+
+/// Tree-attention rows: Llama-3-8B-shaped heads (32 q, 8 kv, D = 128, bf16, pages of 16), full binary trees,
+/// every request with the same prefix length. Bytes are the floor: the prefix KV read once, plus q, k, v and
+/// out. On CUDA every listed size runs; the outputs are checked for NaN and the request status only (exactness is
+/// tests/attention_gpu's job). On the CPU one small case runs. Returns the number of failed checks.
+fn attention_rows(backend: &Backend, quick: bool, ceiling_gbps: f64) -> usize {
+    let (hq, hkv, d, ps) = (32usize, 8usize, 128usize, 16usize);
+    let cases: Vec<(usize, usize, usize)> = match backend {
+        Backend::Cpu => vec![(1, 1024, 8)],
+        Backend::Cuda { .. } if quick => vec![(1, 8192, 16), (16, 8192, 1), (16, 8192, 64)],
+        Backend::Cuda { .. } => {
+            let mut all = Vec::new();
+            for batch in [1, 16, 64] {
+                for prefix in [1024, 8192, 32768] {
+                    for tree in [1, 8, 16, 64] {
+                        all.push((batch, prefix, tree));
+                    }
+                }
+            }
+            all
+        }
+    };
+    let mut failures = 0;
+    for (batch, prefix, tree) in cases {
+        eprintln!("tree_attention bf16 B={batch} L={prefix} T={tree} ...");
+        let pages_per_request = (prefix + tree).div_ceil(ps);
+        let cache = PagedCacheShape::new(batch * pages_per_request, ps, hkv, d, pages_per_request)
+            .expect("valid");
+        let shape =
+            TreeAttentionShape::new(batch, batch * tree, hq, tree, cache, None).expect("valid");
+        let parents: Vec<i32> = (0..batch)
+            .flat_map(|_| (0..tree as i32).map(|i| if i == 0 { -1 } else { (i - 1) / 2 }))
+            .collect();
+        let offsets: Vec<i32> = (0..=batch).map(|b| (b * tree) as i32).collect();
+        let prefix_lens = vec![prefix as i32; batch];
+        // Pages in reverse order, so that no request reads its pages in address order.
+        let page_table: Vec<i32> = (0..batch * pages_per_request)
+            .rev()
+            .map(|p| p as i32)
+            .collect();
+        let mut state = (batch * 7919 + prefix + tree) as u64;
+        let mut values = |n: usize| -> Vec<bf16> {
+            (0..n)
+                .map(|_| {
+                    bf16::from_f32((splitmix(&mut state) >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
+                })
+                .collect()
+        };
+        let (q, k, v) = (
+            values(shape.q_len()),
+            values(shape.kv_len()),
+            values(shape.kv_len()),
+        );
+        let scale = 1.0 / (d as f32).sqrt();
+        let (micros, check) = match backend {
+            Backend::Cpu => {
+                let (mut kc, mut vc) = (values(cache.cache_len()), values(cache.cache_len()));
+                let mut out = vec![bf16::ZERO; shape.q_len()];
+                let batch_arrays = TreeBatch {
+                    token_offsets: &offsets,
+                    parents: &parents,
+                    prefix_lens: &prefix_lens,
+                    page_table: &page_table,
+                };
+                let t = Instant::now();
+                cpu::tree_attention(
+                    &shape,
+                    &q,
+                    &k,
+                    &v,
+                    &batch_arrays,
+                    None,
+                    scale,
+                    &mut kc,
+                    &mut vc,
+                    &mut out,
+                    None,
+                )
+                .expect("valid inputs");
+                (
+                    t.elapsed().as_secs_f64() * 1e6,
+                    "is the CPU reference".to_string(),
+                )
+            }
+            Backend::Cuda { backend, stream } => {
+                let up = |x: &[i32]| stream.clone_htod(x).expect("upload");
+                let (o, p, l, t) = (
+                    up(&offsets),
+                    up(&parents),
+                    up(&prefix_lens),
+                    up(&page_table),
+                );
+                let (qd, kd, vd) = (
+                    stream.clone_htod(&q).expect("upload q"),
+                    stream.clone_htod(&k).expect("upload k"),
+                    stream.clone_htod(&v).expect("upload v"),
+                );
+                let mut kc = stream
+                    .alloc_zeros::<bf16>(cache.cache_len())
+                    .expect("k cache");
+                let mut vc = stream
+                    .alloc_zeros::<bf16>(cache.cache_len())
+                    .expect("v cache");
+                for (buffer, pattern) in [(&mut kc, 0x3E80u16), (&mut vc, 0xBF00u16)] {
+                    let (ptr, _sync) = buffer.device_ptr_mut(stream);
+                    // SAFETY: fills the whole live allocation with a bf16 pattern (0.25 and -0.5), on `stream`.
+                    unsafe {
+                        sys::cuMemsetD16Async(ptr, pattern, cache.cache_len(), stream.cu_stream())
+                    }
+                    .result()
+                    .expect("fill the cache");
+                }
+                let mut out = stream.alloc_zeros::<bf16>(shape.q_len()).expect("out");
+                let mut status = stream.clone_htod(&vec![-9i32; batch]).expect("status");
+                let (qp, _a) = qd.device_ptr(stream);
+                let (kp, _b) = kd.device_ptr(stream);
+                let (vp, _c) = vd.device_ptr(stream);
+                let (op, _d) = o.device_ptr(stream);
+                let (pp, _e) = p.device_ptr(stream);
+                let (lp, _f) = l.device_ptr(stream);
+                let (tp, _g) = t.device_ptr(stream);
+                let (kcp, _h) = kc.device_ptr_mut(stream);
+                let (vcp, _i) = vc.device_ptr_mut(stream);
+                let (outp, _j) = out.device_ptr_mut(stream);
+                let (sp, _k) = status.device_ptr_mut(stream);
+                let call = |_: usize| {
+                    // SAFETY: every pointer is a live allocation of the length given, used on `stream`.
+                    unsafe {
+                        backend.tree_attention::<bf16>(
+                            stream,
+                            &shape,
+                            DeviceIn::from_raw(qp, shape.q_len()),
+                            DeviceIn::from_raw(kp, shape.kv_len()),
+                            DeviceIn::from_raw(vp, shape.kv_len()),
+                            DeviceTreeBatch {
+                                token_offsets: DeviceIn::from_raw(op, batch + 1),
+                                parents: DeviceIn::from_raw(pp, batch * tree),
+                                prefix_lens: DeviceIn::from_raw(lp, batch),
+                                page_table: DeviceIn::from_raw(tp, page_table.len()),
+                            },
+                            None,
+                            scale,
+                            DeviceTreeOutputs {
+                                k_cache: DeviceOut::from_raw(kcp, cache.cache_len()),
+                                v_cache: DeviceOut::from_raw(vcp, cache.cache_len()),
+                                out: DeviceOut::from_raw(outp, shape.q_len()),
+                                lse: None,
+                                request_status: Some(DeviceOut::from_raw(sp, batch)),
+                            },
+                        )
+                    }
+                    .expect("tree_attention launch");
+                };
+                let micros = time_cuda_calls(backend, stream, call);
+                drop((_a, _b, _c, _d, _e, _f, _g, _h, _i, _j, _k));
+                stream.synchronize().expect("benchmark work completes");
+                let out = stream.clone_dtoh(&out).expect("read out");
+                let status = stream.clone_dtoh(&status).expect("read status");
+                let check = if status.iter().any(|&s| s != 0) {
+                    format!("MISMATCH (request_status {status:?})")
+                } else if out.iter().any(|x| !x.to_f32().is_finite()) {
+                    "MISMATCH (non-finite output)".to_string()
+                } else {
+                    "status ok, finite".to_string()
+                };
+                (micros, check)
+            }
+        };
+        let bytes =
+            (batch * prefix * hkv * d * 2 * 2 + batch * tree * (2 * hq + 2 * hkv) * d * 2) as f64;
+        let gbps = bytes / micros / 1e3;
+        println!(
+            "| tree_attention (B={batch}, L={prefix}, T={tree}) | bf16 | {batch} | {tree} | - | {micros:.2} | {:.2} | {gbps:.1} | {:.1} | {check} |",
+            bytes / 1e6,
+            100.0 * gbps / ceiling_gbps
+        );
+        failures += usize::from(check.starts_with("MISMATCH"));
+    }
+    failures
 }
