@@ -62,6 +62,13 @@ def load_specdec(path):
         c.c_int32, c.c_int64, c.c_void_p, c.c_void_p,
     ]
     lib.specdec_int4_gemv.restype = c.c_int32
+    lib.specdec_tree_attention.argtypes = [
+        c.c_void_p, c.c_int32, c.c_void_p, c.c_void_p, c.c_void_p, c.c_int64, c.c_int64, c.c_int64, c.c_int64,
+        c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p, c.c_int64, c.c_int64, c.c_int64,
+        c.c_int64, c.c_int64, c.c_void_p, c.c_int64, c.c_int32, c.c_float, c.c_void_p, c.c_void_p, c.c_void_p,
+        c.c_void_p,
+    ]
+    lib.specdec_tree_attention.restype = c.c_int32
     return lib
 
 
@@ -316,6 +323,94 @@ def bench_int4(lib, ctx, n, k, m, gen):
     return specdec_us, quantize_us, tiny_us, gemlite_us, matmul_us, nbytes, ok, err
 
 
+def bench_tree_attention(lib, ctx, batch, prefix, tree, gen):
+    """specdec's fused tree attention over a paged cache vs SDPA with a dense mask and FlexAttention with a tree
+    block mask, both on contiguous K/V gathered beforehand (their best case: the gather is not timed), and
+    FlashInfer's custom-mask paged prefill where it is installed. Full binary trees, Llama-3-8B heads."""
+    hq, hkv, d, ps = 32, 8, 128, 16
+    ppr = -(-(prefix + tree) // ps)
+    pages = batch * ppr
+    k_cache = torch.randn(pages, ps, hkv, d, device="cuda", generator=gen).to(torch.bfloat16)
+    v_cache = torch.randn(pages, ps, hkv, d, device="cuda", generator=gen).to(torch.bfloat16)
+    table = torch.randperm(pages, device="cuda", generator=gen).to(torch.int32).view(batch, ppr)
+    n = batch * tree
+    q = torch.randn(n, hq, d, device="cuda", generator=gen).to(torch.bfloat16)
+    k = torch.randn(n, hkv, d, device="cuda", generator=gen).to(torch.bfloat16)
+    v = torch.randn(n, hkv, d, device="cuda", generator=gen).to(torch.bfloat16)
+    parents = [-1] + [(i - 1) // 2 for i in range(1, tree)]
+    parents_t = torch.tensor(parents * batch, dtype=torch.int32, device="cuda")
+    offsets = torch.arange(0, n + 1, tree, dtype=torch.int32, device="cuda")
+    prefix_lens = torch.full((batch,), prefix, dtype=torch.int32, device="cuda")
+    out = torch.full_like(q, float("nan"))
+    status = torch.full((batch,), -9, dtype=torch.int32, device="cuda")
+    scale = d ** -0.5
+    stream = lambda: torch.cuda.current_stream().cuda_stream  # noqa: E731
+
+    def run_specdec(i):
+        check(lib, lib.specdec_tree_attention(
+            ctx, 2, q.data_ptr(), k.data_ptr(), v.data_ptr(), batch, n, hq, tree, offsets.data_ptr(),
+            parents_t.data_ptr(), prefix_lens.data_ptr(), table.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+            pages, ps, hkv, d, ppr, None, 0, 0, scale, out.data_ptr(), None, status.data_ptr(), stream()),
+            "specdec_tree_attention")
+
+    # Contiguous K/V per request (prefix then tree), the ancestor mask, and the reference through SDPA.
+    slots = (table.long()[:, :, None] * ps + torch.arange(ps, device="cuda")).view(batch, -1)[:, :prefix]
+    flat_k = k_cache.view(-1, hkv, d)
+    flat_v = v_cache.view(-1, hkv, d)
+    kk = torch.cat([flat_k[slots], k.view(batch, tree, hkv, d)], dim=1).transpose(1, 2).contiguous()
+    vv = torch.cat([flat_v[slots], v.view(batch, tree, hkv, d)], dim=1).transpose(1, 2).contiguous()
+    qq = q.view(batch, tree, hq, d).transpose(1, 2).contiguous()
+    ancestors = torch.zeros(tree, tree, dtype=torch.bool)
+    for i in range(tree):
+        j = i
+        while j >= 0:
+            ancestors[i, j] = True
+            j = parents[j]
+    ancestors = ancestors.cuda()
+    mask = torch.cat([torch.ones(tree, prefix, dtype=torch.bool, device="cuda"), ancestors], dim=1)
+    sdpa = lambda i: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
+        qq, kk, vv, attn_mask=mask[None, None], scale=scale, enable_gqa=True)
+    want = sdpa(0)
+    run_specdec(0)
+    torch.cuda.synchronize()
+    got = out.view(batch, tree, hq, d).transpose(1, 2).float()
+    err = (got - want.float()).abs().max().item()
+    ok = err <= 2 ** -5 and bool((status == 0).all())
+    specdec_us = time_us(run_specdec, calls=None)
+    sdpa_us = time_us(sdpa, calls=None)
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: PLC0415
+
+        def tree_mask(b, h, q_idx, kv_idx):
+            return (kv_idx < prefix) | ancestors[q_idx, (kv_idx - prefix).clamp(min=0)]
+
+        block_mask = create_block_mask(tree_mask, None, None, tree, prefix + tree, device="cuda")
+        flex = torch.compile(flex_attention)
+        flex_call = lambda i: flex(qq, kk, vv, block_mask=block_mask, scale=scale, enable_gqa=True)  # noqa: E731
+        flex_err = (flex_call(0).float() - want.float()).abs().max().item()
+        flex_us = time_us(flex_call, calls=None)
+        flex_us = flex_us if flex_err <= 2 ** -5 else f"wrong ({flex_err:.3g})"
+    except Exception as e:  # a peer's API drift is reported, not fatal
+        flex_us = f"failed: {type(e).__name__}"
+    try:
+        import flashinfer  # noqa: PLC0415 (optional peer)
+        workspace = torch.empty(128 << 20, dtype=torch.uint8, device="cuda")
+        wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD")
+        kv_indptr = torch.arange(0, pages + 1, ppr, dtype=torch.int32, device="cuda")
+        last = (prefix + tree - 1) % ps + 1
+        wrapper.plan(offsets, kv_indptr, table.view(-1), torch.full((batch,), last, dtype=torch.int32,
+                     device="cuda"), hq, hkv, d, ps, custom_mask=mask.repeat(batch, 1, 1).view(-1),
+                     q_data_type=torch.bfloat16)
+        fi = lambda i: wrapper.run(q, (k_cache, v_cache))  # noqa: E731
+        fi_us = time_us(fi, calls=None)
+    except ImportError:
+        fi_us = "not installed"
+    except Exception as e:
+        fi_us = f"failed: {type(e).__name__}"
+    nbytes = batch * prefix * hkv * d * 4 + n * (2 * hq + 2 * hkv) * d * 2
+    return specdec_us, sdpa_us, flex_us, fi_us, nbytes, ok, err
+
+
 def fmt_us(v):
     return f"{v:.2f}" if isinstance(v, float) else str(v)
 
@@ -391,6 +486,29 @@ def main():
                   f"| {matmul_us:.2f} | {vs_tiny} | {matmul_us / specdec_us:.2f}x | {nbytes / 1e6:.2f} | {gbps:.1f} "
                   f"| {100 * gbps / bandwidth:.1f} | {fmt_us(quantize_us) if quantize_us else '-'} "
                   f"| {'~ dequantized matmul' if ok else f'MISMATCH ({err:.3g})'} |")
+    print()
+    print("| tree_attention bf16 (32 q, 8 kv, D 128) | B | L | T | specdec (us) | SDPA dense mask (us) "
+          "| FlexAttention (us) | FlashInfer custom mask (us) | vs SDPA | vs Flex | MB | specdec GB/s | % of copy BW "
+          "| check |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    attention_cases = ([(1, 8192, 16), (16, 8192, 1), (16, 8192, 64)] if args.quick else
+                       [(b, l, t) for b in (1, 16, 64) for l in (1024, 8192, 32768) for t in (1, 8, 16, 64)])
+    for batch, prefix, tree in attention_cases:
+        print(f"tree attention B={batch} L={prefix} T={tree}", file=sys.stderr, flush=True)
+        try:
+            specdec_us, sdpa_us, flex_us, fi_us, nbytes, ok, err = bench_tree_attention(lib, ctx, batch, prefix, tree,
+                                                                                        gen)
+        except torch.cuda.OutOfMemoryError:
+            print(f"| tree_attention | {batch} | {prefix} | {tree} | out of memory for the peers' dense inputs |")
+            torch.cuda.empty_cache()
+            continue
+        failures += not ok
+        gbps = nbytes / (specdec_us * 1e3)
+        vs_flex = f"{flex_us / specdec_us:.2f}x" if isinstance(flex_us, float) else "-"
+        print(f"| tree_attention | {batch} | {prefix} | {tree} | {specdec_us:.2f} | {sdpa_us:.2f} | {fmt_us(flex_us)} "
+              f"| {fmt_us(fi_us)} | {sdpa_us / specdec_us:.2f}x | {vs_flex} | {nbytes / 1e6:.2f} | {gbps:.1f} "
+              f"| {100 * gbps / bandwidth:.1f} | {'~ SDPA' if ok else f'MISMATCH ({err:.3g})'} |")
+        torch.cuda.empty_cache()
     lib.specdec_context_destroy(ctx)
     return 1 if failures else 0
 
