@@ -24,32 +24,9 @@ use specdec::{cpu, Error, HalfElement};
 /// The spacing of fp16's subnormals, which bounds the absolute rounding error of tiny outputs.
 const SUBNORMAL_STEP: f64 = 1.0 / (1u64 << 24) as f64;
 
-/// Runs the CPU backend on `problem`: (out, lse, k_cache, v_cache).
-fn run<T: HalfElement>(p: &Problem<T>) -> (Vec<T>, Vec<f32>, Vec<T>, Vec<T>) {
-    let mut k_cache = p.k_cache.clone();
-    let mut v_cache = p.v_cache.clone();
-    let mut out = vec![T::NAN; p.shape.q_len()];
-    let mut lse = vec![f32::NAN; p.shape.lse_len()];
-    cpu::tree_attention(
-        &p.shape,
-        &p.q,
-        &p.k,
-        &p.v,
-        &p.batch(),
-        p.cos_sin.as_deref(),
-        p.scale,
-        &mut k_cache,
-        &mut v_cache,
-        &mut out,
-        Some(&mut lse),
-    )
-    .unwrap();
-    (out, lse, k_cache, v_cache)
-}
-
 /// Checks outputs against the reference and the cache against the expected appends.
 fn check<T: HalfElement>(p: &Problem<T>, label: &str) {
-    let (out, lse, k_cache, v_cache) = run(p);
+    let (out, lse, k_cache, v_cache) = p.run_cpu();
     let (want_out, want_lse) = p.reference();
     let got: Vec<f64> = out.iter().map(|x| f64::from(x.to_f32())).collect();
     let eps = epsilon::<T>();
@@ -191,7 +168,7 @@ fn single_node_trees_are_plain_decode_attention() {
         rope: None,
     };
     let p = Problem::<f16>::random(&mut rng, &spec);
-    let (out, _, _, _) = run(&p);
+    let (out, _, _, _) = p.run_cpu();
     let (hq, d) = (32, 128);
     for b in 0..4 {
         let l = p.prefix_lens[b] as usize;
@@ -282,8 +259,8 @@ fn rope_equals_inputs_rotated_beforehand() {
                 }
             }
         }
-        let a = run(&with_rope);
-        let b = run(&without);
+        let a = with_rope.run_cpu();
+        let b = without.run_cpu();
         let bits = |x: &[bf16]| x.iter().map(|e| e.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&a.0), bits(&b.0), "{style:?}: out");
         assert_eq!(bits(&a.2), bits(&b.2), "{style:?}: k_cache");

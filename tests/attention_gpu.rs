@@ -98,29 +98,6 @@ fn run_gpu<T: HalfElement + DeviceRepr + ValidAsZeroBits>(
     }
 }
 
-/// The CPU backend's results: (out, lse, k_cache, v_cache).
-fn run_cpu<T: HalfElement>(p: &Problem<T>) -> (Vec<T>, Vec<f32>, Vec<T>, Vec<T>) {
-    let mut k_cache = p.k_cache.clone();
-    let mut v_cache = p.v_cache.clone();
-    let mut out = vec![T::NAN; p.shape.q_len()];
-    let mut lse = vec![f32::NAN; p.shape.lse_len()];
-    cpu::tree_attention(
-        &p.shape,
-        &p.q,
-        &p.k,
-        &p.v,
-        &p.batch(),
-        p.cos_sin.as_deref(),
-        p.scale,
-        &mut k_cache,
-        &mut v_cache,
-        &mut out,
-        Some(&mut lse),
-    )
-    .unwrap();
-    (out, lse, k_cache, v_cache)
-}
-
 fn check<T: HalfElement + DeviceRepr + ValidAsZeroBits>(
     backend: &CudaBackend,
     stream: &Arc<CudaStream>,
@@ -128,7 +105,7 @@ fn check<T: HalfElement + DeviceRepr + ValidAsZeroBits>(
     label: &str,
 ) {
     let gpu = run_gpu(backend, stream, p);
-    let (out, lse, k_cache, v_cache) = run_cpu(p);
+    let (out, lse, k_cache, v_cache) = p.run_cpu();
     assert!(
         gpu.status.iter().all(|&s| s == 0),
         "{label}: request_status {:?}",
@@ -323,7 +300,7 @@ fn gpu_bad_requests_are_marked_and_touch_nothing() {
 
     // The unbroken problem on the CPU gives the reference for the valid requests' rows and cache rows.
     let (hq, d) = (8, 64);
-    let (out, _, k_cache, _) = run_cpu(&good);
+    let (out, _, k_cache, _) = good.run_cpu();
     for (b, &code) in codes.iter().enumerate() {
         for row in p.rows(b) {
             let got = &gpu.out[row * hq * d..][..hq * d];

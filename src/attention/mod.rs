@@ -221,6 +221,23 @@ impl PagedCacheShape {
         })
     }
 
+    /// Checks that a page table of `num_requests` rows is indexable with 32-bit entries; returns its length.
+    pub fn check_page_table_rows(&self, num_requests: usize) -> Result<usize> {
+        num_requests
+            .checked_mul(self.pages_per_request)
+            .filter(|&e| e <= i32::MAX as usize)
+            .ok_or_else(|| {
+                Error::invalid(
+                    "pages_per_request",
+                    format!(
+                        "is {}; the page table of {num_requests} requests would exceed {} entries",
+                        self.pages_per_request,
+                        i32::MAX
+                    ),
+                )
+            })
+    }
+
     /// Elements of each of `k_cache` and `v_cache`.
     pub fn cache_len(&self) -> usize {
         self.num_pages * self.page_size * self.num_kv_heads * self.head_dim
@@ -399,19 +416,7 @@ impl TreeAttentionShape {
                 format!("is {num_tokens}; q would overflow the address space"),
             ));
         }
-        if num_requests
-            .checked_mul(cache.pages_per_request)
-            .is_none_or(|e| e > i32::MAX as usize)
-        {
-            return Err(Error::invalid(
-                "pages_per_request",
-                format!(
-                    "is {}; the page table of {num_requests} requests would exceed {} entries",
-                    cache.pages_per_request,
-                    i32::MAX
-                ),
-            ));
-        }
+        cache.check_page_table_rows(num_requests)?;
         if let Some(r) = rope {
             if r.max_position == 0 || r.max_position > i32::MAX as usize {
                 return Err(Error::invalid(
@@ -646,19 +651,7 @@ impl CompactionShape {
                 ),
             ));
         }
-        if num_requests
-            .checked_mul(cache.pages_per_request)
-            .is_none_or(|e| e > i32::MAX as usize)
-        {
-            return Err(Error::invalid(
-                "pages_per_request",
-                format!(
-                    "is {}; the page table of {num_requests} requests would exceed {} entries",
-                    cache.pages_per_request,
-                    i32::MAX
-                ),
-            ));
-        }
+        cache.check_page_table_rows(num_requests)?;
         Ok(CompactionShape {
             num_requests,
             num_layers,

@@ -214,6 +214,29 @@ impl<T: HalfElement> Problem<T> {
         (k, self.v[(row * hkv + h) * d..][..d].to_vec())
     }
 
+    /// The CPU backend's results on this problem: (out, lse, k_cache, v_cache).
+    pub fn run_cpu(&self) -> (Vec<T>, Vec<f32>, Vec<T>, Vec<T>) {
+        let mut k_cache = self.k_cache.clone();
+        let mut v_cache = self.v_cache.clone();
+        let mut out = vec![T::NAN; self.shape.q_len()];
+        let mut lse = vec![f32::NAN; self.shape.lse_len()];
+        specdec::cpu::tree_attention(
+            &self.shape,
+            &self.q,
+            &self.k,
+            &self.v,
+            &self.batch(),
+            self.cos_sin.as_deref(),
+            self.scale,
+            &mut k_cache,
+            &mut v_cache,
+            &mut out,
+            Some(&mut lse),
+        )
+        .unwrap();
+        (out, lse, k_cache, v_cache)
+    }
+
     /// Naive attention in f64 of every node and q head: keys are the prefix read slot by slot from the
     /// original cache, then the node's path read from the inputs (rotated here). Returns (out, lse).
     pub fn reference(&self) -> (Vec<f64>, Vec<f64>) {
