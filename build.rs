@@ -4,6 +4,10 @@
 //! nvcc is found from `NVCC`, then `$CUDA_HOME/bin`, `$CUDA_PATH/bin`, then `PATH`. nvidia-smi is never run:
 //! the GPU of the build machine says nothing about the GPUs the library will run on. Without nvcc the
 //! CPU-only library is built (one warning); `SPECDEC_REQUIRE_CUDA=1` makes that, or a failed compile, an error.
+//!
+//! `SPECDEC_CUDA_CACHE=<dir>` keeps each fatbin and its ptxas report there under a hash of everything that
+//! decides its bytes (nvcc's version, the command line, every `cuda/` source). Builds whose Rust fingerprints
+//! differ (`cargo clippy` and `cargo build`, say) then run nvcc once between them.
 
 use std::env;
 use std::fmt::Write as _;
@@ -12,13 +16,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const DEFAULT_ARCHS: &str = "80;86;89;90";
-const ENV_VARS: [&str; 6] = [
+const ENV_VARS: [&str; 7] = [
     "NVCC",
     "CUDA_HOME",
     "CUDA_PATH",
     "PATH",
     "SPECDEC_CUDA_ARCHS",
     "SPECDEC_REQUIRE_CUDA",
+    "SPECDEC_CUDA_CACHE",
 ];
 
 struct Kernel {
@@ -125,11 +130,16 @@ fn compile_all(
         .iter()
         .filter(|p| p.extension().is_some_and(|e| e == "cu"))
         .collect();
+    let cache = match env::var_os("SPECDEC_CUDA_CACHE") {
+        Some(dir) => Some(FatbinCache::new(PathBuf::from(dir), nvcc, sources)?),
+        None => None,
+    };
+    let cache = cache.as_ref();
     // One nvcc per kernel family, in parallel: nvcc itself compiles the architectures one after another.
     std::thread::scope(|scope| {
         let jobs: Vec<_> = units
             .iter()
-            .map(|src| scope.spawn(move || compile_one(nvcc, src, archs, out_dir)))
+            .map(|src| scope.spawn(move || compile_one(nvcc, src, archs, out_dir, cache)))
             .collect();
         jobs.into_iter()
             .map(|j| j.join().expect("nvcc thread panicked"))
@@ -142,6 +152,7 @@ fn compile_one(
     source: &Path,
     archs: &[u32],
     out_dir: &Path,
+    cache: Option<&FatbinCache>,
 ) -> Result<Kernel, String> {
     let name = source
         .file_stem()
@@ -149,8 +160,8 @@ fn compile_one(
         .expect("utf-8 file name")
         .to_string();
     let fatbin = out_dir.join(format!("{name}.fatbin"));
-    let mut cmd = Command::new(nvcc);
-    cmd.args([
+    // Everything but the output path, which differs between builds that may share a cached fatbin.
+    let mut args: Vec<std::ffi::OsString> = [
         "--fatbin",
         "-O3",
         "-std=c++17",
@@ -158,26 +169,38 @@ fn compile_one(
         "-Xptxas",
         "-v",
         "-Icuda",
-        "-o",
-    ])
-    .arg(&fatbin)
-    .arg(source);
+    ]
+    .map(Into::into)
+    .into();
+    args.push(source.into());
     for arch in archs {
-        cmd.arg(format!("-gencode=arch=compute_{arch},code=sm_{arch}"));
+        args.push(format!("-gencode=arch=compute_{arch},code=sm_{arch}").into());
     }
     let lowest = archs[0];
-    cmd.arg(format!(
-        "-gencode=arch=compute_{lowest},code=compute_{lowest}"
-    ));
-    let output = cmd
-        .output()
-        .map_err(|e| format!("could not run {}: {e}", nvcc.display()))?;
-    let report = String::from_utf8_lossy(&output.stderr).into_owned();
+    args.push(format!("-gencode=arch=compute_{lowest},code=compute_{lowest}").into());
     let report_path = out_dir.join(format!("{name}.resources.txt"));
+    let cached = cache.map(|c| c.entry(&name, &args));
+    let report = match cached.as_ref().and_then(|entry| entry.restore(&fatbin)) {
+        Some(report) => report,
+        None => {
+            let output = Command::new(nvcc)
+                .arg("-o")
+                .arg(&fatbin)
+                .args(&args)
+                .output()
+                .map_err(|e| format!("could not run {}: {e}", nvcc.display()))?;
+            let report = String::from_utf8_lossy(&output.stderr).into_owned();
+            if !output.status.success() {
+                fs::write(&report_path, &report).map_err(|e| e.to_string())?;
+                return Err(format!("nvcc failed on {}:\n{report}", source.display()));
+            }
+            if let Some(entry) = &cached {
+                entry.store(&fatbin, &report)?;
+            }
+            report
+        }
+    };
     fs::write(&report_path, &report).map_err(|e| e.to_string())?;
-    if !output.status.success() {
-        return Err(format!("nvcc failed on {}:\n{report}", source.display()));
-    }
     for spill in spill_lines(&report) {
         println!(
             "cargo:warning=specdec: {name}: register spill: {spill} (full report: {})",
@@ -186,6 +209,94 @@ fn compile_one(
     }
     let size = fs::metadata(&fatbin).map_err(|e| e.to_string())?.len() as usize;
     Ok(Kernel { name, fatbin, size })
+}
+
+/// Where `SPECDEC_CUDA_CACHE` keeps fatbins: `<dir>/<family>-<key>.fatbin` and `.resources.txt` beside it.
+struct FatbinCache {
+    dir: PathBuf,
+    /// Hash of nvcc's path and `--version` and of every `cuda/` source: a header change invalidates all.
+    inputs: u64,
+}
+
+struct CacheEntry {
+    fatbin: PathBuf,
+    report: PathBuf,
+}
+
+impl FatbinCache {
+    fn new(dir: PathBuf, nvcc: &Path, sources: &[PathBuf]) -> Result<Self, String> {
+        fs::create_dir_all(&dir)
+            .map_err(|e| format!("SPECDEC_CUDA_CACHE: cannot create {}: {e}", dir.display()))?;
+        let version = Command::new(nvcc)
+            .arg("--version")
+            .output()
+            .map_err(|e| format!("could not run {} --version: {e}", nvcc.display()))?;
+        let mut hash = Fnv1a::default();
+        hash.write(nvcc.as_os_str().as_encoded_bytes());
+        hash.write(&version.stdout);
+        for source in sources {
+            let text = fs::read(source).map_err(|e| format!("{}: {e}", source.display()))?;
+            hash.write(source.as_os_str().as_encoded_bytes());
+            hash.write(&text);
+        }
+        Ok(Self {
+            dir,
+            inputs: hash.0,
+        })
+    }
+
+    /// The entry for one nvcc command line (its arguments name the source, the archs and the flags).
+    fn entry(&self, family: &str, args: &[std::ffi::OsString]) -> CacheEntry {
+        let mut hash = Fnv1a(self.inputs);
+        for arg in args {
+            hash.write(arg.as_encoded_bytes());
+            hash.write(&[0]);
+        }
+        let stem = format!("{family}-{:016x}", hash.0);
+        CacheEntry {
+            fatbin: self.dir.join(format!("{stem}.fatbin")),
+            report: self.dir.join(format!("{stem}.resources.txt")),
+        }
+    }
+}
+
+impl CacheEntry {
+    /// Copies a cached fatbin to `fatbin` and returns its ptxas report; None on a miss.
+    fn restore(&self, fatbin: &Path) -> Option<String> {
+        let report = fs::read_to_string(&self.report).ok()?;
+        fs::copy(&self.fatbin, fatbin).ok()?;
+        Some(report)
+    }
+
+    /// Stores a fresh fatbin and report. The report is written last and both go through a rename, so a reader
+    /// never sees a half-written entry.
+    fn store(&self, fatbin: &Path, report: &str) -> Result<(), String> {
+        let publish = |to: &Path, write: &dyn Fn(&Path) -> std::io::Result<()>| {
+            let partial = to.with_extension(format!("partial-{}", std::process::id()));
+            write(&partial)
+                .and_then(|()| fs::rename(&partial, to))
+                .map_err(|e| format!("SPECDEC_CUDA_CACHE: cannot write {}: {e}", to.display()))
+        };
+        publish(&self.fatbin, &|p| fs::copy(fatbin, p).map(drop))?;
+        publish(&self.report, &|p| fs::write(p, report))
+    }
+}
+
+/// 64-bit FNV-1a: stable across Rust releases, unlike `DefaultHasher`, so a cache outlives a toolchain update.
+struct Fnv1a(u64);
+
+impl Default for Fnv1a {
+    fn default() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv1a {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
 }
 
 /// ptxas prints "Compiling entry function 'X' for 'sm_NN'" and then "N bytes stack frame, N bytes spill stores,
