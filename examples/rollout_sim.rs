@@ -16,8 +16,8 @@ use std::io::Write;
 
 use specdec::policy::{
     simulate, Autoregressive, CostModel, EfficientRollout, EfficientRolloutConfig, FixedDraft,
-    GoodputDraft, Gpu, LengthClassDraft, ModelShape, Overheads, RolloutConfig, SimulationReport,
-    SpeculationPolicy,
+    GoodputDraft, GoodputTreeDraft, Gpu, LengthClassDraft, ModelShape, Overheads, RolloutConfig,
+    SimulationReport, SpeculationPolicy,
 };
 
 fn main() {
@@ -93,10 +93,18 @@ fn main() {
             })
         }),
         Box::new(|| Box::new(GoodputDraft { max_draft: 11 })),
+        Box::new(|| {
+            Box::new(GoodputTreeDraft {
+                max_drafts: 64,
+                max_depth: 12,
+            })
+        }),
     ];
     let mut reports: Vec<SimulationReport> = Vec::new();
+    let count = policies.len();
     for (p, make) in policies.iter().enumerate() {
         let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        let started = std::time::Instant::now();
         let report = simulate(&cost, &config, make, |done, total| {
             // Redrawn in place on a terminal; in a log, one line per policy.
             if terminal || done == total {
@@ -108,11 +116,16 @@ fn main() {
                     "#".repeat(filled),
                     "-".repeat(width - filled),
                     p + 1,
-                    policies.len()
+                    count
                 );
                 let _ = std::io::stderr().flush();
             }
         });
+        eprintln!(
+            "  {}: simulated in {:.1} s",
+            report.policy,
+            started.elapsed().as_secs_f64()
+        );
         reports.push(report);
     }
     eprintln!();

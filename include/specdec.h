@@ -663,6 +663,31 @@ specdec_status specdec_choose_draft_lengths(const specdec_cost_model *model,
                                             double *out_goodput);
 
 /**
+ * specdec's tree policy for one decoding step, for a drafter whose children are drawn i.i.d. from its
+ * distribution and verified by the tree sampler with draft rows: the inputs are those of
+ * [`specdec_choose_draft_lengths`] (`acceptance` is each depth's first-child acceptance); for each request it
+ * writes the number of drafts `n` (0..=`max_drafts`, 0 = do not draft) to `out_num_drafts[i]` and the tree to
+ * row `i` of `out_parents` (`num_requests` rows of `max_drafts + 1`): entry 0 is -1 (the root, the last
+ * accepted token), entries `1..=n` the parents (in `0..j` for entry `j`; children of a node in the order the
+ * sampler tries them), the rest -1. Trees are at most `max_depth` deep. The expected tokens per second go to
+ * `*out_goodput`.
+ *
+ * # Safety
+ * As [`specdec_choose_draft_lengths`], with `out_parents` holding `num_requests * (max_drafts + 1)` values and
+ * `out_num_drafts` `num_requests` (each null if that is 0).
+ */
+specdec_status specdec_choose_draft_trees(const specdec_cost_model *model,
+                                          const int64_t *contexts,
+                                          const double *acceptance,
+                                          int64_t num_requests,
+                                          int64_t positions,
+                                          int64_t max_drafts,
+                                          int64_t max_depth,
+                                          int32_t *out_parents,
+                                          int32_t *out_num_drafts,
+                                          double *out_goodput);
+
+/**
  * Round-to-nearest int4 quantization of `weights[n, k]` (row-major, `weights_dtype` fp16 or bf16) into the
  * format of `docs/int4-format.md`: `packed[n * k / 8]` (uint32 words), `scales[k / group_size * n]`
  * (`scale_dtype`, fp16 or bf16) and `zeros[k / group_size * n]` (bytes). `n` a multiple of 16, `k` a multiple

@@ -29,7 +29,9 @@ use crate::error::{Error, Result};
 use crate::greedy::GreedyShape;
 use crate::int4::convert::{from_awq, from_gptq, GptqZeros};
 use crate::int4::{GemvShape, Int4Shape};
-use crate::policy::{choose_draft_lengths, CostModel, Gpu, ModelShape, Overheads, RequestOutlook};
+use crate::policy::{
+    choose_draft_lengths, choose_draft_trees, CostModel, Gpu, ModelShape, Overheads, RequestOutlook,
+};
 use crate::sampling::{
     Drafts, Rows, RowsKind, SamplingParams, VerifyInputs, VerifyOutputs, VerifyShape,
 };
@@ -1334,13 +1336,6 @@ pub unsafe extern "C" fn specdec_choose_draft_lengths(
     boundary(|| {
         let cost = cost_model_from_c(non_null("model", model as *mut specdec_cost_model)?)?;
         let n = size_arg("num_requests", num_requests)?;
-        let positions = size_arg("positions", positions)?;
-        if positions == 0 {
-            return Err(Error::invalid(
-                "positions",
-                "is 0; give at least the first position's acceptance",
-            ));
-        }
         let max_draft = size_arg("max_draft", max_draft)?;
         if max_draft > 64 {
             return Err(Error::invalid(
@@ -1348,29 +1343,9 @@ pub unsafe extern "C" fn specdec_choose_draft_lengths(
                 format!("is {max_draft}, above 64"),
             ));
         }
-        let total = n
-            .checked_mul(positions)
-            .ok_or_else(|| Error::invalid("positions", "num_requests * positions overflows"))?;
-        let contexts = host_slice("contexts", contexts, n)?;
-        let acceptance = host_slice("acceptance", acceptance, total)?;
+        let outlooks = outlooks_from_c(contexts, acceptance, n, positions)?;
         let lengths = host_slice_mut("out_lengths", out_lengths, n)?;
         let goodput = non_null("out_goodput", out_goodput)?;
-        let mut outlooks = Vec::with_capacity(n);
-        for i in 0..n {
-            let context = usize::try_from(contexts[i])
-                .map_err(|_| Error::invalid(format!("contexts[{i}]"), "is negative"))?;
-            let row = &acceptance[i * positions..(i + 1) * positions];
-            if let Some(j) = row.iter().position(|a| !(0.0..=1.0).contains(a)) {
-                return Err(Error::invalid(
-                    format!("acceptance[{}]", i * positions + j),
-                    format!("is {}, outside [0, 1]", row[j]),
-                ));
-            }
-            outlooks.push(RequestOutlook {
-                context,
-                acceptance: row.to_vec(),
-            });
-        }
         let (chosen, value) = choose_draft_lengths(&cost, &outlooks, max_draft);
         for (out, k) in lengths.iter_mut().zip(chosen) {
             *out = k as i32;
@@ -1378,6 +1353,110 @@ pub unsafe extern "C" fn specdec_choose_draft_lengths(
         *goodput = value;
         Ok(())
     })
+}
+
+/// specdec's tree policy for one decoding step, for a drafter whose children are drawn i.i.d. from its
+/// distribution and verified by the tree sampler with draft rows: the inputs are those of
+/// [`specdec_choose_draft_lengths`] (`acceptance` is each depth's first-child acceptance); for each request it
+/// writes the number of drafts `n` (0..=`max_drafts`, 0 = do not draft) to `out_num_drafts[i]` and the tree to
+/// row `i` of `out_parents` (`num_requests` rows of `max_drafts + 1`): entry 0 is -1 (the root, the last
+/// accepted token), entries `1..=n` the parents (in `0..j` for entry `j`; children of a node in the order the
+/// sampler tries them), the rest -1. Trees are at most `max_depth` deep. The expected tokens per second go to
+/// `*out_goodput`.
+///
+/// # Safety
+/// As [`specdec_choose_draft_lengths`], with `out_parents` holding `num_requests * (max_drafts + 1)` values and
+/// `out_num_drafts` `num_requests` (each null if that is 0).
+#[no_mangle]
+pub unsafe extern "C" fn specdec_choose_draft_trees(
+    model: *const specdec_cost_model,
+    contexts: *const i64,
+    acceptance: *const f64,
+    num_requests: i64,
+    positions: i64,
+    max_drafts: i64,
+    max_depth: i64,
+    out_parents: *mut i32,
+    out_num_drafts: *mut i32,
+    out_goodput: *mut f64,
+) -> specdec_status {
+    boundary(|| {
+        let cost = cost_model_from_c(non_null("model", model as *mut specdec_cost_model)?)?;
+        let n = size_arg("num_requests", num_requests)?;
+        let max_drafts = size_arg("max_drafts", max_drafts)?;
+        if !(1..=64).contains(&max_drafts) {
+            return Err(Error::invalid(
+                "max_drafts",
+                format!("is {max_drafts}, not in 1..=64"),
+            ));
+        }
+        let max_depth = size_arg("max_depth", max_depth)?;
+        if !(1..=max_drafts).contains(&max_depth) {
+            return Err(Error::invalid(
+                "max_depth",
+                format!("is {max_depth}, not in 1..=max_drafts ({max_drafts})"),
+            ));
+        }
+        let outlooks = outlooks_from_c(contexts, acceptance, n, positions)?;
+        let parents = host_slice_mut("out_parents", out_parents, n * (max_drafts + 1))?;
+        let counts = host_slice_mut("out_num_drafts", out_num_drafts, n)?;
+        let goodput = non_null("out_goodput", out_goodput)?;
+        let (trees, value) = choose_draft_trees(&cost, &outlooks, max_drafts, max_depth);
+        for ((row, count), tree) in parents
+            .chunks_mut(max_drafts + 1)
+            .zip(counts.iter_mut())
+            .zip(&trees)
+        {
+            row.fill(-1);
+            for (out, &parent) in row.iter_mut().zip(&tree.parents).skip(1) {
+                *out = parent as i32;
+            }
+            *count = tree.drafts() as i32;
+        }
+        *goodput = value;
+        Ok(())
+    })
+}
+
+/// The requests of the policy entry points: `contexts[i]` and `acceptance[i * positions ..][..positions]`.
+///
+/// # Safety
+/// `contexts` must hold `n` values and `acceptance` `n * positions` (each null if that is 0).
+unsafe fn outlooks_from_c(
+    contexts: *const i64,
+    acceptance: *const f64,
+    n: usize,
+    positions: i64,
+) -> Result<Vec<RequestOutlook>> {
+    let positions = size_arg("positions", positions)?;
+    if positions == 0 {
+        return Err(Error::invalid(
+            "positions",
+            "is 0; give at least the first position's acceptance",
+        ));
+    }
+    let total = n
+        .checked_mul(positions)
+        .ok_or_else(|| Error::invalid("positions", "num_requests * positions overflows"))?;
+    let contexts = host_slice("contexts", contexts, n)?;
+    let acceptance = host_slice("acceptance", acceptance, total)?;
+    let mut outlooks = Vec::with_capacity(n);
+    for i in 0..n {
+        let context = usize::try_from(contexts[i])
+            .map_err(|_| Error::invalid(format!("contexts[{i}]"), "is negative"))?;
+        let row = &acceptance[i * positions..(i + 1) * positions];
+        if let Some(j) = row.iter().position(|a| !(0.0..=1.0).contains(a)) {
+            return Err(Error::invalid(
+                format!("acceptance[{}]", i * positions + j),
+                format!("is {}, outside [0, 1]", row[j]),
+            ));
+        }
+        outlooks.push(RequestOutlook {
+            context,
+            acceptance: row.to_vec(),
+        });
+    }
+    Ok(outlooks)
 }
 
 fn half_dtype_arg(argument: &str, value: i32) -> Result<DType> {

@@ -499,8 +499,8 @@ mod goodput {
 
 mod simulator {
     use specdec::policy::{
-        simulate, Autoregressive, CostModel, GoodputDraft, Gpu, ModelShape, Overheads,
-        RolloutConfig,
+        simulate, Autoregressive, CostModel, GoodputDraft, GoodputTreeDraft, Gpu, ModelShape,
+        Overheads, RolloutConfig,
     };
 
     fn small() -> RolloutConfig {
@@ -535,6 +535,27 @@ mod simulator {
         };
         assert_eq!(run(7), run(7));
         assert_ne!(run(7).makespan, run(8).makespan);
+        let trees = || {
+            simulate(
+                &cost(),
+                &small(),
+                || {
+                    Box::new(GoodputTreeDraft {
+                        max_drafts: 16,
+                        max_depth: 6,
+                    })
+                },
+                |_, _| {},
+            )
+        };
+        assert_eq!(trees(), trees());
+        // Engines run in parallel; the result must not depend on how many threads there are.
+        let one_thread = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap()
+            .install(trees);
+        assert_eq!(one_thread, trees());
     }
 
     #[test]
@@ -556,6 +577,22 @@ mod simulator {
         assert_eq!(goodput.totals.drafted, 0);
         assert_eq!(
             (goodput.makespan, goodput.gpu_time),
+            (plain.makespan, plain.gpu_time)
+        );
+        let trees = simulate(
+            &cost(),
+            &config,
+            || {
+                Box::new(GoodputTreeDraft {
+                    max_drafts: 16,
+                    max_depth: 6,
+                })
+            },
+            |_, _| {},
+        );
+        assert_eq!(trees.totals.drafted, 0);
+        assert_eq!(
+            (trees.makespan, trees.gpu_time),
             (plain.makespan, plain.gpu_time)
         );
         // Autoregressive: one token per request per step, so engine 0's trace holds its requests' total length.
@@ -586,5 +623,355 @@ mod simulator {
         // A sanity bound: a draft step costs about half a target step, so even all-accepted 11-token drafts (12
         // tokens for about 6.5 target steps' time) cannot make decoding 3x faster.
         assert!(goodput.makespan > plain.makespan / 3.0);
+        // Trees: at small batch the tree policy expects more tokens per second than chains, and the sampled walks
+        // follow the same law as its expectations, so it must not lose to chains. The makespan is a random
+        // outcome; with these acceptances trees gain several percent, so a loss above 1% is a defect.
+        let trees = simulate(
+            &cost(),
+            &config,
+            || {
+                Box::new(GoodputTreeDraft {
+                    max_drafts: 32,
+                    max_depth: 11,
+                })
+            },
+            |_, _| {},
+        );
+        assert!(
+            trees.makespan < 1.01 * goodput.makespan,
+            "trees {} vs chains {}",
+            trees.makespan,
+            goodput.makespan
+        );
+    }
+}
+
+mod tree {
+    use rand::rngs::StdRng;
+    use rand::Rng;
+    use specdec::policy::{
+        child_acceptance, choose_draft_options, choose_draft_trees, recursive_rejection_misses,
+        shaped_step_seconds, sibling_exponent, CostModel, DraftOption, DraftShape, DraftTree, Gpu,
+        ModelShape, Overheads, RequestOutlook,
+    };
+    use specdec::sampling::{Drafts, Rows, VerifyInputs, VerifyOutputs};
+
+    fn qwen() -> CostModel {
+        CostModel::new(
+            Gpu::A100,
+            ModelShape::QWEN25_7B,
+            Overheads::EFFICIENT_ROLLOUT_A100,
+        )
+    }
+
+    fn standard_normal(rng: &mut StdRng) -> f64 {
+        let (u, v): (f64, f64) = (rng.random_range(1e-12..1.0), rng.random());
+        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
+    }
+
+    /// The synthetic pair of the sibling law: a Zipf target over `vocab` tokens with a random exponent, and a
+    /// drafter whose logits are the target's plus Gaussian noise of deviation `sigma`.
+    fn synthetic_pair(rng: &mut StdRng, vocab: usize, sigma: f64) -> (Vec<f64>, Vec<f64>) {
+        let beta = rng.random_range(0.8..3.0);
+        let logits: Vec<f64> = (1..=vocab).map(|i| -beta * (i as f64).ln()).collect();
+        let noisy: Vec<f64> = logits
+            .iter()
+            .map(|z| z + sigma * standard_normal(rng))
+            .collect();
+        let softmax = |z: &[f64]| {
+            let top = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = z.iter().map(|x| (x - top).exp()).collect();
+            let total: f64 = e.iter().sum();
+            e.into_iter().map(|x| x / total).collect::<Vec<f64>>()
+        };
+        (softmax(&logits), softmax(&noisy))
+    }
+
+    /// Two entries of the sibling law's table recomputed on fresh synthetic pairs (1500 each): the chain
+    /// acceptance and the exponent `g = -log2(misses(2) / misses(1))` must match the table within 0.06, three
+    /// times the spread of `g` between sets of 300 pairs (about 0.02 at 1500).
+    #[test]
+    fn sibling_law_matches_exact_recursive_rejection_on_synthetic_pairs() {
+        let mut rng = crate::common::rng("sibling law");
+        for sigma in [0.1, 0.3] {
+            let (mut one, mut two) = (0.0, 0.0);
+            let pairs = 1500;
+            for _ in 0..pairs {
+                let (p, q) = synthetic_pair(&mut rng, 4000, sigma);
+                let misses = recursive_rejection_misses(&p, &q, 2);
+                one += misses[0] / pairs as f64;
+                two += misses[1] / pairs as f64;
+            }
+            let (a, g) = (1.0 - one, -(two / one).log2());
+            assert!(
+                (g - sibling_exponent(a)).abs() < 0.06,
+                "sigma {sigma}: a {a}, measured g {g}, table {}",
+                sibling_exponent(a)
+            );
+        }
+    }
+
+    #[test]
+    fn recursive_rejection_misses_by_hand() {
+        // p = (0.5, 0.5), q = (1, 0): the first child is token 0, accepted with min(1, 0.5 / 1) = 0.5. The
+        // residual is (0, 1), which q never draws: every further child is rejected.
+        assert_eq!(
+            recursive_rejection_misses(&[0.5, 0.5], &[1.0, 0.0], 3),
+            vec![0.5, 0.5, 0.5]
+        );
+        // Equal distributions: the first child is always accepted.
+        assert_eq!(
+            recursive_rejection_misses(&[0.2, 0.8], &[0.2, 0.8], 2),
+            vec![0.0, 0.0]
+        );
+        // p = (0.6, 0.4), q = (0.2, 0.8): accepted with 0.2 + 0.4 = 0.6; residual (1, 0), accepted with 0.2.
+        let m = recursive_rejection_misses(&[0.6, 0.4], &[0.2, 0.8], 2);
+        assert!((m[0] - 0.4).abs() < 1e-15 && (m[1] - 0.4 * 0.8).abs() < 1e-15);
+    }
+
+    /// The exact recursion against specdec's own tree sampler: a star of 3 children drawn i.i.d. from q, run
+    /// through `cpu::rejection_verify` with draft rows for 40000 requests. Hoeffding: the observed fraction with
+    /// no child accepted is within 0.012 of the exact value but with probability 2 exp(-2 * 40000 * 0.012^2) =
+    /// 2.0e-5.
+    #[test]
+    fn recursive_rejection_misses_match_the_tree_sampler() {
+        let mut rng = crate::common::rng("misses vs sampler");
+        let vocab = 12;
+        let (p, q) = synthetic_pair(&mut rng, vocab, 0.8);
+        let exact = recursive_rejection_misses(&p, &q, 3)[2];
+        let requests = 40_000;
+        let nodes = 4;
+        let cumulative: Vec<f64> = q
+            .iter()
+            .scan(0.0, |c, x| {
+                *c += x;
+                Some(*c)
+            })
+            .collect();
+        let mut draw = || {
+            let u: f64 = rng.random();
+            cumulative.iter().position(|&c| u < c).unwrap_or(vocab - 1) as i32
+        };
+        let offsets: Vec<i32> = (0..=requests).map(|b| (b * nodes) as i32).collect();
+        let mut tokens = Vec::with_capacity(requests * nodes);
+        let mut parents = Vec::with_capacity(requests * nodes);
+        for _ in 0..requests {
+            tokens.extend([0, draw(), draw(), draw()]);
+            parents.extend([-1, 0, 0, 0]);
+        }
+        let target: Vec<f32> = (0..requests * nodes)
+            .flat_map(|_| p.iter().map(|&x| x as f32))
+            .collect();
+        let draft: Vec<f32> = (0..requests * nodes)
+            .flat_map(|_| q.iter().map(|&x| x as f32))
+            .collect();
+        let seeds: Vec<u64> = (0..requests as u64)
+            .map(|b| b ^ rng.random::<u64>())
+            .collect();
+        let steps = vec![0u64; requests];
+        let mut counts = vec![0i32; requests];
+        let mut emitted = vec![0i32; requests * 2];
+        specdec::cpu::rejection_verify(
+            &VerifyInputs {
+                vocab_size: vocab,
+                drafts: Drafts::Tree {
+                    node_offsets: &offsets,
+                    node_tokens: &tokens,
+                    parents: &parents,
+                },
+                target: Rows::Probs(&target),
+                draft: Some(Rows::Probs(&draft)),
+                params: None,
+                seeds: &seeds,
+                steps: &steps,
+            },
+            &mut VerifyOutputs {
+                emit_width: 2,
+                accepted_counts: &mut counts,
+                emitted_tokens: &mut emitted,
+                accepted_nodes: None,
+                accept_flags: None,
+            },
+        )
+        .unwrap();
+        let observed = counts.iter().filter(|&&c| c == 0).count() as f64 / requests as f64;
+        assert!(
+            (observed - exact).abs() < 0.012,
+            "no child accepted: observed {observed}, exact {exact}"
+        );
+    }
+
+    #[test]
+    fn best_first_trees_by_hand() {
+        // Constant acceptance 0.9 (g = 0.730 + (0.9 - 0.856) / (0.914 - 0.856) * 0.067 from the table).
+        let g = sibling_exponent(0.9);
+        assert!((g - (0.663 + (0.9 - 0.856) / (0.914 - 0.856) * (0.730 - 0.663))).abs() < 1e-12);
+        assert!((child_acceptance(0.9, 2) - (1.0 - 0.5f64.powf(g))).abs() < 1e-15);
+        let tree = DraftTree::best_first(|_| 0.9, 4, 8);
+        // Reaches: the chain 0.9, 0.81, 0.729, 0.6561 beats the first sibling, 0.1 (1 - 2^-g) ~ 0.040.
+        assert_eq!(tree.parents, vec![0, 0, 1, 2, 3]);
+        assert!((tree.expected_tokens(4) - (1.0 + 0.9 + 0.81 + 0.729 + 0.6561)).abs() < 1e-12);
+        // Depth limit 1: the root's children, in rank order.
+        let star = DraftTree::best_first(|_| 0.9, 3, 1);
+        assert_eq!(
+            (star.parents.clone(), star.ranks.clone()),
+            (vec![0, 0, 0, 0], vec![0, 1, 2, 3])
+        );
+        let sibling = |r: usize| 0.1 * ((r as f64 - 1.0).powf(-g) - (r as f64).powf(-g));
+        assert!(
+            (star.reach[2] - sibling(2)).abs() < 1e-15
+                && (star.reach[3] - sibling(3)).abs() < 1e-15
+        );
+        assert_eq!(star.drafter_tokens(3), vec![1]);
+        // Depth limit 2 with 6 drafts: root -> 1 -> (2, its sibling ...): drafter runs 1 node, then the nodes
+        // at depth 1 that got children.
+        let two = DraftTree::best_first(|_| 0.9, 6, 2);
+        let expanded_at_depth_1 = (1..=6)
+            .filter(|&i| two.depths[i] == 1 && two.parents.contains(&i))
+            .count();
+        assert_eq!(two.drafter_tokens(6), vec![1, expanded_at_depth_1]);
+        // Reach never increases in best-first order, and each node's parent comes first.
+        let big = DraftTree::best_first(|j| 0.95 * (-0.05 * (j as f64 - 1.0)).exp(), 64, 12);
+        for i in 2..=big.drafts() {
+            assert!(big.reach[i] <= big.reach[i - 1] + 1e-15 && big.parents[i] < i);
+        }
+    }
+
+    /// The expected tokens of a tree against 200000 walks of it with the sibling law's coins.
+    #[test]
+    fn sampled_paths_emit_the_expected_tokens() {
+        let mut rng = crate::common::rng("tree paths");
+        let acceptance = |j: usize| 0.92 * (-0.03 * (j as f64 - 1.0)).exp();
+        let tree = DraftTree::best_first(acceptance, 40, 6);
+        let walks = 200_000;
+        let mut total = 0usize;
+        for _ in 0..walks {
+            let path = tree.sample_path(tree.drafts(), |depth, rank| {
+                rng.random::<f64>() < child_acceptance(acceptance(depth), rank)
+            });
+            for pair in path.windows(2) {
+                assert_eq!(tree.parents[pair[1]], pair[0]);
+            }
+            total += path.len() + 1;
+        }
+        let mean = total as f64 / walks as f64;
+        // Tokens per walk lie in 1..=7 (depth 6): Hoeffding with range 6 gives P(|mean - E| >= 0.04) <=
+        // 2 exp(-2 * 200000 * 0.04^2 / 36) = 3.9e-8.
+        assert!(
+            (mean - tree.expected_tokens(tree.drafts())).abs() < 0.04,
+            "mean {mean} vs {}",
+            tree.expected_tokens(tree.drafts())
+        );
+    }
+
+    #[test]
+    fn tree_draft_steps_by_hand() {
+        let cost = qwen();
+        // Tree step costs: a tree with drafter tokens [1, 3] of request 0 and a chain of 1 for request 1.
+        let tree = DraftShape {
+            drafter_tokens: vec![1, 3],
+            verified: 7,
+        };
+        let chain = DraftShape::chain(1);
+        let want = cost.draft_tree_step(2, 3000, 2)
+            + cost.draft_tree_step(1, 1000, 3)
+            + cost.verify_step(2, 3000, 9);
+        assert_eq!(
+            shaped_step_seconds(&cost, &[1000, 2000], &[&tree, &chain]),
+            want
+        );
+        // At batch 1 the drafter's weights dominate: 16 nodes cost what 1 does. At 4096 nodes the products do.
+        assert_eq!(
+            cost.draft_tree_step(1, 1000, 16),
+            cost.draft_tree_step(1, 1000, 1)
+        );
+        let flops =
+            2.0 * cost.model.matmul_params() * 4096.0 + 4.0 * 28.0 * 28.0 * 128.0 * 1000.0 * 4096.0;
+        let overheads = Overheads::EFFICIENT_ROLLOUT_A100;
+        assert!(
+            (cost.draft_tree_step(1, 1000, 4096)
+                - (flops / (312e12 * 0.7) + overheads.d0 + overheads.d1))
+                .abs()
+                < 1e-12
+        );
+    }
+
+    /// choose_draft_options against brute force over every combination of options, on random option lists
+    /// mixing chains and trees of random requests.
+    #[test]
+    fn option_choice_matches_brute_force() {
+        let mut rng = crate::common::rng("options brute force");
+        let cost = qwen();
+        for trial in 0..300 {
+            let batch = rng.random_range(1..=3);
+            let contexts: Vec<usize> = (0..batch).map(|_| rng.random_range(0..16_000)).collect();
+            let options: Vec<Vec<DraftOption>> = contexts
+                .iter()
+                .map(|&context| {
+                    let a0 = rng.random_range(0.3..0.99);
+                    let r = RequestOutlook {
+                        context,
+                        acceptance: (0..4).map(|j| a0 * (-0.05 * j as f64).exp()).collect(),
+                    };
+                    let mut list: Vec<DraftOption> =
+                        (1..=3).map(|k| DraftOption::chain(&r, k)).collect();
+                    for depth in 1..=3 {
+                        let t = r.best_tree(12, depth);
+                        list.extend([3, 8, 12].map(|n| DraftOption::tree(&t, n)));
+                    }
+                    list
+                })
+                .collect();
+            let (choice, value) = choose_draft_options(&cost, &contexts, &options);
+            let none = DraftOption::none();
+            let pick = |i: usize, m: usize| if m == 0 { &none } else { &options[i][m - 1] };
+            let value_of = |c: &[usize]| {
+                let chosen: Vec<&DraftOption> =
+                    c.iter().enumerate().map(|(i, &m)| pick(i, m)).collect();
+                let tokens: f64 = chosen.iter().map(|o| o.expected_tokens).sum();
+                let shapes: Vec<&DraftShape> = chosen.iter().map(|o| &o.shape).collect();
+                tokens / shaped_step_seconds(&cost, &contexts, &shapes)
+            };
+            assert!((value_of(&choice) - value).abs() <= 1e-12 * value);
+            let mut best = 0.0f64;
+            let mut c = vec![0; batch];
+            loop {
+                best = best.max(value_of(&c));
+                let mut i = 0;
+                while i < batch && c[i] == options[i].len() {
+                    c[i] = 0;
+                    i += 1;
+                }
+                if i == batch {
+                    break;
+                }
+                c[i] += 1;
+            }
+            assert!(
+                value >= best * (1.0 - 1e-12),
+                "trial {trial}: chose {choice:?} at {value}, brute force {best}"
+            );
+        }
+    }
+
+    #[test]
+    fn trees_pay_where_chains_do_and_more_at_small_batch() {
+        let cost = qwen();
+        let request = |context| RequestOutlook {
+            context,
+            acceptance: vec![0.9; 12],
+        };
+        let one = [request(4096)];
+        let (_, chain) = specdec::policy::choose_draft_lengths(&cost, &one, 12);
+        let (trees, tree) = choose_draft_trees(&cost, &one, 64, 12);
+        assert!(tree > chain, "batch 1: trees {tree} vs chains {chain}");
+        assert!(
+            trees[0].drafts() > trees[0].depth(trees[0].drafts()),
+            "a real tree: {trees:?}"
+        );
+        // Batch 128 at 8k context: nothing pays, chain or tree.
+        let many: Vec<_> = (0..128).map(|_| request(8192)).collect();
+        let (trees, _) = choose_draft_trees(&cost, &many, 64, 12);
+        assert!(trees.iter().all(|t| t.drafts() == 0));
     }
 }

@@ -4,15 +4,16 @@
 //!
 //! ```text
 //! target(B, C)     = max((W  + kv * C) / BW, (2 P B         + 4 L Hq D C)         / F) + t0 + t1 * B
-//! draft(B, C)      = max((Wd + kv * C) / BW, (2 P B         + 4 L Hq D C)         / F) + d0 + d1 * B
+//! draft(B, C, N)   = max((Wd + kv * C) / BW, (2 P N         + 4 L Hq D C N / B)   / F) + d0 + d1 * B
 //! verify(B, C, N)  = max((W  + kv * C) / BW, (2 P N         + 4 L Hq D C N / B)   / F) + t0 + t1 * B + v1 * N
 //! ```
 //!
 //! `W` is the bytes of weights a target step reads (every parameter but the embedding table, in bf16), `Wd` the
 //! int4 drafter's (int4 linear layers with an fp16 scale and zero per group of 128, i.e. 4.25 bits, and the
 //! bf16 LM head it shares), `kv` the KV-cache bytes per context token (the drafter reuses the target's cache,
-//! so it reads the same KV), `P` the parameters a token multiplies through, `N` the tokens verified (the sum
-//! of `k_i + 1`, or of tree nodes). `BW` and `F` are the GPU's bandwidth and bf16 matrix rate times an
+//! so it reads the same KV), `P` the parameters a token multiplies through, `N` the tokens the step runs (a
+//! verification: the sum of `k_i + 1`, or of tree nodes; a chain draft step: `B`; a tree draft step: the nodes
+//! at that depth that get children). `BW` and `F` are the GPU's bandwidth and bf16 matrix rate times an
 //! achievable fraction. The overheads `t0, t1, d0, d1, v1` (launches, scheduling, sampling) are what the roofline
 //! does not see; [`CostModel::fit`] estimates them from measured step times.
 
@@ -274,8 +275,14 @@ impl CostModel {
 
     /// Seconds of one draft step for `batch` sequences.
     pub fn draft_step(&self, batch: usize, context_tokens: usize) -> f64 {
+        self.draft_tree_step(batch, context_tokens, batch)
+    }
+
+    /// Seconds of one draft step running `tokens` tree nodes of `batch` sequences (at least one each): the
+    /// weights and each sequence's KV prefix are read once, the products grow with the nodes.
+    pub fn draft_tree_step(&self, batch: usize, context_tokens: usize, tokens: usize) -> f64 {
         let o = &self.overheads;
-        self.roofline(self.drafter_weight_bytes, batch, context_tokens, batch)
+        self.roofline(self.drafter_weight_bytes, batch, context_tokens, tokens)
             + o.d0
             + o.d1 * batch as f64
     }

@@ -1,18 +1,23 @@
-//! specdec's own policy: per-request draft lengths that maximise the expected emitted tokens per second of a
-//! decoding step, under the cost model.
+//! specdec's own policy: per-request drafts (chains or trees) that maximise the expected emitted tokens per
+//! second of a decoding step, under the cost model.
 //!
-//! For draft lengths `k_i` (0 allowed) the step emits `sum_i E_i(k_i)` tokens in expectation
-//! ([`super::expected_tokens`] from each request's per-position acceptance) and takes
-//! [`step_seconds`]: a plain target step if nobody drafts, otherwise one batched draft step per draft position
-//! `j = 1..=max k` over the requests still drafting at `j`, then one verification of `sum (k_i + 1)` tokens.
-//! [`choose_draft_lengths`] maximises the ratio. The gains `E_i` are concave in `k_i` (each extra token is
-//! accepted with a smaller probability), which makes local search reliable: for every maximum length `K`, start
-//! with every request at `K`, then sweep over the requests giving each its best length in `0..=K` with the
-//! others fixed, until a whole sweep changes nothing; keep the best over `K`. A change is priced
-//! incrementally (per-position draft batches are kept, so moving `k_i` re-prices only the positions between its
-//! old and new value). `tests/policy.rs` compares the result with brute force over every vector of draft
-//! lengths.
+//! Each request has a set of [`DraftOption`]s (draft nothing, a chain of `k`, a tree of `n` nodes), each with
+//! its expected emitted tokens ([`super::expected_tokens`] for chains, [`DraftTree::expected_tokens`] for
+//! trees, from the request's per-position acceptance) and what it costs: the tokens the drafter runs at each
+//! draft position and the tokens verified. A step in which nobody drafts is a plain target step; otherwise it
+//! is one batched draft step per draft position over the requests still drafting there, then one verification
+//! of everyone's tokens ([`step_seconds`]). [`choose_draft_options`] maximises the ratio of the expected tokens
+//! to that time. The gains are concave in the draft size (each extra token or node is accepted with a smaller
+//! probability), which makes local search reliable: for each depth limit `K` in increasing order, start with
+//! every request at its most productive option no deeper than `K`, then sweep over the requests giving each
+//! its best option with the others fixed, until a whole sweep changes nothing; keep the best over `K`, and
+//! stop once the value has fallen for two limits in a row. A change is priced incrementally (per-position
+//! draft batches are kept, so a change re-prices only the positions it touches). When even every request's
+//! best option at the cheapest conceivable step time would not beat plain decoding, the search is skipped: at
+//! large batch that is most steps. `tests/policy.rs` compares the result with brute force over every vector of
+//! chain lengths, and over every combination of mixed chain and tree options.
 
+use super::tree::DraftTree;
 use super::{expected_tokens, CostModel};
 
 /// One request as the policy sees it.
@@ -21,7 +26,8 @@ pub struct RequestOutlook {
     /// Context tokens (prompt and output so far).
     pub context: usize,
     /// Estimated acceptance of draft positions `1..=acceptance.len()` (each given the ones before were
-    /// accepted); positions past the end use the last value.
+    /// accepted); positions past the end use the last value. For trees: the acceptance of a node's first child
+    /// at that depth; later children follow the sibling law ([`super::tree`]).
     pub acceptance: Vec<f64>,
 }
 
@@ -38,31 +44,145 @@ impl RequestOutlook {
     pub fn expected_tokens(&self, k: usize) -> f64 {
         expected_tokens(k, |j| self.acceptance_at(j))
     }
+
+    /// The best tree of at most `max_drafts` drafts and depth `max_depth` for this request
+    /// ([`DraftTree::best_first`]).
+    pub fn best_tree(&self, max_drafts: usize, max_depth: usize) -> DraftTree {
+        DraftTree::best_first(|j| self.acceptance_at(j), max_drafts, max_depth)
+    }
 }
 
-/// Seconds of one decoding step in which the request holding `contexts[i]` context tokens drafts
+/// What a request's draft costs a step: the tokens the drafter runs for it at each draft position
+/// `1..=len` (empty: no draft), and the tokens verified for it (the last accepted token and the drafts).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DraftShape {
+    /// Drafter tokens per draft position: 1 each for a chain, a tree's expanded nodes per depth.
+    pub drafter_tokens: Vec<usize>,
+    /// Tokens verified.
+    pub verified: usize,
+}
+
+impl DraftShape {
+    /// No draft.
+    pub fn none() -> Self {
+        DraftShape {
+            drafter_tokens: Vec::new(),
+            verified: 1,
+        }
+    }
+
+    /// A chain of `k` drafts.
+    pub fn chain(k: usize) -> Self {
+        DraftShape {
+            drafter_tokens: vec![1; k],
+            verified: k + 1,
+        }
+    }
+
+    /// The first `drafts` drafts of `tree`.
+    pub fn tree(tree: &DraftTree, drafts: usize) -> Self {
+        DraftShape {
+            drafter_tokens: tree.drafter_tokens(drafts),
+            verified: drafts.min(tree.drafts()) + 1,
+        }
+    }
+
+    /// Draft positions: the drafter steps this draft needs.
+    pub fn depth(&self) -> usize {
+        self.drafter_tokens.len()
+    }
+}
+
+/// One way a request may draft in a step: what it is expected to emit and what it costs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DraftOption {
+    /// Expected tokens the verification emits for this request (1 without a draft).
+    pub expected_tokens: f64,
+    /// Its cost.
+    pub shape: DraftShape,
+}
+
+impl DraftOption {
+    /// No draft: a plain decode of this request.
+    pub fn none() -> Self {
+        DraftOption {
+            expected_tokens: 1.0,
+            shape: DraftShape::none(),
+        }
+    }
+
+    /// A chain of `k` drafts for `request`.
+    pub fn chain(request: &RequestOutlook, k: usize) -> Self {
+        DraftOption {
+            expected_tokens: request.expected_tokens(k),
+            shape: DraftShape::chain(k),
+        }
+    }
+
+    /// The first `drafts` drafts of `tree`.
+    pub fn tree(tree: &DraftTree, drafts: usize) -> Self {
+        DraftOption {
+            expected_tokens: tree.expected_tokens(drafts),
+            shape: DraftShape::tree(tree, drafts),
+        }
+    }
+
+    fn depth(&self) -> usize {
+        self.shape.depth()
+    }
+}
+
+/// Seconds of one decoding step in which the request holding `contexts[i]` context tokens drafts a chain of
 /// `draft_lengths[i]` tokens.
 pub fn step_seconds(cost: &CostModel, contexts: &[usize], draft_lengths: &[usize]) -> f64 {
+    let verified = draft_lengths.iter().map(|k| k + 1).sum();
+    priced_step(cost, contexts, draft_lengths, |_, _| 1, verified)
+}
+
+/// Seconds of one decoding step in which the request holding `contexts[i]` context tokens drafts `shapes[i]`.
+pub fn shaped_step_seconds(cost: &CostModel, contexts: &[usize], shapes: &[&DraftShape]) -> f64 {
+    let depths: Vec<usize> = shapes.iter().map(|s| s.depth()).collect();
+    let verified = shapes.iter().map(|s| s.verified).sum();
+    priced_step(
+        cost,
+        contexts,
+        &depths,
+        |i, j| shapes[i].drafter_tokens[j - 1],
+        verified,
+    )
+}
+
+/// The step-time rule both forms share: `tokens_at(i, j)` is request `i`'s drafter tokens at position `j`,
+/// for `j <= depths[i]`.
+fn priced_step(
+    cost: &CostModel,
+    contexts: &[usize],
+    depths: &[usize],
+    tokens_at: impl Fn(usize, usize) -> usize,
+    verified: usize,
+) -> f64 {
     let batch = contexts.len();
     let context: usize = contexts.iter().sum();
-    let longest = draft_lengths.iter().copied().max().unwrap_or(0);
+    let longest = depths.iter().copied().max().unwrap_or(0);
     if longest == 0 {
         return cost.target_step(batch, context);
     }
     let mut seconds = 0.0;
     for j in 1..=longest {
-        let (drafting, drafting_context) = contexts
-            .iter()
-            .zip(draft_lengths)
-            .filter(|(_, &k)| k >= j)
-            .fold((0, 0), |(n, c), (&r, _)| (n + 1, c + r));
-        seconds += cost.draft_step(drafting, drafting_context);
+        let (mut drafting, mut drafting_context, mut tokens) = (0, 0, 0);
+        for (i, (&depth, &c)) in depths.iter().zip(contexts).enumerate() {
+            if depth >= j {
+                drafting += 1;
+                drafting_context += c;
+                tokens += tokens_at(i, j);
+            }
+        }
+        seconds += cost.draft_tree_step(drafting, drafting_context, tokens);
     }
-    let tokens: usize = draft_lengths.iter().map(|k| k + 1).sum();
-    seconds + cost.verify_step(batch, context, tokens)
+    seconds + cost.verify_step(batch, context, verified)
 }
 
-/// Expected emitted tokens per second of a step with these draft lengths.
+/// Expected emitted tokens per second of a step with these chain draft lengths.
 pub fn goodput(cost: &CostModel, requests: &[RequestOutlook], draft_lengths: &[usize]) -> f64 {
     let tokens: f64 = requests
         .iter()
@@ -73,35 +193,198 @@ pub fn goodput(cost: &CostModel, requests: &[RequestOutlook], draft_lengths: &[u
     tokens / step_seconds(cost, &contexts, draft_lengths)
 }
 
-/// The draft lengths (each at most `max_draft`) that maximise [`goodput`], and that goodput.
+/// The chain draft lengths (each at most `max_draft`) that maximise [`goodput`], and that goodput.
 pub fn choose_draft_lengths(
     cost: &CostModel,
     requests: &[RequestOutlook],
     max_draft: usize,
 ) -> (Vec<usize>, f64) {
-    let autoregressive = vec![0; requests.len()];
-    let mut best = (
-        autoregressive.clone(),
-        goodput(cost, requests, &autoregressive),
-    );
-    let longest_allowed = if requests.is_empty() { 0 } else { max_draft };
-    for longest in 1..=longest_allowed {
-        let mut step = Step::new(cost, requests, longest);
+    let options: Vec<Vec<DraftOption>> = requests
+        .iter()
+        .map(|r| (1..=max_draft).map(|k| DraftOption::chain(r, k)).collect())
+        .collect();
+    let contexts: Vec<usize> = requests.iter().map(|r| r.context).collect();
+    // Choice m is options[i][m - 1], the chain of m drafts.
+    choose_draft_options(cost, &contexts, &options)
+}
+
+/// Per request, no draft or the best tree ([`RequestOutlook::best_tree`]) of some depth limit `D <= max_depth`
+/// and some size `n <= max_drafts`, maximising the step's expected tokens per second; and that goodput. Depth
+/// decides the drafter steps, so the limits are every depth to 4, then every other one, and `max_depth`;
+/// sizes are `D, 1.5 D, 2 D, 3 D, 4 D, 8 D, ...` and `max_drafts` (nodes at a depth already paid for are
+/// nearly free at small batch, and the search finds how many the batch can afford). Trees for a depth limit
+/// are built only when the search reaches it.
+pub fn choose_draft_trees(
+    cost: &CostModel,
+    requests: &[RequestOutlook],
+    max_drafts: usize,
+    max_depth: usize,
+) -> (Vec<DraftTree>, f64) {
+    let contexts: Vec<usize> = requests.iter().map(|r| r.context).collect();
+    let most_tokens: Vec<f64> = requests
+        .iter()
+        .map(|r| tree_tokens_bound(r, max_drafts, max_depth))
+        .collect();
+    let limits = depth_limits(max_depth);
+    // Options are tagged with (index into `trees[i]`, drafts).
+    let mut trees: Vec<Vec<DraftTree>> = vec![Vec::new(); requests.len()];
+    let (choice, value) = search(cost, &contexts, &most_tokens, limits.len(), |level| {
+        let (limit, shallower) = (
+            limits[level],
+            if level == 0 { 0 } else { limits[level - 1] },
+        );
+        requests
+            .iter()
+            .zip(&mut trees)
+            .map(|(r, built)| {
+                let tree = r.best_tree(max_drafts, limit);
+                let options = tree_sizes(limit, max_drafts)
+                    .into_iter()
+                    // A tree no deeper than the previous limit was offered there.
+                    .filter(|&n| n <= tree.drafts() && tree.depth(n) > shallower)
+                    .map(|n| (DraftOption::tree(&tree, n), (built.len(), n)))
+                    .collect();
+                built.push(tree);
+                options
+            })
+            .collect()
+    });
+    let chosen = choice
+        .into_iter()
+        .zip(&trees)
+        .map(|(pick, built)| match pick {
+            None => DraftTree::root(),
+            Some((t, n)) => built[t].truncated(n),
+        })
+        .collect();
+    (chosen, value)
+}
+
+/// An upper bound on the expected tokens of any tree of at most `max_drafts` drafts and depth `max_depth`:
+/// as if every node on the way had all `max_drafts` children, so depth `j` is reached with at most
+/// `prod_{m <= j} (1 - (1 - a_m) max_drafts^-g(a_m))` (and at most `max_drafts` drafts count).
+fn tree_tokens_bound(request: &RequestOutlook, max_drafts: usize, max_depth: usize) -> f64 {
+    let wide = max_drafts.max(1) as f64;
+    let mut reach = 1.0;
+    let mut tokens = 1.0;
+    for j in 1..=max_depth.min(max_drafts) {
+        let a = request.acceptance_at(j).clamp(0.0, 1.0);
+        reach *= 1.0 - (1.0 - a) * wide.powf(-super::tree::sibling_exponent(a));
+        tokens += reach;
+    }
+    tokens
+}
+
+/// The depth limits offered: every depth to 4, then every other one, and `max_depth`.
+fn depth_limits(max_depth: usize) -> Vec<usize> {
+    let mut limits: Vec<usize> = (1..=max_depth.min(4))
+        .chain((6..max_depth).step_by(2))
+        .collect();
+    if max_depth > 4 {
+        limits.push(max_depth);
+    }
+    limits
+}
+
+/// Tree sizes offered at depth `depth`: `depth` times 1, 1.5, 2, 3, 4, 8, 16, 32 below `max_drafts`, then
+/// `max_drafts`.
+fn tree_sizes(depth: usize, max_drafts: usize) -> Vec<usize> {
+    const HALVES: [usize; 8] = [2, 3, 4, 6, 8, 16, 32, 64];
+    let mut sizes: Vec<usize> = HALVES
+        .iter()
+        .map(|h| depth * h / 2)
+        .take_while(|&n| n < max_drafts)
+        .collect();
+    if depth <= max_drafts {
+        sizes.push(max_drafts);
+    }
+    sizes.dedup();
+    sizes
+}
+
+/// Per request, no draft (0) or one of its options (`m` for `options[i][m - 1]`), maximising the step's
+/// expected tokens per second; and that goodput.
+pub fn choose_draft_options(
+    cost: &CostModel,
+    contexts: &[usize],
+    options: &[Vec<DraftOption>],
+) -> (Vec<usize>, f64) {
+    assert_eq!(contexts.len(), options.len(), "one option list per request");
+    let deepest = options
+        .iter()
+        .flat_map(|l| l.iter().map(|o| o.depth()))
+        .max()
+        .unwrap_or(0);
+    let most_tokens: Vec<f64> = options
+        .iter()
+        .map(|l| l.iter().map(|o| o.expected_tokens).fold(1.0, f64::max))
+        .collect();
+    let (choice, value) = search(cost, contexts, &most_tokens, deepest, |level| {
+        // Level `l` offers the options of depth `l + 1`, tagged with their place in the list.
+        options
+            .iter()
+            .map(|list| {
+                list.iter()
+                    .enumerate()
+                    .filter(|(_, o)| o.depth() == level + 1)
+                    .map(|(m, o)| (o.clone(), m + 1))
+                    .collect()
+            })
+            .collect()
+    });
+    (choice.into_iter().map(|m| m.unwrap_or(0)).collect(), value)
+}
+
+/// The search behind [`choose_draft_options`] and [`choose_draft_trees`]. `levels` depth limits, in increasing
+/// order; `offer(level)` returns, per request, the options that become available at that level (no deeper than
+/// its limit), each with a tag. `most_tokens[i]` bounds request `i`'s expected tokens over every option.
+/// Returns each request's chosen tag (`None`: no draft) and the goodput.
+fn search<T: Copy>(
+    cost: &CostModel,
+    contexts: &[usize],
+    most_tokens: &[f64],
+    levels: usize,
+    mut offer: impl FnMut(usize) -> Vec<Vec<(DraftOption, T)>>,
+) -> (Vec<Option<T>>, f64) {
+    let batch = contexts.len();
+    let context: usize = contexts.iter().sum();
+    let plain = batch as f64 / cost.target_step(batch, context);
+    let mut best = (vec![None; batch], plain);
+    if batch == 0 || !speculation_may_pay(cost, contexts, most_tokens, plain) {
+        return best;
+    }
+    let none = DraftOption::none();
+    let mut offered: Vec<Vec<(DraftOption, T)>> = vec![Vec::new(); batch];
+    let (mut previous, mut falls) = (0.0, 0);
+    for level in 0..levels {
+        for (list, new) in offered.iter_mut().zip(offer(level)) {
+            list.extend(new);
+        }
+        // Option 0 of every request is no draft.
+        let lists: Vec<Vec<&DraftOption>> = offered
+            .iter()
+            .map(|l| {
+                std::iter::once(&none)
+                    .chain(l.iter().map(|(o, _)| o))
+                    .collect()
+            })
+            .collect();
+        let mut step = Step::new(cost, contexts, &lists);
         loop {
             let mut changed = false;
-            for i in 0..requests.len() {
-                let current = step.lengths[i];
-                let (mut best_k, mut best_value) = (current, step.goodput());
-                for k in 0..=longest {
-                    if k != current {
-                        let value = step.goodput_if(i, k);
+            for (i, list) in lists.iter().enumerate() {
+                let current = step.choice[i];
+                let (mut best_m, mut best_value) = (current, step.goodput());
+                for m in 0..list.len() {
+                    if m != current {
+                        let value = step.goodput_if(i, m);
                         if value > best_value {
-                            (best_k, best_value) = (k, value);
+                            (best_m, best_value) = (m, value);
                         }
                     }
                 }
-                if best_k != current {
-                    step.set(i, best_k);
+                if best_m != current {
+                    step.set(i, best_m);
                     changed = true;
                 }
             }
@@ -109,24 +392,62 @@ pub fn choose_draft_lengths(
                 break;
             }
         }
-        let value = goodput(cost, requests, &step.lengths);
+        let chosen: Vec<&DraftOption> = step
+            .choice
+            .iter()
+            .enumerate()
+            .map(|(i, &m)| lists[i][m])
+            .collect();
+        let tokens: f64 = chosen.iter().map(|o| o.expected_tokens).sum();
+        let shapes: Vec<&DraftShape> = chosen.iter().map(|o| &o.shape).collect();
+        let value = tokens / shaped_step_seconds(cost, contexts, &shapes);
         if value > best.1 {
-            best = (step.lengths, value);
+            let tags = step
+                .choice
+                .iter()
+                .zip(&offered)
+                .map(|(&m, list)| (m > 0).then(|| list[m - 1].1))
+                .collect();
+            best = (tags, value);
+        }
+        // The value over the depth limit rises, then falls: stop once it has fallen twice in a row.
+        falls = if value < previous { falls + 1 } else { 0 };
+        previous = value;
+        if falls == 2 {
+            break;
         }
     }
     best
 }
 
-/// A step's draft lengths with what pricing a change needs: per draft position, how many requests draft there
-/// and their context, and the per-request expected tokens for every length.
+/// Whether any drafting could beat plain decoding: every request's most productive option, over a step no
+/// shorter than any drafting step can be (one draft step of the shortest context, then a verification of one
+/// draft), must beat the plain goodput. Both step terms only grow with more drafts, so this bound is safe.
+fn speculation_may_pay(
+    cost: &CostModel,
+    contexts: &[usize],
+    most_tokens: &[f64],
+    plain: f64,
+) -> bool {
+    let batch = contexts.len();
+    let context: usize = contexts.iter().sum();
+    let shortest = contexts.iter().copied().min().unwrap_or(0);
+    let fastest =
+        cost.draft_tree_step(1, shortest, 1) + cost.verify_step(batch, context, batch + 1);
+    most_tokens.iter().sum::<f64>() / fastest > plain
+}
+
+/// A step's choices with what pricing a change needs: per draft position, how many requests draft there,
+/// their context and their drafter tokens.
 struct Step<'a> {
     cost: &'a CostModel,
-    requests: &'a [RequestOutlook],
-    lengths: Vec<usize>,
-    /// `gains[i][k]`: expected tokens of request `i` drafting `k`.
-    gains: Vec<Vec<f64>>,
-    /// Per draft position `j` (index `j - 1`): requests drafting at `j`, and their context tokens.
-    positions: Vec<(usize, usize)>,
+    contexts: &'a [usize],
+    lists: &'a [Vec<&'a DraftOption>],
+    choice: Vec<usize>,
+    /// Per draft position `j` (index `j - 1`): requests drafting at `j`, their context, their drafter tokens.
+    positions: Vec<(usize, usize, usize)>,
+    /// The draft step time of each position.
+    position_times: Vec<f64>,
     tokens: f64,
     draft_seconds: f64,
     verified: usize,
@@ -134,30 +455,36 @@ struct Step<'a> {
 }
 
 impl<'a> Step<'a> {
-    /// Every request drafting `longest` tokens.
-    fn new(cost: &'a CostModel, requests: &'a [RequestOutlook], longest: usize) -> Self {
-        let gains: Vec<Vec<f64>> = requests
+    /// Every request at its most productive option.
+    fn new(cost: &'a CostModel, contexts: &'a [usize], lists: &'a [Vec<&'a DraftOption>]) -> Self {
+        let deepest = lists
             .iter()
-            .map(|r| (0..=longest).map(|k| r.expected_tokens(k)).collect())
-            .collect();
-        let context: usize = requests.iter().map(|r| r.context).sum();
-        let positions = vec![(requests.len(), context); longest];
-        let draft_seconds = positions.iter().map(|&(n, c)| cost.draft_step(n, c)).sum();
-        Step {
+            .flat_map(|l| l.iter().map(|o| o.depth()))
+            .max()
+            .unwrap_or(0);
+        let mut step = Step {
             cost,
-            requests,
-            lengths: vec![longest; requests.len()],
-            tokens: gains.iter().map(|g| g[longest]).sum(),
-            gains,
-            positions,
-            draft_seconds,
-            verified: requests.len() * (longest + 1),
-            context,
+            contexts,
+            lists,
+            choice: vec![0; contexts.len()],
+            positions: vec![(0, 0, 0); deepest],
+            position_times: vec![0.0; deepest],
+            tokens: contexts.len() as f64,
+            draft_seconds: 0.0,
+            verified: contexts.len(),
+            context: contexts.iter().sum(),
+        };
+        for (i, list) in lists.iter().enumerate() {
+            let start = (0..list.len())
+                .max_by(|&a, &b| list[a].expected_tokens.total_cmp(&list[b].expected_tokens))
+                .unwrap_or(0);
+            step.set(i, start);
         }
+        step
     }
 
     fn price(&self, tokens: f64, draft_seconds: f64, verified: usize) -> f64 {
-        let batch = self.requests.len();
+        let batch = self.contexts.len();
         let seconds = if verified == batch {
             self.cost.target_step(batch, self.context)
         } else {
@@ -170,57 +497,60 @@ impl<'a> Step<'a> {
         self.price(self.tokens, self.draft_seconds, self.verified)
     }
 
-    /// Draft seconds after request `i` moves from `from` to `to`.
-    fn draft_seconds_if(&self, i: usize, from: usize, to: usize) -> f64 {
-        let (low, high, sign) = if to > from {
-            (from, to, 1isize)
+    fn position_seconds(&self, (n, context, tokens): (usize, usize, usize)) -> f64 {
+        if n == 0 {
+            0.0
         } else {
-            (to, from, -1)
-        };
-        let c = self.requests[i].context as isize;
-        let mut seconds = self.draft_seconds;
-        for &(n, ctx) in &self.positions[low..high] {
-            let (n2, ctx2) = (
-                (n as isize + sign) as usize,
-                (ctx as isize + sign * c) as usize,
-            );
-            let old = if n == 0 {
-                0.0
-            } else {
-                self.cost.draft_step(n, ctx)
-            };
-            let new = if n2 == 0 {
-                0.0
-            } else {
-                self.cost.draft_step(n2, ctx2)
-            };
-            seconds += new - old;
+            self.cost.draft_tree_step(n, context, tokens)
         }
-        seconds
     }
 
-    fn goodput_if(&self, i: usize, k: usize) -> f64 {
-        let from = self.lengths[i];
-        let tokens = self.tokens - self.gains[i][from] + self.gains[i][k];
-        let verified = self.verified + k - from;
-        self.price(tokens, self.draft_seconds_if(i, from, k), verified)
+    /// The positions request `i` touches moving from option `from` to `to`, each with its new value.
+    fn moved(
+        &self,
+        i: usize,
+        from: usize,
+        to: usize,
+    ) -> impl Iterator<Item = (usize, (usize, usize, usize))> + '_ {
+        let (old, new) = (self.lists[i][from], self.lists[i][to]);
+        let c = self.contexts[i];
+        let reach = old.depth().max(new.depth());
+        (0..reach).map(move |p| {
+            let (mut n, mut context, mut tokens) = self.positions[p];
+            if let Some(&t) = old.shape.drafter_tokens.get(p) {
+                (n, context, tokens) = (n - 1, context - c, tokens - t);
+            }
+            if let Some(&t) = new.shape.drafter_tokens.get(p) {
+                (n, context, tokens) = (n + 1, context + c, tokens + t);
+            }
+            (p, (n, context, tokens))
+        })
     }
 
-    fn set(&mut self, i: usize, k: usize) {
-        let from = self.lengths[i];
-        self.draft_seconds = self.draft_seconds_if(i, from, k);
-        self.tokens += self.gains[i][k] - self.gains[i][from];
-        self.verified = self.verified + k - from;
-        let (low, high, sign) = if k > from {
-            (from, k, 1isize)
-        } else {
-            (k, from, -1)
-        };
-        let c = self.requests[i].context as isize;
-        for (n, ctx) in &mut self.positions[low..high] {
-            *n = (*n as isize + sign) as usize;
-            *ctx = (*ctx as isize + sign * c) as usize;
+    fn goodput_if(&self, i: usize, m: usize) -> f64 {
+        let from = self.choice[i];
+        let (old, new) = (self.lists[i][from], self.lists[i][m]);
+        let mut draft_seconds = self.draft_seconds;
+        for (p, position) in self.moved(i, from, m) {
+            draft_seconds += self.position_seconds(position) - self.position_times[p];
         }
-        self.lengths[i] = k;
+        let tokens = self.tokens - old.expected_tokens + new.expected_tokens;
+        let verified = self.verified + new.shape.verified - old.shape.verified;
+        self.price(tokens, draft_seconds, verified)
+    }
+
+    fn set(&mut self, i: usize, m: usize) {
+        let from = self.choice[i];
+        let (old, new) = (self.lists[i][from], self.lists[i][m]);
+        let moved: Vec<_> = self.moved(i, from, m).collect();
+        for (p, position) in moved {
+            let seconds = self.position_seconds(position);
+            self.draft_seconds += seconds - self.position_times[p];
+            self.positions[p] = position;
+            self.position_times[p] = seconds;
+        }
+        self.tokens += new.expected_tokens - old.expected_tokens;
+        self.verified = self.verified + new.shape.verified - old.shape.verified;
+        self.choice[i] = m;
     }
 }

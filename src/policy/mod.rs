@@ -11,23 +11,30 @@
 //!   with a fitted per-position decay).
 //! * [`expected_tokens`]: tokens emitted per verification step for a draft length and per-position acceptance.
 //! * [`EfficientRollout`]: EfficientRollout's speculation toggle and draft-length ladder, as published.
-//! * [`choose_draft_lengths`]: specdec's policy, per-request draft lengths maximising expected emitted tokens
-//!   per second under the cost model.
+//! * [`choose_draft_lengths`] and [`choose_draft_trees`]: specdec's policy, per-request draft lengths or tree
+//!   budgets maximising expected emitted tokens per second under the cost model; [`DraftTree`] and the
+//!   sibling law of [`child_acceptance`] say what a tree of a sampling drafter is expected to emit.
 
 mod acceptance;
 mod cost;
 mod efficient_rollout;
 mod goodput;
 mod simulate;
+mod tree;
 
 pub use acceptance::AcceptanceStats;
 pub use cost::{CostModel, FitReport, Gpu, ModelShape, Overheads, StepKind, StepSample};
 pub use efficient_rollout::{EfficientRollout, EfficientRolloutConfig};
-pub use goodput::{choose_draft_lengths, goodput, step_seconds, RequestOutlook};
-pub use simulate::{
-    simulate, ActiveRequest, Autoregressive, FixedDraft, GoodputDraft, LengthClassDraft,
-    RolloutConfig, RolloutTotals, SimulationReport, SpeculationPolicy, StepRecord,
+pub use goodput::{
+    choose_draft_lengths, choose_draft_options, choose_draft_trees, goodput, shaped_step_seconds,
+    step_seconds, DraftOption, DraftShape, RequestOutlook,
 };
+pub use simulate::{
+    simulate, ActiveRequest, Autoregressive, Draft, FixedDraft, GoodputDraft, GoodputTreeDraft,
+    LengthClassDraft, RolloutConfig, RolloutTotals, SimulationReport, SpeculationPolicy,
+    StepRecord,
+};
+pub use tree::{child_acceptance, recursive_rejection_misses, sibling_exponent, DraftTree};
 
 /// Expected tokens emitted by one verification step of a `k`-token draft whose `j`-th token (1-based) is
 /// accepted, given all before it were, with probability `acceptance(j)`: `1 + sum_{j=1..k} prod_{m<=j} a_m`

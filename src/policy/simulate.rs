@@ -8,17 +8,21 @@
 //!   log-normal length around it, capped at `max_tokens`.
 //! * Each prompt has a first-position acceptance `a0` drawn uniformly from a range; draft position `j` is
 //!   accepted with `a0 * exp(-decay * (j - 1))`, given the ones before were.
-//! * Each engine decodes its active requests step by step: the policy picks draft lengths, the step costs
-//!   [`step_seconds`], and each request emits its accepted drafts plus one token (at most what it has left).
+//! * Each engine decodes its active requests step by step: the policy picks each request's draft (none, a
+//!   chain or a tree), the step costs [`shaped_step_seconds`], and each request emits its accepted drafts plus
+//!   one token (at most what it has left). A tree's children beyond the first are accepted by the sibling law
+//!   ([`child_acceptance`]) at their depth's acceptance.
 //! * `rollouts` rollouts run one after another with the same prompts (lengths and coins drawn afresh), so
 //!   policies that learn across rollouts (EfficientRollout's ladder, DAS's length averages) can.
 //!
 //! Reported per policy: the makespan (the slowest engine, summed over rollouts) and the GPU time (all engines'
 //! busy time).
 
+use rayon::prelude::*;
+
 use super::{
-    choose_draft_lengths, step_seconds, AcceptanceStats, CostModel, EfficientRollout,
-    RequestOutlook,
+    child_acceptance, choose_draft_lengths, choose_draft_trees, shaped_step_seconds,
+    AcceptanceStats, CostModel, DraftShape, DraftTree, EfficientRollout, RequestOutlook,
 };
 
 /// What a policy sees of an active request.
@@ -47,14 +51,43 @@ pub struct RolloutTotals {
     pub verify_steps: u64,
 }
 
+/// One request's draft in one step.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Draft {
+    /// A chain of this many drafts (0: no draft).
+    Chain(usize),
+    /// A tree of sampled children.
+    Tree(DraftTree),
+}
+
+impl Draft {
+    fn drafts(&self) -> usize {
+        match self {
+            Draft::Chain(k) => *k,
+            Draft::Tree(t) => t.drafts(),
+        }
+    }
+
+    fn shape(&self) -> DraftShape {
+        match self {
+            Draft::Chain(k) => DraftShape::chain(*k),
+            Draft::Tree(t) => DraftShape::tree(t, t.drafts()),
+        }
+    }
+}
+
 /// A speculation policy: called before every decoding step of an engine.
-pub trait SpeculationPolicy {
+pub trait SpeculationPolicy: Send {
     /// Name, for reports.
     fn name(&self) -> String;
-    /// Draft lengths for the active requests (0: that request does not draft).
-    fn draft_lengths(&mut self, cost: &CostModel, active: &[ActiveRequest<'_>]) -> Vec<usize>;
+    /// The draft of each active request.
+    fn drafts(&mut self, cost: &CostModel, active: &[ActiveRequest<'_>]) -> Vec<Draft>;
     /// After a rollout, with totals over all engines.
     fn end_rollout(&mut self, _totals: &RolloutTotals) {}
+}
+
+fn chains(lengths: impl IntoIterator<Item = usize>) -> Vec<Draft> {
+    lengths.into_iter().map(Draft::Chain).collect()
 }
 
 /// Plain decoding.
@@ -64,8 +97,8 @@ impl SpeculationPolicy for Autoregressive {
     fn name(&self) -> String {
         "autoregressive".into()
     }
-    fn draft_lengths(&mut self, _: &CostModel, active: &[ActiveRequest<'_>]) -> Vec<usize> {
-        vec![0; active.len()]
+    fn drafts(&mut self, _: &CostModel, active: &[ActiveRequest<'_>]) -> Vec<Draft> {
+        chains(active.iter().map(|_| 0))
     }
 }
 
@@ -76,8 +109,8 @@ impl SpeculationPolicy for FixedDraft {
     fn name(&self) -> String {
         format!("always on, k = {}", self.0)
     }
-    fn draft_lengths(&mut self, _: &CostModel, active: &[ActiveRequest<'_>]) -> Vec<usize> {
-        vec![self.0; active.len()]
+    fn drafts(&mut self, _: &CostModel, active: &[ActiveRequest<'_>]) -> Vec<Draft> {
+        chains(active.iter().map(|_| self.0))
     }
 }
 
@@ -85,14 +118,14 @@ impl SpeculationPolicy for EfficientRollout {
     fn name(&self) -> String {
         "EfficientRollout toggle + ladder".into()
     }
-    fn draft_lengths(&mut self, cost: &CostModel, active: &[ActiveRequest<'_>]) -> Vec<usize> {
+    fn drafts(&mut self, cost: &CostModel, active: &[ActiveRequest<'_>]) -> Vec<Draft> {
         let context = active.iter().map(|r| r.context).sum();
         let k = if self.step(cost, active.len(), context) {
             self.gamma()
         } else {
             0
         };
-        vec![k; active.len()]
+        chains(active.iter().map(|_| k))
     }
     fn end_rollout(&mut self, t: &RolloutTotals) {
         EfficientRollout::end_rollout(self, t.accepted, t.drafted, t.emitted, t.verify_steps);
@@ -116,20 +149,17 @@ impl SpeculationPolicy for LengthClassDraft {
             self.budgets[0], self.budgets[1], self.budgets[2]
         )
     }
-    fn draft_lengths(&mut self, _: &CostModel, active: &[ActiveRequest<'_>]) -> Vec<usize> {
-        active
-            .iter()
-            .map(|r| {
-                let length = r.predicted_length.unwrap_or(0.0).max(r.generated as f64);
-                if length >= self.thresholds[0] as f64 {
-                    self.budgets[0]
-                } else if length >= self.thresholds[1] as f64 {
-                    self.budgets[1]
-                } else {
-                    self.budgets[2]
-                }
-            })
-            .collect()
+    fn drafts(&mut self, _: &CostModel, active: &[ActiveRequest<'_>]) -> Vec<Draft> {
+        chains(active.iter().map(|r| {
+            let length = r.predicted_length.unwrap_or(0.0).max(r.generated as f64);
+            if length >= self.thresholds[0] as f64 {
+                self.budgets[0]
+            } else if length >= self.thresholds[1] as f64 {
+                self.budgets[1]
+            } else {
+                self.budgets[2]
+            }
+        }))
     }
 }
 
@@ -143,18 +173,57 @@ impl SpeculationPolicy for GoodputDraft {
     fn name(&self) -> String {
         format!("specdec goodput, k <= {}", self.max_draft)
     }
-    fn draft_lengths(&mut self, cost: &CostModel, active: &[ActiveRequest<'_>]) -> Vec<usize> {
-        let outlooks: Vec<RequestOutlook> = active
-            .iter()
-            .map(|r| RequestOutlook {
-                context: r.context,
-                acceptance: (1..=self.max_draft)
-                    .map(|j| r.stats.acceptance(j))
-                    .collect(),
-            })
-            .collect();
-        choose_draft_lengths(cost, &outlooks, self.max_draft).0
+    fn drafts(&mut self, cost: &CostModel, active: &[ActiveRequest<'_>]) -> Vec<Draft> {
+        chains(choose_draft_lengths(cost, &outlooks(active, self.max_draft), self.max_draft).0)
     }
+}
+
+/// specdec's tree policy: [`choose_draft_trees`] on each request's measured per-position acceptance, with the
+/// sibling law for the children past the first.
+pub struct GoodputTreeDraft {
+    /// The most drafts in one request's tree.
+    pub max_drafts: usize,
+    /// The deepest tree considered.
+    pub max_depth: usize,
+}
+
+impl SpeculationPolicy for GoodputTreeDraft {
+    fn name(&self) -> String {
+        format!(
+            "specdec goodput trees, <= {} nodes, depth <= {}",
+            self.max_drafts, self.max_depth
+        )
+    }
+    fn drafts(&mut self, cost: &CostModel, active: &[ActiveRequest<'_>]) -> Vec<Draft> {
+        let (trees, _) = choose_draft_trees(
+            cost,
+            &outlooks(active, self.max_depth),
+            self.max_drafts,
+            self.max_depth,
+        );
+        trees
+            .into_iter()
+            .map(|t| {
+                if t.drafts() == 0 {
+                    Draft::Chain(0)
+                } else {
+                    Draft::Tree(t)
+                }
+            })
+            .collect()
+    }
+}
+
+/// What the goodput policies see of each request: its context and acceptance estimates for `positions`
+/// draft positions.
+fn outlooks(active: &[ActiveRequest<'_>], positions: usize) -> Vec<RequestOutlook> {
+    active
+        .iter()
+        .map(|r| RequestOutlook {
+            context: r.context,
+            acceptance: (1..=positions).map(|j| r.stats.acceptance(j)).collect(),
+        })
+        .collect()
 }
 
 /// The rollout batch and its statistics.
@@ -271,16 +340,17 @@ struct Request {
     stats: AcceptanceStats,
 }
 
-/// Simulates `config.rollouts` rollouts under `policy` (one instance per engine, from `make_policy`).
+/// Simulates `config.rollouts` rollouts under `policy` (one instance per engine, from `make_policy`). Engines
+/// run in parallel, each with its own seeded stream of acceptance coins, so results do not depend on the
+/// number of threads. `progress(done, total)` is called as engine runs finish.
 pub fn simulate(
     cost: &CostModel,
     config: &RolloutConfig,
     mut make_policy: impl FnMut() -> Box<dyn SpeculationPolicy>,
-    mut progress: impl FnMut(usize, usize),
+    progress: impl FnMut(usize, usize) + Send,
 ) -> SimulationReport {
-    // Two streams: the workload (lengths, acceptance) is the same for every policy, whatever coins they use.
+    // The workload (lengths, acceptance) comes from its own stream: the same for every policy.
     let mut rng = Rng(config.seed);
-    let mut coins = Rng(config.seed ^ 0xC01D_C0FF_EE00_5EED);
     // Per prompt: its median length and its drafter acceptance, fixed across rollouts.
     let prompt_medians: Vec<f64> = (0..config.prompts)
         .map(|_| config.median_length * (config.prompt_sigma * rng.normal()).exp())
@@ -295,92 +365,74 @@ pub fn simulate(
     let (mut makespan, mut gpu_time) = (0.0, 0.0);
     let mut all = RolloutTotals::default();
     let mut trace = Vec::new();
+    let progress = std::sync::Mutex::new((progress, 0));
     for rollout in 0..config.rollouts {
-        let mut requests: Vec<Request> = (0..config.prompts * config.samples)
-            .map(|r| {
-                let prompt = r / config.samples;
-                let length = (prompt_medians[prompt] * (config.sample_sigma * rng.normal()).exp())
-                    .round()
-                    .clamp(1.0, config.max_tokens as f64) as usize;
-                let stats = AcceptanceStats::new(32, config.acceptance_prior, 0.1)
-                    .expect("valid statistics settings");
-                Request {
-                    prompt,
-                    length,
-                    generated: 0,
-                    a0: prompt_acceptance[prompt],
-                    stats,
-                }
+        // Requests dealt round-robin: engine e decodes requests e, e + engines, ...
+        let mut engines: Vec<Vec<Request>> = (0..config.engines).map(|_| Vec::new()).collect();
+        for r in 0..config.prompts * config.samples {
+            let prompt = r / config.samples;
+            let length = (prompt_medians[prompt] * (config.sample_sigma * rng.normal()).exp())
+                .round()
+                .clamp(1.0, config.max_tokens as f64) as usize;
+            let stats = AcceptanceStats::new(32, config.acceptance_prior, 0.1)
+                .expect("valid statistics settings");
+            engines[r % config.engines].push(Request {
+                prompt,
+                length,
+                generated: 0,
+                a0: prompt_acceptance[prompt],
+                stats,
+            });
+        }
+        let last = rollout + 1 == config.rollouts;
+        let runs: Vec<(f64, RolloutTotals, Vec<StepRecord>)> = policies
+            .par_iter_mut()
+            .zip(engines.par_iter_mut())
+            .enumerate()
+            .map(|(engine, (policy, requests))| {
+                let stream = (config.seed ^ 0xC01D_C0FF_EE00_5EED).wrapping_add(
+                    ((rollout * config.engines + engine) as u64)
+                        .wrapping_mul(0x2545_F491_4F6C_DD1D),
+                );
+                let mut coins = Rng(Rng(stream).next_u64());
+                let run = run_engine(
+                    cost,
+                    config,
+                    policy.as_mut(),
+                    requests,
+                    &length_average,
+                    &mut coins,
+                    last && engine == 0,
+                );
+                let mut guard = progress.lock().expect("progress lock");
+                guard.1 += 1;
+                let done = guard.1;
+                (guard.0)(done, config.rollouts * config.engines);
+                run
             })
             .collect();
         let mut totals = RolloutTotals::default();
         let mut slowest: f64 = 0.0;
-        for (engine, policy) in policies.iter_mut().enumerate() {
-            let mut clock = 0.0;
-            let mut active: Vec<usize> = (engine..requests.len()).step_by(config.engines).collect();
-            while !active.is_empty() {
-                let views: Vec<ActiveRequest<'_>> = active
-                    .iter()
-                    .map(|&r| ActiveRequest {
-                        context: config.prompt_tokens + requests[r].generated,
-                        generated: requests[r].generated,
-                        predicted_length: length_average[requests[r].prompt],
-                        stats: &requests[r].stats,
-                    })
-                    .collect();
-                let lengths = policy.draft_lengths(cost, &views);
-                let contexts: Vec<usize> = views.iter().map(|v| v.context).collect();
-                let seconds = step_seconds(cost, &contexts, &lengths);
-                let mut step_tokens = 0;
-                for (&r, &k) in active.iter().zip(&lengths) {
-                    let request = &mut requests[r];
-                    let accepted = (1..=k)
-                        .take_while(|&j| {
-                            coins.uniform() < request.a0 * (-config.decay * (j as f64 - 1.0)).exp()
-                        })
-                        .count();
-                    let emitted = (accepted + 1).min(request.length - request.generated);
-                    request.generated += emitted;
-                    step_tokens += emitted;
-                    if k == 0 {
-                        request.stats.forget(config.forget_weight);
-                    } else {
-                        request
-                            .stats
-                            .record(k, accepted)
-                            .expect("accepted <= drafted");
-                        totals.drafted += k as u64;
-                        totals.accepted += accepted as u64;
-                        totals.emitted += emitted as u64;
-                        totals.verify_steps += 1;
-                    }
-                }
-                if engine == 0 && rollout + 1 == config.rollouts {
-                    let drafting = lengths.iter().filter(|&&k| k > 0).count();
-                    trace.push(StepRecord {
-                        start: clock,
-                        batch: active.len(),
-                        drafting,
-                        tokens: step_tokens,
-                    });
-                }
-                clock += seconds;
-                active.retain(|&r| requests[r].generated < requests[r].length);
-            }
+        for (clock, engine_totals, engine_trace) in runs {
             slowest = slowest.max(clock);
             gpu_time += clock;
-            progress(
-                rollout * config.engines + engine + 1,
-                config.rollouts * config.engines,
-            );
+            totals.drafted += engine_totals.drafted;
+            totals.accepted += engine_totals.accepted;
+            totals.emitted += engine_totals.emitted;
+            totals.verify_steps += engine_totals.verify_steps;
+            if !engine_trace.is_empty() {
+                trace = engine_trace;
+            }
         }
         makespan += slowest;
         for (prompt, average) in length_average.iter_mut().enumerate() {
-            let lengths = requests
+            let total: f64 = engines
                 .iter()
+                .flatten()
                 .filter(|r| r.prompt == prompt)
-                .map(|r| r.length as f64);
-            let mean = lengths.clone().sum::<f64>() / config.samples as f64;
+                .map(|r| r.length as f64)
+                .sum();
+            let mean = total / config.samples as f64;
             *average = Some(average.map_or(mean, |a| 0.5 * a + 0.5 * mean));
         }
         for policy in &mut policies {
@@ -398,4 +450,96 @@ pub fn simulate(
         totals: all,
         trace,
     }
+}
+
+/// One engine's share of a rollout, decoded to the end: its busy seconds, its totals and, if `record`, its
+/// steps.
+fn run_engine(
+    cost: &CostModel,
+    config: &RolloutConfig,
+    policy: &mut dyn SpeculationPolicy,
+    requests: &mut [Request],
+    length_average: &[Option<f64>],
+    coins: &mut Rng,
+    record: bool,
+) -> (f64, RolloutTotals, Vec<StepRecord>) {
+    let mut clock = 0.0;
+    let mut totals = RolloutTotals::default();
+    let mut trace = Vec::new();
+    let mut active: Vec<usize> = (0..requests.len()).collect();
+    while !active.is_empty() {
+        let views: Vec<ActiveRequest<'_>> = active
+            .iter()
+            .map(|&r| ActiveRequest {
+                context: config.prompt_tokens + requests[r].generated,
+                generated: requests[r].generated,
+                predicted_length: length_average[requests[r].prompt],
+                stats: &requests[r].stats,
+            })
+            .collect();
+        let drafts = policy.drafts(cost, &views);
+        let contexts: Vec<usize> = views.iter().map(|v| v.context).collect();
+        let shapes: Vec<DraftShape> = drafts.iter().map(Draft::shape).collect();
+        let seconds = shaped_step_seconds(cost, &contexts, &shapes.iter().collect::<Vec<_>>());
+        let mut step_tokens = 0;
+        for (&r, draft) in active.iter().zip(&drafts) {
+            let request = &mut requests[r];
+            let truth = |depth: usize| request.a0 * (-config.decay * (depth as f64 - 1.0)).exp();
+            // What the verification shows of first children: accepted ones along the path, then the
+            // first rejected one (the stats' chain estimates are first-child acceptances).
+            let (accepted, first_children) = match draft {
+                Draft::Chain(k) => {
+                    let accepted = (1..=*k).take_while(|&j| coins.uniform() < truth(j)).count();
+                    let mut seen = vec![true; accepted];
+                    if accepted < *k {
+                        seen.push(false);
+                    }
+                    (accepted, seen)
+                }
+                Draft::Tree(tree) => {
+                    let path = tree.sample_path(tree.drafts(), |depth, rank| {
+                        coins.uniform() < child_acceptance(truth(depth), rank)
+                    });
+                    let mut seen: Vec<bool> = path.iter().map(|&n| tree.ranks[n] == 1).collect();
+                    if let Some(first_sibling) = seen.iter().position(|&first| !first) {
+                        seen.truncate(first_sibling + 1);
+                    } else {
+                        let last = path.last().copied().unwrap_or(0);
+                        if tree.parents[1..].contains(&last) {
+                            seen.push(false);
+                        }
+                    }
+                    (path.len(), seen)
+                }
+            };
+            let emitted = (accepted + 1).min(request.length - request.generated);
+            request.generated += emitted;
+            step_tokens += emitted;
+            let drafted = draft.drafts();
+            if drafted == 0 {
+                request.stats.forget(config.forget_weight);
+            } else {
+                request
+                    .stats
+                    .record_indicators(&first_children)
+                    .expect("indicators end at the first rejection");
+                totals.drafted += drafted as u64;
+                totals.accepted += accepted as u64;
+                totals.emitted += emitted as u64;
+                totals.verify_steps += 1;
+            }
+        }
+        if record {
+            let drafting = drafts.iter().filter(|d| d.drafts() > 0).count();
+            trace.push(StepRecord {
+                start: clock,
+                batch: active.len(),
+                drafting,
+                tokens: step_tokens,
+            });
+        }
+        clock += seconds;
+        active.retain(|&r| requests[r].generated < requests[r].length);
+    }
+    (clock, totals, trace)
 }

@@ -208,6 +208,39 @@ static void test_drafter(void) {
   CHECK(drafter == NULL);
 }
 
+/* Tree budgets: one request with first children accepted 90% of the time gets a real tree at batch 1 (more
+ * drafts than depth), laid out as the tree sampler's parent array. */
+static void test_policy_trees(const specdec_cost_model *model) {
+  const int64_t contexts[2] = {4096, 4096};
+  const double acceptance[2] = {0.9, 0.9};
+  int32_t parents[2 * 17];
+  int32_t drafts[2] = {-1, -1};
+  int32_t depth[17] = {0};
+  double goodput = -1;
+  int j, deepest = 0;
+
+  CHECK(specdec_choose_draft_trees(model, contexts, acceptance, 1, 1, 16, 6, parents, drafts, &goodput) == SPECDEC_OK);
+  CHECK(drafts[0] > 0 && drafts[0] <= 16 && goodput > 0 && parents[0] == -1);
+  for (j = 1; j <= 16; j++) {
+    if (j <= drafts[0]) {
+      CHECK(parents[j] >= 0 && parents[j] < j);
+      depth[j] = depth[parents[j]] + 1;
+      deepest = depth[j] > deepest ? depth[j] : deepest;
+    } else {
+      CHECK(parents[j] == -1);
+    }
+  }
+  CHECK(deepest >= 1 && deepest <= 6 && drafts[0] > deepest);
+
+  EXPECT_INVALID(specdec_choose_draft_trees(model, contexts, acceptance, 1, 1, 0, 1, parents, drafts, &goodput), "max_drafts");
+  EXPECT_INVALID(specdec_choose_draft_trees(model, contexts, acceptance, 1, 1, 65, 6, parents, drafts, &goodput), "max_drafts");
+  EXPECT_INVALID(specdec_choose_draft_trees(model, contexts, acceptance, 1, 1, 16, 17, parents, drafts, &goodput), "max_depth");
+  EXPECT_INVALID(specdec_choose_draft_trees(model, contexts, acceptance, 2, 0, 16, 6, parents, drafts, &goodput), "positions");
+  EXPECT_INVALID(specdec_choose_draft_trees(model, contexts, acceptance, 1, 1, 16, 6, NULL, drafts, &goodput), "out_parents");
+  EXPECT_INVALID(specdec_choose_draft_trees(model, contexts, acceptance, 1, 1, 16, 6, parents, NULL, &goodput), "out_num_drafts");
+  EXPECT_INVALID(specdec_choose_draft_trees(NULL, contexts, acceptance, 1, 1, 16, 6, parents, drafts, &goodput), "model");
+}
+
 /* The policy: a preset cost model, step prices, and per-request draft lengths. */
 static void test_policy(void) {
   specdec_cost_model model;
@@ -239,6 +272,7 @@ static void test_policy(void) {
   EXPECT_INVALID(specdec_choose_draft_lengths(&model, contexts, acceptance, 3, 2, 100, lengths, &goodput), "max_draft");
   EXPECT_INVALID(specdec_choose_draft_lengths(&model, NULL, acceptance, 3, 2, 8, lengths, &goodput), "contexts");
   EXPECT_INVALID(specdec_choose_draft_lengths(&model, contexts, acceptance, 3, 2, 8, lengths, NULL), "out_goodput");
+  test_policy_trees(&model);
   model.bandwidth_efficiency = 0.0;
   EXPECT_INVALID(specdec_cost_model_step_seconds(&model, 0, 1, 0, 0, &target), "bandwidth_efficiency");
   CHECK(specdec_cost_model_preset(1, 1, &model) == SPECDEC_OK);
