@@ -20,7 +20,7 @@ mod cost;
 mod efficient_rollout;
 mod goodput;
 mod simulate;
-mod tree;
+pub mod tree;
 
 pub use acceptance::AcceptanceStats;
 pub use cost::{CostModel, FitReport, Gpu, ModelShape, Overheads, StepKind, StepSample};
@@ -34,7 +34,9 @@ pub use simulate::{
     LengthClassDraft, RolloutConfig, RolloutTotals, SimulationReport, SpeculationPolicy,
     StepRecord,
 };
-pub use tree::{child_acceptance, recursive_rejection_misses, sibling_exponent, DraftTree};
+pub use tree::{
+    child_acceptance, recursive_rejection_misses, sibling_exponent, DraftTree, MIN_REACH,
+};
 
 /// Expected tokens emitted by one verification step of a `k`-token draft whose `j`-th token (1-based) is
 /// accepted, given all before it were, with probability `acceptance(j)`: `1 + sum_{j=1..k} prod_{m<=j} a_m`
