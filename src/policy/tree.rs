@@ -266,8 +266,9 @@ impl DraftTree {
         per_depth
     }
 
-    /// Walks the first `drafts` drafts as the sampler would: from the root, try each node's children in rank
-    /// order with `accept(depth, rank)` deciding each; return the accepted path (node indices, root excluded).
+    /// Walks the first `drafts` drafts as the sampler would: from the root, try each node's children in index
+    /// order (which is rank order in a best-first tree) with `accept(depth, rank)` deciding each; return the
+    /// accepted path (node indices, root excluded).
     pub fn sample_path(
         &self,
         drafts: usize,
@@ -277,7 +278,7 @@ impl DraftTree {
         let mut path = Vec::new();
         let mut node = 0;
         'walk: loop {
-            // Children of `node` appear after it in best-first order, in rank order.
+            // Children come after their parent.
             for child in node + 1..=n {
                 if self.parents[child] == node && accept(self.depths[child], self.ranks[child]) {
                     path.push(child);
