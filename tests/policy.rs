@@ -856,7 +856,7 @@ mod tree {
         }
         let mean = total as f64 / walks as f64;
         // Tokens per walk lie in 1..=7 (depth 6): Hoeffding with range 6 gives P(|mean - E| >= 0.04) <=
-        // 2 exp(-2 * 200000 * 0.04^2 / 36) = 3.9e-8.
+        // 2 exp(-2 * 200000 * 0.04^2 / 36) = 3.8e-8.
         assert!(
             (mean - tree.expected_tokens(tree.drafts())).abs() < 0.04,
             "mean {mean} vs {}",
