@@ -9,6 +9,12 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+// The CPU simulator (sim/) compiles these sources as host C++: each entry point then exports a launcher
+// (SPECDEC_SIM_ENTRY) and each inline-asm wrapper takes its host branch. Under nvcc both are absent.
+#ifndef SPECDEC_SIM
+#define SPECDEC_SIM_ENTRY(name)
+#endif
+
 namespace specdec {
 
 // ---------------------------------------------------------------------------------------------------------
@@ -112,18 +118,26 @@ __device__ __forceinline__ void Mma16816(float* c, const uint32_t* a, uint32_t b
 
 template <>
 __device__ __forceinline__ void Mma16816<__half>(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+#ifdef SPECDEC_SIM
+  specdec_sim::MmaM16N8K16(SPECDEC_SIM_MMA_M16N8K16_F16, c, a, b0, b1);
+#else
   asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%0, %1, %2, %3};"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
 }
 
 template <>
 __device__ __forceinline__ void Mma16816<__nv_bfloat16>(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+#ifdef SPECDEC_SIM
+  specdec_sim::MmaM16N8K16(SPECDEC_SIM_MMA_M16N8K16_BF16, c, a, b0, b1);
+#else
   asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%0, %1, %2, %3};"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
 }
 
 }  // namespace specdec

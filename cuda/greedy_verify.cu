@@ -110,7 +110,8 @@ __device__ __forceinline__ void GreedyAccept(const int32_t* __restrict__ draft_o
       GreedyRowArgmaxKernel_##suffix(const T* __restrict__ logits, int64_t vocab_size, int64_t chunk,     \
                                      uint64_t* __restrict__ partials) {                                   \
     specdec::GreedyRowArgmax<T>(logits, vocab_size, chunk, partials);                                      \
-  }
+  }                                                                                                        \
+  SPECDEC_SIM_ENTRY(GreedyRowArgmaxKernel_##suffix)
 SPECDEC_GREEDY_ARGMAX(f32, float)
 SPECDEC_GREEDY_ARGMAX(f16, __half)
 SPECDEC_GREEDY_ARGMAX(bf16, __nv_bfloat16)
@@ -123,3 +124,4 @@ extern "C" __global__ void __launch_bounds__(specdec::kAcceptThreads)
   specdec::GreedyAccept(draft_offsets, draft_tokens, partials, splits, num_requests, num_draft_tokens, vocab_size,
                         emit_width, accepted_counts, emitted_tokens);
 }
+SPECDEC_SIM_ENTRY(GreedyAcceptKernel)

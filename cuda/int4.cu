@@ -230,18 +230,26 @@ __device__ __forceinline__ void Int4Quantize(const In* __restrict__ weights, int
 // =========================================================================================================
 
 __device__ __forceinline__ uint4 LoadStreaming(const uint4* p) {
+#ifdef SPECDEC_SIM
+  return specdec_sim::LoadGlobalNc(p);
+#else
   uint4 v;
   asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
       : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
       : "l"(p));
   return v;
+#endif
 }
 
 // (a & b) | c in one instruction.
 __device__ __forceinline__ uint32_t AndOr(uint32_t a, uint32_t b, uint32_t c) {
+#ifdef SPECDEC_SIM
+  return specdec_sim::Lop3(a, b, c, 0xEA);
+#else
   uint32_t r;
   asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
   return r;
+#endif
 }
 
 // The A registers (q - z, exact) of one lane word; zero_pair[rho] is the pair (magic | z_rho) for both halves.
@@ -378,7 +386,8 @@ __device__ __forceinline__ void Int4Gemv(const uint4* __restrict__ packed, const
     } else {                                                                                                      \
       specdec::Int4Quantize<In, S, 128>(weights, n, k, given_scales, given_zeros, packed, scales, zeros);         \
     }                                                                                                             \
-  }
+  }                                                                                                               \
+  SPECDEC_SIM_ENTRY(Int4QuantizeKernel_##suffix)
 
 SPECDEC_INT4_QUANTIZE(f16_f16, __half, __half)
 SPECDEC_INT4_QUANTIZE(f16_bf16, __half, __nv_bfloat16)
@@ -390,7 +399,8 @@ SPECDEC_INT4_QUANTIZE(bf16_bf16, __nv_bfloat16, __nv_bfloat16)
       Int4GemvKernel_##suffix(const uint4* packed, const S* scales, const uint8_t* zeros, const A* x, A* y, int m, \
                               int64_t n, int64_t k, int group) {                                                  \
     specdec::Int4Gemv<A, S, kMTiles, kRowTiles>(packed, scales, zeros, x, y, m, n, k, group);                     \
-  }
+  }                                                                                                               \
+  SPECDEC_SIM_ENTRY(Int4GemvKernel_##suffix)
 
 #define SPECDEC_INT4_GEMV_ROW_TILES(suffix, A, S, kMTiles) \
   SPECDEC_INT4_GEMV(suffix##_r1, A, S, kMTiles, 1)         \

@@ -814,7 +814,11 @@ __device__ __forceinline__ void ResidualRace(const SamplingArgs& a) {
   extern "C" __global__ void __launch_bounds__(specdec::kResidualThreads)                                  \
       ResidualRaceKernel_##suffix(specdec::SamplingArgs a) {                                               \
     specdec::ResidualRace<T>(a);                                                                           \
-  }
+  }                                                                                                        \
+  SPECDEC_SIM_ENTRY(SamplingThresholdKernel_##suffix)                                                      \
+  SPECDEC_SIM_ENTRY(SamplingRowKernel_##suffix)                                                            \
+  SPECDEC_SIM_ENTRY(RejectionWalkKernel_##suffix)                                                          \
+  SPECDEC_SIM_ENTRY(ResidualRaceKernel_##suffix)
 SPECDEC_SAMPLING_KERNELS(f32, float)
 SPECDEC_SAMPLING_KERNELS(f16, __half)
 SPECDEC_SAMPLING_KERNELS(bf16, __nv_bfloat16)

@@ -160,28 +160,50 @@ __device__ __forceinline__ uint32_t SharedAddress(const void* p) {
 }
 
 __device__ __forceinline__ void LdMatrixX4(uint32_t* r, uint32_t address) {
+#ifdef SPECDEC_SIM
+  specdec_sim::LdMatrix(r, address, 4, false);
+#else
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(address));
+#endif
 }
 
 __device__ __forceinline__ void LdMatrixX4Trans(uint32_t* r, uint32_t address) {
+#ifdef SPECDEC_SIM
+  specdec_sim::LdMatrix(r, address, 4, true);
+#else
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(address));
+#endif
 }
 
 // 16 bytes global -> shared, asynchronously; a false `valid` writes zeros and reads nothing.
 __device__ __forceinline__ void CopyAsync16(void* shared, const void* global, bool valid) {
+#ifdef SPECDEC_SIM
+  specdec_sim::CpAsync(SharedAddress(shared), global, 16, valid ? 16 : 0);
+#else
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(SharedAddress(shared)), "l"(global),
                "r"(valid ? 16 : 0));
+#endif
 }
 
-__device__ __forceinline__ void CopyAsyncCommit() { asm volatile("cp.async.commit_group;"); }
+__device__ __forceinline__ void CopyAsyncCommit() {
+#ifdef SPECDEC_SIM
+  specdec_sim::CpAsyncCommit();
+#else
+  asm volatile("cp.async.commit_group;");
+#endif
+}
 
 template <int kPending>
 __device__ __forceinline__ void CopyAsyncWait() {
+#ifdef SPECDEC_SIM
+  specdec_sim::CpAsyncWait(kPending);
+#else
   asm volatile("cp.async.wait_group %0;" ::"n"(kPending));
+#endif
 }
 
 template <typename T>
@@ -745,7 +767,8 @@ __device__ void TreeKvCompact(const CompactionParams& p) {
   extern "C" __global__ void __launch_bounds__(specdec::AttentionConfig<D, R>::kThreads)                    \
       TreeAttentionKernel_##NAME##_d##D##_r##R(const specdec::TreeAttentionParams p) {                      \
     specdec::TreeAttention<T, D, R>(p);                                                                     \
-  }
+  }                                                                                                         \
+  SPECDEC_SIM_ENTRY(TreeAttentionKernel_##NAME##_d##D##_r##R)
 
 #define SPECDEC_TREE_ATTENTION_DTYPE(NAME, T)                                                               \
   SPECDEC_TREE_ATTENTION(NAME, T, 64, 1)                                                                   \
@@ -769,7 +792,10 @@ __device__ void TreeKvCompact(const CompactionParams& p) {
   extern "C" __global__ void __launch_bounds__(128)                                                        \
       TreeAttentionMergeKernel_##NAME##_d256(const specdec::TreeAttentionParams p) {                        \
     specdec::TreeAttentionMerge<T, 256>(p);                                                                 \
-  }
+  }                                                                                                         \
+  SPECDEC_SIM_ENTRY(TreeAttentionMergeKernel_##NAME##_d64)                                                  \
+  SPECDEC_SIM_ENTRY(TreeAttentionMergeKernel_##NAME##_d128)                                                 \
+  SPECDEC_SIM_ENTRY(TreeAttentionMergeKernel_##NAME##_d256)
 
 SPECDEC_TREE_ATTENTION_DTYPE(f16, __half)
 SPECDEC_TREE_ATTENTION_DTYPE(bf16, __nv_bfloat16)
@@ -778,7 +804,8 @@ SPECDEC_TREE_ATTENTION_DTYPE(bf16, __nv_bfloat16)
   extern "C" __global__ void __launch_bounds__(specdec::kCompactThreads)                                   \
       TreeKvCompactKernel_d##D(const specdec::CompactionParams p) {                                          \
     specdec::TreeKvCompact<__half, D>(p);                                                                   \
-  }
+  }                                                                                                         \
+  SPECDEC_SIM_ENTRY(TreeKvCompactKernel_d##D)
 
 SPECDEC_TREE_KV_COMPACT(64)
 SPECDEC_TREE_KV_COMPACT(128)
