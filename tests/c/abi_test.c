@@ -1,10 +1,15 @@
 /*
  * Exercises the C ABI on the CPU backend: correct results on hand-worked cases, and every kind of bad argument
- * returning SPECDEC_INVALID_ARGUMENT with a message naming the argument. Compiled as C99 and as C++17 with
- * -Wall -Wextra -Werror by tests/c/run.sh. Prints "N passed, N failed" and exits non-zero on any failure.
+ * returning SPECDEC_INVALID_ARGUMENT with a message naming the argument. Then, where a CUDA device is usable (a
+ * GPU, or the simulator under sim/run), the same primitives on device pointers and a caller's stream, checked
+ * against the hand-worked results and the CPU backend's outputs. Compiled as C99 and as C++17 with
+ * -Wall -Wextra -Werror by tests/c/run.sh. Prints "N passed, N failed" and exits non-zero on any failure;
+ * SPECDEC_REQUIRE_GPU=1 makes a missing device a failure rather than a skip.
  */
+#include <dlfcn.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <math.h>
 #include <string.h>
 
@@ -549,6 +554,340 @@ static void test_tree_attention(specdec_context *ctx) {
                  "max_tree_size");
 }
 
+/*
+ * Device pointers. The driver is opened with dlopen (the test does not link libcuda), and the few calls the test
+ * needs to make memory and a stream are looked up by their versioned names.
+ */
+typedef int cu_status;
+typedef unsigned long long cu_ptr;
+static struct {
+  void *lib;
+  cu_status (*ctx_retain)(void **, int);
+  cu_status (*ctx_release)(int);
+  cu_status (*ctx_push)(void *);
+  cu_status (*ctx_pop)(void **);
+  cu_status (*alloc)(cu_ptr *, size_t);
+  cu_status (*free)(cu_ptr);
+  cu_status (*htod)(cu_ptr, const void *, size_t);
+  cu_status (*dtoh)(void *, cu_ptr, size_t);
+  cu_status (*stream_create)(void **, unsigned);
+  cu_status (*stream_destroy)(void *);
+  cu_status (*stream_sync)(void *);
+} cu;
+
+static int load_symbol(void *out, const char *name) {
+  void *symbol = dlsym(cu.lib, name);
+  memcpy(out, &symbol, sizeof symbol); /* object to function pointer, without a cast ISO C forbids */
+  return symbol != NULL;
+}
+
+static int open_driver(void) {
+  cu.lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+  return cu.lib != NULL && load_symbol(&cu.ctx_retain, "cuDevicePrimaryCtxRetain") &&
+         load_symbol(&cu.ctx_release, "cuDevicePrimaryCtxRelease_v2") && load_symbol(&cu.ctx_push, "cuCtxPushCurrent_v2") &&
+         load_symbol(&cu.ctx_pop, "cuCtxPopCurrent_v2") && load_symbol(&cu.alloc, "cuMemAlloc_v2") &&
+         load_symbol(&cu.free, "cuMemFree_v2") && load_symbol(&cu.htod, "cuMemcpyHtoD_v2") &&
+         load_symbol(&cu.dtoh, "cuMemcpyDtoH_v2") && load_symbol(&cu.stream_create, "cuStreamCreate") &&
+         load_symbol(&cu.stream_destroy, "cuStreamDestroy_v2") && load_symbol(&cu.stream_sync, "cuStreamSynchronize");
+}
+
+/* A device copy of `bytes` bytes of `host` (at least one byte is allocated, so empty arrays get a valid pointer). */
+static void *to_device(const void *host, size_t bytes) {
+  cu_ptr p = 0;
+  CHECK(cu.alloc(&p, bytes > 0 ? bytes : 1) == 0);
+  if (host != NULL && bytes > 0) CHECK(cu.htod(p, host, bytes) == 0);
+  return (void *)(uintptr_t)p;
+}
+
+/* A device array of `bytes` bytes, every byte 0xAB: what the kernel writes must overwrite it. */
+static void *poisoned(size_t bytes) {
+  unsigned char *fill = (unsigned char *)malloc(bytes > 0 ? bytes : 1);
+  void *p;
+  memset(fill, 0xAB, bytes > 0 ? bytes : 1);
+  p = to_device(fill, bytes);
+  free(fill);
+  return p;
+}
+
+static void to_host(void *host, const void *device, size_t bytes) {
+  CHECK(cu.dtoh(host, (cu_ptr)(uintptr_t)device, bytes) == 0);
+}
+
+static void release(void *device) { CHECK(cu.free((cu_ptr)(uintptr_t)device) == 0); }
+
+static void test_device_greedy(specdec_context *gpu, void *stream) {
+  float logits_f32[16];
+  uint16_t logits_f16[16], logits_bf16[16];
+  const void *inputs[3] = {logits_f32, logits_f16, logits_bf16};
+  const size_t sizes[3] = {sizeof logits_f32, sizeof logits_f16, sizeof logits_bf16};
+  const int32_t dtypes[3] = {SPECDEC_DTYPE_F32, SPECDEC_DTYPE_F16, SPECDEC_DTYPE_BF16};
+  void *offsets = to_device(kOffsets, sizeof kOffsets), *drafts = to_device(kDrafts, sizeof kDrafts);
+  int i, d;
+  for (i = 0; i < 16; ++i) {
+    logits_f32[i] = kLogits[i / 4][i % 4];
+    logits_bf16[i] = bf16_of(logits_f32[i]);
+    logits_f16[i] = f16_of_small_int((int)logits_f32[i]);
+  }
+  for (d = 0; d < 3; ++d) {
+    int32_t accepted[2], emitted[6];
+    void *logits = to_device(inputs[d], sizes[d]);
+    void *accepted_d = poisoned(sizeof accepted), *emitted_d = poisoned(sizeof emitted);
+    CHECK(specdec_greedy_verify(gpu, logits, dtypes[d], 4, (const int32_t *)offsets, 2, (const int32_t *)drafts, 2, 3,
+                                (int32_t *)accepted_d, (int32_t *)emitted_d, stream) == SPECDEC_OK);
+    CHECK(cu.stream_sync(stream) == 0);
+    to_host(accepted, accepted_d, sizeof accepted);
+    to_host(emitted, emitted_d, sizeof emitted);
+    check_greedy_result(accepted, emitted);
+    /* A logits pointer that is not aligned for its dtype is named, on the device as on the host. */
+    EXPECT_INVALID(specdec_greedy_verify(gpu, (const char *)logits + 1, dtypes[d], 4, (const int32_t *)offsets, 2,
+                                         (const int32_t *)drafts, 2, 3, (int32_t *)accepted_d, (int32_t *)emitted_d,
+                                         stream),
+                   "logits");
+    release(logits);
+    release(accepted_d);
+    release(emitted_d);
+  }
+  release(offsets);
+  release(drafts);
+}
+
+/* The CPU test's chain (draft rows and point masses) and tree, on device pointers: the same hand-worked outcome. */
+static void test_device_rejection(specdec_context *gpu, void *stream) {
+  const uint64_t seeds[2] = {7, 8}, steps[2] = {0, 1};
+  const int32_t offsets[3] = {0, 2, 2}, drafts[2] = {2, 1};
+  float probs[4 * 4] = {0}, draft_probs[2 * 4] = {0};
+  int32_t accepted[2], emitted[6], nodes[6];
+  int8_t flags[6];
+  void *seeds_d = to_device(seeds, sizeof seeds), *steps_d = to_device(steps, sizeof steps);
+  void *offsets_d = to_device(offsets, sizeof offsets), *drafts_d = to_device(drafts, sizeof drafts);
+  void *accepted_d = poisoned(sizeof accepted), *emitted_d = poisoned(sizeof emitted);
+  void *nodes_d = poisoned(sizeof nodes), *flags_d = poisoned(sizeof flags);
+  void *probs_d, *draft_probs_d;
+  specdec_sampling sampling = {NULL, NULL, NULL, (const uint64_t *)seeds_d, (const uint64_t *)steps_d};
+  specdec_verify_outputs out = {(int32_t *)accepted_d, (int32_t *)emitted_d, (int32_t *)nodes_d, (int8_t *)flags_d};
+  probs[0 * 4 + 2] = 1;
+  probs[1 * 4 + 1] = 1;
+  probs[2 * 4 + 3] = 1;
+  probs[3 * 4 + 0] = 1;
+  draft_probs[0 * 4 + 2] = 1;
+  draft_probs[1 * 4 + 1] = 1;
+  probs_d = to_device(probs, sizeof probs);
+  draft_probs_d = to_device(draft_probs, sizeof draft_probs);
+  CHECK(specdec_rejection_verify_chain(gpu, SPECDEC_ROWS_PROBS_F32, probs_d, draft_probs_d, 4,
+                                       (const int32_t *)offsets_d, 2, (const int32_t *)drafts_d, 2, &sampling, 3, &out,
+                                       stream) == SPECDEC_OK);
+  CHECK(cu.stream_sync(stream) == 0);
+  to_host(accepted, accepted_d, sizeof accepted);
+  to_host(emitted, emitted_d, sizeof emitted);
+  to_host(nodes, nodes_d, sizeof nodes);
+  to_host(flags, flags_d, sizeof flags);
+  CHECK(accepted[0] == 2 && emitted[0] == 2 && emitted[1] == 1 && emitted[2] == 3);
+  CHECK(nodes[0] == 1 && nodes[1] == 2 && nodes[2] == -1 && flags[0] == 1 && flags[1] == 1 && flags[2] == -1);
+  CHECK(accepted[1] == 0 && emitted[3] == 0 && emitted[4] == -1 && nodes[3] == -1 && flags[3] == -1);
+  out.accepted_nodes = NULL;
+  out.accept_flags = NULL;
+  CHECK(specdec_rejection_verify_chain(gpu, SPECDEC_ROWS_PROBS_F32, probs_d, NULL, 4, (const int32_t *)offsets_d, 2,
+                                       (const int32_t *)drafts_d, 2, &sampling, 3, &out, stream) == SPECDEC_OK);
+  CHECK(cu.stream_sync(stream) == 0);
+  to_host(accepted, accepted_d, sizeof accepted);
+  to_host(emitted, emitted_d, sizeof emitted);
+  CHECK(accepted[0] == 2 && emitted[2] == 3 && accepted[1] == 0 && emitted[3] == 0);
+  {
+    const int32_t node_offsets[2] = {0, 3}, tokens[3] = {-1, 1, 2}, parents[3] = {-1, 0, 0};
+    float tree_probs[3 * 4] = {0};
+    void *node_offsets_d = to_device(node_offsets, sizeof node_offsets), *tokens_d = to_device(tokens, sizeof tokens);
+    void *parents_d = to_device(parents, sizeof parents), *tree_probs_d;
+    tree_probs[0 * 4 + 2] = 1;
+    tree_probs[1 * 4 + 3] = 1;
+    tree_probs[2 * 4 + 0] = 1;
+    tree_probs_d = to_device(tree_probs, sizeof tree_probs);
+    out.accepted_nodes = (int32_t *)nodes_d;
+    CHECK(specdec_rejection_verify_tree(gpu, SPECDEC_ROWS_PROBS_F32, tree_probs_d, NULL, 4,
+                                        (const int32_t *)node_offsets_d, 1, (const int32_t *)tokens_d,
+                                        (const int32_t *)parents_d, 3, &sampling, 2, &out, stream) == SPECDEC_OK);
+    CHECK(cu.stream_sync(stream) == 0);
+    to_host(accepted, accepted_d, sizeof accepted[0]);
+    to_host(emitted, emitted_d, 2 * sizeof emitted[0]);
+    to_host(nodes, nodes_d, 2 * sizeof nodes[0]);
+    CHECK(accepted[0] == 1 && emitted[0] == 2 && emitted[1] == 0 && nodes[0] == 2 && nodes[1] == -1);
+    release(node_offsets_d);
+    release(tokens_d);
+    release(parents_d);
+    release(tree_probs_d);
+  }
+  release(seeds_d);
+  release(steps_d);
+  release(offsets_d);
+  release(drafts_d);
+  release(accepted_d);
+  release(emitted_d);
+  release(nodes_d);
+  release(flags_d);
+  release(probs_d);
+  release(draft_probs_d);
+}
+
+/* Quantize, pack and GEMV on the device: the same bytes as the CPU backend, and y within the GEMV's rounding. */
+static void test_device_int4(specdec_context *cpu, specdec_context *gpu, void *stream) {
+  enum { N = 32, K = 128, G = 32, GROUPS = K / G };
+  static uint16_t w[N * K], scales[GROUPS * N], scales_gpu[GROUPS * N], x[2 * K], y[2 * N], y_gpu[2 * N];
+  static uint32_t packed[N * K / 8], packed_gpu[N * K / 8];
+  static uint8_t zeros[GROUPS * N], zeros_gpu[GROUPS * N];
+  void *w_d, *packed_d = poisoned(sizeof packed), *scales_d = poisoned(sizeof scales), *zeros_d = poisoned(sizeof zeros);
+  void *x_d, *y_d = poisoned(sizeof y);
+  int64_t row, col, i;
+  int bad = 0;
+  for (row = 0; row < N; ++row)
+    for (col = 0; col < K; ++col) w[row * K + col] = bf16_of((float)((row * 5 + col * 11) % 29 - 14) / 8.0f);
+  for (i = 0; i < 2 * K; ++i) x[i] = bf16_of((float)(i % 7 - 3) * 0.5f);
+  w_d = to_device(w, sizeof w);
+  x_d = to_device(x, sizeof x);
+  CHECK(specdec_int4_quantize(cpu, w, SPECDEC_DTYPE_BF16, N, K, G, packed, scales, SPECDEC_DTYPE_BF16, zeros, NULL) ==
+        SPECDEC_OK);
+  CHECK(specdec_int4_quantize(gpu, w_d, SPECDEC_DTYPE_BF16, N, K, G, (uint32_t *)packed_d, scales_d, SPECDEC_DTYPE_BF16,
+                              (uint8_t *)zeros_d, stream) == SPECDEC_OK);
+  CHECK(cu.stream_sync(stream) == 0);
+  to_host(packed_gpu, packed_d, sizeof packed_gpu);
+  to_host(scales_gpu, scales_d, sizeof scales_gpu);
+  to_host(zeros_gpu, zeros_d, sizeof zeros_gpu);
+  CHECK(memcmp(packed, packed_gpu, sizeof packed) == 0);
+  CHECK(memcmp(scales, scales_gpu, sizeof scales) == 0);
+  CHECK(memcmp(zeros, zeros_gpu, sizeof zeros) == 0);
+  CHECK(specdec_int4_pack(gpu, w_d, SPECDEC_DTYPE_BF16, N, K, G, scales_d, SPECDEC_DTYPE_BF16, (const uint8_t *)zeros_d,
+                          (uint32_t *)packed_d, stream) == SPECDEC_OK);
+  CHECK(cu.stream_sync(stream) == 0);
+  to_host(packed_gpu, packed_d, sizeof packed_gpu);
+  CHECK(memcmp(packed, packed_gpu, sizeof packed) == 0);
+  CHECK(specdec_int4_gemv(cpu, packed, scales, SPECDEC_DTYPE_BF16, zeros, N, K, G, x, SPECDEC_DTYPE_BF16, 2, y, NULL) ==
+        SPECDEC_OK);
+  CHECK(specdec_int4_gemv(gpu, (const uint32_t *)packed_d, scales_d, SPECDEC_DTYPE_BF16, (const uint8_t *)zeros_d, N, K,
+                          G, x_d, SPECDEC_DTYPE_BF16, 2, y_d, stream) == SPECDEC_OK);
+  CHECK(cu.stream_sync(stream) == 0);
+  to_host(y_gpu, y_d, sizeof y_gpu);
+  /* Both round one f32 sum to bf16; the sums differ only in order, so the results are at most an ulp apart. */
+  for (i = 0; i < 2 * N; ++i) {
+    float a = bf16_to_float(y[i]), b = bf16_to_float(y_gpu[i]);
+    if (!(fabsf(a - b) <= fabsf(a) / 128.0f + 1e-6f)) ++bad;
+  }
+  CHECK(bad == 0);
+  release(w_d);
+  release(packed_d);
+  release(scales_d);
+  release(zeros_d);
+  release(x_d);
+  release(y_d);
+}
+
+/* The CPU test's two-node chain on the device: the same outputs within bf16 rounding, the same cache append,
+ * the same compaction. */
+static void test_device_tree_attention(specdec_context *cpu, specdec_context *gpu, void *stream) {
+  enum { D = 64, HQ = 2, HKV = 1, N = 2, PAGES = 2, PS = 16 };
+  uint16_t q[N * HQ * D], k[N * HKV * D], v[N * HKV * D], out[N * HQ * D], out_gpu[N * HQ * D];
+  static uint16_t k_cache[PAGES * PS * HKV * D], v_cache[PAGES * PS * HKV * D], cache_gpu[PAGES * PS * HKV * D];
+  float lse[N * HQ], lse_gpu[N * HQ];
+  const int32_t offsets[2] = {0, N}, parents[N] = {-1, 0}, prefix[1] = {0}, table[1] = {1};
+  const int32_t acc_offsets[2] = {0, 1}, acc_nodes[1] = {1};
+  int32_t status[1] = {-9};
+  void *q_d, *k_d, *v_d, *offsets_d, *parents_d, *prefix_d, *table_d, *k_cache_d, *v_cache_d;
+  void *out_d = poisoned(sizeof out), *lse_d = poisoned(sizeof lse), *status_d = poisoned(sizeof status);
+  void *acc_offsets_d, *acc_nodes_d;
+  void *k_layers[1], *v_layers[1];
+  int i, bad = 0;
+  for (i = 0; i < N * HQ * D; ++i) q[i] = bf16_of((float)((i * 7) % 5 - 2) * 0.25f);
+  for (i = 0; i < N * HKV * D; ++i) {
+    k[i] = bf16_of((float)((i * 3) % 7 - 3) * 0.125f);
+    v[i] = bf16_of((float)(i % 9 - 4) * 0.5f);
+  }
+  q_d = to_device(q, sizeof q);
+  k_d = to_device(k, sizeof k);
+  v_d = to_device(v, sizeof v);
+  offsets_d = to_device(offsets, sizeof offsets);
+  parents_d = to_device(parents, sizeof parents);
+  prefix_d = to_device(prefix, sizeof prefix);
+  table_d = to_device(table, sizeof table);
+  k_cache_d = to_device(k_cache, sizeof k_cache);
+  v_cache_d = to_device(v_cache, sizeof v_cache);
+  CHECK(specdec_tree_attention(cpu, SPECDEC_DTYPE_BF16, q, k, v, 1, N, HQ, 4, offsets, parents, prefix, table, k_cache,
+                               v_cache, PAGES, PS, HKV, D, 1, NULL, 0, 0, 0.125f, out, lse, NULL, NULL) == SPECDEC_OK);
+  CHECK(specdec_tree_attention(gpu, SPECDEC_DTYPE_BF16, q_d, k_d, v_d, 1, N, HQ, 4, (const int32_t *)offsets_d,
+                               (const int32_t *)parents_d, (const int32_t *)prefix_d, (const int32_t *)table_d,
+                               k_cache_d, v_cache_d, PAGES, PS, HKV, D, 1, NULL, 0, 0, 0.125f, out_d, (float *)lse_d,
+                               (int32_t *)status_d, stream) == SPECDEC_OK);
+  CHECK(cu.stream_sync(stream) == 0);
+  to_host(out_gpu, out_d, sizeof out_gpu);
+  to_host(lse_gpu, lse_d, sizeof lse_gpu);
+  to_host(status, status_d, sizeof status);
+  CHECK(status[0] == 0);
+  for (i = 0; i < N * HQ * D; ++i) {
+    float a = f32_of_bf16(out[i]), b = f32_of_bf16(out_gpu[i]);
+    if (!(fabsf(a - b) <= fabsf(a) / 64.0f + 1e-3f)) ++bad;
+  }
+  for (i = 0; i < N * HQ; ++i) {
+    if (!(fabsf(lse[i] - lse_gpu[i]) <= 1e-4f * (1.0f + fabsf(lse[i])))) ++bad;
+  }
+  CHECK(bad == 0);
+  to_host(cache_gpu, k_cache_d, sizeof cache_gpu);
+  CHECK(memcmp(&cache_gpu[PS * D], k, sizeof k) == 0);
+  to_host(cache_gpu, v_cache_d, sizeof cache_gpu);
+  CHECK(memcmp(&cache_gpu[PS * D], v, sizeof v) == 0);
+  acc_offsets_d = to_device(acc_offsets, sizeof acc_offsets);
+  acc_nodes_d = to_device(acc_nodes, sizeof acc_nodes);
+  k_layers[0] = k_cache_d;
+  v_layers[0] = v_cache_d;
+  CHECK(specdec_tree_kv_compact(gpu, k_layers, v_layers, 1, PAGES, PS, HKV, D, 1, 1, (const int32_t *)acc_offsets_d,
+                                (const int32_t *)acc_nodes_d, 1, (const int32_t *)prefix_d, (const int32_t *)table_d,
+                                NULL, stream) == SPECDEC_OK);
+  CHECK(cu.stream_sync(stream) == 0);
+  to_host(cache_gpu, k_cache_d, sizeof cache_gpu);
+  CHECK(memcmp(&cache_gpu[PS * D], &k[D], D * 2) == 0);
+  to_host(cache_gpu, v_cache_d, sizeof cache_gpu);
+  CHECK(memcmp(&cache_gpu[PS * D], &v[D], D * 2) == 0);
+  release(q_d);
+  release(k_d);
+  release(v_d);
+  release(offsets_d);
+  release(parents_d);
+  release(prefix_d);
+  release(table_d);
+  release(k_cache_d);
+  release(v_cache_d);
+  release(out_d);
+  release(lse_d);
+  release(status_d);
+  release(acc_offsets_d);
+  release(acc_nodes_d);
+}
+
+static void test_device_pointers(specdec_context *cpu) {
+  const char *require = getenv("SPECDEC_REQUIRE_GPU");
+  specdec_context *gpu = NULL;
+  void *primary = NULL, *popped = NULL, *stream = NULL;
+  specdec_status s = specdec_context_create_cuda(0, &gpu);
+  if (s != SPECDEC_OK) {
+    if (require != NULL && strcmp(require, "1") == 0) {
+      ++failed;
+      fprintf(stderr, "SPECDEC_REQUIRE_GPU=1 but no CUDA context: %s: %s\n", specdec_status_string((int32_t)s),
+              specdec_last_error());
+    } else {
+      printf("SKIPPED device-pointer checks: %s: %s\n", specdec_status_string((int32_t)s), specdec_last_error());
+    }
+    return;
+  }
+  CHECK(open_driver());
+  if (cu.lib == NULL) return;
+  /* The caller's side: the device's primary context current, and a stream of its own. */
+  CHECK(cu.ctx_retain(&primary, 0) == 0 && cu.ctx_push(primary) == 0);
+  CHECK(cu.stream_create(&stream, 0) == 0);
+  test_device_greedy(gpu, stream);
+  test_device_rejection(gpu, stream);
+  test_device_int4(cpu, gpu, stream);
+  test_device_tree_attention(cpu, gpu, stream);
+  CHECK(cu.stream_destroy(stream) == 0);
+  CHECK(cu.ctx_pop(&popped) == 0 && popped == primary);
+  CHECK(cu.ctx_release(0) == 0);
+  CHECK(specdec_context_destroy(gpu) == SPECDEC_OK);
+}
+
 int main(void) {
   specdec_context *ctx = NULL;
   int32_t backend = -1;
@@ -587,6 +926,7 @@ int main(void) {
   test_rejection_chain_and_tree(ctx);
   test_int4(ctx);
   test_tree_attention(ctx);
+  test_device_pointers(ctx);
 
   CHECK(specdec_context_destroy(ctx) == SPECDEC_OK);
   CHECK(specdec_context_destroy(NULL) == SPECDEC_OK);
