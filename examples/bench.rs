@@ -99,16 +99,43 @@ struct Row {
     check: String,
 }
 
+/// Whether the CUDA backend is the CPU simulator (sim/): its device names itself `specdec-sim`. The simulator's
+/// times are of a simulation on the CPU, so each case is then run (and checked) once, and no time is reported
+/// as performance.
+static SIMULATED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
+fn simulated() -> bool {
+    *SIMULATED.get().unwrap_or(&false)
+}
+
+/// The "GB/s | % of copy BW" cells of a row that moved `bytes` in `micros`: blank on the simulator.
+fn rate_cells(bytes: f64, micros: f64, ceiling_gbps: f64) -> String {
+    if simulated() {
+        return "- | -".to_string();
+    }
+    let gbps = bytes / micros / 1e3;
+    format!("{gbps:.1} | {:.1}", 100.0 * gbps / ceiling_gbps)
+}
+
 fn main() {
     let options = parse_options();
     let backend = choose_backend(&options.backend);
+    let _ = SIMULATED.set(match &backend {
+        Backend::Cuda { backend, .. } => backend
+            .device_name()
+            .is_ok_and(|name| name.starts_with("specdec-sim")),
+        Backend::Cpu => false,
+    });
     let (machine, ceiling_gbps) = match &backend {
         Backend::Cpu => (cpu_name(), cpu_copy_bandwidth()),
         Backend::Cuda { backend, stream } => (gpu_name(backend), gpu_copy_bandwidth(stream)),
     };
 
+    // On the simulator every case is a CPU's worth of work per CUDA thread: the CPU backend's sizes.
     let mut cases = Vec::new();
-    let (batches, vocabs): (&[usize], &[usize]) = if options.quick {
+    let (batches, vocabs): (&[usize], &[usize]) = if simulated() {
+        (&[1, 8], &[32000])
+    } else if options.quick {
         (&[1, 64], &[32000, 128256])
     } else {
         (&[1, 8, 64, 256], &[32000, 128256, 151936])
@@ -126,9 +153,9 @@ fn main() {
     for dtype in [DType::F16, DType::F32] {
         cases.push(GreedyCase {
             dtype,
-            batch: 64,
+            batch: if simulated() { 8 } else { 64 },
             drafts: 4,
-            vocab: 128256,
+            vocab: if simulated() { 32000 } else { 128256 },
         });
     }
 
@@ -169,31 +196,42 @@ fn main() {
     println!("- backend: {backend_name}");
     println!("- date: {} (UTC)", utc_date());
     println!("- commit: {}", commit());
-    println!("- measured copy bandwidth (read + write): {ceiling_gbps:.1} GB/s");
+    if simulated() {
+        println!(
+            "- SIMULATED: the kernels ran on the CPU simulator (sim/), each case once. The times are of the \
+             simulation and say nothing about a GPU; GB/s and bandwidth shares are not reported."
+        );
+    } else {
+        println!("- measured copy bandwidth (read + write): {ceiling_gbps:.1} GB/s");
+    }
     println!();
     println!(
-        "| primitive | dtype | B | k | V | time (us) | bytes (MB) | GB/s | % of copy BW | check |"
+        "| primitive | dtype | B | k | V | {} | bytes (MB) | GB/s | % of copy BW | check |",
+        if simulated() {
+            "simulated time (us)"
+        } else {
+            "time (us)"
+        }
     );
     println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---|");
     let mut failures = 0;
     for row in &rows {
         let c = row.case;
-        let gbps = c.bytes() as f64 / row.micros / 1e3;
         println!(
-            "| greedy_verify | {} | {} | {} | {} | {:.2} | {:.2} | {:.1} | {:.1} | {} |",
+            "| greedy_verify | {} | {} | {} | {} | {:.2} | {:.2} | {} | {} |",
             c.dtype.name(),
             c.batch,
             c.drafts,
             c.vocab,
             row.micros,
             c.bytes() as f64 / 1e6,
-            gbps,
-            100.0 * gbps / ceiling_gbps,
+            rate_cells(c.bytes() as f64, row.micros, ceiling_gbps),
             row.check
         );
         failures += usize::from(row.check.starts_with("MISMATCH"));
     }
-    for case in sampler_cases(options.quick, matches!(backend, Backend::Cuda { .. })) {
+    let gpu_sizes = matches!(backend, Backend::Cuda { .. }) && !simulated();
+    for case in sampler_cases(options.quick, gpu_sizes) {
         eprintln!(
             "rejection_verify bf16 {} B={} k={} V={} ...",
             if case.with_q { "q" } else { "point mass" },
@@ -203,17 +241,15 @@ fn main() {
         );
         let (micros, check) = run_sampler(&backend, case);
         let bytes = case.bytes() as f64;
-        let gbps = bytes / micros / 1e3;
         println!(
-            "| rejection_verify (chain, {}) | bf16 | {} | {} | {} | {:.2} | {:.2} | {:.1} | {:.1} | {} |",
+            "| rejection_verify (chain, {}) | bf16 | {} | {} | {} | {:.2} | {:.2} | {} | {} |",
             if case.with_q { "q" } else { "point mass" },
             case.batch,
             case.drafts,
             case.vocab,
             micros,
             bytes / 1e6,
-            gbps,
-            100.0 * gbps / ceiling_gbps,
+            rate_cells(bytes, micros, ceiling_gbps),
             check
         );
         failures += usize::from(check.starts_with("MISMATCH"));
@@ -728,10 +764,9 @@ fn time_greedy_cuda<T: BenchElement>(
 /// Median microseconds per call of `call(i)` (which enqueues call `i` on `stream`): 10 warm-up calls, then
 /// 30 batches of 10 calls timed with CUDA events.
 fn time_cuda_calls(backend: &CudaBackend, stream: &Arc<CudaStream>, call: impl Fn(usize)) -> f64 {
-    const WARMUP: usize = 10;
-    const BATCHES: usize = 30;
-    const CALLS_PER_BATCH: usize = 10;
-    for i in 0..WARMUP {
+    // On the simulator: one call, timed once (the number is the simulation's, and never reported as speed).
+    let (warmup, batches, calls_per_batch) = if simulated() { (0, 1, 1) } else { (10, 30, 10) };
+    for i in 0..warmup {
         call(i);
     }
     let timing = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
@@ -740,20 +775,25 @@ fn time_cuda_calls(backend: &CudaBackend, stream: &Arc<CudaStream>, call: impl F
         backend.context().new_event(timing).unwrap(),
     );
     let mut samples = Vec::new();
-    for batch in 0..BATCHES {
+    for batch in 0..batches {
         start.record(stream).unwrap();
-        for i in 0..CALLS_PER_BATCH {
-            call(WARMUP + batch * CALLS_PER_BATCH + i);
+        for i in 0..calls_per_batch {
+            call(warmup + batch * calls_per_batch + i);
         }
         end.record(stream).unwrap();
-        samples.push(start.elapsed_ms(&end).unwrap() as f64 * 1e3 / CALLS_PER_BATCH as f64);
+        samples.push(start.elapsed_ms(&end).unwrap() as f64 * 1e3 / calls_per_batch as f64);
     }
     median(samples)
 }
 
-/// Device-to-device copy of 1 GiB, median of 10, counting bytes read plus bytes written.
+/// Device-to-device copy of 1 GiB, median of 10, counting bytes read plus bytes written (on the simulator, a
+/// token 1 MiB: the figure is not reported).
 fn gpu_copy_bandwidth(stream: &Arc<CudaStream>) -> f64 {
-    let n = 1usize << 30;
+    let n = if simulated() {
+        1usize << 20
+    } else {
+        1usize << 30
+    };
     let src = stream.alloc_zeros::<u8>(n).expect("allocate copy source");
     let mut dst = stream
         .alloc_zeros::<u8>(n)
@@ -878,7 +918,8 @@ const LLAMA3_8B_LAYER: [(usize, usize); 7] = [
 /// int4 rows: the GEMV (g128, bf16 activations and scales) for every issue shape and M in {1, 2, 4, 8, 16},
 /// and the quantizer per shape with the Llama-3-8B total. Returns the number of mismatches.
 fn int4_rows(backend: &Backend, quick: bool, ceiling_gbps: f64) -> usize {
-    let cuda = matches!(backend, Backend::Cuda { .. });
+    // The GPU's shapes, or the CPU's (also on the simulator).
+    let cuda = matches!(backend, Backend::Cuda { .. }) && !simulated();
     let mut failures = 0;
     let ms: &[usize] = if quick || !cuda {
         &[1, 16]
@@ -887,6 +928,8 @@ fn int4_rows(backend: &Backend, quick: bool, ceiling_gbps: f64) -> usize {
     };
     let shapes: &[(usize, usize)] = if cuda {
         &GEMV_SHAPES
+    } else if simulated() {
+        &GEMV_SHAPES[..1]
     } else {
         &GEMV_SHAPES[..3]
     };
@@ -928,11 +971,10 @@ fn int4_rows(backend: &Backend, quick: bool, ceiling_gbps: f64) -> usize {
             };
             let bytes =
                 (shape.packed_len() * 4 + shape.meta_len() * 3 + (m * k + m * n) * 2) as f64;
-            let gbps = bytes / micros / 1e3;
             println!(
-                "| int4_gemv (g128, M={m}) | bf16 | N={n} | K={k} | - | {micros:.2} | {:.2} | {gbps:.1} | {:.1} | {check} |",
+                "| int4_gemv (g128, M={m}) | bf16 | N={n} | K={k} | - | {micros:.2} | {:.2} | {} | {check} |",
                 bytes / 1e6,
-                100.0 * gbps / ceiling_gbps
+                rate_cells(bytes, micros, ceiling_gbps)
             );
             failures += usize::from(check.starts_with("MISMATCH"));
         }
@@ -942,6 +984,9 @@ fn int4_rows(backend: &Backend, quick: bool, ceiling_gbps: f64) -> usize {
     let mut distinct: Vec<(usize, usize)> = LLAMA3_8B_LAYER.to_vec();
     distinct.sort();
     distinct.dedup();
+    if simulated() {
+        distinct.truncate(1);
+    }
     for &(n, k) in &distinct {
         eprintln!("int4_quantize bf16 g128 N={n} K={k} ...");
         let shape = Int4Shape::new(n, k, 128).expect("valid");
@@ -985,20 +1030,21 @@ fn int4_rows(backend: &Backend, quick: bool, ceiling_gbps: f64) -> usize {
         let uses = LLAMA3_8B_LAYER.iter().filter(|&&s| s == (n, k)).count();
         total_micros += 32.0 * uses as f64 * micros;
         let bytes = (n * k * 2 + shape.packed_len() * 4 + shape.meta_len() * 3) as f64;
-        let gbps = bytes / micros / 1e3;
         println!(
-            "| int4_quantize (g128) | bf16 | N={n} | K={k} | - | {micros:.2} | {:.2} | {gbps:.1} | {:.1} | {check} |",
+            "| int4_quantize (g128) | bf16 | N={n} | K={k} | - | {micros:.2} | {:.2} | {} | {check} |",
             bytes / 1e6,
-            100.0 * gbps / ceiling_gbps
+            rate_cells(bytes, micros, ceiling_gbps)
         );
         failures += usize::from(check.starts_with("MISMATCH"));
     }
     println!();
-    println!(
-        "Requantizing every linear layer of Llama-3-8B (32 blocks x q, k, v, o, gate, up, down; one launch per layer, \
-         sum of the per-shape times above): {:.2} ms",
-        total_micros / 1e3
-    );
+    if !simulated() {
+        println!(
+            "Requantizing every linear layer of Llama-3-8B (32 blocks x q, k, v, o, gate, up, down; one launch per \
+             layer, sum of the per-shape times above): {:.2} ms",
+            total_micros / 1e3
+        );
+    }
     println!();
     failures
 }
@@ -1142,6 +1188,7 @@ fn attention_rows(backend: &Backend, quick: bool, ceiling_gbps: f64) -> usize {
     let (hq, hkv, d, ps) = (32usize, 8usize, 128usize, 16usize);
     let cases: Vec<(usize, usize, usize)> = match backend {
         Backend::Cpu => vec![(1, 1024, 8)],
+        Backend::Cuda { .. } if simulated() => vec![(1, 1024, 8), (2, 512, 64)],
         Backend::Cuda { .. } if quick => vec![(1, 8192, 16), (16, 8192, 1), (16, 8192, 64)],
         Backend::Cuda { .. } => {
             let mut all = Vec::new();
@@ -1303,11 +1350,10 @@ fn attention_rows(backend: &Backend, quick: bool, ceiling_gbps: f64) -> usize {
         };
         let bytes =
             (batch * prefix * hkv * d * 2 * 2 + batch * tree * (2 * hq + 2 * hkv) * d * 2) as f64;
-        let gbps = bytes / micros / 1e3;
         println!(
-            "| tree_attention (B={batch}, L={prefix}, T={tree}) | bf16 | {batch} | {tree} | - | {micros:.2} | {:.2} | {gbps:.1} | {:.1} | {check} |",
+            "| tree_attention (B={batch}, L={prefix}, T={tree}) | bf16 | {batch} | {tree} | - | {micros:.2} | {:.2} | {} | {check} |",
             bytes / 1e6,
-            100.0 * gbps / ceiling_gbps
+            rate_cells(bytes, micros, ceiling_gbps)
         );
         failures += usize::from(check.starts_with("MISMATCH"));
     }
