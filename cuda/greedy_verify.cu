@@ -53,8 +53,7 @@ __device__ __forceinline__ void GreedyRowArgmax(const T* __restrict__ logits, in
 // Is request b's slice of the inputs well formed? Evaluated by every lane of the request's warp.
 __device__ __forceinline__ bool GreedyRequestIsValid(const int32_t* __restrict__ draft_offsets,
                                                      const int32_t* __restrict__ draft_tokens, int64_t b,
-                                                     int64_t num_draft_tokens, int64_t vocab_size,
-                                                     int64_t emit_width) {
+                                                     int64_t num_draft_tokens, int64_t vocab_size, int64_t emit_width) {
   const int64_t first = draft_offsets[b];
   const int64_t last = draft_offsets[b + 1];
   if (first < 0 || first > last || last > num_draft_tokens || last - first + 1 > emit_width) return false;
@@ -105,12 +104,11 @@ __device__ __forceinline__ void GreedyAccept(const int32_t* __restrict__ draft_o
 }  // namespace specdec
 
 // Unmangled entry points, looked up by name from the Rust launcher (src/cuda/greedy.rs).
-#define SPECDEC_GREEDY_ARGMAX(suffix, T)                                                                   \
-  extern "C" __global__ void __launch_bounds__(specdec::kArgmaxThreads)                                  \
-      GreedyRowArgmaxKernel_##suffix(const T* __restrict__ logits, int64_t vocab_size, int64_t chunk,     \
-                                     uint64_t* __restrict__ partials) {                                   \
-    specdec::GreedyRowArgmax<T>(logits, vocab_size, chunk, partials);                                      \
-  }                                                                                                        \
+#define SPECDEC_GREEDY_ARGMAX(suffix, T)                                                                  \
+  extern "C" __global__ void __launch_bounds__(specdec::kArgmaxThreads) GreedyRowArgmaxKernel_##suffix(   \
+      const T* __restrict__ logits, int64_t vocab_size, int64_t chunk, uint64_t* __restrict__ partials) { \
+    specdec::GreedyRowArgmax<T>(logits, vocab_size, chunk, partials);                                     \
+  }                                                                                                       \
   SPECDEC_SIM_ENTRY(GreedyRowArgmaxKernel_##suffix)
 SPECDEC_GREEDY_ARGMAX(f32, float)
 SPECDEC_GREEDY_ARGMAX(f16, __half)

@@ -267,8 +267,8 @@ __device__ __forceinline__ void Dequantize(uint32_t word, const uint32_t* zero_p
 
 template <typename A, typename S, int kMTiles, int kRowTiles>
 __device__ __forceinline__ void Int4Gemv(const uint4* __restrict__ packed, const S* __restrict__ scales,
-                                         const uint8_t* __restrict__ zeros, const A* __restrict__ x,
-                                         A* __restrict__ y, int m, int64_t n, int64_t k, int group) {
+                                         const uint8_t* __restrict__ zeros, const A* __restrict__ x, A* __restrict__ y,
+                                         int m, int64_t n, int64_t k, int group) {
   __shared__ float partial[kGemvWarps][kRowTiles][kMTiles][4][32];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int quad_row = lane / 4, quad_pos = lane % 4;
@@ -297,9 +297,9 @@ __device__ __forceinline__ void Int4Gemv(const uint4* __restrict__ packed, const
       const int row = mt * 8 + quad_row;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        xb[mt][h] = row < m ? __ldg(reinterpret_cast<const uint4*>(x + row * k + chunk * kTileCols + 32 * h +
-                                                                    8 * quad_pos))
-                            : make_uint4(0, 0, 0, 0);
+        xb[mt][h] = row < m
+                        ? __ldg(reinterpret_cast<const uint4*>(x + row * k + chunk * kTileCols + 32 * h + 8 * quad_pos))
+                        : make_uint4(0, 0, 0, 0);
       }
     }
 #pragma unroll
@@ -375,18 +375,18 @@ __device__ __forceinline__ void Int4Gemv(const uint4* __restrict__ packed, const
 }  // namespace specdec
 
 // Entry points: C names for the driver API.
-#define SPECDEC_INT4_QUANTIZE(suffix, In, S)                                                                      \
-  extern "C" __global__ void __launch_bounds__(specdec::kQuantizeWarps * 32)                                      \
-      Int4QuantizeKernel_##suffix(const In* weights, int64_t n, int64_t k, int group, const S* given_scales,       \
-                                  const uint8_t* given_zeros, uint4* packed, S* scales, uint8_t* zeros) {         \
-    if (group == 32) {                                                                                            \
-      specdec::Int4Quantize<In, S, 32>(weights, n, k, given_scales, given_zeros, packed, scales, zeros);          \
-    } else if (group == 64) {                                                                                     \
-      specdec::Int4Quantize<In, S, 64>(weights, n, k, given_scales, given_zeros, packed, scales, zeros);          \
-    } else {                                                                                                      \
-      specdec::Int4Quantize<In, S, 128>(weights, n, k, given_scales, given_zeros, packed, scales, zeros);         \
-    }                                                                                                             \
-  }                                                                                                               \
+#define SPECDEC_INT4_QUANTIZE(suffix, In, S)                                                                 \
+  extern "C" __global__ void __launch_bounds__(specdec::kQuantizeWarps * 32)                                 \
+      Int4QuantizeKernel_##suffix(const In* weights, int64_t n, int64_t k, int group, const S* given_scales, \
+                                  const uint8_t* given_zeros, uint4* packed, S* scales, uint8_t* zeros) {    \
+    if (group == 32) {                                                                                       \
+      specdec::Int4Quantize<In, S, 32>(weights, n, k, given_scales, given_zeros, packed, scales, zeros);     \
+    } else if (group == 64) {                                                                                \
+      specdec::Int4Quantize<In, S, 64>(weights, n, k, given_scales, given_zeros, packed, scales, zeros);     \
+    } else {                                                                                                 \
+      specdec::Int4Quantize<In, S, 128>(weights, n, k, given_scales, given_zeros, packed, scales, zeros);    \
+    }                                                                                                        \
+  }                                                                                                          \
   SPECDEC_SIM_ENTRY(Int4QuantizeKernel_##suffix)
 
 SPECDEC_INT4_QUANTIZE(f16_f16, __half, __half)
@@ -394,12 +394,12 @@ SPECDEC_INT4_QUANTIZE(f16_bf16, __half, __nv_bfloat16)
 SPECDEC_INT4_QUANTIZE(bf16_f16, __nv_bfloat16, __half)
 SPECDEC_INT4_QUANTIZE(bf16_bf16, __nv_bfloat16, __nv_bfloat16)
 
-#define SPECDEC_INT4_GEMV(suffix, A, S, kMTiles, kRowTiles)                                                         \
-  extern "C" __global__ void __launch_bounds__(specdec::kGemvWarps * 32)                                          \
+#define SPECDEC_INT4_GEMV(suffix, A, S, kMTiles, kRowTiles)                                                        \
+  extern "C" __global__ void __launch_bounds__(specdec::kGemvWarps * 32)                                           \
       Int4GemvKernel_##suffix(const uint4* packed, const S* scales, const uint8_t* zeros, const A* x, A* y, int m, \
-                              int64_t n, int64_t k, int group) {                                                  \
-    specdec::Int4Gemv<A, S, kMTiles, kRowTiles>(packed, scales, zeros, x, y, m, n, k, group);                     \
-  }                                                                                                               \
+                              int64_t n, int64_t k, int group) {                                                   \
+    specdec::Int4Gemv<A, S, kMTiles, kRowTiles>(packed, scales, zeros, x, y, m, n, k, group);                      \
+  }                                                                                                                \
   SPECDEC_SIM_ENTRY(Int4GemvKernel_##suffix)
 
 #define SPECDEC_INT4_GEMV_ROW_TILES(suffix, A, S, kMTiles) \
@@ -407,8 +407,8 @@ SPECDEC_INT4_QUANTIZE(bf16_bf16, __nv_bfloat16, __nv_bfloat16)
   SPECDEC_INT4_GEMV(suffix##_r2, A, S, kMTiles, 2)         \
   SPECDEC_INT4_GEMV(suffix##_r4, A, S, kMTiles, 4)
 
-#define SPECDEC_INT4_GEMV_M(suffix, A, S)                  \
-  SPECDEC_INT4_GEMV_ROW_TILES(suffix##_m8, A, S, 1)        \
+#define SPECDEC_INT4_GEMV_M(suffix, A, S)           \
+  SPECDEC_INT4_GEMV_ROW_TILES(suffix##_m8, A, S, 1) \
   SPECDEC_INT4_GEMV_ROW_TILES(suffix##_m16, A, S, 2)
 
 SPECDEC_INT4_GEMV_M(f16_f16, __half, __half)

@@ -43,7 +43,6 @@
 
 namespace specdec {
 
-
 constexpr int kThresholdThreads = 1024;
 constexpr int kRowThreads = 256;
 constexpr int kWalkThreads = 256;
@@ -58,47 +57,47 @@ constexpr uint32_t kFlagHasMass = 4u;   // a logit above -inf; a probability abo
 
 // Every argument of the three kernels, passed by value (the host mirrors this layout: src/cuda/sampling.rs).
 struct SamplingArgs {
-  const void* target;         // [target_rows, V] of T (logits) or float (probabilities)
-  const void* draft;          // [draft_rows, V], or null: point-mass drafts
+  const void* target;  // [target_rows, V] of T (logits) or float (probabilities)
+  const void* draft;   // [draft_rows, V], or null: point-mass drafts
   int64_t vocab_size;
-  const int32_t* offsets;     // [B + 1]: draft offsets (chain) or node offsets (tree)
+  const int32_t* offsets;  // [B + 1]: draft offsets (chain) or node offsets (tree)
   int64_t num_requests;
-  const int32_t* tokens;      // [num_tokens]: drafts (chain) or node tokens (tree)
-  const int32_t* parents;     // [num_tokens] (tree), or null: chains
+  const int32_t* tokens;   // [num_tokens]: drafts (chain) or node tokens (tree)
+  const int32_t* parents;  // [num_tokens] (tree), or null: chains
   int64_t num_tokens;
-  const float* temperature;   // [B] for logits, null for probabilities
-  const int32_t* top_k;       // [B] (-1 = off) or null
-  const float* top_p;         // [B] (1 = off) or null
-  const uint64_t* seeds;      // [B]
-  const uint64_t* steps;      // [B]
+  const float* temperature;  // [B] for logits, null for probabilities
+  const int32_t* top_k;      // [B] (-1 = off) or null
+  const float* top_p;        // [B] (1 = off) or null
+  const uint64_t* seeds;     // [B]
+  const uint64_t* steps;     // [B]
   int64_t emit_width;
-  int32_t* accepted;          // [B]
-  int32_t* emitted;           // [B, W]
-  int32_t* nodes;             // [B, W] or null
-  int8_t* flags;              // [B, W] or null
-  
-  uint64_t* race;             // scratch [target_rows, splits]
-  float2* stats;              // scratch [target_rows + draft_rows, splits]: (max z, sum exp(z - max))
-  uint32_t* row_flags;        // scratch [target_rows + draft_rows, splits]
-    float* thresholds;          // scratch [target_rows + draft_rows]: keep z >= threshold; null without top-k/top-p
-  struct ResidualJob* jobs;   // scratch [B] (with draft rows): the residual race a request left, node -1 for none
-  uint32_t* tickets;          // scratch [B] (with draft rows): residual-race blocks of a request done so far
-  uint64_t* residual_race;    // scratch [B, residual_splits]
-  int64_t residual_chunk;     // vocabulary chunk per residual split, a multiple of 4
+  int32_t* accepted;  // [B]
+  int32_t* emitted;   // [B, W]
+  int32_t* nodes;     // [B, W] or null
+  int8_t* flags;      // [B, W] or null
+
+  uint64_t* race;            // scratch [target_rows, splits]
+  float2* stats;             // scratch [target_rows + draft_rows, splits]: (max z, sum exp(z - max))
+  uint32_t* row_flags;       // scratch [target_rows + draft_rows, splits]
+  float* thresholds;         // scratch [target_rows + draft_rows]: keep z >= threshold; null without top-k/top-p
+  struct ResidualJob* jobs;  // scratch [B] (with draft rows): the residual race a request left, node -1 for none
+  uint32_t* tickets;         // scratch [B] (with draft rows): residual-race blocks of a request done so far
+  uint64_t* residual_race;   // scratch [B, residual_splits]
+  int64_t residual_chunk;    // vocabulary chunk per residual split, a multiple of 4
   int64_t residual_splits;
   int64_t target_rows;
   int64_t draft_rows;
-  int64_t chunk;              // vocabulary chunk per split, a multiple of 4
+  int64_t chunk;  // vocabulary chunk per split, a multiple of 4
   int64_t splits;
 };
 static_assert(sizeof(SamplingArgs) == 31 * 8, "the host mirrors this layout");
 
 // What the walk leaves for the residual race of a request whose stopping node rejected all its children.
 struct ResidualJob {
-  int32_t node;                    // -1: no job
-  int32_t level;                   // children rejected at the node
+  int32_t node;                      // -1: no job
+  int32_t level;                     // children rejected at the node
   float p_max, p_sum, q_max, q_sum;  // softmax statistics of the node's target and draft rows (logits)
-  double mass[kMaxTreeNodes + 1];  // residual masses; mass[0] = 1
+  double mass[kMaxTreeNodes + 1];    // residual masses; mass[0] = 1
 };
 static_assert(sizeof(ResidualJob) == 24 + 8 * (kMaxTreeNodes + 1), "the host sizes the scratch from this");
 
@@ -258,7 +257,7 @@ __device__ __forceinline__ void RowThreshold(const SamplingArgs& a) {
   const int64_t row = blockIdx.x;
   const int64_t b = BlockRowOwner(a);
   const float t = b >= 0 ? a.temperature[b] : 0.0f;
-    const TopKTopP params = b >= 0 ? RequestTopKTopP(a, b) : TopKTopP{false, 0, 1.0f};
+  const TopKTopP params = b >= 0 ? RequestTopKTopP(a, b) : TopKTopP{false, 0, 1.0f};
   const bool params_ok = params.ok;
   const int64_t top_k = params.top_k;
   const float top_p = params.top_p;
@@ -269,7 +268,8 @@ __device__ __forceinline__ void RowThreshold(const SamplingArgs& a) {
     return;
   }
   const bool is_draft = row >= a.target_rows;
-  const T* values = static_cast<const T*>(is_draft ? a.draft : a.target) + (is_draft ? row - a.target_rows : row) * vocab;
+  const T* values =
+      static_cast<const T*>(is_draft ? a.draft : a.target) + (is_draft ? row - a.target_rows : row) * vocab;
 
   // Top-k: keep z >= the k-th largest z, which is the k-th largest logit divided by t (division is monotone).
   float threshold = -INFINITY;
@@ -281,8 +281,8 @@ __device__ __forceinline__ void RowThreshold(const SamplingArgs& a) {
     }
     __syncthreads();
     for (int shift = 24; shift >= 0; shift -= 8) {
-      SelectBin<T, uint32_t>(values, vocab, shift, counts, &prefix, &mask, &count_above,
-                             static_cast<uint32_t>(top_k), [](float) { return 1u; });
+      SelectBin<T, uint32_t>(values, vocab, shift, counts, &prefix, &mask, &count_above, static_cast<uint32_t>(top_k),
+                             [](float) { return 1u; });
     }
     threshold = __fdiv_rn(FloatFromOrderedKey(prefix), t);
   }
@@ -290,12 +290,13 @@ __device__ __forceinline__ void RowThreshold(const SamplingArgs& a) {
   // Top-p: among the kept tokens, the largest logit v whose tokens at or above it hold softmax mass >= top_p.
   if (top_p < 1.0f) {
     const float kept_min = threshold;
-        const auto kept_z = [=](float v) {
+    const auto kept_z = [=](float v) {
       const float z = (v != v) ? -INFINITY : __fdiv_rn(v, t);
       return z >= kept_min ? z : -INFINITY;
     };
     float local_max = -INFINITY;
-    for (int64_t x = threadIdx.x; x < vocab; x += kThresholdThreads) local_max = fmaxf(local_max, kept_z(ToFloat(values[x])));
+    for (int64_t x = threadIdx.x; x < vocab; x += kThresholdThreads)
+      local_max = fmaxf(local_max, kept_z(ToFloat(values[x])));
     const float z_max = BlockMaxFloat<kThresholdThreads>(local_max, float_scratch);
     double local_sum = 0.0;
     for (int64_t x = threadIdx.x; x < vocab; x += kThresholdThreads) {
@@ -312,7 +313,7 @@ __device__ __forceinline__ void RowThreshold(const SamplingArgs& a) {
     bool found = z_sum > 0.0;
     for (int shift = 24; shift >= 0 && found; shift -= 8) {
       found = SelectBin<T, double>(values, vocab, shift, masses, &prefix, &mask, &mass_above,
-                                                                      static_cast<double>(top_p), [=](float v) {
+                                   static_cast<double>(top_p), [=](float v) {
                                      const float z = kept_z(v);
                                      return z > -INFINITY ? static_cast<double>(expf(z - z_max)) / z_sum : 0.0;
                                    });
@@ -421,9 +422,9 @@ __device__ __forceinline__ void RowPartials(const SamplingArgs& a) {
         if (race && !greedy) {
           // The race bound: a token whose key cannot exceed this thread's best (which has a lower index) is
           // skipped without drawing its noise, as the CPU reference does.
-          const double ceiling = logits ? (z[i] > -INFINITY ? static_cast<double>(z[i]) + kMaxGumbel : -INFINITY)
-                                        : (z[i] > 0.0f && isfinite(z[i]) ? static_cast<double>(z[i]) / kMinExponential
-                                                                         : -INFINITY);
+          const double ceiling =
+              logits ? (z[i] > -INFINITY ? static_cast<double>(z[i]) + kMaxGumbel : -INFINITY)
+                     : (z[i] > 0.0f && isfinite(z[i]) ? static_cast<double>(z[i]) / kMinExponential : -INFINITY);
           may_win = may_win || (ceiling > -INFINITY && ceiling >= static_cast<double>(best_key));
         }
       }
@@ -439,8 +440,8 @@ __device__ __forceinline__ void RowPartials(const SamplingArgs& a) {
         const Philox4 block = noise.Block(kNoiseToken, static_cast<uint32_t>(node), static_cast<uint32_t>(first));
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-          const bool candidate = logits ? (i < n && z[i] > -INFINITY && z[i] == z[i])
-                                        : (i < n && z[i] > 0.0f && isfinite(z[i]));
+          const bool candidate =
+              logits ? (i < n && z[i] > -INFINITY && z[i] == z[i]) : (i < n && z[i] > 0.0f && isfinite(z[i]));
           if (!candidate) continue;
           const float e = ExponentialFromBits(PhiloxWord(block, i));
           const float key = logits ? __fsub_rn(z[i], DeterministicLn(e)) : __fdiv_rn(z[i], e);
@@ -523,7 +524,7 @@ __device__ __forceinline__ bool RequestIsValid(const SamplingArgs& a, int64_t b,
     const float t = a.temperature[b];
     if (!(isfinite(t) && t >= 0.0f)) return false;
   }
-    return RequestTopKTopP(a, b).ok;
+  return RequestTopKTopP(a, b).ok;
 }
 
 // The rows of request b: stamped with its index, and their values acceptable (check_row_values).
@@ -585,7 +586,7 @@ __device__ __forceinline__ void Walk(const SamplingArgs& a) {
   const int64_t width = a.emit_width;
   int32_t* emitted = a.emitted + b * width;
 
-    if (threadIdx.x == 0) {
+  if (threadIdx.x == 0) {
     s.valid = RequestIsValid(a, b, s) ? 1 : 0;
     if (a.jobs != nullptr) {
       a.jobs[b].node = -1;
@@ -668,7 +669,8 @@ __device__ __forceinline__ void Walk(const SamplingArgs& a) {
           const float px = Probability<T>(a, a.target, target_row, x, t, s.p_max, s.p_sum, target_row);
           const float qx = Probability<T>(a, a.draft, draft_row, x, t, s.q_max, s.q_sum, a.target_rows + draft_row);
           const float rx = Residual(px, qx, level, s.mass);
-          const float u = UniformFromBits(noise.Bits(kNoiseCoin, static_cast<uint32_t>(node), static_cast<uint32_t>(j)));
+          const float u =
+              UniformFromBits(noise.Bits(kNoiseCoin, static_cast<uint32_t>(node), static_cast<uint32_t>(j)));
           const double lhs = __dmul_rn(__dmul_rn(static_cast<double>(u), static_cast<double>(qx)), s.mass[level]);
           if (lhs < static_cast<double>(rx)) s.accepted_kid = s.kids[j];
         }
@@ -695,7 +697,7 @@ __device__ __forceinline__ void Walk(const SamplingArgs& a) {
           __syncthreads();
         }
       }
-            if (s.accepted_kid < 0) {
+      if (s.accepted_kid < 0) {
         // Every child rejected: the emitted token is a race over the final residual, split across blocks by
         // launch 4, which overwrites the placeholder written here.
         if (threadIdx.x == 0) {
@@ -765,7 +767,8 @@ __device__ __forceinline__ void ResidualRace(const SamplingArgs& a) {
       const float qx = Probability<T>(a, a.draft, draft_row, x, t, job.q_max, job.q_sum, a.target_rows + draft_row);
       const float rx = Residual(px, qx, level, mass);
       if (rx > 0.0f) {
-        const uint64_t key = ArgmaxKey(__fdiv_rn(rx, ExponentialFromBits(PhiloxWord(block, i))), static_cast<uint32_t>(x));
+        const uint64_t key =
+            ArgmaxKey(__fdiv_rn(rx, ExponentialFromBits(PhiloxWord(block, i))), static_cast<uint32_t>(x));
         best = key > best ? key : best;
       }
     }
@@ -798,26 +801,26 @@ __device__ __forceinline__ void ResidualRace(const SamplingArgs& a) {
 }  // namespace specdec
 
 // Unmangled entry points, looked up by name from the Rust launcher (src/cuda/sampling.rs).
-#define SPECDEC_SAMPLING_KERNELS(suffix, T)                                                                  \
-  extern "C" __global__ void __launch_bounds__(specdec::kThresholdThreads)                                 \
-      SamplingThresholdKernel_##suffix(specdec::SamplingArgs a) {                                          \
-    specdec::RowThreshold<T>(a);                                                                           \
-  }                                                                                                        \
-  extern "C" __global__ void __launch_bounds__(specdec::kRowThreads)                                       \
-      SamplingRowKernel_##suffix(specdec::SamplingArgs a) {                                                \
-    specdec::RowPartials<T>(a);                                                                            \
-  }                                                                                                        \
-  extern "C" __global__ void __launch_bounds__(specdec::kWalkThreads)                                      \
-      RejectionWalkKernel_##suffix(specdec::SamplingArgs a) {                                              \
-    specdec::Walk<T>(a);                                                                                   \
-  }                                                                                                        \
-  extern "C" __global__ void __launch_bounds__(specdec::kResidualThreads)                                  \
-      ResidualRaceKernel_##suffix(specdec::SamplingArgs a) {                                               \
-    specdec::ResidualRace<T>(a);                                                                           \
-  }                                                                                                        \
-  SPECDEC_SIM_ENTRY(SamplingThresholdKernel_##suffix)                                                      \
-  SPECDEC_SIM_ENTRY(SamplingRowKernel_##suffix)                                                            \
-  SPECDEC_SIM_ENTRY(RejectionWalkKernel_##suffix)                                                          \
+#define SPECDEC_SAMPLING_KERNELS(suffix, T)                                \
+  extern "C" __global__ void __launch_bounds__(specdec::kThresholdThreads) \
+      SamplingThresholdKernel_##suffix(specdec::SamplingArgs a) {          \
+    specdec::RowThreshold<T>(a);                                           \
+  }                                                                        \
+  extern "C" __global__ void __launch_bounds__(specdec::kRowThreads)       \
+      SamplingRowKernel_##suffix(specdec::SamplingArgs a) {                \
+    specdec::RowPartials<T>(a);                                            \
+  }                                                                        \
+  extern "C" __global__ void __launch_bounds__(specdec::kWalkThreads)      \
+      RejectionWalkKernel_##suffix(specdec::SamplingArgs a) {              \
+    specdec::Walk<T>(a);                                                   \
+  }                                                                        \
+  extern "C" __global__ void __launch_bounds__(specdec::kResidualThreads)  \
+      ResidualRaceKernel_##suffix(specdec::SamplingArgs a) {               \
+    specdec::ResidualRace<T>(a);                                           \
+  }                                                                        \
+  SPECDEC_SIM_ENTRY(SamplingThresholdKernel_##suffix)                      \
+  SPECDEC_SIM_ENTRY(SamplingRowKernel_##suffix)                            \
+  SPECDEC_SIM_ENTRY(RejectionWalkKernel_##suffix)                          \
   SPECDEC_SIM_ENTRY(ResidualRaceKernel_##suffix)
 SPECDEC_SAMPLING_KERNELS(f32, float)
 SPECDEC_SAMPLING_KERNELS(f16, __half)

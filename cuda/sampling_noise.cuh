@@ -47,10 +47,14 @@ struct RequestNoise {
   __device__ __forceinline__ uint32_t Bits(NoiseDomain domain, uint32_t node, uint32_t index) const {
     const Philox4 b = Block(domain, node, index);
     switch (index % 4) {
-      case 0: return b.x;
-      case 1: return b.y;
-      case 2: return b.z;
-      default: return b.w;
+      case 0:
+        return b.x;
+      case 1:
+        return b.y;
+      case 2:
+        return b.z;
+      default:
+        return b.w;
     }
   }
 };

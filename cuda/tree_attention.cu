@@ -66,10 +66,10 @@ struct TreeAttentionParams {
   void* v_cache;
   const float* cos_sin;  // null: no RoPE
   void* out;
-  float* lse;             // may be null
-  int* request_status;    // may be null
-  float* partial_out;     // [splits, N, Hq, D]; null with one split
-  float* partial_lse;     // [splits, N, Hq]
+  float* lse;           // may be null
+  int* request_status;  // may be null
+  float* partial_out;   // [splits, N, Hq, D]; null with one split
+  float* partial_lse;   // [splits, N, Hq]
   int num_requests;
   int num_tokens;
   int num_q_heads;
@@ -106,8 +106,8 @@ __device__ int CheckSlots(const int* prefix_lens, const int* page_table, int b, 
   prefix_len = prefix_lens[b];
   const int64_t capacity = static_cast<int64_t>(pages_per_request) << page_size_log2;
   if (prefix_len < 0 || static_cast<int64_t>(prefix_len) + extent > capacity) return kStatusPrefixLen;
-  const int used = static_cast<int>(((static_cast<int64_t>(prefix_len) + extent + (1 << page_size_log2) - 1) >>
-                                     page_size_log2));
+  const int used =
+      static_cast<int>(((static_cast<int64_t>(prefix_len) + extent + (1 << page_size_log2) - 1) >> page_size_log2));
   const int* row = page_table + static_cast<int64_t>(b) * pages_per_request;
   bool bad = false;
   for (int p = threadIdx.x; p < used; p += blockDim.x) bad |= row[p] < 0 || row[p] >= num_pages;
@@ -115,8 +115,8 @@ __device__ int CheckSlots(const int* prefix_lens, const int* page_table, int b, 
 }
 
 // The request's tree: ancestor sets and depths in shared memory, and the status of its rules. Whole block.
-__device__ int CheckTreeRequest(const TreeAttentionParams& p, int b, int& first_row, int& tree_size,
-                                int& prefix_len, uint64_t* ancestors, int* depths) {
+__device__ int CheckTreeRequest(const TreeAttentionParams& p, int b, int& first_row, int& tree_size, int& prefix_len,
+                                uint64_t* ancestors, int* depths) {
   __shared__ int status;
   if (!CheckOffsets(p.token_offsets, b, p.num_tokens, p.max_tree, first_row, tree_size)) return kStatusOffsets;
   if (threadIdx.x == 0) {
@@ -139,8 +139,7 @@ __device__ int CheckTreeRequest(const TreeAttentionParams& p, int b, int& first_
   const int slots = CheckSlots(p.prefix_lens, p.page_table, b, tree_size, p.num_pages, p.page_size_log2,
                                p.pages_per_request, prefix_len);
   if (slots != kStatusOk) return slots;
-  if (p.cos_sin != nullptr && tree_size > 0 &&
-      static_cast<int64_t>(prefix_len) + depths[kMaxTree] >= p.max_position) {
+  if (p.cos_sin != nullptr && tree_size > 0 && static_cast<int64_t>(prefix_len) + depths[kMaxTree] >= p.max_position) {
     return kStatusRopePosition;
   }
   return kStatusOk;
@@ -284,9 +283,7 @@ struct AttentionConfig {
   // Shared memory (elements of T): Q rows, then K and V tiles in two stages.
   static constexpr int kQElements = kRows * D;
   static constexpr int kTileElements = kKeys * D;
-  static constexpr size_t SharedBytes(size_t element) {
-    return (kQElements + 4 * kTileElements) * element;
-  }
+  static constexpr size_t SharedBytes(size_t element) { return (kQElements + 4 * kTileElements) * element; }
 };
 
 enum class KeyMask { kNone, kBound, kTree };
@@ -314,96 +311,96 @@ __device__ __forceinline__ void AttendTile(SoftmaxState<D>& st, const T* sq, con
   const int row_warp = warp % kRowWarps;
 #pragma unroll 1
   for (int step = 0; step < Config::kWarpKeys / kStepKeys; ++step) {
-  const int key_base = (warp / kRowWarps) * Config::kWarpKeys + step * kStepKeys;
+    const int key_base = (warp / kRowWarps) * Config::kWarpKeys + step * kStepKeys;
 
-  float s[kNTiles][4];
+    float s[kNTiles][4];
 #pragma unroll
-  for (int n = 0; n < kNTiles; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+    for (int n = 0; n < kNTiles; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
 
 #pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    uint32_t a[4];
-    {
-      const int m = lane / 8;
-      const int row = row_warp * 16 + (m % 2) * 8 + lane % 8;
-      const int col = kk * 16 + (m / 2) * 8;
-      LdMatrixX4(a, SharedAddress(sq + SwizzledOffset<D>(row, col)));
-    }
-#pragma unroll
-    for (int n = 0; n < kNTiles; n += 2) {
-      uint32_t b[4];
-      const int m = lane / 8;
-      const int key = key_base + n * 8 + (m / 2) * 8 + lane % 8;
-      const int col = kk * 16 + (m % 2) * 8;
-      LdMatrixX4(b, SharedAddress(sk + SwizzledOffset<D>(key, col)));
-      Mma16816<T>(s[n], a, b[0], b[1]);
-      Mma16816<T>(s[n + 1], a, b[2], b[3]);
-    }
-  }
-
-  // Scale to log2 units, mask, and update the running max and sum of each of this thread's two rows.
-  float tile_max[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-  for (int n = 0; n < kNTiles; ++n) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int key = key_base + n * 8 + (lane % 4) * 2 + (e & 1);
-      float x = s[n][e] * scale_log2;
-      if constexpr (kMask == KeyMask::kBound) {
-        if (key >= key_end) x = -INFINITY;
-      } else if constexpr (kMask == KeyMask::kTree) {
-        const int node = tree_base + key;
-        if (node >= kMaxTree || !((row_ancestors[e / 2] >> node) & 1ull)) x = -INFINITY;
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t a[4];
+      {
+        const int m = lane / 8;
+        const int row = row_warp * 16 + (m % 2) * 8 + lane % 8;
+        const int col = kk * 16 + (m / 2) * 8;
+        LdMatrixX4(a, SharedAddress(sq + SwizzledOffset<D>(row, col)));
       }
-      s[n][e] = x;
-      tile_max[e / 2] = fmaxf(tile_max[e / 2], x);
+#pragma unroll
+      for (int n = 0; n < kNTiles; n += 2) {
+        uint32_t b[4];
+        const int m = lane / 8;
+        const int key = key_base + n * 8 + (m / 2) * 8 + lane % 8;
+        const int col = kk * 16 + (m % 2) * 8;
+        LdMatrixX4(b, SharedAddress(sk + SwizzledOffset<D>(key, col)));
+        Mma16816<T>(s[n], a, b[0], b[1]);
+        Mma16816<T>(s[n + 1], a, b[2], b[3]);
+      }
     }
-  }
-  float alpha[2], base[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xFFFFFFFFu, tile_max[r], 1));
-    tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xFFFFFFFFu, tile_max[r], 2));
-    const float m_new = fmaxf(st.m[r], tile_max[r]);
-    // A row that has seen no visible key yet keeps m = -inf; subtracting 0 then keeps every p at 0, not NaN.
-    base[r] = m_new == -INFINITY ? 0.0f : m_new;
-    alpha[r] = exp2f(st.m[r] - base[r]);
-    st.m[r] = m_new;
-    st.l[r] *= alpha[r];
-  }
-#pragma unroll
-  for (int d = 0; d < D / 8; ++d) {
-    st.o[d][0] *= alpha[0];
-    st.o[d][1] *= alpha[0];
-    st.o[d][2] *= alpha[1];
-    st.o[d][3] *= alpha[1];
-  }
 
-  // P (rounded to T) times V: the accumulator layout of two adjacent 8-key tiles is the A layout of a 16-key step.
+    // Scale to log2 units, mask, and update the running max and sum of each of this thread's two rows.
+    float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-  for (int n = 0; n < kNTiles; n += 2) {
-    float p[2][4];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
+    for (int n = 0; n < kNTiles; ++n) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        p[h][e] = exp2f(s[n + h][e] - base[e / 2]);
-        st.l[e / 2] += p[h][e];
+        const int key = key_base + n * 8 + (lane % 4) * 2 + (e & 1);
+        float x = s[n][e] * scale_log2;
+        if constexpr (kMask == KeyMask::kBound) {
+          if (key >= key_end) x = -INFINITY;
+        } else if constexpr (kMask == KeyMask::kTree) {
+          const int node = tree_base + key;
+          if (node >= kMaxTree || !((row_ancestors[e / 2] >> node) & 1ull)) x = -INFINITY;
+        }
+        s[n][e] = x;
+        tile_max[e / 2] = fmaxf(tile_max[e / 2], x);
       }
     }
-    const uint32_t a[4] = {PackPair<T>(p[0][0], p[0][1]), PackPair<T>(p[0][2], p[0][3]),
-                           PackPair<T>(p[1][0], p[1][1]), PackPair<T>(p[1][2], p[1][3])};
+    float alpha[2], base[2];
 #pragma unroll
-    for (int d = 0; d < D / 8; d += 2) {
-      uint32_t b[4];
-      const int m = lane / 8;
-      const int key = key_base + n * 8 + (m % 2) * 8 + lane % 8;
-      const int col = d * 8 + (m / 2) * 8;
-      LdMatrixX4Trans(b, SharedAddress(sv + SwizzledOffset<D>(key, col)));
-      Mma16816<T>(st.o[d], a, b[0], b[1]);
-      Mma16816<T>(st.o[d + 1], a, b[2], b[3]);
+    for (int r = 0; r < 2; ++r) {
+      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xFFFFFFFFu, tile_max[r], 1));
+      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xFFFFFFFFu, tile_max[r], 2));
+      const float m_new = fmaxf(st.m[r], tile_max[r]);
+      // A row that has seen no visible key yet keeps m = -inf; subtracting 0 then keeps every p at 0, not NaN.
+      base[r] = m_new == -INFINITY ? 0.0f : m_new;
+      alpha[r] = exp2f(st.m[r] - base[r]);
+      st.m[r] = m_new;
+      st.l[r] *= alpha[r];
     }
-  }
+#pragma unroll
+    for (int d = 0; d < D / 8; ++d) {
+      st.o[d][0] *= alpha[0];
+      st.o[d][1] *= alpha[0];
+      st.o[d][2] *= alpha[1];
+      st.o[d][3] *= alpha[1];
+    }
+
+    // P (rounded to T) times V: the accumulator layout of two adjacent 8-key tiles is the A layout of a 16-key step.
+#pragma unroll
+    for (int n = 0; n < kNTiles; n += 2) {
+      float p[2][4];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          p[h][e] = exp2f(s[n + h][e] - base[e / 2]);
+          st.l[e / 2] += p[h][e];
+        }
+      }
+      const uint32_t a[4] = {PackPair<T>(p[0][0], p[0][1]), PackPair<T>(p[0][2], p[0][3]),
+                             PackPair<T>(p[1][0], p[1][1]), PackPair<T>(p[1][2], p[1][3])};
+#pragma unroll
+      for (int d = 0; d < D / 8; d += 2) {
+        uint32_t b[4];
+        const int m = lane / 8;
+        const int key = key_base + n * 8 + (m % 2) * 8 + lane % 8;
+        const int col = d * 8 + (m / 2) * 8;
+        LdMatrixX4Trans(b, SharedAddress(sv + SwizzledOffset<D>(key, col)));
+        Mma16816<T>(st.o[d], a, b[0], b[1]);
+        Mma16816<T>(st.o[d + 1], a, b[2], b[3]);
+      }
+    }
   }
 }
 
@@ -449,7 +446,8 @@ __device__ void TreeAttention(const TreeAttentionParams& p) {
       const int64_t token = first_row + row_node(r);
       const int head = row_head(r);
       if (p.num_splits > 1) {
-        if (threadIdx.x % 32 == 0) p.partial_lse[(split * static_cast<int64_t>(p.num_tokens) + token) * hq + head] = NAN;
+        if (threadIdx.x % 32 == 0)
+          p.partial_lse[(split * static_cast<int64_t>(p.num_tokens) + token) * hq + head] = NAN;
         continue;
       }
       T* out = static_cast<T*>(p.out) + (token * hq + head) * D;
@@ -478,8 +476,8 @@ __device__ void TreeAttention(const TreeAttentionParams& p) {
     const int64_t token = first_row + node;
     const float* angles =
         p.cos_sin == nullptr ? nullptr : p.cos_sin + (static_cast<int64_t>(prefix_len) + depths[node]) * D;
-    LoadHead<T, D>(static_cast<const T*>(p.q) + (token * hq + row_head(r)) * D, angles, p.rope_style, sq, r,
-                   nullptr, lane, 32);
+    LoadHead<T, D>(static_cast<const T*>(p.q) + (token * hq + row_head(r)) * D, angles, p.rope_style, sq, r, nullptr,
+                   lane, 32);
   }
 
   SoftmaxState<D> st;
@@ -525,11 +523,10 @@ __device__ void TreeAttention(const TreeAttentionParams& p) {
     __syncthreads();
     const int tile_begin = key_begin + t * kKeys;
     if (tile_begin + kKeys <= key_end) {
-      AttendTile<T, D, kRowWarps, KeyMask::kNone>(st, sq, sk(t & 1), sv(t & 1), kKeys, 0, my_ancestors,
-                                                  p.scale_log2);
+      AttendTile<T, D, kRowWarps, KeyMask::kNone>(st, sq, sk(t & 1), sv(t & 1), kKeys, 0, my_ancestors, p.scale_log2);
     } else {
-      AttendTile<T, D, kRowWarps, KeyMask::kBound>(st, sq, sk(t & 1), sv(t & 1), key_end - tile_begin, 0,
-                                                   my_ancestors, p.scale_log2);
+      AttendTile<T, D, kRowWarps, KeyMask::kBound>(st, sq, sk(t & 1), sv(t & 1), key_end - tile_begin, 0, my_ancestors,
+                                                   p.scale_log2);
     }
     __syncthreads();
   }
@@ -564,8 +561,7 @@ __device__ void TreeAttention(const TreeAttentionParams& p) {
         LoadHead<T, D>(v_src, nullptr, 0, sv(0), key, appends ? v_out + at : nullptr, lane, 32);
       }
       __syncthreads();
-      AttendTile<T, D, kRowWarps, KeyMask::kTree>(st, sq, sk(0), sv(0), kKeys, tree_base, my_ancestors,
-                                                  p.scale_log2);
+      AttendTile<T, D, kRowWarps, KeyMask::kTree>(st, sq, sk(0), sv(0), kKeys, tree_base, my_ancestors, p.scale_log2);
       __syncthreads();
     }
   }
@@ -763,48 +759,48 @@ __device__ void TreeKvCompact(const CompactionParams& p) {
 // Entry points: TreeAttentionKernel_<dtype>_d<D>_r<row warps>, TreeAttentionMergeKernel_<dtype>_d<D>,
 // TreeKvCompactKernel_d<D> (compaction moves 16-bit elements; the dtype does not matter).
 // ---------------------------------------------------------------------------------------------------------
-#define SPECDEC_TREE_ATTENTION(NAME, T, D, R)                                                              \
-  extern "C" __global__ void __launch_bounds__(specdec::AttentionConfig<D, R>::kThreads)                    \
-      TreeAttentionKernel_##NAME##_d##D##_r##R(const specdec::TreeAttentionParams p) {                      \
-    specdec::TreeAttention<T, D, R>(p);                                                                     \
-  }                                                                                                         \
+#define SPECDEC_TREE_ATTENTION(NAME, T, D, R)                                            \
+  extern "C" __global__ void __launch_bounds__(specdec::AttentionConfig<D, R>::kThreads) \
+      TreeAttentionKernel_##NAME##_d##D##_r##R(const specdec::TreeAttentionParams p) {   \
+    specdec::TreeAttention<T, D, R>(p);                                                  \
+  }                                                                                      \
   SPECDEC_SIM_ENTRY(TreeAttentionKernel_##NAME##_d##D##_r##R)
 
-#define SPECDEC_TREE_ATTENTION_DTYPE(NAME, T)                                                               \
-  SPECDEC_TREE_ATTENTION(NAME, T, 64, 1)                                                                   \
-  SPECDEC_TREE_ATTENTION(NAME, T, 64, 2)                                                                   \
-  SPECDEC_TREE_ATTENTION(NAME, T, 64, 4)                                                                   \
-  SPECDEC_TREE_ATTENTION(NAME, T, 64, 8)                                                                   \
-  SPECDEC_TREE_ATTENTION(NAME, T, 128, 1)                                                                  \
-  SPECDEC_TREE_ATTENTION(NAME, T, 128, 2)                                                                  \
-  SPECDEC_TREE_ATTENTION(NAME, T, 128, 4)                                                                  \
-  SPECDEC_TREE_ATTENTION(NAME, T, 128, 8)                                                                  \
-  SPECDEC_TREE_ATTENTION(NAME, T, 256, 2)                                                                  \
-  SPECDEC_TREE_ATTENTION(NAME, T, 256, 4)                                                                  \
-  extern "C" __global__ void __launch_bounds__(128)                                                        \
-      TreeAttentionMergeKernel_##NAME##_d64(const specdec::TreeAttentionParams p) {                         \
-    specdec::TreeAttentionMerge<T, 64>(p);                                                                  \
-  }                                                                                                         \
-  extern "C" __global__ void __launch_bounds__(128)                                                        \
-      TreeAttentionMergeKernel_##NAME##_d128(const specdec::TreeAttentionParams p) {                        \
-    specdec::TreeAttentionMerge<T, 128>(p);                                                                 \
-  }                                                                                                         \
-  extern "C" __global__ void __launch_bounds__(128)                                                        \
-      TreeAttentionMergeKernel_##NAME##_d256(const specdec::TreeAttentionParams p) {                        \
-    specdec::TreeAttentionMerge<T, 256>(p);                                                                 \
-  }                                                                                                         \
-  SPECDEC_SIM_ENTRY(TreeAttentionMergeKernel_##NAME##_d64)                                                  \
-  SPECDEC_SIM_ENTRY(TreeAttentionMergeKernel_##NAME##_d128)                                                 \
+#define SPECDEC_TREE_ATTENTION_DTYPE(NAME, T)                                        \
+  SPECDEC_TREE_ATTENTION(NAME, T, 64, 1)                                             \
+  SPECDEC_TREE_ATTENTION(NAME, T, 64, 2)                                             \
+  SPECDEC_TREE_ATTENTION(NAME, T, 64, 4)                                             \
+  SPECDEC_TREE_ATTENTION(NAME, T, 64, 8)                                             \
+  SPECDEC_TREE_ATTENTION(NAME, T, 128, 1)                                            \
+  SPECDEC_TREE_ATTENTION(NAME, T, 128, 2)                                            \
+  SPECDEC_TREE_ATTENTION(NAME, T, 128, 4)                                            \
+  SPECDEC_TREE_ATTENTION(NAME, T, 128, 8)                                            \
+  SPECDEC_TREE_ATTENTION(NAME, T, 256, 2)                                            \
+  SPECDEC_TREE_ATTENTION(NAME, T, 256, 4)                                            \
+  extern "C" __global__ void __launch_bounds__(128)                                  \
+      TreeAttentionMergeKernel_##NAME##_d64(const specdec::TreeAttentionParams p) {  \
+    specdec::TreeAttentionMerge<T, 64>(p);                                           \
+  }                                                                                  \
+  extern "C" __global__ void __launch_bounds__(128)                                  \
+      TreeAttentionMergeKernel_##NAME##_d128(const specdec::TreeAttentionParams p) { \
+    specdec::TreeAttentionMerge<T, 128>(p);                                          \
+  }                                                                                  \
+  extern "C" __global__ void __launch_bounds__(128)                                  \
+      TreeAttentionMergeKernel_##NAME##_d256(const specdec::TreeAttentionParams p) { \
+    specdec::TreeAttentionMerge<T, 256>(p);                                          \
+  }                                                                                  \
+  SPECDEC_SIM_ENTRY(TreeAttentionMergeKernel_##NAME##_d64)                           \
+  SPECDEC_SIM_ENTRY(TreeAttentionMergeKernel_##NAME##_d128)                          \
   SPECDEC_SIM_ENTRY(TreeAttentionMergeKernel_##NAME##_d256)
 
 SPECDEC_TREE_ATTENTION_DTYPE(f16, __half)
 SPECDEC_TREE_ATTENTION_DTYPE(bf16, __nv_bfloat16)
 
-#define SPECDEC_TREE_KV_COMPACT(D)                                                                          \
-  extern "C" __global__ void __launch_bounds__(specdec::kCompactThreads)                                   \
-      TreeKvCompactKernel_d##D(const specdec::CompactionParams p) {                                          \
-    specdec::TreeKvCompact<__half, D>(p);                                                                   \
-  }                                                                                                         \
+#define SPECDEC_TREE_KV_COMPACT(D)                                       \
+  extern "C" __global__ void __launch_bounds__(specdec::kCompactThreads) \
+      TreeKvCompactKernel_d##D(const specdec::CompactionParams p) {      \
+    specdec::TreeKvCompact<__half, D>(p);                                \
+  }                                                                      \
   SPECDEC_SIM_ENTRY(TreeKvCompactKernel_d##D)
 
 SPECDEC_TREE_KV_COMPACT(64)

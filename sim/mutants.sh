@@ -85,10 +85,8 @@ mutant attention-no-copy-wait cuda/tree_attention.cu \
 
 # 3. A wrong lane in an mma fragment: each lane loads the activation columns of its neighbour in the quad.
 mutant int4-wrong-fragment-lane cuda/int4.cu \
-  'chunk * kTileCols + 32 * h +
-                                                                    8 * quad_pos))' \
-  'chunk * kTileCols + 32 * h +
-                                                                    8 * (quad_pos ^ 1)))' \
+  'x + row * k + chunk * kTileCols + 32 * h + 8 * quad_pos))' \
+  'x + row * k + chunk * kTileCols + 32 * h + 8 * (quad_pos ^ 1)))' \
   int4 int4_gpu gemv_matches_the_f64_reference_for_every_group_dtype_and_m "panicked"
 
 # 4. A shuffle whose mask leaves out lane 31 (the warp argmax of greedy verification).

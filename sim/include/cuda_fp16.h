@@ -14,9 +14,7 @@ struct __align__(4) __half2 {
 inline float __half2float(__half h) {
   return static_cast<float>(specdec_sim::NarrowToDouble(h.__x, specdec_sim::kHalf));
 }
-inline __half __float2half_rn(float x) {
-  return __half{specdec_sim::DoubleToNarrow(x, 0.0, specdec_sim::kHalf)};
-}
+inline __half __float2half_rn(float x) { return __half{specdec_sim::DoubleToNarrow(x, 0.0, specdec_sim::kHalf)}; }
 inline __half __float2half(float x) { return __float2half_rn(x); }
 inline __half __hadd(__half a, __half b) { return __half{specdec_sim::NarrowAdd(a.__x, b.__x, specdec_sim::kHalf)}; }
 inline __half __hsub(__half a, __half b) {

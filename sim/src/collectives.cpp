@@ -82,9 +82,15 @@ CollectiveError Vote(specdec_sim_warp_op* const ops[32], uint32_t mask) {
     if (!((mask >> lane) & 1u)) continue;
     specdec_sim_warp_op* op = ops[lane];
     switch (op->kind) {
-      case SPECDEC_SIM_VOTE_ALL: op->result = ballot == mask; break;
-      case SPECDEC_SIM_VOTE_ANY: op->result = ballot != 0; break;
-      default: op->result = ballot; break;
+      case SPECDEC_SIM_VOTE_ALL:
+        op->result = ballot == mask;
+        break;
+      case SPECDEC_SIM_VOTE_ANY:
+        op->result = ballot != 0;
+        break;
+      default:
+        op->result = ballot;
+        break;
     }
   }
   return {};
@@ -181,18 +187,30 @@ CollectiveError LdMatrix(specdec_sim_warp_op* const ops[32], const unsigned char
 
 const char* CollectiveName(int kind) {
   switch (kind) {
-    case SPECDEC_SIM_SHFL_IDX: return "__shfl_sync";
-    case SPECDEC_SIM_SHFL_UP: return "__shfl_up_sync";
-    case SPECDEC_SIM_SHFL_DOWN: return "__shfl_down_sync";
-    case SPECDEC_SIM_SHFL_BFLY: return "__shfl_xor_sync";
-    case SPECDEC_SIM_VOTE_ALL: return "__all_sync";
-    case SPECDEC_SIM_VOTE_ANY: return "__any_sync";
-    case SPECDEC_SIM_VOTE_BALLOT: return "__ballot_sync";
-    case SPECDEC_SIM_SYNCWARP: return "__syncwarp";
-    case SPECDEC_SIM_MMA_M16N8K16_F16: return "mma.sync.m16n8k16 (f16)";
-    case SPECDEC_SIM_MMA_M16N8K16_BF16: return "mma.sync.m16n8k16 (bf16)";
-    case SPECDEC_SIM_LDMATRIX: return "ldmatrix";
-    default: return "an unknown collective";
+    case SPECDEC_SIM_SHFL_IDX:
+      return "__shfl_sync";
+    case SPECDEC_SIM_SHFL_UP:
+      return "__shfl_up_sync";
+    case SPECDEC_SIM_SHFL_DOWN:
+      return "__shfl_down_sync";
+    case SPECDEC_SIM_SHFL_BFLY:
+      return "__shfl_xor_sync";
+    case SPECDEC_SIM_VOTE_ALL:
+      return "__all_sync";
+    case SPECDEC_SIM_VOTE_ANY:
+      return "__any_sync";
+    case SPECDEC_SIM_VOTE_BALLOT:
+      return "__ballot_sync";
+    case SPECDEC_SIM_SYNCWARP:
+      return "__syncwarp";
+    case SPECDEC_SIM_MMA_M16N8K16_F16:
+      return "mma.sync.m16n8k16 (f16)";
+    case SPECDEC_SIM_MMA_M16N8K16_BF16:
+      return "mma.sync.m16n8k16 (bf16)";
+    case SPECDEC_SIM_LDMATRIX:
+      return "ldmatrix";
+    default:
+      return "an unknown collective";
   }
 }
 
@@ -203,15 +221,21 @@ CollectiveError CompleteCollective(specdec_sim_warp_op* const ops[32], uint32_t 
     case SPECDEC_SIM_SHFL_IDX:
     case SPECDEC_SIM_SHFL_UP:
     case SPECDEC_SIM_SHFL_DOWN:
-    case SPECDEC_SIM_SHFL_BFLY: return Shuffle(ops, mask);
+    case SPECDEC_SIM_SHFL_BFLY:
+      return Shuffle(ops, mask);
     case SPECDEC_SIM_VOTE_ALL:
     case SPECDEC_SIM_VOTE_ANY:
-    case SPECDEC_SIM_VOTE_BALLOT: return Vote(ops, mask);
-    case SPECDEC_SIM_SYNCWARP: return {};
+    case SPECDEC_SIM_VOTE_BALLOT:
+      return Vote(ops, mask);
+    case SPECDEC_SIM_SYNCWARP:
+      return {};
     case SPECDEC_SIM_MMA_M16N8K16_F16:
-    case SPECDEC_SIM_MMA_M16N8K16_BF16: return Mma(ops);
-    case SPECDEC_SIM_LDMATRIX: return LdMatrix(ops, shared_base, shared_size);
-    default: return Error(FaultKind::kIllegalInstruction, Format("unknown collective %d", ops[first]->kind));
+    case SPECDEC_SIM_MMA_M16N8K16_BF16:
+      return Mma(ops);
+    case SPECDEC_SIM_LDMATRIX:
+      return LdMatrix(ops, shared_base, shared_size);
+    default:
+      return Error(FaultKind::kIllegalInstruction, Format("unknown collective %d", ops[first]->kind));
   }
 }
 

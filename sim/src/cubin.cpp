@@ -55,7 +55,12 @@ void ForEachAttribute(const Section& s, Visit visit) {
 }
 
 bool ParseCubin(const unsigned char* elf, uint64_t size, int arch, Cubin* out, std::string* error) {
-  if (size < 64 || memcmp(elf, "\x7f" "ELF", 4) != 0 || elf[4] != 2 || elf[5] != 1) {
+  if (size < 64 ||
+      memcmp(elf,
+             "\x7f"
+             "ELF",
+             4) != 0 ||
+      elf[4] != 2 || elf[5] != 1) {
     *error = "a cubin that is not a little-endian ELF64 file";
     return false;
   }
@@ -99,7 +104,8 @@ bool ParseCubin(const unsigned char* elf, uint64_t size, int arch, Cubin* out, s
       k.name = s.name.substr(9);
       ForEachAttribute(s, [&](uint8_t attribute, const unsigned char* value, uint16_t bytes) {
         if (attribute == kAttrMaxThreads && bytes == 12) {
-          k.max_threads = static_cast<int>(Read<uint32_t>(value) * Read<uint32_t>(value + 4) * Read<uint32_t>(value + 8));
+          k.max_threads =
+              static_cast<int>(Read<uint32_t>(value) * Read<uint32_t>(value + 4) * Read<uint32_t>(value + 8));
         } else if (attribute == kAttrKparamInfo && bytes == 12) {
           const uint16_t ordinal = Read<uint16_t>(value + 4);
           const uint32_t param_size = (Read<uint32_t>(value + 8) >> 18) & 0x3FFFu;
@@ -137,7 +143,10 @@ bool ParseFatbin(const void* image, Fatbin* out, std::string* error) {
     *error = "a null image";
     return false;
   }
-  if (memcmp(p, "\x7f" "ELF", 4) == 0) {
+  if (memcmp(p,
+             "\x7f"
+             "ELF",
+             4) == 0) {
     // A bare cubin: its size is where its section headers end.
     const uint64_t shoff = Read<uint64_t>(p + 0x28);
     const uint64_t size = shoff + static_cast<uint64_t>(Read<uint16_t>(p + 0x3c)) * Read<uint16_t>(p + 0x3a);
@@ -165,7 +174,10 @@ bool ParseFatbin(const void* image, Fatbin* out, std::string* error) {
     }
     const unsigned char* body = e + entry_header;
     if (kind == kEntryElf) {
-      if (memcmp(body, "\x7f" "ELF", 4) != 0) {
+      if (memcmp(body,
+                 "\x7f"
+                 "ELF",
+                 4) != 0) {
         *error = "a compressed cubin (the simulator reads uncompressed ones; nvcc 13 compresses only PTX by default)";
         return false;
       }

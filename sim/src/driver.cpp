@@ -92,7 +92,8 @@ Settings ReadSettings() {
   s.verbose = EnvNumber("SPECDEC_SIM_VERBOSE", 0, 0, 1) == 1;
   s.asan_fibers = EnvNumber("SPECDEC_SIM_ASAN_FIBERS", 0, 0, 1) == 1;
   s.stats = EnvNumber("SPECDEC_SIM_STATS", 0, 0, 1) == 1;
-  s.threads = static_cast<int>(EnvNumber("SPECDEC_SIM_THREADS", std::max(1u, std::thread::hardware_concurrency()), 1, 256));
+  s.threads =
+      static_cast<int>(EnvNumber("SPECDEC_SIM_THREADS", std::max(1u, std::thread::hardware_concurrency()), 1, 256));
   const char* dir = getenv("SPECDEC_SIM_KERNELS");
   s.kernels_dir = dir != nullptr && *dir != '\0' ? dir : LibraryDirectory() + "/kernels";
   const char* seed = getenv("SPECDEC_SIM_SEED");
@@ -270,43 +271,74 @@ CUresult Fill(CUdeviceptr dst, T value, size_t count, const char* call) {
 
 CUresult ErrorOf(FaultKind kind) {
   switch (kind) {
-    case FaultKind::kNone: return CUDA_SUCCESS;
-    case FaultKind::kIllegalAddress: return CUDA_ERROR_ILLEGAL_ADDRESS;
-    case FaultKind::kMisalignedAddress: return CUDA_ERROR_MISALIGNED_ADDRESS;
-    case FaultKind::kIllegalInstruction: return CUDA_ERROR_ILLEGAL_INSTRUCTION;
-    default: return CUDA_ERROR_LAUNCH_FAILED;
+    case FaultKind::kNone:
+      return CUDA_SUCCESS;
+    case FaultKind::kIllegalAddress:
+      return CUDA_ERROR_ILLEGAL_ADDRESS;
+    case FaultKind::kMisalignedAddress:
+      return CUDA_ERROR_MISALIGNED_ADDRESS;
+    case FaultKind::kIllegalInstruction:
+      return CUDA_ERROR_ILLEGAL_INSTRUCTION;
+    default:
+      return CUDA_ERROR_LAUNCH_FAILED;
   }
 }
 
 int Attribute(CUdevice_attribute attribute) {
   const Settings& s = GetSettings();
   switch (attribute) {
-    case CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_BLOCK: return kMaxThreadsPerBlock;
-    case CU_DEVICE_ATTRIBUTE_MAX_BLOCK_DIM_X: return static_cast<int>(kMaxBlockDim[0]);
-    case CU_DEVICE_ATTRIBUTE_MAX_BLOCK_DIM_Y: return static_cast<int>(kMaxBlockDim[1]);
-    case CU_DEVICE_ATTRIBUTE_MAX_BLOCK_DIM_Z: return static_cast<int>(kMaxBlockDim[2]);
-    case CU_DEVICE_ATTRIBUTE_MAX_GRID_DIM_X: return static_cast<int>(kMaxGridDim[0]);
-    case CU_DEVICE_ATTRIBUTE_MAX_GRID_DIM_Y: return static_cast<int>(kMaxGridDim[1]);
-    case CU_DEVICE_ATTRIBUTE_MAX_GRID_DIM_Z: return static_cast<int>(kMaxGridDim[2]);
-    case CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK: return static_cast<int>(kSharedPerBlock);
-    case CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN: return static_cast<int>(kSharedPerBlockOptin);
-    case CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR: return static_cast<int>(kSharedPerMultiprocessor);
-    case CU_DEVICE_ATTRIBUTE_RESERVED_SHARED_MEMORY_PER_BLOCK: return static_cast<int>(kSharedReservedPerBlock);
-    case CU_DEVICE_ATTRIBUTE_TOTAL_CONSTANT_MEMORY: return 65536;
-    case CU_DEVICE_ATTRIBUTE_WARP_SIZE: return 32;
-    case CU_DEVICE_ATTRIBUTE_MAX_PITCH: return 2147483647;
-    case CU_DEVICE_ATTRIBUTE_MAX_REGISTERS_PER_BLOCK: return kRegistersPerBlock;
-    case CU_DEVICE_ATTRIBUTE_MAX_REGISTERS_PER_MULTIPROCESSOR: return 65536;
-    case CU_DEVICE_ATTRIBUTE_CLOCK_RATE: return 1980000;
-    case CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE: return 2619000;
-    case CU_DEVICE_ATTRIBUTE_GLOBAL_MEMORY_BUS_WIDTH: return 5120;
-    case CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE: return 50 << 20;
-    case CU_DEVICE_ATTRIBUTE_TEXTURE_ALIGNMENT: return 512;
-    case CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT: return s.multiprocessors;
-    case CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_MULTIPROCESSOR: return 2048;
-    case CU_DEVICE_ATTRIBUTE_MAX_BLOCKS_PER_MULTIPROCESSOR: return 32;
-    case CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR: return s.compute_capability / 10;
-    case CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR: return s.compute_capability % 10;
+    case CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_BLOCK:
+      return kMaxThreadsPerBlock;
+    case CU_DEVICE_ATTRIBUTE_MAX_BLOCK_DIM_X:
+      return static_cast<int>(kMaxBlockDim[0]);
+    case CU_DEVICE_ATTRIBUTE_MAX_BLOCK_DIM_Y:
+      return static_cast<int>(kMaxBlockDim[1]);
+    case CU_DEVICE_ATTRIBUTE_MAX_BLOCK_DIM_Z:
+      return static_cast<int>(kMaxBlockDim[2]);
+    case CU_DEVICE_ATTRIBUTE_MAX_GRID_DIM_X:
+      return static_cast<int>(kMaxGridDim[0]);
+    case CU_DEVICE_ATTRIBUTE_MAX_GRID_DIM_Y:
+      return static_cast<int>(kMaxGridDim[1]);
+    case CU_DEVICE_ATTRIBUTE_MAX_GRID_DIM_Z:
+      return static_cast<int>(kMaxGridDim[2]);
+    case CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK:
+      return static_cast<int>(kSharedPerBlock);
+    case CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN:
+      return static_cast<int>(kSharedPerBlockOptin);
+    case CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR:
+      return static_cast<int>(kSharedPerMultiprocessor);
+    case CU_DEVICE_ATTRIBUTE_RESERVED_SHARED_MEMORY_PER_BLOCK:
+      return static_cast<int>(kSharedReservedPerBlock);
+    case CU_DEVICE_ATTRIBUTE_TOTAL_CONSTANT_MEMORY:
+      return 65536;
+    case CU_DEVICE_ATTRIBUTE_WARP_SIZE:
+      return 32;
+    case CU_DEVICE_ATTRIBUTE_MAX_PITCH:
+      return 2147483647;
+    case CU_DEVICE_ATTRIBUTE_MAX_REGISTERS_PER_BLOCK:
+      return kRegistersPerBlock;
+    case CU_DEVICE_ATTRIBUTE_MAX_REGISTERS_PER_MULTIPROCESSOR:
+      return 65536;
+    case CU_DEVICE_ATTRIBUTE_CLOCK_RATE:
+      return 1980000;
+    case CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE:
+      return 2619000;
+    case CU_DEVICE_ATTRIBUTE_GLOBAL_MEMORY_BUS_WIDTH:
+      return 5120;
+    case CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE:
+      return 50 << 20;
+    case CU_DEVICE_ATTRIBUTE_TEXTURE_ALIGNMENT:
+      return 512;
+    case CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT:
+      return s.multiprocessors;
+    case CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_MULTIPROCESSOR:
+      return 2048;
+    case CU_DEVICE_ATTRIBUTE_MAX_BLOCKS_PER_MULTIPROCESSOR:
+      return 32;
+    case CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR:
+      return s.compute_capability / 10;
+    case CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR:
+      return s.compute_capability % 10;
     case CU_DEVICE_ATTRIBUTE_CONCURRENT_KERNELS:
     case CU_DEVICE_ATTRIBUTE_UNIFIED_ADDRESSING:
     case CU_DEVICE_ATTRIBUTE_CAN_MAP_HOST_MEMORY:
@@ -314,8 +346,10 @@ int Attribute(CUdevice_attribute attribute) {
     case CU_DEVICE_ATTRIBUTE_COOPERATIVE_LAUNCH:
     case CU_DEVICE_ATTRIBUTE_MANAGED_MEMORY:
     case CU_DEVICE_ATTRIBUTE_ECC_ENABLED:
-    case CU_DEVICE_ATTRIBUTE_STREAM_PRIORITIES_SUPPORTED: return 1;
-    default: return 0;
+    case CU_DEVICE_ATTRIBUTE_STREAM_PRIORITIES_SUPPORTED:
+      return 1;
+    default:
+      return 0;
   }
 }
 
@@ -346,8 +380,9 @@ CUresult CheckLaunch(const Kernel& k, const LaunchConfig& c) {
   }
   const uint64_t threads = static_cast<uint64_t>(block[0]) * block[1] * block[2];
   if (threads > static_cast<uint64_t>(kMaxThreadsPerBlock) || threads > static_cast<uint64_t>(k.cubin.max_threads)) {
-    return Fail(CUDA_ERROR_INVALID_VALUE, "%s: %llu threads per block, over its limit of %d (__launch_bounds__ or device)",
-                name, static_cast<unsigned long long>(threads), std::min(k.cubin.max_threads, kMaxThreadsPerBlock));
+    return Fail(CUDA_ERROR_INVALID_VALUE,
+                "%s: %llu threads per block, over its limit of %d (__launch_bounds__ or device)", name,
+                static_cast<unsigned long long>(threads), std::min(k.cubin.max_threads, kMaxThreadsPerBlock));
   }
   // Registers are allocated per warp in units of 256 (8 per thread, rounded up).
   const uint64_t per_warp = (static_cast<uint64_t>(k.cubin.registers) * 32 + 255) / 256 * 256;
@@ -410,19 +445,21 @@ SPECDEC_SIM_EXPORT CUresult cuInit(unsigned int flags) {
   if (s.stats) {
     atexit([] {
       const ExecutorStats x = GetExecutorStats();
-      Note("%llu launches, %llu blocks, %llu CUDA threads, %llu resumes, %llu barriers, %llu collectives, %.1f s in "
-           "launches (%.0f ns per resume)",
-           static_cast<unsigned long long>(x.launches), static_cast<unsigned long long>(x.blocks),
-           static_cast<unsigned long long>(x.threads), static_cast<unsigned long long>(x.resumes),
-           static_cast<unsigned long long>(x.barriers), static_cast<unsigned long long>(x.collectives),
-           static_cast<double>(x.nanoseconds) * 1e-9,
-           x.resumes ? static_cast<double>(x.nanoseconds) / static_cast<double>(x.resumes) : 0.0);
+      Note(
+          "%llu launches, %llu blocks, %llu CUDA threads, %llu resumes, %llu barriers, %llu collectives, %.1f s in "
+          "launches (%.0f ns per resume)",
+          static_cast<unsigned long long>(x.launches), static_cast<unsigned long long>(x.blocks),
+          static_cast<unsigned long long>(x.threads), static_cast<unsigned long long>(x.resumes),
+          static_cast<unsigned long long>(x.barriers), static_cast<unsigned long long>(x.collectives),
+          static_cast<double>(x.nanoseconds) * 1e-9,
+          x.resumes ? static_cast<double>(x.nanoseconds) / static_cast<double>(x.resumes) : 0.0);
     });
   }
-  Note("the CPU simulator stands in for the CUDA driver: %d device(s) of compute capability %d.%d, %d SMs; seed %llu "
-       "(replay with SPECDEC_SIM_SEED=%llu); kernels from %s",
-       s.devices, s.compute_capability / 10, s.compute_capability % 10, s.multiprocessors,
-       static_cast<unsigned long long>(s.seed), static_cast<unsigned long long>(s.seed), s.kernels_dir.c_str());
+  Note(
+      "the CPU simulator stands in for the CUDA driver: %d device(s) of compute capability %d.%d, %d SMs; seed %llu "
+      "(replay with SPECDEC_SIM_SEED=%llu); kernels from %s",
+      s.devices, s.compute_capability / 10, s.compute_capability % 10, s.multiprocessors,
+      static_cast<unsigned long long>(s.seed), static_cast<unsigned long long>(s.seed), s.kernels_dir.c_str());
   return CUDA_SUCCESS;
 }
 
@@ -709,7 +746,8 @@ SPECDEC_SIM_EXPORT CUresult cuStreamDestroy(CUstream stream) {
   CUcontext ctx;
   if (CUresult r = Current(&ctx)) return r;
   std::lock_guard<std::mutex> lock(State().mutex);
-  if (!State().streams.erase(stream)) return Fail(CUDA_ERROR_INVALID_HANDLE, "cuStreamDestroy(%p): not a live stream", stream);
+  if (!State().streams.erase(stream))
+    return Fail(CUDA_ERROR_INVALID_HANDLE, "cuStreamDestroy(%p): not a live stream", stream);
   delete stream;
   return CUDA_SUCCESS;
 }
@@ -727,7 +765,8 @@ SPECDEC_SIM_EXPORT CUresult cuStreamWaitEvent(CUstream stream, CUevent event, un
   if (CUresult r = Current(&ctx)) return r;
   if (CUresult r = CheckStream(stream, ctx)) return r;
   std::lock_guard<std::mutex> lock(State().mutex);
-  if (!State().events.count(event)) return Fail(CUDA_ERROR_INVALID_HANDLE, "cuStreamWaitEvent: %p is not a live event", event);
+  if (!State().events.count(event))
+    return Fail(CUDA_ERROR_INVALID_HANDLE, "cuStreamWaitEvent: %p is not a live event", event);
   return CUDA_SUCCESS;
 }
 
@@ -743,7 +782,8 @@ SPECDEC_SIM_EXPORT CUresult cuEventCreate(CUevent* event, unsigned int flags) {
 
 SPECDEC_SIM_EXPORT CUresult cuEventDestroy(CUevent event) {
   std::lock_guard<std::mutex> lock(State().mutex);
-  if (!State().events.erase(event)) return Fail(CUDA_ERROR_INVALID_HANDLE, "cuEventDestroy(%p): not a live event", event);
+  if (!State().events.erase(event))
+    return Fail(CUDA_ERROR_INVALID_HANDLE, "cuEventDestroy(%p): not a live event", event);
   delete event;
   return CUDA_SUCCESS;
 }
@@ -753,7 +793,8 @@ SPECDEC_SIM_EXPORT CUresult cuEventRecord(CUevent event, CUstream stream) {
   if (CUresult r = Current(&ctx)) return r;
   if (CUresult r = CheckStream(stream, ctx)) return r;
   std::lock_guard<std::mutex> lock(State().mutex);
-  if (!State().events.count(event)) return Fail(CUDA_ERROR_INVALID_HANDLE, "cuEventRecord: %p is not a live event", event);
+  if (!State().events.count(event))
+    return Fail(CUDA_ERROR_INVALID_HANDLE, "cuEventRecord: %p is not a live event", event);
   event->recorded = true;
   event->time = std::chrono::steady_clock::now();
   return CUDA_SUCCESS;
@@ -765,7 +806,8 @@ SPECDEC_SIM_EXPORT CUresult cuEventRecordWithFlags(CUevent event, CUstream strea
 
 SPECDEC_SIM_EXPORT CUresult cuEventSynchronize(CUevent event) {
   std::lock_guard<std::mutex> lock(State().mutex);
-  if (!State().events.count(event)) return Fail(CUDA_ERROR_INVALID_HANDLE, "cuEventSynchronize: %p is not a live event", event);
+  if (!State().events.count(event))
+    return Fail(CUDA_ERROR_INVALID_HANDLE, "cuEventSynchronize: %p is not a live event", event);
   return event->ctx->sticky;
 }
 
@@ -792,7 +834,8 @@ SPECDEC_SIM_EXPORT CUresult cuModuleLoadData(CUmodule* module, const void* image
   if (module == nullptr || image == nullptr) return CUDA_ERROR_INVALID_VALUE;
   Fatbin fatbin;
   std::string error;
-  if (!ParseFatbin(image, &fatbin, &error)) return Fail(CUDA_ERROR_INVALID_IMAGE, "cuModuleLoadData: %s", error.c_str());
+  if (!ParseFatbin(image, &fatbin, &error))
+    return Fail(CUDA_ERROR_INVALID_IMAGE, "cuModuleLoadData: %s", error.c_str());
   const int cc = GetSettings().compute_capability;
   const Cubin* chosen = nullptr;
   for (const Cubin& c : fatbin.cubins) {
@@ -800,7 +843,8 @@ SPECDEC_SIM_EXPORT CUresult cuModuleLoadData(CUmodule* module, const void* image
   }
   const bool jit = std::any_of(fatbin.ptx_archs.begin(), fatbin.ptx_archs.end(), [&](int a) { return a <= cc; });
   if (chosen == nullptr && !(jit && !fatbin.cubins.empty())) {
-    return Fail(CUDA_ERROR_NO_BINARY_FOR_GPU, "cuModuleLoadData(%s): no sm_%d code and no PTX for it", fatbin.source.c_str(), cc);
+    return Fail(CUDA_ERROR_NO_BINARY_FOR_GPU, "cuModuleLoadData(%s): no sm_%d code and no PTX for it",
+                fatbin.source.c_str(), cc);
   }
   if (chosen == nullptr) chosen = &fatbin.cubins.back();  // PTX would be JIT-compiled; metadata from a cubin
   std::string family = fatbin.source;
@@ -889,13 +933,25 @@ SPECDEC_SIM_EXPORT CUresult cuFuncGetAttribute(int* value, CUfunction_attribute 
   }
   const Kernel& k = f->kernel;
   switch (attribute) {
-    case CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK: *value = std::min(k.cubin.max_threads, kMaxThreadsPerBlock); break;
-    case CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES: *value = static_cast<int>(k.cubin.static_shared); break;
-    case CU_FUNC_ATTRIBUTE_NUM_REGS: *value = k.cubin.registers; break;
-    case CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES: *value = static_cast<int>(k.max_dynamic_shared); break;
+    case CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK:
+      *value = std::min(k.cubin.max_threads, kMaxThreadsPerBlock);
+      break;
+    case CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES:
+      *value = static_cast<int>(k.cubin.static_shared);
+      break;
+    case CU_FUNC_ATTRIBUTE_NUM_REGS:
+      *value = k.cubin.registers;
+      break;
+    case CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES:
+      *value = static_cast<int>(k.max_dynamic_shared);
+      break;
     case CU_FUNC_ATTRIBUTE_PTX_VERSION:
-    case CU_FUNC_ATTRIBUTE_BINARY_VERSION: *value = f->module->cubin.arch; break;
-    default: *value = 0; break;
+    case CU_FUNC_ATTRIBUTE_BINARY_VERSION:
+      *value = f->module->cubin.arch;
+      break;
+    default:
+      *value = 0;
+      break;
   }
   return CUDA_SUCCESS;
 }
@@ -916,7 +972,8 @@ SPECDEC_SIM_EXPORT CUresult cuFuncSetAttribute(CUfunction f, CUfunction_attribut
     return CUDA_SUCCESS;
   }
   if (attribute == CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT) return CUDA_SUCCESS;
-  return Fail(CUDA_ERROR_NOT_SUPPORTED, "cuFuncSetAttribute: attribute %d is not simulated", static_cast<int>(attribute));
+  return Fail(CUDA_ERROR_NOT_SUPPORTED, "cuFuncSetAttribute: attribute %d is not simulated",
+              static_cast<int>(attribute));
 }
 
 SPECDEC_SIM_EXPORT CUresult cuFuncSetCacheConfig(CUfunction f, CUfunc_cache) {
@@ -938,7 +995,8 @@ SPECDEC_SIM_EXPORT CUresult cuLaunchKernel(CUfunction f, unsigned int grid_x, un
                 f->kernel.cubin.name.c_str());
   }
   if (CUresult r = CheckStream(stream, ctx)) return r;
-  if (extra != nullptr) return Fail(CUDA_ERROR_NOT_SUPPORTED, "cuLaunchKernel: `extra` is not simulated; use kernelParams");
+  if (extra != nullptr)
+    return Fail(CUDA_ERROR_NOT_SUPPORTED, "cuLaunchKernel: `extra` is not simulated; use kernelParams");
   const LaunchConfig config{dim3(grid_x, grid_y, grid_z), dim3(block_x, block_y, block_z), shared_bytes, params};
   if (CUresult r = CheckLaunch(f->kernel, config)) return r;
   uint64_t launch_seed;

@@ -192,7 +192,7 @@ struct Gathering {
 };
 
 struct Warp {
-  uint32_t lanes = 0;   // lanes that exist
+  uint32_t lanes = 0;  // lanes that exist
   uint32_t exited = 0;
   std::vector<Gathering> gatherings;
 };
@@ -231,8 +231,7 @@ struct SharedWindow {
 };
 
 struct AtomicStats {
-  std::atomic<uint64_t> launches{0}, blocks{0}, threads{0}, resumes{0}, barriers{0}, collectives{0},
-      nanoseconds{0};
+  std::atomic<uint64_t> launches{0}, blocks{0}, threads{0}, resumes{0}, barriers{0}, collectives{0}, nanoseconds{0};
 };
 AtomicStats g_stats;
 
@@ -254,8 +253,7 @@ class BlockRun {
   void Collective(Thread* t, specdec_sim_warp_op* op);
   uint32_t ActiveMask(Thread* t) const { return warps_[t->warp].lanes & ~warps_[t->warp].exited; }
   uint32_t SharedAddress(Thread* t, const void* generic, const char* file, int line);
-  void CpAsync(Thread* t, uint32_t address, const void* global, int cp_size, int src_size, const char* file,
-               int line);
+  void CpAsync(Thread* t, uint32_t address, const void* global, int cp_size, int src_size, const char* file, int line);
   void CpAsyncWait(Thread* t, int pending);
   [[noreturn]] void Trap(Thread* t, FaultKind kind, const std::string& what, const char* file, int line);
   std::string Where(const Thread* t) const;
@@ -300,9 +298,9 @@ void BlockRun::Fail(FaultKind kind, std::string message) {
   if (result_.fault != FaultKind::kNone) return;
   const uint64_t seed = GetSettings().seed;
   result_.fault = kind;
-  result_.message = Format("specdec-sim: %s\n  simulator seed %llu (replay with SPECDEC_SIM_SEED=%llu and one test thread)",
-                           message.c_str(), static_cast<unsigned long long>(seed),
-                           static_cast<unsigned long long>(seed));
+  result_.message =
+      Format("specdec-sim: %s\n  simulator seed %llu (replay with SPECDEC_SIM_SEED=%llu and one test thread)",
+             message.c_str(), static_cast<unsigned long long>(seed), static_cast<unsigned long long>(seed));
   fprintf(stderr, "%s\n", result_.message.c_str());
 }
 
@@ -319,7 +317,8 @@ void BlockRun::Resume(Thread* t) {
   tl_thread = t;
   specdec_sim_current = &t->info;
   void* fake = nullptr;
-  if (kAsanFibers) __sanitizer_start_switch_fiber(&fake, static_cast<char*>(t->stack.sp) - t->stack.size, t->stack.size);
+  if (kAsanFibers)
+    __sanitizer_start_switch_fiber(&fake, static_cast<char*>(t->stack.sp) - t->stack.size, t->stack.size);
   t->fiber = std::move(t->fiber).resume();
   if (kAsanFibers) __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
   tl_thread = nullptr;
@@ -473,10 +472,18 @@ bool BlockRun::ReleaseBarrier() {
   for (int i = 0; i < num_threads_; ++i) {
     Thread& t = threads_[i];
     switch (t.barrier_kind) {
-      case SPECDEC_SIM_BAR_AND: t.barrier_result = and_all; break;
-      case SPECDEC_SIM_BAR_OR: t.barrier_result = or_any; break;
-      case SPECDEC_SIM_BAR_COUNT: t.barrier_result = count; break;
-      default: t.barrier_result = 0; break;
+      case SPECDEC_SIM_BAR_AND:
+        t.barrier_result = and_all;
+        break;
+      case SPECDEC_SIM_BAR_OR:
+        t.barrier_result = or_any;
+        break;
+      case SPECDEC_SIM_BAR_COUNT:
+        t.barrier_result = count;
+        break;
+      default:
+        t.barrier_result = 0;
+        break;
     }
     t.state = State::kRunnable;
   }
@@ -533,8 +540,8 @@ void BlockRun::Collective(Thread* t, specdec_sim_warp_op* op) {
   }
   if (op->mask & ~warp.lanes) {
     Trap(t, FaultKind::kIllegalInstruction,
-         Format("%s with mask 0x%08x names lanes 0x%08x, which do not exist (the block has %d threads)", name,
-                op->mask, op->mask & ~warp.lanes, num_threads_),
+         Format("%s with mask 0x%08x names lanes 0x%08x, which do not exist (the block has %d threads)", name, op->mask,
+                op->mask & ~warp.lanes, num_threads_),
          op->file, op->line);
   }
   if (op->mask & warp.exited) {
@@ -583,8 +590,8 @@ void BlockRun::Collective(Thread* t, specdec_sim_warp_op* op) {
 uint32_t BlockRun::SharedAddress(Thread* t, const void* generic, const char* file, int line) {
   const unsigned char* p = static_cast<const unsigned char*>(generic);
   if (p < window_.base || p >= window_.base + window_.size) {
-    Trap(t, FaultKind::kIllegalAddress,
-         Format("__cvta_generic_to_shared(%p): not a shared-memory address", generic), file, line);
+    Trap(t, FaultKind::kIllegalAddress, Format("__cvta_generic_to_shared(%p): not a shared-memory address", generic),
+         file, line);
   }
   return static_cast<uint32_t>(p - window_.base);
 }
@@ -656,7 +663,8 @@ SharedWindow WindowOf(const KernelModule& module) {
   w.dynamic = static_cast<unsigned char*>(dlsym(module.handle, "specdec_sim_dynamic_shared"));
   void* block = nullptr;
   if (w.dynamic == nullptr || dlinfo(module.handle, RTLD_DI_TLS_DATA, &block) != 0 || block == nullptr) {
-    fprintf(stderr, "specdec-sim: %s has no dynamic shared memory symbol or TLS block (was it built by sim/Makefile?)\n",
+    fprintf(stderr,
+            "specdec-sim: %s has no dynamic shared memory symbol or TLS block (was it built by sim/Makefile?)\n",
             module.path.c_str());
     abort();
   }
@@ -694,11 +702,10 @@ BlockRun* CurrentRun(const char* what) {
 // Printed when a sanitizer stops the process: which CUDA thread was running.
 void OnSanitizerDeath() {
   if (tl_run != nullptr && tl_thread != nullptr) {
-    fprintf(stderr, "specdec-sim: the error above happened %s; simulator seed %llu\n",
-            tl_run->Where(tl_thread).c_str(), static_cast<unsigned long long>(GetSettings().seed));
+    fprintf(stderr, "specdec-sim: the error above happened %s; simulator seed %llu\n", tl_run->Where(tl_thread).c_str(),
+            static_cast<unsigned long long>(GetSettings().seed));
   }
 }
-
 
 // ---------------------------------------------------------------------------------------------------------
 // A launch: its blocks in a shuffled order, shared by the launching OS thread and the pool's workers (blocks run
@@ -851,9 +858,8 @@ LaunchResult Execute(const Kernel& kernel, const LaunchConfig& config, uint64_t 
   }
   g_stats.launches.fetch_add(1, std::memory_order_relaxed);
   g_stats.nanoseconds.fetch_add(
-      static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
-                                std::chrono::steady_clock::now() - started)
-                                .count()),
+      static_cast<uint64_t>(
+          std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - started).count()),
       std::memory_order_relaxed);
   return launch->fault;
 }
@@ -881,13 +887,13 @@ __attribute__((visibility("default"))) uint32_t specdec_sim_activemask(void) {
 }
 
 __attribute__((visibility("default"))) uint32_t specdec_sim_shared_address(const void* generic, const char* file,
-                                                                          int line) {
+                                                                           int line) {
   return CurrentRun("__cvta_generic_to_shared")->SharedAddress(tl_thread, generic, file, line);
 }
 
 __attribute__((visibility("default"))) void specdec_sim_cp_async(uint32_t shared_address, const void* global,
-                                                                int cp_size, int src_size, const char* file,
-                                                                int line) {
+                                                                 int cp_size, int src_size, const char* file,
+                                                                 int line) {
   CurrentRun("cp.async")->CpAsync(tl_thread, shared_address, global, cp_size, src_size, file, line);
 }
 

@@ -17,17 +17,17 @@ namespace specdec_sim {
 // them).
 // ---------------------------------------------------------------------------------------------------------
 struct Settings {
-  int compute_capability = 90;   // SPECDEC_SIM_CC
-  int multiprocessors = 132;     // SPECDEC_SIM_SMS
-  int devices = 1;               // SPECDEC_SIM_DEVICES
-  uint64_t seed = 0;             // SPECDEC_SIM_SEED, or drawn and printed
-  uint8_t poison = 0xFF;         // SPECDEC_SIM_POISON: fresh device and shared memory
+  int compute_capability = 90;    // SPECDEC_SIM_CC
+  int multiprocessors = 132;      // SPECDEC_SIM_SMS
+  int devices = 1;                // SPECDEC_SIM_DEVICES
+  uint64_t seed = 0;              // SPECDEC_SIM_SEED, or drawn and printed
+  uint8_t poison = 0xFF;          // SPECDEC_SIM_POISON: fresh device and shared memory
   size_t stack_bytes = 64 << 10;  // SPECDEC_SIM_STACK_KIB: each CUDA thread's fiber stack
-  std::string kernels_dir;       // SPECDEC_SIM_KERNELS, or kernels/ beside libcuda.so.1
-  bool verbose = false;          // SPECDEC_SIM_VERBOSE=1: one line per launch
-  bool stats = false;            // SPECDEC_SIM_STATS=1: the executor's counts at exit
-  int threads = 1;               // SPECDEC_SIM_THREADS: OS threads running a launch's blocks (default: cores)
-  bool asan_fibers = false;      // SPECDEC_SIM_ASAN_FIBERS=1: announce fiber switches to AddressSanitizer
+  std::string kernels_dir;        // SPECDEC_SIM_KERNELS, or kernels/ beside libcuda.so.1
+  bool verbose = false;           // SPECDEC_SIM_VERBOSE=1: one line per launch
+  bool stats = false;             // SPECDEC_SIM_STATS=1: the executor's counts at exit
+  int threads = 1;                // SPECDEC_SIM_THREADS: OS threads running a launch's blocks (default: cores)
+  bool asan_fibers = false;       // SPECDEC_SIM_ASAN_FIBERS=1: announce fiber switches to AddressSanitizer
 };
 const Settings& GetSettings();
 
@@ -35,10 +35,10 @@ const Settings& GetSettings();
 constexpr int kMaxThreadsPerBlock = 1024;
 constexpr unsigned kMaxBlockDim[3] = {1024, 1024, 64};
 constexpr unsigned kMaxGridDim[3] = {2147483647u, 65535u, 65535u};
-constexpr size_t kSharedPerBlock = 48 << 10;          // without the opt-in attribute
-constexpr size_t kSharedPerBlockOptin = 227 << 10;    // 232448
+constexpr size_t kSharedPerBlock = 48 << 10;        // without the opt-in attribute
+constexpr size_t kSharedPerBlockOptin = 227 << 10;  // 232448
 constexpr size_t kSharedPerMultiprocessor = 228 << 10;
-constexpr size_t kSharedReservedPerBlock = 1 << 10;   // the driver's reservation (sm_80+)
+constexpr size_t kSharedReservedPerBlock = 1 << 10;  // the driver's reservation (sm_80+)
 constexpr int kRegistersPerBlock = 65536;
 constexpr size_t kDynamicSharedCapacity = kSharedPerBlockOptin;  // the size of each module's dynamic array
 

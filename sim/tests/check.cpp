@@ -49,10 +49,10 @@ std::string ErrorName(CUresult r) {
   return name ? name : Format("CUresult %d", static_cast<int>(r));
 }
 
-#define CHECK_CU(call)                                                                             \
-  do {                                                                                             \
-    const CUresult r_ = (call);                                                                    \
-    if (r_ != CUDA_SUCCESS) return Format("%s failed: %s", #call, ErrorName(r_).c_str());          \
+#define CHECK_CU(call)                                                                    \
+  do {                                                                                    \
+    const CUresult r_ = (call);                                                           \
+    if (r_ != CUDA_SUCCESS) return Format("%s failed: %s", #call, ErrorName(r_).c_str()); \
   } while (0)
 
 template <typename T>
@@ -165,7 +165,8 @@ std::string LdMatrixExample(int matrices, bool trans) {
       const uint32_t lo = trans ? 64 * j + 8 * c + r : 64 * j + 8 * r + c;
       const uint32_t hi = trans ? 64 * j + 8 * (c + 1) + r : 64 * j + 8 * r + c + 1;
       const uint32_t want = lo | (hi << 16);
-      if (got[l * 4 + j] != want) return Format("lane %d register %d = 0x%08x, want 0x%08x", l, j, got[l * 4 + j], want);
+      if (got[l * 4 + j] != want)
+        return Format("lane %d register %d = 0x%08x, want 0x%08x", l, j, got[l * 4 + j], want);
     }
   }
   return "";
@@ -199,7 +200,7 @@ std::string Collectives() {
 // child ended and what it printed.
 // ---------------------------------------------------------------------------------------------------------------
 struct ChildResult {
-  int exit_code;   // -1 when killed by a signal
+  int exit_code;  // -1 when killed by a signal
   std::string stderr_text;
 };
 
@@ -226,13 +227,15 @@ ChildResult InChild(const std::function<int()>& body) {
 }
 
 // The child launches; the launch must fail with `want` and the report must contain every one of `phrases`.
-std::string LaunchFails(CUresult want, const std::vector<std::string>& phrases, const std::function<CUresult()>& launch) {
+std::string LaunchFails(CUresult want, const std::vector<std::string>& phrases,
+                        const std::function<CUresult()>& launch) {
   const ChildResult child = InChild([&] {
     const CUresult r = launch();
     fprintf(stderr, "launch returned %d\n", static_cast<int>(r));
     return r == want ? 0 : 1;
   });
-  if (child.exit_code != 0) return Format("the launch did not fail with %s:\n%s", ErrorName(want).c_str(), child.stderr_text.c_str());
+  if (child.exit_code != 0)
+    return Format("the launch did not fail with %s:\n%s", ErrorName(want).c_str(), child.stderr_text.c_str());
   for (const std::string& p : phrases) {
     if (child.stderr_text.find(p) == std::string::npos) {
       return Format("the report lacks \"%s\":\n%s", p.c_str(), child.stderr_text.c_str());
@@ -265,10 +268,11 @@ std::string PartialBarrier() {
 }
 
 std::string DivergentBarrier() {
-  return LaunchFails(CUDA_ERROR_ILLEGAL_INSTRUCTION, {"wait at different barriers", "kernel DivergentBarrierKernel"}, [] {
-    Device<int> out(64);
-    return Launch("DivergentBarrierKernel", dim3(1), dim3(64), 0, out.ptr);
-  });
+  return LaunchFails(CUDA_ERROR_ILLEGAL_INSTRUCTION, {"wait at different barriers", "kernel DivergentBarrierKernel"},
+                     [] {
+                       Device<int> out(64);
+                       return Launch("DivergentBarrierKernel", dim3(1), dim3(64), 0, out.ptr);
+                     });
 }
 
 std::string BadMask(int variant, unsigned threads, const char* phrase) {
@@ -363,19 +367,50 @@ std::string LaunchLimits() {
   Device<int> out(1 << 16);
   CUfunction bounded = Function("BoundedKernel");
   std::string e;
-  if (!(e = Expect(Launch("BoundedKernel", dim3(1, 65535), dim3(32), 128, out.ptr), CUDA_SUCCESS, "grid y = 65535")).empty()) return e;
-  if (!(e = Expect(Launch("BoundedKernel", dim3(1, 65536), dim3(32), 128, out.ptr), CUDA_ERROR_INVALID_VALUE, "grid y = 65536")).empty()) return e;
-  if (!(e = Expect(Launch("BoundedKernel", dim3(1, 1, 65536), dim3(32), 128, out.ptr), CUDA_ERROR_INVALID_VALUE, "grid z = 65536")).empty()) return e;
-  if (!(e = Expect(Launch("BoundedKernel", dim3(0), dim3(32), 128, out.ptr), CUDA_ERROR_INVALID_VALUE, "grid x = 0")).empty()) return e;
-  if (!(e = Expect(Launch("BoundedKernel", dim3(1), dim3(256), 1024, out.ptr), CUDA_ERROR_INVALID_VALUE, "256 threads over __launch_bounds__(128)")).empty()) return e;
-  if (!(e = Expect(Launch("BarrierOnlyKernel", dim3(1), dim3(1025), 0), CUDA_ERROR_INVALID_VALUE, "1025 threads")).empty()) return e;
-  if (!(e = Expect(Launch("BarrierOnlyKernel", dim3(1), dim3(1, 1, 65), 0), CUDA_ERROR_INVALID_VALUE, "block z = 65")).empty()) return e;
-  if (!(e = Expect(Launch("BoundedKernel", dim3(1), dim3(128), 48 << 10, out.ptr), CUDA_SUCCESS, "48 KiB dynamic")).empty()) return e;
-  if (!(e = Expect(Launch("BoundedKernel", dim3(1), dim3(128), (48 << 10) + 4, out.ptr), CUDA_ERROR_INVALID_VALUE, "48 KiB + 4 dynamic without the attribute")).empty()) return e;
-  if (!(e = Expect(cuFuncSetAttribute(bounded, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, (227 << 10) + 4), CUDA_ERROR_INVALID_VALUE, "an attribute over the opt-in maximum")).empty()) return e;
+  if (!(e = Expect(Launch("BoundedKernel", dim3(1, 65535), dim3(32), 128, out.ptr), CUDA_SUCCESS, "grid y = 65535"))
+           .empty())
+    return e;
+  if (!(e = Expect(Launch("BoundedKernel", dim3(1, 65536), dim3(32), 128, out.ptr), CUDA_ERROR_INVALID_VALUE,
+                   "grid y = 65536"))
+           .empty())
+    return e;
+  if (!(e = Expect(Launch("BoundedKernel", dim3(1, 1, 65536), dim3(32), 128, out.ptr), CUDA_ERROR_INVALID_VALUE,
+                   "grid z = 65536"))
+           .empty())
+    return e;
+  if (!(e = Expect(Launch("BoundedKernel", dim3(0), dim3(32), 128, out.ptr), CUDA_ERROR_INVALID_VALUE, "grid x = 0"))
+           .empty())
+    return e;
+  if (!(e = Expect(Launch("BoundedKernel", dim3(1), dim3(256), 1024, out.ptr), CUDA_ERROR_INVALID_VALUE,
+                   "256 threads over __launch_bounds__(128)"))
+           .empty())
+    return e;
+  if (!(e = Expect(Launch("BarrierOnlyKernel", dim3(1), dim3(1025), 0), CUDA_ERROR_INVALID_VALUE, "1025 threads"))
+           .empty())
+    return e;
+  if (!(e = Expect(Launch("BarrierOnlyKernel", dim3(1), dim3(1, 1, 65), 0), CUDA_ERROR_INVALID_VALUE, "block z = 65"))
+           .empty())
+    return e;
+  if (!(e = Expect(Launch("BoundedKernel", dim3(1), dim3(128), 48 << 10, out.ptr), CUDA_SUCCESS, "48 KiB dynamic"))
+           .empty())
+    return e;
+  if (!(e = Expect(Launch("BoundedKernel", dim3(1), dim3(128), (48 << 10) + 4, out.ptr), CUDA_ERROR_INVALID_VALUE,
+                   "48 KiB + 4 dynamic without the attribute"))
+           .empty())
+    return e;
+  if (!(e = Expect(cuFuncSetAttribute(bounded, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, (227 << 10) + 4),
+                   CUDA_ERROR_INVALID_VALUE, "an attribute over the opt-in maximum"))
+           .empty())
+    return e;
   CHECK_CU(cuFuncSetAttribute(bounded, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, 100 << 10));
-  if (!(e = Expect(Launch("BoundedKernel", dim3(1), dim3(128), 100 << 10, out.ptr), CUDA_SUCCESS, "100 KiB dynamic with the attribute")).empty()) return e;
-  if (!(e = Expect(Launch("BoundedKernel", dim3(1), dim3(128), (100 << 10) + 4, out.ptr), CUDA_ERROR_INVALID_VALUE, "past the attribute")).empty()) return e;
+  if (!(e = Expect(Launch("BoundedKernel", dim3(1), dim3(128), 100 << 10, out.ptr), CUDA_SUCCESS,
+                   "100 KiB dynamic with the attribute"))
+           .empty())
+    return e;
+  if (!(e = Expect(Launch("BoundedKernel", dim3(1), dim3(128), (100 << 10) + 4, out.ptr), CUDA_ERROR_INVALID_VALUE,
+                   "past the attribute"))
+           .empty())
+    return e;
   int value = 0;
   CHECK_CU(cuFuncGetAttribute(&value, CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK, bounded));
   if (value != 128) return Format("MAX_THREADS_PER_BLOCK = %d, want 128 (the cubin's __launch_bounds__)", value);
@@ -394,12 +429,19 @@ std::string DriverChecks() {
   std::string e;
   Device<int> d(4);
   const int host[8] = {};
-  if (!(e = Expect(cuMemcpyHtoD(d.ptr, host, 5 * sizeof(int)), CUDA_ERROR_INVALID_VALUE, "a copy past the allocation")).empty()) return e;
-  if (!(e = Expect(cuMemcpyHtoD(d.ptr + 4, host, 4 * sizeof(int)), CUDA_ERROR_INVALID_VALUE, "a copy from inside past the end")).empty()) return e;
+  if (!(e = Expect(cuMemcpyHtoD(d.ptr, host, 5 * sizeof(int)), CUDA_ERROR_INVALID_VALUE, "a copy past the allocation"))
+           .empty())
+    return e;
+  if (!(e = Expect(cuMemcpyHtoD(d.ptr + 4, host, 4 * sizeof(int)), CUDA_ERROR_INVALID_VALUE,
+                   "a copy from inside past the end"))
+           .empty())
+    return e;
   CUdeviceptr none = 0;
   if (!(e = Expect(cuMemFree(d.ptr + 4), CUDA_ERROR_INVALID_VALUE, "freeing an inner pointer")).empty()) return e;
   CUfunction f;
-  if (!(e = Expect(cuModuleGetFunction(&f, g_module, "NoSuchKernel"), CUDA_ERROR_NOT_FOUND, "an unknown kernel")).empty()) return e;
+  if (!(e = Expect(cuModuleGetFunction(&f, g_module, "NoSuchKernel"), CUDA_ERROR_NOT_FOUND, "an unknown kernel"))
+           .empty())
+    return e;
   CUcontext ctx;
   CHECK_CU(cuCtxPopCurrent(&ctx));
   const CUresult without = cuMemAlloc(&none, 16);
@@ -456,7 +498,8 @@ int main(int argc, char** argv) {
       {"shuffles, votes, barrier reductions", Collectives},
       {"a barrier reached by part of the block is reported", PartialBarrier},
       {"threads at different barriers are reported", DivergentBarrier},
-      {"a mask that leaves out the calling lane is reported", [] { return BadMask(0, 32, "leaves out the calling lane"); }},
+      {"a mask that leaves out the calling lane is reported",
+       [] { return BadMask(0, 32, "leaves out the calling lane"); }},
       {"a mask naming lanes that do not exist is reported", [] { return BadMask(1, 48, "which do not exist"); }},
       {"a mask naming exited lanes is reported", [] { return BadMask(2, 32, "exited"); }},
       {"a read one element past a row faults at once", TailRead},

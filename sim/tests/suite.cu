@@ -140,9 +140,9 @@ SPECDEC_SIM_ENTRY(LdMatrixExampleKernel)
 extern "C" __global__ void CollectivesExampleKernel(int* out) {
   const int t = threadIdx.x, lane = t % 32;
   int* mine = out + t * 8;
-  mine[0] = __shfl_xor_sync(0xFFFFFFFFu, 100 * t, 5);           // from lane ^ 5
-  mine[1] = __shfl_up_sync(0xFFFFFFFFu, 100 * t, 3, 8);          // from lane - 3 within groups of 8, else own
-  mine[2] = __shfl_down_sync(0xFFFFFFFFu, 100 * t, 2, 16);       // from lane + 2 within groups of 16, else own
+  mine[0] = __shfl_xor_sync(0xFFFFFFFFu, 100 * t, 5);                    // from lane ^ 5
+  mine[1] = __shfl_up_sync(0xFFFFFFFFu, 100 * t, 3, 8);                  // from lane - 3 within groups of 8, else own
+  mine[2] = __shfl_down_sync(0xFFFFFFFFu, 100 * t, 2, 16);               // from lane + 2 within groups of 16, else own
   mine[3] = __shfl_sync(0xFFFFFFFFu, 100 * t, 7 + 16 * (lane & 1), 16);  // lane 7 of its group of 16
   mine[4] = static_cast<int>(__ballot_sync(0xFFFFFFFFu, lane % 3 == 0));
   mine[5] = __any_sync(0xFFFFFFFFu, t == 40) + 2 * __all_sync(0xFFFFFFFFu, lane < 32);

@@ -18,19 +18,19 @@
 static int passed = 0;
 static int failed = 0;
 
-#define CHECK(cond)                                                      \
-  do {                                                                   \
-    if (cond) {                                                          \
-      ++passed;                                                          \
-    } else {                                                             \
-      ++failed;                                                          \
+#define CHECK(cond)                                                            \
+  do {                                                                         \
+    if (cond) {                                                                \
+      ++passed;                                                                \
+    } else {                                                                   \
+      ++failed;                                                                \
       fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-    }                                                                    \
+    }                                                                          \
   } while (0)
 
 /* The call failed with `status` and the last error names `argument`. */
-static void expect_error(specdec_status got, specdec_status want, const char *argument, int line) {
-  const char *message = specdec_last_error();
+static void expect_error(specdec_status got, specdec_status want, const char* argument, int line) {
+  const char* message = specdec_last_error();
   if (got == want && strstr(message, argument) != NULL) {
     ++passed;
   } else {
@@ -51,12 +51,18 @@ static uint16_t bf16_of(float x) {
 /* fp16 bit patterns of small integers, worked by hand: sign 0, exponent bias 15, 10 mantissa bits. */
 static uint16_t f16_of_small_int(int v) {
   switch (v) {
-    case 0: return 0x0000;
-    case 1: return 0x3C00;
-    case 2: return 0x4000;
-    case 3: return 0x4200;
-    case 9: return 0x4880;
-    default: return 0x7E00; /* NaN: not used by the cases below */
+    case 0:
+      return 0x0000;
+    case 1:
+      return 0x3C00;
+    case 2:
+      return 0x4000;
+    case 3:
+      return 0x4200;
+    case 9:
+      return 0x4880;
+    default:
+      return 0x7E00; /* NaN: not used by the cases below */
   }
 }
 
@@ -75,7 +81,7 @@ static void check_greedy_result(const int32_t accepted[2], const int32_t emitted
   CHECK(emitted[3] == 1 && emitted[4] == -1 && emitted[5] == -1);
 }
 
-static void test_greedy_every_dtype(specdec_context *ctx) {
+static void test_greedy_every_dtype(specdec_context* ctx) {
   float logits_f32[16];
   uint16_t logits_f16[16], logits_bf16[16];
   int i;
@@ -86,14 +92,14 @@ static void test_greedy_every_dtype(specdec_context *ctx) {
     logits_f16[i] = f16_of_small_int((int)x);
   }
   {
-    const void *inputs[3] = {logits_f32, logits_f16, logits_bf16};
+    const void* inputs[3] = {logits_f32, logits_f16, logits_bf16};
     const int32_t dtypes[3] = {SPECDEC_DTYPE_F32, SPECDEC_DTYPE_F16, SPECDEC_DTYPE_BF16};
     int d;
     for (d = 0; d < 3; ++d) {
       int32_t accepted[2] = {77, 77};
       int32_t emitted[6] = {77, 77, 77, 77, 77, 77};
-      specdec_status s = specdec_greedy_verify(ctx, inputs[d], dtypes[d], 4, kOffsets, 2, kDrafts, 2, 3, accepted,
-                                               emitted, NULL);
+      specdec_status s =
+          specdec_greedy_verify(ctx, inputs[d], dtypes[d], 4, kOffsets, 2, kDrafts, 2, 3, accepted, emitted, NULL);
       CHECK(s == SPECDEC_OK);
       CHECK(strcmp(specdec_last_error(), "") == 0);
       check_greedy_result(accepted, emitted);
@@ -101,42 +107,60 @@ static void test_greedy_every_dtype(specdec_context *ctx) {
   }
 }
 
-static void test_greedy_bad_arguments(specdec_context *ctx) {
+static void test_greedy_bad_arguments(specdec_context* ctx) {
   int32_t accepted[2], emitted[6];
-  const float *l = &kLogits[0][0];
+  const float* l = &kLogits[0][0];
   int32_t bad_offsets[3] = {0, 3, 2};
   int32_t bad_drafts[2] = {2, 4};
   int32_t minus_one_drafts[2] = {-1, 1};
-  const char *bytes = (const char *)l;
+  const char* bytes = (const char*)l;
 
   EXPECT_INVALID(specdec_greedy_verify(NULL, l, 0, 4, kOffsets, 2, kDrafts, 2, 3, accepted, emitted, NULL), "ctx");
-  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 7, 4, kOffsets, 2, kDrafts, 2, 3, accepted, emitted, NULL), "logits_dtype");
-  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, 0, kOffsets, 2, kDrafts, 2, 3, accepted, emitted, NULL), "vocab_size");
-  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, -4, kOffsets, 2, kDrafts, 2, 3, accepted, emitted, NULL), "vocab_size");
-  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, 4, kOffsets, -2, kDrafts, 2, 3, accepted, emitted, NULL), "num_requests");
-  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, 4, kOffsets, 2, kDrafts, -1, 3, accepted, emitted, NULL), "num_draft_tokens");
-  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, 4, kOffsets, 2, kDrafts, 2, 0, accepted, emitted, NULL), "emit_width");
-  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, INT64_MAX, kOffsets, 2, kDrafts, 2, 3, accepted, emitted, NULL), "vocab_size");
+  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 7, 4, kOffsets, 2, kDrafts, 2, 3, accepted, emitted, NULL),
+                 "logits_dtype");
+  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, 0, kOffsets, 2, kDrafts, 2, 3, accepted, emitted, NULL),
+                 "vocab_size");
+  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, -4, kOffsets, 2, kDrafts, 2, 3, accepted, emitted, NULL),
+                 "vocab_size");
+  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, 4, kOffsets, -2, kDrafts, 2, 3, accepted, emitted, NULL),
+                 "num_requests");
+  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, 4, kOffsets, 2, kDrafts, -1, 3, accepted, emitted, NULL),
+                 "num_draft_tokens");
+  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, 4, kOffsets, 2, kDrafts, 2, 0, accepted, emitted, NULL),
+                 "emit_width");
+  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, INT64_MAX, kOffsets, 2, kDrafts, 2, 3, accepted, emitted, NULL),
+                 "vocab_size");
   /* Sizes whose products overflow: rejected before any pointer is used. */
-  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, INT32_MAX, kOffsets, 2, kDrafts, INT32_MAX, 3, accepted, emitted, NULL), "logits");
-  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, 4, kOffsets, 2, kDrafts, 2, INT64_MAX / 2, accepted, emitted, NULL), "emit_width");
+  EXPECT_INVALID(
+      specdec_greedy_verify(ctx, l, 0, INT32_MAX, kOffsets, 2, kDrafts, INT32_MAX, 3, accepted, emitted, NULL),
+      "logits");
+  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, 4, kOffsets, 2, kDrafts, 2, INT64_MAX / 2, accepted, emitted, NULL),
+                 "emit_width");
   EXPECT_INVALID(specdec_greedy_verify(ctx, NULL, 0, 4, kOffsets, 2, kDrafts, 2, 3, accepted, emitted, NULL), "logits");
   EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, 4, NULL, 2, kDrafts, 2, 3, accepted, emitted, NULL), "draft_offsets");
   EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, 4, kOffsets, 2, NULL, 2, 3, accepted, emitted, NULL), "draft_tokens");
-  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, 4, kOffsets, 2, kDrafts, 2, 3, NULL, emitted, NULL), "accepted_counts");
-  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, 4, kOffsets, 2, kDrafts, 2, 3, accepted, NULL, NULL), "emitted_tokens");
-  EXPECT_INVALID(specdec_greedy_verify(ctx, bytes + 2, 0, 4, kOffsets, 2, kDrafts, 2, 3, accepted, emitted, NULL), "aligned");
+  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, 4, kOffsets, 2, kDrafts, 2, 3, NULL, emitted, NULL),
+                 "accepted_counts");
+  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, 4, kOffsets, 2, kDrafts, 2, 3, accepted, NULL, NULL),
+                 "emitted_tokens");
+  EXPECT_INVALID(specdec_greedy_verify(ctx, bytes + 2, 0, 4, kOffsets, 2, kDrafts, 2, 3, accepted, emitted, NULL),
+                 "aligned");
   /* Contents: offsets decreasing, a draft id outside the vocabulary, a -1 padded draft, too narrow an output. */
-  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, 4, bad_offsets, 2, kDrafts, 2, 3, accepted, emitted, NULL), "draft_offsets[1]");
-  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, 4, kOffsets, 2, bad_drafts, 2, 3, accepted, emitted, NULL), "draft_tokens[1]");
-  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, 4, kOffsets, 2, minus_one_drafts, 2, 3, accepted, emitted, NULL), "draft_tokens[0]");
-  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, 4, kOffsets, 2, kDrafts, 2, 2, accepted, emitted, NULL), "emit_width");
+  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, 4, bad_offsets, 2, kDrafts, 2, 3, accepted, emitted, NULL),
+                 "draft_offsets[1]");
+  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, 4, kOffsets, 2, bad_drafts, 2, 3, accepted, emitted, NULL),
+                 "draft_tokens[1]");
+  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, 4, kOffsets, 2, minus_one_drafts, 2, 3, accepted, emitted, NULL),
+                 "draft_tokens[0]");
+  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, 4, kOffsets, 2, kDrafts, 2, 2, accepted, emitted, NULL),
+                 "emit_width");
 }
 
-static void test_empty_batch(specdec_context *ctx) {
+static void test_empty_batch(specdec_context* ctx) {
   int32_t offsets[1] = {0};
   /* No requests: every array but the offsets is empty, so null pointers are fine. */
-  CHECK(specdec_greedy_verify(ctx, NULL, SPECDEC_DTYPE_BF16, 8, offsets, 0, NULL, 0, 1, NULL, NULL, NULL) == SPECDEC_OK);
+  CHECK(specdec_greedy_verify(ctx, NULL, SPECDEC_DTYPE_BF16, 8, offsets, 0, NULL, 0, 1, NULL, NULL, NULL) ==
+        SPECDEC_OK);
 }
 
 /*
@@ -146,7 +170,7 @@ static void test_empty_batch(specdec_context *ctx) {
  */
 static void test_drafter(void) {
   specdec_drafter_config config;
-  specdec_drafter *drafter = NULL;
+  specdec_drafter* drafter = NULL;
   specdec_drafter_stats stats;
   const int32_t rollouts[4][5] = {{1, 2, 3, 4, 0}, {1, 2, 3, 5, 0}, {1, 2, 3, 4, 9}, {7, 2, 3, 4, 0}};
   const int64_t lengths[4] = {4, 4, 5, 4};
@@ -215,7 +239,7 @@ static void test_drafter(void) {
 
 /* Tree budgets: one request with first children accepted 90% of the time gets a real tree at batch 1 (more
  * drafts than depth), laid out as the tree sampler's parent array. */
-static void test_policy_trees(const specdec_cost_model *model) {
+static void test_policy_trees(const specdec_cost_model* model) {
   const int64_t contexts[2] = {4096, 4096};
   const double acceptance[2] = {0.9, 0.9};
   int32_t parents[2 * 17];
@@ -237,13 +261,20 @@ static void test_policy_trees(const specdec_cost_model *model) {
   }
   CHECK(deepest >= 1 && deepest <= 6 && drafts[0] > deepest);
 
-  EXPECT_INVALID(specdec_choose_draft_trees(model, contexts, acceptance, 1, 1, 0, 1, parents, drafts, &goodput), "max_drafts");
-  EXPECT_INVALID(specdec_choose_draft_trees(model, contexts, acceptance, 1, 1, 65, 6, parents, drafts, &goodput), "max_drafts");
-  EXPECT_INVALID(specdec_choose_draft_trees(model, contexts, acceptance, 1, 1, 16, 17, parents, drafts, &goodput), "max_depth");
-  EXPECT_INVALID(specdec_choose_draft_trees(model, contexts, acceptance, 2, 0, 16, 6, parents, drafts, &goodput), "positions");
-  EXPECT_INVALID(specdec_choose_draft_trees(model, contexts, acceptance, 1, 1, 16, 6, NULL, drafts, &goodput), "out_parents");
-  EXPECT_INVALID(specdec_choose_draft_trees(model, contexts, acceptance, 1, 1, 16, 6, parents, NULL, &goodput), "out_num_drafts");
-  EXPECT_INVALID(specdec_choose_draft_trees(NULL, contexts, acceptance, 1, 1, 16, 6, parents, drafts, &goodput), "model");
+  EXPECT_INVALID(specdec_choose_draft_trees(model, contexts, acceptance, 1, 1, 0, 1, parents, drafts, &goodput),
+                 "max_drafts");
+  EXPECT_INVALID(specdec_choose_draft_trees(model, contexts, acceptance, 1, 1, 65, 6, parents, drafts, &goodput),
+                 "max_drafts");
+  EXPECT_INVALID(specdec_choose_draft_trees(model, contexts, acceptance, 1, 1, 16, 17, parents, drafts, &goodput),
+                 "max_depth");
+  EXPECT_INVALID(specdec_choose_draft_trees(model, contexts, acceptance, 2, 0, 16, 6, parents, drafts, &goodput),
+                 "positions");
+  EXPECT_INVALID(specdec_choose_draft_trees(model, contexts, acceptance, 1, 1, 16, 6, NULL, drafts, &goodput),
+                 "out_parents");
+  EXPECT_INVALID(specdec_choose_draft_trees(model, contexts, acceptance, 1, 1, 16, 6, parents, NULL, &goodput),
+                 "out_num_drafts");
+  EXPECT_INVALID(specdec_choose_draft_trees(NULL, contexts, acceptance, 1, 1, 16, 6, parents, drafts, &goodput),
+                 "model");
 }
 
 /* The policy: a preset cost model, step prices, and per-request draft lengths. */
@@ -272,7 +303,8 @@ static void test_policy(void) {
   EXPECT_INVALID(specdec_cost_model_step_seconds(&model, 2, 4, 0, 3, &target), "verified_tokens");
   EXPECT_INVALID(specdec_cost_model_step_seconds(&model, 0, -1, 0, 0, &target), "batch");
   EXPECT_INVALID(specdec_cost_model_step_seconds(NULL, 0, 1, 0, 0, &target), "model");
-  EXPECT_INVALID(specdec_choose_draft_lengths(&model, contexts, bad_acceptance, 1, 2, 8, lengths, &goodput), "acceptance[1]");
+  EXPECT_INVALID(specdec_choose_draft_lengths(&model, contexts, bad_acceptance, 1, 2, 8, lengths, &goodput),
+                 "acceptance[1]");
   EXPECT_INVALID(specdec_choose_draft_lengths(&model, contexts, acceptance, 3, 0, 8, lengths, &goodput), "positions");
   EXPECT_INVALID(specdec_choose_draft_lengths(&model, contexts, acceptance, 3, 2, 100, lengths, &goodput), "max_draft");
   EXPECT_INVALID(specdec_choose_draft_lengths(&model, NULL, acceptance, 3, 2, 8, lengths, &goodput), "contexts");
@@ -286,7 +318,7 @@ static void test_policy(void) {
 }
 
 /* Rejection sampling with certain outcomes: one-hot rows make every coin and race decided. */
-static void test_rejection_chain_and_tree(specdec_context *ctx) {
+static void test_rejection_chain_and_tree(specdec_context* ctx) {
   const uint64_t seeds[2] = {7, 8}, steps[2] = {0, 1};
   const int32_t offsets[3] = {0, 2, 2}, drafts[2] = {2, 1};
   /* Target rows of request 0 (one-hot on 2, 1, then bonus 3) and request 1 (one-hot on 0). */
@@ -302,16 +334,16 @@ static void test_rejection_chain_and_tree(specdec_context *ctx) {
   probs[3 * 4 + 0] = 1;
   draft_probs[0 * 4 + 2] = 1;
   draft_probs[1 * 4 + 1] = 1;
-  CHECK(specdec_rejection_verify_chain(ctx, SPECDEC_ROWS_PROBS_F32, probs, draft_probs, 4, offsets, 2, drafts, 2, &sampling,
-                                       3, &out, NULL) == SPECDEC_OK);
+  CHECK(specdec_rejection_verify_chain(ctx, SPECDEC_ROWS_PROBS_F32, probs, draft_probs, 4, offsets, 2, drafts, 2,
+                                       &sampling, 3, &out, NULL) == SPECDEC_OK);
   CHECK(accepted[0] == 2 && emitted[0] == 2 && emitted[1] == 1 && emitted[2] == 3);
   CHECK(nodes[0] == 1 && nodes[1] == 2 && nodes[2] == -1 && flags[0] == 1 && flags[1] == 1 && flags[2] == -1);
   CHECK(accepted[1] == 0 && emitted[3] == 0 && emitted[4] == -1 && nodes[3] == -1 && flags[3] == -1);
   /* Point-mass drafts (no draft rows), optional outputs skipped. */
   out.accepted_nodes = NULL;
   out.accept_flags = NULL;
-  CHECK(specdec_rejection_verify_chain(ctx, SPECDEC_ROWS_PROBS_F32, probs, NULL, 4, offsets, 2, drafts, 2, &sampling, 3, &out,
-                                       NULL) == SPECDEC_OK);
+  CHECK(specdec_rejection_verify_chain(ctx, SPECDEC_ROWS_PROBS_F32, probs, NULL, 4, offsets, 2, drafts, 2, &sampling, 3,
+                                       &out, NULL) == SPECDEC_OK);
   CHECK(accepted[0] == 2 && emitted[2] == 3 && accepted[1] == 0 && emitted[3] == 0);
 
   {
@@ -323,12 +355,12 @@ static void test_rejection_chain_and_tree(specdec_context *ctx) {
       for (c = 0; c < 4; ++c) logits[r * 4 + c] = bf16_of(kLogits[r][c]);
     }
     sampling.temperature = temperature;
-    CHECK(specdec_rejection_verify_chain(ctx, SPECDEC_ROWS_LOGITS_BF16, logits, NULL, 4, kOffsets, 2, kDrafts, 2, &sampling,
-                                         3, &out, NULL) == SPECDEC_OK);
+    CHECK(specdec_rejection_verify_chain(ctx, SPECDEC_ROWS_LOGITS_BF16, logits, NULL, 4, kOffsets, 2, kDrafts, 2,
+                                         &sampling, 3, &out, NULL) == SPECDEC_OK);
     check_greedy_result(accepted, emitted);
     sampling.temperature = NULL;
-    EXPECT_INVALID(specdec_rejection_verify_chain(ctx, SPECDEC_ROWS_LOGITS_BF16, logits, NULL, 4, kOffsets, 2, kDrafts, 2,
-                                                  &sampling, 3, &out, NULL),
+    EXPECT_INVALID(specdec_rejection_verify_chain(ctx, SPECDEC_ROWS_LOGITS_BF16, logits, NULL, 4, kOffsets, 2, kDrafts,
+                                                  2, &sampling, 3, &out, NULL),
                    "sampling.temperature");
   }
 
@@ -341,21 +373,22 @@ static void test_rejection_chain_and_tree(specdec_context *ctx) {
     tree_probs[1 * 4 + 3] = 1;
     tree_probs[2 * 4 + 0] = 1;
     out.accepted_nodes = nodes;
-    CHECK(specdec_rejection_verify_tree(ctx, SPECDEC_ROWS_PROBS_F32, tree_probs, NULL, 4, node_offsets, 1, tokens, parents,
-                                        3, &sampling, 2, &out, NULL) == SPECDEC_OK);
+    CHECK(specdec_rejection_verify_tree(ctx, SPECDEC_ROWS_PROBS_F32, tree_probs, NULL, 4, node_offsets, 1, tokens,
+                                        parents, 3, &sampling, 2, &out, NULL) == SPECDEC_OK);
     CHECK(accepted[0] == 1 && emitted[0] == 2 && emitted[1] == 0 && nodes[0] == 2 && nodes[1] == -1);
-    EXPECT_INVALID(specdec_rejection_verify_tree(ctx, SPECDEC_ROWS_PROBS_F32, tree_probs, NULL, 4, node_offsets, 1, tokens,
-                                                 bad_parents, 3, &sampling, 2, &out, NULL),
+    EXPECT_INVALID(specdec_rejection_verify_tree(ctx, SPECDEC_ROWS_PROBS_F32, tree_probs, NULL, 4, node_offsets, 1,
+                                                 tokens, bad_parents, 3, &sampling, 2, &out, NULL),
                    "parents[1]");
   }
 
-  EXPECT_INVALID(specdec_rejection_verify_chain(ctx, SPECDEC_ROWS_PROBS_F32, probs, NULL, 4, offsets, 2, drafts, 2, NULL, 3,
-                                                &out, NULL),
+  EXPECT_INVALID(specdec_rejection_verify_chain(ctx, SPECDEC_ROWS_PROBS_F32, probs, NULL, 4, offsets, 2, drafts, 2,
+                                                NULL, 3, &out, NULL),
                  "sampling");
-  EXPECT_INVALID(specdec_rejection_verify_chain(ctx, 7, probs, NULL, 4, offsets, 2, drafts, 2, &sampling, 3, &out, NULL),
-                 "rows_kind");
-  EXPECT_INVALID(specdec_rejection_verify_chain(ctx, SPECDEC_ROWS_PROBS_F32, probs, NULL, 4, offsets, 2, drafts, 2, &sampling,
-                                                2, &out, NULL),
+  EXPECT_INVALID(
+      specdec_rejection_verify_chain(ctx, 7, probs, NULL, 4, offsets, 2, drafts, 2, &sampling, 3, &out, NULL),
+      "rows_kind");
+  EXPECT_INVALID(specdec_rejection_verify_chain(ctx, SPECDEC_ROWS_PROBS_F32, probs, NULL, 4, offsets, 2, drafts, 2,
+                                                &sampling, 2, &out, NULL),
                  "emit_width");
   {
     const int32_t padded[2] = {-1, 1};
@@ -375,7 +408,7 @@ static void test_rejection_chain_and_tree(specdec_context *ctx) {
 }
 
 /* The int4 format's rule for where the code of W[row, col] lives (docs/int4-format.md), written out in C. */
-static uint32_t int4_code(const uint32_t *packed, int64_t k, int64_t row, int64_t col) {
+static uint32_t int4_code(const uint32_t* packed, int64_t k, int64_t row, int64_t col) {
   int64_t tile = (row / 16) * (k / 64) + col / 64;
   int64_t r = row % 16, within = col % 32, half = (col % 64) / 32;
   int64_t lane = 4 * (r % 8) + within / 8, word = 2 * half + (within % 8) / 4, d = within % 4;
@@ -390,7 +423,7 @@ static float bf16_to_float(uint16_t bits) {
   return x;
 }
 
-static void test_int4(specdec_context *ctx) {
+static void test_int4(specdec_context* ctx) {
   enum { N = 32, K = 128, G = 32, GROUPS = K / G };
   static uint16_t w[N * K], scales[GROUPS * N], scales2[GROUPS * N], x[2 * K], y[2 * N];
   static uint32_t packed[N * K / 8], packed2[N * K / 8];
@@ -456,34 +489,34 @@ static void test_int4(specdec_context *ctx) {
   CHECK(memcmp(packed, packed2, sizeof packed) == 0 && memcmp(zeros, zeros2, sizeof zeros) == 0 &&
         memcmp(scales, scales2, sizeof scales) == 0);
   g_idx[5] = 3; /* act-order */
-  EXPECT_INVALID(specdec_int4_from_gptq(N, K, G, qweight, qzeros, scales, SPECDEC_DTYPE_BF16, g_idx, 1, packed2,
-                                        scales2, zeros2),
-                 "g_idx[5]");
-  EXPECT_INVALID(specdec_int4_from_gptq(N, K, G, qweight, qzeros, scales, SPECDEC_DTYPE_BF16, NULL, 2, packed2,
-                                        scales2, zeros2),
-                 "zeros_minus_one");
+  EXPECT_INVALID(
+      specdec_int4_from_gptq(N, K, G, qweight, qzeros, scales, SPECDEC_DTYPE_BF16, g_idx, 1, packed2, scales2, zeros2),
+      "g_idx[5]");
+  EXPECT_INVALID(
+      specdec_int4_from_gptq(N, K, G, qweight, qzeros, scales, SPECDEC_DTYPE_BF16, NULL, 2, packed2, scales2, zeros2),
+      "zeros_minus_one");
   EXPECT_INVALID(specdec_int4_from_awq(N, K, G, NULL, qzeros, scales, SPECDEC_DTYPE_BF16, packed2, scales2, zeros2),
                  "qweight");
   /* Shapes and dtypes outside the format. */
-  EXPECT_INVALID(specdec_int4_quantize(ctx, w, SPECDEC_DTYPE_BF16, 24, K, G, packed, scales, SPECDEC_DTYPE_BF16,
-                                       zeros, NULL),
-                 "`n`");
-  EXPECT_INVALID(specdec_int4_quantize(ctx, w, SPECDEC_DTYPE_BF16, N, K, 48, packed, scales, SPECDEC_DTYPE_BF16,
-                                       zeros, NULL),
-                 "group_size");
-  EXPECT_INVALID(specdec_int4_quantize(ctx, w, SPECDEC_DTYPE_F32, N, K, G, packed, scales, SPECDEC_DTYPE_BF16, zeros,
-                                       NULL),
-                 "weights_dtype");
-  EXPECT_INVALID(specdec_int4_gemv(ctx, packed, scales, SPECDEC_DTYPE_BF16, zeros, N, K, G, x, SPECDEC_DTYPE_BF16, 17,
-                                   y, NULL),
-                 "`m`");
-  EXPECT_INVALID(specdec_int4_gemv(ctx, NULL, scales, SPECDEC_DTYPE_BF16, zeros, N, K, G, x, SPECDEC_DTYPE_BF16, 2, y,
-                                   NULL),
-                 "packed");
+  EXPECT_INVALID(
+      specdec_int4_quantize(ctx, w, SPECDEC_DTYPE_BF16, 24, K, G, packed, scales, SPECDEC_DTYPE_BF16, zeros, NULL),
+      "`n`");
+  EXPECT_INVALID(
+      specdec_int4_quantize(ctx, w, SPECDEC_DTYPE_BF16, N, K, 48, packed, scales, SPECDEC_DTYPE_BF16, zeros, NULL),
+      "group_size");
+  EXPECT_INVALID(
+      specdec_int4_quantize(ctx, w, SPECDEC_DTYPE_F32, N, K, G, packed, scales, SPECDEC_DTYPE_BF16, zeros, NULL),
+      "weights_dtype");
+  EXPECT_INVALID(
+      specdec_int4_gemv(ctx, packed, scales, SPECDEC_DTYPE_BF16, zeros, N, K, G, x, SPECDEC_DTYPE_BF16, 17, y, NULL),
+      "`m`");
+  EXPECT_INVALID(
+      specdec_int4_gemv(ctx, NULL, scales, SPECDEC_DTYPE_BF16, zeros, N, K, G, x, SPECDEC_DTYPE_BF16, 2, y, NULL),
+      "packed");
   zeros2[3] = 16;
-  EXPECT_INVALID(specdec_int4_pack(ctx, w, SPECDEC_DTYPE_BF16, N, K, G, scales, SPECDEC_DTYPE_BF16, zeros2, packed2,
-                                   NULL),
-                 "zeros[3]");
+  EXPECT_INVALID(
+      specdec_int4_pack(ctx, w, SPECDEC_DTYPE_BF16, N, K, G, scales, SPECDEC_DTYPE_BF16, zeros2, packed2, NULL),
+      "zeros[3]");
 }
 
 /* Tree attention: a 2-node chain with no prefix. Node 0 sees only itself, so its output is its own value; node 1
@@ -496,7 +529,7 @@ static float f32_of_bf16(uint16_t b) {
   return x;
 }
 
-static void test_tree_attention(specdec_context *ctx) {
+static void test_tree_attention(specdec_context* ctx) {
   enum { D = 64, HQ = 2, HKV = 1, N = 2, PAGES = 2, PS = 16 };
   uint16_t q[N * HQ * D], k[N * HKV * D], v[N * HKV * D], out[N * HQ * D];
   static uint16_t k_cache[PAGES * PS * HKV * D], v_cache[PAGES * PS * HKV * D];
@@ -536,22 +569,22 @@ static void test_tree_attention(specdec_context *ctx) {
   CHECK(memcmp(&k_cache[PS * D], &k[D], D * 2) == 0 && memcmp(&v_cache[PS * D], &v[D], D * 2) == 0);
 
   int32_t bad_parents[N] = {-1, 1}, bad_table[1] = {PAGES};
-  EXPECT_INVALID(specdec_tree_attention(ctx, SPECDEC_DTYPE_BF16, q, k, v, 1, N, HQ, 4, offsets, bad_parents, prefix,
-                                        table, k_cache, v_cache, PAGES, PS, HKV, D, 1, NULL, 0, 0, scale, out, NULL,
-                                        NULL, NULL),
-                 "parents[1]");
-  EXPECT_INVALID(specdec_tree_attention(ctx, SPECDEC_DTYPE_BF16, q, k, v, 1, N, HQ, 4, offsets, parents, prefix,
-                                        bad_table, k_cache, v_cache, PAGES, PS, HKV, D, 1, NULL, 0, 0, scale, out, NULL,
-                                        NULL, NULL),
-                 "page_table[0]");
-  EXPECT_INVALID(specdec_tree_attention(ctx, SPECDEC_DTYPE_F32, q, k, v, 1, N, HQ, 4, offsets, parents, prefix, table,
-                                        k_cache, v_cache, PAGES, PS, HKV, D, 1, NULL, 0, 0, scale, out, NULL, NULL,
-                                        NULL),
-                 "dtype");
-  EXPECT_INVALID(specdec_tree_attention(ctx, SPECDEC_DTYPE_BF16, q, k, v, 1, N, HQ, 65, offsets, parents, prefix,
-                                        table, k_cache, v_cache, PAGES, PS, HKV, D, 1, NULL, 0, 0, scale, out, NULL,
-                                        NULL, NULL),
-                 "max_tree_size");
+  EXPECT_INVALID(
+      specdec_tree_attention(ctx, SPECDEC_DTYPE_BF16, q, k, v, 1, N, HQ, 4, offsets, bad_parents, prefix, table,
+                             k_cache, v_cache, PAGES, PS, HKV, D, 1, NULL, 0, 0, scale, out, NULL, NULL, NULL),
+      "parents[1]");
+  EXPECT_INVALID(
+      specdec_tree_attention(ctx, SPECDEC_DTYPE_BF16, q, k, v, 1, N, HQ, 4, offsets, parents, prefix, bad_table,
+                             k_cache, v_cache, PAGES, PS, HKV, D, 1, NULL, 0, 0, scale, out, NULL, NULL, NULL),
+      "page_table[0]");
+  EXPECT_INVALID(
+      specdec_tree_attention(ctx, SPECDEC_DTYPE_F32, q, k, v, 1, N, HQ, 4, offsets, parents, prefix, table, k_cache,
+                             v_cache, PAGES, PS, HKV, D, 1, NULL, 0, 0, scale, out, NULL, NULL, NULL),
+      "dtype");
+  EXPECT_INVALID(
+      specdec_tree_attention(ctx, SPECDEC_DTYPE_BF16, q, k, v, 1, N, HQ, 65, offsets, parents, prefix, table, k_cache,
+                             v_cache, PAGES, PS, HKV, D, 1, NULL, 0, 0, scale, out, NULL, NULL, NULL),
+      "max_tree_size");
 }
 
 /*
@@ -561,22 +594,22 @@ static void test_tree_attention(specdec_context *ctx) {
 typedef int cu_status;
 typedef unsigned long long cu_ptr;
 static struct {
-  void *lib;
-  cu_status (*ctx_retain)(void **, int);
+  void* lib;
+  cu_status (*ctx_retain)(void**, int);
   cu_status (*ctx_release)(int);
-  cu_status (*ctx_push)(void *);
-  cu_status (*ctx_pop)(void **);
-  cu_status (*alloc)(cu_ptr *, size_t);
+  cu_status (*ctx_push)(void*);
+  cu_status (*ctx_pop)(void**);
+  cu_status (*alloc)(cu_ptr*, size_t);
   cu_status (*free)(cu_ptr);
-  cu_status (*htod)(cu_ptr, const void *, size_t);
-  cu_status (*dtoh)(void *, cu_ptr, size_t);
-  cu_status (*stream_create)(void **, unsigned);
-  cu_status (*stream_destroy)(void *);
-  cu_status (*stream_sync)(void *);
+  cu_status (*htod)(cu_ptr, const void*, size_t);
+  cu_status (*dtoh)(void*, cu_ptr, size_t);
+  cu_status (*stream_create)(void**, unsigned);
+  cu_status (*stream_destroy)(void*);
+  cu_status (*stream_sync)(void*);
 } cu;
 
-static int load_symbol(void *out, const char *name) {
-  void *symbol = dlsym(cu.lib, name);
+static int load_symbol(void* out, const char* name) {
+  void* symbol = dlsym(cu.lib, name);
   memcpy(out, &symbol, sizeof symbol); /* object to function pointer, without a cast ISO C forbids */
   return symbol != NULL;
 }
@@ -584,41 +617,42 @@ static int load_symbol(void *out, const char *name) {
 static int open_driver(void) {
   cu.lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
   return cu.lib != NULL && load_symbol(&cu.ctx_retain, "cuDevicePrimaryCtxRetain") &&
-         load_symbol(&cu.ctx_release, "cuDevicePrimaryCtxRelease_v2") && load_symbol(&cu.ctx_push, "cuCtxPushCurrent_v2") &&
-         load_symbol(&cu.ctx_pop, "cuCtxPopCurrent_v2") && load_symbol(&cu.alloc, "cuMemAlloc_v2") &&
-         load_symbol(&cu.free, "cuMemFree_v2") && load_symbol(&cu.htod, "cuMemcpyHtoD_v2") &&
-         load_symbol(&cu.dtoh, "cuMemcpyDtoH_v2") && load_symbol(&cu.stream_create, "cuStreamCreate") &&
-         load_symbol(&cu.stream_destroy, "cuStreamDestroy_v2") && load_symbol(&cu.stream_sync, "cuStreamSynchronize");
+         load_symbol(&cu.ctx_release, "cuDevicePrimaryCtxRelease_v2") &&
+         load_symbol(&cu.ctx_push, "cuCtxPushCurrent_v2") && load_symbol(&cu.ctx_pop, "cuCtxPopCurrent_v2") &&
+         load_symbol(&cu.alloc, "cuMemAlloc_v2") && load_symbol(&cu.free, "cuMemFree_v2") &&
+         load_symbol(&cu.htod, "cuMemcpyHtoD_v2") && load_symbol(&cu.dtoh, "cuMemcpyDtoH_v2") &&
+         load_symbol(&cu.stream_create, "cuStreamCreate") && load_symbol(&cu.stream_destroy, "cuStreamDestroy_v2") &&
+         load_symbol(&cu.stream_sync, "cuStreamSynchronize");
 }
 
 /* A device copy of `bytes` bytes of `host` (at least one byte is allocated, so empty arrays get a valid pointer). */
-static void *to_device(const void *host, size_t bytes) {
+static void* to_device(const void* host, size_t bytes) {
   cu_ptr p = 0;
   CHECK(cu.alloc(&p, bytes > 0 ? bytes : 1) == 0);
   if (host != NULL && bytes > 0) CHECK(cu.htod(p, host, bytes) == 0);
-  return (void *)(uintptr_t)p;
+  return (void*)(uintptr_t)p;
 }
 
 /* A device array of `bytes` bytes, every byte 0xAB: what the kernel writes must overwrite it. */
-static void *poisoned(size_t bytes) {
-  unsigned char *fill = (unsigned char *)malloc(bytes > 0 ? bytes : 1);
-  void *p;
+static void* poisoned(size_t bytes) {
+  unsigned char* fill = (unsigned char*)malloc(bytes > 0 ? bytes : 1);
+  void* p;
   memset(fill, 0xAB, bytes > 0 ? bytes : 1);
   p = to_device(fill, bytes);
   free(fill);
   return p;
 }
 
-static void to_host(void *host, const void *device, size_t bytes) {
+static void to_host(void* host, const void* device, size_t bytes) {
   CHECK(cu.dtoh(host, (cu_ptr)(uintptr_t)device, bytes) == 0);
 }
 
-static void release(void *device) { CHECK(cu.free((cu_ptr)(uintptr_t)device) == 0); }
+static void release(void* device) { CHECK(cu.free((cu_ptr)(uintptr_t)device) == 0); }
 
-static void test_device_greedy(specdec_context *gpu, void *stream) {
+static void test_device_greedy(specdec_context* gpu, void* stream) {
   float logits_f32[16];
   uint16_t logits_f16[16], logits_bf16[16];
-  const void *inputs[3] = {logits_f32, logits_f16, logits_bf16};
+  const void* inputs[3] = {logits_f32, logits_f16, logits_bf16};
   const size_t sizes[3] = {sizeof logits_f32, sizeof logits_f16, sizeof logits_bf16};
   const int32_t dtypes[3] = {SPECDEC_DTYPE_F32, SPECDEC_DTYPE_F16, SPECDEC_DTYPE_BF16};
   void *offsets = to_device(kOffsets, sizeof kOffsets), *drafts = to_device(kDrafts, sizeof kDrafts);
@@ -630,19 +664,19 @@ static void test_device_greedy(specdec_context *gpu, void *stream) {
   }
   for (d = 0; d < 3; ++d) {
     int32_t accepted[2], emitted[6];
-    void *logits = to_device(inputs[d], sizes[d]);
+    void* logits = to_device(inputs[d], sizes[d]);
     void *accepted_d = poisoned(sizeof accepted), *emitted_d = poisoned(sizeof emitted);
-    CHECK(specdec_greedy_verify(gpu, logits, dtypes[d], 4, (const int32_t *)offsets, 2, (const int32_t *)drafts, 2, 3,
-                                (int32_t *)accepted_d, (int32_t *)emitted_d, stream) == SPECDEC_OK);
+    CHECK(specdec_greedy_verify(gpu, logits, dtypes[d], 4, (const int32_t*)offsets, 2, (const int32_t*)drafts, 2, 3,
+                                (int32_t*)accepted_d, (int32_t*)emitted_d, stream) == SPECDEC_OK);
     CHECK(cu.stream_sync(stream) == 0);
     to_host(accepted, accepted_d, sizeof accepted);
     to_host(emitted, emitted_d, sizeof emitted);
     check_greedy_result(accepted, emitted);
     /* A logits pointer that is not aligned for its dtype is named, on the device as on the host. */
-    EXPECT_INVALID(specdec_greedy_verify(gpu, (const char *)logits + 1, dtypes[d], 4, (const int32_t *)offsets, 2,
-                                         (const int32_t *)drafts, 2, 3, (int32_t *)accepted_d, (int32_t *)emitted_d,
-                                         stream),
-                   "logits");
+    EXPECT_INVALID(
+        specdec_greedy_verify(gpu, (const char*)logits + 1, dtypes[d], 4, (const int32_t*)offsets, 2,
+                              (const int32_t*)drafts, 2, 3, (int32_t*)accepted_d, (int32_t*)emitted_d, stream),
+        "logits");
     release(logits);
     release(accepted_d);
     release(emitted_d);
@@ -652,7 +686,7 @@ static void test_device_greedy(specdec_context *gpu, void *stream) {
 }
 
 /* The CPU test's chain (draft rows and point masses) and tree, on device pointers: the same hand-worked outcome. */
-static void test_device_rejection(specdec_context *gpu, void *stream) {
+static void test_device_rejection(specdec_context* gpu, void* stream) {
   const uint64_t seeds[2] = {7, 8}, steps[2] = {0, 1};
   const int32_t offsets[3] = {0, 2, 2}, drafts[2] = {2, 1};
   float probs[4 * 4] = {0}, draft_probs[2 * 4] = {0};
@@ -663,8 +697,8 @@ static void test_device_rejection(specdec_context *gpu, void *stream) {
   void *accepted_d = poisoned(sizeof accepted), *emitted_d = poisoned(sizeof emitted);
   void *nodes_d = poisoned(sizeof nodes), *flags_d = poisoned(sizeof flags);
   void *probs_d, *draft_probs_d;
-  specdec_sampling sampling = {NULL, NULL, NULL, (const uint64_t *)seeds_d, (const uint64_t *)steps_d};
-  specdec_verify_outputs out = {(int32_t *)accepted_d, (int32_t *)emitted_d, (int32_t *)nodes_d, (int8_t *)flags_d};
+  specdec_sampling sampling = {NULL, NULL, NULL, (const uint64_t*)seeds_d, (const uint64_t*)steps_d};
+  specdec_verify_outputs out = {(int32_t*)accepted_d, (int32_t*)emitted_d, (int32_t*)nodes_d, (int8_t*)flags_d};
   probs[0 * 4 + 2] = 1;
   probs[1 * 4 + 1] = 1;
   probs[2 * 4 + 3] = 1;
@@ -674,7 +708,7 @@ static void test_device_rejection(specdec_context *gpu, void *stream) {
   probs_d = to_device(probs, sizeof probs);
   draft_probs_d = to_device(draft_probs, sizeof draft_probs);
   CHECK(specdec_rejection_verify_chain(gpu, SPECDEC_ROWS_PROBS_F32, probs_d, draft_probs_d, 4,
-                                       (const int32_t *)offsets_d, 2, (const int32_t *)drafts_d, 2, &sampling, 3, &out,
+                                       (const int32_t*)offsets_d, 2, (const int32_t*)drafts_d, 2, &sampling, 3, &out,
                                        stream) == SPECDEC_OK);
   CHECK(cu.stream_sync(stream) == 0);
   to_host(accepted, accepted_d, sizeof accepted);
@@ -686,8 +720,8 @@ static void test_device_rejection(specdec_context *gpu, void *stream) {
   CHECK(accepted[1] == 0 && emitted[3] == 0 && emitted[4] == -1 && nodes[3] == -1 && flags[3] == -1);
   out.accepted_nodes = NULL;
   out.accept_flags = NULL;
-  CHECK(specdec_rejection_verify_chain(gpu, SPECDEC_ROWS_PROBS_F32, probs_d, NULL, 4, (const int32_t *)offsets_d, 2,
-                                       (const int32_t *)drafts_d, 2, &sampling, 3, &out, stream) == SPECDEC_OK);
+  CHECK(specdec_rejection_verify_chain(gpu, SPECDEC_ROWS_PROBS_F32, probs_d, NULL, 4, (const int32_t*)offsets_d, 2,
+                                       (const int32_t*)drafts_d, 2, &sampling, 3, &out, stream) == SPECDEC_OK);
   CHECK(cu.stream_sync(stream) == 0);
   to_host(accepted, accepted_d, sizeof accepted);
   to_host(emitted, emitted_d, sizeof emitted);
@@ -701,10 +735,10 @@ static void test_device_rejection(specdec_context *gpu, void *stream) {
     tree_probs[1 * 4 + 3] = 1;
     tree_probs[2 * 4 + 0] = 1;
     tree_probs_d = to_device(tree_probs, sizeof tree_probs);
-    out.accepted_nodes = (int32_t *)nodes_d;
+    out.accepted_nodes = (int32_t*)nodes_d;
     CHECK(specdec_rejection_verify_tree(gpu, SPECDEC_ROWS_PROBS_F32, tree_probs_d, NULL, 4,
-                                        (const int32_t *)node_offsets_d, 1, (const int32_t *)tokens_d,
-                                        (const int32_t *)parents_d, 3, &sampling, 2, &out, stream) == SPECDEC_OK);
+                                        (const int32_t*)node_offsets_d, 1, (const int32_t*)tokens_d,
+                                        (const int32_t*)parents_d, 3, &sampling, 2, &out, stream) == SPECDEC_OK);
     CHECK(cu.stream_sync(stream) == 0);
     to_host(accepted, accepted_d, sizeof accepted[0]);
     to_host(emitted, emitted_d, 2 * sizeof emitted[0]);
@@ -728,12 +762,13 @@ static void test_device_rejection(specdec_context *gpu, void *stream) {
 }
 
 /* Quantize, pack and GEMV on the device: the same bytes as the CPU backend, and y within the GEMV's rounding. */
-static void test_device_int4(specdec_context *cpu, specdec_context *gpu, void *stream) {
+static void test_device_int4(specdec_context* cpu, specdec_context* gpu, void* stream) {
   enum { N = 32, K = 128, G = 32, GROUPS = K / G };
   static uint16_t w[N * K], scales[GROUPS * N], scales_gpu[GROUPS * N], x[2 * K], y[2 * N], y_gpu[2 * N];
   static uint32_t packed[N * K / 8], packed_gpu[N * K / 8];
   static uint8_t zeros[GROUPS * N], zeros_gpu[GROUPS * N];
-  void *w_d, *packed_d = poisoned(sizeof packed), *scales_d = poisoned(sizeof scales), *zeros_d = poisoned(sizeof zeros);
+  void *w_d, *packed_d = poisoned(sizeof packed), *scales_d = poisoned(sizeof scales),
+             *zeros_d = poisoned(sizeof zeros);
   void *x_d, *y_d = poisoned(sizeof y);
   int64_t row, col, i;
   int bad = 0;
@@ -744,8 +779,8 @@ static void test_device_int4(specdec_context *cpu, specdec_context *gpu, void *s
   x_d = to_device(x, sizeof x);
   CHECK(specdec_int4_quantize(cpu, w, SPECDEC_DTYPE_BF16, N, K, G, packed, scales, SPECDEC_DTYPE_BF16, zeros, NULL) ==
         SPECDEC_OK);
-  CHECK(specdec_int4_quantize(gpu, w_d, SPECDEC_DTYPE_BF16, N, K, G, (uint32_t *)packed_d, scales_d, SPECDEC_DTYPE_BF16,
-                              (uint8_t *)zeros_d, stream) == SPECDEC_OK);
+  CHECK(specdec_int4_quantize(gpu, w_d, SPECDEC_DTYPE_BF16, N, K, G, (uint32_t*)packed_d, scales_d, SPECDEC_DTYPE_BF16,
+                              (uint8_t*)zeros_d, stream) == SPECDEC_OK);
   CHECK(cu.stream_sync(stream) == 0);
   to_host(packed_gpu, packed_d, sizeof packed_gpu);
   to_host(scales_gpu, scales_d, sizeof scales_gpu);
@@ -753,14 +788,14 @@ static void test_device_int4(specdec_context *cpu, specdec_context *gpu, void *s
   CHECK(memcmp(packed, packed_gpu, sizeof packed) == 0);
   CHECK(memcmp(scales, scales_gpu, sizeof scales) == 0);
   CHECK(memcmp(zeros, zeros_gpu, sizeof zeros) == 0);
-  CHECK(specdec_int4_pack(gpu, w_d, SPECDEC_DTYPE_BF16, N, K, G, scales_d, SPECDEC_DTYPE_BF16, (const uint8_t *)zeros_d,
-                          (uint32_t *)packed_d, stream) == SPECDEC_OK);
+  CHECK(specdec_int4_pack(gpu, w_d, SPECDEC_DTYPE_BF16, N, K, G, scales_d, SPECDEC_DTYPE_BF16, (const uint8_t*)zeros_d,
+                          (uint32_t*)packed_d, stream) == SPECDEC_OK);
   CHECK(cu.stream_sync(stream) == 0);
   to_host(packed_gpu, packed_d, sizeof packed_gpu);
   CHECK(memcmp(packed, packed_gpu, sizeof packed) == 0);
   CHECK(specdec_int4_gemv(cpu, packed, scales, SPECDEC_DTYPE_BF16, zeros, N, K, G, x, SPECDEC_DTYPE_BF16, 2, y, NULL) ==
         SPECDEC_OK);
-  CHECK(specdec_int4_gemv(gpu, (const uint32_t *)packed_d, scales_d, SPECDEC_DTYPE_BF16, (const uint8_t *)zeros_d, N, K,
+  CHECK(specdec_int4_gemv(gpu, (const uint32_t*)packed_d, scales_d, SPECDEC_DTYPE_BF16, (const uint8_t*)zeros_d, N, K,
                           G, x_d, SPECDEC_DTYPE_BF16, 2, y_d, stream) == SPECDEC_OK);
   CHECK(cu.stream_sync(stream) == 0);
   to_host(y_gpu, y_d, sizeof y_gpu);
@@ -780,7 +815,7 @@ static void test_device_int4(specdec_context *cpu, specdec_context *gpu, void *s
 
 /* The CPU test's two-node chain on the device: the same outputs within bf16 rounding, the same cache append,
  * the same compaction. */
-static void test_device_tree_attention(specdec_context *cpu, specdec_context *gpu, void *stream) {
+static void test_device_tree_attention(specdec_context* cpu, specdec_context* gpu, void* stream) {
   enum { D = 64, HQ = 2, HKV = 1, N = 2, PAGES = 2, PS = 16 };
   uint16_t q[N * HQ * D], k[N * HKV * D], v[N * HKV * D], out[N * HQ * D], out_gpu[N * HQ * D];
   static uint16_t k_cache[PAGES * PS * HKV * D], v_cache[PAGES * PS * HKV * D], cache_gpu[PAGES * PS * HKV * D];
@@ -809,10 +844,10 @@ static void test_device_tree_attention(specdec_context *cpu, specdec_context *gp
   v_cache_d = to_device(v_cache, sizeof v_cache);
   CHECK(specdec_tree_attention(cpu, SPECDEC_DTYPE_BF16, q, k, v, 1, N, HQ, 4, offsets, parents, prefix, table, k_cache,
                                v_cache, PAGES, PS, HKV, D, 1, NULL, 0, 0, 0.125f, out, lse, NULL, NULL) == SPECDEC_OK);
-  CHECK(specdec_tree_attention(gpu, SPECDEC_DTYPE_BF16, q_d, k_d, v_d, 1, N, HQ, 4, (const int32_t *)offsets_d,
-                               (const int32_t *)parents_d, (const int32_t *)prefix_d, (const int32_t *)table_d,
-                               k_cache_d, v_cache_d, PAGES, PS, HKV, D, 1, NULL, 0, 0, 0.125f, out_d, (float *)lse_d,
-                               (int32_t *)status_d, stream) == SPECDEC_OK);
+  CHECK(specdec_tree_attention(gpu, SPECDEC_DTYPE_BF16, q_d, k_d, v_d, 1, N, HQ, 4, (const int32_t*)offsets_d,
+                               (const int32_t*)parents_d, (const int32_t*)prefix_d, (const int32_t*)table_d, k_cache_d,
+                               v_cache_d, PAGES, PS, HKV, D, 1, NULL, 0, 0, 0.125f, out_d, (float*)lse_d,
+                               (int32_t*)status_d, stream) == SPECDEC_OK);
   CHECK(cu.stream_sync(stream) == 0);
   to_host(out_gpu, out_d, sizeof out_gpu);
   to_host(lse_gpu, lse_d, sizeof lse_gpu);
@@ -834,9 +869,9 @@ static void test_device_tree_attention(specdec_context *cpu, specdec_context *gp
   acc_nodes_d = to_device(acc_nodes, sizeof acc_nodes);
   k_layers[0] = k_cache_d;
   v_layers[0] = v_cache_d;
-  CHECK(specdec_tree_kv_compact(gpu, k_layers, v_layers, 1, PAGES, PS, HKV, D, 1, 1, (const int32_t *)acc_offsets_d,
-                                (const int32_t *)acc_nodes_d, 1, (const int32_t *)prefix_d, (const int32_t *)table_d,
-                                NULL, stream) == SPECDEC_OK);
+  CHECK(specdec_tree_kv_compact(gpu, k_layers, v_layers, 1, PAGES, PS, HKV, D, 1, 1, (const int32_t*)acc_offsets_d,
+                                (const int32_t*)acc_nodes_d, 1, (const int32_t*)prefix_d, (const int32_t*)table_d, NULL,
+                                stream) == SPECDEC_OK);
   CHECK(cu.stream_sync(stream) == 0);
   to_host(cache_gpu, k_cache_d, sizeof cache_gpu);
   CHECK(memcmp(&cache_gpu[PS * D], &k[D], D * 2) == 0);
@@ -858,9 +893,9 @@ static void test_device_tree_attention(specdec_context *cpu, specdec_context *gp
   release(acc_nodes_d);
 }
 
-static void test_device_pointers(specdec_context *cpu) {
-  const char *require = getenv("SPECDEC_REQUIRE_GPU");
-  specdec_context *gpu = NULL;
+static void test_device_pointers(specdec_context* cpu) {
+  const char* require = getenv("SPECDEC_REQUIRE_GPU");
+  specdec_context* gpu = NULL;
   void *primary = NULL, *popped = NULL, *stream = NULL;
   specdec_status s = specdec_context_create_cuda(0, &gpu);
   if (s != SPECDEC_OK) {
@@ -889,7 +924,7 @@ static void test_device_pointers(specdec_context *cpu) {
 }
 
 int main(void) {
-  specdec_context *ctx = NULL;
+  specdec_context* ctx = NULL;
   int32_t backend = -1;
 
   CHECK(specdec_version() == SPECDEC_VERSION);
@@ -904,7 +939,7 @@ int main(void) {
   CHECK(ctx == NULL);
   {
     /* Without a GPU this fails cleanly; with one it succeeds. Either way: a status, never a crash. */
-    specdec_context *cuda = NULL;
+    specdec_context* cuda = NULL;
     specdec_status s = specdec_context_create_cuda(0, &cuda);
     CHECK(s == SPECDEC_OK || s == SPECDEC_KERNELS_NOT_COMPILED || s == SPECDEC_NO_DRIVER || s == SPECDEC_NO_DEVICE ||
           s == SPECDEC_UNSUPPORTED_ARCHITECTURE);

@@ -38,14 +38,14 @@
 // ---------------------------------------------------------------------------------------------------------
 // Vector types, with CUDA's alignments (a misaligned vector access is reported, as on a GPU).
 // ---------------------------------------------------------------------------------------------------------
-#define SPECDEC_SIM_VECTOR_TYPES(base, name, a2, a4)                                                         \
-  struct name##1 { base x; };                                                                                \
-  struct __attribute__((aligned(a2))) name##2 { base x, y; };                                                \
-  struct name##3 { base x, y, z; };                                                                          \
-  struct __attribute__((aligned(a4))) name##4 { base x, y, z, w; };                                          \
-  inline name##1 make_##name##1(base x) { return {x}; }                                                      \
-  inline name##2 make_##name##2(base x, base y) { return {x, y}; }                                           \
-  inline name##3 make_##name##3(base x, base y, base z) { return {x, y, z}; }                                \
+#define SPECDEC_SIM_VECTOR_TYPES(base, name, a2, a4)                          \
+  struct name##1 { base x; };                                                 \
+  struct __attribute__((aligned(a2))) name##2 { base x, y; };                 \
+  struct name##3 { base x, y, z; };                                           \
+  struct __attribute__((aligned(a4))) name##4 { base x, y, z, w; };           \
+  inline name##1 make_##name##1(base x) { return {x}; }                       \
+  inline name##2 make_##name##2(base x, base y) { return {x, y}; }            \
+  inline name##3 make_##name##3(base x, base y, base z) { return {x, y, z}; } \
   inline name##4 make_##name##4(base x, base y, base z, base w) { return {x, y, z, w}; }
 SPECDEC_SIM_VECTOR_TYPES(signed char, char, 2, 4)
 SPECDEC_SIM_VECTOR_TYPES(unsigned char, uchar, 2, 4)
@@ -145,12 +145,12 @@ int ParamSizes(void (*)(Args...), size_t* sizes, int capacity) {
 }
 }  // namespace specdec_sim
 
-#define SPECDEC_SIM_ENTRY(name)                                                                               \
-  extern "C" __attribute__((visibility("default"))) void specdec_sim_entry_##name(void** params) {            \
-    specdec_sim::Invoke(&name, params, std::make_index_sequence<specdec_sim::Arity<decltype(&name)>::value>{}); \
-  }                                                                                                           \
+#define SPECDEC_SIM_ENTRY(name)                                                                                  \
+  extern "C" __attribute__((visibility("default"))) void specdec_sim_entry_##name(void** params) {               \
+    specdec_sim::Invoke(&name, params, std::make_index_sequence<specdec_sim::Arity<decltype(&name)>::value>{});  \
+  }                                                                                                              \
   extern "C" __attribute__((visibility("default"))) int specdec_sim_params_##name(size_t* sizes, int capacity) { \
-    return specdec_sim::ParamSizes(&name, sizes, capacity);                                                   \
+    return specdec_sim::ParamSizes(&name, sizes, capacity);                                                      \
   }
 
 namespace specdec_sim {
@@ -213,8 +213,8 @@ inline T Shuffle(int kind, unsigned int mask, T var, int operand, int width, con
 }  // namespace specdec_sim
 
 template <typename T>
-inline T __shfl_sync(unsigned int mask, T var, int src_lane, int width = warpSize,
-                     const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+inline T __shfl_sync(unsigned int mask, T var, int src_lane, int width = warpSize, const char* file = __builtin_FILE(),
+                     int line = __builtin_LINE()) {
   return specdec_sim::Shuffle(SPECDEC_SIM_SHFL_IDX, mask, var, src_lane, width, file, line);
 }
 template <typename T>
@@ -321,29 +321,49 @@ inline size_t __cvta_generic_to_shared(const void* p, const char* file = __built
 // Loads with cache hints: plain loads here (alignment is checked by the sanitizer, as the GPU faults).
 // ---------------------------------------------------------------------------------------------------------
 template <typename T>
-inline T __ldg(const T* p) { return *p; }
+inline T __ldg(const T* p) {
+  return *p;
+}
 template <typename T>
-inline T __ldcg(const T* p) { return *p; }
+inline T __ldcg(const T* p) {
+  return *p;
+}
 template <typename T>
-inline T __ldcs(const T* p) { return *p; }
+inline T __ldcs(const T* p) {
+  return *p;
+}
 template <typename T>
-inline void __stcg(T* p, T v) { *p = v; }
+inline void __stcg(T* p, T v) {
+  *p = v;
+}
 
 // ---------------------------------------------------------------------------------------------------------
 // Atomics (real atomics: kernels on different streams of the process run on different OS threads).
 // ---------------------------------------------------------------------------------------------------------
 template <typename T, typename = std::enable_if_t<std::is_integral<T>::value>>
-inline T atomicAdd(T* p, T v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+inline T atomicAdd(T* p, T v) {
+  return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST);
+}
 template <typename T, typename = std::enable_if_t<std::is_integral<T>::value>>
-inline T atomicSub(T* p, T v) { return __atomic_fetch_sub(p, v, __ATOMIC_SEQ_CST); }
+inline T atomicSub(T* p, T v) {
+  return __atomic_fetch_sub(p, v, __ATOMIC_SEQ_CST);
+}
 template <typename T>
-inline T atomicOr(T* p, T v) { return __atomic_fetch_or(p, v, __ATOMIC_SEQ_CST); }
+inline T atomicOr(T* p, T v) {
+  return __atomic_fetch_or(p, v, __ATOMIC_SEQ_CST);
+}
 template <typename T>
-inline T atomicAnd(T* p, T v) { return __atomic_fetch_and(p, v, __ATOMIC_SEQ_CST); }
+inline T atomicAnd(T* p, T v) {
+  return __atomic_fetch_and(p, v, __ATOMIC_SEQ_CST);
+}
 template <typename T>
-inline T atomicXor(T* p, T v) { return __atomic_fetch_xor(p, v, __ATOMIC_SEQ_CST); }
+inline T atomicXor(T* p, T v) {
+  return __atomic_fetch_xor(p, v, __ATOMIC_SEQ_CST);
+}
 template <typename T>
-inline T atomicExch(T* p, T v) { return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST); }
+inline T atomicExch(T* p, T v) {
+  return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST);
+}
 template <typename T>
 inline T atomicCAS(T* p, T compare, T v) {
   __atomic_compare_exchange_n(p, &compare, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
@@ -419,7 +439,7 @@ inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz(static_cast<unsigne
 inline int __ffs(int x) { return __builtin_ffs(x); }
 
 // CUDA's integer and floating-point max and min overloads.
-#define SPECDEC_SIM_MINMAX(T)                     \
+#define SPECDEC_SIM_MINMAX(T)                      \
   inline T max(T a, T b) { return a > b ? a : b; } \
   inline T min(T a, T b) { return a < b ? a : b; }
 SPECDEC_SIM_MINMAX(int)

@@ -49,12 +49,13 @@ inline uint16_t DoubleToNarrow(double hi, double lo, NarrowFormat f) {
   double integral = floor(scaled);
   const double fraction = scaled - integral;
   const double rest_scaled = ldexp(rest, -ulp_exp);
-  const bool up = fraction > 0.5 ||
-                  (fraction == 0.5 && (rest_scaled > 0 || (rest_scaled == 0 && fmod(integral, 2.0) == 1.0)));
+  const bool up =
+      fraction > 0.5 || (fraction == 0.5 && (rest_scaled > 0 || (rest_scaled == 0 && fmod(integral, 2.0) == 1.0)));
   if (up) integral += 1.0;
   // integral * 2^ulp_exp is the rounded magnitude; encode it.
   const double rounded = ldexp(integral, ulp_exp);
-  const double largest = ldexp(static_cast<double>((2u << f.mantissa) - 1), (1 << f.exponent_bits) - 2 - f.bias - f.mantissa);
+  const double largest =
+      ldexp(static_cast<double>((2u << f.mantissa) - 1), (1 << f.exponent_bits) - 2 - f.bias - f.mantissa);
   if (rounded > largest) return sign | static_cast<uint16_t>(((1u << f.exponent_bits) - 1) << f.mantissa);
   if (rounded == 0.0) return sign;
   int re;
