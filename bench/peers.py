@@ -6,7 +6,7 @@ torch.cuda.current_stream().cuda_stream, checks every specdec result against tor
 peers with CUDA events (median over batches of calls, inputs rotated over copies larger than the L2 cache).
 Prints a markdown table with the copy bandwidth measured in the same run.
 
-    python3 bench/peers.py --lib target/release/libspecdec.so [--quick]
+    python3 bench/peers.py --lib target/release/libspecdec.so [--quick] [--family greedy|sampling|int4|attention]...
 
 Peers per primitive:
   greedy_verify: torch.argmax over all rows, then compare with the drafts, cumprod for the accepted prefix and
@@ -415,35 +415,19 @@ def fmt_us(v):
     return f"{v:.2f}" if isinstance(v, float) else str(v)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lib", default=os.path.join(os.path.dirname(__file__), "libspecdec.so"))
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    lib = load_specdec(os.path.abspath(args.lib))
-    device = torch.cuda.current_device()
-    ctx = ctypes.c_void_p()
-    check(lib, lib.specdec_context_create_cuda(device, ctypes.byref(ctx)), "specdec_context_create_cuda")
-    gen = torch.Generator(device="cuda")
-    seed = int.from_bytes(os.urandom(4), "little")
-    gen.manual_seed(seed)
+def peers_greedy(lib, ctx, gen, bandwidth, quick):
+    """greedy_verify against torch argmax plus the comparison.
 
-    bandwidth = copy_bandwidth_gbps()
-    batches, vocabs = ([1, 64], [32000, 128256]) if args.quick else ([1, 8, 64, 256], [32000, 128256, 151936])
+    Returns the number of failed checks.
+    """
+    failures = 0
+    batches, vocabs = ([1, 64], [32000, 128256]) if quick else ([1, 8, 64, 256], [32000, 128256, 151936])
     cases = [(torch.bfloat16, b, 4, v) for v in vocabs for b in batches]
     cases += [(torch.float16, 64, 4, 128256), (torch.float32, 64, 4, 128256)]
 
-    print("## specdec vs peers (PyTorch, same process, same inputs)")
-    print()
-    print(f"- gpu: {torch.cuda.get_device_name(device)}; torch {torch.__version__}; CUDA {torch.version.cuda}")
-    print(f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d} (UTC); specdec {lib.specdec_version()}"
-          f"; commit {os.environ.get('SPECDEC_COMMIT', 'unknown')}; input seed {seed}")
-    print(f"- measured copy bandwidth (read + write): {bandwidth:.1f} GB/s")
-    print()
     print("| primitive | dtype | B | k | V | specdec (us) | torch argmax+compare (us) | speedup | MB | specdec GB/s "
           "| % of copy BW | check |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
-    failures = 0
     for i, (dtype, batch, k, vocab) in enumerate(cases):
         print(f"[{i + 1}/{len(cases)}] greedy {dtype} B={batch} V={vocab}", file=sys.stderr, flush=True)
         specdec_us, torch_us, nbytes, ok = bench_greedy(lib, ctx, dtype, batch, k, vocab, gen)
@@ -452,9 +436,17 @@ def main():
         print(f"| greedy_verify | {str(dtype).replace('torch.', '')} | {batch} | {k} | {vocab} | {specdec_us:.2f} "
               f"| {torch_us:.2f} | {torch_us / specdec_us:.2f}x | {nbytes / 1e6:.2f} | {gbps:.1f} "
               f"| {100 * gbps / bandwidth:.1f} | {'= torch' if ok else 'MISMATCH'} |")
-    sampler_cases = ([(b, 4, 128256) for b in (1, 64)] if args.quick else
+    return failures
+
+
+def peers_sampling(lib, ctx, gen, bandwidth, quick):
+    """rejection_verify (chain, with draft rows) against vLLM's algorithm in torch and FlashInfer.
+
+    Returns the number of failed checks.
+    """
+    failures = 0
+    sampler_cases = ([(b, 4, 128256) for b in (1, 64)] if quick else
                      [(b, k, v) for v in (32000, 128256, 151936) for k in (1, 4, 8) for b in (1, 8, 64, 256)])
-    print()
     print("| primitive | dtype | B | k | V | specdec (us) | torch vLLM algorithm (us) | FlashInfer + softmax (us) "
           "| speedup vs best peer | MB | specdec GB/s | % of copy BW | check |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
@@ -469,13 +461,21 @@ def main():
         print(f"| rejection_verify (chain, q) | bfloat16 | {batch} | {k} | {vocab} | {specdec_us:.2f} | {torch_us:.2f} "
               f"| {fi} | {best / specdec_us:.2f}x | {nbytes / 1e6:.2f} | {gbps:.1f} | {100 * gbps / bandwidth:.1f} "
               f"| {'well-formed' if ok else 'MALFORMED'} |")
-    print()
+    return failures
+
+
+def peers_int4(lib, ctx, gen, bandwidth, quick):
+    """int4_gemv against tinygemm, gemlite and a bf16 matmul.
+
+    Returns the number of failed checks.
+    """
+    failures = 0
     print("| int4_gemv g128 bf16 | N | K | M | specdec (us) | tinygemm (us) | gemlite (us) | bf16 matmul (us) "
           "| vs tinygemm | vs matmul | MB | specdec GB/s | % of copy BW | specdec quantize (us) | check |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     shapes = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672), (28672, 8192)]
     for n, k in shapes:
-        for m in ((1, 8) if args.quick else (1, 2, 4, 8, 16)):
+        for m in ((1, 8) if quick else (1, 2, 4, 8, 16)):
             print(f"int4 N={n} K={k} M={m}", file=sys.stderr, flush=True)
             specdec_us, quantize_us, tiny_us, gemlite_us, matmul_us, nbytes, ok, err = bench_int4(lib, ctx, n, k, m,
                                                                                                   gen)
@@ -486,12 +486,20 @@ def main():
                   f"| {matmul_us:.2f} | {vs_tiny} | {matmul_us / specdec_us:.2f}x | {nbytes / 1e6:.2f} | {gbps:.1f} "
                   f"| {100 * gbps / bandwidth:.1f} | {fmt_us(quantize_us) if quantize_us else '-'} "
                   f"| {'~ dequantized matmul' if ok else f'MISMATCH ({err:.3g})'} |")
-    print()
+    return failures
+
+
+def peers_attention(lib, ctx, gen, bandwidth, quick):
+    """tree attention against SDPA with a dense mask, FlexAttention and FlashInfer.
+
+    Returns the number of failed checks.
+    """
+    failures = 0
     print("| tree_attention bf16 (32 q, 8 kv, D 128) | B | L | T | specdec (us) | SDPA dense mask (us) "
           "| FlexAttention (us) | FlashInfer custom mask (us) | vs SDPA | vs Flex | MB | specdec GB/s | % of copy BW "
           "| check |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
-    attention_cases = ([(1, 8192, 16), (16, 8192, 1), (16, 8192, 64)] if args.quick else
+    attention_cases = ([(1, 8192, 16), (16, 8192, 1), (16, 8192, 64)] if quick else
                        [(b, l, t) for b in (1, 16, 64) for l in (1024, 8192, 32768) for t in (1, 8, 16, 64)])
     for batch, prefix, tree in attention_cases:
         print(f"tree attention B={batch} L={prefix} T={tree}", file=sys.stderr, flush=True)
@@ -509,9 +517,42 @@ def main():
               f"| {fmt_us(fi_us)} | {sdpa_us / specdec_us:.2f}x | {vs_flex} | {nbytes / 1e6:.2f} | {gbps:.1f} "
               f"| {100 * gbps / bandwidth:.1f} | {'~ SDPA' if ok else f'MISMATCH ({err:.3g})'} |")
         torch.cuda.empty_cache()
+    return failures
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lib", default=os.path.join(os.path.dirname(__file__), "libspecdec.so"))
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--family", action="append", choices=list(FAMILIES),
+                        help="one family to time (repeatable; every family when none is named)")
+    args = parser.parse_args()
+    lib = load_specdec(os.path.abspath(args.lib))
+    device = torch.cuda.current_device()
+    ctx = ctypes.c_void_p()
+    check(lib, lib.specdec_context_create_cuda(device, ctypes.byref(ctx)), "specdec_context_create_cuda")
+    gen = torch.Generator(device="cuda")
+    seed = int.from_bytes(os.urandom(4), "little")
+    gen.manual_seed(seed)
+
+    bandwidth = copy_bandwidth_gbps()
+    print("## specdec vs peers (PyTorch, same process, same inputs)")
+    print()
+    print(f"- gpu: {torch.cuda.get_device_name(device)}; torch {torch.__version__}; CUDA {torch.version.cuda}")
+    print(f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d} (UTC); specdec {lib.specdec_version()}"
+          f"; commit {os.environ.get('SPECDEC_COMMIT', 'unknown')}; input seed {seed}")
+    print(f"- measured copy bandwidth (read + write): {bandwidth:.1f} GB/s")
+    print()
+    failures = 0
+    for family in args.family or list(FAMILIES):
+        print()
+        failures += FAMILIES[family](lib, ctx, gen, bandwidth, args.quick)
     lib.specdec_context_destroy(ctx)
     return 1 if failures else 0
 
+
+# The families as --family names them, in the order they run.
+FAMILIES = {"greedy": peers_greedy, "sampling": peers_sampling, "int4": peers_int4, "attention": peers_attention}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,6 +6,8 @@
 //! cargo run --release --example bench                  # CUDA if usable, else the CPU
 //! cargo run --release --example bench -- --backend cpu # or: cuda
 //! cargo run --release --example bench -- --quick       # fewer cases
+//! cargo run --release --example bench -- --family int4 # one family (repeatable): greedy, sampling, int4,
+//!                                                      # attention; every family when none is named
 //! ```
 //!
 //! Timing: on CUDA, events around batches of calls on one stream, the median over batches, inputs rotated over
@@ -30,23 +32,46 @@ const GPU_ROTATION_BYTES: usize = 256 << 20;
 /// On the CPU, rotate over copies totalling at least this (more than any last-level cache here).
 const CPU_ROTATION_BYTES: usize = 128 << 20;
 
+/// The primitive families, as `--family` names them (the GPU runner times one family per run).
+const FAMILIES: [&str; 4] = ["greedy", "sampling", "int4", "attention"];
+
 struct Options {
     backend: String,
     quick: bool,
+    /// The families to run; every family when empty.
+    families: Vec<String>,
+}
+
+impl Options {
+    fn wants(&self, family: &str) -> bool {
+        self.families.is_empty() || self.families.iter().any(|f| f == family)
+    }
 }
 
 fn parse_options() -> Options {
     let mut options = Options {
         backend: "auto".into(),
         quick: false,
+        families: Vec::new(),
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--backend" => options.backend = args.next().unwrap_or_default(),
             "--quick" => options.quick = true,
+            "--family" => {
+                let family = args.next().unwrap_or_default();
+                if !FAMILIES.contains(&family.as_str()) {
+                    eprintln!("bench: --family must be one of {}", FAMILIES.join(", "));
+                    std::process::exit(2);
+                }
+                options.families.push(family);
+            }
             "-h" | "--help" => {
-                println!("usage: bench [--backend auto|cpu|cuda] [--quick]");
+                println!(
+                    "usage: bench [--backend auto|cpu|cuda] [--quick] [--family {}]...",
+                    FAMILIES.join("|")
+                );
                 std::process::exit(0);
             }
             other => {
@@ -132,6 +157,137 @@ fn main() {
     };
 
     // On the simulator every case is a CPU's worth of work per CUDA thread: the CPU backend's sizes.
+    let cases = if options.wants("greedy") {
+        greedy_cases(&options)
+    } else {
+        Vec::new()
+    };
+    let mut rows = Vec::new();
+    for (i, case) in cases.iter().enumerate() {
+        // On a terminal the progress line is redrawn in place; in a log, one line per case.
+        let (start, end) = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            ("\r", "")
+        } else {
+            ("", "\n")
+        };
+        eprint!(
+            "{start}[{}/{}] greedy_verify {} B={} k={} V={} ...{end}",
+            i + 1,
+            cases.len(),
+            case.dtype.name(),
+            case.batch,
+            case.drafts,
+            case.vocab
+        );
+        let _ = std::io::stderr().flush();
+        let row = match case.dtype {
+            DType::F32 => run_greedy::<f32>(&backend, *case),
+            DType::F16 => run_greedy::<f16>(&backend, *case),
+            DType::BF16 => run_greedy::<bf16>(&backend, *case),
+        };
+        rows.push(row);
+    }
+    if !cases.is_empty() {
+        eprintln!("\rdone: {} cases{}", cases.len(), " ".repeat(40));
+    }
+
+    let backend_name = match &backend {
+        Backend::Cpu => format!("cpu ({} threads)", rayon::current_num_threads()),
+        Backend::Cuda { backend, .. } => format!("cuda (device {})", backend.ordinal()),
+    };
+    println!("## specdec main job");
+    println!();
+    println!("- machine: {machine}");
+    println!("- backend: {backend_name}");
+    println!("- date: {} (UTC)", utc_date());
+    println!("- commit: {}", commit());
+    if simulated() {
+        println!(
+            "- SIMULATED: the kernels ran on the CPU simulator (sim/), each case once. The times are of the \
+             simulation and say nothing about a GPU; GB/s and bandwidth shares are not reported."
+        );
+    } else {
+        println!("- measured copy bandwidth (read + write): {ceiling_gbps:.1} GB/s");
+    }
+    println!();
+    let mut failures = 0;
+    if options.wants("greedy") || options.wants("sampling") {
+        failures += verify_rows(&options, &backend, &rows, ceiling_gbps);
+    }
+    if options.wants("int4") {
+        failures += int4_rows(&backend, options.quick, ceiling_gbps);
+    }
+    if options.wants("attention") {
+        failures += attention_rows(&backend, options.quick, ceiling_gbps);
+    }
+    if failures > 0 {
+        eprintln!("bench: {failures} case(s) disagree with the CPU reference");
+        std::process::exit(1);
+    }
+}
+
+/// Prints the verification table: the greedy rows already timed, then times and prints the rejection-sampling
+/// cases (when `--family sampling` is wanted). Returns the number of rows that disagree with the CPU reference.
+fn verify_rows(options: &Options, backend: &Backend, rows: &[Row], ceiling_gbps: f64) -> usize {
+    println!(
+        "| primitive | dtype | B | k | V | {} | bytes (MB) | GB/s | % of copy BW | check |",
+        if simulated() {
+            "simulated time (us)"
+        } else {
+            "time (us)"
+        }
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---|");
+    let mut failures = 0;
+    for row in rows {
+        let c = row.case;
+        println!(
+            "| greedy_verify | {} | {} | {} | {} | {:.2} | {:.2} | {} | {} |",
+            c.dtype.name(),
+            c.batch,
+            c.drafts,
+            c.vocab,
+            row.micros,
+            c.bytes() as f64 / 1e6,
+            rate_cells(c.bytes() as f64, row.micros, ceiling_gbps),
+            row.check
+        );
+        failures += usize::from(row.check.starts_with("MISMATCH"));
+    }
+    let gpu_sizes = matches!(backend, Backend::Cuda { .. }) && !simulated();
+    let sampler_cases = if options.wants("sampling") {
+        sampler_cases(options.quick, gpu_sizes)
+    } else {
+        Vec::new()
+    };
+    for case in sampler_cases {
+        eprintln!(
+            "rejection_verify bf16 {} B={} k={} V={} ...",
+            if case.with_q { "q" } else { "point mass" },
+            case.batch,
+            case.drafts,
+            case.vocab
+        );
+        let (micros, check) = run_sampler(backend, case);
+        let bytes = case.bytes() as f64;
+        println!(
+            "| rejection_verify (chain, {}) | bf16 | {} | {} | {} | {:.2} | {:.2} | {} | {} |",
+            if case.with_q { "q" } else { "point mass" },
+            case.batch,
+            case.drafts,
+            case.vocab,
+            micros,
+            bytes / 1e6,
+            rate_cells(bytes, micros, ceiling_gbps),
+            check
+        );
+        failures += usize::from(check.starts_with("MISMATCH"));
+    }
+    failures
+}
+
+/// The greedy-verification cases: bf16 over a grid of batches and vocabularies, then f16 and f32 at one size.
+fn greedy_cases(options: &Options) -> Vec<GreedyCase> {
     let mut cases = Vec::new();
     let (batches, vocabs): (&[usize], &[usize]) = if simulated() {
         (&[1, 8], &[32000])
@@ -158,108 +314,7 @@ fn main() {
             vocab: if simulated() { 32000 } else { 128256 },
         });
     }
-
-    let mut rows = Vec::new();
-    for (i, case) in cases.iter().enumerate() {
-        // On a terminal the progress line is redrawn in place; in a log, one line per case.
-        let (start, end) = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-            ("\r", "")
-        } else {
-            ("", "\n")
-        };
-        eprint!(
-            "{start}[{}/{}] greedy_verify {} B={} k={} V={} ...{end}",
-            i + 1,
-            cases.len(),
-            case.dtype.name(),
-            case.batch,
-            case.drafts,
-            case.vocab
-        );
-        let _ = std::io::stderr().flush();
-        let row = match case.dtype {
-            DType::F32 => run_greedy::<f32>(&backend, *case),
-            DType::F16 => run_greedy::<f16>(&backend, *case),
-            DType::BF16 => run_greedy::<bf16>(&backend, *case),
-        };
-        rows.push(row);
-    }
-    eprintln!("\rdone: {} cases{}", cases.len(), " ".repeat(40));
-
-    let backend_name = match &backend {
-        Backend::Cpu => format!("cpu ({} threads)", rayon::current_num_threads()),
-        Backend::Cuda { backend, .. } => format!("cuda (device {})", backend.ordinal()),
-    };
-    println!("## specdec main job");
-    println!();
-    println!("- machine: {machine}");
-    println!("- backend: {backend_name}");
-    println!("- date: {} (UTC)", utc_date());
-    println!("- commit: {}", commit());
-    if simulated() {
-        println!(
-            "- SIMULATED: the kernels ran on the CPU simulator (sim/), each case once. The times are of the \
-             simulation and say nothing about a GPU; GB/s and bandwidth shares are not reported."
-        );
-    } else {
-        println!("- measured copy bandwidth (read + write): {ceiling_gbps:.1} GB/s");
-    }
-    println!();
-    println!(
-        "| primitive | dtype | B | k | V | {} | bytes (MB) | GB/s | % of copy BW | check |",
-        if simulated() {
-            "simulated time (us)"
-        } else {
-            "time (us)"
-        }
-    );
-    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---|");
-    let mut failures = 0;
-    for row in &rows {
-        let c = row.case;
-        println!(
-            "| greedy_verify | {} | {} | {} | {} | {:.2} | {:.2} | {} | {} |",
-            c.dtype.name(),
-            c.batch,
-            c.drafts,
-            c.vocab,
-            row.micros,
-            c.bytes() as f64 / 1e6,
-            rate_cells(c.bytes() as f64, row.micros, ceiling_gbps),
-            row.check
-        );
-        failures += usize::from(row.check.starts_with("MISMATCH"));
-    }
-    let gpu_sizes = matches!(backend, Backend::Cuda { .. }) && !simulated();
-    for case in sampler_cases(options.quick, gpu_sizes) {
-        eprintln!(
-            "rejection_verify bf16 {} B={} k={} V={} ...",
-            if case.with_q { "q" } else { "point mass" },
-            case.batch,
-            case.drafts,
-            case.vocab
-        );
-        let (micros, check) = run_sampler(&backend, case);
-        let bytes = case.bytes() as f64;
-        println!(
-            "| rejection_verify (chain, {}) | bf16 | {} | {} | {} | {:.2} | {:.2} | {} | {} |",
-            if case.with_q { "q" } else { "point mass" },
-            case.batch,
-            case.drafts,
-            case.vocab,
-            micros,
-            bytes / 1e6,
-            rate_cells(bytes, micros, ceiling_gbps),
-            check
-        );
-        failures += usize::from(check.starts_with("MISMATCH"));
-    }
-    failures += int4_rows(&backend, options.quick, ceiling_gbps);
-    failures += attention_rows(&backend, options.quick, ceiling_gbps);
-    if failures > 0 {
-        eprintln!("bench: {failures} case(s) disagree with the CPU reference");
-        std::process::exit(1);
-    }
+    cases
 }
 
 /// One rejection-sampling case: `batch` chains of `drafts` tokens, bf16 logits, temperature 1, with draft rows

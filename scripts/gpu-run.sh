@@ -1,52 +1,98 @@
 #!/usr/bin/env bash
-# The GPU runner, staged as gpu-stage/run.sh by scripts/stage-gpu.sh. Runs on a machine with a GPU and no Rust
-# toolchain: the test binaries with SPECDEC_REQUIRE_GPU=1, the GPU tests again under compute-sanitizer (when it
-# is installed), the main job on CUDA, and the peer harness (PyTorch). Logs and tables go to $OUT (or ./out).
-# The last line is "N passed, N failed" over those steps.
+# The GPU runner, staged as gpu-stage/run.sh by scripts/stage-gpu.sh. Runs one family's checks and timings on a
+# machine with a GPU and no Rust toolchain, in this order: the family's GPU tests with SPECDEC_REQUIRE_GPU=1;
+# compute-sanitizer's memcheck on them; racecheck, synccheck and initcheck on a chosen subset; the main job's
+# rows for the family; the peers (PyTorch) on the same inputs. The last line is "N passed, N failed".
 #
-#   bash gpu-stage/run.sh                  # everything
-#   bash gpu-stage/run.sh tests sanitize   # some of: tests sanitize bench peers (to split a run that would
-#                                          # exceed one call's time limit on the GPU machine)
+#   bash gpu-stage/run.sh greedy                 # one family: greedy, sampling, int4, attention (or all)
+#   bash gpu-stage/run.sh int4 tests sanitize    # some parts of it: tests sanitize bench peers
+#
+# Sized for a lent GPU machine (one command of at most 10 minutes, at most 8 files back): every step runs under
+# its own time limit and all of them under one budget (SPECDEC_RUNNER_BUDGET_S, default 450 s), so a hung kernel
+# costs one step, not the run, and the run ends within the budget plus a few seconds of archiving. What comes back
+# is four files in $OUT (default ./out): summary.md (everything printed here), bench.md and peers.md (the
+# tables for bench/RESULTS.md) and logs.tar.gz (every step's full log). A compute-sanitizer that refuses the
+# device (it does under gVisor: "Device not supported") is reported as SKIPPED with its own message.
+#
+# On the CPU simulator (CI): SPECDEC_RUNNER_WRAP=sim/run runs every binary through it, and
+# SPECDEC_RUNNER_TIME_SCALE multiplies the time limits and the budget, since simulated kernels are slow.
 set -uo pipefail
+family=${1:-}
+shift || true
+case "$family" in
+  greedy | sampling | int4 | attention) families=$family ;;
+  all) families="greedy sampling int4 attention" ;;
+  *)
+    echo "usage: run.sh greedy|sampling|int4|attention|all [tests] [sanitize] [bench] [peers]" >&2
+    exit 2
+    ;;
+esac
 parts=${*:-tests sanitize bench peers}
+for part in $parts; do
+  [[ " tests sanitize bench peers " == *" $part "* ]] || {
+    echo "run.sh: unknown part $part (tests, sanitize, bench or peers)" >&2
+    exit 2
+  }
+done
 want() { [[ " $parts " == *" $1 "* ]]; }
+
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 cd "$here"
 out=${OUT:-$here/out}
-mkdir -p "$out"
-passed=0
-failed=0
-step() { # step NAME LOG COMMAND...: runs a step, logs it, counts it
-  local name=$1 log=$2
-  shift 2
-  local start=$SECONDS
-  if "$@" >"$out/$log" 2>&1; then
-    passed=$((passed + 1))
-    echo "PASS $name ($((SECONDS - start)) s)"
-  else
-    failed=$((failed + 1))
-    echo "FAIL $name ($((SECONDS - start)) s); last lines of $log:"
-    tail -n 25 "$out/$log"
-  fi
-}
-
-echo "# specdec GPU run"
-echo "- commit: $(cat COMMIT)"
-echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader | sed 's/^/- gpu: /'
+logs=$out/logs
+mkdir -p "$logs"
+scale=${SPECDEC_RUNNER_TIME_SCALE:-1}
+budget=$((${SPECDEC_RUNNER_BUDGET_S:-450} * scale))
+deadline=$((SECONDS + budget))
+# An array, so that an empty wrapper adds no word.
+read -r -a wrap <<<"${SPECDEC_RUNNER_WRAP:-}"
+quick=()
+[[ -n "${SPECDEC_RUNNER_QUICK:-}" ]] && quick=(--quick)
 export SPECDEC_REQUIRE_GPU=1 SPECDEC_COMMIT
 SPECDEC_COMMIT=$(cat COMMIT)
+passed=0
+failed=0
 
-if want tests; then
-  for t in tests/*; do
-    step "tests/$(basename "$t")" "test-$(basename "$t").log" "$t"
-  done
-fi
+# step NAME LIMIT_S LOG COMMAND...: runs COMMAND under min(LIMIT_S * scale, what is left of the budget), logs it
+# under logs/, counts it, and prints one line (and the log's tail on failure). A failed step whose log matches
+# $refusal (when set) is not counted: it prints SKIPPED with the matching line and returns 3.
+refusal=
+step() {
+  local name=$1 limit=$(($2 * scale)) log=$logs/$3 start=$SECONDS rc
+  shift 3
+  local left=$((deadline - SECONDS))
+  if ((left < 5)); then
+    failed=$((failed + 1))
+    echo "FAIL $name: not run, the run's budget of $budget s is spent"
+    return 1
+  fi
+  ((limit > left)) && limit=$left
+  timeout --kill-after=10 "$limit" "$@" >"$log" 2>&1
+  rc=$?
+  local refused
+  if ((rc != 0)) && [[ -n $refusal ]] && refused=$(grep -m 1 -E "$refusal" "$log"); then
+    echo "SKIPPED $name: the tool refused this machine: $refused"
+    return 3
+  fi
+  if ((rc == 0)); then
+    passed=$((passed + 1))
+    echo "PASS $name ($((SECONDS - start)) s)"
+  elif ((rc == 124 || rc == 137)); then
+    failed=$((failed + 1))
+    echo "FAIL $name: timed out after $limit s; last lines of logs/$(basename "$log"):"
+    tail -n 15 "$log"
+  else
+    failed=$((failed + 1))
+    echo "FAIL $name (exit $rc, $((SECONDS - start)) s); last lines of logs/$(basename "$log"):"
+    tail -n 25 "$log"
+  fi
+  return "$rc"
+}
 
-# Per test binary: the tests memcheck runs (all when empty), then the ones the slower tools run.
+# The tests each compute-sanitizer tool runs, per test binary (every test when empty). memcheck runs the most;
+# the slower tools run the tests that exercise each kernel's shared memory and barriers at small sizes.
 sanitized() {
-  local t=$1 tool=$2
-  case "$(basename "$t"):$tool" in
+  case "$1:$2" in
     greedy_gpu:memcheck) echo "" ;;
     greedy_gpu:*) echo "special_values bad_requests c_abi raw_pointers" ;;
     sampling_gpu:*) echo "bad_requests tokens_equal tree_of_iid_children vocabulary_sizes" ;;
@@ -56,35 +102,78 @@ sanitized() {
     attention_gpu:*) echo "bad_requests compaction" ;;
   esac
 }
-if ! want sanitize; then
-  :
-elif command -v compute-sanitizer >/dev/null; then
-  for t in tests/greedy_gpu tests/sampling_gpu tests/int4_gpu tests/attention_gpu; do
-    # shellcheck disable=SC2046 # the filters are separate words
-    step "memcheck $(basename "$t")" "memcheck-$(basename "$t").log" \
-      compute-sanitizer --tool memcheck --leak-check full --error-exitcode 99 "$t" --test-threads=1 $(sanitized "$t" memcheck)
-    for tool in racecheck synccheck initcheck; do
-      # shellcheck disable=SC2046
-      step "$tool $(basename "$t")" "$tool-$(basename "$t").log" \
-        compute-sanitizer --tool "$tool" --error-exitcode 99 "$t" --test-threads=1 $(sanitized "$t" "$tool")
-    done
+
+# What compute-sanitizer prints when it cannot run on this machine at all (not a finding in our kernels).
+sanitizer_refusal='Device not supported|device is not supported|Unable to (find|load|open)|Failed to (initialize|load)'
+
+sanitize() {
+  local f=$1 tool rc
+  if ! command -v compute-sanitizer >/dev/null; then
+    echo "SKIPPED compute-sanitizer (${f}_gpu): not installed here"
+    return
+  fi
+  for tool in memcheck racecheck synccheck initcheck; do
+    local extra=() limit=60
+    [[ $tool == memcheck ]] && extra=(--leak-check full) && limit=150
+    refusal=$sanitizer_refusal
+    # shellcheck disable=SC2046 # the test filters are separate words
+    step "$tool ${f}_gpu" "$limit" "$tool-$f.log" compute-sanitizer --tool "$tool" "${extra[@]}" \
+      --error-exitcode 99 "tests/${f}_gpu" --test-threads=1 $(sanitized "${f}_gpu" "$tool")
+    rc=$?
+    refusal=
+    ((rc == 3)) && return # the tool refuses the machine: the other tools would too
   done
-else
-  echo "SKIP compute-sanitizer: not installed"
-fi
+}
 
-if want bench; then
-  step "bench (main job on CUDA)" bench.md ./bench --backend cuda
-  cat "$out/bench.md"
-fi
-if ! want peers; then
-  :
-elif python3 -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
-  step "peers (PyTorch)" peers.md python3 peers.py --lib ./libspecdec.so
-  cat "$out/peers.md"
-else
-  echo "SKIP peers: no PyTorch with CUDA"
-fi
+# The markdown a log holds (from its first heading on), without the progress lines the programs write to stderr.
+tables() {
+  sed -n '/^## /,$p' "$1" | grep -E '^(#|- |\||$)'
+}
 
-echo "$passed passed, $failed failed"
-[[ $failed -eq 0 ]]
+run() {
+  echo "# specdec GPU run: $families"
+  echo
+  echo "- commit: $SPECDEC_COMMIT"
+  echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader | sed 's/^/- gpu: /'
+  else
+    echo "- gpu: no nvidia-smi here${wrap[0]:+ (binaries run through ${wrap[*]})}"
+  fi
+  echo "- budget: $budget s; parts: $parts"
+  echo
+  local f
+  if want tests; then
+    for f in $families; do
+      step "tests ${f}_gpu" 150 "test-$f.log" "${wrap[@]}" "tests/${f}_gpu"
+    done
+  fi
+  if want sanitize; then
+    for f in $families; do
+      sanitize "$f"
+    done
+  fi
+  if want bench; then
+    local args=()
+    for f in $families; do args+=(--family "$f"); done
+    step "bench (main job on CUDA: $families)" 180 bench.log "${wrap[@]}" ./bench --backend cuda "${quick[@]}" \
+      "${args[@]}" && tables "$logs/bench.log" >"$out/bench.md" && cat "$out/bench.md"
+  fi
+  if want peers; then
+    if python3 -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
+      local args=()
+      for f in $families; do args+=(--family "$f"); done
+      step "peers (PyTorch: $families)" 180 peers.log python3 peers.py --lib ./libspecdec.so "${quick[@]}" \
+        "${args[@]}" && tables "$logs/peers.log" >"$out/peers.md" && cat "$out/peers.md"
+    else
+      echo "SKIPPED peers: no PyTorch with CUDA here"
+    fi
+  fi
+  tar czf "$out/logs.tar.gz" -C "$out" logs && rm -rf "$logs"
+  echo
+  echo "$passed passed, $failed failed"
+  ((failed == 0))
+}
+
+run 2>&1 | tee "$out/summary.md"
+exit "${PIPESTATUS[0]}"
