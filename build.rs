@@ -4,6 +4,7 @@
 //! nvcc is found from `NVCC`, then `$CUDA_HOME/bin`, `$CUDA_PATH/bin`, then `PATH`. nvidia-smi is never run:
 //! the GPU of the build machine says nothing about the GPUs the library will run on. Without nvcc the
 //! CPU-only library is built (one warning); `SPECDEC_REQUIRE_CUDA=1` makes that, or a failed compile, an error.
+//! A `SPECDEC_CUDA_ARCHS` the kernels cannot be built for (below sm_80, or not a number) is always an error.
 //!
 //! `SPECDEC_CUDA_CACHE=<dir>` keeps each fatbin and its ptxas report there under a hash of everything that
 //! decides its bytes (nvcc's version, the command line, every `cuda/` source). Builds whose Rust fingerprints
@@ -14,6 +15,9 @@ use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+#[path = "build_support/archs.rs"]
+mod archs;
 
 const DEFAULT_ARCHS: &str = "80;86;89;90";
 const ENV_VARS: [&str; 7] = [
@@ -45,14 +49,16 @@ fn main() {
         println!("cargo:rerun-if-changed={}", source.display());
     }
 
+    // A wrong architecture list is the caller's mistake whether or not nvcc is here: never a quiet CPU-only build.
+    let archs = archs::parse_archs(
+        &env::var("SPECDEC_CUDA_ARCHS").unwrap_or_else(|_| DEFAULT_ARCHS.into()),
+    )
+    .unwrap_or_else(|reason| panic!("{reason}"));
     let outcome = find_nvcc()
         .ok_or_else(|| {
             "nvcc not found (looked at NVCC, $CUDA_HOME/bin, $CUDA_PATH/bin, PATH)".to_string()
         })
         .and_then(|nvcc| {
-            let archs = parse_archs(
-                &env::var("SPECDEC_CUDA_ARCHS").unwrap_or_else(|_| DEFAULT_ARCHS.into()),
-            )?;
             compile_all(&nvcc, &sources, &archs, &out_dir).map(|kernels| (kernels, archs))
         });
 
@@ -98,26 +104,6 @@ fn find_nvcc() -> Option<PathBuf> {
                 .collect::<Vec<_>>()
         }));
     candidates.into_iter().find(|p| p.is_file())
-}
-
-fn parse_archs(list: &str) -> Result<Vec<u32>, String> {
-    let mut archs = list
-        .split([';', ','])
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(|s| {
-            s.parse::<u32>()
-                .ok()
-                .filter(|a| *a >= 75)
-                .ok_or_else(|| format!("SPECDEC_CUDA_ARCHS: '{s}' is not a compute capability of 75 or more (e.g. 80;90)"))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    archs.sort_unstable();
-    archs.dedup();
-    if archs.is_empty() {
-        return Err("SPECDEC_CUDA_ARCHS names no architecture".into());
-    }
-    Ok(archs)
 }
 
 fn compile_all(
