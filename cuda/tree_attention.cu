@@ -91,12 +91,16 @@ struct TreeAttentionParams {
 // ---------------------------------------------------------------------------------------------------------
 
 // Checks offsets[b] .. offsets[b + 1] (ordered, inside 0..=limit, at most max_size apart). Any thread.
+// The difference is taken in 64 bits: two int32 offsets can be more than INT32_MAX apart, and that overflow in
+// 32 bits would be undefined before the checks could refuse it.
 __device__ __forceinline__ bool CheckOffsets(const int* offsets, int b, int limit, int max_size, int& first,
                                              int& size) {
-  first = offsets[b];
-  const int last = offsets[b + 1];
-  size = last - first;
-  return first >= 0 && first <= limit && last >= first && last <= limit && size <= max_size;
+  const int64_t lo = offsets[b], hi = offsets[b + 1];
+  const int64_t span = hi - lo;
+  const bool ok = lo >= 0 && lo <= limit && hi >= lo && hi <= limit && span <= max_size;
+  first = ok ? static_cast<int>(lo) : 0;
+  size = ok ? static_cast<int>(span) : 0;
+  return ok;
 }
 
 // Checks that prefix_len + extent slots fit the request's pages and that the pages they use are real pages.
@@ -459,9 +463,11 @@ __device__ void TreeAttention(const TreeAttentionParams& p) {
   if (row_begin >= tree_size * p.group) return;  // a chunk beyond this request's tree
 
   // The prefix range of this split: whole tiles, the last split also takes the tree.
-  const int per_split = ((prefix_len + p.num_splits - 1) / p.num_splits + kKeys - 1) / kKeys * kKeys;
-  const int key_begin = min(prefix_len, split * per_split);
-  const int key_end = min(prefix_len, key_begin + per_split);
+  // In 64 bits: prefix_len may be near INT32_MAX, and split * per_split beyond it.
+  const int64_t per_split =
+      ((static_cast<int64_t>(prefix_len) + p.num_splits - 1) / p.num_splits + kKeys - 1) / kKeys * kKeys;
+  const int key_begin = static_cast<int>(min(static_cast<int64_t>(prefix_len), split * per_split));
+  const int key_end = static_cast<int>(min(static_cast<int64_t>(prefix_len), key_begin + per_split));
   const bool takes_tree = split == p.num_splits - 1;
   const bool appends = takes_tree && row_chunk == 0;
 

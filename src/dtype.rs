@@ -56,16 +56,24 @@ pub trait LogitsElement: bytemuck::Pod + Send + Sync + sealed::Sealed {
 /// A 16-bit float: [`half::f16`] or [`half::bf16`]; the element type of int4 GEMV activations, of weights to
 /// quantize, and of int4 group scales.
 pub trait HalfElement: LogitsElement {
-    /// The value nearest to `x` (ties to even, one rounding); overflow gives an infinity, NaN a NaN.
+    /// The value nearest to `x` (ties to even, one rounding); overflow gives an infinity, NaN
+    /// [`Self::CONVERTED_NAN`].
     fn from_f64(x: f64) -> Self {
         Self::from_f32(f64_to_f32_round_to_odd(x))
     }
-    /// The value nearest to `x` (ties to even).
+    /// The value nearest to `x` (ties to even), exactly as the GPU converts (`cvt.rn.f16.f32`,
+    /// `cvt.rn.bf16.f32`): every NaN, whatever its sign and payload, becomes [`Self::CONVERTED_NAN`], so that
+    /// rows the CPU and CUDA backends compute (RoPE-rotated keys, attention outputs, GEMV outputs) agree bit
+    /// for bit. (`half`'s own conversion keeps the sign and payload.)
     fn from_f32(x: f32) -> Self;
     /// The bit pattern.
     fn to_bits(self) -> u16;
-    /// The canonical quiet NaN of this type (`0x7E00` for fp16, `0x7FC0` for bf16).
+    /// The canonical quiet NaN of this type (`0x7E00` for fp16, `0x7FC0` for bf16), which int4 writes as the
+    /// scale of a group that is not finite.
     const NAN: Self;
+    /// The NaN a conversion from f32 gives: `0x7FFF` for both types, the canonical NaN of the PTX ISA's `cvt`
+    /// (and of CUDA's `__float2half_rn` / `__float2bfloat16_rn` on the host).
+    const CONVERTED_NAN: Self;
 }
 
 /// `x` rounded to f32 with round-to-odd: an inexact result gets its last bit set. Rounding that to a format
@@ -85,22 +93,32 @@ fn f64_to_f32_round_to_odd(x: f64) -> f32 {
 
 impl HalfElement for f16 {
     fn from_f32(x: f32) -> Self {
-        f16::from_f32(x)
+        if x.is_nan() {
+            Self::CONVERTED_NAN
+        } else {
+            f16::from_f32(x)
+        }
     }
     fn to_bits(self) -> u16 {
         f16::to_bits(self)
     }
     const NAN: Self = f16::from_bits(0x7E00);
+    const CONVERTED_NAN: Self = f16::from_bits(0x7FFF);
 }
 
 impl HalfElement for bf16 {
     fn from_f32(x: f32) -> Self {
-        bf16::from_f32(x)
+        if x.is_nan() {
+            Self::CONVERTED_NAN
+        } else {
+            bf16::from_f32(x)
+        }
     }
     fn to_bits(self) -> u16 {
         bf16::to_bits(self)
     }
     const NAN: Self = bf16::from_bits(0x7FC0);
+    const CONVERTED_NAN: Self = bf16::from_bits(0x7FFF);
 }
 
 /// The order key of an IEEE sign-magnitude pattern: `sign_bit` is its top bit, `exponent_mask` its all-ones

@@ -494,3 +494,62 @@ fn compaction_matches_a_reference_copy() {
     drop((k, v));
     assert!(caches == before, "a rejected call moved entries");
 }
+
+/// A NaN key rotated by RoPE is appended as 0x7FFF whatever its sign and payload: the NaN the GPU's conversion
+/// writes (the PTX ISA's `cvt.rn.f16.f32` / `.bf16.f32`, like CUDA's host `__float2half_rn`), so the CPU and
+/// CUDA backends append the same bits. Without RoPE keys and values are copied, payload and all. (Before,
+/// the CPU kept the sign and payload through RoPE.)
+#[test]
+fn nan_keys_are_appended_with_the_bits_the_gpu_writes() {
+    fn case<T: HalfElement>(rng: &mut StdRng, nans: [u16; 3], from_bits: fn(u16) -> T) {
+        for rope in [None, Some(RopeStyle::Neox), Some(RopeStyle::Gptj)] {
+            let (p, at) = common::attention::with_payload_nans(rng, rope, nans, from_bits);
+            let (_, _, k_cache, v_cache) = p.run_cpu();
+            let (hkv, d) = (2, 64);
+            let mut nan_keys = 0;
+            for b in 0..2 {
+                for (node, row) in p.rows(b).enumerate() {
+                    for h in 0..hkv {
+                        let slot = p.cache_index(b, p.prefix_lens[b] as usize + node, h);
+                        let input = (row * hkv + h) * d;
+                        for j in 0..d {
+                            let (key, value) =
+                                (k_cache[slot + j].to_bits(), v_cache[slot + j].to_bits());
+                            assert_eq!(
+                                value,
+                                p.v[input + j].to_bits(),
+                                "{rope:?}: values are copied"
+                            );
+                            if rope.is_none() {
+                                assert_eq!(
+                                    key,
+                                    p.k[input + j].to_bits(),
+                                    "keys are copied without RoPE"
+                                );
+                            } else if k_cache[slot + j].to_f32().is_nan() {
+                                assert_eq!(key, 0x7FFF, "{rope:?}: a rotated NaN key");
+                                nan_keys += 1;
+                            }
+                        }
+                    }
+                }
+            }
+            // Every NaN input makes its pair NaN: at least as many NaN keys as NaN inputs.
+            assert!(
+                rope.is_none() || nan_keys >= at.len(),
+                "{rope:?}: {nan_keys} NaN keys"
+            );
+        }
+    }
+    let mut rng = rng("nan_keys_are_appended_with_the_bits_the_gpu_writes");
+    case(
+        &mut rng,
+        common::attention::F16_PAYLOAD_NANS,
+        f16::from_bits,
+    );
+    case(
+        &mut rng,
+        common::attention::BF16_PAYLOAD_NANS,
+        bf16::from_bits,
+    );
+}

@@ -448,3 +448,80 @@ fn gpu_compaction_matches_the_cpu() {
         }
     }
 }
+
+/// Keys and values holding NaNs with signs and payloads: the GPU appends the CPU's bits exactly (0x7FFF for a
+/// key rotated by RoPE, whatever its payload; the payload itself when copied without RoPE).
+#[test]
+fn gpu_nan_payloads_append_the_cpu_bits() {
+    let Some(backend) = gpu("gpu_nan_payloads_append_the_cpu_bits") else {
+        return;
+    };
+    let mut rng = rng("gpu_nan_payloads_append_the_cpu_bits");
+    let stream = backend.context().new_stream().unwrap();
+    fn case<T: HalfElement + DeviceRepr + ValidAsZeroBits>(
+        backend: &CudaBackend,
+        stream: &Arc<CudaStream>,
+        rng: &mut StdRng,
+        nans: [u16; 3],
+        from_bits: fn(u16) -> T,
+    ) {
+        for rope in [None, Some(RopeStyle::Neox), Some(RopeStyle::Gptj)] {
+            let (p, _) = common::attention::with_payload_nans(rng, rope, nans, from_bits);
+            let gpu = run_gpu(backend, stream, &p);
+            let (_, _, k_cache, v_cache) = p.run_cpu();
+            let bits = |x: &[T]| x.iter().map(|e| e.to_bits()).collect::<Vec<_>>();
+            let label = format!("{} rope {rope:?}", T::DTYPE.name());
+            assert_eq!(gpu.status, [0, 0], "{label}");
+            assert!(
+                bits(&gpu.k_cache) == bits(&k_cache),
+                "{label}: k_cache differs from the CPU's"
+            );
+            assert!(
+                bits(&gpu.v_cache) == bits(&v_cache),
+                "{label}: v_cache differs from the CPU's"
+            );
+        }
+    }
+    case(
+        &backend,
+        &stream,
+        &mut rng,
+        common::attention::F16_PAYLOAD_NANS,
+        f16::from_bits,
+    );
+    case(
+        &backend,
+        &stream,
+        &mut rng,
+        common::attention::BF16_PAYLOAD_NANS,
+        bf16::from_bits,
+    );
+}
+
+/// Offsets more than INT32_MAX apart (a request from i32::MIN to i32::MAX) are refused as bad offsets, with their
+/// difference taken in 64 bits: in 32 bits it overflows, which is undefined behaviour the simulator's UBSan
+/// reports (as it did before the kernels widened it).
+#[test]
+fn gpu_offsets_further_apart_than_i32_are_refused() {
+    let Some(backend) = gpu("gpu_offsets_further_apart_than_i32_are_refused") else {
+        return;
+    };
+    let mut rng = rng("gpu_offsets_further_apart_than_i32_are_refused");
+    let stream = backend.context().new_stream().unwrap();
+    let spec = Spec {
+        trees: vec![chain(3), star(4)],
+        prefix_lens: vec![5, 17],
+        num_q_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 64,
+        page_size: 16,
+        rope: None,
+    };
+    let mut p = Problem::<bf16>::random(&mut rng, &spec);
+    p.token_offsets = vec![i32::MIN, i32::MAX, 7];
+    let gpu = run_gpu(&backend, &stream, &p);
+    assert_eq!(gpu.status, [RequestStatus::Offsets as i32; 2]);
+    let bits = |x: &[bf16]| x.iter().map(|e| e.to_bits()).collect::<Vec<_>>();
+    assert!(bits(&gpu.k_cache) == bits(&p.k_cache), "k_cache written");
+    assert!(bits(&gpu.v_cache) == bits(&p.v_cache), "v_cache written");
+}

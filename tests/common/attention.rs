@@ -315,3 +315,37 @@ pub fn worst_violation(
         .map(|(i, (g, w))| (i, *g, *w))
         .max_by(|a, b| (a.1 - a.2).abs().total_cmp(&(b.1 - b.2).abs()))
 }
+
+/// NaN patterns with a sign and a payload (quiet and signalling) for fp16 and bf16 keys: what the CPU's `half`
+/// conversion would keep, and what the GPU's `cvt` turns into its canonical NaN.
+pub const F16_PAYLOAD_NANS: [u16; 3] = [0xFE01, 0x7D55, 0xFC01];
+pub const BF16_PAYLOAD_NANS: [u16; 3] = [0xFF81, 0x7F95, 0xFFC3];
+
+/// A small problem (two requests, two kv heads, head dim 64) whose keys and values hold the NaN patterns `nans`
+/// at a few places, with the RoPE style `rope`. Returns the problem and the element indices of `k` set to NaN.
+pub fn with_payload_nans<T: HalfElement>(
+    rng: &mut StdRng,
+    rope: Option<RopeStyle>,
+    nans: [u16; 3],
+    from_bits: fn(u16) -> T,
+) -> (Problem<T>, Vec<usize>) {
+    let spec = Spec {
+        trees: vec![star(3), chain(2)],
+        prefix_lens: vec![5, 17],
+        num_q_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 64,
+        page_size: 16,
+        rope,
+    };
+    let mut p = Problem::<T>::random(rng, &spec);
+    let index = |row: usize, head: usize, j: usize| (row * 2 + head) * 64 + j;
+    // Single elements of rows 1 and 2 (either member of a rotated pair), and all of row 4's head 0.
+    let mut at = vec![index(1, 0, 0), index(2, 1, 40), index(2, 1, 9)];
+    at.extend((0..64).map(|j| index(4, 0, j)));
+    for (i, &e) in at.iter().enumerate() {
+        p.k[e] = from_bits(nans[i % 3]);
+        p.v[e] = from_bits(nans[(i + 1) % 3]);
+    }
+    (p, at)
+}
