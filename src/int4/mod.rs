@@ -9,7 +9,8 @@
 //! A weight matrix `W[N, K]` (N output features, K input features, row-major as in a PyTorch `Linear`) is
 //! cut into groups of `group_size` (32, 64 or 128) consecutive columns of one row. Group `(n, j)` has a scale
 //! `s` (fp16 or bf16) and an integer zero point `z` in `0..=15`, and every weight of it a 4-bit code `q`; the
-//! weight it stands for is `(q - z) * s`, which fp32 represents exactly.
+//! weight it stands for is `(q - z) * s`, which fp32 represents exactly unless a bf16 scale above `2^128 / 15`
+//! (about 2.27e37) pushes it past fp32's range (`docs/int4-format.md`).
 //!
 //! * `scales[K / group_size, N]` and `zeros[K / group_size, N]` (one byte each, high four bits 0): row-major,
 //!   element `j * N + n` for group `j` of row `n`, the orientation GPTQ and AWQ checkpoints use.
