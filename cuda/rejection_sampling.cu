@@ -18,17 +18,22 @@
 //   1. SamplingThresholdKernel_<T> (only when top-k or top-p are given): one block per row of a request that uses
 //      them finds the smallest kept z: the k-th largest logit by radix selection over 32-bit order keys (4 passes
 //      of 8 bits), then the top-p cut by the same selection weighted by softmax mass (a pass for the softmax
-//      statistics, 4 for the cut). Tokens with z below the threshold are removed from every later step.
-//   2. SamplingRowKernel_<T>: grid (target rows + draft rows, vocabulary splits). Block (row, split) reads its
+//      statistics, 4 for the cut; masses in integer units of 2^-60, so the cut is the same on every run, and a
+//      pass that finds no bin keeps the cut refined so far). Tokens with z below the threshold are removed from
+//      every later step. (Still one block per row: splitting it over the vocabulary is open, issue 15 item 3.)
+//   2. SamplingRowKernel_<T>: grid (target rows + draft rows, vocabulary chunks). Block (row, chunk) reads its
 //      chunk once and writes three partials: the race key of the node's draw (target rows), the softmax
 //      statistics (max, sum exp) of z = logit / temperature (when draft rows are given), and value flags (NaN,
 //      +inf, overflow of logit / temperature, negative probability, any mass). The race key is a 64-bit max with
-//      ties to the lowest index and the noise is indexed by token, so the split does not change any result.
+//      ties to the lowest index and the noise is indexed by token, so the split does not change any result. The
+//      chunks have a fixed size (ROW_CHUNK, src/cuda/sampling.rs) and the walk merges their softmax statistics in
+//      chunk order in f64 (MergeRowStats), so a request's tokens do not depend on its batch or the GPU.
 //   3. RejectionWalkKernel_<T>: one block per request validates it (the rules of sampling::check_request and
 //      check_row_values; a bad request gets accepted = -1 and rows of -1), merges the partials of the nodes it
 //      visits in a fixed order and decides acceptances. Where a node with draft rows rejects all its children, it
 //      leaves a residual job (node, level, softmax statistics, residual masses); for an i.i.d. node that rejects
-//      two or more children, the block makes a pass over the row for each residual mass.
+//      two or more children, the block makes one pass over the row per rejection, stepping the residual it keeps
+//      in the request's residual row (scratch, trees only) and summing its mass: O(V) per rejection.
 //   4. ResidualRaceKernel_<T> (with draft rows): grid (requests, vocabulary splits); blocks of requests with a job
 //      race over their chunk of max(0, r - q), and the last block of a request to finish (a ticket counter)
 //      merges the partials and writes the emitted token. No request waits on one block walking its vocabulary.
@@ -45,6 +50,8 @@ namespace specdec {
 
 constexpr int kThresholdThreads = 1024;
 constexpr int kRowThreads = 256;
+// The walk is launched with __launch_bounds__(kWalkThreads, 1): one block per request needs no occupancy, and with
+// the thread count alone this nvcc held it to 64 registers and spilled (80 without spills).
 constexpr int kWalkThreads = 256;
 constexpr int kResidualThreads = 256;
 constexpr int kMaxTreeNodes = 65;
@@ -63,19 +70,20 @@ struct SamplingArgs {
   const int32_t* offsets;  // [B + 1]: draft offsets (chain) or node offsets (tree)
   int64_t num_requests;
   const int32_t* tokens;   // [num_tokens]: drafts (chain) or node tokens (tree)
-  const int32_t* parents;  // [num_tokens] (tree), or null: chains
+  const int32_t* parents;  // [num_tokens] (tree); unused for chains
   int64_t num_tokens;
+  int64_t is_tree;           // 1: trees (offsets are node offsets); 0: chains. Explicit, since a batch of
+                             // empty trees has no parents to point at.
   const float* temperature;  // [B] for logits, null for probabilities
   const int32_t* top_k;      // [B] (-1 = off) or null
   const float* top_p;        // [B] (1 = off) or null
   const uint64_t* seeds;     // [B]
   const uint64_t* steps;     // [B]
   int64_t emit_width;
-  int32_t* accepted;  // [B]
-  int32_t* emitted;   // [B, W]
-  int32_t* nodes;     // [B, W] or null
-  int8_t* flags;      // [B, W] or null
-
+  int32_t* accepted;         // [B]
+  int32_t* emitted;          // [B, W]
+  int32_t* nodes;            // [B, W] or null
+  int8_t* flags;             // [B, W] or null
   uint64_t* race;            // scratch [target_rows, splits]
   float2* stats;             // scratch [target_rows + draft_rows, splits]: (max z, sum exp(z - max))
   uint32_t* row_flags;       // scratch [target_rows + draft_rows, splits]
@@ -83,6 +91,7 @@ struct SamplingArgs {
   struct ResidualJob* jobs;  // scratch [B] (with draft rows): the residual race a request left, node -1 for none
   uint32_t* tickets;         // scratch [B] (with draft rows): residual-race blocks of a request done so far
   uint64_t* residual_race;   // scratch [B, residual_splits]
+  float* residual_rows;      // scratch [B, V] (trees with draft rows): the current residual of the request's node
   int64_t residual_chunk;    // vocabulary chunk per residual split, a multiple of 4
   int64_t residual_splits;
   int64_t target_rows;
@@ -90,7 +99,7 @@ struct SamplingArgs {
   int64_t chunk;  // vocabulary chunk per split, a multiple of 4
   int64_t splits;
 };
-static_assert(sizeof(SamplingArgs) == 31 * 8, "the host mirrors this layout");
+static_assert(sizeof(SamplingArgs) == 33 * 8, "the host mirrors this layout");
 
 // What the walk leaves for the residual race of a request whose stopping node rejected all its children.
 struct ResidualJob {
@@ -101,7 +110,7 @@ struct ResidualJob {
 };
 static_assert(sizeof(ResidualJob) == 24 + 8 * (kMaxTreeNodes + 1), "the host sizes the scratch from this");
 
-__device__ __forceinline__ bool IsTree(const SamplingArgs& a) { return a.parents != nullptr; }
+__device__ __forceinline__ bool IsTree(const SamplingArgs& a) { return a.is_tree != 0; }
 
 // Rows and nodes of request b, from offsets the caller has checked (0 <= first <= last <= num_tokens).
 __device__ __forceinline__ int64_t TargetRowStart(const SamplingArgs& a, int64_t b) {
@@ -179,6 +188,9 @@ __device__ __forceinline__ TopKTopP RequestTopKTopP(const SamplingArgs& a, int64
 // 1b. Top-k / top-p thresholds.
 // ---------------------------------------------------------------------------------------------------------
 
+// Softmax masses of the top-p selection are counted in units of 2^-60 (see RowThreshold).
+constexpr double kMassUnits = 0x1p60;
+
 // The value whose OrderedValueKey is `key` (-0.0 comes back as +0.0, which compares equal).
 __device__ __forceinline__ float FloatFromOrderedKey(uint32_t key) {
   return __uint_as_float((key & 0x80000000u) ? (key & 0x7FFFFFFFu) : ~key);
@@ -209,8 +221,10 @@ __device__ __forceinline__ double BlockSumDouble(double v, double* scratch) {
 }
 
 // One pass of radix selection from the top: among the tokens whose key matches `prefix` on `mask`, the weight
-// (a count, or a softmax mass) of each value of the 8 bits at `shift`; then the highest bin at which the weight
-// above it plus its own reaches `target`. Returns false when no bin does (only rounding can cause it).
+// (a count, or a softmax mass in fixed point) of each value of the 8 bits at `shift`; then the highest bin at which
+// the weight above it plus its own reaches `target`. Returns false when no bin does. The weights are integers, so
+// the shared-memory sums are exact and do not depend on the order the atomics land in: the cut is the same on
+// every run.
 template <typename T, typename Weight, typename WeightOf>
 __device__ __forceinline__ bool SelectBin(const T* values, int64_t vocab_size, int shift, Weight* bins,
                                           uint32_t* prefix, uint32_t* mask, Weight* above, Weight target,
@@ -249,9 +263,9 @@ __device__ __forceinline__ bool SelectBin(const T* values, int64_t vocab_size, i
 template <typename T>
 __device__ __forceinline__ void RowThreshold(const SamplingArgs& a) {
   __shared__ uint32_t counts[256];
-  __shared__ double masses[256];
+  __shared__ unsigned long long masses[256];
   __shared__ uint32_t prefix, mask, count_above;
-  __shared__ double mass_above;
+  __shared__ unsigned long long mass_above;
   __shared__ float float_scratch[kThresholdThreads / 32];
   __shared__ double double_scratch[kThresholdThreads / 32];
   const int64_t row = blockIdx.x;
@@ -307,18 +321,33 @@ __device__ __forceinline__ void RowThreshold(const SamplingArgs& a) {
     if (threadIdx.x == 0) {
       prefix = 0u;
       mask = 0u;
-      mass_above = 0.0;
+      mass_above = 0ull;
     }
     __syncthreads();
-    bool found = z_sum > 0.0;
-    for (int shift = 24; shift >= 0 && found; shift -= 8) {
-      found = SelectBin<T, double>(values, vocab, shift, masses, &prefix, &mask, &mass_above,
-                                   static_cast<double>(top_p), [=](float v) {
-                                     const float z = kept_z(v);
-                                     return z > -INFINITY ? static_cast<double>(expf(z - z_max)) / z_sum : 0.0;
-                                   });
+    // Masses in units of 2^-60 of the row's kept mass (truncated; a row sums to at most 2^60), so that bins add
+    // up exactly with native 64-bit integer atomics. top_p is a float: its 24 bits scale exactly. The target is at
+    // least one unit, so that an empty bin never meets it (a top_p below 2^-60 keeps the most likely value).
+    const unsigned long long scaled_top_p = static_cast<unsigned long long>(static_cast<double>(top_p) * kMassUnits);
+    const unsigned long long target = scaled_top_p > 0ull ? scaled_top_p : 1ull;
+    int passes = 0;
+    if (z_sum > 0.0) {
+      for (int shift = 24; shift >= 0; shift -= 8) {
+        if (!SelectBin<T, unsigned long long>(
+                values, vocab, shift, masses, &prefix, &mask, &mass_above, target, [=](float v) {
+                  const float z = kept_z(v);
+                  return z > -INFINITY ? static_cast<unsigned long long>(static_cast<double>(expf(z - z_max)) / z_sum *
+                                                                         kMassUnits)
+                                       : 0ull;
+                })) {
+          break;
+        }
+        ++passes;
+      }
     }
-    if (found) threshold = fmaxf(threshold, __fdiv_rn(FloatFromOrderedKey(prefix), t));
+    // The cut refined so far: the lowest value of the bin the last pass chose still holds the mass top_p needs.
+    // (With exact sums a later pass always finds a bin; the first can miss only when truncation leaves the kept
+    // mass short of top_p, and then top-p keeps everything top-k kept.)
+    if (passes > 0) threshold = fmaxf(threshold, __fdiv_rn(FloatFromOrderedKey(prefix), t));
   }
   if (threadIdx.x == 0) a.thresholds[row] = threshold;
 }
@@ -354,6 +383,24 @@ struct SoftmaxStats {
     }
   }
 };
+
+// A row's softmax statistics from its per-chunk partials: the maximum, then sum_s sum_s * exp(max_s - max) in
+// f64, in chunk order, rounded once. The chunks are a fixed size (ROW_CHUNK on the host), so the result depends on
+// the row alone, never on the batch around it or the GPU's SM count (which decide only how many blocks run).
+__device__ __forceinline__ void MergeRowStats(const float2* partials, int64_t count, float& max, float& sum) {
+  float m = -INFINITY;
+  for (int64_t i = 0; i < count; ++i) m = partials[i].x > m ? partials[i].x : m;
+  double total = 0.0;
+  if (m > -INFINITY) {
+    for (int64_t i = 0; i < count; ++i) {
+      if (partials[i].x > -INFINITY) {
+        total += static_cast<double>(partials[i].y) * exp(static_cast<double>(partials[i].x) - static_cast<double>(m));
+      }
+    }
+  }
+  max = m;
+  sum = static_cast<float>(total);
+}
 
 __device__ __forceinline__ SoftmaxStats WarpReduceStats(SoftmaxStats s) {
 #pragma unroll
@@ -566,16 +613,14 @@ __device__ __forceinline__ float Probability(const SamplingArgs& a, const void* 
   return (z == -INFINITY || z < threshold) ? 0.0f : __fdiv_rn(expf(z - max), sum);
 }
 
-// r_level(x): the residual after `level` rejections at the node, r_0 = p, r_{l+1} = max(0, r_l / m_l - q).
-__device__ __forceinline__ float Residual(float p, float q, int level, const double* mass) {
-  float r = p;
-  for (int l = 0; l < level; ++l) {
-    const float scale = static_cast<float>(mass[l]);
-    const float base = scale == 1.0f ? r : __fdiv_rn(r, scale);
-    const float next = __fsub_rn(base, q);
-    r = next > 0.0f ? next : 0.0f;
-  }
-  return r;
+// One rejection's step of the residual at a node: r_{l+1}(x) = max(0, r_l(x) / m_l - q(x)), with m_l = `mass`
+// (m_0 = 1 divides nothing), r_0 = p. The walk carries r_l in the request's residual row, so each rejection costs
+// one pass over the vocabulary, O(V), not a replay of every earlier step for every token (O(l V)).
+__device__ __forceinline__ float ResidualStep(float r, float q, double mass) {
+  const float scale = static_cast<float>(mass);
+  const float base = scale == 1.0f ? r : __fdiv_rn(r, scale);
+  const float next = __fsub_rn(base, q);
+  return next > 0.0f ? next : 0.0f;
 }
 
 template <typename T>
@@ -648,17 +693,10 @@ __device__ __forceinline__ void Walk(const SamplingArgs& a) {
     } else {
       const int64_t draft_row = a.offsets[b] + node;
       if (threadIdx.x == 0) {
-        SoftmaxStats p, q;
-        for (int64_t split = 0; split < a.splits; ++split) {
-          const float2 ps = a.stats[target_row * a.splits + split];
-          const float2 qs = a.stats[(a.target_rows + draft_row) * a.splits + split];
-          p.Merge(ps.x, ps.y);
-          q.Merge(qs.x, qs.y);
-        }
-        s.p_max = p.max;
-        s.p_sum = p.sum;
-        s.q_max = q.max;
-        s.q_sum = q.sum;
+        const float2* ps = a.stats + target_row * a.splits;
+        const float2* qs = a.stats + (a.target_rows + draft_row) * a.splits;
+        MergeRowStats(ps, a.splits, s.p_max, s.p_sum);
+        MergeRowStats(qs, a.splits, s.q_max, s.q_sum);
         s.mass[0] = 1.0;
       }
       __syncthreads();
@@ -668,7 +706,7 @@ __device__ __forceinline__ void Walk(const SamplingArgs& a) {
           const int64_t x = s.token[s.kids[j]];
           const float px = Probability<T>(a, a.target, target_row, x, t, s.p_max, s.p_sum, target_row);
           const float qx = Probability<T>(a, a.draft, draft_row, x, t, s.q_max, s.q_sum, a.target_rows + draft_row);
-          const float rx = Residual(px, qx, level, s.mass);
+          const float rx = level == 0 ? px : a.residual_rows[b * a.vocab_size + x];
           const float u =
               UniformFromBits(noise.Bits(kNoiseCoin, static_cast<uint32_t>(node), static_cast<uint32_t>(j)));
           const double lhs = __dmul_rn(__dmul_rn(static_cast<double>(u), static_cast<double>(qx)), s.mass[level]);
@@ -678,12 +716,18 @@ __device__ __forceinline__ void Walk(const SamplingArgs& a) {
         if (s.accepted_kid >= 0) break;
         ++level;
         if (j + 1 < s.num_kids) {
-          // The next child is tested against the normalised residual: its mass is a pass over the row.
+          // The next child is tested against the next residual: one pass steps the row to it (kept in the
+          // request's residual row) and sums its mass.
+          float* const residual = a.residual_rows + b * a.vocab_size;
+          const double previous_mass = s.mass[level - 1];
           double sum = 0.0;
           for (int64_t x = threadIdx.x; x < a.vocab_size; x += kWalkThreads) {
-            const float px = Probability<T>(a, a.target, target_row, x, t, s.p_max, s.p_sum, target_row);
+            const float previous =
+                level == 1 ? Probability<T>(a, a.target, target_row, x, t, s.p_max, s.p_sum, target_row) : residual[x];
             const float qx = Probability<T>(a, a.draft, draft_row, x, t, s.q_max, s.q_sum, a.target_rows + draft_row);
-            sum += static_cast<double>(Residual(px, qx, level, s.mass));
+            const float rx = ResidualStep(previous, qx, previous_mass);
+            residual[x] = rx;
+            sum += static_cast<double>(rx);
           }
 #pragma unroll
           for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(0xFFFFFFFFu, sum, offset);
@@ -763,9 +807,12 @@ __device__ __forceinline__ void ResidualRace(const SamplingArgs& a) {
     const Philox4 block = noise.Block(kNoiseToken, static_cast<uint32_t>(node), static_cast<uint32_t>(first));
     for (int i = 0; i < 4 && first + i < end; ++i) {
       const int64_t x = first + i;
-      const float px = Probability<T>(a, a.target, target_row, x, t, job.p_max, job.p_sum, target_row);
+      // The final residual r_level, one step from the walk's r_{level - 1} (p when the node rejected one child).
+      const float previous = level == 1
+                                 ? Probability<T>(a, a.target, target_row, x, t, job.p_max, job.p_sum, target_row)
+                                 : a.residual_rows[b * a.vocab_size + x];  // trees only
       const float qx = Probability<T>(a, a.draft, draft_row, x, t, job.q_max, job.q_sum, a.target_rows + draft_row);
-      const float rx = Residual(px, qx, level, mass);
+      const float rx = ResidualStep(previous, qx, mass[level - 1]);
       if (rx > 0.0f) {
         const uint64_t key =
             ArgmaxKey(__fdiv_rn(rx, ExponentialFromBits(PhiloxWord(block, i))), static_cast<uint32_t>(x));
@@ -810,7 +857,7 @@ __device__ __forceinline__ void ResidualRace(const SamplingArgs& a) {
       SamplingRowKernel_##suffix(specdec::SamplingArgs a) {                \
     specdec::RowPartials<T>(a);                                            \
   }                                                                        \
-  extern "C" __global__ void __launch_bounds__(specdec::kWalkThreads)      \
+  extern "C" __global__ void __launch_bounds__(specdec::kWalkThreads, 1)   \
       RejectionWalkKernel_##suffix(specdec::SamplingArgs a) {              \
     specdec::Walk<T>(a);                                                   \
   }                                                                        \

@@ -19,6 +19,16 @@ const MODULE: &str = "rejection_sampling";
 /// file.
 const THRESHOLD_THREADS: u32 = 1024;
 const ROW_THREADS: u32 = 256;
+/// The vocabulary chunk of one SamplingRowKernel block. Fixed, never derived from the batch or the GPU, because the
+/// chunks decide how a row's softmax sum is rounded: a request's tokens must not depend on the requests beside it
+/// or on the SM count. 8192 is 8 rounds of 4 elements per thread; a chunk's partials are 20 bytes.
+const ROW_CHUNK: usize = 8192;
+
+/// `(chunk, chunks)` of a row of `vocab_size` (at least 1) for SamplingRowKernel: [`ROW_CHUNK`] each, the last
+/// one shorter. Only the vocabulary size enters.
+fn row_chunks(vocab_size: usize) -> (usize, u32) {
+    (ROW_CHUNK, vocab_size.div_ceil(ROW_CHUNK).max(1) as u32)
+}
 const WALK_THREADS: u32 = 256;
 const RESIDUAL_THREADS: u32 = 256;
 /// Kernel names by family (the indices below), then element type: f32 (and probabilities), f16, bf16.
@@ -224,6 +234,7 @@ struct SamplingArgs {
     tokens: u64,
     parents: u64,
     num_tokens: i64,
+    is_tree: i64,
     temperature: u64,
     top_k: u64,
     top_p: u64,
@@ -241,6 +252,7 @@ struct SamplingArgs {
     jobs: u64,
     tickets: u64,
     residual_race: u64,
+    residual_rows: u64,
     residual_chunk: i64,
     residual_splits: i64,
     target_rows: i64,
@@ -248,7 +260,7 @@ struct SamplingArgs {
     chunk: i64,
     splits: i64,
 }
-const _: () = assert!(std::mem::size_of::<SamplingArgs>() == 31 * 8);
+const _: () = assert!(std::mem::size_of::<SamplingArgs>() == 33 * 8);
 
 impl CudaBackend {
     /// Rejection-sampling verification on the GPU; see [`crate::sampling`] for layout, semantics and
@@ -377,12 +389,40 @@ impl CudaBackend {
                 ),
             ));
         }
-        let sms = self.multiprocessors();
-        let (chunk, splits) = vocabulary_split(rows, shape.vocab_size, sms, 4);
-        let (residual_chunk, residual_splits) = vocabulary_split(b, shape.vocab_size, sms, 4);
+        let (chunk, splits) = row_chunks(shape.vocab_size);
+        if splits > 65535 {
+            return Err(Error::invalid(
+                "vocab_size",
+                format!(
+                    "is {}; the CUDA backend takes at most {} tokens (65535 chunks of {ROW_CHUNK})",
+                    shape.vocab_size,
+                    65535 * ROW_CHUNK
+                ),
+            ));
+        }
+        let (residual_chunk, residual_splits) =
+            vocabulary_split(b, shape.vocab_size, self.multiprocessors(), 4);
         // One scratch allocation in 8-byte aligned parts: race keys, softmax statistics, row flags, thresholds
-        // (top-k / top-p), and with draft rows the residual jobs, tickets and race partials.
+        // (top-k / top-p), and with draft rows the residual jobs, tickets and race partials, plus for trees one
+        // residual row per request (a node with several i.i.d. children steps its residual there, O(V) per
+        // rejection: 4 V bytes per request, 33 MB at B = 64, V = 128256).
         let partials = rows * splits as usize;
+        let residual_rows_bytes = if residuals && shape.tree {
+            b.checked_mul(shape.vocab_size)
+                .and_then(|n| n.checked_mul(4))
+                .map(|n| n.next_multiple_of(8))
+                .ok_or_else(|| {
+                    Error::invalid(
+                        "num_requests",
+                        format!(
+                            "{b} trees of {} tokens need more residual scratch than the address space holds",
+                            shape.vocab_size
+                        ),
+                    )
+                })?
+        } else {
+            0
+        };
         let parts = [
             target_rows * splits as usize * 8,
             partials * 8,
@@ -403,9 +443,10 @@ impl CudaBackend {
             } else {
                 0
             },
+            residual_rows_bytes,
         ];
         let scratch = StreamScratch::alloc(stream, parts.iter().sum())?;
-        let mut at = [0u64; 7];
+        let mut at = [0u64; 8];
         for k in 1..parts.len() {
             at[k] = at[k - 1] + parts[k - 1] as u64;
         }
@@ -421,6 +462,7 @@ impl CudaBackend {
             tokens: ptrs.tokens,
             parents: ptrs.parents,
             num_tokens: shape.num_tokens as i64,
+            is_tree: i64::from(shape.tree),
             temperature: ptrs.temperature,
             top_k: ptrs.top_k,
             top_p: ptrs.top_p,
@@ -438,6 +480,7 @@ impl CudaBackend {
             jobs: part(4),
             tickets: part(5),
             residual_race: part(6),
+            residual_rows: part(7),
             residual_chunk: residual_chunk as i64,
             residual_splits: i64::from(residual_splits),
             target_rows: target_rows as i64,
@@ -476,7 +519,8 @@ impl CudaBackend {
             ),
         ];
         for (wanted, family, grid, threads, name) in launches {
-            if !wanted {
+            // A grid with no blocks has no work (a batch of empty trees has no rows), and the driver refuses it.
+            if !wanted || grid.0 == 0 || grid.1 == 0 {
                 continue;
             }
             let function = self.function(MODULE, KERNELS[family][dtype])?;

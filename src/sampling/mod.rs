@@ -49,7 +49,8 @@
 //! # Randomness
 //!
 //! Philox keyed by `seeds[b]`, indexed by `steps[b]`, node and token ([`noise`]): a request's result depends
-//! only on its own inputs, seed and step. Tokens are drawn by an exponential race, `argmax_x w(x) / E_x` over
+//! only on its own inputs, seed and step, on either backend, whatever the batch around it or the GPU (CUDA sums
+//! softmax over fixed 8192-token chunks merged in order in f64, and top-p masses as integers). Tokens are drawn by an exponential race, `argmax_x w(x) / E_x` over
 //! `w(x) > 0` (probability weights) or `argmax_x z(x) - ln E_x` over kept `x` (log weights, the Gumbel-max
 //! form), with `E_x` the node's per-token Exp(1) noise and ties to the lowest index; this needs no
 //! normalisation and no prefix sum, so a backend may split the vocabulary any way and get the same token. An
