@@ -542,9 +542,8 @@ def main():
     print(f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d} (UTC); specdec {lib.specdec_version()}"
           f"; commit {os.environ.get('SPECDEC_COMMIT', 'unknown')}; input seed {seed}")
     print(f"- measured copy bandwidth (read + write): {bandwidth:.1f} GB/s")
-    print()
     failures = 0
-    for family in args.family or list(FAMILIES):
+    for family in dict.fromkeys(args.family or FAMILIES):  # each named family once, in the order named
         print()
         failures += FAMILIES[family](lib, ctx, gen, bandwidth, args.quick)
     lib.specdec_context_destroy(ctx)

@@ -800,10 +800,18 @@ fn coins_on_their_threshold_decide_alike_alone_and_in_any_batch() {
         let ends = |k: &[i64]| k.iter().map(|&k| value(k)).collect::<Vec<_>>();
         let at_lo = run(verify, &probed, &ends(&lo));
         let at_hi = run(verify, &probed, &ends(&hi));
+        // c = -40 (q about 3e-23) accepts every coin; c = 40 (q near 1) rejects unless the coin is below p(x) (at
+        // most about 6e-5 here): such a request has no boundary to probe and is left out.
+        let bounded: Vec<usize> = (0..n)
+            .filter(|&r| at_lo[r].0 == 1 && at_hi[r].0 == 0)
+            .collect();
         assert!(
-            at_lo.iter().all(|r| r.0 == 1) && at_hi.iter().all(|r| r.0 == 0),
-            "{backend_name}: no boundary"
+            bounded.len() >= 4,
+            "{backend_name}: only {bounded:?} of 8 have a boundary"
         );
+        for r in (0..n).filter(|r| !bounded.contains(r)) {
+            hi[r] = lo[r] + 1; // nothing to bisect
+        }
         while lo.iter().zip(&hi).any(|(l, h)| h - l > 1) {
             let mid: Vec<i64> = lo.iter().zip(&hi).map(|(l, h)| l + (h - l) / 2).collect();
             for (i, r) in run(verify, &probed, &ends(&mid)).iter().enumerate() {
@@ -818,10 +826,10 @@ fn coins_on_their_threshold_decide_alike_alone_and_in_any_batch() {
         }
         for (side, c) in [("accepting", ends(&lo)), ("rejecting", ends(&hi))] {
             let reference = run(verify, &probed, &c);
-            for (r, want) in reference.iter().enumerate() {
+            for &r in &bounded {
                 assert_eq!(
-                    &run(verify, &[r], &c)[0],
-                    want,
+                    run(verify, &[r], &c)[0],
+                    reference[r],
                     "{backend_name}: {side} request {r} alone"
                 );
             }
@@ -830,7 +838,7 @@ fn coins_on_their_threshold_decide_alike_alone_and_in_any_batch() {
                     .map(|i| (i + rotation) % (n + filler))
                     .collect();
                 for (i, got) in run(verify, &order, &c).into_iter().enumerate() {
-                    if order[i] < n {
+                    if bounded.contains(&order[i]) {
                         assert_eq!(
                             got,
                             reference[order[i]],
