@@ -534,3 +534,94 @@ fn bad_arguments_are_rejected() {
     drafter.add_request(5, 1, &[]).unwrap();
     assert!(drafter.add_request(5, 1, &[]).is_err(), "duplicate request");
 }
+
+/// 8 threads on one drafter mixing every call (registering, appending, proposing chains and trees, finishing,
+/// new iterations, statistics, history reads) over few prompts with small budgets, so evictions cross prompts:
+/// all must finish within 60 s (a deadlock fails the test instead of hanging it), and every statistics snapshot
+/// must respect the budgets. Before, adding a request (requests, then prompts) and reading statistics (prompts,
+/// then requests) on two threads deadlocked within seconds.
+#[test]
+fn eight_threads_mixing_every_call_finish_and_see_consistent_statistics() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::mpsc;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    let seed: u64 = common::rng("drafter stress").random();
+    let config = DrafterConfig {
+        window_iterations: 3,
+        prompt_token_budget: 3000,
+        total_token_budget: 9000,
+        ..DrafterConfig::default()
+    };
+    let (prompt_budget, total_budget) = (config.prompt_token_budget, config.total_token_budget);
+    let drafter = Arc::new(Drafter::new(config).unwrap());
+    let iteration = Arc::new(AtomicU64::new(0));
+    let (done, finished) = mpsc::channel();
+    for t in 0..8u64 {
+        let (drafter, iteration, done) = (drafter.clone(), iteration.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed ^ t);
+            let mut mine: Vec<u64> = Vec::new();
+            for step in 0..3000u64 {
+                let request = t << 32 | step;
+                match rng.random_range(0..10) {
+                    0 | 1 => {
+                        let prompt = rng.random_range(0..6);
+                        let tokens: Vec<Token> = (0..rng.random_range(1..40))
+                            .map(|_| rng.random_range(0..8))
+                            .collect();
+                        drafter.add_request(request, prompt, &tokens).unwrap();
+                        mine.push(request);
+                    }
+                    2 | 3 if !mine.is_empty() => {
+                        let r = mine[rng.random_range(0..mine.len())];
+                        let tokens: Vec<Token> = (0..rng.random_range(1..30))
+                            .map(|_| rng.random_range(0..8))
+                            .collect();
+                        drafter.append(r, &tokens).unwrap();
+                    }
+                    4 if !mine.is_empty() => {
+                        let r = mine[rng.random_range(0..mine.len())];
+                        let kind = if rng.random() {
+                            DraftKind::Chain
+                        } else {
+                            DraftKind::Tree
+                        };
+                        drafter.propose(r, kind).unwrap();
+                    }
+                    5 if !mine.is_empty() => {
+                        let r = mine.swap_remove(rng.random_range(0..mine.len()));
+                        drafter.finish_request(r).unwrap();
+                    }
+                    6 => {
+                        let next = iteration.fetch_add(1, Ordering::Relaxed) + 1;
+                        // Iterations only go forward; a thread that lost the race may be refused.
+                        let _ = drafter.begin_iteration(next);
+                    }
+                    7 => {
+                        let _ = drafter.history(rng.random_range(0..6));
+                    }
+                    _ => {
+                        let stats = drafter.stats();
+                        assert!(
+                            stats.tokens <= total_budget,
+                            "a snapshot over the total budget: {stats:?}"
+                        );
+                        assert!(
+                            stats.tokens <= prompt_budget * stats.prompts.max(1),
+                            "{stats:?}"
+                        );
+                    }
+                }
+            }
+            done.send(t).unwrap();
+        });
+    }
+    drop(done);
+    for _ in 0..8 {
+        finished
+            .recv_timeout(Duration::from_secs(60))
+            .expect("a drafter call did not return within 60 s: deadlock (seed printed above)");
+    }
+}

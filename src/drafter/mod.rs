@@ -34,7 +34,9 @@
 //! # Threads
 //!
 //! A [`Drafter`] is `Sync`. Requests of different prompts append and draft in parallel; requests of one
-//! prompt share its history behind a reader-writer lock.
+//! prompt share its history behind a reader-writer lock. Every call takes its locks in one documented order (see
+//! [`Drafter`]), so no mix of calls on any number of threads can deadlock (tested with 8 threads mixing every
+//! call), and [`Drafter::stats`] is a consistent snapshot: its tokens never exceed the budgets.
 
 mod index;
 mod propose;
@@ -242,10 +244,25 @@ struct Accounting {
 }
 
 /// The drafter: histories per prompt, and the requests drafting from them. See the module documentation.
+///
+/// Lock order. A thread takes locks only in this order:
+///
+/// 1. `requests` (the map);
+/// 2. a request's `RequestState` (one at a time);
+/// 3. `accounting`;
+/// 4. prompt histories: one, or a second only while holding `accounting` (eviction across prompts, in
+///    `store`), so no two threads ever wait on each other's histories;
+/// 5. `prompts` (the map): a leaf, held only to look up or insert, never while waiting on another lock.
+///
+/// Every snapshot of the statistics holds `requests` and `accounting`, so no call that changes the histories
+/// runs during it.
 pub struct Drafter {
     config: DrafterConfig,
+    /// Lock 5 (a leaf).
     prompts: RwLock<HashMap<u64, Arc<RwLock<PromptHistory>>>>,
+    /// Lock 1; each request's state is lock 2.
     requests: RwLock<HashMap<u64, Arc<Mutex<RequestState>>>>,
+    /// Lock 3.
     accounting: Mutex<Accounting>,
     next_rollout: AtomicU64,
 }
@@ -409,8 +426,8 @@ impl Drafter {
             if victim_prompt == prompt {
                 history.rollouts.retain(|&(r, _)| r != victim);
                 accounting.tokens -= history.index.remove(victim);
-            } else if let Some(other) = read(&self.prompts).get(&victim_prompt).cloned() {
-                // Safe from deadlock: a thread locks a second prompt only while holding `accounting`.
+            } else if let Some(other) = self.prompt_history(victim_prompt) {
+                // A second history, taken only while holding `accounting` (lock order, rule 4).
                 let mut other = write(&other);
                 other.rollouts.retain(|&(r, _)| r != victim);
                 accounting.tokens -= other.index.remove(victim);
@@ -501,9 +518,14 @@ impl Drafter {
         Ok(draft)
     }
 
+    /// The history of `prompt`, if any, with the prompts map released again (it is a leaf of the lock order).
+    fn prompt_history(&self, prompt: u64) -> Option<Arc<RwLock<PromptHistory>>> {
+        read(&self.prompts).get(&prompt).cloned()
+    }
+
     /// The rollouts stored for `prompt`, oldest first (empty if none): what drafts are matched against.
     pub fn history(&self, prompt: u64) -> Vec<Vec<Token>> {
-        let Some(history) = read(&self.prompts).get(&prompt).cloned() else {
+        let Some(history) = self.prompt_history(prompt) else {
             return Vec::new();
         };
         let history = read(&history);
@@ -514,18 +536,22 @@ impl Drafter {
             .collect()
     }
 
-    /// Sizes of the histories.
+    /// Sizes of the histories: a consistent snapshot (no request is added and no history changes while it is
+    /// taken), so its tokens never exceed the budgets.
     pub fn stats(&self) -> DrafterStats {
-        let prompts = read(&self.prompts);
+        // Lock order: requests, accounting, then the prompts map (released), then each history.
+        let requests = read(&self.requests);
+        let _accounting = lock(&self.accounting);
+        let histories: Vec<_> = read(&self.prompts).values().cloned().collect();
         let (mut rollouts, mut tokens, mut bytes) = (0, 0, 0);
-        for history in prompts.values() {
+        for history in &histories {
             let history = read(history);
             rollouts += history.rollouts.len();
             tokens += history.index.num_tokens();
             bytes += history.index.memory_bytes();
         }
         DrafterStats {
-            prompts: prompts.len(),
+            prompts: histories.len(),
             rollouts,
             tokens,
             bytes,
@@ -534,7 +560,7 @@ impl Drafter {
             } else {
                 bytes as f64 / tokens as f64
             },
-            active_requests: read(&self.requests).len(),
+            active_requests: requests.len(),
         }
     }
 }
