@@ -1289,7 +1289,7 @@ pub unsafe extern "C" fn specdec_cost_model_step_seconds(
         let batch = size_arg("batch", batch)?;
         let context = size_arg("context_tokens", context_tokens)?;
         let out = non_null("out_seconds", out_seconds)?;
-        *out = match kind {
+        let seconds = match kind {
             0 => cost.target_step(batch, context),
             1 => cost.draft_step(batch, context),
             2 => {
@@ -1309,6 +1309,15 @@ pub unsafe extern "C" fn specdec_cost_model_step_seconds(
                 ))
             }
         };
+        // Each parameter is finite and positive on its own, but a bandwidth such as 5e-324 still overflows the
+        // time: a model that cannot price this step is an invalid argument, not an infinite answer.
+        if !seconds.is_finite() {
+            return Err(Error::invalid(
+                "model",
+                format!("gives {seconds} s for this step (a bandwidth or rate too small to divide by)"),
+            ));
+        }
+        *out = seconds;
         Ok(())
     })
 }

@@ -315,6 +315,12 @@ static void test_policy(void) {
   CHECK(specdec_cost_model_preset(1, 1, &model) == SPECDEC_OK);
   model.t0 = -1.0;
   EXPECT_INVALID(specdec_cost_model_step_seconds(&model, 0, 1, 0, 0, &target), "t0");
+  /* Every field valid alone, but the step time overflows: an invalid model, and the output untouched. */
+  CHECK(specdec_cost_model_preset(1, 1, &model) == SPECDEC_OK);
+  model.bandwidth = 5e-324;
+  target = -7.0;
+  EXPECT_INVALID(specdec_cost_model_step_seconds(&model, 0, 1, 4096, 0, &target), "model");
+  CHECK(target == -7.0);
 }
 
 /* Rejection sampling with certain outcomes: one-hot rows make every coin and race decided. */
