@@ -821,6 +821,22 @@ pub struct specdec_drafter {
     drafter: Drafter,
 }
 
+/// A drafter configuration error with the argument named as `specdec_drafter_config` names it (the Rust
+/// configuration nests the length classes; the C struct is flat).
+fn c_config_field_names(e: Error) -> Error {
+    match e {
+        Error::InvalidArgument { argument, reason } => {
+            let argument = match argument.as_str() {
+                "length_classes.smoothing" => "length_smoothing".to_string(),
+                "length_classes" => "medium_threshold".to_string(),
+                _ => argument,
+            };
+            Error::InvalidArgument { argument, reason }
+        }
+        other => other,
+    }
+}
+
 fn config_from_c(c: &specdec_drafter_config) -> Result<DrafterConfig> {
     let length_classes = match c.use_length_classes {
         0 => None,
@@ -927,7 +943,7 @@ pub unsafe extern "C" fn specdec_drafter_create(
     boundary(|| {
         let config = non_null("config", config as *mut specdec_drafter_config)?;
         let out = non_null("out", out)?;
-        let drafter = Drafter::new(config_from_c(config)?)?;
+        let drafter = Drafter::new(config_from_c(config)?).map_err(c_config_field_names)?;
         *out = Box::into_raw(Box::new(specdec_drafter { drafter }));
         Ok(())
     })
@@ -1314,7 +1330,9 @@ pub unsafe extern "C" fn specdec_cost_model_step_seconds(
         if !seconds.is_finite() {
             return Err(Error::invalid(
                 "model",
-                format!("gives {seconds} s for this step (a bandwidth or rate too small to divide by)"),
+                format!(
+                    "gives {seconds} s for this step (a bandwidth or rate too small to divide by)"
+                ),
             ));
         }
         *out = seconds;

@@ -517,12 +517,35 @@ fn bad_arguments_are_rejected() {
         },
         "window_iterations",
     );
+    // Each budget, factor and offset is named itself (before: "token_budget" for both budgets, "match_factor"
+    // for a NaN match_offset).
     bad(
         DrafterConfig {
             total_token_budget: 0,
             ..base.clone()
         },
-        "token_budget",
+        "total_token_budget",
+    );
+    bad(
+        DrafterConfig {
+            prompt_token_budget: 0,
+            ..base.clone()
+        },
+        "prompt_token_budget",
+    );
+    bad(
+        DrafterConfig {
+            match_factor: -1.0,
+            ..base.clone()
+        },
+        "match_factor",
+    );
+    bad(
+        DrafterConfig {
+            match_offset: f64::NAN,
+            ..base.clone()
+        },
+        "match_offset",
     );
     let drafter = Drafter::new(base).unwrap();
     assert!(drafter.append(5, &[1]).is_err(), "unknown request");

@@ -148,13 +148,16 @@ impl DrafterConfig {
                 "is 0; a drafter that may never draft is a mistake",
             ));
         }
-        if !(self.match_factor.is_finite()
-            && self.match_factor >= 0.0
-            && self.match_offset.is_finite())
-        {
+        if !(self.match_factor.is_finite() && self.match_factor >= 0.0) {
             return Err(Error::invalid(
                 "match_factor",
-                "match_factor must be finite and >= 0, match_offset finite",
+                format!("is {}; it must be finite and >= 0", self.match_factor),
+            ));
+        }
+        if !self.match_offset.is_finite() {
+            return Err(Error::invalid(
+                "match_offset",
+                format!("is {}; it must be finite", self.match_offset),
             ));
         }
         if !(0.0..=1.0).contains(&self.min_token_prob) {
@@ -169,11 +172,16 @@ impl DrafterConfig {
                 "is 0; the window must hold the current iteration",
             ));
         }
-        if self.prompt_token_budget == 0 || self.total_token_budget == 0 {
-            return Err(Error::invalid(
-                "token_budget",
-                "token budgets must be at least 1",
-            ));
+        for (name, budget) in [
+            ("prompt_token_budget", self.prompt_token_budget),
+            ("total_token_budget", self.total_token_budget),
+        ] {
+            if budget == 0 {
+                return Err(Error::invalid(
+                    name,
+                    "is 0; a budget must be at least 1 token",
+                ));
+            }
         }
         if let Some(c) = &self.length_classes {
             if c.medium_threshold > c.long_threshold {

@@ -233,6 +233,23 @@ static void test_drafter(void) {
   CHECK(specdec_drafter_config_default(&config) == SPECDEC_OK);
   config.use_length_classes = 2;
   EXPECT_INVALID(specdec_drafter_create(&config, &drafter), "use_length_classes");
+  /* Each field under its own C name (before: match_factor, token_budget, length_classes.smoothing). */
+  CHECK(specdec_drafter_config_default(&config) == SPECDEC_OK);
+  config.match_offset = NAN;
+  EXPECT_INVALID(specdec_drafter_create(&config, &drafter), "match_offset");
+  CHECK(specdec_drafter_config_default(&config) == SPECDEC_OK);
+  config.prompt_token_budget = 0;
+  EXPECT_INVALID(specdec_drafter_create(&config, &drafter), "prompt_token_budget");
+  CHECK(specdec_drafter_config_default(&config) == SPECDEC_OK);
+  config.total_token_budget = 0;
+  EXPECT_INVALID(specdec_drafter_create(&config, &drafter), "total_token_budget");
+  CHECK(specdec_drafter_config_default(&config) == SPECDEC_OK);
+  config.use_length_classes = 1;
+  config.length_smoothing = 0.0;
+  EXPECT_INVALID(specdec_drafter_create(&config, &drafter), "length_smoothing");
+  config.length_smoothing = 0.5;
+  config.medium_threshold = config.long_threshold + 1;
+  EXPECT_INVALID(specdec_drafter_create(&config, &drafter), "medium_threshold");
   EXPECT_INVALID(specdec_drafter_create(NULL, &drafter), "config");
   CHECK(drafter == NULL);
 }
