@@ -720,19 +720,33 @@ impl RejectionCall {
                 draft_tokens: tokens,
             }
         };
-        let params = match (target.is_logits(), sampling.temperature.is_null()) {
-            (true, true) => {
+        // As the device path's SamplingDevicePtrs::check: logits need temperatures (null only for an empty
+        // batch, like every array), probabilities refuse each sampling parameter by its own name.
+        let params = if target.is_logits() {
+            if sampling.temperature.is_null() && b > 0 {
                 return Err(Error::invalid(
                     "sampling.temperature",
                     "is a null pointer; logits need a temperature per request (0 = greedy)",
-                ))
+                ));
             }
-            (false, true) if sampling.top_k.is_null() && sampling.top_p.is_null() => None,
-            _ => Some(SamplingParams {
+            Some(SamplingParams {
                 temperature: host_slice("sampling.temperature", sampling.temperature, b)?,
                 top_k: optional_slice("sampling.top_k", sampling.top_k, b)?,
                 top_p: optional_slice("sampling.top_p", sampling.top_p, b)?,
-            }),
+            })
+        } else {
+            let given = [
+                ("sampling.temperature", sampling.temperature.is_null()),
+                ("sampling.top_k", sampling.top_k.is_null()),
+                ("sampling.top_p", sampling.top_p.is_null()),
+            ];
+            if let Some((name, _)) = given.into_iter().find(|&(_, null)| !null) {
+                return Err(Error::invalid(
+                    name,
+                    "probabilities take no sampling parameters: apply temperature, top-k and top-p before",
+                ));
+            }
+            None
         };
         let inputs = VerifyInputs {
             vocab_size: shape.vocab_size,

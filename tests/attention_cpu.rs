@@ -405,6 +405,12 @@ fn compaction_matches_a_reference_copy() {
     }
     let nodes: Vec<i32> = paths.concat();
     let shape = CompactionShape::new(4, layers, nodes.len(), cache).unwrap();
+    // Sizes beyond the limits name themselves (num_accepted was reported as num_requests).
+    let too_many = |requests, accepted| {
+        argument(CompactionShape::new(requests, layers, accepted, cache).unwrap_err())
+    };
+    assert_eq!(too_many(4, 1 << 40), "num_accepted");
+    assert_eq!(too_many(65535 * 1024 + 1, 0), "num_requests");
     let index = |b: usize, t: usize, h: usize| {
         let page = page_table[b * pages_per_request + t / ps] as usize;
         ((page * ps + t % ps) * hkv + h) * d

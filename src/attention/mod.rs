@@ -642,12 +642,18 @@ impl CompactionShape {
                 format!("is {num_layers}; at most 65535"),
             ));
         }
-        if num_requests > 65535 * 1024 || num_accepted > i32::MAX as usize {
+        if num_requests > 65535 * 1024 {
             return Err(Error::invalid(
                 "num_requests",
+                format!("is {num_requests}; at most {} requests", 65535 * 1024),
+            ));
+        }
+        if num_accepted > i32::MAX as usize {
+            return Err(Error::invalid(
+                "num_accepted",
                 format!(
-                    "is {num_requests} with {num_accepted} accepted nodes; at most {} requests",
-                    65535 * 1024
+                    "is {num_accepted}; node indices are int32, so at most {}",
+                    i32::MAX
                 ),
             ));
         }

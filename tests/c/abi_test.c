@@ -404,6 +404,25 @@ static void test_rejection_chain_and_tree(specdec_context* ctx) {
                    "parents[1]");
   }
 
+  {
+    /* Probabilities refuse each sampling parameter by its own name (before: all blamed on temperature); an
+       empty batch of logits takes a null temperature, as every empty array may be null. */
+    const int32_t top_k[2] = {2, 2}, no_offsets[1] = {0};
+    const float top_p[2] = {0.9f, 0.9f};
+    sampling.top_k = top_k;
+    EXPECT_INVALID(specdec_rejection_verify_chain(ctx, SPECDEC_ROWS_PROBS_F32, probs, NULL, 4, offsets, 2, drafts, 2,
+                                                  &sampling, 3, &out, NULL),
+                   "sampling.top_k");
+    sampling.top_k = NULL;
+    sampling.top_p = top_p;
+    EXPECT_INVALID(specdec_rejection_verify_chain(ctx, SPECDEC_ROWS_PROBS_F32, probs, NULL, 4, offsets, 2, drafts, 2,
+                                                  &sampling, 3, &out, NULL),
+                   "sampling.top_p");
+    sampling.top_p = NULL;
+    CHECK(sampling.temperature == NULL);
+    CHECK(specdec_rejection_verify_chain(ctx, SPECDEC_ROWS_LOGITS_BF16, NULL, NULL, 4, no_offsets, 0, NULL, 0,
+                                         &sampling, 3, &out, NULL) == SPECDEC_OK);
+  }
   EXPECT_INVALID(specdec_rejection_verify_chain(ctx, SPECDEC_ROWS_PROBS_F32, probs, NULL, 4, offsets, 2, drafts, 2,
                                                 NULL, 3, &out, NULL),
                  "sampling");
