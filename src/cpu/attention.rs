@@ -109,36 +109,38 @@ pub fn tree_attention<T: HalfElement>(
     }
     let scale = f64::from(softmax_scale);
     let (k_cache, v_cache) = (&*k_cache, &*v_cache);
-    let results: Vec<(Vec<T>, Vec<f32>)> = row_request
-        .par_iter()
-        .enumerate()
-        .map(|(row, owner)| {
-            let Some((b, node)) = *owner else {
-                return (Vec::new(), Vec::new());
-            };
-            let request = &requests[b];
-            let mut outs = Vec::with_capacity(hq * d);
-            let mut lses = Vec::with_capacity(hq);
-            for head in 0..hq {
-                let kv_head = head / shape.group_size();
-                let query = &q_rot[(row * hq + head) * d..][..d];
-                let prefix = (0..request.prefix_len).map(|slot| {
-                    let at = shape.cache.slot_offset(batch.page_table, b, slot, kv_head);
-                    (&k_cache[at..at + d], &v_cache[at..at + d])
-                });
-                let tree = (0..=node)
-                    .filter(|&j| request.ancestors[node] >> j & 1 == 1)
-                    .map(|j| {
-                        let at = ((request.first_row + j) * hkv + kv_head) * d;
-                        (&k_rot[at..at + d], &v[at..at + d])
+    let results: Vec<(Vec<T>, Vec<f32>)> = super::pool::install(|| {
+        row_request
+            .par_iter()
+            .enumerate()
+            .map(|(row, owner)| {
+                let Some((b, node)) = *owner else {
+                    return (Vec::new(), Vec::new());
+                };
+                let request = &requests[b];
+                let mut outs = Vec::with_capacity(hq * d);
+                let mut lses = Vec::with_capacity(hq);
+                for head in 0..hq {
+                    let kv_head = head / shape.group_size();
+                    let query = &q_rot[(row * hq + head) * d..][..d];
+                    let prefix = (0..request.prefix_len).map(|slot| {
+                        let at = shape.cache.slot_offset(batch.page_table, b, slot, kv_head);
+                        (&k_cache[at..at + d], &v_cache[at..at + d])
                     });
-                let (o, l) = attend(query, prefix.chain(tree), scale, d);
-                outs.extend(o.into_iter().map(T::from_f64));
-                lses.push(l as f32);
-            }
-            (outs, lses)
-        })
-        .collect();
+                    let tree = (0..=node)
+                        .filter(|&j| request.ancestors[node] >> j & 1 == 1)
+                        .map(|j| {
+                            let at = ((request.first_row + j) * hkv + kv_head) * d;
+                            (&k_rot[at..at + d], &v[at..at + d])
+                        });
+                    let (o, l) = attend(query, prefix.chain(tree), scale, d);
+                    outs.extend(o.into_iter().map(T::from_f64));
+                    lses.push(l as f32);
+                }
+                (outs, lses)
+            })
+            .collect()
+    });
 
     let mut lse = lse;
     for (row, (o, l)) in results.into_iter().enumerate() {

@@ -131,10 +131,12 @@ pub fn greedy_verify<T: LogitsElement>(
 
     // Every row's argmax, in parallel over rows and over chunks of long rows, as the CUDA kernel does: at small
     // batch that keeps every core busy, which stopping at each request's first mismatch would not.
-    let targets: Vec<i32> = logits
-        .par_chunks_exact(vocab_size)
-        .map(|row| parallel_argmax(row) as i32)
-        .collect();
+    let targets: Vec<i32> = super::pool::install(|| {
+        logits
+            .par_chunks_exact(vocab_size)
+            .map(|row| parallel_argmax(row) as i32)
+            .collect()
+    });
 
     let outputs = accepted_counts
         .iter_mut()

@@ -23,19 +23,21 @@ pub fn int4_quantize<T: HalfElement, S: HalfElement>(
     shape.check_packed_lengths(packed.len(), scales.len(), zeros.len())?;
     let (n, k, g) = (shape.n, shape.k, shape.group_size);
     // Row-major [N, K / g] first (rows are independent), then transposed into the format's [K / g, N].
-    let per_row: Vec<(S, u8)> = weights
-        .par_chunks(g)
-        .map(|group| {
-            let (mut lo, mut hi, mut finite) = (0.0f32, 0.0f32, true);
-            for w in group {
-                let w = w.to_f32();
-                finite &= w.is_finite();
-                lo = if w < lo { w } else { lo };
-                hi = if w > hi { w } else { hi };
-            }
-            group_parameters(lo, hi, finite)
-        })
-        .collect();
+    let per_row: Vec<(S, u8)> = super::pool::install(|| {
+        weights
+            .par_chunks(g)
+            .map(|group| {
+                let (mut lo, mut hi, mut finite) = (0.0f32, 0.0f32, true);
+                for w in group {
+                    let w = w.to_f32();
+                    finite &= w.is_finite();
+                    lo = if w < lo { w } else { lo };
+                    hi = if w > hi { w } else { hi };
+                }
+                group_parameters(lo, hi, finite)
+            })
+            .collect()
+    });
     for row in 0..n {
         for group in 0..k / g {
             let (scale, zero) = per_row[row * (k / g) + group];
@@ -87,24 +89,28 @@ fn pack_codes<T: HalfElement, S: HalfElement>(
 ) {
     let (n, k, g) = (shape.n, shape.k, shape.group_size);
     let tiles_per_row = k / TILE_COLS;
-    packed
-        .par_chunks_mut(TILE_WORDS * tiles_per_row)
-        .enumerate()
-        .for_each(|(tile_row, words)| {
-            for (tile_col, tile) in words.chunks_mut(TILE_WORDS).enumerate() {
-                tile.fill(0);
-                for (slot, &(r, c)) in TILE_POSITIONS.iter().enumerate() {
-                    let row = tile_row * TILE_ROWS + r as usize;
-                    let col = tile_col * TILE_COLS + c as usize;
-                    let meta = (col / g) * n + row;
-                    let code = match scale_reciprocal(scales[meta].to_f32()) {
-                        Some(r) => quantize_value(weights[row * k + col].to_f32(), r, zeros[meta]),
-                        None => 0,
-                    };
-                    tile[slot / 8] |= u32::from(code) << (4 * (slot % 8));
+    super::pool::install(|| {
+        packed
+            .par_chunks_mut(TILE_WORDS * tiles_per_row)
+            .enumerate()
+            .for_each(|(tile_row, words)| {
+                for (tile_col, tile) in words.chunks_mut(TILE_WORDS).enumerate() {
+                    tile.fill(0);
+                    for (slot, &(r, c)) in TILE_POSITIONS.iter().enumerate() {
+                        let row = tile_row * TILE_ROWS + r as usize;
+                        let col = tile_col * TILE_COLS + c as usize;
+                        let meta = (col / g) * n + row;
+                        let code = match scale_reciprocal(scales[meta].to_f32()) {
+                            Some(r) => {
+                                quantize_value(weights[row * k + col].to_f32(), r, zeros[meta])
+                            }
+                            None => 0,
+                        };
+                        tile[slot / 8] |= u32::from(code) << (4 * (slot % 8));
+                    }
                 }
-            }
-        });
+            })
+    });
 }
 
 fn check_zeros(zeros: &[u8]) -> Result<()> {
@@ -176,38 +182,40 @@ pub fn int4_gemv<A: HalfElement, S: HalfElement>(
     let x: Vec<f64> = x.iter().map(|v| f64::from(v.to_f32())).collect();
     let tiles_per_row = k / TILE_COLS;
     // One task per 16-row tile: decode each 16 x 64 tile into f32 weights, then dot its rows with x in f64.
-    let sums: Vec<Vec<f64>> = packed
-        .par_chunks(TILE_WORDS * tiles_per_row)
-        .enumerate()
-        .map(|(tile_row, words)| {
-            let mut acc = vec![0.0f64; TILE_ROWS * m];
-            let mut tile_weights = [[0.0f32; TILE_COLS]; TILE_ROWS];
-            for (tile_col, tile) in words.chunks(TILE_WORDS).enumerate() {
-                decode_tile(
-                    w,
-                    tile,
-                    tile_row,
-                    tile_col,
-                    scales,
-                    zeros,
-                    &mut tile_weights,
-                );
-                let col0 = tile_col * TILE_COLS;
-                for (r, row) in tile_weights.iter().enumerate() {
-                    for i in 0..m {
-                        let xs = &x[i * k + col0..][..TILE_COLS];
-                        let dot: f64 = row
-                            .iter()
-                            .zip(xs)
-                            .map(|(&wv, &xv)| f64::from(wv) * xv)
-                            .sum();
-                        acc[r * m + i] += dot;
+    let sums: Vec<Vec<f64>> = super::pool::install(|| {
+        packed
+            .par_chunks(TILE_WORDS * tiles_per_row)
+            .enumerate()
+            .map(|(tile_row, words)| {
+                let mut acc = vec![0.0f64; TILE_ROWS * m];
+                let mut tile_weights = [[0.0f32; TILE_COLS]; TILE_ROWS];
+                for (tile_col, tile) in words.chunks(TILE_WORDS).enumerate() {
+                    decode_tile(
+                        w,
+                        tile,
+                        tile_row,
+                        tile_col,
+                        scales,
+                        zeros,
+                        &mut tile_weights,
+                    );
+                    let col0 = tile_col * TILE_COLS;
+                    for (r, row) in tile_weights.iter().enumerate() {
+                        for i in 0..m {
+                            let xs = &x[i * k + col0..][..TILE_COLS];
+                            let dot: f64 = row
+                                .iter()
+                                .zip(xs)
+                                .map(|(&wv, &xv)| f64::from(wv) * xv)
+                                .sum();
+                            acc[r * m + i] += dot;
+                        }
                     }
                 }
-            }
-            acc
-        })
-        .collect();
+                acc
+            })
+            .collect()
+    });
     for (tile_row, acc) in sums.iter().enumerate() {
         for r in 0..TILE_ROWS {
             for i in 0..m {

@@ -14,10 +14,12 @@ use crate::sampling::{
 /// any output is written; on an error the outputs are untouched.
 pub fn rejection_verify(inputs: &VerifyInputs<'_>, outputs: &mut VerifyOutputs<'_>) -> Result<()> {
     let shape = VerifyShape::of(inputs, outputs)?;
-    let results: Vec<Result<RequestResult>> = (0..shape.num_requests)
-        .into_par_iter()
-        .map(|b| verify_request(&shape, inputs, b))
-        .collect();
+    let results: Vec<Result<RequestResult>> = super::pool::install(|| {
+        (0..shape.num_requests)
+            .into_par_iter()
+            .map(|b| verify_request(&shape, inputs, b))
+            .collect()
+    });
     let results = results.into_iter().collect::<Result<Vec<_>>>()?;
     let w = shape.emit_width;
     for (b, result) in results.iter().enumerate() {

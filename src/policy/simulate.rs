@@ -385,32 +385,34 @@ pub fn simulate(
             });
         }
         let last = rollout + 1 == config.rollouts;
-        let runs: Vec<(f64, RolloutTotals, Vec<StepRecord>)> = policies
-            .par_iter_mut()
-            .zip(engines.par_iter_mut())
-            .enumerate()
-            .map(|(engine, (policy, requests))| {
-                let stream = (config.seed ^ 0xC01D_C0FF_EE00_5EED).wrapping_add(
-                    ((rollout * config.engines + engine) as u64)
-                        .wrapping_mul(0x2545_F491_4F6C_DD1D),
-                );
-                let mut coins = Rng(Rng(stream).next_u64());
-                let run = run_engine(
-                    cost,
-                    config,
-                    policy.as_mut(),
-                    requests,
-                    &length_average,
-                    &mut coins,
-                    last && engine == 0,
-                );
-                let mut guard = progress.lock().expect("progress lock");
-                guard.1 += 1;
-                let done = guard.1;
-                (guard.0)(done, config.rollouts * config.engines);
-                run
-            })
-            .collect();
+        let runs: Vec<(f64, RolloutTotals, Vec<StepRecord>)> = crate::cpu::pool::install(|| {
+            policies
+                .par_iter_mut()
+                .zip(engines.par_iter_mut())
+                .enumerate()
+                .map(|(engine, (policy, requests))| {
+                    let stream = (config.seed ^ 0xC01D_C0FF_EE00_5EED).wrapping_add(
+                        ((rollout * config.engines + engine) as u64)
+                            .wrapping_mul(0x2545_F491_4F6C_DD1D),
+                    );
+                    let mut coins = Rng(Rng(stream).next_u64());
+                    let run = run_engine(
+                        cost,
+                        config,
+                        policy.as_mut(),
+                        requests,
+                        &length_average,
+                        &mut coins,
+                        last && engine == 0,
+                    );
+                    let mut guard = progress.lock().expect("progress lock");
+                    guard.1 += 1;
+                    let done = guard.1;
+                    (guard.0)(done, config.rollouts * config.engines);
+                    run
+                })
+                .collect()
+        });
         let mut totals = RolloutTotals::default();
         let mut slowest: f64 = 0.0;
         for (clock, engine_totals, engine_trace) in runs {

@@ -1,0 +1,47 @@
+//! The threads the CPU backend runs on, and what happens to them across `fork`.
+//!
+//! `fork` copies only the calling thread. A child forked after a thread pool started (Python's `multiprocessing`,
+//! data-loader workers) inherits a pool whose workers do not exist, and its first parallel call would wait for
+//! them for ever. So every parallel section of the CPU backend runs through [`install`]:
+//!
+//! * called on a thread of a rayon pool (inside the caller's `ThreadPool::install`), it runs there: the caller
+//!   chose the threads, and they exist;
+//! * otherwise it runs on specdec's own pool, which belongs to the process that built it: a forked child builds
+//!   its own on first use (rayon's defaults: one thread per core, or `RAYON_NUM_THREADS`).
+
+use std::sync::{Arc, Mutex};
+
+use rayon::{ThreadPool, ThreadPoolBuilder};
+
+/// specdec's pool and the process it was built in.
+static POOL: Mutex<Option<(u32, Arc<ThreadPool>)>> = Mutex::new(None);
+
+/// Runs `work` (which may use rayon's parallel iterators) on a pool whose threads exist in this process.
+pub(crate) fn install<R: Send>(work: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        return work();
+    }
+    process_pool().install(work)
+}
+
+fn process_pool() -> Arc<ThreadPool> {
+    let pid = std::process::id();
+    let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((owner, pool)) = &*pool {
+        if *owner == pid {
+            return pool.clone();
+        }
+    }
+    let fresh = Arc::new(
+        ThreadPoolBuilder::new()
+            .thread_name(|i| format!("specdec-cpu-{i}"))
+            .build()
+            .expect("specdec: cannot start the CPU backend's threads"),
+    );
+    // A pool inherited through fork has no threads here; dropping it would signal threads that do not exist,
+    // so it is left alone (one allocation per fork).
+    if let Some(inherited) = pool.replace((pid, fresh.clone())) {
+        std::mem::forget(inherited);
+    }
+    fresh
+}
