@@ -177,9 +177,15 @@ fn dtype_arg(argument: &str, value: i32) -> Result<DType> {
     }
 }
 
+/// The single value (a scalar output, a settings struct, a handle) at `ptr`: not null and aligned for `T`, as the
+/// header promises for every pointer.
 fn non_null<'a, T>(argument: &str, ptr: *mut T) -> Result<&'a mut T> {
-    // SAFETY: the caller passes a pointer to a live T or null; null is rejected.
-    unsafe { ptr.as_mut() }.ok_or_else(|| Error::invalid(argument, "is a null pointer"))
+    if ptr.is_null() {
+        return Err(Error::invalid(argument, "is a null pointer"));
+    }
+    check_host_ptr(argument, ptr as usize, 1, std::mem::align_of::<T>())?;
+    // SAFETY: the caller passes a pointer to a live T; it is neither null nor misaligned.
+    Ok(unsafe { &mut *ptr })
 }
 
 /// A host array of `len` elements at `ptr`: null only if empty, and aligned for `T`.
@@ -905,10 +911,7 @@ unsafe fn tokens_arg(argument: &str, ptr: *const i32, len: i64) -> Result<Vec<To
 }
 
 fn drafter_arg<'a>(drafter: *const specdec_drafter) -> Result<&'a Drafter> {
-    // SAFETY: the caller passes a live drafter or null; null is rejected.
-    unsafe { drafter.as_ref() }
-        .map(|d| &d.drafter)
-        .ok_or_else(|| Error::invalid("drafter", "is a null pointer"))
+    Ok(&non_null("drafter", drafter as *mut specdec_drafter)?.drafter)
 }
 
 /// Writes the default drafter settings into `*out`.

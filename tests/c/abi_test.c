@@ -207,6 +207,26 @@ static void test_drafter(void) {
   EXPECT_INVALID(specdec_drafter_propose(drafter, 10, 0, 8, NULL, parents, probs, &count, &match_len), "out_tokens");
   EXPECT_INVALID(specdec_drafter_propose(drafter, 10, 0, 8, tokens, parents, probs, NULL, &match_len), "out_count");
   EXPECT_INVALID(specdec_drafter_propose(NULL, 10, 0, 8, tokens, parents, probs, &count, &match_len), "drafter");
+  {
+    /* Misaligned single-value pointers are refused, not written through (before: OK). */
+    double storage[2 + 2 * sizeof(specdec_drafter_config) / sizeof(double)]; /* 8-byte aligned */
+    unsigned char* scratch = (unsigned char*)storage;
+    specdec_drafter* other = NULL;
+    specdec_cost_model model;
+    EXPECT_INVALID(
+        specdec_drafter_propose(drafter, 10, 0, 8, tokens, parents, probs, (int64_t*)(scratch + 1), &match_len),
+        "out_count");
+    EXPECT_INVALID(specdec_drafter_get_stats(drafter, (specdec_drafter_stats*)(scratch + 4)), "out");
+    CHECK(specdec_drafter_config_default(&config) == SPECDEC_OK);
+    memcpy(scratch + 1, &config, sizeof config);
+    EXPECT_INVALID(specdec_drafter_create((const specdec_drafter_config*)(scratch + 1), &other), "config");
+    CHECK(other == NULL);
+    EXPECT_INVALID(specdec_drafter_propose((const specdec_drafter*)((const unsigned char*)drafter + 1), 10, 0, 8,
+                                           tokens, parents, probs, &count, &match_len),
+                   "drafter");
+    CHECK(specdec_cost_model_preset(0, 0, &model) == SPECDEC_OK);
+    EXPECT_INVALID(specdec_cost_model_step_seconds(&model, 0, 1, 16, 0, (double*)(scratch + 2)), "out_seconds");
+  }
   EXPECT_INVALID(specdec_drafter_append(drafter, 10, negative, 1), "tokens[0]");
   EXPECT_INVALID(specdec_drafter_append(drafter, 10, NULL, 3), "tokens");
   EXPECT_INVALID(specdec_drafter_append(drafter, 10, negative, -1), "tokens");
