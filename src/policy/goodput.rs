@@ -335,6 +335,10 @@ pub fn choose_draft_options(
     (choice.into_iter().map(|m| m.unwrap_or(0)).collect(), value)
 }
 
+/// The relative gain in goodput a move of the local search must exceed: far above the rounding of its
+/// incremental bookkeeping (about 1e-16 per move), far below any difference that matters.
+const MIN_GAIN: f64 = 1e-12;
+
 /// The search behind [`choose_draft_options`] and [`choose_draft_trees`]. `levels` depth limits, in increasing
 /// order; `offer(level)` returns, per request, the options that become available at that level (no deeper than
 /// its limit), each with a tag. `most_tokens[i]` bounds request `i`'s expected tokens over every option.
@@ -374,7 +378,12 @@ fn search<T: Copy>(
             let mut changed = false;
             for (i, list) in lists.iter().enumerate() {
                 let current = step.choice[i];
-                let (mut best_m, mut best_value) = (current, step.goodput());
+                // A move must gain more than rounding: goodput_if and the state set() leaves are updated
+                // incrementally, so between two nearly tied options each could look better than the other by
+                // an ulp, and the ascent would swap them for ever (it did, on 1 run in about 25 of the
+                // brute-force test).
+                let current_value = step.goodput();
+                let (mut best_m, mut best_value) = (current, current_value * (1.0 + MIN_GAIN));
                 for m in 0..list.len() {
                     if m != current {
                         let value = step.goodput_if(i, m);
