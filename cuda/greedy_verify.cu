@@ -8,7 +8,8 @@
 // all k_b). Outputs: accepted[b] = n_b, emitted[b, 0..W) = those tokens then -1 padding.
 //
 // Per-request validation (the CPU backend returns an error for the same conditions): offsets[b] <= offsets[b+1],
-// both in [0, num_draft_tokens], k_b + 1 <= W, every draft id in [0, V). A request that breaks a rule gets
+// both in [0, num_draft_tokens], offsets[0] = 0 and offsets[B] = num_draft_tokens (checked with the first and
+// the last request), k_b + 1 <= W, every draft id in [0, V). A request that breaks a rule gets
 // accepted[b] = -1 and a row of -1; no memory outside the documented arrays is read or written either way,
 // whatever the offsets say.
 //
@@ -53,10 +54,12 @@ __device__ __forceinline__ void GreedyRowArgmax(const T* __restrict__ logits, in
 // Is request b's slice of the inputs well formed? Evaluated by every lane of the request's warp.
 __device__ __forceinline__ bool GreedyRequestIsValid(const int32_t* __restrict__ draft_offsets,
                                                      const int32_t* __restrict__ draft_tokens, int64_t b,
-                                                     int64_t num_draft_tokens, int64_t vocab_size, int64_t emit_width) {
+                                                     int64_t num_requests, int64_t num_draft_tokens, int64_t vocab_size,
+                                                     int64_t emit_width) {
   const int64_t first = draft_offsets[b];
   const int64_t last = draft_offsets[b + 1];
   if (first < 0 || first > last || last > num_draft_tokens || last - first + 1 > emit_width) return false;
+  if ((b == 0 && first != 0) || (b == num_requests - 1 && last != num_draft_tokens)) return false;
   bool ok = true;
   for (int64_t j = first + threadIdx.x % 32; j < last; j += 32) {
     const int32_t token = draft_tokens[j];
@@ -76,7 +79,7 @@ __device__ __forceinline__ void GreedyAccept(const int32_t* __restrict__ draft_o
   if (b >= num_requests) return;  // whole warps exit together
   int32_t* emitted = emitted_tokens + b * emit_width;
 
-  if (!GreedyRequestIsValid(draft_offsets, draft_tokens, b, num_draft_tokens, vocab_size, emit_width)) {
+  if (!GreedyRequestIsValid(draft_offsets, draft_tokens, b, num_requests, num_draft_tokens, vocab_size, emit_width)) {
     for (int64_t j = lane; j < emit_width; j += 32) emitted[j] = kRequestInvalid;
     if (lane == 0) accepted_counts[b] = kRequestInvalid;
     return;

@@ -123,10 +123,12 @@ __device__ __forceinline__ int64_t DraftRowCount(const SamplingArgs& a, int64_t 
   return a.offsets[b + 1] - a.offsets[b];  // chain: k rows (the last node has none); tree: T rows
 }
 
-// The offsets of request b are in range and give it 1..kMaxTreeNodes nodes.
+// The offsets of request b are in range and give it 1..kMaxTreeNodes nodes; the first request starts at 0 and
+// the last ends at num_tokens (check_packed_offsets).
 __device__ __forceinline__ bool OffsetsAreValid(const SamplingArgs& a, int64_t b) {
   const int64_t first = a.offsets[b], last = a.offsets[b + 1];
   if (first < 0 || first > last || last > a.num_tokens) return false;
+  if ((b == 0 && first != 0) || (b == a.num_requests - 1 && last != a.num_tokens)) return false;
   const int64_t nodes = last - first + (IsTree(a) ? 0 : 1);
   return nodes >= 1 && nodes <= kMaxTreeNodes;
 }

@@ -436,7 +436,8 @@ specdec_status specdec_context_backend(const specdec_context *ctx, int32_t *out_
  * Greedy verification of a batch of drafted chains (temperature 0).
  *
  * Request `b` drafted `k_b = draft_offsets[b+1] - draft_offsets[b]` tokens, stored at
- * `draft_tokens[draft_offsets[b] ..]`. `logits` is `[num_draft_tokens + num_requests, vocab_size]` of
+ * `draft_tokens[draft_offsets[b] ..]`; the offsets cover the drafts (`draft_offsets[0] = 0`,
+ * `draft_offsets[num_requests] = num_draft_tokens`). `logits` is `[num_draft_tokens + num_requests, vocab_size]` of
  * `logits_dtype`: rows `draft_offsets[b] + b + j`, `j = 0..k_b`, are request `b`'s target positions (the last one
  * gives the bonus token). With `a_j` the argmax of row `j` (ties to the lowest index; a NaN above every number),
  * the request accepts its longest draft prefix equal to `a_0, a_1, ...`: `accepted_counts[b]` = that count `n`,

@@ -187,3 +187,30 @@ pub(crate) fn check_offsets(
     }
     Ok((first as usize, last as usize))
 }
+
+/// [`check_offsets`] for a batch whose requests share one array of `limit` elements between them, in order:
+/// besides, the first request starts at 0 and the last one ends at `limit` (`offsets[0] == 0`,
+/// `offsets[B] == limit`), so that no element belongs to no request and the rows derived from the offsets line
+/// up with the caller's tensors.
+pub(crate) fn check_packed_offsets(
+    name: &str,
+    offsets: &[i32],
+    b: usize,
+    limit: usize,
+) -> Result<(usize, usize)> {
+    let (first, last) = check_offsets(name, offsets, b, limit)?;
+    if b == 0 && first != 0 {
+        return Err(Error::invalid(
+            format!("{name}[0]"),
+            format!("is {first}; the first request starts at 0"),
+        ));
+    }
+    let num_requests = offsets.len() - 1;
+    if b + 1 == num_requests && last != limit {
+        return Err(Error::invalid(
+            format!("{name}[{num_requests}]"),
+            format!("is {last}; the last request ends at the array's end, {limit}"),
+        ));
+    }
+    Ok((first, last))
+}

@@ -22,13 +22,14 @@
 //!
 //! Sizes and lengths are checked before anything runs, on every backend ([`GreedyShape`]). The contents of
 //! `draft_offsets` and `draft_tokens` follow per-request rules ([`GreedyShape::check_request`]):
-//! `0 <= draft_offsets[b] <= draft_offsets[b+1] <= num_draft_tokens`, `k_b + 1 <= emit_width`, and every draft
-//! id in `[0, V)`. The CPU backend returns [`Error::InvalidArgument`] naming the first offending element. The
+//! `0 <= draft_offsets[b] <= draft_offsets[b+1] <= num_draft_tokens`, the offsets covering the drafts
+//! (`draft_offsets[0] = 0` and `draft_offsets[B] = num_draft_tokens`, checked with the first and the last
+//! request), `k_b + 1 <= emit_width`, and every draft id in `[0, V)`. The CPU backend returns [`Error::InvalidArgument`] naming the first offending element. The
 //! CUDA backend cannot read device arrays without synchronising, so its kernel checks the same rules per
 //! request and marks a failing request with `accepted_counts[b] = `[`REQUEST_INVALID`] and a row of `-1`; it
 //! never reads or writes outside the documented arrays, whatever the contents.
 
-use crate::error::{check_batch_sizes, check_len, check_offsets, Error, Result};
+use crate::error::{check_batch_sizes, check_len, check_packed_offsets, Error, Result};
 
 /// The value of `accepted_counts[b]` written by a CUDA kernel for a request whose inputs break the rules of
 /// [`GreedyShape::check_request`].
@@ -128,7 +129,7 @@ impl GreedyShape {
         draft_tokens: &'a [i32],
     ) -> Result<&'a [i32]> {
         let (first, last) =
-            check_offsets("draft_offsets", draft_offsets, b, self.num_draft_tokens)?;
+            check_packed_offsets("draft_offsets", draft_offsets, b, self.num_draft_tokens)?;
         let drafts = &draft_tokens[first..last];
         if drafts.len() + 1 > self.emit_width {
             return Err(Error::invalid(

@@ -175,6 +175,16 @@ fn bad_input_is_rejected_naming_the_argument_and_outputs_are_untouched() {
         run(&[0, 1, 3], &[0, 0], 3, &mut out.accepted, &mut out.emitted),
         "draft_offsets[2]",
     );
+    // The offsets must cover the drafts: start at 0, end at num_draft_tokens (before, both were accepted and
+    // the rows derived from them no longer lined up with the logits).
+    expect_invalid(
+        run(&[1, 1, 2], &[0, 0], 3, &mut out.accepted, &mut out.emitted),
+        "draft_offsets[0]",
+    );
+    expect_invalid(
+        run(&[0, 1, 1], &[0, 0], 3, &mut out.accepted, &mut out.emitted),
+        "draft_offsets[2]",
+    );
     expect_invalid(
         run(
             &[0, 2, 2],

@@ -194,9 +194,28 @@ fn bad_requests_are_flagged_and_the_rest_are_right() {
         "the CPU backend rejects the same inputs"
     );
     let got = run_gpu(&backend, &stream, &bad, 0);
+    check_flagged(&got, &good, &[1, 2, 3, 4]);
+
+    // Offsets that do not cover the drafts: the first starting at 1, the last ending at 11 of 12. The first and
+    // the last request are flagged (the CPU refuses the batch), the others are right.
+    let mut uncovered = bad;
+    uncovered.draft_tokens = vec![1; 12];
+    uncovered.draft_offsets = (0..=6).map(|b| 2 * b).collect();
+    uncovered.draft_offsets[0] = 1;
+    uncovered.draft_offsets[6] = 11;
+    assert!(
+        uncovered.run_cpu().is_err(),
+        "the CPU backend rejects the same inputs"
+    );
+    let got = run_gpu(&backend, &stream, &uncovered, 0);
+    check_flagged(&got, &good, &[0, 5]);
+}
+
+/// Requests `flagged` are marked invalid with rows of -1; the others equal `good`.
+fn check_flagged(got: &GreedyOutput, good: &GreedyOutput, flagged: &[usize]) {
     for b in 0..6 {
         let row = &got.emitted[b * 3..(b + 1) * 3];
-        if [1, 2, 3, 4].contains(&b) {
+        if flagged.contains(&b) {
             assert_eq!(got.accepted[b], REQUEST_INVALID, "request {b} flagged");
             assert_eq!(row, [-1, -1, -1], "request {b} row cleared");
         } else {

@@ -929,3 +929,69 @@ fn top_p_cuts_are_the_same_on_every_run() {
         }
     }
 }
+
+/// Offsets that do not cover the drafts (the first request starting at 1, the last ending before the last
+/// draft): the CPU refuses the batch, the GPU flags the first and the last request and verifies the middle one as
+/// it would alone. (Before, both were accepted and rows no longer lined up with the requests.)
+#[test]
+fn offsets_that_do_not_cover_the_drafts_are_flagged() {
+    if gpu("offsets_that_do_not_cover_the_drafts_are_flagged").is_none() {
+        return;
+    }
+    let mut rng = common::rng("offsets_that_do_not_cover_the_drafts_are_flagged");
+    let v = 300usize;
+    let row = |rng: &mut rand::rngs::StdRng| -> Vec<f32> {
+        let raw: Vec<f32> = (0..v).map(|_| rng.random_range(0.0f32..1.0)).collect();
+        let total: f32 = raw.iter().sum();
+        raw.iter().map(|x| x / total).collect()
+    };
+    // 6 drafts, 3 requests; chain target rows are offsets[b] + b + j: 9 rows.
+    let target: Vec<f32> = (0..9).flat_map(|_| row(&mut rng)).collect();
+    let tokens: Vec<i32> = (0..6).map(|_| rng.random_range(0..v as i32)).collect();
+    let run = |verify: Verify, offsets: &[i32], tokens: &[i32], target: &[f32]| {
+        let b = offsets.len() - 1;
+        let inputs = VerifyInputs {
+            vocab_size: v,
+            drafts: Drafts::Chain {
+                draft_offsets: offsets,
+                draft_tokens: tokens,
+            },
+            target: Rows::Probs(target),
+            draft: None,
+            params: None,
+            seeds: &vec![11; b],
+            steps: &vec![4; b],
+        };
+        let (mut a, mut e) = (vec![0; b], vec![0; b * 3]);
+        verify(
+            &inputs,
+            &mut VerifyOutputs {
+                emit_width: 3,
+                accepted_counts: &mut a,
+                emitted_tokens: &mut e,
+                accepted_nodes: None,
+                accept_flags: None,
+            },
+        )
+        .map(|()| (a, e))
+    };
+    let offsets = [1, 2, 4, 5];
+    assert!(
+        run(CPU, &offsets, &tokens, &target).is_err(),
+        "the CPU refuses the batch"
+    );
+    let (a, e) = run(GPU, &offsets, &tokens, &target).expect("the GPU flags per request");
+    assert_eq!(
+        (a[0], a[2]),
+        (-1, -1),
+        "the first and the last request are flagged"
+    );
+    assert!(e[..3].iter().chain(&e[6..]).all(|&x| x == -1));
+    // Request 1 alone: drafts 2..4, target rows 3..6.
+    let (a1, e1) = run(CPU, &[0, 2], &tokens[2..4], &target[3 * v..6 * v]).unwrap();
+    assert_eq!(
+        (a[1], &e[3..6]),
+        (a1[0], &e1[..]),
+        "the middle request as alone"
+    );
+}

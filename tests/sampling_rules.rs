@@ -304,10 +304,27 @@ fn bad_trees_and_probabilities_are_errors_naming_the_element() {
     );
     assert_names(tree_call(|c| c.tokens[1] = -1), "node_tokens[1]", "padding");
     assert_names(tree_call(|c| c.width = 2), "emit_width", "path of 2");
+    // An empty tree beside a real one (request 0 has no nodes, request 1 all four).
     assert_names(
-        tree_call(|c| c.offsets = vec![0, 0]),
+        tree_call(|c| {
+            c.offsets = vec![0, 0, 4];
+            c.seeds = vec![1, 2];
+            c.steps = vec![0, 0];
+        }),
         "node_offsets[1]",
         "1..=65",
+    );
+    // The offsets cover the node arrays: they start at 0 and end at the number of nodes (before, a batch that
+    // started later or ended early was accepted and its other nodes ignored).
+    assert_names(
+        tree_call(|c| c.offsets = vec![0, 3]),
+        "node_offsets[1]",
+        "ends at the array's end, 4",
+    );
+    assert_names(
+        tree_call(|c| c.offsets = vec![1, 4]),
+        "node_offsets[0]",
+        "starts at 0",
     );
     assert_names(
         tree_call(|c| c.offsets = vec![0, 5]),

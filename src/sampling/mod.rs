@@ -73,8 +73,9 @@
 //!
 //! # Validation
 //!
-//! Shapes and the per-request contents (offsets, parents, draft ids, sampling parameters, NaN or `+inf`
-//! logits, negative or NaN probabilities) are checked by [`VerifyShape`] and [`check_request`] on the CPU and
+//! Shapes and the per-request contents (offsets, which must cover the drafts or nodes: `offsets[0] = 0` and
+//! `offsets[B] = num_tokens`; parents, draft ids, sampling parameters, NaN or `+inf` logits, negative or NaN
+//! probabilities) are checked by [`VerifyShape`] and [`check_request`] on the CPU and
 //! through the C ABI, which return [`Error::InvalidArgument`] naming the element. The CUDA kernels apply the
 //! same per-request rules and mark a failing request with `accepted_counts[b] = `[`REQUEST_INVALID`] and rows
 //! of -1, never reading or writing outside the documented arrays.
@@ -83,7 +84,7 @@ pub mod noise;
 
 use half::{bf16, f16};
 
-use crate::error::{check_batch_sizes, check_len, check_offsets, Error, Result};
+use crate::error::{check_batch_sizes, check_len, check_packed_offsets, Error, Result};
 use crate::LogitsElement;
 
 pub use crate::greedy::REQUEST_INVALID;
@@ -471,7 +472,8 @@ pub fn check_request(
             draft_offsets,
             draft_tokens,
         } => {
-            let (first, last) = check_offsets("draft_offsets", draft_offsets, b, shape.num_tokens)?;
+            let (first, last) =
+                check_packed_offsets("draft_offsets", draft_offsets, b, shape.num_tokens)?;
             let k = last - first;
             if k + 1 > MAX_TREE_NODES {
                 return Err(Error::invalid(
@@ -509,7 +511,8 @@ pub fn check_request(
             node_tokens,
             parents,
         } => {
-            let (first, last) = check_offsets("node_offsets", node_offsets, b, shape.num_tokens)?;
+            let (first, last) =
+                check_packed_offsets("node_offsets", node_offsets, b, shape.num_tokens)?;
             let t = last - first;
             if t == 0 || t > MAX_TREE_NODES {
                 return Err(Error::invalid(
