@@ -55,6 +55,7 @@ constexpr int kRowThreads = 256;
 constexpr int kWalkThreads = 256;
 constexpr int kResidualThreads = 256;
 constexpr int kMaxTreeNodes = 65;
+constexpr double kProbabilitySumTolerance = 1e-3;  // sampling::PROBABILITY_SUM_TOLERANCE
 constexpr int32_t kRequestInvalid = -1;
 
 // Row flags, OR-ed over a row's splits.
@@ -434,6 +435,7 @@ __device__ __forceinline__ void RowPartials(const SamplingArgs& a) {
   uint64_t best = 0ull;
   float best_key = -INFINITY;
   SoftmaxStats stats;
+  float mass = 0.0f;  // probabilities: this thread's share of the chunk's sum
   uint32_t flags = 0u;
   if (b >= 0 && temperature_ok) {
     const int64_t local_row = is_draft ? row - a.target_rows : row;
@@ -465,7 +467,10 @@ __device__ __forceinline__ void RowPartials(const SamplingArgs& a) {
           if (want_stats && isfinite(z[i])) stats.Add(z[i]);
         } else {
           if (!(isfinite(v[i]) && v[i] >= 0.0f)) flags |= kFlagBadValue;
-          if (v[i] > 0.0f && isfinite(v[i])) flags |= kFlagHasMass;
+          if (v[i] > 0.0f && isfinite(v[i])) {
+            flags |= kFlagHasMass;
+            mass += v[i];
+          }
           z[i] = v[i];
         }
         if (race && !greedy) {
@@ -506,6 +511,12 @@ __device__ __forceinline__ void RowPartials(const SamplingArgs& a) {
   if (flags != 0u) atomicOr(&block_flags, flags);
   best = BlockReduceMax<kRowThreads>(best, key_scratch);  // its barriers also publish block_flags
 
+  // Probabilities: the chunk's mass, as statistics of max 0 (merging those adds their sums), which the walk
+  // checks against 1 (kProbabilitySumTolerance).
+  if (!logits && mass > 0.0f) {
+    stats.max = 0.0f;
+    stats.sum = mass;
+  }
   stats = WarpReduceStats(stats);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   if (lane == 0) stats_scratch[warp] = make_float2(stats.max, stats.sum);
@@ -598,8 +609,14 @@ __device__ __forceinline__ bool RowsAreValid(const SamplingArgs& a, int64_t b, c
     if (is_draft && !s.has_children[node]) continue;
     const int64_t row = is_draft ? a.target_rows + a.offsets[b] + node : target_start + node;
     uint32_t any = 0u;
-    for (int64_t split = 0; split < a.splits; ++split) any |= a.row_flags[row * a.splits + split];
+    double mass = 0.0;
+    for (int64_t split = 0; split < a.splits; ++split) {
+      any |= a.row_flags[row * a.splits + split];
+      mass += static_cast<double>(a.stats[row * a.splits + split].y);
+    }
     bad = bad || (any & kFlagHasMass) == 0u;
+    // Probabilities read as a distribution sum to 1 (check_row_values); the row kernel left each chunk's mass.
+    bad = bad || (a.temperature == nullptr && fabs(mass - 1.0) > kProbabilitySumTolerance);
   }
   return !__syncthreads_or(bad);
 }

@@ -124,7 +124,7 @@ typedef enum {
    */
   SPECDEC_ROWS_LOGITS_BF16 = 2,
   /**
-   * fp32 probabilities.
+   * fp32 probabilities; a row read as a distribution sums to 1 within 1e-3.
    */
   SPECDEC_ROWS_PROBS_F32 = 3,
 } specdec_rows;

@@ -90,7 +90,7 @@ pub enum specdec_rows {
     SPECDEC_ROWS_LOGITS_F16 = 1,
     /// bf16 logits.
     SPECDEC_ROWS_LOGITS_BF16 = 2,
-    /// fp32 probabilities.
+    /// fp32 probabilities; a row read as a distribution sums to 1 within 1e-3.
     SPECDEC_ROWS_PROBS_F32 = 3,
 }
 

@@ -995,3 +995,65 @@ fn offsets_that_do_not_cover_the_drafts_are_flagged() {
         "the middle request as alone"
     );
 }
+
+/// Probability rows that do not sum to 1 (beyond 1e-3) are refused on the CPU and flag their request on the GPU;
+/// a row off by less passes, and so does an unread draft row of any sum.
+#[test]
+fn probability_rows_that_do_not_sum_to_one_are_flagged() {
+    if gpu("probability_rows_that_do_not_sum_to_one_are_flagged").is_none() {
+        return;
+    }
+    let mut rng = common::rng("probability_rows_that_do_not_sum_to_one_are_flagged");
+    let v = 20000usize; // three row-kernel chunks, so the sum is merged across blocks
+    let row = |rng: &mut rand::rngs::StdRng| -> Vec<f32> {
+        let raw: Vec<f32> = (0..v).map(|_| rng.random_range(0.0f32..1.0)).collect();
+        let total: f32 = raw.iter().sum();
+        raw.iter().map(|x| x / total).collect()
+    };
+    // Three chains of 2 drafts with draft rows: 9 target rows, 6 draft rows.
+    let mut target: Vec<f32> = (0..9).flat_map(|_| row(&mut rng)).collect();
+    let mut draft: Vec<f32> = (0..6).flat_map(|_| row(&mut rng)).collect();
+    let tokens: Vec<i32> = (0..6).map(|_| rng.random_range(0..v as i32)).collect();
+    target[4 * v..5 * v].iter_mut().for_each(|p| *p *= 2.0); // request 1's second target row sums to 2
+    draft[4 * v] += 0.0004; // request 2's first draft row: off by less than the tolerance
+    let run = |verify: Verify, target: &[f32], draft: &[f32]| {
+        let inputs = VerifyInputs {
+            vocab_size: v,
+            drafts: Drafts::Chain {
+                draft_offsets: &[0, 2, 4, 6],
+                draft_tokens: &tokens,
+            },
+            target: Rows::Probs(target),
+            draft: Some(Rows::Probs(draft)),
+            params: None,
+            seeds: &[5, 6, 7],
+            steps: &[1, 1, 1],
+        };
+        let (mut a, mut e) = (vec![0; 3], vec![0; 9]);
+        verify(
+            &inputs,
+            &mut VerifyOutputs {
+                emit_width: 3,
+                accepted_counts: &mut a,
+                emitted_tokens: &mut e,
+                accepted_nodes: None,
+                accept_flags: None,
+            },
+        )
+        .map(|()| (a, e))
+    };
+    match run(CPU, &target, &draft) {
+        Err(Error::InvalidArgument { argument, reason }) => {
+            assert_eq!(argument, "target[4]", "{reason}");
+            assert!(reason.contains("sums to"), "{reason}");
+        }
+        other => panic!("the CPU must refuse the row summing to 2: {other:?}"),
+    }
+    let (a, e) = run(GPU, &target, &draft).expect("the GPU flags per request");
+    assert_eq!(a[1], -1, "request 1 flagged");
+    assert!(e[3..6].iter().all(|&x| x == -1));
+    assert!(a[0] >= 0 && a[2] >= 0, "requests 0 and 2 verified: {a:?}");
+    // Without the bad row, the CPU accepts the same batch (the 0.0004 excess is within the tolerance).
+    target[4 * v..5 * v].iter_mut().for_each(|p| *p *= 0.5);
+    run(CPU, &target, &draft).expect("within the tolerance");
+}

@@ -358,6 +358,20 @@ fn bad_trees_and_probabilities_are_errors_naming_the_element() {
         "draft[1]",
         "no probability mass",
     );
+    // Rows read as distributions sum to 1 within 1e-3 (before: a target row summing to 2 gave a wrong
+    // distribution silently); a leaf's draft row is not read, so it may sum to anything.
+    assert_names(
+        tree_call(|c| c.target[8..16].iter_mut().for_each(|p| *p *= 2.0)),
+        "target[1]",
+        "sums to 2",
+    );
+    assert_names(
+        tree_call(|c| c.draft.as_mut().unwrap()[0] += 0.01),
+        "draft[0]",
+        "sums to 1.01",
+    );
+    tree_call(|c| c.target[8] += 0.0005).unwrap();
+    tree_call(|c| c.draft.as_mut().unwrap()[24..].fill(0.5)).unwrap();
     assert_names(tree_call(|c| c.seeds.clear()), "seeds", "");
     assert_names(
         tree_call(|c| c.target.pop().map(|_| ()).unwrap()),

@@ -44,7 +44,8 @@
 //!   a row must hold a finite logit. **Temperature 0** is greedy: the emitted tokens are exactly those of
 //!   [`crate::cpu::greedy_verify`] on the target rows (draft rows, top-k and top-p are ignored).
 //! * **Probabilities** (fp32): rows are used as given (finite, non-negative, a target row must have mass); no
-//!   sampling parameters. Acceptance assumes each row sums to 1.
+//!   sampling parameters. Every row read as a distribution (target rows, draft rows of nodes with children)
+//!   must sum to 1 within [`PROBABILITY_SUM_TOLERANCE`] (1e-3): acceptance and the residual assume it.
 //!
 //! # Randomness
 //!
@@ -621,9 +622,14 @@ fn check_params(shape: &VerifyShape, p: &SamplingParams<'_>, b: usize) -> Result
     })
 }
 
+/// How far a probability row read as a distribution may sum from 1: far above the rounding of an f32 softmax
+/// (about 1e-6 at V = 262144), far below any real mistake (a row of another scale, a missing normalisation).
+pub const PROBABILITY_SUM_TOLERANCE: f64 = 1e-3;
+
 /// Checks the values of row `row` (`name` is `target` or `draft`): logits may not be NaN or `+inf`, and
 /// probabilities must be finite and non-negative; a row that is read as a distribution (`needs_mass`: every
-/// target row, and the draft row of a node with children) needs a finite logit or a positive probability.
+/// target row, and the draft row of a node with children) needs a finite logit or a positive probability, and
+/// as probabilities must sum to 1 within [`PROBABILITY_SUM_TOLERANCE`] (acceptance and the residual assume it).
 /// `logits` is `None` for probabilities, else request `b` and its temperature: with a positive temperature,
 /// `logit / temperature` must stay finite.
 pub fn check_row_values<T: LogitsElement>(
@@ -674,6 +680,15 @@ pub fn check_row_values<T: LogitsElement>(
                 return Err(Error::invalid(
                     format!("{name}[{row}]"),
                     "has no probability mass",
+                ));
+            }
+            let sum: f64 = values.iter().map(|x| f64::from(x.to_f32())).sum();
+            if needs_mass && (sum - 1.0).abs() > PROBABILITY_SUM_TOLERANCE {
+                return Err(Error::invalid(
+                    format!("{name}[{row}]"),
+                    format!(
+                        "sums to {sum}; a probability row must sum to 1 (within {PROBABILITY_SUM_TOLERANCE})"
+                    ),
                 ));
             }
         }
