@@ -505,6 +505,13 @@ fn bad_arguments_are_rejected() {
     );
     bad(
         DrafterConfig {
+            max_draft: DrafterConfig::MAX_DRAFT + 1,
+            ..base.clone()
+        },
+        "max_draft",
+    );
+    bad(
+        DrafterConfig {
             min_token_prob: 1.5,
             ..base.clone()
         },

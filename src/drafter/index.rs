@@ -19,8 +19,9 @@
 //! the gram's hash, holding the newest position. Grams whose hashes share a bucket share a chain, and the
 //! token-by-token comparison of every candidate filters them out. A table grows fourfold (and its chains are
 //! relinked, O(positions)) when it holds more than two positions per bucket, which keeps chains short and
-//! costs a third of a relink per token, amortised. At 10^6 tokens and more every table access is a cache miss, so the number of them per
-//! appended token is what bounds appends.
+//! costs a third of a relink per token, amortised; it shrinks back when removals leave it under one position
+//! per 8 buckets, so a history's memory follows what it stores. At 10^6 tokens and more every table access is
+//! a cache miss, so the number of them per appended token is what bounds appends.
 
 use std::collections::HashMap;
 
@@ -86,7 +87,9 @@ struct HeadTable {
 }
 
 impl HeadTable {
-    const INITIAL_BITS: u32 = 10;
+    /// Small, so that a prompt with a short history costs little: growing from here costs a few relinks of a
+    /// few positions.
+    const INITIAL_BITS: u32 = 4;
     /// Positions per bucket before the table grows: chains then hold about this many other grams' positions.
     const MAX_LOAD: usize = 2;
     /// Growth by 4x: each position is relinked a third of a time on average over the table's life.
@@ -102,6 +105,22 @@ impl HeadTable {
 
     fn bucket(&self, hash: u64) -> usize {
         (hash >> self.shift) as usize
+    }
+
+    /// The table size once removals have left fewer than one position per 8 buckets: about one bucket per
+    /// position (a quarter of the growth point, so it does not grow back at once), never below the initial
+    /// size. `None` while the current size is still right.
+    fn shrunk_bits(&self) -> Option<u32> {
+        let bits = self.buckets.len().trailing_zeros();
+        if bits <= Self::INITIAL_BITS || self.linked * 8 >= self.buckets.len() {
+            return None;
+        }
+        Some(
+            self.linked
+                .next_power_of_two()
+                .trailing_zeros()
+                .max(Self::INITIAL_BITS),
+        )
     }
 }
 
@@ -189,8 +208,12 @@ impl SuffixIndex {
             })
             .sum();
         let heads: usize = self.heads.iter().map(|h| h.buckets.capacity() * 8).sum();
-        let ids = self.slot_of.capacity() * (std::mem::size_of::<(u64, u32)>() + 1);
-        sequences + heads + ids + self.slots.capacity() * std::mem::size_of::<Option<Sequence>>()
+        let ids = super::hash_map_bytes::<u64, u32>(self.slot_of.capacity());
+        sequences
+            + heads
+            + ids
+            + self.slots.capacity() * std::mem::size_of::<Option<Sequence>>()
+            + self.free_slots.capacity() * std::mem::size_of::<u32>()
     }
 
     fn slot(&self, slot: u32) -> &Sequence {
@@ -302,7 +325,8 @@ impl SuffixIndex {
             let table = &mut self.heads[level];
             table.linked += 1;
             if table.linked > HeadTable::MAX_LOAD * table.buckets.len() {
-                self.grow(level);
+                let bits = table.buckets.len().trailing_zeros() + HeadTable::GROWTH_BITS;
+                self.relink(level, bits);
             }
         }
     }
@@ -321,10 +345,9 @@ impl SuffixIndex {
         }
     }
 
-    /// Quadruples a level's head table and relinks every position of that level into it.
-    fn grow(&mut self, level: usize) {
+    /// Gives a level's head table `1 << bits` buckets and relinks every position of that level into it.
+    fn relink(&mut self, level: usize, bits: u32) {
         let table = &mut self.heads[level];
-        let bits = table.buckets.len().trailing_zeros() + HeadTable::GROWTH_BITS;
         table.buckets = vec![NONE; 1 << bits];
         table.shift = 64 - bits;
         let k = self.gram_lens[level];
@@ -369,6 +392,17 @@ impl SuffixIndex {
         self.slots[slot as usize] = None;
         self.free_slots.push(slot);
         self.num_tokens -= len;
+        if self.slot_of.is_empty() {
+            // Nothing stored: give back the slot tables too (a long-lived history that once held many rollouts).
+            self.slots = Vec::new();
+            self.free_slots = Vec::new();
+            self.slot_of = HashMap::new();
+        }
+        for level in 0..LEVELS {
+            if let Some(bits) = self.heads[level].shrunk_bits() {
+                self.relink(level, bits);
+            }
+        }
         len
     }
 

@@ -28,8 +28,14 @@
 //! Rollout tokens count against a per-prompt and an overall token budget. A rollout that would exceed a budget
 //! first evicts the oldest rollouts, of that prompt or of any prompt respectively, so the stored tokens never
 //! exceed either budget (prompt tokens count too, once per rollout). A rollout that is itself evicted stops
-//! growing in the history; its request then drafts from the other rollouts. [`Drafter::stats`] reports bytes
-//! per stored token.
+//! growing in the history; its request then drafts from the other rollouts.
+//!
+//! A prompt costs nothing once it has no rollout stored and no request registered: its history (index, length
+//! average and all) is released, and a later request of that prompt starts a new one. Beyond the stored tokens
+//! (about 50 bytes each), the drafter holds a fixed few hundred bytes per prompt with a history, per stored
+//! rollout and per registered request, plus each request's own context. [`Drafter::stats`] reports every byte
+//! the drafter holds, computed from the capacities of its containers (`tests/drafter_memory.rs` compares it
+//! with what the allocator hands out).
 //!
 //! # Threads
 //!
@@ -41,7 +47,7 @@
 mod index;
 mod propose;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -65,7 +71,8 @@ pub struct LengthClasses {
     pub medium_budget: usize,
     /// Draft budget of a Short request.
     pub short_budget: usize,
-    /// Weight of the newest rollout length in the prompt's moving average, in (0, 1].
+    /// Weight of the newest rollout length in the prompt's moving average, in (0, 1]. The average is kept as
+    /// long as the prompt has a history (see the module documentation, Memory).
     pub smoothing: f64,
 }
 
@@ -90,7 +97,7 @@ pub struct DrafterConfig {
     pub min_match: usize,
     /// The longest context suffix matched (the depth cap).
     pub max_match: usize,
-    /// The most draft tokens (chain) or nodes (tree) ever proposed.
+    /// The most draft tokens (chain) or nodes (tree) ever proposed, at most [`DrafterConfig::MAX_DRAFT`].
     pub max_draft: usize,
     /// Budget from the match length: `floor(match_len * match_factor + match_offset)`.
     pub match_factor: f64,
@@ -126,6 +133,10 @@ impl Default for DrafterConfig {
 }
 
 impl DrafterConfig {
+    /// The largest `max_draft` accepted: far above any draft worth verifying, and a bound on a proposal's work
+    /// and memory whatever the settings.
+    pub const MAX_DRAFT: usize = 1024;
+
     fn validate(&self) -> Result<()> {
         if self.min_match == 0 || self.min_match > self.max_match {
             return Err(Error::invalid(
@@ -146,6 +157,12 @@ impl DrafterConfig {
             return Err(Error::invalid(
                 "max_draft",
                 "is 0; a drafter that may never draft is a mistake",
+            ));
+        }
+        if self.max_draft > Self::MAX_DRAFT {
+            return Err(Error::invalid(
+                "max_draft",
+                format!("is {}, above {}", self.max_draft, Self::MAX_DRAFT),
             ));
         }
         if !(self.match_factor.is_finite() && self.match_factor >= 0.0) {
@@ -219,9 +236,10 @@ pub struct DrafterStats {
     pub rollouts: usize,
     /// Rollout tokens stored (what the budgets count).
     pub tokens: usize,
-    /// Bytes the histories occupy.
+    /// Bytes the drafter holds: the histories, the registered requests (their contexts included) and the
+    /// bookkeeping, from the capacities of their containers.
     pub bytes: usize,
-    /// `bytes / tokens` (0 when empty).
+    /// `bytes / tokens` (0 when no token is stored).
     pub bytes_per_token: f64,
     /// Requests registered and not finished.
     pub active_requests: usize,
@@ -229,8 +247,8 @@ pub struct DrafterStats {
 
 struct PromptHistory {
     index: SuffixIndex,
-    /// Rollouts stored, oldest first, with the iteration they started in.
-    rollouts: VecDeque<(u64, u64)>,
+    /// Rollouts stored, oldest first.
+    rollouts: VecDeque<u64>,
     /// Moving average of finished rollout lengths.
     length_average: Option<f64>,
 }
@@ -244,11 +262,20 @@ struct RequestState {
     prompt_len: usize,
 }
 
+/// A prompt's entry in the prompts map.
+struct PromptEntry {
+    history: Arc<RwLock<PromptHistory>>,
+    /// Requests of this prompt registered and not finished. The history is released when this is 0 and it
+    /// holds no rollout; both are only changed or read for that with the prompts map locked for writing.
+    active_requests: usize,
+}
+
 struct Accounting {
     iteration: u64,
     tokens: usize,
-    /// Every rollout stored, oldest first: (prompt, rollout). Entries of rollouts already gone are skipped.
-    rollouts: VecDeque<(u64, u64)>,
+    /// Every rollout stored, by id (ids grow with time, so the first is the oldest): its prompt and the
+    /// iteration it started in. Exactly the rollouts stored: each eviction removes its entry.
+    rollouts: BTreeMap<u64, (u64, u64)>,
 }
 
 /// The drafter: histories per prompt, and the requests drafting from them. See the module documentation.
@@ -260,14 +287,15 @@ struct Accounting {
 /// 3. `accounting`;
 /// 4. prompt histories: one, or a second only while holding `accounting` (eviction across prompts, in
 ///    `store`), so no two threads ever wait on each other's histories;
-/// 5. `prompts` (the map): a leaf, held only to look up or insert, never while waiting on another lock.
+/// 5. `prompts` (the map): a leaf, held only to look up, insert or release an entry, never while waiting on
+///    another lock.
 ///
 /// Every snapshot of the statistics holds `requests` and `accounting`, so no call that changes the histories
 /// runs during it.
 pub struct Drafter {
     config: DrafterConfig,
     /// Lock 5 (a leaf).
-    prompts: RwLock<HashMap<u64, Arc<RwLock<PromptHistory>>>>,
+    prompts: RwLock<HashMap<u64, PromptEntry>>,
     /// Lock 1; each request's state is lock 2.
     requests: RwLock<HashMap<u64, Arc<Mutex<RequestState>>>>,
     /// Lock 3.
@@ -296,7 +324,7 @@ impl Drafter {
             accounting: Mutex::new(Accounting {
                 iteration: 0,
                 tokens: 0,
-                rollouts: VecDeque::new(),
+                rollouts: BTreeMap::new(),
             }),
             next_rollout: AtomicU64::new(0),
         })
@@ -308,7 +336,7 @@ impl Drafter {
     }
 
     /// Starts training iteration `iteration` (non-decreasing): rollouts that started `window_iterations` or more
-    /// iterations before it leave the history.
+    /// iterations before it leave the history. Costs O(log n) per rollout leaving, nothing per prompt.
     pub fn begin_iteration(&self, iteration: u64) -> Result<()> {
         let mut accounting = lock(&self.accounting);
         if iteration < accounting.iteration {
@@ -322,18 +350,19 @@ impl Drafter {
         }
         accounting.iteration = iteration;
         let oldest_kept = iteration.saturating_sub(self.config.window_iterations - 1);
-        let prompts: Vec<_> = read(&self.prompts)
-            .iter()
-            .map(|(&id, h)| (id, h.clone()))
-            .collect();
-        for (_, history) in prompts {
-            let mut history = write(&history);
-            while let Some(&(rollout, started)) = history.rollouts.front() {
-                if started >= oldest_kept {
-                    break;
-                }
-                history.rollouts.pop_front();
+        // Ids grow with time and so do iterations: the rollouts leaving are the first entries.
+        while let Some(entry) = accounting.rollouts.first_entry() {
+            let (prompt, started) = *entry.get();
+            if started >= oldest_kept {
+                break;
+            }
+            let rollout = *entry.key();
+            entry.remove();
+            if let Some(history) = self.prompt_history(prompt) {
+                let mut history = write(&history);
+                history.rollouts.retain(|&r| r != rollout);
                 accounting.tokens -= history.index.remove(rollout);
+                self.release_if_unused(prompt, &history, false);
             }
         }
         Ok(())
@@ -350,23 +379,27 @@ impl Drafter {
             ));
         }
         let rollout = self.next_rollout.fetch_add(1, Ordering::Relaxed);
-        let history = write(&self.prompts)
-            .entry(prompt)
-            .or_insert_with(|| {
-                Arc::new(RwLock::new(PromptHistory {
+        let history = {
+            // Counted as active before the map is released, so the history cannot be released under us.
+            let mut prompts = write(&self.prompts);
+            let entry = prompts.entry(prompt).or_insert_with(|| PromptEntry {
+                history: Arc::new(RwLock::new(PromptHistory {
                     index: SuffixIndex::new(self.config.min_match, self.config.max_match),
                     rollouts: VecDeque::new(),
                     length_average: None,
-                }))
-            })
-            .clone();
+                })),
+                active_requests: 0,
+            });
+            entry.active_requests += 1;
+            entry.history.clone()
+        };
         {
             let mut accounting = lock(&self.accounting);
             let mut h = write(&history);
             h.index.extend(rollout, &[]);
+            h.rollouts.push_back(rollout);
             let iteration = accounting.iteration;
-            h.rollouts.push_back((rollout, iteration));
-            accounting.rollouts.push_back((prompt, rollout));
+            accounting.rollouts.insert(rollout, (prompt, iteration));
             self.store(&mut accounting, prompt, &mut h, rollout, prompt_tokens);
         }
         let state = RequestState {
@@ -420,25 +453,27 @@ impl Drafter {
         while history.index.num_tokens() + extra > self.config.prompt_token_budget
             && history.index.contains(rollout)
         {
-            let Some((oldest, _)) = history.rollouts.pop_front() else {
+            let Some(oldest) = history.rollouts.pop_front() else {
                 break;
             };
+            accounting.rollouts.remove(&oldest);
             accounting.tokens -= history.index.remove(oldest);
         }
         while accounting.tokens + extra > self.config.total_token_budget
             && history.index.contains(rollout)
         {
-            let Some((victim_prompt, victim)) = accounting.rollouts.pop_front() else {
+            let Some((victim, (victim_prompt, _))) = accounting.rollouts.pop_first() else {
                 break;
             };
             if victim_prompt == prompt {
-                history.rollouts.retain(|&(r, _)| r != victim);
+                history.rollouts.retain(|&r| r != victim);
                 accounting.tokens -= history.index.remove(victim);
             } else if let Some(other) = self.prompt_history(victim_prompt) {
                 // A second history, taken only while holding `accounting` (lock order, rule 4).
                 let mut other = write(&other);
-                other.rollouts.retain(|&(r, _)| r != victim);
+                other.rollouts.retain(|&r| r != victim);
                 accounting.tokens -= other.index.remove(victim);
+                self.release_if_unused(victim_prompt, &other, false);
             }
         }
         let fits = history.index.num_tokens() + extra <= self.config.prompt_token_budget
@@ -449,12 +484,35 @@ impl Drafter {
         }
     }
 
+    /// Releases the history of `prompt` (held by the caller, who just removed a rollout from it, or is finishing
+    /// a request of it: `finishing`) if it stores no rollout and no request of the prompt is registered.
+    fn release_if_unused(&self, prompt: u64, history: &PromptHistory, finishing: bool) {
+        if history.rollouts.is_empty() || finishing {
+            let mut prompts = write(&self.prompts);
+            let Some(entry) = prompts.get_mut(&prompt) else {
+                return;
+            };
+            if finishing {
+                entry.active_requests -= 1;
+            }
+            if entry.active_requests == 0 && history.rollouts.is_empty() {
+                prompts.remove(&prompt);
+                shrink_sparse_map(&mut prompts);
+            }
+        }
+    }
+
     /// Ends a request: its rollout stays in the history (until the window or a budget drops it), and its
     /// length feeds the prompt's moving average for length classes.
     pub fn finish_request(&self, request: u64) -> Result<()> {
-        let state = write(&self.requests)
-            .remove(&request)
-            .ok_or_else(|| Error::invalid("request", format!("{request} is not registered")))?;
+        let state = {
+            let mut requests = write(&self.requests);
+            let state = requests
+                .remove(&request)
+                .ok_or_else(|| Error::invalid("request", format!("{request} is not registered")))?;
+            shrink_sparse_map(&mut requests);
+            state
+        };
         let state = lock(&state);
         let mut history = write(&state.history);
         let length = (state.context.len() - state.prompt_len) as f64;
@@ -467,6 +525,7 @@ impl Drafter {
             Some(average) => smoothing * length + (1.0 - smoothing) * average,
             None => length,
         });
+        self.release_if_unused(state.prompt, &history, true);
         Ok(())
     }
 
@@ -528,7 +587,7 @@ impl Drafter {
 
     /// The history of `prompt`, if any, with the prompts map released again (it is a leaf of the lock order).
     fn prompt_history(&self, prompt: u64) -> Option<Arc<RwLock<PromptHistory>>> {
-        read(&self.prompts).get(&prompt).cloned()
+        read(&self.prompts).get(&prompt).map(|e| e.history.clone())
     }
 
     /// The rollouts stored for `prompt`, oldest first (empty if none): what drafts are matched against.
@@ -540,24 +599,49 @@ impl Drafter {
         history
             .rollouts
             .iter()
-            .filter_map(|&(rollout, _)| history.index.tokens(rollout).map(<[Token]>::to_vec))
+            .filter_map(|&rollout| history.index.tokens(rollout).map(<[Token]>::to_vec))
             .collect()
     }
 
-    /// Sizes of the histories: a consistent snapshot (no request is added and no history changes while it is
-    /// taken), so its tokens never exceed the budgets.
+    /// Sizes of the histories and the bytes the drafter holds: a consistent snapshot of the histories (no request
+    /// is added and no history changes while it is taken), so its tokens never exceed the budgets. The bytes of
+    /// the requests' own contexts are read just before, request by request.
     pub fn stats(&self) -> DrafterStats {
-        // Lock order: requests, accounting, then the prompts map (released), then each history.
+        // Lock order: requests, each request's state (one at a time), accounting, the prompts map (released),
+        // then each history.
         let requests = read(&self.requests);
-        let _accounting = lock(&self.accounting);
-        let histories: Vec<_> = read(&self.prompts).values().cloned().collect();
-        let (mut rollouts, mut tokens, mut bytes) = (0, 0, 0);
+        let request_bytes: usize = requests
+            .values()
+            .map(|state| {
+                ARC_COUNTS
+                    + std::mem::size_of::<Mutex<RequestState>>()
+                    + lock(state).context.capacity() * std::mem::size_of::<Token>()
+            })
+            .sum();
+        let accounting = lock(&self.accounting);
+        let (histories, prompts_map_bytes) = {
+            let prompts = read(&self.prompts);
+            let histories: Vec<_> = prompts.values().map(|e| e.history.clone()).collect();
+            (
+                histories,
+                hash_map_bytes::<u64, PromptEntry>(prompts.capacity()),
+            )
+        };
+        let (mut rollouts, mut tokens, mut history_bytes) = (0, 0, 0);
         for history in &histories {
             let history = read(history);
             rollouts += history.rollouts.len();
             tokens += history.index.num_tokens();
-            bytes += history.index.memory_bytes();
+            history_bytes += ARC_COUNTS
+                + std::mem::size_of::<RwLock<PromptHistory>>()
+                + history.index.memory_bytes()
+                + history.rollouts.capacity() * std::mem::size_of::<u64>();
         }
+        let bytes = history_bytes
+            + prompts_map_bytes
+            + request_bytes
+            + hash_map_bytes::<u64, Arc<Mutex<RequestState>>>(requests.capacity())
+            + btree_map_bytes::<u64, (u64, u64)>(accounting.rollouts.len());
         DrafterStats {
             prompts: histories.len(),
             rollouts,
@@ -570,5 +654,44 @@ impl Drafter {
             },
             active_requests: requests.len(),
         }
+    }
+}
+
+/// The two reference counts in front of every `Arc` allocation.
+const ARC_COUNTS: usize = 2 * std::mem::size_of::<usize>();
+
+/// Bytes a `HashMap<K, V>` of this capacity allocates: a power-of-two number of buckets, at most 7/8 of them
+/// usable (all but one below 8), each holding a `(K, V)` and a control byte, plus one group of control bytes.
+pub(crate) fn hash_map_bytes<K, V>(capacity: usize) -> usize {
+    if capacity == 0 {
+        return 0;
+    }
+    let buckets = if capacity < 8 {
+        capacity + 1
+    } else {
+        capacity * 8 / 7
+    }
+    .next_power_of_two();
+    const GROUP: usize = 16;
+    (buckets * std::mem::size_of::<(K, V)>()).next_multiple_of(GROUP) + buckets + GROUP
+}
+
+/// Bytes a `BTreeMap<K, V>` of `len` entries allocates, about: nodes of 11 entries, a parent link and two
+/// lengths, filled to about half (what inserting in increasing order and removing the first entries leave),
+/// with an internal node, 12 edges more, per six leaves.
+fn btree_map_bytes<K, V>(len: usize) -> usize {
+    const CAPACITY: usize = 11;
+    let leaf = std::mem::size_of::<usize>()
+        + 4
+        + CAPACITY * (std::mem::size_of::<K>() + std::mem::size_of::<V>());
+    let internal = leaf + (CAPACITY + 1) * std::mem::size_of::<usize>();
+    let leaves = len.div_ceil(6);
+    leaves * leaf + leaves.div_ceil(6) * internal
+}
+
+/// Gives a map that has shrunk to under a quarter of its capacity half its capacity back (amortised O(1)).
+fn shrink_sparse_map<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>) {
+    if map.capacity() > 64 && map.len() * 4 < map.capacity() {
+        map.shrink_to(map.len() * 2);
     }
 }
