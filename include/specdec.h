@@ -36,6 +36,13 @@
 #define SPECDEC_VERSION 1000
 
 /**
+ * The most requests one call of the policy entry points takes. The policy holds every request's draft options
+ * (about 20 KB per request at `max_draft` 64), so a bound on the batch is a bound on the call's memory; real
+ * batches are far smaller.
+ */
+#define SPECDEC_MAX_POLICY_REQUESTS 16384
+
+/**
  * The outcome of a call. Values are fixed and new ones are only ever appended.
  */
 typedef enum {
@@ -133,6 +140,13 @@ typedef enum {
  * An opaque handle: the CPU backend or one CUDA device. Created by `specdec_context_create_cpu` or
  * `specdec_context_create_cuda`, released by `specdec_context_destroy`. A context may be used from several
  * threads at once.
+ *
+ * Handle rules (contexts and drafters). The library keeps a table of its live handles and their types, and
+ * checks every handle argument against it: a handle already destroyed (destroying it twice included), a
+ * handle of the other type (a context passed as a drafter) or a pointer the library never returned is
+ * SPECDEC_INVALID_ARGUMENT, naming the argument; nothing is read through it. What stays undefined: destroying
+ * a handle while another thread uses it, and using a destroyed handle's pointer once a later create has
+ * returned the same address (the table then sees the new handle).
  */
 typedef struct specdec_context specdec_context;
 
@@ -203,7 +217,7 @@ typedef struct {
    */
   int64_t max_match;
   /**
-   * The most draft tokens (chain) or nodes (tree) proposed.
+   * The most draft tokens (chain) or nodes (tree) proposed, 1..=1024.
    */
   int64_t max_draft;
   /**
@@ -277,7 +291,7 @@ typedef struct {
    */
   int64_t tokens;
   /**
-   * Bytes the histories occupy.
+   * Bytes the drafter holds: histories, registered requests (their contexts included) and bookkeeping.
    */
   int64_t bytes;
   /**
@@ -417,10 +431,12 @@ specdec_status specdec_context_create_cpu(specdec_context **out);
 specdec_status specdec_context_create_cuda(int32_t device_ordinal, specdec_context **out);
 
 /**
- * Releases a context. Null is accepted and ignored. Work already enqueued on a stream is not affected.
+ * Releases a context. Null is accepted and ignored. Work already enqueued on a stream is not affected. A
+ * context already destroyed, or a pointer that is not a context, is SPECDEC_INVALID_ARGUMENT (see the handle
+ * rules at `specdec_context`).
  *
  * # Safety
- * `ctx` must be null or a context from `specdec_context_create_*` not yet destroyed.
+ * `ctx` must be null or a context from `specdec_context_create_*`, used by no other thread during the call.
  */
 specdec_status specdec_context_destroy(specdec_context *ctx);
 
@@ -543,10 +559,11 @@ specdec_status specdec_drafter_config_default(specdec_drafter_config *out);
 specdec_status specdec_drafter_create(const specdec_drafter_config *config, specdec_drafter **out);
 
 /**
- * Releases a drafter and everything it stores. Null is accepted and ignored.
+ * Releases a drafter and everything it stores. Null is accepted and ignored. A drafter already destroyed, or
+ * a pointer that is not a drafter, is SPECDEC_INVALID_ARGUMENT (see the handle rules at `specdec_context`).
  *
  * # Safety
- * `drafter` must be null or a drafter from `specdec_drafter_create` not yet destroyed, used by no other thread.
+ * `drafter` must be null or a drafter from `specdec_drafter_create`, used by no other thread during the call.
  */
 specdec_status specdec_drafter_destroy(specdec_drafter *drafter);
 
@@ -644,11 +661,11 @@ specdec_status specdec_cost_model_step_seconds(const specdec_cost_model *model,
                                                double *out_seconds);
 
 /**
- * specdec's policy for one decoding step: for `num_requests` requests with `contexts[i]` context tokens and
- * per-position acceptance `acceptance[i * positions + j]` (position j + 1, given the earlier ones were
- * accepted; positions past `positions` reuse the last), writes each request's draft length (0..=`max_draft`,
- * 0 = do not draft) to `out_lengths[i]`, maximising expected emitted tokens per second under `model`, and that
- * rate to `*out_goodput`.
+ * specdec's policy for one decoding step: for `num_requests` (at most `SPECDEC_MAX_POLICY_REQUESTS`) requests
+ * with `contexts[i]` context tokens and per-position acceptance `acceptance[i * positions + j]` (position j + 1,
+ * given the earlier ones were accepted; positions past `positions` reuse the last), writes each request's draft
+ * length (0..=`max_draft`, 0 = do not draft) to `out_lengths[i]`, maximising expected emitted tokens per second
+ * under `model`, and that rate to `*out_goodput`.
  *
  * # Safety
  * `model` must be null (rejected) or readable; `contexts` must hold `num_requests` values, `acceptance`

@@ -9,8 +9,10 @@
 #![allow(non_camel_case_types)]
 
 use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::RwLock;
 
 use half::{bf16, f16};
 
@@ -108,6 +110,13 @@ pub enum specdec_backend {
 /// An opaque handle: the CPU backend or one CUDA device. Created by `specdec_context_create_cpu` or
 /// `specdec_context_create_cuda`, released by `specdec_context_destroy`. A context may be used from several
 /// threads at once.
+///
+/// Handle rules (contexts and drafters). The library keeps a table of its live handles and their types, and
+/// checks every handle argument against it: a handle already destroyed (destroying it twice included), a
+/// handle of the other type (a context passed as a drafter) or a pointer the library never returned is
+/// SPECDEC_INVALID_ARGUMENT, naming the argument; nothing is read through it. What stays undefined: destroying
+/// a handle while another thread uses it, and using a destroyed handle's pointer once a later create has
+/// returned the same address (the table then sees the new handle).
 pub struct specdec_context {
     backend: Backend,
 }
@@ -260,6 +269,88 @@ fn check_host_ptr(argument: &str, address: usize, len: usize, align: usize) -> R
     Ok(())
 }
 
+/// The types of opaque handle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HandleKind {
+    Context,
+    Drafter,
+}
+
+impl HandleKind {
+    fn type_name(self) -> &'static str {
+        match self {
+            HandleKind::Context => "specdec_context",
+            HandleKind::Drafter => "specdec_drafter",
+        }
+    }
+}
+
+/// Every live handle's address and type: the tag of the handle rules (see `specdec_context`). Kept apart from
+/// the handles, so that checking a destroyed handle reads no freed memory. Held only for one map operation.
+static LIVE_HANDLES: RwLock<BTreeMap<usize, HandleKind>> = RwLock::new(BTreeMap::new());
+
+fn live_handles() -> std::sync::RwLockReadGuard<'static, BTreeMap<usize, HandleKind>> {
+    LIVE_HANDLES.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn live_handles_mut() -> std::sync::RwLockWriteGuard<'static, BTreeMap<usize, HandleKind>> {
+    LIVE_HANDLES.write().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Moves `value` to the heap and records it as a live handle of `kind`.
+fn register_handle<T>(kind: HandleKind, value: T) -> *mut T {
+    let ptr = Box::into_raw(Box::new(value));
+    live_handles_mut().insert(ptr as usize, kind);
+    ptr
+}
+
+/// The handle argument `ptr`, checked against the table of live handles to be a live `kind`.
+fn live_handle<T>(argument: &str, ptr: *const T, kind: HandleKind) -> Result<*const T> {
+    if ptr.is_null() {
+        return Err(Error::invalid(argument, "is a null pointer"));
+    }
+    match live_handles().get(&(ptr as usize)) {
+        Some(&live) if live == kind => Ok(ptr),
+        found => Err(handle_error(argument, kind, found.copied())),
+    }
+}
+
+fn handle_error(argument: &str, expected: HandleKind, found: Option<HandleKind>) -> Error {
+    let reason = match found {
+        Some(other) => format!("is a {}, not a {}", other.type_name(), expected.type_name()),
+        None => format!(
+            "is not a live {}: destroyed already, or never returned by specdec",
+            expected.type_name()
+        ),
+    };
+    Error::invalid(argument, reason)
+}
+
+/// Releases the handle `ptr` of `kind` (null: nothing to do), after taking it out of the table of live handles.
+///
+/// # Safety
+/// A pointer the table holds as a live `kind` was made by [`register_handle`] from a `T`.
+unsafe fn destroy_handle<T>(argument: &str, ptr: *mut T, kind: HandleKind) -> Result<()> {
+    if ptr.is_null() {
+        return Ok(());
+    }
+    {
+        let mut live = live_handles_mut();
+        match live.get(&(ptr as usize)) {
+            Some(&found) if found == kind => live.remove(&(ptr as usize)),
+            found => return Err(handle_error(argument, kind, found.copied())),
+        };
+    }
+    drop(Box::from_raw(ptr));
+    Ok(())
+}
+
+/// The context argument `ctx`, checked to be a live context.
+fn context_arg<'a>(ctx: *const specdec_context) -> Result<&'a specdec_context> {
+    // SAFETY: live_handle only returns a pointer the registry holds as a live context.
+    Ok(unsafe { &*live_handle("ctx", ctx, HandleKind::Context)? })
+}
+
 /// The library's version, `MAJOR * 1000000 + MINOR * 1000 + PATCH`; compare with `SPECDEC_VERSION`.
 #[no_mangle]
 pub extern "C" fn specdec_version() -> u32 {
@@ -307,9 +398,12 @@ pub unsafe extern "C" fn specdec_context_create_cpu(
 ) -> specdec_status {
     boundary(|| {
         let out = non_null("out", out)?;
-        *out = Box::into_raw(Box::new(specdec_context {
-            backend: Backend::Cpu,
-        }));
+        *out = register_handle(
+            HandleKind::Context,
+            specdec_context {
+                backend: Backend::Cpu,
+            },
+        );
         Ok(())
     })
 }
@@ -336,25 +430,25 @@ pub unsafe extern "C" fn specdec_context_create_cuda(
             )
         })?;
         let backend = CudaBackend::new(ordinal)?;
-        *out = Box::into_raw(Box::new(specdec_context {
-            backend: Backend::Cuda(backend),
-        }));
+        *out = register_handle(
+            HandleKind::Context,
+            specdec_context {
+                backend: Backend::Cuda(backend),
+            },
+        );
         Ok(())
     })
 }
 
-/// Releases a context. Null is accepted and ignored. Work already enqueued on a stream is not affected.
+/// Releases a context. Null is accepted and ignored. Work already enqueued on a stream is not affected. A
+/// context already destroyed, or a pointer that is not a context, is SPECDEC_INVALID_ARGUMENT (see the handle
+/// rules at `specdec_context`).
 ///
 /// # Safety
-/// `ctx` must be null or a context from `specdec_context_create_*` not yet destroyed.
+/// `ctx` must be null or a context from `specdec_context_create_*`, used by no other thread during the call.
 #[no_mangle]
 pub unsafe extern "C" fn specdec_context_destroy(ctx: *mut specdec_context) -> specdec_status {
-    boundary(|| {
-        if !ctx.is_null() {
-            drop(Box::from_raw(ctx));
-        }
-        Ok(())
-    })
+    boundary(|| destroy_handle("ctx", ctx, HandleKind::Context))
 }
 
 /// Reports in `*out_backend` which backend a context runs on: a `specdec_backend` value.
@@ -367,7 +461,7 @@ pub unsafe extern "C" fn specdec_context_backend(
     out_backend: *mut i32,
 ) -> specdec_status {
     boundary(|| {
-        let ctx = non_null("ctx", ctx as *mut specdec_context)?;
+        let ctx = context_arg(ctx)?;
         let out = non_null("out_backend", out_backend)?;
         *out = match ctx.backend {
             Backend::Cpu => specdec_backend::SPECDEC_BACKEND_CPU as i32,
@@ -413,7 +507,7 @@ pub unsafe extern "C" fn specdec_greedy_verify(
     stream: *mut c_void,
 ) -> specdec_status {
     boundary(|| {
-        let ctx = non_null("ctx", ctx as *mut specdec_context)?;
+        let ctx = context_arg(ctx)?;
         let dtype = dtype_arg("logits_dtype", logits_dtype)?;
         let shape = GreedyShape::new(
             size_arg("num_requests", num_requests)?,
@@ -669,7 +763,7 @@ impl RejectionCall {
     /// # Safety
     /// The contract of `specdec_rejection_verify_chain`.
     unsafe fn run(self, tree: bool) -> Result<()> {
-        let ctx = non_null("ctx", self.ctx as *mut specdec_context)?;
+        let ctx = context_arg(self.ctx)?;
         let sampling = *non_null("sampling", self.sampling as *mut specdec_sampling)?;
         let outputs = *non_null("outputs", self.outputs as *mut specdec_verify_outputs)?;
         let tokens_name = if tree {
@@ -789,7 +883,7 @@ pub struct specdec_drafter_config {
     pub min_match: i64,
     /// The longest context suffix matched (the depth cap).
     pub max_match: i64,
-    /// The most draft tokens (chain) or nodes (tree) proposed.
+    /// The most draft tokens (chain) or nodes (tree) proposed, 1..=1024.
     pub max_draft: i64,
     /// Budget from the match length: floor(match_len * match_factor + match_offset).
     pub match_factor: f64,
@@ -829,7 +923,7 @@ pub struct specdec_drafter_stats {
     pub rollouts: i64,
     /// Tokens stored (what the budgets count).
     pub tokens: i64,
-    /// Bytes the histories occupy.
+    /// Bytes the drafter holds: histories, registered requests (their contexts included) and bookkeeping.
     pub bytes: i64,
     /// bytes / tokens (0 when empty).
     pub bytes_per_token: f64,
@@ -912,7 +1006,8 @@ unsafe fn tokens_arg(argument: &str, ptr: *const i32, len: i64) -> Result<Vec<To
 }
 
 fn drafter_arg<'a>(drafter: *const specdec_drafter) -> Result<&'a Drafter> {
-    Ok(&non_null("drafter", drafter as *mut specdec_drafter)?.drafter)
+    // SAFETY: live_handle only returns a pointer the registry holds as a live drafter.
+    Ok(unsafe { &(*live_handle("drafter", drafter, HandleKind::Drafter)?).drafter })
 }
 
 /// Writes the default drafter settings into `*out`.
@@ -962,23 +1057,19 @@ pub unsafe extern "C" fn specdec_drafter_create(
         let config = non_null("config", config as *mut specdec_drafter_config)?;
         let out = non_null("out", out)?;
         let drafter = Drafter::new(config_from_c(config)?).map_err(c_config_field_names)?;
-        *out = Box::into_raw(Box::new(specdec_drafter { drafter }));
+        *out = register_handle(HandleKind::Drafter, specdec_drafter { drafter });
         Ok(())
     })
 }
 
-/// Releases a drafter and everything it stores. Null is accepted and ignored.
+/// Releases a drafter and everything it stores. Null is accepted and ignored. A drafter already destroyed, or
+/// a pointer that is not a drafter, is SPECDEC_INVALID_ARGUMENT (see the handle rules at `specdec_context`).
 ///
 /// # Safety
-/// `drafter` must be null or a drafter from `specdec_drafter_create` not yet destroyed, used by no other thread.
+/// `drafter` must be null or a drafter from `specdec_drafter_create`, used by no other thread during the call.
 #[no_mangle]
 pub unsafe extern "C" fn specdec_drafter_destroy(drafter: *mut specdec_drafter) -> specdec_status {
-    boundary(|| {
-        if !drafter.is_null() {
-            drop(Box::from_raw(drafter));
-        }
-        Ok(())
-    })
+    boundary(|| destroy_handle("drafter", drafter, HandleKind::Drafter))
 }
 
 /// Starts training iteration `iteration` (non-decreasing): rollouts older than the window leave the history.
@@ -1358,11 +1449,11 @@ pub unsafe extern "C" fn specdec_cost_model_step_seconds(
     })
 }
 
-/// specdec's policy for one decoding step: for `num_requests` requests with `contexts[i]` context tokens and
-/// per-position acceptance `acceptance[i * positions + j]` (position j + 1, given the earlier ones were
-/// accepted; positions past `positions` reuse the last), writes each request's draft length (0..=`max_draft`,
-/// 0 = do not draft) to `out_lengths[i]`, maximising expected emitted tokens per second under `model`, and that
-/// rate to `*out_goodput`.
+/// specdec's policy for one decoding step: for `num_requests` (at most `SPECDEC_MAX_POLICY_REQUESTS`) requests
+/// with `contexts[i]` context tokens and per-position acceptance `acceptance[i * positions + j]` (position j + 1,
+/// given the earlier ones were accepted; positions past `positions` reuse the last), writes each request's draft
+/// length (0..=`max_draft`, 0 = do not draft) to `out_lengths[i]`, maximising expected emitted tokens per second
+/// under `model`, and that rate to `*out_goodput`.
 ///
 /// # Safety
 /// `model` must be null (rejected) or readable; `contexts` must hold `num_requests` values, `acceptance`
@@ -1380,7 +1471,7 @@ pub unsafe extern "C" fn specdec_choose_draft_lengths(
 ) -> specdec_status {
     boundary(|| {
         let cost = cost_model_from_c(non_null("model", model as *mut specdec_cost_model)?)?;
-        let n = size_arg("num_requests", num_requests)?;
+        let n = policy_requests_arg(num_requests)?;
         let max_draft = size_arg("max_draft", max_draft)?;
         if max_draft > 64 {
             return Err(Error::invalid(
@@ -1388,7 +1479,7 @@ pub unsafe extern "C" fn specdec_choose_draft_lengths(
                 format!("is {max_draft}, above 64"),
             ));
         }
-        let outlooks = outlooks_from_c(contexts, acceptance, n, positions)?;
+        let outlooks = outlooks_from_c(contexts, acceptance, n, positions, max_draft)?;
         let lengths = host_slice_mut("out_lengths", out_lengths, n)?;
         let goodput = non_null("out_goodput", out_goodput)?;
         let (chosen, value) = choose_draft_lengths(&cost, &outlooks, max_draft);
@@ -1427,7 +1518,7 @@ pub unsafe extern "C" fn specdec_choose_draft_trees(
 ) -> specdec_status {
     boundary(|| {
         let cost = cost_model_from_c(non_null("model", model as *mut specdec_cost_model)?)?;
-        let n = size_arg("num_requests", num_requests)?;
+        let n = policy_requests_arg(num_requests)?;
         let max_drafts = size_arg("max_drafts", max_drafts)?;
         if !(1..=64).contains(&max_drafts) {
             return Err(Error::invalid(
@@ -1442,7 +1533,7 @@ pub unsafe extern "C" fn specdec_choose_draft_trees(
                 format!("is {max_depth}, not in 1..=max_drafts ({max_drafts})"),
             ));
         }
-        let outlooks = outlooks_from_c(contexts, acceptance, n, positions)?;
+        let outlooks = outlooks_from_c(contexts, acceptance, n, positions, max_depth)?;
         let parents = host_slice_mut("out_parents", out_parents, n * (max_drafts + 1))?;
         let counts = host_slice_mut("out_num_drafts", out_num_drafts, n)?;
         let goodput = non_null("out_goodput", out_goodput)?;
@@ -1463,7 +1554,24 @@ pub unsafe extern "C" fn specdec_choose_draft_trees(
     })
 }
 
-/// The requests of the policy entry points: `contexts[i]` and `acceptance[i * positions ..][..positions]`.
+/// The most requests one call of the policy entry points takes. The policy holds every request's draft options
+/// (about 20 KB per request at `max_draft` 64), so a bound on the batch is a bound on the call's memory; real
+/// batches are far smaller.
+pub const SPECDEC_MAX_POLICY_REQUESTS: i64 = 16384;
+
+fn policy_requests_arg(num_requests: i64) -> Result<usize> {
+    let n = size_arg("num_requests", num_requests)?;
+    if n > SPECDEC_MAX_POLICY_REQUESTS as usize {
+        return Err(Error::invalid(
+            "num_requests",
+            format!("is {n}, above SPECDEC_MAX_POLICY_REQUESTS ({SPECDEC_MAX_POLICY_REQUESTS})"),
+        ));
+    }
+    Ok(n)
+}
+
+/// The requests of the policy entry points: `contexts[i]` and `acceptance[i * positions ..][..positions]`, of
+/// which only the first `used_positions` are kept (the policy never looks further).
 ///
 /// # Safety
 /// `contexts` must hold `n` values and `acceptance` `n * positions` (each null if that is 0).
@@ -1472,6 +1580,7 @@ unsafe fn outlooks_from_c(
     acceptance: *const f64,
     n: usize,
     positions: i64,
+    used_positions: usize,
 ) -> Result<Vec<RequestOutlook>> {
     let positions = size_arg("positions", positions)?;
     if positions == 0 {
@@ -1498,7 +1607,7 @@ unsafe fn outlooks_from_c(
         }
         outlooks.push(RequestOutlook {
             context,
-            acceptance: row.to_vec(),
+            acceptance: row[..positions.min(used_positions.max(1))].to_vec(),
         });
     }
     Ok(outlooks)
@@ -1562,7 +1671,7 @@ pub unsafe extern "C" fn specdec_int4_quantize(
     stream: *mut c_void,
 ) -> specdec_status {
     boundary(|| {
-        let ctx = non_null("ctx", ctx as *mut specdec_context)?;
+        let ctx = context_arg(ctx)?;
         let weights_dtype = half_dtype_arg("weights_dtype", weights_dtype)?;
         let scale_dtype = half_dtype_arg("scale_dtype", scale_dtype)?;
         let shape = int4_shape_arg(n, k, group_size)?;
@@ -1614,7 +1723,7 @@ pub unsafe extern "C" fn specdec_int4_pack(
     stream: *mut c_void,
 ) -> specdec_status {
     boundary(|| {
-        let ctx = non_null("ctx", ctx as *mut specdec_context)?;
+        let ctx = context_arg(ctx)?;
         let weights_dtype = half_dtype_arg("weights_dtype", weights_dtype)?;
         let scale_dtype = half_dtype_arg("scale_dtype", scale_dtype)?;
         let shape = int4_shape_arg(n, k, group_size)?;
@@ -1668,7 +1777,7 @@ pub unsafe extern "C" fn specdec_int4_gemv(
     stream: *mut c_void,
 ) -> specdec_status {
     boundary(|| {
-        let ctx = non_null("ctx", ctx as *mut specdec_context)?;
+        let ctx = context_arg(ctx)?;
         let scale_dtype = half_dtype_arg("scale_dtype", scale_dtype)?;
         let x_dtype = half_dtype_arg("x_dtype", x_dtype)?;
         let shape = GemvShape::new(size_arg("m", m)?, int4_shape_arg(n, k, group_size)?)?;
@@ -1853,7 +1962,7 @@ pub unsafe extern "C" fn specdec_tree_attention(
     stream: *mut c_void,
 ) -> specdec_status {
     boundary(|| {
-        let ctx = non_null("ctx", ctx as *mut specdec_context)?;
+        let ctx = context_arg(ctx)?;
         let dtype = half_dtype_arg("dtype", dtype)?;
         let cache = paged_cache_arg(
             num_pages,
@@ -1981,7 +2090,7 @@ pub unsafe extern "C" fn specdec_tree_kv_compact(
     stream: *mut c_void,
 ) -> specdec_status {
     boundary(|| {
-        let ctx = non_null("ctx", ctx as *mut specdec_context)?;
+        let ctx = context_arg(ctx)?;
         let cache = paged_cache_arg(
             num_pages,
             page_size,

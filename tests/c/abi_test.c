@@ -271,7 +271,51 @@ static void test_drafter(void) {
   config.medium_threshold = config.long_threshold + 1;
   EXPECT_INVALID(specdec_drafter_create(&config, &drafter), "medium_threshold");
   EXPECT_INVALID(specdec_drafter_create(NULL, &drafter), "config");
+  /* A draft budget is bounded, so that no setting makes a proposal's work unbounded. */
+  CHECK(specdec_drafter_config_default(&config) == SPECDEC_OK);
+  config.max_draft = 1025;
+  EXPECT_INVALID(specdec_drafter_create(&config, &drafter), "max_draft");
+  config.max_draft = (int64_t)1 << 40;
+  config.match_offset = 1e18;
+  EXPECT_INVALID(specdec_drafter_create(&config, &drafter), "max_draft");
   CHECK(drafter == NULL);
+}
+
+/* Handles carry a type and liveness the library checks (before: a second destroy crashed or freed twice, a
+ * destroyed drafter answered OK, a context passed as a drafter went unnoticed). */
+static void test_handles(void) {
+  specdec_drafter_config config;
+  specdec_drafter* drafter = NULL;
+  specdec_context* ctx = NULL;
+  specdec_drafter_stats stats;
+  int32_t backend = -1;
+  double not_a_handle[8] = {0};
+
+  CHECK(specdec_drafter_config_default(&config) == SPECDEC_OK);
+  CHECK(specdec_drafter_create(&config, &drafter) == SPECDEC_OK);
+  CHECK(specdec_context_create_cpu(&ctx) == SPECDEC_OK);
+
+  /* The wrong type of handle, and pointers the library never returned. */
+  EXPECT_INVALID(specdec_drafter_get_stats((const specdec_drafter*)ctx, &stats), "drafter");
+  EXPECT_INVALID(specdec_drafter_destroy((specdec_drafter*)ctx), "drafter");
+  EXPECT_INVALID(specdec_context_backend((const specdec_context*)drafter, &backend), "ctx");
+  EXPECT_INVALID(specdec_context_destroy((specdec_context*)drafter), "ctx");
+  EXPECT_INVALID(specdec_drafter_begin_iteration((const specdec_drafter*)not_a_handle, 1), "drafter");
+  EXPECT_INVALID(specdec_context_backend((const specdec_context*)not_a_handle, &backend), "ctx");
+  /* Both survived the misuse. */
+  CHECK(specdec_drafter_get_stats(drafter, &stats) == SPECDEC_OK && stats.prompts == 0);
+  CHECK(specdec_context_backend(ctx, &backend) == SPECDEC_OK && backend == SPECDEC_BACKEND_CPU);
+
+  /* Destroyed handles: every call, a second destroy included, is refused. */
+  CHECK(specdec_drafter_destroy(drafter) == SPECDEC_OK);
+  EXPECT_INVALID(specdec_drafter_destroy(drafter), "drafter");
+  EXPECT_INVALID(specdec_drafter_add_request(drafter, 1, 1, NULL, 0), "drafter");
+  EXPECT_INVALID(specdec_drafter_begin_iteration(drafter, 1), "drafter");
+  EXPECT_INVALID(specdec_drafter_get_stats(drafter, &stats), "drafter");
+  CHECK(specdec_context_destroy(ctx) == SPECDEC_OK);
+  EXPECT_INVALID(specdec_context_destroy(ctx), "ctx");
+  EXPECT_INVALID(specdec_context_backend(ctx, &backend), "ctx");
+  CHECK(strstr(specdec_last_error(), "destroyed") != NULL);
 }
 
 /* Tree budgets: one request with first children accepted 90% of the time gets a real tree at batch 1 (more
@@ -346,6 +390,26 @@ static void test_policy(void) {
   EXPECT_INVALID(specdec_choose_draft_lengths(&model, contexts, acceptance, 3, 2, 100, lengths, &goodput), "max_draft");
   EXPECT_INVALID(specdec_choose_draft_lengths(&model, NULL, acceptance, 3, 2, 8, lengths, &goodput), "contexts");
   EXPECT_INVALID(specdec_choose_draft_lengths(&model, contexts, acceptance, 3, 2, 8, lengths, NULL), "out_goodput");
+  /* Batch sizes past the documented limit are refused before anything is read or allocated (before: 2^40
+   * aborted the process on a failed allocation, 2^60 returned SPECDEC_PANIC). */
+  EXPECT_INVALID(
+      specdec_choose_draft_lengths(&model, contexts, acceptance, (int64_t)1 << 40, 1, 8, lengths, &goodput),
+      "num_requests");
+  EXPECT_INVALID(
+      specdec_choose_draft_lengths(&model, contexts, acceptance, (int64_t)1 << 60, 1, 8, lengths, &goodput),
+      "num_requests");
+  EXPECT_INVALID(specdec_choose_draft_lengths(&model, contexts, acceptance, SPECDEC_MAX_POLICY_REQUESTS + 1, 1, 8,
+                                              lengths, &goodput),
+                 "num_requests");
+  {
+    int32_t parents[17], drafts[1];
+    EXPECT_INVALID(specdec_choose_draft_trees(&model, contexts, acceptance, (int64_t)1 << 40, 1, 16, 6, parents,
+                                              drafts, &goodput),
+                   "num_requests");
+    EXPECT_INVALID(specdec_choose_draft_trees(&model, contexts, acceptance, (int64_t)1 << 60, 1, 16, 6, parents,
+                                              drafts, &goodput),
+                   "num_requests");
+  }
   test_policy_trees(&model);
   model.bandwidth_efficiency = 0.0;
   EXPECT_INVALID(specdec_cost_model_step_seconds(&model, 0, 1, 0, 0, &target), "bandwidth_efficiency");
@@ -1019,6 +1083,7 @@ int main(void) {
   test_greedy_bad_arguments(ctx);
   test_empty_batch(ctx);
   test_drafter();
+  test_handles();
   test_policy();
   test_rejection_chain_and_tree(ctx);
   test_int4(ctx);
