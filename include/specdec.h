@@ -43,6 +43,12 @@
 #define SPECDEC_MAX_POLICY_REQUESTS 16384
 
 /**
+ * The longest context (2^40 tokens) the cost model prices: far beyond any model's, and small enough that the contexts of a
+ * whole batch add up without overflow.
+ */
+#define SPECDEC_MAX_CONTEXT_TOKENS 1099511627776
+
+/**
  * The outcome of a call. Values are fixed and new ones are only ever appended.
  */
 typedef enum {
@@ -648,7 +654,8 @@ specdec_status specdec_cost_model_preset(int32_t gpu, int32_t model, specdec_cos
 
 /**
  * Seconds of one step: `kind` 0 = plain decode, 1 = draft step, 2 = verification of `verified_tokens`
- * tokens (the sum of k_i + 1; ignored otherwise), for `batch` sequences holding `context_tokens` in all.
+ * tokens (the sum of k_i + 1; ignored otherwise), for `batch` sequences holding `context_tokens` in all (at most
+ * `SPECDEC_MAX_CONTEXT_TOKENS`).
  *
  * # Safety
  * `model` must be null (rejected) or readable; `out_seconds` null (rejected) or writable.
@@ -662,10 +669,12 @@ specdec_status specdec_cost_model_step_seconds(const specdec_cost_model *model,
 
 /**
  * specdec's policy for one decoding step: for `num_requests` (at most `SPECDEC_MAX_POLICY_REQUESTS`) requests
- * with `contexts[i]` context tokens and per-position acceptance `acceptance[i * positions + j]` (position j + 1,
- * given the earlier ones were accepted; positions past `positions` reuse the last), writes each request's draft
- * length (0..=`max_draft`, 0 = do not draft) to `out_lengths[i]`, maximising expected emitted tokens per second
- * under `model`, and that rate to `*out_goodput`.
+ * with `contexts[i]` context tokens (at most `SPECDEC_MAX_CONTEXT_TOKENS` each) and per-position acceptance
+ * `acceptance[i * positions + j]` (position j + 1, given the earlier ones were accepted; positions past
+ * `positions` reuse the last), writes each request's draft length (0..=`max_draft`, 0 = do not draft) to
+ * `out_lengths[i]`, maximising expected emitted tokens per second under `model`, and that rate to
+ * `*out_goodput`. A model that cannot price the step (each field valid alone, but a rate so small that every
+ * step time is infinite) is SPECDEC_INVALID_ARGUMENT naming `model`.
  *
  * # Safety
  * `model` must be null (rejected) or readable; `contexts` must hold `num_requests` values, `acceptance`

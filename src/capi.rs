@@ -1396,7 +1396,8 @@ pub unsafe extern "C" fn specdec_cost_model_preset(
 }
 
 /// Seconds of one step: `kind` 0 = plain decode, 1 = draft step, 2 = verification of `verified_tokens`
-/// tokens (the sum of k_i + 1; ignored otherwise), for `batch` sequences holding `context_tokens` in all.
+/// tokens (the sum of k_i + 1; ignored otherwise), for `batch` sequences holding `context_tokens` in all (at most
+/// `SPECDEC_MAX_CONTEXT_TOKENS`).
 ///
 /// # Safety
 /// `model` must be null (rejected) or readable; `out_seconds` null (rejected) or writable.
@@ -1412,7 +1413,7 @@ pub unsafe extern "C" fn specdec_cost_model_step_seconds(
     boundary(|| {
         let cost = cost_model_from_c(non_null("model", model as *mut specdec_cost_model)?)?;
         let batch = size_arg("batch", batch)?;
-        let context = size_arg("context_tokens", context_tokens)?;
+        let context = context_tokens_arg("context_tokens", context_tokens)?;
         let out = non_null("out_seconds", out_seconds)?;
         let seconds = match kind {
             0 => cost.target_step(batch, context),
@@ -1450,10 +1451,12 @@ pub unsafe extern "C" fn specdec_cost_model_step_seconds(
 }
 
 /// specdec's policy for one decoding step: for `num_requests` (at most `SPECDEC_MAX_POLICY_REQUESTS`) requests
-/// with `contexts[i]` context tokens and per-position acceptance `acceptance[i * positions + j]` (position j + 1,
-/// given the earlier ones were accepted; positions past `positions` reuse the last), writes each request's draft
-/// length (0..=`max_draft`, 0 = do not draft) to `out_lengths[i]`, maximising expected emitted tokens per second
-/// under `model`, and that rate to `*out_goodput`.
+/// with `contexts[i]` context tokens (at most `SPECDEC_MAX_CONTEXT_TOKENS` each) and per-position acceptance
+/// `acceptance[i * positions + j]` (position j + 1, given the earlier ones were accepted; positions past
+/// `positions` reuse the last), writes each request's draft length (0..=`max_draft`, 0 = do not draft) to
+/// `out_lengths[i]`, maximising expected emitted tokens per second under `model`, and that rate to
+/// `*out_goodput`. A model that cannot price the step (each field valid alone, but a rate so small that every
+/// step time is infinite) is SPECDEC_INVALID_ARGUMENT naming `model`.
 ///
 /// # Safety
 /// `model` must be null (rejected) or readable; `contexts` must hold `num_requests` values, `acceptance`
@@ -1483,6 +1486,7 @@ pub unsafe extern "C" fn specdec_choose_draft_lengths(
         let lengths = host_slice_mut("out_lengths", out_lengths, n)?;
         let goodput = non_null("out_goodput", out_goodput)?;
         let (chosen, value) = choose_draft_lengths(&cost, &outlooks, max_draft);
+        let value = priced_goodput(value, n)?;
         for (out, k) in lengths.iter_mut().zip(chosen) {
             *out = k as i32;
         }
@@ -1538,6 +1542,7 @@ pub unsafe extern "C" fn specdec_choose_draft_trees(
         let counts = host_slice_mut("out_num_drafts", out_num_drafts, n)?;
         let goodput = non_null("out_goodput", out_goodput)?;
         let (trees, value) = choose_draft_trees(&cost, &outlooks, max_drafts, max_depth);
+        let value = priced_goodput(value, n)?;
         for ((row, count), tree) in parents
             .chunks_mut(max_drafts + 1)
             .zip(counts.iter_mut())
@@ -1570,6 +1575,36 @@ fn policy_requests_arg(num_requests: i64) -> Result<usize> {
     Ok(n)
 }
 
+/// The longest context (2^40 tokens) the cost model prices: far beyond any model's, and small enough that the contexts of a
+/// whole batch add up without overflow.
+pub const SPECDEC_MAX_CONTEXT_TOKENS: i64 = 1_099_511_627_776; // 2^40
+
+fn context_tokens_arg(argument: &str, value: i64) -> Result<usize> {
+    if value > SPECDEC_MAX_CONTEXT_TOKENS {
+        return Err(Error::invalid(
+            argument,
+            format!("is {value}, above SPECDEC_MAX_CONTEXT_TOKENS (2^40)"),
+        ));
+    }
+    size_arg(argument, value)
+}
+
+/// The goodput a policy entry point reports for `requests` requests: 0 for an empty batch; otherwise finite and
+/// positive, or the model could not price the step (each field valid alone, but a rate such as 5e-324 makes
+/// every step time infinite) and the call fails before writing anything.
+fn priced_goodput(value: f64, requests: usize) -> Result<f64> {
+    if requests == 0 {
+        Ok(0.0)
+    } else if value.is_finite() && value > 0.0 {
+        Ok(value)
+    } else {
+        Err(Error::invalid(
+            "model",
+            format!("gives a goodput of {value} tokens/s for this batch (a rate too small to divide by)"),
+        ))
+    }
+}
+
 /// The requests of the policy entry points: `contexts[i]` and `acceptance[i * positions ..][..positions]`, of
 /// which only the first `used_positions` are kept (the policy never looks further).
 ///
@@ -1596,8 +1631,7 @@ unsafe fn outlooks_from_c(
     let acceptance = host_slice("acceptance", acceptance, total)?;
     let mut outlooks = Vec::with_capacity(n);
     for i in 0..n {
-        let context = usize::try_from(contexts[i])
-            .map_err(|_| Error::invalid(format!("contexts[{i}]"), "is negative"))?;
+        let context = context_tokens_arg(&format!("contexts[{i}]"), contexts[i])?;
         let row = &acceptance[i * positions..(i + 1) * positions];
         if let Some(j) = row.iter().position(|a| !(0.0..=1.0).contains(a)) {
             return Err(Error::invalid(

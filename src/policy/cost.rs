@@ -112,7 +112,8 @@ impl ModelShape {
     };
 
     fn embedding_params(&self) -> f64 {
-        (self.vocab * self.hidden) as f64
+        // In f64: shapes come from callers (the C ABI), and their products must not overflow an integer.
+        self.vocab as f64 * self.hidden as f64
     }
 
     /// Parameters every token multiplies through: all but the embedding table (a lookup, not a product).
@@ -139,12 +140,12 @@ impl ModelShape {
 
     /// KV-cache bytes per context token (bf16 keys and values, every layer).
     pub fn kv_bytes_per_token(&self) -> f64 {
-        (self.layers * 2 * self.kv_heads * self.head_dim * 2) as f64
+        self.layers as f64 * 2.0 * self.kv_heads as f64 * self.head_dim as f64 * 2.0
     }
 
     /// Attention FLOPs per query token per context token (QK and PV products, every layer and query head).
     fn attention_flops_per_context_token(&self) -> f64 {
-        (4 * self.layers * self.q_heads * self.head_dim) as f64
+        4.0 * self.layers as f64 * self.q_heads as f64 * self.head_dim as f64
     }
 }
 

@@ -422,6 +422,19 @@ static void test_policy(void) {
   target = -7.0;
   EXPECT_INVALID(specdec_cost_model_step_seconds(&model, 0, 1, 4096, 0, &target), "model");
   CHECK(target == -7.0);
+  /* The policy refuses such a model too, rather than answering a goodput of 0 (found by tests/fuzz_capi.rs). */
+  goodput = -7.0;
+  EXPECT_INVALID(specdec_choose_draft_lengths(&model, contexts, acceptance, 3, 2, 8, lengths, &goodput), "model");
+  CHECK(goodput == -7.0);
+  /* Contexts are bounded so that a batch's total cannot overflow (before: SPECDEC_PANIC on an integer overflow). */
+  CHECK(specdec_cost_model_preset(0, 0, &model) == SPECDEC_OK);
+  {
+    const int64_t huge_contexts[3] = {INT64_MAX, 2, INT64_MAX};
+    EXPECT_INVALID(specdec_choose_draft_lengths(&model, huge_contexts, acceptance, 3, 2, 8, lengths, &goodput),
+                   "contexts[0]");
+    EXPECT_INVALID(specdec_cost_model_step_seconds(&model, 0, 1, SPECDEC_MAX_CONTEXT_TOKENS + 1, 0, &target),
+                   "context_tokens");
+  }
 }
 
 /* Rejection sampling with certain outcomes: one-hot rows make every coin and race decided. */
