@@ -497,7 +497,8 @@ __device__ __forceinline__ void RowPartials(const SamplingArgs& a) {
           const bool candidate =
               logits ? (i < n && z[i] > -INFINITY && z[i] == z[i]) : (i < n && z[i] > 0.0f && isfinite(z[i]));
           if (!candidate) continue;
-          const float e = ExponentialFromBits(PhiloxWord(block, i));
+          const float e = ExponentialOfDraw(PhiloxWord(block, i), noise, static_cast<uint32_t>(node),
+                                            static_cast<uint32_t>(first + i));
           const float key = logits ? __fsub_rn(z[i], DeterministicLn(e)) : __fdiv_rn(z[i], e);
           const uint64_t packed = ArgmaxKey(key, static_cast<uint32_t>(first + i));
           if (packed > best) {
@@ -833,8 +834,9 @@ __device__ __forceinline__ void ResidualRace(const SamplingArgs& a) {
       const float qx = Probability<T>(a, a.draft, draft_row, x, t, job.q_max, job.q_sum, a.target_rows + draft_row);
       const float rx = ResidualStep(previous, qx, mass[level - 1]);
       if (rx > 0.0f) {
-        const uint64_t key =
-            ArgmaxKey(__fdiv_rn(rx, ExponentialFromBits(PhiloxWord(block, i))), static_cast<uint32_t>(x));
+        const float e =
+            ExponentialOfDraw(PhiloxWord(block, i), noise, static_cast<uint32_t>(node), static_cast<uint32_t>(x));
+        const uint64_t key = ArgmaxKey(__fdiv_rn(rx, e), static_cast<uint32_t>(x));
         best = key > best ? key : best;
       }
     }

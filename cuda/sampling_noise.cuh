@@ -8,7 +8,7 @@
 
 namespace specdec {
 
-enum NoiseDomain : uint32_t { kNoiseToken = 0, kNoiseCoin = 1 };
+enum NoiseDomain : uint32_t { kNoiseToken = 0, kNoiseCoin = 1, kNoiseTokenLow = 2 };
 
 struct Philox4 {
   uint32_t x, y, z, w;
@@ -92,12 +92,39 @@ __device__ __forceinline__ float DeterministicLn(float x) {
   return __fadd_rn(__fmul_rn(ef, kLn2Hi), __fadd_rn(ln_f, __fmul_rn(ef, kLn2Lo)));
 }
 
-// An Exp(1) draw in [6e-8, 16.7].
-__device__ __forceinline__ float ExponentialFromBits(uint32_t bits) { return -DeterministicLn(UniformFromBits(bits)); }
+// noise::exponential_of_draw: the Exp(1) draw of a token from its 64 random bits r = high << 32 | low,
+// E = -ln(1 - t) with t = 2^-(lz+1) (1 + (2m + 1) / 2^23), lz = min(clz(r), 40), m the 22 bits after r's leading
+// one. The low word (Philox of kNoiseTokenLow) is drawn only when the high word has 10 or more leading zeros, 1
+// token in 1024: a rare, short divergence. E is in [4.5e-13, 16.7] and known to 2^-22 relative at every size, so
+// ties at the top of the race are negligible (see the Rust documentation for the bound).
+__device__ __forceinline__ float ExponentialOfDraw(uint32_t high, const RequestNoise& noise, uint32_t node,
+                                                   uint32_t token) {
+  uint32_t lz = static_cast<uint32_t>(__clz(static_cast<int>(high))), m;
+  if (lz <= 9) {
+    m = (high >> (9 - lz)) & 0x3FFFFFu;
+  } else {
+    const uint64_t r = (static_cast<uint64_t>(high) << 32) | noise.Bits(kNoiseTokenLow, node, token);
+    lz = min(static_cast<uint32_t>(__clzll(static_cast<long long>(r))), 40u);
+    m = static_cast<uint32_t>(r >> (41 - lz)) & 0x3FFFFFu;
+  }
+  const float t = __uint_as_float(((126u - lz) << 23) | (2u * m + 1u));
+  if (lz >= 2) {
+    // t < 1/4: -ln(1 - t) = 2 atanh(s), s = t / (2 - t), by its odd series (no cancellation in 1 - t).
+    const float s = __fdiv_rn(t, __fsub_rn(2.0f, t));
+    const float s2 = __fmul_rn(s, s);
+    float series = __fadd_rn(1.0f / 7.0f, __fmul_rn(s2, 1.0f / 9.0f));
+    series = __fadd_rn(1.0f / 5.0f, __fmul_rn(s2, series));
+    series = __fadd_rn(1.0f / 3.0f, __fmul_rn(s2, series));
+    series = __fmul_rn(s2, series);
+    const float two_s = __fadd_rn(s, s);
+    return __fadd_rn(two_s, __fmul_rn(two_s, series));
+  }
+  return -DeterministicLn(__fsub_rn(1.0f, t));
+}
 
-// Lower bound on every ExponentialFromBits (noise::MIN_EXPONENTIAL): race keys are at most w / kMinExponential
-// or z - ln(kMinExponential).
-constexpr double kMinExponential = 5.9e-8;
-constexpr double kMaxGumbel = 16.645730;  // -ln(5.9e-8), rounded up
+// Lower bound on every ExponentialOfDraw (noise::MIN_EXPONENTIAL): race keys are at most w / kMinExponential
+// or z + kMaxGumbel (noise::MAX_GUMBEL >= -ln(kMinExponential)).
+constexpr double kMinExponential = 4.5e-13;
+constexpr double kMaxGumbel = 28.43;
 
 }  // namespace specdec

@@ -284,9 +284,10 @@ fn draw(d: &Dist, noise: &RequestNoise, node: u32) -> usize {
             }
         }
         // The four lanes' noise first, as independent chains the CPU can overlap.
-        let exponentials = noise
-            .block(noise::Domain::Token, node, first as u32)
-            .map(noise::exponential);
+        let high = noise.block(noise::Domain::Token, node, first as u32);
+        let exponentials: [f32; 4] = std::array::from_fn(|i| {
+            noise.token_exponential_from(node, (first + i) as u32, high[i])
+        });
         let log_exponentials = match d {
             Dist::Log(_) => exponentials.map(noise::ln),
             Dist::Weights(_) => [0.0; 4],
@@ -316,7 +317,7 @@ fn weight_ceiling(w: &[f32], x: usize) -> f64 {
 
 /// An upper bound on the key `z - ln E` of token `x`.
 fn log_weight_ceiling(z: &[f32], x: usize) -> f64 {
-    f64::from(z[x]) - noise::MIN_EXPONENTIAL.ln()
+    f64::from(z[x]) + noise::MAX_GUMBEL
 }
 
 fn argmax_row(rows: &Rows<'_>, row: usize, v: usize) -> usize {

@@ -10,10 +10,25 @@
 //!
 //! A Philox block is `philox4x32_10(key, counter)` with `key = (seed as u32, (seed >> 32) as u32)` and
 //! `counter = (index / 4, (domain << 16) | node, step as u32, (step >> 32) as u32)`; word `index % 4` of the
-//! block is the 32-bit draw. Two domains:
+//! block is the 32-bit draw. Three domains:
 //!
-//! * [`Domain::Token`], `index` = token id: the noise of token `x` when a token is drawn at node `node`.
+//! * [`Domain::Token`], `index` = token id: the high 32 bits of the 64-bit noise of token `x` when a token is
+//!   drawn at node `node`.
+//! * [`Domain::TokenLow`], `index` = token id: its low 32 bits, drawn only when the high word alone does not
+//!   fix the noise to full precision (1 token in 1024, see [`exponential_of_draw`]).
 //! * [`Domain::Coin`], `index` = `j`: the acceptance coin of the `j`-th child tried at node `node`.
+//!
+//! # Resolution of the race
+//!
+//! A token is drawn by the exponential race, `argmax w(x) / E_x` (or `z(x) - ln E_x`), ties to the lower id.
+//! With `E = -ln u` of a 24-bit uniform `u`, the smallest `E` of a row (the winner of a flat row) is known only to
+//! 2^-24 in absolute terms, about `V 2^-24` relative, so at V = 151,936 about 0.9% of draws tied at the top
+//! and went to the lower id. The noise is now `E = -ln(1 - t)` of a uniform `t` with a floating-point
+//! resolution ([`exponential_of_draw`]): every `E` is known to 2^-22 relative, whatever its size. A tie at the
+//! maximum then needs two keys within one rounding of each other: for a row of any size that happens with
+//! probability about 2^-22 (2.4e-7) per draw for probabilities (`w / E`) and about `|key| 2^-24` for logits
+//! (`z - ln E` in f32: at most 4e-6 for `|z| + 28 <= 64`). `tests` measures it: at most one tie at the top in
+//! 2 x 600 flat rows of 262,144 tokens, where the 24-bit uniform tied in about 1.5% of rows.
 //!
 //! A node draws at most one token, and every coin has its own index, so no draw is ever used twice (the bug
 //! of flashinfer#424: one uniform for both the accept test and the residual sample).
@@ -22,10 +37,12 @@
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u32)]
 pub enum Domain {
-    /// Per-token noise of the token drawn at a node.
+    /// Per-token noise of the token drawn at a node: its high 32 bits.
     Token = 0,
     /// Acceptance coins of the children tried at a node.
     Coin = 1,
+    /// Per-token noise of the token drawn at a node: its low 32 bits, drawn only when needed.
+    TokenLow = 2,
 }
 
 const PHILOX_M0: u32 = 0xD251_1F53;
@@ -92,29 +109,66 @@ impl RequestNoise {
         uniform(self.bits(Domain::Coin, node, j))
     }
 
-    /// The exponential noise of token `token` drawn at `node` ([`exponential`] of its Token-domain bits).
+    /// The exponential noise of token `token` drawn at `node`, from the token's high word `high` (word
+    /// `token % 4` of its Token-domain block, which a backend computes four tokens at a time): see
+    /// [`exponential_of_draw`].
+    #[inline(always)]
+    pub fn token_exponential_from(&self, node: u32, token: u32, high: u32) -> f32 {
+        exponential_of_draw(high, || self.bits(Domain::TokenLow, node, token))
+    }
+
+    /// The exponential noise of token `token` drawn at `node`.
     #[inline(always)]
     pub fn token_exponential(&self, node: u32, token: u32) -> f32 {
-        exponential(self.bits(Domain::Token, node, token))
+        self.token_exponential_from(node, token, self.bits(Domain::Token, node, token))
     }
 }
 
-/// A lower bound on every [`exponential`] draw (the smallest is `-ln(1 - 2^-24)`, about 5.96e-8): race keys
-/// are at most `w / MIN_EXPONENTIAL` or `z - ln(MIN_EXPONENTIAL)`, which lets a backend skip tokens that
-/// cannot win.
-pub const MIN_EXPONENTIAL: f64 = 5.9e-8;
+/// A lower bound on every [`exponential_of_draw`] (the smallest is about `2^-41 = 4.55e-13`): race keys are at
+/// most `w / MIN_EXPONENTIAL` or `z - ln(MIN_EXPONENTIAL)`, which lets a backend skip tokens that cannot win.
+pub const MIN_EXPONENTIAL: f64 = 4.5e-13;
+
+/// An upper bound on `-ln(MIN_EXPONENTIAL)`, the most a logit's race key `z - ln E` exceeds `z`.
+pub const MAX_GUMBEL: f64 = 28.43;
+
+/// The Exp(1) draw of a token from its 64 random bits `r = high << 32 | low`: `E = -ln(1 - t)`, with `t` a
+/// uniform in (0, 1) of floating-point resolution. With `lz` the leading zeros of `r` (at most 40) and `m` the
+/// 22 bits after its leading one, `t = 2^-(lz+1) (1 + (2m + 1) / 2^23)`: exact in `f32`, in the middle of its
+/// `2^-(lz+1)`-wide bucket's `2^22` cells, never 0 or 1 (so `E` is in [4.5e-13, 16.7], never 0 or infinite).
+/// Only when the high word has 10 or more leading zeros does `t` need bits of the low word, so `low` is called
+/// for 1 token in 1024. (Below `r < 2^23`, probability 2^-41, the cells of the last bucket are reused.)
+///
+/// `E` is computed as `2 atanh(t / (2 - t))` by its odd series when `t < 1/4` (no cancellation in `1 - t`, so
+/// small `E` keep their 2^-22 resolution), else as `-ln(1 - t)` by [`ln`]: a fixed sequence of correctly
+/// rounded `f32` operations, as everywhere in this file.
+#[inline(always)]
+pub fn exponential_of_draw(high: u32, low: impl FnOnce() -> u32) -> f32 {
+    let (lz, m) = if high.leading_zeros() <= 9 {
+        let lz = high.leading_zeros();
+        (lz, (high >> (9 - lz)) & 0x3F_FFFF)
+    } else {
+        let r = (u64::from(high) << 32) | u64::from(low());
+        let lz = r.leading_zeros().min(40);
+        (lz, ((r >> (41 - lz)) & 0x3F_FFFF) as u32)
+    };
+    let t = f32::from_bits(((126 - lz) << 23) | (2 * m + 1));
+    if lz >= 2 {
+        // t < 1/4: E = -ln(1 - t) = 2 atanh(s), s = t / (2 - t) <= 1/7; the first omitted term is below 2^-31 E.
+        let s = t / (2.0 - t);
+        let s2 = s * s;
+        let series = s2 * (1.0 / 3.0 + s2 * (1.0 / 5.0 + s2 * (1.0 / 7.0 + s2 * (1.0 / 9.0))));
+        let two_s = s + s;
+        two_s + two_s * series
+    } else {
+        -ln(1.0 - t)
+    }
+}
 
 /// A uniform in the open interval (0, 1) from 32 random bits: `(2m + 1) / 2^24` with `m` the top 23 bits. Exact
 /// in `f32`, never 0 (so `-ln u` is finite) and never 1 (so `u * q < q` for every `q > 0`, see the samplers).
 #[inline(always)]
 pub fn uniform(bits: u32) -> f32 {
     ((bits >> 9) * 2 + 1) as f32 * (1.0 / 16_777_216.0)
-}
-
-/// `-ln(uniform(bits))`: an Exp(1) draw, in [6e-8, 16.7]: never 0 and never infinite.
-#[inline(always)]
-pub fn exponential(bits: u32) -> f32 {
-    -ln(uniform(bits))
 }
 
 /// Natural logarithm of a positive, normal, finite `f32`, to within about 2 ulp, as a fixed sequence of
@@ -211,11 +265,107 @@ mod tests {
     }
 
     #[test]
-    fn min_exponential_bounds_every_draw() {
-        // exponential() decreases with its bits: the largest uniform gives the smallest draw.
-        assert!(f64::from(exponential(u32::MAX)) > MIN_EXPONENTIAL);
-        assert!(f64::from(exponential(u32::MAX)) < MIN_EXPONENTIAL * 1.02);
-        assert!(exponential(u32::MAX - 512) > exponential(u32::MAX));
+    fn min_exponential_and_max_gumbel_bound_every_draw() {
+        // E grows with r = high << 32 | low: the smallest r gives the smallest draw, the largest the largest.
+        let smallest = f64::from(exponential_of_draw(0, || 0));
+        assert!(smallest > MIN_EXPONENTIAL && smallest < MIN_EXPONENTIAL * 1.02, "{smallest}");
+        assert!(-MIN_EXPONENTIAL.ln() < MAX_GUMBEL && -MIN_EXPONENTIAL.ln() > MAX_GUMBEL - 0.01);
+        let largest = f64::from(exponential_of_draw(u32::MAX, || u32::MAX));
+        assert!(largest.is_finite() && largest < 16.7, "{largest}");
+        // Fewer random bits below r = 2^23 (probability 2^-41): the last bucket's cells are reused there.
+        let mut previous = 0.0f32;
+        for lz in 0..64u32 {
+            let r = u64::MAX >> lz;
+            let e = exponential_of_draw((r >> 32) as u32, || r as u32);
+            assert!(e > 0.0 && e.is_finite() && f64::from(e) > MIN_EXPONENTIAL);
+            if lz > 0 {
+                assert!(e < previous || (lz >= 41 && e <= previous), "not decreasing at {lz} leading zeros");
+            }
+            previous = e;
+        }
+    }
+
+    #[test]
+    fn the_low_word_is_drawn_only_when_it_matters() {
+        // Nine or fewer leading zeros: the high word fixes E; the low word is not even asked for.
+        for high in [u32::MAX, 1 << 31, 1 << 24, (1 << 22) | 12345] {
+            let e = exponential_of_draw(high, || panic!("low word drawn for {high:#x}"));
+            for low in [0, 1, u32::MAX] {
+                assert_eq!(e, exponential_of_draw(high, || low) , "{high:#x}");
+            }
+        }
+        // Ten or more: it does, and the result follows both words.
+        assert_ne!(
+            exponential_of_draw(1 << 21, || 0),
+            exponential_of_draw(1 << 21, || 1 << 31)
+        );
+    }
+
+    #[test]
+    fn small_draws_keep_a_relative_resolution_of_2_pow_minus_22() {
+        // Two draws whose t differ by one cell of 2^22 give different E, however small, and their ratio is
+        // t's: E ~ t for small t.
+        for lz in [9u32, 20, 30, 40] {
+            let r = 1u64 << (63 - lz);
+            let next = r + (1u64 << (41 - lz));
+            let (a, b) = (
+                exponential_of_draw((r >> 32) as u32, || r as u32),
+                exponential_of_draw((next >> 32) as u32, || next as u32),
+            );
+            let ratio = f64::from(b) / f64::from(a);
+            assert!(ratio > 1.0 && (ratio - 1.0 - 2.0 / 8_388_609.0).abs() < 1e-7, "lz {lz}: {ratio}");
+        }
+        // Against the f64 formula over every bucket and the switch at t = 1/4.
+        let mut worst = 0.0f64;
+        for lz in 0..41u32 {
+            for m in [0u64, 1, 0x1F_FFFF, 0x20_0000, 0x3F_FFFF] {
+                let r = (1u64 << (63 - lz)) | (m << (41 - lz));
+                let e = f64::from(exponential_of_draw((r >> 32) as u32, || r as u32));
+                let t = (1.0 + (2 * m + 1) as f64 / 8_388_608.0) * 2f64.powi(-(lz as i32) - 1);
+                let exact = -(-t).ln_1p();
+                worst = worst.max((e - exact).abs() / exact);
+            }
+        }
+        // The t >= 1/4 branch rounds 1 - t once and ln is within 2 ulp: a few 2^-24 in all.
+        assert!(worst < 5e-7, "worst relative error {worst}");
+    }
+
+    /// Rows of `V` tokens of equal weight, drawn as the samplers draw them: how many rows' largest race key is
+    /// shared by two tokens (a tie, which goes to the lower id). 24-bit uniforms tied in about 1.5% of rows at
+    /// V = 2^18; the bound of the module documentation is 2^-22 per draw for weights and about 2^-20 here for
+    /// logits (keys near 13 in f32). False-failure probability: P(2 or more ties in 2 x 600 rows) < 1e-6.
+    #[test]
+    fn flat_rows_of_262144_tokens_have_no_ties_at_the_top() {
+        const V: u32 = 1 << 18;
+        const ROWS: u32 = 600;
+        let mut ties = 0;
+        for row in 0..ROWS {
+            let noise = RequestNoise {
+                seed: 0x5EED ^ u64::from(row),
+                step: 11,
+            };
+            let (mut best_weight, mut weight_count) = (f32::MIN, 0);
+            let (mut best_logit, mut logit_count) = (f32::MIN, 0);
+            for first in (0..V).step_by(4) {
+                let high = noise.block(Domain::Token, 0, first);
+                for i in 0..4 {
+                    let e = noise.token_exponential_from(0, first + i as u32, high[i]);
+                    let (weight_key, logit_key) = (1.0 / e, 0.0 - ln(e));
+                    for (key, best, count) in [
+                        (weight_key, &mut best_weight, &mut weight_count),
+                        (logit_key, &mut best_logit, &mut logit_count),
+                    ] {
+                        if key > *best {
+                            (*best, *count) = (key, 1);
+                        } else if key == *best {
+                            *count += 1;
+                        }
+                    }
+                }
+            }
+            ties += usize::from(weight_count > 1) + usize::from(logit_count > 1);
+        }
+        assert!(ties <= 1, "{ties} ties at the top in {ROWS} rows of {V} tokens, twice");
     }
 
     #[test]
@@ -225,6 +375,7 @@ mod tests {
         let noise = RequestNoise { seed: 7, step: 3 };
         for token in 0..n {
             let e = f64::from(noise.token_exponential(0, token));
+            // (Half of the draws are checked through the four-at-a-time form the backends use.)
             assert!(e > 0.0 && e.is_finite());
             sum += e;
             sum2 += e * e;
