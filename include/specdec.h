@@ -36,11 +36,10 @@
 #define SPECDEC_VERSION 1000
 
 /**
- * The most requests one call of the policy entry points takes. The policy holds every request's draft options
- * (about 20 KB per request at `max_draft` 64), so a bound on the batch is a bound on the call's memory; real
- * batches are far smaller.
+ * The most requests one call of the policy entry points takes: a bound on the call's memory and time, which
+ * grow with the batch (see README, Policy, for measured figures); real batches are far smaller.
  */
-#define SPECDEC_MAX_POLICY_REQUESTS 16384
+#define SPECDEC_MAX_POLICY_REQUESTS 4096
 
 /**
  * The longest context (2^40 tokens) the cost model prices: far beyond any model's, and small enough that the contexts of a

@@ -206,6 +206,7 @@ unsafe fn host_slice<'a, T>(argument: &str, ptr: *const T, len: usize) -> Result
         return Ok(&[]);
     }
     check_host_ptr(argument, ptr as usize, len, std::mem::align_of::<T>())?;
+    check_host_len::<T>(argument, len)?;
     Ok(std::slice::from_raw_parts(ptr, len))
 }
 
@@ -218,6 +219,7 @@ unsafe fn host_slice_mut<'a, T>(argument: &str, ptr: *mut T, len: usize) -> Resu
         return Ok(&mut []);
     }
     check_host_ptr(argument, ptr as usize, len, std::mem::align_of::<T>())?;
+    check_host_len::<T>(argument, len)?;
     Ok(std::slice::from_raw_parts_mut(ptr, len))
 }
 
@@ -250,6 +252,18 @@ unsafe fn optional_slice_mut<'a, T>(
         Ok(None)
     } else {
         host_slice_mut(argument, ptr, len).map(Some)
+    }
+}
+
+/// No array of `len` elements of `T` can exist if it spans more than `isize::MAX` bytes (Rust's rule for every
+/// allocation): such a size is a caller's error, refused before a slice is made.
+fn check_host_len<T>(argument: &str, len: usize) -> Result<()> {
+    match len.checked_mul(std::mem::size_of::<T>()) {
+        Some(bytes) if bytes <= isize::MAX as usize => Ok(()),
+        _ => Err(Error::invalid(
+            argument,
+            format!("holds {len} elements, more than any array can"),
+        )),
     }
 }
 
@@ -297,8 +311,14 @@ fn live_handles_mut() -> std::sync::RwLockWriteGuard<'static, BTreeMap<usize, Ha
     LIVE_HANDLES.write().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The handle table, locked for a `fork` (see `crate::fork_safety`).
+pub(crate) fn lock_handles_for_fork() -> Box<dyn std::any::Any> {
+    Box::new(live_handles_mut())
+}
+
 /// Moves `value` to the heap and records it as a live handle of `kind`.
 fn register_handle<T>(kind: HandleKind, value: T) -> *mut T {
+    crate::fork_safety::install();
     let ptr = Box::into_raw(Box::new(value));
     live_handles_mut().insert(ptr as usize, kind);
     ptr
@@ -1559,10 +1579,9 @@ pub unsafe extern "C" fn specdec_choose_draft_trees(
     })
 }
 
-/// The most requests one call of the policy entry points takes. The policy holds every request's draft options
-/// (about 20 KB per request at `max_draft` 64), so a bound on the batch is a bound on the call's memory; real
-/// batches are far smaller.
-pub const SPECDEC_MAX_POLICY_REQUESTS: i64 = 16384;
+/// The most requests one call of the policy entry points takes: a bound on the call's memory and time, which
+/// grow with the batch (see README, Policy, for measured figures); real batches are far smaller.
+pub const SPECDEC_MAX_POLICY_REQUESTS: i64 = 4096;
 
 fn policy_requests_arg(num_requests: i64) -> Result<usize> {
     let n = size_arg("num_requests", num_requests)?;

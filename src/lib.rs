@@ -25,6 +25,7 @@ pub mod cuda;
 pub mod drafter;
 pub mod dtype;
 mod error;
+mod fork_safety;
 pub mod greedy;
 pub mod int4;
 pub mod policy;

@@ -334,6 +334,59 @@ fn window_drops_old_rollouts_and_budgets_evict_the_oldest() {
     );
 }
 
+/// What must not happen at the edges of the budgets (found by a hostile review): an append that could not fit
+/// even alone evicted every other rollout first (the drafter was wiped by one oversized append), and a later
+/// append was stored after the missing one (a gap); rollouts that
+/// never held a token stayed for ever, since the budgets count tokens; a request finished before an append that
+/// raced it could still append.
+#[test]
+fn budgets_evict_nothing_for_what_cannot_fit_and_empty_rollouts_do_not_stay() {
+    let drafter = Drafter::new(DrafterConfig {
+        total_token_budget: 1000,
+        ..DrafterConfig::default()
+    })
+    .unwrap();
+    for p in 0..9u64 {
+        drafter.add_request(p, p, &[1; 100]).unwrap();
+        drafter.finish_request(p).unwrap();
+    }
+    drafter.add_request(99, 99, &[1; 10]).unwrap();
+    let before = drafter.stats();
+    assert_eq!((before.prompts, before.tokens), (10, 910));
+    drafter.append(99, &[2; 1001]).unwrap(); // 1011 tokens could never fit: nothing else leaves
+    let after = drafter.stats();
+    assert_eq!((after.prompts, after.rollouts, after.tokens), (10, 10, 910));
+    // The rollout stopped growing: storing what follows would leave a gap, a sequence that never occurred.
+    drafter.append(99, &[3; 200]).unwrap();
+    let after = drafter.stats();
+    assert_eq!((after.prompts, after.rollouts, after.tokens), (10, 10, 910));
+    assert_eq!(drafter.history(99), [vec![1; 10]]);
+    assert_eq!(drafter.history(0), [vec![1; 100]]);
+
+    // Requests with empty prompts that never append: their rollouts leave when they finish.
+    let empty = Drafter::new(DrafterConfig {
+        total_token_budget: 1,
+        ..DrafterConfig::default()
+    })
+    .unwrap();
+    for r in 0..1000u64 {
+        empty.add_request(r, r, &[]).unwrap();
+        empty.finish_request(r).unwrap();
+    }
+    let stats = empty.stats();
+    assert_eq!(
+        (stats.prompts, stats.rollouts, stats.tokens),
+        (0, 0, 0),
+        "{stats:?}"
+    );
+
+    // A finished request takes no more calls.
+    empty.add_request(5, 5, &[4, 5]).unwrap();
+    empty.finish_request(5).unwrap();
+    assert!(empty.append(5, &[6]).is_err());
+    assert!(empty.propose(5, DraftKind::Chain).is_err());
+}
+
 #[test]
 fn proposals_match_the_reference_after_evictions() {
     let mut rng = common::rng("drafter evictions");

@@ -160,7 +160,9 @@ fn request_index(token_offsets: &[i32], row: usize) -> usize {
     token_offsets.partition_point(|&o| o as usize <= row) - 1
 }
 
-/// The softmax-weighted sum of values and the log-sum-exp of the scores, all in f64.
+/// The softmax-weighted sum of values and the log-sum-exp of the scores, all in f64, in one pass (an online
+/// softmax: the running sums are rescaled when a larger score comes), so that memory does not grow with the
+/// prefix, however long the caller makes it.
 fn attend<'a, T: HalfElement>(
     query: &[T],
     keys_values: impl Iterator<Item = (&'a [T], &'a [T])>,
@@ -168,23 +170,25 @@ fn attend<'a, T: HalfElement>(
     d: usize,
 ) -> (Vec<f64>, f64) {
     let query: Vec<f64> = query.iter().map(|x| f64::from(x.to_f32())).collect();
-    let scored: Vec<(f64, &[T])> = keys_values
-        .map(|(key, value)| {
-            let dot: f64 = key
-                .iter()
-                .zip(&query)
-                .map(|(k, q)| f64::from(k.to_f32()) * q)
-                .sum();
-            (dot * scale, value)
-        })
-        .collect();
-    let max = scored
-        .iter()
-        .map(|(s, _)| *s)
-        .fold(f64::NEG_INFINITY, f64::max);
+    let (mut max, mut total) = (f64::NEG_INFINITY, 0.0);
     let mut weighted = vec![0.0; d];
-    let mut total = 0.0;
-    for (score, value) in &scored {
+    for (key, value) in keys_values {
+        let dot: f64 = key
+            .iter()
+            .zip(&query)
+            .map(|(k, q)| f64::from(k.to_f32()) * q)
+            .sum();
+        let score = dot * scale;
+        if score == f64::NEG_INFINITY {
+            continue; // weight exp(-inf) = 0
+        }
+        if score > max {
+            // exp(-inf) = 0 for the first score; a NaN score never gets here and poisons the sums below.
+            let rescale = (max - score).exp();
+            total *= rescale;
+            weighted.iter_mut().for_each(|w| *w *= rescale);
+            max = score;
+        }
         let p = (score - max).exp();
         total += p;
         for (w, x) in weighted.iter_mut().zip(value.iter()) {

@@ -24,7 +24,13 @@ pub(crate) fn install<R: Send>(work: impl FnOnce() -> R + Send) -> R {
     process_pool().install(work)
 }
 
+/// The pool's slot, locked for a `fork` (see `crate::fork_safety`).
+pub(crate) fn lock_for_fork() -> Box<dyn std::any::Any> {
+    Box::new(POOL.lock().unwrap_or_else(|e| e.into_inner()))
+}
+
 fn process_pool() -> Arc<ThreadPool> {
+    crate::fork_safety::install();
     let pid = std::process::id();
     let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
     if let Some((owner, pool)) = &*pool {

@@ -28,12 +28,16 @@
 //! Rollout tokens count against a per-prompt and an overall token budget. A rollout that would exceed a budget
 //! first evicts the oldest rollouts, of that prompt or of any prompt respectively, so the stored tokens never
 //! exceed either budget (prompt tokens count too, once per rollout). A rollout that is itself evicted stops
-//! growing in the history; its request then drafts from the other rollouts.
+//! growing in the history; its request then drafts from the other rollouts. A rollout that could not fit even
+//! alone stops growing without evicting anything. Either way it never grows again, so every stored rollout is a
+//! prefix of a real one.
 //!
 //! A prompt costs nothing once it has no rollout stored and no request registered: its history (index, length
-//! average and all) is released, and a later request of that prompt starts a new one. Beyond the stored tokens
-//! (about 50 bytes each), the drafter holds a fixed few hundred bytes per prompt with a history, per stored
-//! rollout and per registered request, plus each request's own context. [`Drafter::stats`] reports every byte
+//! average and all) is released, and a later request of that prompt starts a new one. A rollout still empty when
+//! its request finishes leaves then, so every stored rollout of a finished request holds a token and the budgets
+//! bound their number too. Beyond the stored tokens (about 50 bytes each), the drafter holds about a kilobyte
+//! per prompt with a history and a few hundred bytes per stored rollout and per registered request, plus each
+//! request's own context. [`Drafter::stats`] reports every byte
 //! the drafter holds, computed from the capacities of its containers (`tests/drafter_memory.rs` compares it
 //! with what the allocator hands out).
 //!
@@ -107,7 +111,7 @@ pub struct DrafterConfig {
     pub min_token_prob: f64,
     /// Rollouts started this many iterations ago or more are dropped by [`Drafter::begin_iteration`].
     pub window_iterations: u64,
-    /// Most rollout tokens stored for one prompt.
+    /// Most rollout tokens stored for one prompt (at most 2^32 - 1).
     pub prompt_token_budget: usize,
     /// Most rollout tokens stored overall.
     pub total_token_budget: usize,
@@ -200,6 +204,13 @@ impl DrafterConfig {
                 ));
             }
         }
+        if self.prompt_token_budget > u32::MAX as usize {
+            // The index addresses a rollout's tokens with 32 bits; a prompt's budget bounds its rollouts.
+            return Err(Error::invalid(
+                "prompt_token_budget",
+                format!("is {}, above 2^32 - 1", self.prompt_token_budget),
+            ));
+        }
         if let Some(c) = &self.length_classes {
             if c.medium_threshold > c.long_threshold {
                 return Err(Error::invalid(
@@ -260,6 +271,11 @@ struct RequestState {
     /// The request's prompt and output so far (also its rollout in the history, unless that was evicted).
     context: Vec<Token>,
     prompt_len: usize,
+    /// Set by `finish_request` under this state's lock: a call that looked the request up before it was
+    /// finished, and locked the state after, sees it and fails as if the request were not registered.
+    finished: bool,
+    /// Whether its rollout still grows in the history: false once an append could not be stored.
+    growing: bool,
 }
 
 /// A prompt's entry in the prompts map.
@@ -360,7 +376,7 @@ impl Drafter {
             entry.remove();
             if let Some(history) = self.prompt_history(prompt) {
                 let mut history = write(&history);
-                history.rollouts.retain(|&r| r != rollout);
+                remove_oldest(&mut history.rollouts, rollout);
                 accounting.tokens -= history.index.remove(rollout);
                 self.release_if_unused(prompt, &history, false);
             }
@@ -393,21 +409,23 @@ impl Drafter {
             entry.active_requests += 1;
             entry.history.clone()
         };
-        {
+        let stored = {
             let mut accounting = lock(&self.accounting);
             let mut h = write(&history);
             h.index.extend(rollout, &[]);
             h.rollouts.push_back(rollout);
             let iteration = accounting.iteration;
             accounting.rollouts.insert(rollout, (prompt, iteration));
-            self.store(&mut accounting, prompt, &mut h, rollout, prompt_tokens);
-        }
+            self.store(&mut accounting, prompt, &mut h, rollout, prompt_tokens)
+        };
         let state = RequestState {
             prompt,
             history,
             rollout,
             context: prompt_tokens.to_vec(),
             prompt_len: prompt_tokens.len(),
+            finished: false,
+            growing: stored,
         };
         requests.insert(request, Arc::new(Mutex::new(state)));
         Ok(())
@@ -417,29 +435,37 @@ impl Drafter {
         read(&self.requests)
             .get(&request)
             .cloned()
-            .ok_or_else(|| Error::invalid("request", format!("{request} is not registered")))
+            .ok_or_else(|| not_registered(request))
     }
 
     /// Appends verified tokens to a request's output: to its context and to its rollout in the history.
     pub fn append(&self, request: u64, tokens: &[Token]) -> Result<()> {
         let state = self.request(request)?;
         let mut state = lock(&state);
+        if state.finished {
+            return Err(not_registered(request));
+        }
         state.context.extend_from_slice(tokens);
-        let mut accounting = lock(&self.accounting);
-        let mut history = write(&state.history);
-        self.store(
-            &mut accounting,
-            state.prompt,
-            &mut history,
-            state.rollout,
-            tokens,
-        );
+        if state.growing {
+            let mut accounting = lock(&self.accounting);
+            let history = state.history.clone();
+            let mut history = write(&history);
+            state.growing = self.store(
+                &mut accounting,
+                state.prompt,
+                &mut history,
+                state.rollout,
+                tokens,
+            );
+        }
         Ok(())
     }
 
     /// Adds `tokens` to `rollout` of `prompt` (whose history the caller holds), first evicting the oldest
-    /// rollouts until both budgets have room. If the rollout is gone (evicted now or before), or the tokens
-    /// cannot fit even alone, nothing is stored: the rollout stops growing in the history.
+    /// rollouts until both budgets have room, and says whether it stored them. If the rollout is gone (evicted
+    /// now or before), or it could not fit with the tokens even alone (then nothing is evicted), nothing is
+    /// stored, and the caller stops the rollout growing for good: a later append stored after a missing one
+    /// would make the history hold a sequence that never occurred.
     fn store(
         &self,
         accounting: &mut Accounting,
@@ -447,9 +473,20 @@ impl Drafter {
         history: &mut PromptHistory,
         rollout: u64,
         tokens: &[Token],
-    ) {
+    ) -> bool {
         let extra = tokens.len();
-        // Budgets first: in the common case (room left) the rollout is looked up once, at the end.
+        let Some(own) = history.index.tokens(rollout).map(<[Token]>::len) else {
+            return false; // evicted before: it no longer grows
+        };
+        if own + extra
+            > self
+                .config
+                .prompt_token_budget
+                .min(self.config.total_token_budget)
+        {
+            // It could not fit even alone: evicting the others would make no room, so they stay.
+            return false;
+        }
         while history.index.num_tokens() + extra > self.config.prompt_token_budget
             && history.index.contains(rollout)
         {
@@ -466,22 +503,24 @@ impl Drafter {
                 break;
             };
             if victim_prompt == prompt {
-                history.rollouts.retain(|&r| r != victim);
+                remove_oldest(&mut history.rollouts, victim);
                 accounting.tokens -= history.index.remove(victim);
             } else if let Some(other) = self.prompt_history(victim_prompt) {
                 // A second history, taken only while holding `accounting` (lock order, rule 4).
                 let mut other = write(&other);
-                other.rollouts.retain(|&r| r != victim);
+                remove_oldest(&mut other.rollouts, victim);
                 accounting.tokens -= other.index.remove(victim);
                 self.release_if_unused(victim_prompt, &other, false);
             }
         }
         let fits = history.index.num_tokens() + extra <= self.config.prompt_token_budget
             && accounting.tokens + extra <= self.config.total_token_budget;
-        if history.index.contains(rollout) && fits {
+        let stored = history.index.contains(rollout) && fits;
+        if stored {
             accounting.tokens += extra;
             history.index.extend(rollout, tokens);
         }
+        stored
     }
 
     /// Releases the history of `prompt` (held by the caller, who just removed a rollout from it, or is finishing
@@ -509,12 +548,26 @@ impl Drafter {
             let mut requests = write(&self.requests);
             let state = requests
                 .remove(&request)
-                .ok_or_else(|| Error::invalid("request", format!("{request} is not registered")))?;
+                .ok_or_else(|| not_registered(request))?;
             shrink_sparse_map(&mut requests);
             state
         };
-        let state = lock(&state);
+        let mut state = lock(&state);
+        state.finished = true;
+        let mut accounting = lock(&self.accounting);
         let mut history = write(&state.history);
+        // A rollout that never held a token matches nothing: it leaves now, so that the budgets, which count
+        // tokens, bound how many rollouts stay.
+        if history
+            .index
+            .tokens(state.rollout)
+            .is_some_and(<[Token]>::is_empty)
+        {
+            history.index.remove(state.rollout);
+            accounting.rollouts.remove(&state.rollout);
+            history.rollouts.retain(|&r| r != state.rollout);
+        }
+        drop(accounting);
         let length = (state.context.len() - state.prompt_len) as f64;
         let smoothing = self
             .config
@@ -554,6 +607,9 @@ impl Drafter {
     pub fn propose(&self, request: u64, kind: DraftKind) -> Result<Draft> {
         let state = self.request(request)?;
         let state = lock(&state);
+        if state.finished {
+            return Err(not_registered(request));
+        }
         let history = read(&state.history);
         let mut occurrences = Vec::new();
         let match_len = history
@@ -655,6 +711,18 @@ impl Drafter {
             active_requests: requests.len(),
         }
     }
+}
+
+/// Takes `rollout` off the front of a prompt's rollouts, where the globally oldest rollout always is (ids grow with
+/// time, and every removal takes the oldest of its prompt): O(1), where a search would make evicting n rollouts
+/// of one prompt O(n^2).
+fn not_registered(request: u64) -> Error {
+    Error::invalid("request", format!("{request} is not registered"))
+}
+
+fn remove_oldest(rollouts: &mut VecDeque<u64>, rollout: u64) {
+    let front = rollouts.pop_front();
+    debug_assert_eq!(front, Some(rollout), "the oldest rollout is at the front");
 }
 
 /// The two reference counts in front of every `Arc` allocation.

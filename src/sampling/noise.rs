@@ -268,7 +268,10 @@ mod tests {
     fn min_exponential_and_max_gumbel_bound_every_draw() {
         // E grows with r = high << 32 | low: the smallest r gives the smallest draw, the largest the largest.
         let smallest = f64::from(exponential_of_draw(0, || 0));
-        assert!(smallest > MIN_EXPONENTIAL && smallest < MIN_EXPONENTIAL * 1.02, "{smallest}");
+        assert!(
+            smallest > MIN_EXPONENTIAL && smallest < MIN_EXPONENTIAL * 1.02,
+            "{smallest}"
+        );
         assert!(-MIN_EXPONENTIAL.ln() < MAX_GUMBEL && -MIN_EXPONENTIAL.ln() > MAX_GUMBEL - 0.01);
         let largest = f64::from(exponential_of_draw(u32::MAX, || u32::MAX));
         assert!(largest.is_finite() && largest < 16.7, "{largest}");
@@ -279,7 +282,10 @@ mod tests {
             let e = exponential_of_draw((r >> 32) as u32, || r as u32);
             assert!(e > 0.0 && e.is_finite() && f64::from(e) > MIN_EXPONENTIAL);
             if lz > 0 {
-                assert!(e < previous || (lz >= 41 && e <= previous), "not decreasing at {lz} leading zeros");
+                assert!(
+                    e < previous || (lz >= 41 && e <= previous),
+                    "not decreasing at {lz} leading zeros"
+                );
             }
             previous = e;
         }
@@ -291,7 +297,7 @@ mod tests {
         for high in [u32::MAX, 1 << 31, 1 << 24, (1 << 22) | 12345] {
             let e = exponential_of_draw(high, || panic!("low word drawn for {high:#x}"));
             for low in [0, 1, u32::MAX] {
-                assert_eq!(e, exponential_of_draw(high, || low) , "{high:#x}");
+                assert_eq!(e, exponential_of_draw(high, || low), "{high:#x}");
             }
         }
         // Ten or more: it does, and the result follows both words.
@@ -313,7 +319,10 @@ mod tests {
                 exponential_of_draw((next >> 32) as u32, || next as u32),
             );
             let ratio = f64::from(b) / f64::from(a);
-            assert!(ratio > 1.0 && (ratio - 1.0 - 2.0 / 8_388_609.0).abs() < 1e-7, "lz {lz}: {ratio}");
+            assert!(
+                ratio > 1.0 && (ratio - 1.0 - 2.0 / 8_388_609.0).abs() < 1e-7,
+                "lz {lz}: {ratio}"
+            );
         }
         // Against the f64 formula over every bucket and the switch at t = 1/4.
         let mut worst = 0.0f64;
@@ -348,8 +357,8 @@ mod tests {
             let (mut best_logit, mut logit_count) = (f32::MIN, 0);
             for first in (0..V).step_by(4) {
                 let high = noise.block(Domain::Token, 0, first);
-                for i in 0..4 {
-                    let e = noise.token_exponential_from(0, first + i as u32, high[i]);
+                for (token, word) in (first..).zip(high) {
+                    let e = noise.token_exponential_from(0, token, word);
                     let (weight_key, logit_key) = (1.0 / e, 0.0 - ln(e));
                     for (key, best, count) in [
                         (weight_key, &mut best_weight, &mut weight_count),
@@ -365,7 +374,10 @@ mod tests {
             }
             ties += usize::from(weight_count > 1) + usize::from(logit_count > 1);
         }
-        assert!(ties <= 1, "{ties} ties at the top in {ROWS} rows of {V} tokens, twice");
+        assert!(
+            ties <= 1,
+            "{ties} ties at the top in {ROWS} rows of {V} tokens, twice"
+        );
     }
 
     #[test]
