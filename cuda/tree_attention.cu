@@ -16,7 +16,8 @@
 //     step (16 rows) still has four warps pulling and multiplying keys. Their partial softmax states are merged
 //     in shared memory at the end.
 //   * Long prefixes are split over gridDim.x blocks; each writes an fp32 partial and its log-sum-exp, and
-//     TreeAttentionMergeKernel combines them exactly. With one split the block writes the output itself.
+//     TreeAttentionMergeKernel combines them exactly. With one split the block writes the output itself. A request
+//     uses at most one split per tile of its prefix (UsedSplits): the blocks of the rest return at once.
 //   * Prefix tiles go through a two-stage cp.async pipeline and are never masked: only the last tile of a
 //     split checks the key bound. The tree's keys form the last tile(s) of the last split; their mask is the
 //     64-bit ancestor set of each row's node, built in shared memory from the parent array. Nothing the kernel
@@ -147,6 +148,16 @@ __device__ int CheckTreeRequest(const TreeAttentionParams& p, int b, int& first_
     return kStatusRopePosition;
   }
   return kStatusOk;
+}
+
+// The splits request b's prefix actually uses: one per tile of kKeys prefix keys, at least 1 (the last one also
+// takes the tree), at most the launch's. The attention blocks of later splits return at once and the merge reads
+// only these, so a short prefix in a launch planned for long ones costs neither loads nor partials. A function of
+// the raw prefix_lens[b] alone (validated or not), so the attention and merge kernels always agree.
+__device__ __forceinline__ int UsedSplits(const TreeAttentionParams& p, int b, int keys_per_tile) {
+  const int64_t prefix_len = p.prefix_lens[b];
+  const int64_t tiles = prefix_len > 0 ? (prefix_len + keys_per_tile - 1) / keys_per_tile : 1;
+  return static_cast<int>(min(static_cast<int64_t>(p.num_splits), tiles));
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -431,6 +442,8 @@ __device__ void TreeAttention(const TreeAttentionParams& p) {
   const int hq = p.num_q_heads;
   const int hkv = p.num_kv_heads;
   const int page_size = 1 << p.page_size_log2;
+  const int used_splits = UsedSplits(p, b, kKeys);
+  if (split >= used_splits) return;  // uniform across the block, before any barrier
 
   int first_row, tree_size, prefix_len;
   const int status = CheckTreeRequest(p, b, first_row, tree_size, prefix_len, ancestors, depths);
@@ -462,13 +475,13 @@ __device__ void TreeAttention(const TreeAttentionParams& p) {
   }
   if (row_begin >= tree_size * p.group) return;  // a chunk beyond this request's tree
 
-  // The prefix range of this split: whole tiles, the last split also takes the tree.
+  // The prefix range of this split: whole tiles, the last used split also takes the tree.
   // In 64 bits: prefix_len may be near INT32_MAX, and split * per_split beyond it.
   const int64_t per_split =
-      ((static_cast<int64_t>(prefix_len) + p.num_splits - 1) / p.num_splits + kKeys - 1) / kKeys * kKeys;
+      ((static_cast<int64_t>(prefix_len) + used_splits - 1) / used_splits + kKeys - 1) / kKeys * kKeys;
   const int key_begin = static_cast<int>(min(static_cast<int64_t>(prefix_len), split * per_split));
   const int key_end = static_cast<int>(min(static_cast<int64_t>(prefix_len), key_begin + per_split));
-  const bool takes_tree = split == p.num_splits - 1;
+  const bool takes_tree = split == used_splits - 1;
   const bool appends = takes_tree && row_chunk == 0;
 
   // Q rows (rotated), zeros for rows beyond the tree.
@@ -574,7 +587,12 @@ __device__ void TreeAttention(const TreeAttentionParams& p) {
 
   // Epilogue: every warp's raw state to shared memory (over the K/V tiles), then one pass per row combines the
   // key warps and writes the output (or this split's partial) with whole-row stores.
-  float* so = reinterpret_cast<float*>(sk(0));  // [warps][16][D]
+  // Row x of `so` holds its 8-float chunk c at chunk (c + x) % (D / 8): the 8 rows a warp's lanes store at once
+  // (lane / 4) then fall in 8 different chunks, and each half-warp's float2 stores cover 32 distinct banks (rows
+  // at one stride of D floats would all hit the same 8 banks, an 8-way conflict). Reads of 32 consecutive
+  // columns of one row stay conflict-free: 4 consecutive chunks, rotated.
+  float* so = reinterpret_cast<float*>(sk(0));  // [warps][16][D], chunks rotated by row
+  auto so_at = [&](int x, int col) { return x * D + ((((col >> 3) + x) % (D / 8)) << 3) + (col & 7); };
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     st.l[r] += __shfl_xor_sync(0xFFFFFFFFu, st.l[r], 1);
@@ -589,12 +607,9 @@ __device__ void TreeAttention(const TreeAttentionParams& p) {
 #pragma unroll
   for (int d = 0; d < D / 8; ++d) {
     const int col = d * 8 + (lane % 4) * 2;
-    float* top = so + (warp * 16 + lane / 4) * D + col;
-    float* bottom = top + 8 * D;
-    top[0] = st.o[d][0];
-    top[1] = st.o[d][1];
-    bottom[0] = st.o[d][2];
-    bottom[1] = st.o[d][3];
+    const int top = warp * 16 + lane / 4;
+    *reinterpret_cast<float2*>(so + so_at(top, col)) = make_float2(st.o[d][0], st.o[d][1]);
+    *reinterpret_cast<float2*>(so + so_at(top + 8, col)) = make_float2(st.o[d][2], st.o[d][3]);
   }
   __syncthreads();
 
@@ -621,7 +636,7 @@ __device__ void TreeAttention(const TreeAttentionParams& p) {
       float acc = 0.0f;
 #pragma unroll
       for (int kw = 0; kw < Config::kKeyWarps; ++kw) {
-        acc += so[((kw * kRowWarps + row_warp) * 16 + r % 16) * D + d] * weight[kw];
+        acc += so[so_at((kw * kRowWarps + row_warp) * 16 + r % 16, d)] * weight[kw];
       }
       acc *= inv_l;
       if (p.num_splits > 1) {
@@ -656,8 +671,9 @@ __device__ void TreeAttentionMerge(const TreeAttentionParams& p) {
   const int64_t stride = static_cast<int64_t>(p.num_tokens) * p.num_q_heads;
   const int64_t at = token * p.num_q_heads + head;
 
-  // Lane s holds split s's log-sum-exp (splits <= 32).
-  const float own = lane < p.num_splits ? p.partial_lse[lane * stride + at] : -INFINITY;
+  // Lane s holds split s's log-sum-exp (splits <= 32); the splits the request did not use wrote nothing.
+  const int used_splits = UsedSplits(p, b, TileConfig<D>::kKeysPerTile);
+  const float own = lane < used_splits ? p.partial_lse[lane * stride + at] : -INFINITY;
   const bool any_nan = __any_sync(0xFFFFFFFFu, own != own);
   float m = own;
 #pragma unroll
@@ -671,7 +687,7 @@ __device__ void TreeAttentionMerge(const TreeAttentionParams& p) {
   T* out = static_cast<T*>(p.out) + at * D;
   for (int d = lane; d < D; d += 32) {
     float acc = 0.0f;
-    for (int s = 0; s < p.num_splits; ++s) {
+    for (int s = 0; s < used_splits; ++s) {
       const float w = __shfl_sync(0xFFFFFFFFu, own_weight, s);
       if (w != 0.0f) acc += w * p.partial_out[(s * stride + at) * D + d];
     }

@@ -241,6 +241,31 @@ fn gpu_long_prefixes_split_and_merge_exactly() {
     }
 }
 
+/// A launch planned for the longest prefix, holding short ones: each request uses only the splits its own prefix
+/// fills (one per tile of 64 keys; the empty prefix one), the rest return at once and the merge skips them.
+#[test]
+fn gpu_short_prefixes_beside_a_long_one_use_only_their_splits() {
+    let Some(backend) = gpu("gpu_short_prefixes_beside_a_long_one_use_only_their_splits") else {
+        return;
+    };
+    let mut rng = rng("gpu_short_prefixes_beside_a_long_one_use_only_their_splits");
+    let stream = backend.context().new_stream().unwrap();
+    let prefix_lens = vec![6000, 100, 0, 64, 65, 1];
+    let spec = Spec {
+        trees: (0..prefix_lens.len())
+            .map(|b| tree_of(&mut rng, b, 8))
+            .collect(),
+        prefix_lens,
+        num_q_heads: 32,
+        num_kv_heads: 8,
+        head_dim: 128,
+        page_size: 16,
+        rope: Some(RopeStyle::Neox),
+    };
+    let p = Problem::<bf16>::random(&mut rng, &spec);
+    check(&backend, &stream, &p, "prefixes 6000, 100, 0, 64, 65, 1");
+}
+
 /// Bad index arrays: each request gets the status of the rule it breaks (the one the CPU names), a failing
 /// request writes nothing to the cache and NaN to its rows, and the valid requests beside it are exact.
 #[test]

@@ -501,8 +501,14 @@ impl LaunchPlan {
         }
         let row_chunks = rows.div_ceil(16 * row_warps);
         let blocks = shape.num_requests * shape.cache.num_kv_heads * row_chunks;
+        // At most one split per tile of the longest prefix the cache can hold (the kernels further skip the
+        // splits each request's own prefix leaves empty: UsedSplits in cuda/tree_attention.cu).
+        let keys_per_tile = if shape.cache.head_dim == 256 { 32 } else { 64 };
+        let capacity_tiles =
+            (shape.cache.pages_per_request * shape.cache.page_size).div_ceil(keys_per_tile);
         let splits = (2 * multiprocessors as usize)
             .div_ceil(blocks)
+            .min(capacity_tiles)
             .clamp(1, MAX_SPLITS);
         LaunchPlan {
             row_warps,
@@ -574,7 +580,19 @@ mod tests {
     use crate::attention::PagedCacheShape;
 
     fn shape(batch: usize, tree: usize, hq: usize, hkv: usize, d: usize) -> TreeAttentionShape {
-        let cache = PagedCacheShape::new(64, 16, hkv, d, 4).unwrap();
+        shape_with_capacity(batch, tree, hq, hkv, d, 4096)
+    }
+
+    /// A shape whose requests can hold `pages_per_request` pages of 16 tokens.
+    fn shape_with_capacity(
+        batch: usize,
+        tree: usize,
+        hq: usize,
+        hkv: usize,
+        d: usize,
+        pages_per_request: usize,
+    ) -> TreeAttentionShape {
+        let cache = PagedCacheShape::new(64, 16, hkv, d, pages_per_request).unwrap();
         TreeAttentionShape::new(batch, batch * tree, hq, tree, cache, None).unwrap()
     }
 
@@ -604,5 +622,22 @@ mod tests {
     fn small_batches_split_the_prefix_and_large_ones_do_not() {
         assert_eq!(LaunchPlan::new(&shape(1, 1, 32, 8, 128), 132).splits, 32);
         assert_eq!(LaunchPlan::new(&shape(64, 16, 32, 8, 128), 132).splits, 1);
+    }
+
+    #[test]
+    fn splits_never_outnumber_the_tiles_a_request_can_hold() {
+        // 7 pages of 16 tokens: 112 tokens, 2 tiles of 64 keys (4 of 32 at D = 256).
+        assert_eq!(
+            LaunchPlan::new(&shape_with_capacity(1, 1, 32, 8, 128, 7), 132).splits,
+            2
+        );
+        assert_eq!(
+            LaunchPlan::new(&shape_with_capacity(1, 1, 32, 8, 256, 7), 132).splits,
+            4
+        );
+        assert_eq!(
+            LaunchPlan::new(&shape_with_capacity(1, 1, 32, 8, 64, 1), 132).splits,
+            1
+        );
     }
 }
