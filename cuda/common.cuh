@@ -79,6 +79,31 @@ __device__ __forceinline__ uint64_t BlockReduceMax(uint64_t v, uint64_t* scratch
   return v;
 }
 
+// The elements row[first], ..., row[first + n - 1] (n <= 4) as floats in v[0..n), -inf beyond: with one vector load
+// (16 bytes of fp32, 8 of fp16/bf16) when all four are there and aligned for it, as they are in every row of a
+// vocabulary that is a multiple of 8, else element by element.
+template <typename T>
+__device__ __forceinline__ void LoadFour(const T* row, int64_t first, int n, float v[4]) {
+  const T* p = row + first;
+  if (n == 4 && reinterpret_cast<uintptr_t>(p) % (4 * sizeof(T)) == 0) {
+    if constexpr (sizeof(T) == 4) {
+      const float4 q = __ldg(reinterpret_cast<const float4*>(p));
+      v[0] = q.x;
+      v[1] = q.y;
+      v[2] = q.z;
+      v[3] = q.w;
+    } else {
+      const uint2 q = __ldg(reinterpret_cast<const uint2*>(p));
+      const T* e = reinterpret_cast<const T*>(&q);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) v[i] = ToFloat(e[i]);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) v[i] = i < n ? ToFloat(p[i]) : -INFINITY;
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // 16-byte vector loads over an arbitrary range of a row. Rows of odd length, or a caller's pointer at any
 // element alignment, are handled by a scalar head up to the first 16-byte boundary and a scalar tail.

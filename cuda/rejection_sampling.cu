@@ -49,6 +49,8 @@
 namespace specdec {
 
 constexpr int kThresholdThreads = 1024;
+// The row kernel is memory-bound: __launch_bounds__(kRowThreads, 4) holds it to 64 registers (63 with nvcc 13.0
+// at sm_90, no spills; CI fails on any spill), so four blocks (1024 threads) per SM keep loads in flight.
 constexpr int kRowThreads = 256;
 // The walk is launched with __launch_bounds__(kWalkThreads, 1): one block per request needs no occupancy, and with
 // the thread count alone this nvcc held it to 64 registers and spilled (80 without spills).
@@ -451,9 +453,9 @@ __device__ __forceinline__ void RowPartials(const SamplingArgs& a) {
       const int n = end - first < 4 ? static_cast<int>(end - first) : 4;
       float v[4], z[4];
       bool may_win = false;
+      LoadFour(values, first, n, v);
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        v[i] = i < n ? ToFloat(values[first + i]) : -INFINITY;
         if (i >= n) {
           z[i] = -INFINITY;
           continue;
@@ -874,7 +876,7 @@ __device__ __forceinline__ void ResidualRace(const SamplingArgs& a) {
       SamplingThresholdKernel_##suffix(specdec::SamplingArgs a) {          \
     specdec::RowThreshold<T>(a);                                           \
   }                                                                        \
-  extern "C" __global__ void __launch_bounds__(specdec::kRowThreads)       \
+  extern "C" __global__ void __launch_bounds__(specdec::kRowThreads, 4)    \
       SamplingRowKernel_##suffix(specdec::SamplingArgs a) {                \
     specdec::RowPartials<T>(a);                                            \
   }                                                                        \
