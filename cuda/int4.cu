@@ -26,11 +26,19 @@
 //   2. Int4GemvKernel_<act>_<scale>_m<8|16>_r<R>: one block of 8 warps per R row tiles; the warps split the K
 //      tiles round-robin, each loading R weight words per K tile (R = 1, 2 or 4; larger R reuses the activation
 //      fragments across more rows where N leaves enough blocks to fill the device), and the 8 partial results
-//      are summed in shared memory in a fixed order (deterministic; no atomics).
+//      are summed in shared memory in a fixed order (deterministic; no atomics). The group size is a template
+//      parameter (dispatched once per launch), so a chunk's scales and zeros are loaded with its weights, and
+//      each warp requests its next chunk (weights and metadata) before it multiplies the current one: two chunks
+//      in flight per warp. When N gives fewer blocks than SMs, K is split over gridDim.y (up to 8 ways, at least
+//      8 chunks per split) and Int4GemvSplitSumKernel adds the fp32 partials in split order.
 //
 // Napkin math (H100, 3.35 TB/s). 8192 x 28672, g128, M = 1: 117.4 MB of codes + 3.7 MB of scales and zeros =
-// 121 MB -> 36 us at the copy bandwidth. Per 16-byte load a lane does 12 logic ops, 8 half2 subtractions and 4
-// MMAs (8 for M > 8): ~1/4 of the issue slots at full bandwidth, so M = 16 costs about what M = 1 costs.
+// 121 MB -> 36 us at the copy bandwidth. Bytes in flight: at ~700 ns of DRAM latency, 3.35 TB/s needs ~2.3 MB
+// in flight, 18 KB per SM (4.8 TB/s on an H200: 25 KB). A warp holds 2 chunks x R x 512 bytes of weights in
+// flight; with nvcc 13.0 at sm_90 (registers -> blocks per SM) that is m8: r1 64 -> 4 blocks, 32 KB per SM;
+// r2 80 -> 3, 48 KB; r4 148 -> 1, 32 KB; m16: r1 80 -> 3, 24 KB; r2 120 -> 2, 32 KB; r4 185 -> 1, 32 KB.
+// Per 16-byte load a lane does 12 logic ops, 8 half2 subtractions and 4 MMAs (8 for M > 8): ~1/4 of the issue
+// slots at full bandwidth, so M = 16 costs about what M = 1 costs.
 // Activations (x, 64 KB at M = 16, K = 4096... 917 KB at K = 28672) are read by every block from L2.
 // Requantizing an 8B model (~7 G weights in linear layers, bf16): 14 GB read + 3.6 GB written = 5.3 ms.
 
@@ -265,15 +273,71 @@ __device__ __forceinline__ void Dequantize(uint32_t word, const uint32_t* zero_p
   }
 }
 
-template <typename A, typename S, int kMTiles, int kRowTiles>
-__device__ __forceinline__ void Int4Gemv(const uint4* __restrict__ packed, const S* __restrict__ scales,
-                                         const uint8_t* __restrict__ zeros, const A* __restrict__ x, A* __restrict__ y,
-                                         int m, int64_t n, int64_t k, int group) {
-  __shared__ float partial[kGemvWarps][kRowTiles][kMTiles][4][32];
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+// What one warp needs of one K chunk (64 columns) of its row tiles from HBM: the weight words and the scales and
+// zeros of the chunk's groups (one group for g = 64 and 128, two for g = 32). The loop below loads the next
+// chunk's ChunkData before it multiplies the current one, so two chunks of weights are in flight per warp.
+template <typename A, typename S, int kMTiles, int kRowTiles, int kGroup>
+struct ChunkData {
+  static constexpr int kGroups = kGroup == 32 ? 2 : 1;  // groups in a 64-column chunk
+  uint4 w[kRowTiles];
+  uint32_t scale_bits[kRowTiles][kGroups];  // rows r and r + 8: low and high 16 bits
+  uint32_t zero_pair[kRowTiles][kGroups][2];
+
+  __device__ __forceinline__ void Load(const uint4* __restrict__ packed, const S* __restrict__ scales,
+                                       const uint8_t* __restrict__ zeros, int64_t n, int64_t chunks, int64_t first_tile,
+                                       int64_t chunk, int lane) {
+    const int quad_row = lane / 4, quad_pos = lane % 4;
+#pragma unroll
+    for (int rt = 0; rt < kRowTiles; ++rt) {
+      w[rt] = LoadStreaming(packed + ((first_tile + rt) * chunks + chunk) * kLanesPerTile + lane);
+      const int64_t row0 = (first_tile + rt) * 16 + quad_row;
+#pragma unroll
+      for (int g = 0; g < kGroups; ++g) {
+        const int64_t meta = ((chunk * kTileCols + 32 * g) / kGroup) * n + row0;
+        scale_bits[rt][g] =
+            static_cast<uint32_t>(HalfBits(scales[meta])) | (static_cast<uint32_t>(HalfBits(scales[meta + 8])) << 16);
+#pragma unroll
+        for (int rho = 0; rho < 2; ++rho) {
+          zero_pair[rt][g][rho] = (Half16<A>::kMagic | (zeros[meta + 8 * rho] & 0xFu)) * 0x10001u;
+        }
+      }
+    }
+  }
+};
+
+// A lane's activation fragments for one K chunk: row mt * 8 + quad_row of x, columns 8 quad_pos .. + 8 of each
+// half (zeros past row m). Small and read by every block, so they come from L2 and are loaded as they are used.
+template <typename A, int kMTiles>
+__device__ __forceinline__ void LoadActivations(const A* __restrict__ x, int m, int64_t k, int64_t chunk, int lane,
+                                                uint4 (&xb)[kMTiles][2]) {
   const int quad_row = lane / 4, quad_pos = lane % 4;
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt) {
+    const int row = mt * 8 + quad_row;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      xb[mt][h] = row < m
+                      ? __ldg(reinterpret_cast<const uint4*>(x + row * k + chunk * kTileCols + 32 * h + 8 * quad_pos))
+                      : make_uint4(0, 0, 0, 0);
+    }
+  }
+}
+
+template <typename A, typename S, int kMTiles, int kRowTiles, int kGroup>
+__device__ __forceinline__ void Int4GemvGroups(const uint4* __restrict__ packed, const S* __restrict__ scales,
+                                               const uint8_t* __restrict__ zeros, const A* __restrict__ x,
+                                               A* __restrict__ y, int m, int64_t n, int64_t k,
+                                               float* __restrict__ k_partial,
+                                               float (*partial)[kRowTiles][kMTiles][4][32]) {
+  using Chunk = ChunkData<A, S, kMTiles, kRowTiles, kGroup>;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t chunks = k / kTileCols;
   const int64_t first_tile = static_cast<int64_t>(blockIdx.x) * kRowTiles;
+  // Split K: block (x, s) takes chunks [begin, end) of K, s = 0 .. gridDim.y - 1 (one split when N fills the
+  // device); its warps take them round-robin.
+  const int64_t per_split = (chunks + gridDim.y - 1) / gridDim.y;
+  const int64_t begin = blockIdx.y * per_split;
+  const int64_t end = begin + per_split < chunks ? begin + per_split : chunks;
 
   float acc[kRowTiles][kMTiles][4];
 #pragma unroll
@@ -283,42 +347,23 @@ __device__ __forceinline__ void Int4Gemv(const uint4* __restrict__ packed, const
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[rt][mt][i] = 0.0f;
 
-#pragma unroll 2
-  for (int64_t chunk = warp; chunk < chunks; chunk += kGemvWarps) {
-    uint4 w[kRowTiles];
-#pragma unroll
-    for (int rt = 0; rt < kRowTiles; ++rt) {
-      w[rt] = LoadStreaming(packed + ((first_tile + rt) * chunks + chunk) * kLanesPerTile + lane);
+  Chunk current, next;
+  if (begin + warp < end) current.Load(packed, scales, zeros, n, chunks, first_tile, begin + warp, lane);
+  for (int64_t chunk = begin + warp; chunk < end; chunk += kGemvWarps) {
+    // The warp's next chunk is requested before this one's MMAs, so its loads overlap them.
+    if (chunk + kGemvWarps < end) {
+      next.Load(packed, scales, zeros, n, chunks, first_tile, chunk + kGemvWarps, lane);
     }
-    // B fragments: activation row mt * 8 + quad_row, columns 8 quad_pos .. + 8 of each half.
     uint4 xb[kMTiles][2];
-#pragma unroll
-    for (int mt = 0; mt < kMTiles; ++mt) {
-      const int row = mt * 8 + quad_row;
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        xb[mt][h] = row < m
-                        ? __ldg(reinterpret_cast<const uint4*>(x + row * k + chunk * kTileCols + 32 * h + 8 * quad_pos))
-                        : make_uint4(0, 0, 0, 0);
-      }
-    }
+    LoadActivations<A, kMTiles>(x, m, k, chunk, lane, xb);
 #pragma unroll
     for (int rt = 0; rt < kRowTiles; ++rt) {
-      const int64_t row0 = (first_tile + rt) * 16 + quad_row;
+      const uint32_t words[4] = {current.w[rt].x, current.w[rt].y, current.w[rt].z, current.w[rt].w};
       float group_acc[kMTiles][4];
-      float scale[2];
-      uint32_t zero_pair[2];
-      const uint32_t words[4] = {w[rt].x, w[rt].y, w[rt].z, w[rt].w};
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const bool group_starts = h == 0 || group == 32;
-        if (group_starts) {
-          const int64_t meta = ((chunk * kTileCols + 32 * h) / group) * n + row0;
-#pragma unroll
-          for (int rho = 0; rho < 2; ++rho) {
-            scale[rho] = ToFloat(scales[meta + 8 * rho]);
-            zero_pair[rho] = (Half16<A>::kMagic | (zeros[meta + 8 * rho] & 0xFu)) * 0x10001u;
-          }
+        const int g = kGroup == 32 ? h : 0;  // each half of a chunk lies in one group
+        if (h == 0 || kGroup == 32) {
 #pragma unroll
           for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
@@ -327,7 +372,7 @@ __device__ __forceinline__ void Int4Gemv(const uint4* __restrict__ packed, const
 #pragma unroll
         for (int t = 2 * h; t < 2 * h + 2; ++t) {
           uint32_t a[4];
-          Dequantize<A>(words[t], zero_pair, a);
+          Dequantize<A>(words[t], current.zero_pair[rt][g], a);
 #pragma unroll
           for (int mt = 0; mt < kMTiles; ++mt) {
             const uint4& v = xb[mt][h];
@@ -336,17 +381,20 @@ __device__ __forceinline__ void Int4Gemv(const uint4* __restrict__ packed, const
             Mma16816<A>(group_acc[mt], a, b0, b1);
           }
         }
-        if (h == 1 || group == 32) {  // the group's part in this chunk is complete: scale it in fp32
+        if (h == 1 || kGroup == 32) {  // the group's part in this chunk is complete: scale it in fp32
+          const float scale0 = ToFloat(HalfFromBits<S>(static_cast<uint16_t>(current.scale_bits[rt][g])));
+          const float scale1 = ToFloat(HalfFromBits<S>(static_cast<uint16_t>(current.scale_bits[rt][g] >> 16)));
 #pragma unroll
           for (int mt = 0; mt < kMTiles; ++mt) {
-            acc[rt][mt][0] = fmaf(scale[0], group_acc[mt][0], acc[rt][mt][0]);
-            acc[rt][mt][1] = fmaf(scale[0], group_acc[mt][1], acc[rt][mt][1]);
-            acc[rt][mt][2] = fmaf(scale[1], group_acc[mt][2], acc[rt][mt][2]);
-            acc[rt][mt][3] = fmaf(scale[1], group_acc[mt][3], acc[rt][mt][3]);
+            acc[rt][mt][0] = fmaf(scale0, group_acc[mt][0], acc[rt][mt][0]);
+            acc[rt][mt][1] = fmaf(scale0, group_acc[mt][1], acc[rt][mt][1]);
+            acc[rt][mt][2] = fmaf(scale1, group_acc[mt][2], acc[rt][mt][2]);
+            acc[rt][mt][3] = fmaf(scale1, group_acc[mt][3], acc[rt][mt][3]);
           }
         }
       }
     }
+    current = next;
   }
 
 #pragma unroll
@@ -368,8 +416,40 @@ __device__ __forceinline__ void Int4Gemv(const uint4* __restrict__ packed, const
 #pragma unroll
     for (int wv = 0; wv < kGemvWarps; ++wv) sum += partial[wv][rt][mt][i][l];
     const int64_t row = (first_tile + rt) * 16 + l / 4 + 8 * (i / 2);
-    y[xrow * n + row] = Half16<A>::FromFloat(sum);
+    if (gridDim.y == 1) {
+      y[xrow * n + row] = Half16<A>::FromFloat(sum);
+    } else {
+      k_partial[(static_cast<int64_t>(blockIdx.y) * m + xrow) * n + row] = sum;  // summed by Int4GemvSplitSum
+    }
   }
+}
+
+// The group size is a template parameter (no branch on it in the loop, and a chunk's metadata is loaded with
+// its weights); one entry point per type and tile shape dispatches on it once.
+template <typename A, typename S, int kMTiles, int kRowTiles>
+__device__ __forceinline__ void Int4Gemv(const uint4* __restrict__ packed, const S* __restrict__ scales,
+                                         const uint8_t* __restrict__ zeros, const A* __restrict__ x, A* __restrict__ y,
+                                         int m, int64_t n, int64_t k, int group, float* k_partial) {
+  // One array for the three instantiations (each would otherwise get its own shared memory).
+  __shared__ float partial[kGemvWarps][kRowTiles][kMTiles][4][32];
+  if (group == 32) {
+    Int4GemvGroups<A, S, kMTiles, kRowTiles, 32>(packed, scales, zeros, x, y, m, n, k, k_partial, partial);
+  } else if (group == 64) {
+    Int4GemvGroups<A, S, kMTiles, kRowTiles, 64>(packed, scales, zeros, x, y, m, n, k, k_partial, partial);
+  } else {
+    Int4GemvGroups<A, S, kMTiles, kRowTiles, 128>(packed, scales, zeros, x, y, m, n, k, k_partial, partial);
+  }
+}
+
+// y[i] = the sum of the K splits' partials of output i, in split order (deterministic: no atomics).
+template <typename A>
+__device__ __forceinline__ void Int4GemvSplitSum(const float* __restrict__ k_partial, A* __restrict__ y,
+                                                 int64_t outputs, int splits) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= outputs) return;
+  float sum = 0.0f;
+  for (int s = 0; s < splits; ++s) sum += k_partial[s * outputs + i];
+  y[i] = Half16<A>::FromFloat(sum);
 }
 
 }  // namespace specdec
@@ -397,8 +477,8 @@ SPECDEC_INT4_QUANTIZE(bf16_bf16, __nv_bfloat16, __nv_bfloat16)
 #define SPECDEC_INT4_GEMV(suffix, A, S, kMTiles, kRowTiles)                                                        \
   extern "C" __global__ void __launch_bounds__(specdec::kGemvWarps * 32)                                           \
       Int4GemvKernel_##suffix(const uint4* packed, const S* scales, const uint8_t* zeros, const A* x, A* y, int m, \
-                              int64_t n, int64_t k, int group) {                                                   \
-    specdec::Int4Gemv<A, S, kMTiles, kRowTiles>(packed, scales, zeros, x, y, m, n, k, group);                      \
+                              int64_t n, int64_t k, int group, float* k_partial) {                                 \
+    specdec::Int4Gemv<A, S, kMTiles, kRowTiles>(packed, scales, zeros, x, y, m, n, k, group, k_partial);           \
   }                                                                                                                \
   SPECDEC_SIM_ENTRY(Int4GemvKernel_##suffix)
 
@@ -415,3 +495,13 @@ SPECDEC_INT4_GEMV_M(f16_f16, __half, __half)
 SPECDEC_INT4_GEMV_M(f16_bf16, __half, __nv_bfloat16)
 SPECDEC_INT4_GEMV_M(bf16_f16, __nv_bfloat16, __half)
 SPECDEC_INT4_GEMV_M(bf16_bf16, __nv_bfloat16, __nv_bfloat16)
+
+#define SPECDEC_INT4_GEMV_SPLIT_SUM(suffix, A)                                                     \
+  extern "C" __global__ void __launch_bounds__(256)                                                \
+      Int4GemvSplitSumKernel_##suffix(const float* k_partial, A* y, int64_t outputs, int splits) { \
+    specdec::Int4GemvSplitSum<A>(k_partial, y, outputs, splits);                                   \
+  }                                                                                                \
+  SPECDEC_SIM_ENTRY(Int4GemvSplitSumKernel_##suffix)
+
+SPECDEC_INT4_GEMV_SPLIT_SUM(f16, __half)
+SPECDEC_INT4_GEMV_SPLIT_SUM(bf16, __nv_bfloat16)

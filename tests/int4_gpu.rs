@@ -210,7 +210,8 @@ fn gemv_handles_the_awkward_shapes() {
     };
     let stream = backend.context().new_stream().unwrap();
     let mut rng = rng("gemv_handles_the_awkward_shapes");
-    // The smallest allowed; 4096 + 128; 11008, 14336, 28672 as N and as K; N giving 1, 2 and 4 row tiles per block.
+    // The smallest allowed; 4096 + 128; 11008, 14336, 28672 as N and as K; N giving 1, 2 and 4 row tiles per block;
+    // N small enough that K is split across blocks.
     let shapes = [
         (16, 64, 32),
         (16, 64, 64),
@@ -222,6 +223,8 @@ fn gemv_handles_the_awkward_shapes() {
         (4096, 14336, 128),
         (28672, 512, 128),
         (512, 28672, 128),
+        // A K/V projection of an 8B model: 64 row blocks, so K is split (5 ways on 132 SMs) and summed after.
+        (1024, 4096, 32),
     ];
     for (n, k, g) in shapes {
         let shape = Int4Shape::new(n, k, g).unwrap();

@@ -4,7 +4,7 @@
 use cudarc::driver::{result, sys, CudaStream};
 
 use super::greedy::arg;
-use super::memory::check_device_ptr;
+use super::memory::{check_device_ptr, StreamScratch};
 use super::{cuda_error, CudaBackend, DeviceIn, DeviceOut};
 use crate::dtype::{DType, HalfElement};
 use crate::error::{check_len, Error, Result};
@@ -226,9 +226,17 @@ impl CudaBackend {
         );
         let _bound = self.bind()?;
         let kernel = self.function(MODULE, name)?;
-        let blocks = (row_tiles_total / row_tiles) as u32;
+        let blocks = row_tiles_total / row_tiles;
+        let k_splits = gemv_k_splits(blocks, shape.weights.k / 64, self.multiprocessors());
+        let outputs = shape.m * shape.weights.n;
+        let scratch = if k_splits > 1 {
+            Some(StreamScratch::alloc(stream, k_splits * outputs * 4)?)
+        } else {
+            None
+        };
         let (mut packed, mut scales, mut zeros, mut x, mut y) =
             (ptrs.packed, ptrs.scales, ptrs.zeros, ptrs.x, ptrs.y);
+        let mut k_partial = scratch.as_ref().map_or(0, StreamScratch::ptr);
         let (mut m, mut n, mut k, mut group) = (
             shape.m as i32,
             shape.weights.n as i64,
@@ -245,18 +253,53 @@ impl CudaBackend {
             arg(&mut n),
             arg(&mut k),
             arg(&mut group),
+            arg(&mut k_partial),
         ];
-        // SAFETY: argument types match Int4GemvKernel_*; block b reads row tiles b * R .. (b + 1) * R, all inside
-        // the matrix (R divides the tile count), and the rows of x below m.
+        // SAFETY: argument types match Int4GemvKernel_*; block (b, s) reads row tiles b * R .. (b + 1) * R, all
+        // inside the matrix (R divides the tile count), K split s, and the rows of x below m; with splits it
+        // writes k_splits * m * n floats of the scratch, which holds them.
         unsafe {
-            launch(
+            result::launch_kernel(
                 kernel,
-                blocks,
+                (blocks as u32, k_splits as u32, 1),
+                (WARPS * 32, 1, 1),
+                0,
                 stream,
                 &mut args,
-                "cuLaunchKernel(Int4GemvKernel)",
             )
         }
+        .map_err(|e| cuda_error("cuLaunchKernel(Int4GemvKernel)", e))?;
+        if let Some(scratch) = &scratch {
+            let sum = self.function(
+                MODULE,
+                match act_dtype {
+                    DType::F16 => "Int4GemvSplitSumKernel_f16",
+                    _ => "Int4GemvSplitSumKernel_bf16",
+                },
+            )?;
+            let (mut k_partial, mut y, mut outputs, mut splits) =
+                (scratch.ptr(), ptrs.y, outputs as i64, k_splits as i32);
+            let mut args = [
+                arg(&mut k_partial),
+                arg(&mut y),
+                arg(&mut outputs),
+                arg(&mut splits),
+            ];
+            // SAFETY: argument types match Int4GemvSplitSumKernel_*; thread i < outputs reads the splits' partials
+            // of output i, which the GEMV wrote, and writes y[i] (y holds m * n values).
+            unsafe {
+                result::launch_kernel(
+                    sum,
+                    ((outputs as u64).div_ceil(256) as u32, 1, 1),
+                    (256, 1, 1),
+                    0,
+                    stream,
+                    &mut args,
+                )
+            }
+            .map_err(|e| cuda_error("cuLaunchKernel(Int4GemvSplitSumKernel)", e))?;
+        }
+        Ok(())
     }
 }
 
@@ -293,6 +336,18 @@ pub(crate) fn gemv_row_tiles(row_tiles: usize, multiprocessors: u32) -> usize {
         .into_iter()
         .find(|&r| row_tiles % r == 0 && row_tiles / r >= wanted_blocks)
         .unwrap_or(1)
+}
+
+/// Splits of K per GEMV block row: when the row blocks alone leave multiprocessors idle (the 1024-row K/V
+/// projections give 64 blocks for 132 SMs), K is split so that the blocks reach two per multiprocessor, keeping
+/// at least one 64-column chunk per warp of each split (8) and at most 8 splits (each split adds `m * n` floats
+/// of partials to write and sum).
+pub(crate) fn gemv_k_splits(blocks: usize, chunks: usize, multiprocessors: u32) -> usize {
+    if blocks >= multiprocessors as usize {
+        return 1;
+    }
+    let wanted = (2 * multiprocessors as usize).div_ceil(blocks.max(1));
+    wanted.min(chunks / WARPS as usize).clamp(1, 8)
 }
 
 /// The kernel for activation and scale types, `m` and row tiles per block.
@@ -361,5 +416,18 @@ mod tests {
             let r = gemv_row_tiles(tiles, 132);
             assert_eq!(tiles % r, 0);
         }
+    }
+
+    #[test]
+    fn k_splits_fill_the_device_only_when_the_rows_do_not() {
+        // The K/V projection of an 8B model: 1024 rows = 64 blocks of one tile, K = 4096 = 64 chunks.
+        assert_eq!(gemv_k_splits(64, 64, 132), 5);
+        // N = 4096: 256 blocks already fill 132 SMs twice.
+        assert_eq!(gemv_k_splits(256, 64, 132), 1);
+        // Short K: at least 8 chunks (one per warp) per split.
+        assert_eq!(gemv_k_splits(4, 16, 132), 2);
+        assert_eq!(gemv_k_splits(4, 7, 132), 1);
+        // At most 8 splits.
+        assert_eq!(gemv_k_splits(1, 1024, 132), 8);
     }
 }
