@@ -30,7 +30,8 @@
 //      parameter (dispatched once per launch), so a chunk's scales and zeros are loaded with its weights, and
 //      each warp requests its next chunk (weights and metadata) before it multiplies the current one: two chunks
 //      in flight per warp. When N gives fewer blocks than SMs, K is split over gridDim.y (up to 8 ways, at least
-//      8 chunks per split) and Int4GemvSplitSumKernel adds the fp32 partials in split order.
+//      8 chunks per split) and Int4GemvSplitSumKernel adds the fp32 partials in split order: deterministic on
+//      one GPU, though the split count, and so the fp32 rounding, follows the device's SM count.
 //
 // Napkin math (H100, 3.35 TB/s). 8192 x 28672, g128, M = 1: 117.4 MB of codes + 3.7 MB of scales and zeros =
 // 121 MB -> 36 us at the copy bandwidth. Bytes in flight: at ~700 ns of DRAM latency, 3.35 TB/s needs ~2.3 MB
@@ -394,7 +395,7 @@ __device__ __forceinline__ void Int4GemvGroups(const uint4* __restrict__ packed,
         }
       }
     }
-    current = next;
+    if (chunk + kGemvWarps < end) current = next;  // the last chunk has no next: nothing to copy
   }
 
 #pragma unroll

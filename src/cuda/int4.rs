@@ -299,6 +299,9 @@ impl CudaBackend {
             }
             .map_err(|e| cuda_error("cuLaunchKernel(Int4GemvSplitSumKernel)", e))?;
         }
+        if let Some(scratch) = scratch {
+            scratch.free()?; // in stream order, after the sum kernel; a failure is reported, not dropped
+        }
         Ok(())
     }
 }

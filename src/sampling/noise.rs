@@ -24,7 +24,8 @@
 //! With `E = -ln u` of a 24-bit uniform `u`, the smallest `E` of a row (the winner of a flat row) is known only to
 //! 2^-24 in absolute terms, about `V 2^-24` relative, so at V = 151,936 about 0.9% of draws tied at the top
 //! and went to the lower id. The noise is now `E = -ln(1 - t)` of a uniform `t` with a floating-point
-//! resolution ([`exponential_of_draw`]): every `E` is known to 2^-22 relative, whatever its size. A tie at the
+//! resolution ([`exponential_of_draw`]): every `E` is known to 2^-22 relative, whatever its size (2^-21 for
+//! `E` in [0.29, 0.69], where `1 - t` rounds; those never win a large row). A tie at the
 //! maximum then needs two keys within one rounding of each other: for a row of any size that happens with
 //! probability about 2^-22 (2.4e-7) per draw for probabilities (`w / E`) and about `|key| 2^-24` for logits
 //! (`z - ln E` in f32: at most 4e-6 for `|z| + 28 <= 64`). `tests` measures it: at most one tie at the top in

@@ -392,23 +392,21 @@ static void test_policy(void) {
   EXPECT_INVALID(specdec_choose_draft_lengths(&model, contexts, acceptance, 3, 2, 8, lengths, NULL), "out_goodput");
   /* Batch sizes past the documented limit are refused before anything is read or allocated (before: 2^40
    * aborted the process on a failed allocation, 2^60 returned SPECDEC_PANIC). */
-  EXPECT_INVALID(
-      specdec_choose_draft_lengths(&model, contexts, acceptance, (int64_t)1 << 40, 1, 8, lengths, &goodput),
-      "num_requests");
-  EXPECT_INVALID(
-      specdec_choose_draft_lengths(&model, contexts, acceptance, (int64_t)1 << 60, 1, 8, lengths, &goodput),
-      "num_requests");
+  EXPECT_INVALID(specdec_choose_draft_lengths(&model, contexts, acceptance, (int64_t)1 << 40, 1, 8, lengths, &goodput),
+                 "num_requests");
+  EXPECT_INVALID(specdec_choose_draft_lengths(&model, contexts, acceptance, (int64_t)1 << 60, 1, 8, lengths, &goodput),
+                 "num_requests");
   EXPECT_INVALID(specdec_choose_draft_lengths(&model, contexts, acceptance, SPECDEC_MAX_POLICY_REQUESTS + 1, 1, 8,
                                               lengths, &goodput),
                  "num_requests");
   {
     int32_t parents[17], drafts[1];
-    EXPECT_INVALID(specdec_choose_draft_trees(&model, contexts, acceptance, (int64_t)1 << 40, 1, 16, 6, parents,
-                                              drafts, &goodput),
-                   "num_requests");
-    EXPECT_INVALID(specdec_choose_draft_trees(&model, contexts, acceptance, (int64_t)1 << 60, 1, 16, 6, parents,
-                                              drafts, &goodput),
-                   "num_requests");
+    EXPECT_INVALID(
+        specdec_choose_draft_trees(&model, contexts, acceptance, (int64_t)1 << 40, 1, 16, 6, parents, drafts, &goodput),
+        "num_requests");
+    EXPECT_INVALID(
+        specdec_choose_draft_trees(&model, contexts, acceptance, (int64_t)1 << 60, 1, 16, 6, parents, drafts, &goodput),
+        "num_requests");
   }
   test_policy_trees(&model);
   model.bandwidth_efficiency = 0.0;
