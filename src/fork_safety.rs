@@ -9,7 +9,7 @@
 
 use std::any::Any;
 use std::cell::RefCell;
-use std::sync::Once;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 thread_local! {
     /// The guards the forking thread holds across `fork` (the child's copy of this thread holds them too).
@@ -47,13 +47,19 @@ unsafe extern "C" fn after_fork() {
 }
 
 /// Installs the handlers, once per process (a child inherits them). Called before a lock they take is first used.
+///
+/// A flag, not a `Once`: a fork while another thread ran a `Once` would leave it running for ever in the child,
+/// whose next call would then wait on it (seen: 1 child in 200 hung when the first fork met the first call).
+/// The cost: a fork racing the very first registration (another thread may already hold a lock while this one
+/// registers) may miss the handlers; every fork after the first call is covered.
 pub(crate) fn install() {
-    static INSTALL: Once = Once::new();
-    INSTALL.call_once(|| {
-        #[cfg(unix)]
-        // SAFETY: the handlers are plain functions that live for the whole process.
-        unsafe {
-            pthread_atfork(Some(before_fork), Some(after_fork), Some(after_fork));
-        }
-    });
+    static INSTALLED: AtomicBool = AtomicBool::new(false);
+    if INSTALLED.load(Ordering::Acquire) || INSTALLED.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    #[cfg(unix)]
+    // SAFETY: the handlers are plain functions that live for the whole process.
+    unsafe {
+        pthread_atfork(Some(before_fork), Some(after_fork), Some(after_fork));
+    }
 }
