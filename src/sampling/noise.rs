@@ -155,11 +155,7 @@ pub fn exponential_of_draw(high: u32, low: impl FnOnce() -> u32) -> f32 {
     let t = f32::from_bits(((126 - lz) << 23) | (2 * m + 1));
     if lz >= 2 {
         // t < 1/4: E = -ln(1 - t) = 2 atanh(s), s = t / (2 - t) <= 1/7; the first omitted term is below 2^-31 E.
-        let s = t / (2.0 - t);
-        let s2 = s * s;
-        let series = s2 * (1.0 / 3.0 + s2 * (1.0 / 5.0 + s2 * (1.0 / 7.0 + s2 * (1.0 / 9.0))));
-        let two_s = s + s;
-        two_s + two_s * series
+        two_atanh(t / (2.0 - t))
     } else {
         -ln(1.0 - t)
     }
@@ -170,6 +166,16 @@ pub fn exponential_of_draw(high: u32, low: impl FnOnce() -> u32) -> f32 {
 #[inline(always)]
 pub fn uniform(bits: u32) -> f32 {
     ((bits >> 9) * 2 + 1) as f32 * (1.0 / 16_777_216.0)
+}
+
+/// `2 atanh(s) = 2 (s + s^3/3 + s^5/5 + s^7/7 + s^9/9)` for `|s| <= 0.172`, the series [`ln`] and
+/// [`exponential_of_draw`] share, as a fixed sequence of correctly rounded operations.
+#[inline(always)]
+fn two_atanh(s: f32) -> f32 {
+    let s2 = s * s;
+    let series = s2 * (1.0 / 3.0 + s2 * (1.0 / 5.0 + s2 * (1.0 / 7.0 + s2 * (1.0 / 9.0))));
+    let two_s = s + s;
+    two_s + two_s * series
 }
 
 /// Natural logarithm of a positive, normal, finite `f32`, to within about 2 ulp, as a fixed sequence of
@@ -189,11 +195,7 @@ pub fn ln(x: f32) -> f32 {
         f *= 0.5;
         e += 1;
     }
-    let s = (f - 1.0) / (f + 1.0);
-    let s2 = s * s;
-    let series = s2 * (1.0 / 3.0 + s2 * (1.0 / 5.0 + s2 * (1.0 / 7.0 + s2 * (1.0 / 9.0))));
-    let two_s = s + s;
-    let ln_f = two_s + two_s * series;
+    let ln_f = two_atanh((f - 1.0) / (f + 1.0));
     let e = e as f32;
     e * LN2_HI + (ln_f + e * LN2_LO)
 }
