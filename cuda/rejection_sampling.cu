@@ -15,12 +15,14 @@
 // Two launches for point-mass drafts, three with draft rows, one more with top-k or top-p. A block working on a
 // row finds the row's request by a binary search over the offsets (RowOwner), accepted only if the row lies in
 // that request's valid range; the walk flags a request any of whose rows does not map back to it.
-//   1. SamplingThresholdKernel_<T> (only when top-k or top-p are given): one block per row of a request that uses
-//      them finds the smallest kept z: the k-th largest logit by radix selection over 32-bit order keys (4 passes
-//      of 8 bits), then the top-p cut by the same selection weighted by softmax mass (a pass for the softmax
-//      statistics, 4 for the cut; masses in integer units of 2^-60, so the cut is the same on every run, and a
-//      pass that finds no bin keeps the cut refined so far). Tokens with z below the threshold are removed from
-//      every later step. (Still one block per row: splitting it over the vocabulary is open, issue 15 item 3.)
+//   1. SamplingThresholdKernel_<T> (only when top-k or top-p are given): ten passes, one launch each, over the
+//      row kernel's grid (rows, vocabulary chunks), find each row's smallest kept z: the k-th largest logit by
+//      radix selection over 32-bit order keys (4 passes of 8 bits), then the top-p cut by the same selection
+//      weighted by softmax mass (a pass for the max, one for the sum, 4 for the cut). Blocks add their histograms
+//      into the row's bins with integer atomics (masses in units of 2^-60) and the row's last block chooses the
+//      bin, so the cut is the same on every run and in every batch; a pass that finds no bin keeps the cut refined
+//      so far. Rows of requests that use neither filter return at once. Tokens with z below the threshold are
+//      removed from every later step.
 //   2. SamplingRowKernel_<T>: grid (target rows + draft rows, vocabulary chunks). Block (row, chunk) reads its
 //      chunk once and writes three partials: the race key of the node's draw (target rows), the softmax
 //      statistics (max, sum exp) of z = logit / temperature (when draft rows are given), and value flags (NaN,
@@ -41,14 +43,17 @@
 // Napkin math (B = 64, k = 4, V = 128256, bf16, draft rows): target and draft logits are read once by launch 2,
 // 64 x 9 rows x 256.5 KB = 148 MB: 44 us at 3.35 TB/s (H100). Launch 4 re-reads the two rows of the node where a
 // request stops (mostly from L2). Per element: a Philox round per 4 tokens and two logarithms only for tokens
-// whose key could still win (the race bound), so compute stays under the memory time.
+// whose key could still win (the race bound), so compute stays under the memory time. With top-k and top-p, launch
+// 1 reads each row up to ten times: at this batch 1.5 GB, 440 us from HBM; in the small batches of a rollout's tail
+// (B = 4: 36 rows, 9 MB) the rows stay in L2 (50 MB) after the first pass. Before the split one block per row made
+// those ten passes at one SM's share of bandwidth (36 rows on 132 SMs).
 
 #include "common.cuh"
 #include "sampling_noise.cuh"
 
 namespace specdec {
 
-constexpr int kThresholdThreads = 1024;
+constexpr int kThresholdThreads = 256;
 // The row kernel is memory-bound: __launch_bounds__(kRowThreads, 4) holds it to 64 registers (63 with nvcc 13.0
 // at sm_90, no spills; CI fails on any spill), so four blocks (1024 threads) per SM keep loads in flight.
 constexpr int kRowThreads = 256;
@@ -65,7 +70,7 @@ constexpr uint32_t kFlagBadValue = 1u;  // a NaN or +inf logit; a NaN, infinite 
 constexpr uint32_t kFlagOverflow = 2u;  // a finite logit / temperature is infinite
 constexpr uint32_t kFlagHasMass = 4u;   // a logit above -inf; a probability above 0
 
-// Every argument of the three kernels, passed by value (the host mirrors this layout: src/cuda/sampling.rs).
+// Every argument of the four kernels, passed by value (the host mirrors this layout: src/cuda/sampling.rs).
 struct SamplingArgs {
   const void* target;  // [target_rows, V] of T (logits) or float (probabilities)
   const void* draft;   // [draft_rows, V], or null: point-mass drafts
@@ -83,14 +88,15 @@ struct SamplingArgs {
   const uint64_t* seeds;     // [B]
   const uint64_t* steps;     // [B]
   int64_t emit_width;
-  int32_t* accepted;         // [B]
-  int32_t* emitted;          // [B, W]
-  int32_t* nodes;            // [B, W] or null
-  int8_t* flags;             // [B, W] or null
-  uint64_t* race;            // scratch [target_rows, splits]
-  float2* stats;             // scratch [target_rows + draft_rows, splits]: (max z, sum exp(z - max))
-  uint32_t* row_flags;       // scratch [target_rows + draft_rows, splits]
-  float* thresholds;         // scratch [target_rows + draft_rows]: keep z >= threshold; null without top-k/top-p
+  int32_t* accepted;                  // [B]
+  int32_t* emitted;                   // [B, W]
+  int32_t* nodes;                     // [B, W] or null
+  int8_t* flags;                      // [B, W] or null
+  uint64_t* race;                     // scratch [target_rows, splits]
+  float2* stats;                      // scratch [target_rows + draft_rows, splits]: (max z, sum exp(z - max))
+  uint32_t* row_flags;                // scratch [target_rows + draft_rows, splits]
+  struct ThresholdState* thresholds;  // scratch [target_rows + draft_rows]; null without top-k/top-p
+  double* threshold_sums;             // scratch [target_rows + draft_rows, splits]: top-p's softmax sum per chunk
   struct ResidualJob* jobs;  // scratch [B] (with draft rows): the residual race a request left, node -1 for none
   uint32_t* tickets;         // scratch [B] (with draft rows): residual-race blocks of a request done so far
   uint64_t* residual_race;   // scratch [B, residual_splits]
@@ -102,7 +108,7 @@ struct SamplingArgs {
   int64_t chunk;  // vocabulary chunk per split, a multiple of 4
   int64_t splits;
 };
-static_assert(sizeof(SamplingArgs) == 33 * 8, "the host mirrors this layout");
+static_assert(sizeof(SamplingArgs) == 34 * 8, "the host mirrors this layout");
 
 // What the walk leaves for the residual race of a request whose stopping node rejected all its children.
 struct ResidualJob {
@@ -190,11 +196,49 @@ __device__ __forceinline__ TopKTopP RequestTopKTopP(const SamplingArgs& a, int64
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// 1b. Top-k / top-p thresholds.
+// 1b. Top-k / top-p thresholds, split over the vocabulary.
 // ---------------------------------------------------------------------------------------------------------
+//
+// One launch per pass, each over the row kernel's grid (rows, fixed vocabulary chunks). A pass that selects a bin
+// adds its block's histogram into the row's global bins with integer atomics, and the row's last block (a ticket
+// counter) chooses the bin. Counts and fixed-point masses add exactly, so the cut does not depend on the order the
+// blocks land in, on the number of blocks, or on the batch. A row whose request uses neither filter returns at once.
+//   passes 0-3: top-k, the k-th largest logit by radix selection over 32-bit order keys, 8 bits per pass;
+//   pass 4:     top-p, the largest kept z (an integer max of order keys);
+//   pass 5:     top-p, the sum of exp(z - max) over the kept tokens: f64 per chunk, merged in chunk order;
+//   passes 6-9: top-p, radix selection weighted by softmax mass in units of 2^-60.
+constexpr int kTopKFirstPass = 0;
+constexpr int kTopPMaxPass = 4;
+constexpr int kTopPSumPass = 5;
+constexpr int kTopPFirstRadixPass = 6;
+constexpr int kThresholdPasses = 10;  // SAMPLING_THRESHOLD_PASSES on the host
 
-// Softmax masses of the top-p selection are counted in units of 2^-60 (see RowThreshold).
+// Softmax masses of the top-p selection are counted in units of 2^-60 of the row's kept mass.
 constexpr double kMassUnits = 0x1p60;
+
+// What the passes of one row carry from launch to launch (scratch zeroed by the host before pass 0; all zeros is
+// "no filter yet").
+struct ThresholdState {
+  unsigned long long bins[256];   // this pass's histogram over the row; its last block reads and zeroes it
+  unsigned long long mass_above;  // top-p: kept mass of the values above the selected prefix, in units of 2^-60
+  double z_sum;                   // top-p: sum of exp(z - z_max) over the kept tokens
+  uint32_t prefix, mask;          // the high bits of the order key selected so far, and which bits those are
+  uint32_t count_above;           // top-k: tokens above the selected prefix
+  uint32_t ticket;                // blocks of this pass done so far
+  uint32_t z_max_key;             // top-p: OrderedValueKey of the largest kept z; 0 before any
+  int32_t top_p_stopped;          // top-p: a pass found no bin, or no mass is kept; the cut refined so far stands
+  float top_k_threshold;          // keep z >= it, when has_top_k
+  float threshold;                // keep z >= it (both filters), when has_threshold
+  int32_t has_top_k, has_threshold;
+};
+static_assert(sizeof(ThresholdState) == 2104, "the host sizes the scratch from this (THRESHOLD_STATE_BYTES)");
+
+// The smallest kept z of a row (target rows, then draft rows): -inf when no filter applies.
+__device__ __forceinline__ float RowThresholdOf(const SamplingArgs& a, int64_t row) {
+  if (a.thresholds == nullptr) return -INFINITY;
+  const ThresholdState& s = a.thresholds[row];
+  return s.has_threshold ? s.threshold : -INFINITY;
+}
 
 // The value whose OrderedValueKey is `key` (-0.0 comes back as +0.0, which compares equal).
 __device__ __forceinline__ float FloatFromOrderedKey(uint32_t key) {
@@ -213,6 +257,8 @@ __device__ __forceinline__ float BlockMaxFloat(float v, float* scratch) {
   return total;
 }
 
+// A fixed-order sum: each thread's elements are fixed by the chunk alone (LoadFour's assignment, whatever the
+// row's alignment), then the warps and the block reduce in a fixed order.
 template <int kThreads>
 __device__ __forceinline__ double BlockSumDouble(double v, double* scratch) {
 #pragma unroll
@@ -225,136 +271,160 @@ __device__ __forceinline__ double BlockSumDouble(double v, double* scratch) {
   return total;
 }
 
-// One pass of radix selection from the top: among the tokens whose key matches `prefix` on `mask`, the weight
-// (a count, or a softmax mass in fixed point) of each value of the 8 bits at `shift`; then the highest bin at which
-// the weight above it plus its own reaches `target`. Returns false when no bin does. The weights are integers, so
-// the shared-memory sums are exact and do not depend on the order the atomics land in: the cut is the same on
-// every run.
-template <typename T, typename Weight, typename WeightOf>
-__device__ __forceinline__ bool SelectBin(const T* values, int64_t vocab_size, int shift, Weight* bins,
-                                          uint32_t* prefix, uint32_t* mask, Weight* above, Weight target,
-                                          WeightOf weight_of) {
-  for (int i = threadIdx.x; i < 256; i += kThresholdThreads) bins[i] = Weight(0);
+// Whether this block is the last of its row to finish the pass; every thread's global writes before the call are
+// visible to that block. (The pattern of the residual race: fence, then take a ticket.)
+__device__ __forceinline__ bool LastBlockOfRow(ThresholdState& s, int64_t splits) {
+  __shared__ bool last;
+  __threadfence();
   __syncthreads();
-  const uint32_t p = *prefix, m = *mask;
-  for (int64_t x = threadIdx.x; x < vocab_size; x += kThresholdThreads) {
-    const float v = ToFloat(values[x]);
-    const uint32_t key = OrderedValueKey(v);
-    if ((key & m) == p) {
-      const Weight w = weight_of(v);
-      if (w > Weight(0)) atomicAdd(&bins[(key >> shift) & 0xFFu], w);
-    }
-  }
+  if (threadIdx.x == 0) last = atomicAdd(&s.ticket, 1u) == static_cast<uint32_t>(splits - 1);
   __syncthreads();
-  __shared__ int found;
-  if (threadIdx.x == 0) {
-    Weight carried = *above;
-    int bin = 255;
-    for (; bin >= 0; --bin) {
-      if (carried + bins[bin] >= target) break;
-      carried += bins[bin];
-    }
-    found = bin >= 0;
-    if (bin >= 0) {
-      *prefix = p | (static_cast<uint32_t>(bin) << shift);
-      *mask = m | (0xFFu << shift);
-      *above = carried;
-    }
-  }
-  __syncthreads();
-  return found != 0;
+  if (last) __threadfence();
+  return last;
 }
 
 template <typename T>
-__device__ __forceinline__ void RowThreshold(const SamplingArgs& a) {
-  __shared__ uint32_t counts[256];
-  __shared__ unsigned long long masses[256];
-  __shared__ uint32_t prefix, mask, count_above;
-  __shared__ unsigned long long mass_above;
+__device__ __forceinline__ void ThresholdPass(const SamplingArgs& a, int pass) {
+  __shared__ unsigned long long bins[256];
   __shared__ float float_scratch[kThresholdThreads / 32];
   __shared__ double double_scratch[kThresholdThreads / 32];
   const int64_t row = blockIdx.x;
+  const int64_t split = blockIdx.y;
   const int64_t b = BlockRowOwner(a);
-  const float t = b >= 0 ? a.temperature[b] : 0.0f;
-  const TopKTopP params = b >= 0 ? RequestTopKTopP(a, b) : TopKTopP{false, 0, 1.0f};
-  const bool params_ok = params.ok;
-  const int64_t top_k = params.top_k;
-  const float top_p = params.top_p;
+  if (b < 0) return;  // the walk flags the request
+  const float t = a.temperature[b];
+  const TopKTopP params = RequestTopKTopP(a, b);
   const int64_t vocab = a.vocab_size;
-  // Uniform across the block: it depends on the row's request only.
-  if (!params_ok || !(isfinite(t) && t > 0.0f) || (!(top_k > 0 && top_k < vocab) && top_p == 1.0f)) {
-    if (threadIdx.x == 0) a.thresholds[row] = -INFINITY;
-    return;
-  }
+  const bool top_k_on = params.top_k > 0 && params.top_k < vocab;
+  const bool top_p_on = params.top_p < 1.0f;
+  ThresholdState& s = a.thresholds[row];
+  const bool top_k_pass = pass < kTopPMaxPass;
+  // Uniform across the row's blocks: the pass, the request's parameters, and state the previous launch left.
+  if (pass < kTopKFirstPass || pass >= kThresholdPasses) return;
+  if (!params.ok || !(isfinite(t) && t > 0.0f)) return;
+  if (top_k_pass ? !top_k_on : (!top_p_on || s.top_p_stopped)) return;
+
   const bool is_draft = row >= a.target_rows;
   const T* values =
       static_cast<const T*>(is_draft ? a.draft : a.target) + (is_draft ? row - a.target_rows : row) * vocab;
-
-  // Top-k: keep z >= the k-th largest z, which is the k-th largest logit divided by t (division is monotone).
-  float threshold = -INFINITY;
-  if (top_k > 0 && top_k < vocab) {
-    if (threadIdx.x == 0) {
-      prefix = 0u;
-      mask = 0u;
-      count_above = 0u;
-    }
-    __syncthreads();
-    for (int shift = 24; shift >= 0; shift -= 8) {
-      SelectBin<T, uint32_t>(values, vocab, shift, counts, &prefix, &mask, &count_above, static_cast<uint32_t>(top_k),
-                             [](float) { return 1u; });
-    }
-    threshold = __fdiv_rn(FloatFromOrderedKey(prefix), t);
-  }
-
-  // Top-p: among the kept tokens, the largest logit v whose tokens at or above it hold softmax mass >= top_p.
-  if (top_p < 1.0f) {
-    const float kept_min = threshold;
-    const auto kept_z = [=](float v) {
-      const float z = (v != v) ? -INFINITY : __fdiv_rn(v, t);
-      return z >= kept_min ? z : -INFINITY;
-    };
-    float local_max = -INFINITY;
-    for (int64_t x = threadIdx.x; x < vocab; x += kThresholdThreads)
-      local_max = fmaxf(local_max, kept_z(ToFloat(values[x])));
-    const float z_max = BlockMaxFloat<kThresholdThreads>(local_max, float_scratch);
-    double local_sum = 0.0;
-    for (int64_t x = threadIdx.x; x < vocab; x += kThresholdThreads) {
-      const float z = kept_z(ToFloat(values[x]));
-      if (z > -INFINITY) local_sum += static_cast<double>(expf(z - z_max));
-    }
-    const double z_sum = BlockSumDouble<kThresholdThreads>(local_sum, double_scratch);
-    if (threadIdx.x == 0) {
-      prefix = 0u;
-      mask = 0u;
-      mass_above = 0ull;
-    }
-    __syncthreads();
-    // Masses in units of 2^-60 of the row's kept mass (truncated; a row sums to at most 2^60), so that bins add
-    // up exactly with native 64-bit integer atomics. top_p is a float: its 24 bits scale exactly. The target is at
-    // least one unit, so that an empty bin never meets it (a top_p below 2^-60 keeps the most likely value).
-    const unsigned long long scaled_top_p = static_cast<unsigned long long>(static_cast<double>(top_p) * kMassUnits);
-    const unsigned long long target = scaled_top_p > 0ull ? scaled_top_p : 1ull;
-    int passes = 0;
-    if (z_sum > 0.0) {
-      for (int shift = 24; shift >= 0; shift -= 8) {
-        if (!SelectBin<T, unsigned long long>(
-                values, vocab, shift, masses, &prefix, &mask, &mass_above, target, [=](float v) {
-                  const float z = kept_z(v);
-                  return z > -INFINITY ? static_cast<unsigned long long>(static_cast<double>(expf(z - z_max)) / z_sum *
-                                                                         kMassUnits)
-                                       : 0ull;
-                })) {
-          break;
-        }
-        ++passes;
+  const int64_t begin = split * a.chunk;
+  const int64_t end = begin + a.chunk < vocab ? begin + a.chunk : vocab;
+  const auto for_each_value = [&](auto visit) {
+    for (int64_t first = begin + 4 * static_cast<int64_t>(threadIdx.x); first < end; first += 4 * kThresholdThreads) {
+      const int n = end - first < 4 ? static_cast<int>(end - first) : 4;
+      float v[4];
+      LoadFour(values, first, n, v);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        if (i < n) visit(v[i]);
       }
     }
-    // The cut refined so far: the lowest value of the bin the last pass chose still holds the mass top_p needs.
-    // (With exact sums a later pass always finds a bin; the first can miss only when truncation leaves the kept
-    // mass short of top_p, and then top-p keeps everything top-k kept.)
-    if (passes > 0) threshold = fmaxf(threshold, __fdiv_rn(FloatFromOrderedKey(prefix), t));
+  };
+  // z = logit / t of a token top-k keeps (top-p's domain), else -inf. Division by t > 0 is monotone, so top-k
+  // selects on the logits and divides only its result.
+  const float kept_min = s.has_top_k ? s.top_k_threshold : -INFINITY;
+  const auto kept_z = [=](float v) {
+    const float z = (v != v) ? -INFINITY : __fdiv_rn(v, t);
+    return z >= kept_min ? z : -INFINITY;
+  };
+
+  if (pass == kTopPMaxPass) {
+    float local_max = -INFINITY;
+    for_each_value([&](float v) { local_max = fmaxf(local_max, kept_z(v)); });
+    const float block_max = BlockMaxFloat<kThresholdThreads>(local_max, float_scratch);
+    if (threadIdx.x == 0 && block_max > -INFINITY) atomicMax(&s.z_max_key, OrderedValueKey(block_max));
+    return;
   }
-  if (threadIdx.x == 0) a.thresholds[row] = threshold;
+
+  const float z_max = s.z_max_key != 0u ? FloatFromOrderedKey(s.z_max_key) : -INFINITY;
+  if (pass == kTopPSumPass) {
+    double local_sum = 0.0;
+    for_each_value([&](float v) {
+      const float z = kept_z(v);
+      if (z > -INFINITY) local_sum += static_cast<double>(expf(z - z_max));
+    });
+    const double block_sum = BlockSumDouble<kThresholdThreads>(local_sum, double_scratch);
+    if (threadIdx.x == 0) a.threshold_sums[row * a.splits + split] = block_sum;
+    if (LastBlockOfRow(s, a.splits) && threadIdx.x == 0) {
+      double z_sum = 0.0;
+      for (int64_t c = 0; c < a.splits; ++c) z_sum += __ldcg(&a.threshold_sums[row * a.splits + c]);
+      s.z_sum = z_sum;
+      s.top_p_stopped = z_sum > 0.0 ? 0 : 1;
+      s.ticket = 0u;
+    }
+    return;
+  }
+
+  // A radix pass: among the tokens whose key matches the prefix so far, the weight (a count, or a mass in units
+  // of 2^-60, truncated: a row's kept mass sums to at most 2^60) of each value of the 8 bits at `shift`.
+  const int shift = 24 - 8 * (top_k_pass ? pass - kTopKFirstPass : pass - kTopPFirstRadixPass);
+  const uint32_t prefix = s.prefix, mask = s.mask;
+  // One division per row, not per token (a per-token f64 division is a call that made ptxas spill around it).
+  // Multiplying by 2^60 / z_sum instead of dividing by z_sum moves a mass by at most an ulp: within rounding.
+  const double units_per_exp = top_k_pass ? 0.0 : kMassUnits / s.z_sum;
+  for (int i = threadIdx.x; i < 256; i += kThresholdThreads) bins[i] = 0ull;
+  __syncthreads();
+  for_each_value([&](float v) {
+    const uint32_t key = OrderedValueKey(v);
+    if ((key & mask) != prefix) return;
+    unsigned long long weight = 1ull;
+    if (!top_k_pass) {
+      const float z = kept_z(v);
+      weight =
+          z > -INFINITY ? static_cast<unsigned long long>(static_cast<double>(expf(z - z_max)) * units_per_exp) : 0ull;
+    }
+    if (weight > 0ull) atomicAdd(&bins[(key >> shift) & 0xFFu], weight);
+  });
+  __syncthreads();
+  for (int i = threadIdx.x; i < 256; i += kThresholdThreads) {
+    if (bins[i] != 0ull) atomicAdd(&s.bins[i], bins[i]);
+  }
+  if (!LastBlockOfRow(s, a.splits)) return;
+
+  // The last block: the highest bin at which the weight above it plus its own reaches the target.
+  if (threadIdx.x == 0) {
+    // top_p is a float: its 24 bits scale exactly. The target is at least one unit, so that an empty bin never
+    // meets it (a top_p below 2^-60 keeps the most likely value).
+    const unsigned long long scaled_top_p =
+        static_cast<unsigned long long>(static_cast<double>(params.top_p) * kMassUnits);
+    const unsigned long long target =
+        top_k_pass ? static_cast<unsigned long long>(params.top_k) : (scaled_top_p > 0ull ? scaled_top_p : 1ull);
+    unsigned long long carried = top_k_pass ? s.count_above : s.mass_above;
+    int bin = 255;
+    for (; bin >= 0; --bin) {
+      const unsigned long long weight = __ldcg(&s.bins[bin]);
+      if (carried + weight >= target) break;
+      carried += weight;
+    }
+    if (bin >= 0) {
+      s.prefix = prefix | (static_cast<uint32_t>(bin) << shift);
+      s.mask = mask | (0xFFu << shift);
+      if (top_k_pass) {
+        s.count_above = static_cast<uint32_t>(carried);
+      } else {
+        s.mass_above = carried;
+        // The cut refined so far: the lowest value of the chosen bin still holds the mass top_p needs.
+        s.threshold = fmaxf(kept_min, __fdiv_rn(FloatFromOrderedKey(s.prefix), t));
+        s.has_threshold = 1;
+      }
+    } else if (!top_k_pass) {
+      // With exact sums a later pass always finds a bin; the first can miss only when truncation leaves the kept
+      // mass short of top_p, and then top-p keeps everything top-k kept.
+      s.top_p_stopped = 1;
+    }
+    if (top_k_pass && shift == 0) {
+      // The k-th largest logit, as z; top-p starts its own selection from an empty prefix.
+      s.top_k_threshold = __fdiv_rn(FloatFromOrderedKey(s.prefix), t);
+      s.has_top_k = 1;
+      s.threshold = s.top_k_threshold;
+      s.has_threshold = 1;
+      s.prefix = 0u;
+      s.mask = 0u;
+    }
+    s.ticket = 0u;
+  }
+  __syncthreads();  // thread 0 has read the bins
+  for (int i = threadIdx.x; i < 256; i += kThresholdThreads) s.bins[i] = 0ull;
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -433,7 +503,7 @@ __device__ __forceinline__ void RowPartials(const SamplingArgs& a) {
   const bool logits = a.temperature != nullptr;
   const float t = (b >= 0 && logits) ? a.temperature[b] : 1.0f;
   const bool temperature_ok = !logits || (isfinite(t) && t >= 0.0f);
-  const float threshold = (b >= 0 && a.thresholds != nullptr) ? a.thresholds[row] : -INFINITY;
+  const float threshold = b >= 0 ? RowThresholdOf(a, row) : -INFINITY;
   uint64_t best = 0ull;
   float best_key = -INFINITY;
   SoftmaxStats stats;
@@ -631,7 +701,7 @@ __device__ __forceinline__ float Probability(const SamplingArgs& a, const void* 
                                              float max, float sum, int64_t threshold_row) {
   if (a.temperature == nullptr) return static_cast<const float*>(rows)[row * a.vocab_size + x];
   const float z = __fdiv_rn(ToFloat(static_cast<const T*>(rows)[row * a.vocab_size + x]), t);
-  const float threshold = a.thresholds != nullptr ? a.thresholds[threshold_row] : -INFINITY;
+  const float threshold = RowThresholdOf(a, threshold_row);
   return (z == -INFINITY || z < threshold) ? 0.0f : __fdiv_rn(expf(z - max), sum);
 }
 
@@ -871,26 +941,26 @@ __device__ __forceinline__ void ResidualRace(const SamplingArgs& a) {
 }  // namespace specdec
 
 // Unmangled entry points, looked up by name from the Rust launcher (src/cuda/sampling.rs).
-#define SPECDEC_SAMPLING_KERNELS(suffix, T)                                \
-  extern "C" __global__ void __launch_bounds__(specdec::kThresholdThreads) \
-      SamplingThresholdKernel_##suffix(specdec::SamplingArgs a) {          \
-    specdec::RowThreshold<T>(a);                                           \
-  }                                                                        \
-  extern "C" __global__ void __launch_bounds__(specdec::kRowThreads, 4)    \
-      SamplingRowKernel_##suffix(specdec::SamplingArgs a) {                \
-    specdec::RowPartials<T>(a);                                            \
-  }                                                                        \
-  extern "C" __global__ void __launch_bounds__(specdec::kWalkThreads, 1)   \
-      RejectionWalkKernel_##suffix(specdec::SamplingArgs a) {              \
-    specdec::Walk<T>(a);                                                   \
-  }                                                                        \
-  extern "C" __global__ void __launch_bounds__(specdec::kResidualThreads)  \
-      ResidualRaceKernel_##suffix(specdec::SamplingArgs a) {               \
-    specdec::ResidualRace<T>(a);                                           \
-  }                                                                        \
-  SPECDEC_SIM_ENTRY(SamplingThresholdKernel_##suffix)                      \
-  SPECDEC_SIM_ENTRY(SamplingRowKernel_##suffix)                            \
-  SPECDEC_SIM_ENTRY(RejectionWalkKernel_##suffix)                          \
+#define SPECDEC_SAMPLING_KERNELS(suffix, T)                                 \
+  extern "C" __global__ void __launch_bounds__(specdec::kThresholdThreads)  \
+      SamplingThresholdKernel_##suffix(specdec::SamplingArgs a, int pass) { \
+    specdec::ThresholdPass<T>(a, pass);                                     \
+  }                                                                         \
+  extern "C" __global__ void __launch_bounds__(specdec::kRowThreads, 4)     \
+      SamplingRowKernel_##suffix(specdec::SamplingArgs a) {                 \
+    specdec::RowPartials<T>(a);                                             \
+  }                                                                         \
+  extern "C" __global__ void __launch_bounds__(specdec::kWalkThreads, 1)    \
+      RejectionWalkKernel_##suffix(specdec::SamplingArgs a) {               \
+    specdec::Walk<T>(a);                                                    \
+  }                                                                         \
+  extern "C" __global__ void __launch_bounds__(specdec::kResidualThreads)   \
+      ResidualRaceKernel_##suffix(specdec::SamplingArgs a) {                \
+    specdec::ResidualRace<T>(a);                                            \
+  }                                                                         \
+  SPECDEC_SIM_ENTRY(SamplingThresholdKernel_##suffix)                       \
+  SPECDEC_SIM_ENTRY(SamplingRowKernel_##suffix)                             \
+  SPECDEC_SIM_ENTRY(RejectionWalkKernel_##suffix)                           \
   SPECDEC_SIM_ENTRY(ResidualRaceKernel_##suffix)
 SPECDEC_SAMPLING_KERNELS(f32, float)
 SPECDEC_SAMPLING_KERNELS(f16, __half)

@@ -1057,3 +1057,121 @@ fn probability_rows_that_do_not_sum_to_one_are_flagged() {
     target[4 * v..5 * v].iter_mut().for_each(|p| *p *= 0.5);
     run(CPU, &target, &draft).expect("within the tolerance");
 }
+
+/// Top-k and top-p cuts over a vocabulary of several row-kernel chunks (V = 3 x 8192 + 77): the threshold passes
+/// run one block per chunk and merge counts and masses across blocks, and the cut equals the CPU's. Each request
+/// has 12 heavy tokens spread over the chunks (logits 3..7) above a light background (-6..-2), so the cut falls
+/// among the heavy tokens or in the background; temperatures, top-p in (0.3, 0.95) and top-k (every third request)
+/// vary by request. Point-mass drafts: a token is an exponential race over the kept logits, with no normalising
+/// sum, so only the cut decides, and the GPU's tokens must equal the CPU's. They may differ only where a cut lies
+/// within rounding (f32 expf on each side, up to 2 ulp apart) of top_p: about 1e-6 per row, under 1e-4 for
+/// the test's 72 rows per dtype. Four requests alone emit what they emit in the batch.
+#[test]
+fn top_k_and_top_p_cuts_across_vocabulary_chunks_equal_the_cpu() {
+    const NAME: &str = "top_k_and_top_p_cuts_across_vocabulary_chunks_equal_the_cpu";
+    if gpu(NAME).is_none() {
+        return;
+    }
+    let mut rng = common::rng(NAME);
+    let (b, k, v, width) = (24usize, 2usize, 3 * 8192 + 77, 3usize);
+    let rows = b * (k + 1);
+    let mut logits: Vec<f32> = (0..rows * v)
+        .map(|_| rng.random_range(-6.0f32..-2.0))
+        .collect();
+    let mut heavy = Vec::new();
+    for row in 0..rows {
+        let ids: Vec<usize> = (0..12).map(|_| rng.random_range(0..v)).collect();
+        for &x in &ids {
+            logits[row * v + x] = rng.random_range(3.0f32..7.0);
+        }
+        heavy.push(ids);
+    }
+    // Drafts: a heavy token of the row that scores them (likely kept) or any token (likely cut).
+    let tokens: Vec<i32> = (0..b * k)
+        .map(|i| {
+            let row = (i / k) * (k + 1) + i % k;
+            if rng.random_bool(0.7) {
+                heavy[row][rng.random_range(0..12)] as i32
+            } else {
+                rng.random_range(0..v as i32)
+            }
+        })
+        .collect();
+    let temperature: Vec<f32> = (0..b).map(|_| rng.random_range(0.5..1.5)).collect();
+    let top_p: Vec<f32> = (0..b).map(|_| rng.random_range(0.3..0.95)).collect();
+    let top_k: Vec<i32> = (0..b)
+        .map(|i| {
+            if i % 3 == 0 {
+                rng.random_range(2..40)
+            } else {
+                -1
+            }
+        })
+        .collect();
+    let seeds: Vec<u64> = (0..b).map(|_| rng.random()).collect();
+    let bf16_logits: Vec<bf16> = logits.iter().map(|&x| bf16::from_f32(x)).collect();
+
+    // Requests `first..first + count` as a batch of their own.
+    let verify = |verify: Verify, bf16_rows: bool, steps: &[u64], first: usize, count: usize| {
+        let offsets: Vec<i32> = (0..=count).map(|i| (i * k) as i32).collect();
+        let target_rows = first * (k + 1) * v..(first + count) * (k + 1) * v;
+        let inputs = VerifyInputs {
+            vocab_size: v,
+            drafts: Drafts::Chain {
+                draft_offsets: &offsets,
+                draft_tokens: &tokens[first * k..(first + count) * k],
+            },
+            target: if bf16_rows {
+                Rows::LogitsBF16(&bf16_logits[target_rows])
+            } else {
+                Rows::LogitsF32(&logits[target_rows])
+            },
+            draft: None,
+            params: Some(SamplingParams {
+                temperature: &temperature[first..first + count],
+                top_k: Some(&top_k[first..first + count]),
+                top_p: Some(&top_p[first..first + count]),
+            }),
+            seeds: &seeds[first..first + count],
+            steps: &steps[first..first + count],
+        };
+        let (mut a, mut e) = (vec![POISON; count], vec![POISON; count * width]);
+        verify(
+            &inputs,
+            &mut VerifyOutputs {
+                emit_width: width,
+                accepted_counts: &mut a,
+                emitted_tokens: &mut e,
+                accepted_nodes: None,
+                accept_flags: None,
+            },
+        )
+        .expect("verify");
+        (a, e)
+    };
+    // Three steps per request (fresh noise each), so about 70 tokens per dtype are drawn through the cuts.
+    for (bf16_rows, round) in [false, true]
+        .into_iter()
+        .flat_map(|d| (0..3).map(move |r| (d, r)))
+    {
+        let steps: Vec<u64> = (0..b as u64).map(|i| 1000 * round + i).collect();
+        let (cpu_accepted, cpu_emitted) = verify(CPU, bf16_rows, &steps, 0, b);
+        let (gpu_accepted, gpu_emitted) = verify(GPU, bf16_rows, &steps, 0, b);
+        let context = format!("bf16 {bf16_rows}, round {round}");
+        eprintln!("{context}: accepted {gpu_accepted:?}");
+        assert_eq!(gpu_accepted, cpu_accepted, "{context}: accepted counts");
+        assert_eq!(gpu_emitted, cpu_emitted, "{context}: emitted tokens");
+        for first in [0, 7, 16, 23] {
+            let (a, e) = verify(GPU, bf16_rows, &steps, first, 1);
+            assert_eq!(
+                a[0], gpu_accepted[first],
+                "{context}: request {first} alone"
+            );
+            assert_eq!(
+                e,
+                gpu_emitted[first * width..(first + 1) * width],
+                "{context}: request {first} alone"
+            );
+        }
+    }
+}

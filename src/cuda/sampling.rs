@@ -17,7 +17,7 @@ use crate::sampling::{RowsKind, VerifyShape};
 const MODULE: &str = "rejection_sampling";
 /// Threads per block; must match kThresholdThreads / kRowThreads / kWalkThreads / kResidualThreads in the .cu
 /// file.
-const THRESHOLD_THREADS: u32 = 1024;
+const THRESHOLD_THREADS: u32 = 256;
 const ROW_THREADS: u32 = 256;
 /// The vocabulary chunk of one SamplingRowKernel block. Fixed, never derived from the batch or the GPU, because the
 /// chunks decide how a row's softmax sum is rounded: a request's tokens must not depend on the requests beside it
@@ -60,6 +60,11 @@ const WALK: usize = 2;
 const RESIDUAL: usize = 3;
 /// `sizeof(ResidualJob)` in the .cu file: node, level, four floats, 66 doubles.
 const RESIDUAL_JOB_BYTES: usize = 24 + 8 * 66;
+/// `sizeof(ThresholdState)` in the .cu file: 256 bins and two sums of 8 bytes, ten 4-byte fields.
+const THRESHOLD_STATE_BYTES: usize = 8 * 258 + 4 * 10;
+/// Passes of SamplingThresholdKernel (kThresholdPasses): 0-3 top-k, 4-9 top-p.
+const TOP_K_PASSES: std::ops::Range<i32> = 0..4;
+const TOP_P_PASSES: std::ops::Range<i32> = 4..10;
 
 /// Target or draft rows on the device.
 pub enum DeviceRows<'a> {
@@ -249,6 +254,7 @@ struct SamplingArgs {
     stats: u64,
     row_flags: u64,
     thresholds: u64,
+    threshold_sums: u64,
     jobs: u64,
     tickets: u64,
     residual_race: u64,
@@ -260,7 +266,7 @@ struct SamplingArgs {
     chunk: i64,
     splits: i64,
 }
-const _: () = assert!(std::mem::size_of::<SamplingArgs>() == 33 * 8);
+const _: () = assert!(std::mem::size_of::<SamplingArgs>() == 34 * 8);
 
 impl CudaBackend {
     /// Rejection-sampling verification on the GPU; see [`crate::sampling`] for layout, semantics and
@@ -402,8 +408,8 @@ impl CudaBackend {
         }
         let (residual_chunk, residual_splits) =
             vocabulary_split(b, shape.vocab_size, self.multiprocessors(), 4);
-        // One scratch allocation in 8-byte aligned parts: race keys, softmax statistics, row flags, thresholds
-        // (top-k / top-p), and with draft rows the residual jobs, tickets and race partials, plus for trees one
+        // One scratch allocation in 8-byte aligned parts: race keys, softmax statistics, row flags, the threshold
+        // passes' state and per-chunk sums (top-k / top-p: 2.1 KB per row), and with draft rows the residual jobs, tickets and race partials, plus for trees one
         // residual row per request (a node with several i.i.d. children steps its residual there, O(V) per
         // rejection: 4 V bytes per request, 33 MB at B = 64, V = 128256).
         let partials = rows * splits as usize;
@@ -428,10 +434,11 @@ impl CudaBackend {
             partials * 8,
             (partials * 4).next_multiple_of(8),
             if thresholds {
-                (rows * 4).next_multiple_of(8)
+                rows * THRESHOLD_STATE_BYTES
             } else {
                 0
             },
+            if thresholds { partials * 8 } else { 0 },
             if residuals { b * RESIDUAL_JOB_BYTES } else { 0 },
             if residuals {
                 (b * 4).next_multiple_of(8)
@@ -446,7 +453,7 @@ impl CudaBackend {
             residual_rows_bytes,
         ];
         let scratch = StreamScratch::alloc(stream, parts.iter().sum())?;
-        let mut at = [0u64; 8];
+        let mut at = [0u64; 9];
         for k in 1..parts.len() {
             at[k] = at[k - 1] + parts[k - 1] as u64;
         }
@@ -477,10 +484,11 @@ impl CudaBackend {
             stats: part(1),
             row_flags: part(2),
             thresholds: part(3),
-            jobs: part(4),
-            tickets: part(5),
-            residual_race: part(6),
-            residual_rows: part(7),
+            threshold_sums: part(4),
+            jobs: part(5),
+            tickets: part(6),
+            residual_race: part(7),
+            residual_rows: part(8),
             residual_chunk: residual_chunk as i64,
             residual_splits: i64::from(residual_splits),
             target_rows: target_rows as i64,
@@ -488,50 +496,77 @@ impl CudaBackend {
             chunk: chunk as i64,
             splits: i64::from(splits),
         };
-        let launches = [
+        // The threshold passes carry their state from launch to launch in scratch that starts at zero ("no
+        // filter yet"); rows of requests without top-k or top-p return at once in every pass.
+        if thresholds && rows > 0 {
+            // SAFETY: the part lies inside the scratch allocated above on this stream.
+            unsafe { result::memset_d8_async(part(3), 0, parts[3], stream) }
+                .map_err(|e| cuda_error("cuMemsetD8Async(threshold state)", e))?;
+        }
+        let mut threshold_passes = Vec::new();
+        if ptrs.top_k != 0 {
+            threshold_passes.extend(TOP_K_PASSES);
+        }
+        if ptrs.top_p != 0 {
+            threshold_passes.extend(TOP_P_PASSES);
+        }
+        let threshold_launches = threshold_passes.into_iter().map(|pass| {
             (
-                thresholds,
                 THRESHOLD,
-                (rows as u32, 1, 1),
+                (rows as u32, splits, 1),
                 THRESHOLD_THREADS,
+                Some(pass),
                 "cuLaunchKernel(SamplingThresholdKernel)",
-            ),
+            )
+        });
+        let row_and_walk = [
             (
-                true,
                 ROW,
                 (rows as u32, splits, 1),
                 ROW_THREADS,
+                None,
                 "cuLaunchKernel(SamplingRowKernel)",
             ),
             (
-                true,
                 WALK,
                 (b as u32, 1, 1),
                 WALK_THREADS,
+                None,
                 "cuLaunchKernel(RejectionWalkKernel)",
             ),
-            (
-                residuals,
-                RESIDUAL,
-                (b as u32, residual_splits, 1),
-                RESIDUAL_THREADS,
-                "cuLaunchKernel(ResidualRaceKernel)",
-            ),
         ];
-        for (wanted, family, grid, threads, name) in launches {
+        let residual = residuals.then_some((
+            RESIDUAL,
+            (b as u32, residual_splits, 1),
+            RESIDUAL_THREADS,
+            None,
+            "cuLaunchKernel(ResidualRaceKernel)",
+        ));
+        for (family, grid, threads, pass, name) in
+            threshold_launches.chain(row_and_walk).chain(residual)
+        {
             // A grid with no blocks has no work (a batch of empty trees has no rows), and the driver refuses it.
-            if !wanted || grid.0 == 0 || grid.1 == 0 {
+            if grid.0 == 0 || grid.1 == 0 {
                 continue;
             }
             let function = self.function(MODULE, KERNELS[family][dtype])?;
-            let mut params = [&mut args as *mut SamplingArgs as *mut c_void];
-            // SAFETY: the kernel takes one SamplingArgs by value (the same layout, asserted on both sides);
-            // every pointer in it was checked against the shape, and the scratch parts are sized above. The
-            // kernels validate each request's contents before indexing with them.
-            unsafe {
-                result::launch_kernel(function, grid, (threads, 1, 1), 0, stream, &mut params)
-            }
-            .map_err(|e| cuda_error(name, e))?;
+            let mut pass = pass.unwrap_or(0);
+            let mut with_pass = [
+                &mut args as *mut SamplingArgs as *mut c_void,
+                &mut pass as *mut i32 as *mut c_void,
+            ];
+            let mut args_only = [&mut args as *mut SamplingArgs as *mut c_void];
+            let params: &mut [*mut c_void] = if family == THRESHOLD {
+                &mut with_pass
+            } else {
+                &mut args_only
+            };
+            // SAFETY: each kernel takes one SamplingArgs by value (the same layout, asserted on both sides), the
+            // threshold kernel an int pass after it; every pointer in it was checked against the shape, and the
+            // scratch parts are sized above. The kernels validate each request's contents before indexing with
+            // them.
+            unsafe { result::launch_kernel(function, grid, (threads, 1, 1), 0, stream, params) }
+                .map_err(|e| cuda_error(name, e))?;
         }
         scratch.free()
     }
