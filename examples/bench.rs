@@ -261,18 +261,19 @@ fn verify_rows(options: &Options, backend: &Backend, rows: &[Row], ceiling_gbps:
         Vec::new()
     };
     for case in sampler_cases {
+        let kind = match (case.with_q, case.filtered) {
+            (true, true) => "q, top-k 50, top-p 0.9",
+            (true, false) => "q",
+            (false, _) => "point mass",
+        };
         eprintln!(
-            "rejection_verify bf16 {} B={} k={} V={} ...",
-            if case.with_q { "q" } else { "point mass" },
-            case.batch,
-            case.drafts,
-            case.vocab
+            "rejection_verify bf16 {kind} B={} k={} V={} ...",
+            case.batch, case.drafts, case.vocab
         );
         let (micros, check) = run_sampler(backend, case);
         let bytes = case.bytes() as f64;
         println!(
-            "| rejection_verify (chain, {}) | bf16 | {} | {} | {} | {:.2} | {:.2} | {} | {} |",
-            if case.with_q { "q" } else { "point mass" },
+            "| rejection_verify (chain, {kind}) | bf16 | {} | {} | {} | {:.2} | {:.2} | {} | {} |",
             case.batch,
             case.drafts,
             case.vocab,
@@ -318,17 +319,19 @@ fn greedy_cases(options: &Options) -> Vec<GreedyCase> {
 }
 
 /// One rejection-sampling case: `batch` chains of `drafts` tokens, bf16 logits, temperature 1, with draft rows
-/// (`with_q`) or point-mass drafts.
+/// (`with_q`) or point-mass drafts, and with top-k 50 and top-p 0.9 on every request (`filtered`) or neither.
 #[derive(Clone, Copy)]
 struct SamplerCase {
     batch: usize,
     drafts: usize,
     vocab: usize,
     with_q: bool,
+    filtered: bool,
 }
 
 impl SamplerCase {
-    /// The floor: target rows (`k + 1` per request) and draft rows (`k`, with q) read once.
+    /// The floor: target rows (`k + 1` per request) and draft rows (`k`, with q) read once (filtered cases read
+    /// them up to ten times more, from L2 when they fit).
     fn bytes(&self) -> usize {
         let rows = self.drafts + 1 + if self.with_q { self.drafts } else { 0 };
         self.batch * rows * self.vocab * 2
@@ -352,6 +355,7 @@ fn sampler_cases(quick: bool, cuda: bool) -> Vec<SamplerCase> {
                     drafts: k,
                     vocab,
                     with_q: true,
+                    filtered: false,
                 });
                 if k == 4 {
                     cases.push(SamplerCase {
@@ -359,10 +363,22 @@ fn sampler_cases(quick: bool, cuda: bool) -> Vec<SamplerCase> {
                         drafts: k,
                         vocab,
                         with_q: false,
+                        filtered: false,
                     });
                 }
             }
         }
+    }
+    // Top-k and top-p (the threshold passes) at a small and a large batch.
+    let filtered_vocab = if cuda { 128256 } else { 32000 };
+    for batch in [1, if cuda { 64 } else { 8 }] {
+        cases.push(SamplerCase {
+            batch,
+            drafts: 4,
+            vocab: filtered_vocab,
+            with_q: true,
+            filtered: true,
+        });
     }
     cases
 }
@@ -375,6 +391,8 @@ struct SamplerInputs {
     offsets: Vec<i32>,
     tokens: Vec<i32>,
     temperature: Vec<f32>,
+    top_k: Vec<i32>,
+    top_p: Vec<f32>,
     seeds: Vec<u64>,
     steps: Vec<u64>,
 }
@@ -408,6 +426,8 @@ fn sampler_inputs(case: SamplerCase) -> SamplerInputs {
         offsets: (0..=b).map(|r| (r * k) as i32).collect(),
         tokens,
         temperature: vec![1.0; b],
+        top_k: vec![if case.filtered { 50 } else { -1 }; b],
+        top_p: vec![if case.filtered { 0.9 } else { 1.0 }; b],
         seeds: (0..b as u64).map(|r| r * 7919 + 1).collect(),
         steps: vec![0; b],
     }
@@ -431,8 +451,8 @@ fn sampler_cpu(
         draft: case.with_q.then_some(Rows::LogitsBF16(&inputs.draft)),
         params: Some(SamplingParams {
             temperature: &inputs.temperature,
-            top_k: None,
-            top_p: None,
+            top_k: case.filtered.then_some(&inputs.top_k[..]),
+            top_p: case.filtered.then_some(&inputs.top_p[..]),
         }),
         seeds: &inputs.seeds,
         steps: &inputs.steps,
@@ -480,7 +500,8 @@ fn run_sampler(backend: &Backend, case: SamplerCase) -> (f64, String) {
                         || emitted[r * w..(r + 1) * w] != want_emitted[r * w..(r + 1) * w]
                 })
                 .count();
-            let check = match (differ, case.with_q) {
+            // Softmax sums (draft rows, top-p's cut) round differently on the two sides.
+            let check = match (differ, case.with_q || case.filtered) {
                 (0, _) => "= CPU reference".to_string(),
                 (n, true) if n * 100 <= case.batch => {
                     format!("{n} of {} requests differ (rounding)", case.batch)
@@ -526,6 +547,8 @@ fn time_sampler_cuda(
     let offsets = stream.clone_htod(&inputs.offsets).expect("upload");
     let tokens = stream.clone_htod(&inputs.tokens).expect("upload");
     let temperature = stream.clone_htod(&inputs.temperature).expect("upload");
+    let top_k = stream.clone_htod(&inputs.top_k).expect("upload");
+    let top_p = stream.clone_htod(&inputs.top_p).expect("upload");
     let seeds = stream.clone_htod(&inputs.seeds).expect("upload");
     let steps = stream.clone_htod(&inputs.steps).expect("upload");
     let mut accepted = stream.clone_htod(&vec![-7; b]).expect("poisoned output");
@@ -537,6 +560,8 @@ fn time_sampler_cuda(
     let (o, _o) = offsets.device_ptr(stream);
     let (k, _k) = tokens.device_ptr(stream);
     let (tp, _tp) = temperature.device_ptr(stream);
+    let (tk, _tk) = top_k.device_ptr(stream);
+    let (pp, _pp) = top_p.device_ptr(stream);
     let (sd, _sd) = seeds.device_ptr(stream);
     let (st, _st) = steps.device_ptr(stream);
     let (a, _a) = accepted.device_ptr_mut(stream);
@@ -562,8 +587,8 @@ fn time_sampler_cuda(
                     ))
                 }),
                 temperature: Some(DeviceIn::from_raw(tp, b)),
-                top_k: None,
-                top_p: None,
+                top_k: case.filtered.then(|| DeviceIn::from_raw(tk, b)),
+                top_p: case.filtered.then(|| DeviceIn::from_raw(pp, b)),
                 seeds: DeviceIn::from_raw(sd, b),
                 steps: DeviceIn::from_raw(st, b),
             };
@@ -579,7 +604,7 @@ fn time_sampler_cuda(
         .expect("rejection_verify launch");
     };
     let micros = time_cuda_calls(backend, stream, call);
-    drop((_t, _d, _o, _k, _tp, _sd, _st, _a, _e));
+    drop((_t, _d, _o, _k, _tp, _tk, _pp, _sd, _st, _a, _e));
     stream.synchronize().expect("benchmark work completes");
     (
         micros,
