@@ -74,7 +74,8 @@ def load_specdec(path):
 
 class Sampling(ctypes.Structure):
     """specdec_sampling: per-request arrays (device pointers on a CUDA context)."""
-    _fields_ = [(name, ctypes.c_void_p) for name in ("temperature", "top_k", "top_p", "seeds", "steps")]
+    _fields_ = [(name, ctypes.c_void_p) for name in ("temperature", "top_k", "top_p", "seeds", "steps",
+                                                          "draft_temperature", "draft_top_k", "draft_top_p")]
 
 
 class VerifyOutputs(ctypes.Structure):

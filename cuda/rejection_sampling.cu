@@ -80,13 +80,16 @@ struct SamplingArgs {
   const int32_t* tokens;   // [num_tokens]: drafts (chain) or node tokens (tree)
   const int32_t* parents;  // [num_tokens] (tree); unused for chains
   int64_t num_tokens;
-  int64_t is_tree;           // 1: trees (offsets are node offsets); 0: chains. Explicit, since a batch of
-                             // empty trees has no parents to point at.
-  const float* temperature;  // [B] for logits, null for probabilities
-  const int32_t* top_k;      // [B] (-1 = off) or null
-  const float* top_p;        // [B] (1 = off) or null
-  const uint64_t* seeds;     // [B]
-  const uint64_t* steps;     // [B]
+  int64_t is_tree;                 // 1: trees (offsets are node offsets); 0: chains. Explicit, since a batch of
+                                   // empty trees has no parents to point at.
+  const float* temperature;        // [B] for logits, null for probabilities
+  const int32_t* top_k;            // [B] (-1 = off) or null
+  const float* top_p;              // [B] (1 = off) or null
+  const float* draft_temperature;  // [B] the drafter's, for the draft rows; null: the target's three
+  const int32_t* draft_top_k;      // [B] or null (off); only with draft_temperature
+  const float* draft_top_p;        // [B] or null (off); only with draft_temperature
+  const uint64_t* seeds;           // [B]
+  const uint64_t* steps;           // [B]
   int64_t emit_width;
   int32_t* accepted;                  // [B]
   int32_t* emitted;                   // [B, W]
@@ -108,7 +111,7 @@ struct SamplingArgs {
   int64_t chunk;  // vocabulary chunk per split, a multiple of 4
   int64_t splits;
 };
-static_assert(sizeof(SamplingArgs) == 34 * 8, "the host mirrors this layout");
+static_assert(sizeof(SamplingArgs) == 37 * 8, "the host mirrors this layout");
 
 // What the walk leaves for the residual race of a request whose stopping node rejected all its children.
 struct ResidualJob {
@@ -172,23 +175,36 @@ __device__ __forceinline__ int64_t BlockRowOwner(const SamplingArgs& a) {
   return owner;
 }
 
-// Request b's top-k (0 when off) and top-p (1 when off); `ok` is false when either is malformed (the walk
-// flags the request).
+// Whether request b's draft rows (`is_draft`) take the drafter's own parameters rather than the target's.
+__device__ __forceinline__ bool UsesDraftParams(const SamplingArgs& a, bool is_draft) {
+  return is_draft && a.draft_temperature != nullptr;
+}
+
+// The temperature request b's target rows or draft rows are divided by (logits only).
+__device__ __forceinline__ float RowTemperature(const SamplingArgs& a, int64_t b, bool is_draft) {
+  return UsesDraftParams(a, is_draft) ? a.draft_temperature[b] : a.temperature[b];
+}
+
+// Request b's top-k (0 when off) and top-p (1 when off) for its target rows or draft rows; `ok` is false when
+// either is malformed (the walk flags the request).
 struct TopKTopP {
   bool ok;
   int64_t top_k;
   float top_p;
 };
 
-__device__ __forceinline__ TopKTopP RequestTopKTopP(const SamplingArgs& a, int64_t b) {
+__device__ __forceinline__ TopKTopP RowTopKTopP(const SamplingArgs& a, int64_t b, bool is_draft) {
+  const bool drafter = UsesDraftParams(a, is_draft);
+  const int32_t* top_k = drafter ? a.draft_top_k : a.top_k;
+  const float* top_p = drafter ? a.draft_top_p : a.top_p;
   TopKTopP r{true, 0, 1.0f};
-  if (a.top_k != nullptr) {
-    const int32_t k = a.top_k[b];
+  if (top_k != nullptr) {
+    const int32_t k = top_k[b];
     r.ok = r.ok && (k == -1 || (k >= 1 && k <= a.vocab_size));
     r.top_k = k > 0 ? k : 0;
   }
-  if (a.top_p != nullptr) {
-    const float p = a.top_p[b];
+  if (top_p != nullptr) {
+    const float p = top_p[b];
     r.ok = r.ok && p > 0.0f && p <= 1.0f;
     r.top_p = r.ok ? p : 1.0f;
   }
@@ -292,8 +308,9 @@ __device__ __forceinline__ void ThresholdPass(const SamplingArgs& a, int pass) {
   const int64_t split = blockIdx.y;
   const int64_t b = BlockRowOwner(a);
   if (b < 0) return;  // the walk flags the request
-  const float t = a.temperature[b];
-  const TopKTopP params = RequestTopKTopP(a, b);
+  const bool is_draft = row >= a.target_rows;
+  const float t = RowTemperature(a, b, is_draft);
+  const TopKTopP params = RowTopKTopP(a, b, is_draft);
   const int64_t vocab = a.vocab_size;
   const bool top_k_on = params.top_k > 0 && params.top_k < vocab;
   const bool top_p_on = params.top_p < 1.0f;
@@ -304,7 +321,6 @@ __device__ __forceinline__ void ThresholdPass(const SamplingArgs& a, int pass) {
   if (!params.ok || !(isfinite(t) && t > 0.0f)) return;
   if (top_k_pass ? !top_k_on : (!top_p_on || s.top_p_stopped)) return;
 
-  const bool is_draft = row >= a.target_rows;
   const T* values =
       static_cast<const T*>(is_draft ? a.draft : a.target) + (is_draft ? row - a.target_rows : row) * vocab;
   const int64_t begin = split * a.chunk;
@@ -501,7 +517,7 @@ __device__ __forceinline__ void RowPartials(const SamplingArgs& a) {
   __syncthreads();
 
   const bool logits = a.temperature != nullptr;
-  const float t = (b >= 0 && logits) ? a.temperature[b] : 1.0f;
+  const float t = (b >= 0 && logits) ? RowTemperature(a, b, is_draft) : 1.0f;
   const bool temperature_ok = !logits || (isfinite(t) && t >= 0.0f);
   const float threshold = b >= 0 ? RowThresholdOf(a, row) : -INFINITY;
   uint64_t best = 0ull;
@@ -657,7 +673,12 @@ __device__ __forceinline__ bool RequestIsValid(const SamplingArgs& a, int64_t b,
     const float t = a.temperature[b];
     if (!(isfinite(t) && t >= 0.0f)) return false;
   }
-  return RequestTopKTopP(a, b).ok;
+  if (UsesDraftParams(a, a.draft != nullptr)) {
+    // A drafter at temperature 0 drafts point masses (no draft rows), so its temperature must be positive.
+    const float tq = a.draft_temperature[b];
+    if (!(isfinite(tq) && tq > 0.0f) || !RowTopKTopP(a, b, true).ok) return false;
+  }
+  return RowTopKTopP(a, b, false).ok;
 }
 
 // The rows of request b: stamped with its index, and their values acceptable (check_row_values).
@@ -705,6 +726,21 @@ __device__ __forceinline__ float Probability(const SamplingArgs& a, const void* 
   return (z == -INFINITY || z < threshold) ? 0.0f : __fdiv_rn(expf(z - max), sum);
 }
 
+// Each drafted token has probability under the draft row of its parent (check_drafted_token): a token whose q is
+// 0 cannot have been drawn from q. Read only where draft rows are (a point-mass walk ignores them).
+template <typename T>
+__device__ __forceinline__ bool DraftedTokensHaveMass(const SamplingArgs& a, int64_t b, const WalkState& s, float tq) {
+  bool bad = false;
+  for (int i = 1 + threadIdx.x; i < s.nodes; i += kWalkThreads) {
+    const int64_t draft_row = a.offsets[b] + s.parent[i];
+    float q_max, q_sum;
+    MergeRowStats(a.stats + (a.target_rows + draft_row) * a.splits, a.splits, q_max, q_sum);
+    const float q = Probability<T>(a, a.draft, draft_row, s.token[i], tq, q_max, q_sum, a.target_rows + draft_row);
+    bad = bad || !(q > 0.0f);
+  }
+  return !__syncthreads_or(bad);
+}
+
 // One rejection's step of the residual at a node: r_{l+1}(x) = max(0, r_l(x) / m_l - q(x)), with m_l = `mass`
 // (m_0 = 1 divides nothing), r_0 = p. The walk carries r_l in the request's residual row, so each rejection costs
 // one pass over the vocabulary, O(V), not a replay of every earlier step for every token (O(l V)).
@@ -731,7 +767,10 @@ __device__ __forceinline__ void Walk(const SamplingArgs& a) {
     }
   }
   __syncthreads();
-  const bool valid = s.valid && RowsAreValid(a, b, s);
+  const float t = a.temperature != nullptr ? a.temperature[b] : 1.0f;
+  const float tq = a.temperature != nullptr ? RowTemperature(a, b, true) : 1.0f;
+  const bool point_mass = a.draft == nullptr || (a.temperature != nullptr && t == 0.0f);
+  const bool valid = s.valid && RowsAreValid(a, b, s) && (point_mass || DraftedTokensHaveMass<T>(a, b, s, tq));
   if (!valid) {
     for (int64_t j = threadIdx.x; j < width; j += kWalkThreads) {
       emitted[j] = kRequestInvalid;
@@ -743,8 +782,6 @@ __device__ __forceinline__ void Walk(const SamplingArgs& a) {
   }
 
   const int64_t target_start = TargetRowStart(a, b);
-  const float t = a.temperature != nullptr ? a.temperature[b] : 1.0f;
-  const bool point_mass = a.draft == nullptr || (a.temperature != nullptr && t == 0.0f);
   const RequestNoise noise{a.seeds[b], a.steps[b]};
   if (threadIdx.x == 0) {
     s.node = 0;
@@ -797,7 +834,7 @@ __device__ __forceinline__ void Walk(const SamplingArgs& a) {
         if (threadIdx.x == 0) {
           const int64_t x = s.token[s.kids[j]];
           const float px = Probability<T>(a, a.target, target_row, x, t, s.p_max, s.p_sum, target_row);
-          const float qx = Probability<T>(a, a.draft, draft_row, x, t, s.q_max, s.q_sum, a.target_rows + draft_row);
+          const float qx = Probability<T>(a, a.draft, draft_row, x, tq, s.q_max, s.q_sum, a.target_rows + draft_row);
           const float rx = level == 0 ? px : a.residual_rows[b * a.vocab_size + x];
           const float u =
               UniformFromBits(noise.Bits(kNoiseCoin, static_cast<uint32_t>(node), static_cast<uint32_t>(j)));
@@ -816,7 +853,7 @@ __device__ __forceinline__ void Walk(const SamplingArgs& a) {
           for (int64_t x = threadIdx.x; x < a.vocab_size; x += kWalkThreads) {
             const float previous =
                 level == 1 ? Probability<T>(a, a.target, target_row, x, t, s.p_max, s.p_sum, target_row) : residual[x];
-            const float qx = Probability<T>(a, a.draft, draft_row, x, t, s.q_max, s.q_sum, a.target_rows + draft_row);
+            const float qx = Probability<T>(a, a.draft, draft_row, x, tq, s.q_max, s.q_sum, a.target_rows + draft_row);
             const float rx = ResidualStep(previous, qx, previous_mass);
             residual[x] = rx;
             sum += static_cast<double>(rx);
@@ -891,6 +928,7 @@ __device__ __forceinline__ void ResidualRace(const SamplingArgs& a) {
   const int64_t target_row = TargetRowStart(a, b) + node;
   const int64_t draft_row = a.offsets[b] + node;
   const float t = a.temperature != nullptr ? a.temperature[b] : 1.0f;
+  const float tq = a.temperature != nullptr ? RowTemperature(a, b, true) : 1.0f;
   const RequestNoise noise{a.seeds[b], a.steps[b]};
   const int64_t begin = split * a.residual_chunk;
   const int64_t end = begin + a.residual_chunk < a.vocab_size ? begin + a.residual_chunk : a.vocab_size;
@@ -903,7 +941,7 @@ __device__ __forceinline__ void ResidualRace(const SamplingArgs& a) {
       const float previous = level == 1
                                  ? Probability<T>(a, a.target, target_row, x, t, job.p_max, job.p_sum, target_row)
                                  : a.residual_rows[b * a.vocab_size + x];  // trees only
-      const float qx = Probability<T>(a, a.draft, draft_row, x, t, job.q_max, job.q_sum, a.target_rows + draft_row);
+      const float qx = Probability<T>(a, a.draft, draft_row, x, tq, job.q_max, job.q_sum, a.target_rows + draft_row);
       const float rx = ResidualStep(previous, qx, mass[level - 1]);
       if (rx > 0.0f) {
         const float e =

@@ -454,6 +454,7 @@ fn sampler_cpu(
             top_k: case.filtered.then_some(&inputs.top_k[..]),
             top_p: case.filtered.then_some(&inputs.top_p[..]),
         }),
+        draft_params: None,
         seeds: &inputs.seeds,
         steps: &inputs.steps,
     };
@@ -589,6 +590,9 @@ fn time_sampler_cuda(
                 temperature: Some(DeviceIn::from_raw(tp, b)),
                 top_k: case.filtered.then(|| DeviceIn::from_raw(tk, b)),
                 top_p: case.filtered.then(|| DeviceIn::from_raw(pp, b)),
+                draft_temperature: None,
+                draft_top_k: None,
+                draft_top_p: None,
                 seeds: DeviceIn::from_raw(sd, b),
                 steps: DeviceIn::from_raw(st, b),
             };

@@ -184,6 +184,19 @@ typedef struct {
    * Required: each request's step counter.
    */
   const uint64_t *steps;
+  /**
+   * NULL: the draft rows use `temperature`, `top_k` and `top_p`. Else the temperature (positive) the drafter
+   * sampled its drafts with, applied to the draft rows; logits with draft rows only.
+   */
+  const float *draft_temperature;
+  /**
+   * NULL (off), or the drafter's top-k per request (-1 = off); only with `draft_temperature`.
+   */
+  const int32_t *draft_top_k;
+  /**
+   * NULL (off), or the drafter's top-p per request (1 = off); only with `draft_temperature`.
+   */
+  const float *draft_top_p;
 } specdec_sampling;
 
 /**

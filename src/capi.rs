@@ -700,6 +700,13 @@ pub struct specdec_sampling {
     pub seeds: *const u64,
     /// Required: each request's step counter.
     pub steps: *const u64,
+    /// NULL: the draft rows use `temperature`, `top_k` and `top_p`. Else the temperature (positive) the drafter
+    /// sampled its drafts with, applied to the draft rows; logits with draft rows only.
+    pub draft_temperature: *const f32,
+    /// NULL (off), or the drafter's top-k per request (-1 = off); only with `draft_temperature`.
+    pub draft_top_k: *const i32,
+    /// NULL (off), or the drafter's top-p per request (1 = off); only with `draft_temperature`.
+    pub draft_top_p: *const f32,
 }
 
 /// The outputs of a rejection-sampling call.
@@ -769,6 +776,9 @@ impl RejectionCall {
             temperature: sampling.temperature as u64,
             top_k: sampling.top_k as u64,
             top_p: sampling.top_p as u64,
+            draft_temperature: sampling.draft_temperature as u64,
+            draft_top_k: sampling.draft_top_k as u64,
+            draft_top_p: sampling.draft_top_p as u64,
             seeds: sampling.seeds as u64,
             steps: sampling.steps as u64,
             accepted: outputs.accepted_counts as u64,
@@ -869,12 +879,42 @@ impl RejectionCall {
             }
             None
         };
+        let draft_params = if sampling.draft_temperature.is_null() {
+            let given = [
+                ("sampling.draft_top_k", sampling.draft_top_k.is_null()),
+                ("sampling.draft_top_p", sampling.draft_top_p.is_null()),
+            ];
+            if let Some((name, _)) = given.into_iter().find(|&(_, null)| !null) {
+                return Err(Error::invalid(
+                    name,
+                    "needs sampling.draft_temperature (without it the draft rows use the target's parameters)",
+                ));
+            }
+            None
+        } else {
+            if !target.is_logits() || draft.is_none() {
+                return Err(Error::invalid(
+                    "sampling.draft_temperature",
+                    "applies to draft logits only: pass NULL without draft rows or with probabilities",
+                ));
+            }
+            Some(SamplingParams {
+                temperature: host_slice(
+                    "sampling.draft_temperature",
+                    sampling.draft_temperature,
+                    b,
+                )?,
+                top_k: optional_slice("sampling.draft_top_k", sampling.draft_top_k, b)?,
+                top_p: optional_slice("sampling.draft_top_p", sampling.draft_top_p, b)?,
+            })
+        };
         let inputs = VerifyInputs {
             vocab_size: shape.vocab_size,
             drafts,
             target,
             draft,
             params,
+            draft_params,
             seeds: host_slice("sampling.seeds", sampling.seeds, b)?,
             steps: host_slice("sampling.steps", sampling.steps, b)?,
         };

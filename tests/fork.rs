@@ -56,6 +56,7 @@ fn every_family(seed: u64) -> String {
             top_k: None,
             top_p: None,
         }),
+        draft_params: None,
         seeds: &[3; 16],
         steps: &[1; 16],
     };

@@ -130,6 +130,9 @@ struct SamplingCase {
     top_p: Option<Vec<f32>>,
     /// Give logits parameters to probabilities or leave them out for logits.
     wrong_parameters: bool,
+    /// Pass the drafter's own parameters (the case's temperatures, top-k and top-p in reverse request order),
+    /// with or without draft rows and of any kind.
+    draft_parameters: bool,
     seeds: Vec<u64>,
     emit_slack: i64,
     optional_outputs: bool,
@@ -170,6 +173,7 @@ fn sampling_case() -> impl Strategy<Value = SamplingCase> {
                     prop::collection::vec(prop_oneof![30 => 0.01f32..=1.0, 1 => hostile_f32(0.01, 1.0)], MAX_REQUESTS),
                 ),
                 prop::bool::weighted(0.04),
+                prop::bool::weighted(0.3),
                 prop::collection::vec(any::<u64>(), MAX_REQUESTS),
                 prop_oneof![20 => Just(0i64), 1 => Just(1i64), 1 => Just(-1i64)],
                 any::<bool>(),
@@ -185,6 +189,7 @@ fn sampling_case() -> impl Strategy<Value = SamplingCase> {
                 top_k,
                 top_p,
                 wrong_parameters,
+                draft_parameters,
                 seeds,
                 emit_slack,
                 optional_outputs,
@@ -205,6 +210,7 @@ fn sampling_case() -> impl Strategy<Value = SamplingCase> {
                 top_k,
                 top_p,
                 wrong_parameters,
+                draft_parameters,
                 seeds,
                 emit_slack,
                 optional_outputs,
@@ -313,6 +319,13 @@ fn run_sampling(case: &SamplingCase) -> Result<(), TestCaseError> {
     let logits = (0..=2).contains(&case.rows_kind);
     let with_parameters = logits != case.wrong_parameters;
     let steps = vec![7u64; b];
+    let reversed = |v: &[f32]| v.iter().rev().copied().collect::<Vec<f32>>();
+    let draft_temperature = reversed(&case.temperature);
+    let draft_top_k: Option<Vec<i32>> = case
+        .top_k
+        .as_ref()
+        .map(|k| k.iter().rev().copied().collect());
+    let draft_top_p = case.top_p.as_deref().map(reversed);
     let sampling = specdec_sampling {
         temperature: if with_parameters {
             case.temperature.as_ptr()
@@ -329,6 +342,19 @@ fn run_sampling(case: &SamplingCase) -> Result<(), TestCaseError> {
         },
         seeds: case.seeds.as_ptr(),
         steps: steps.as_ptr(),
+        draft_temperature: if case.draft_parameters {
+            draft_temperature.as_ptr()
+        } else {
+            null()
+        },
+        draft_top_k: match (&draft_top_k, case.draft_parameters) {
+            (Some(k), true) => k.as_ptr(),
+            _ => null(),
+        },
+        draft_top_p: match (&draft_top_p, case.draft_parameters) {
+            (Some(p), true) => p.as_ptr(),
+            _ => null(),
+        },
     };
     let longest = counts.iter().copied().max().unwrap_or(0);
     let emit_width = if case.tree {

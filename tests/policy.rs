@@ -782,6 +782,7 @@ mod tree {
                 target: Rows::Probs(&target),
                 draft: Some(Rows::Probs(&draft)),
                 params: None,
+                draft_params: None,
                 seeds: &seeds,
                 steps: &steps,
             },

@@ -76,6 +76,16 @@ fn zero_draft_probability_where_the_target_has_mass_is_exact() {
 }
 
 #[test]
+fn draft_parameters_of_their_own_are_exact() {
+    sampling::draft_parameters_of_their_own_are_exact(CPU);
+}
+
+#[test]
+fn a_drafter_sampling_its_unfiltered_softmax_keeps_the_target_distribution() {
+    sampling::a_drafter_sampling_its_unfiltered_softmax_keeps_the_target_distribution(CPU);
+}
+
+#[test]
 fn equal_distributions_accept_every_draft() {
     sampling::equal_distributions_accept_every_draft(CPU);
 }

@@ -97,6 +97,15 @@ fn gpu_verify(inputs: &VerifyInputs<'_>, outputs: &mut VerifyOutputs<'_>) -> Res
         .params
         .and_then(|p| p.top_p)
         .map(|t| upload(&stream, t));
+    let draft_temperature = inputs.draft_params.map(|p| upload(&stream, p.temperature));
+    let draft_top_k = inputs
+        .draft_params
+        .and_then(|p| p.top_k)
+        .map(|k| upload(&stream, k));
+    let draft_top_p = inputs
+        .draft_params
+        .and_then(|p| p.top_p)
+        .map(|t| upload(&stream, t));
     let (seeds, steps) = (upload(&stream, inputs.seeds), upload(&stream, inputs.steps));
     let b = inputs.seeds.len();
     let n = outputs.emitted_tokens.len();
@@ -137,6 +146,15 @@ fn gpu_verify(inputs: &VerifyInputs<'_>, outputs: &mut VerifyOutputs<'_>) -> Res
                 .as_ref()
                 .map(|k| DeviceIn::from_raw(raw(k, &stream), b)),
             top_p: top_p
+                .as_ref()
+                .map(|t| DeviceIn::from_raw(raw(t, &stream), b)),
+            draft_temperature: draft_temperature
+                .as_ref()
+                .map(|t| DeviceIn::from_raw(raw(t, &stream), b)),
+            draft_top_k: draft_top_k
+                .as_ref()
+                .map(|k| DeviceIn::from_raw(raw(k, &stream), b)),
+            draft_top_p: draft_top_p
                 .as_ref()
                 .map(|t| DeviceIn::from_raw(raw(t, &stream), b)),
             seeds: DeviceIn::from_raw(raw(&seeds, &stream), b),
@@ -201,6 +219,8 @@ gpu_scenarios!(
     disjoint_supports_reject_every_draft,
     vocabulary_sizes_one_odd_and_large_are_exact,
     mean_accepted_count_matches_its_expectation,
+    draft_parameters_of_their_own_are_exact,
+    a_drafter_sampling_its_unfiltered_softmax_keeps_the_target_distribution,
     a_coin_on_the_threshold_rejects_and_zero_probability_is_never_accepted,
 );
 
@@ -384,6 +404,7 @@ fn bad_requests_are_flagged_and_the_others_are_untouched() {
                 top_k: Some(&top_k),
                 top_p: Some(&top_p),
             }),
+            draft_params: None,
             seeds: &seeds,
             steps: &steps,
         };
@@ -435,6 +456,7 @@ fn bad_requests_are_flagged_and_the_others_are_untouched() {
                     top_k: None,
                     top_p: None,
                 }),
+                draft_params: None,
                 seeds: &seeds[r..r + 1],
                 steps: &steps[r..r + 1],
             };
@@ -497,6 +519,7 @@ fn empty_trees_are_flagged_not_refused() {
                     top_k: None,
                     top_p: None,
                 }),
+                draft_params: None,
                 seeds: &vec![17; b],
                 steps: &vec![2; b],
             };
@@ -560,6 +583,9 @@ fn empty_trees_are_flagged_not_refused() {
             temperature: Some(DeviceIn::from_raw(raw(&temperature, &stream), b)),
             top_k: None,
             top_p: None,
+            draft_temperature: None,
+            draft_top_k: None,
+            draft_top_p: None,
             seeds: DeviceIn::from_raw(raw(&seeds, &stream), b),
             steps: DeviceIn::from_raw(raw(&steps, &stream), b),
         };
@@ -641,6 +667,7 @@ fn a_request_emits_the_same_tokens_alone_and_anywhere_in_a_batch() {
                 top_k: None,
                 top_p: None,
             }),
+            draft_params: None,
             seeds: &seeds,
             steps: &steps,
         };
@@ -758,6 +785,7 @@ fn coins_on_their_threshold_decide_alike_alone_and_in_any_batch() {
                 top_k: None,
                 top_p: None,
             }),
+            draft_params: None,
             seeds: &order.iter().map(|&r| seeds[r]).collect::<Vec<_>>(),
             steps: &vec![0; m],
         };
@@ -901,6 +929,7 @@ fn top_p_cuts_are_the_same_on_every_run() {
                 top_k: Some(&top_k),
                 top_p: Some(&top_p),
             }),
+            draft_params: None,
             seeds: &seeds,
             steps: &vec![9; b],
         };
@@ -959,6 +988,7 @@ fn offsets_that_do_not_cover_the_drafts_are_flagged() {
             target: Rows::Probs(target),
             draft: None,
             params: None,
+            draft_params: None,
             seeds: &vec![11; b],
             steps: &vec![4; b],
         };
@@ -1026,6 +1056,7 @@ fn probability_rows_that_do_not_sum_to_one_are_flagged() {
             target: Rows::Probs(target),
             draft: Some(Rows::Probs(draft)),
             params: None,
+            draft_params: None,
             seeds: &[5, 6, 7],
             steps: &[1, 1, 1],
         };
@@ -1132,6 +1163,7 @@ fn top_k_and_top_p_cuts_across_vocabulary_chunks_equal_the_cpu() {
                 top_k: Some(&top_k[first..first + count]),
                 top_p: Some(&top_p[first..first + count]),
             }),
+            draft_params: None,
             seeds: &seeds[first..first + count],
             steps: &steps[first..first + count],
         };
@@ -1171,6 +1203,115 @@ fn top_k_and_top_p_cuts_across_vocabulary_chunks_equal_the_cpu() {
                 e,
                 gpu_emitted[first * width..(first + 1) * width],
                 "{context}: request {first} alone"
+            );
+        }
+    }
+}
+
+/// A drafted token with q = 0 under its draft row cannot have been drawn from it: the CPU refuses the call naming
+/// the token, the GPU flags that request alone (before, both accepted it whenever p > 0). Four chains of two
+/// drafts with draft rows, f32 logits: request 1's first draft is masked in its draft row; request 2 has top-k 1,
+/// which (without the drafter's own parameters) also filters its draft rows to token 0. With the drafter's
+/// parameters (top-k off) request 2 verifies, and its tokens equal the CPU's. Requests 0 and 3 are untouched.
+#[test]
+fn a_draft_of_zero_draft_probability_is_flagged_alone() {
+    const NAME: &str = "a_draft_of_zero_draft_probability_is_flagged_alone";
+    if gpu(NAME).is_none() {
+        return;
+    }
+    let mut rng = common::rng(NAME);
+    let (b, k, v) = (4usize, 2usize, 300usize);
+    let mut target: Vec<f32> = (0..b * (k + 1) * v)
+        .map(|_| rng.random_range(-2.0..2.0))
+        .collect();
+    let mut draft: Vec<f32> = (0..b * k * v)
+        .map(|_| rng.random_range(-2.0..2.0))
+        .collect();
+    // Token 0 is the unique maximum of every row, and every draft is another token.
+    for row in target.chunks_mut(v).chain(draft.chunks_mut(v)) {
+        row[0] = 5.0;
+    }
+    let tokens: Vec<i32> = (0..b * k).map(|_| rng.random_range(1..v as i32)).collect();
+    draft[2 * v + tokens[2] as usize] = f32::NEG_INFINITY; // request 1, draft 0
+    let offsets: Vec<i32> = (0..=b).map(|i| (i * k) as i32).collect();
+    let temperature = vec![1.0f32; b];
+    let top_k = vec![-1, -1, 1, -1];
+    let off = vec![-1i32; b];
+    let (seeds, steps) = (vec![11u64, 12, 13, 14], vec![0u64; b]);
+    let run = |verify: Verify, requests: &[usize], drafter_params: bool| {
+        let pick = |rows: &[f32], per: usize| -> Vec<f32> {
+            requests
+                .iter()
+                .flat_map(|&r| rows[r * per * v..(r + 1) * per * v].to_vec())
+                .collect()
+        };
+        let (target, draft) = (pick(&target, k + 1), pick(&draft, k));
+        let tokens: Vec<i32> = requests
+            .iter()
+            .flat_map(|&r| tokens[r * k..(r + 1) * k].to_vec())
+            .collect();
+        let n = requests.len();
+        let select = |x: &[i32]| requests.iter().map(|&r| x[r]).collect::<Vec<i32>>();
+        let (top_k, off) = (select(&top_k), select(&off));
+        let seeds: Vec<u64> = requests.iter().map(|&r| seeds[r]).collect();
+        let inputs = VerifyInputs {
+            vocab_size: v,
+            drafts: Drafts::Chain {
+                draft_offsets: &offsets[..=n],
+                draft_tokens: &tokens,
+            },
+            target: Rows::LogitsF32(&target),
+            draft: Some(Rows::LogitsF32(&draft)),
+            params: Some(SamplingParams {
+                temperature: &temperature[..n],
+                top_k: Some(&top_k),
+                top_p: None,
+            }),
+            draft_params: drafter_params.then_some(SamplingParams {
+                temperature: &temperature[..n],
+                top_k: Some(&off),
+                top_p: None,
+            }),
+            seeds: &seeds,
+            steps: &steps[..n],
+        };
+        let (mut a, mut e) = (vec![POISON; n], vec![POISON; n * (k + 1)]);
+        verify(
+            &inputs,
+            &mut VerifyOutputs {
+                emit_width: k + 1,
+                accepted_counts: &mut a,
+                emitted_tokens: &mut e,
+                accepted_nodes: None,
+                accept_flags: None,
+            },
+        )
+        .map(|()| (a, e))
+    };
+    for drafter_params in [false, true] {
+        let (a, e) = run(GPU, &[0, 1, 2, 3], drafter_params).expect("the GPU flags per request");
+        let flagged: Vec<usize> = (0..b).filter(|&r| a[r] == -1).collect();
+        let want = if drafter_params { vec![1] } else { vec![1, 2] };
+        assert_eq!(
+            flagged, want,
+            "drafter parameters {drafter_params}: flagged requests"
+        );
+        for &r in &flagged {
+            assert!(e[r * (k + 1)..(r + 1) * (k + 1)].iter().all(|&x| x == -1));
+        }
+        match run(CPU, &[0, 1, 2, 3], drafter_params) {
+            Err(Error::InvalidArgument { argument, reason }) => {
+                assert_eq!(argument, "draft_tokens[2]", "{reason}");
+                assert!(reason.contains("probability 0"), "{reason}");
+            }
+            other => panic!("the CPU must refuse the batch: {other:?}"),
+        }
+        for r in (0..b).filter(|r| !flagged.contains(r)) {
+            let (ca, ce) = run(CPU, &[r], drafter_params).expect("a valid request alone");
+            assert_eq!(
+                (a[r], &e[r * (k + 1)..(r + 1) * (k + 1)]),
+                (ca[0], &ce[..]),
+                "request {r}"
             );
         }
     }

@@ -98,6 +98,13 @@ impl ChainBatch {
         let tokens: Vec<i32> = self.drafts.concat();
         let target: Vec<bf16> = self.target.concat();
         let draft: Vec<bf16> = self.draft.concat();
+        // The drafter samples its unfiltered softmax (a positive temperature, no top-k or top-p), so that every
+        // draft has probability under its draft row.
+        let draft_temperature: Vec<f32> = self
+            .temperature
+            .iter()
+            .map(|&t| if t > 0.0 { t } else { 1.0 })
+            .collect();
         let inputs = VerifyInputs {
             vocab_size: self.vocab,
             drafts: Drafts::Chain {
@@ -110,6 +117,11 @@ impl ChainBatch {
                 temperature: &self.temperature,
                 top_k: Some(&self.top_k),
                 top_p: Some(&self.top_p),
+            }),
+            draft_params: with_q.then_some(SamplingParams {
+                temperature: &draft_temperature,
+                top_k: None,
+                top_p: None,
             }),
             seeds: &self.seeds,
             steps: &self.steps,
@@ -237,6 +249,7 @@ fn tree_call(edit: impl FnOnce(&mut TreeCall)) -> Result<(), Error> {
         target: Rows::Probs(&c.target),
         draft: c.draft.as_deref().map(Rows::Probs),
         params: None,
+        draft_params: None,
         seeds: &c.seeds,
         steps: &c.steps,
     };
@@ -414,6 +427,7 @@ fn chain_call(
             top_k: Some(&[k]),
             top_p: Some(&[p]),
         }),
+        draft_params: None,
         seeds: &[3],
         steps: &[4],
     };
@@ -501,6 +515,7 @@ fn inputs_of_the_wrong_kind_are_errors() {
         target: Rows::LogitsF32(&logits),
         draft: None,
         params: None,
+        draft_params: None,
         seeds: &[1],
         steps: &[1],
     };
@@ -552,5 +567,199 @@ fn inputs_of_the_wrong_kind_are_errors() {
         }),
         "temperature",
         "",
+    );
+}
+
+/// One request with draft rows (f32 logits, V = 6; target logits 0, draft logits 2 for token 0 and 0 for the
+/// rest): a chain of drafts [1, 2], or the tree of a
+/// root with children 1 and 2; `edit` changes the drafter's rows, the parameters or the drafter's parameters.
+struct DraftedCall {
+    tree: bool,
+    draft: Vec<f32>,
+    temperature: f32,
+    top_k: i32,
+    draft_params: Option<(f32, i32, f32)>,
+}
+
+fn drafted_call(edit: impl FnOnce(&mut DraftedCall)) -> Result<(), Error> {
+    let mut c = DraftedCall {
+        tree: false,
+        draft: [2.0, 0.0, 0.0, 0.0, 0.0, 0.0].repeat(3),
+        temperature: 1.0,
+        top_k: -1,
+        draft_params: None,
+    };
+    edit(&mut c);
+    let (offsets, tokens, parents, target_rows, draft_rows) = if c.tree {
+        (vec![0, 3], vec![-1, 1, 2], vec![-1, 0, 0], 3, 3)
+    } else {
+        (vec![0, 2], vec![1, 2], vec![], 3, 2)
+    };
+    let target = vec![0.0f32; target_rows * 6];
+    let drafts = if c.tree {
+        Drafts::Tree {
+            node_offsets: &offsets,
+            node_tokens: &tokens,
+            parents: &parents,
+        }
+    } else {
+        Drafts::Chain {
+            draft_offsets: &offsets,
+            draft_tokens: &tokens,
+        }
+    };
+    let (dt, dk, dp) = c.draft_params.unwrap_or((1.0, -1, 1.0));
+    let (dt, dk, dp) = ([dt], [dk], [dp]);
+    let inputs = VerifyInputs {
+        vocab_size: 6,
+        drafts,
+        target: Rows::LogitsF32(&target),
+        draft: Some(Rows::LogitsF32(&c.draft[..draft_rows * 6])),
+        params: Some(SamplingParams {
+            temperature: &[c.temperature],
+            top_k: Some(&[c.top_k]),
+            top_p: None,
+        }),
+        draft_params: c.draft_params.map(|_| SamplingParams {
+            temperature: &dt,
+            top_k: Some(&dk),
+            top_p: Some(&dp),
+        }),
+        seeds: &[3],
+        steps: &[4],
+    };
+    let (mut accepted, mut emitted) = ([0], [0; 3]);
+    cpu::rejection_verify(
+        &inputs,
+        &mut VerifyOutputs {
+            emit_width: 3,
+            accepted_counts: &mut accepted,
+            emitted_tokens: &mut emitted,
+            accepted_nodes: None,
+            accept_flags: None,
+        },
+    )
+}
+
+/// A drafted token with q = 0 under its draft row (masked, or removed by the draft's top-k) cannot have been
+/// drawn from it: an error naming the token, never an acceptance (before, `u q(x) < p(x)` accepted it whenever
+/// p(x) > 0). The drafter's own parameters are checked by their own names.
+#[test]
+fn zero_draft_probability_drafts_and_bad_draft_parameters_are_errors_naming_the_element() {
+    drafted_call(|_| {}).unwrap();
+    drafted_call(|c| c.tree = true).unwrap();
+    // Chain: draft 0 (token 1) is scored by draft row 0; tree: node 2 (token 2) by the root's draft row 0.
+    assert_names(
+        drafted_call(|c| c.draft[1] = f32::NEG_INFINITY),
+        "draft_tokens[0]",
+        "cannot have been drawn",
+    );
+    assert_names(
+        drafted_call(|c| {
+            c.tree = true;
+            c.draft[2] = f32::NEG_INFINITY;
+        }),
+        "node_tokens[2]",
+        "probability 0",
+    );
+    // The target's top-k 1 applied to the draft rows (no draft parameters) keeps only token 0 there (the target's
+    // rows tie, so it keeps all of them)...
+    assert_names(
+        drafted_call(|c| c.top_k = 1),
+        "draft_tokens[0]",
+        "probability 0",
+    );
+    // ...while the drafter's own parameters (no top-k) keep every token.
+    drafted_call(|c| {
+        c.top_k = 1;
+        c.draft_params = Some((1.0, -1, 1.0));
+    })
+    .unwrap();
+    // At temperature 0 the draft rows are ignored, so a zero-probability draft is no error.
+    drafted_call(|c| {
+        c.temperature = 0.0;
+        c.draft[1] = f32::NEG_INFINITY;
+    })
+    .unwrap();
+    assert_names(
+        drafted_call(|c| c.draft_params = Some((0.0, -1, 1.0))),
+        "draft_temperature[0]",
+        "point masses",
+    );
+    assert_names(
+        drafted_call(|c| c.draft_params = Some((f32::NAN, -1, 1.0))),
+        "draft_temperature[0]",
+        "finite",
+    );
+    assert_names(
+        drafted_call(|c| c.draft_params = Some((1.0, 7, 1.0))),
+        "draft_top_k[0]",
+        "1..=6",
+    );
+    assert_names(
+        drafted_call(|c| c.draft_params = Some((1.0, -1, 0.0))),
+        "draft_top_p[0]",
+        "(0, 1]",
+    );
+    // A draft logit that overflows when divided by the draft temperature names that temperature.
+    assert_names(
+        drafted_call(|c| {
+            c.draft[4] = 3e38;
+            c.draft_params = Some((0.5, -1, 1.0));
+        }),
+        "draft_temperature[0]",
+        "overflows",
+    );
+}
+
+#[test]
+fn draft_parameters_need_draft_logits() {
+    let probs = vec![0.25f32; 3 * 4];
+    let one = [1.0f32];
+    let inputs = VerifyInputs {
+        vocab_size: 4,
+        drafts: Drafts::Chain {
+            draft_offsets: &[0, 2],
+            draft_tokens: &[1, 2],
+        },
+        target: Rows::Probs(&probs),
+        draft: Some(Rows::Probs(&probs[..8])),
+        params: None,
+        draft_params: Some(SamplingParams {
+            temperature: &one,
+            top_k: None,
+            top_p: None,
+        }),
+        seeds: &[1],
+        steps: &[1],
+    };
+    let (mut accepted, mut emitted) = ([0], [0; 3]);
+    let mut outputs = VerifyOutputs {
+        emit_width: 3,
+        accepted_counts: &mut accepted,
+        emitted_tokens: &mut emitted,
+        accepted_nodes: None,
+        accept_flags: None,
+    };
+    assert_names(
+        cpu::rejection_verify(&inputs, &mut outputs),
+        "draft_params",
+        "draft logits only",
+    );
+    let logits = vec![0.0f32; 3 * 4];
+    let no_draft_rows = VerifyInputs {
+        target: Rows::LogitsF32(&logits),
+        draft: None,
+        params: Some(SamplingParams {
+            temperature: &one,
+            top_k: None,
+            top_p: None,
+        }),
+        ..inputs
+    };
+    assert_names(
+        cpu::rejection_verify(&no_draft_rows, &mut outputs),
+        "draft_params",
+        "draft logits only",
     );
 }

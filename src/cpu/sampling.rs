@@ -7,7 +7,8 @@ use rayon::prelude::*;
 use crate::error::Result;
 use crate::sampling::noise::{self, RequestNoise};
 use crate::sampling::{
-    check_request, Node, RequestParams, Rows, VerifyInputs, VerifyOutputs, VerifyShape,
+    check_drafted_token, check_request, CheckedRequest, Drafts, Node, RequestParams,
+    RowTemperature, Rows, VerifyInputs, VerifyOutputs, VerifyShape,
 };
 
 /// Verifies a batch of chains or trees ([`crate::sampling`] has the semantics). Every request is checked before
@@ -66,24 +67,66 @@ fn verify_request(
     inputs: &VerifyInputs<'_>,
     b: usize,
 ) -> Result<RequestResult> {
-    let (nodes, params) = check_request(shape, inputs, b)?;
+    let CheckedRequest {
+        nodes,
+        params,
+        draft_params,
+    } = check_request(shape, inputs, b)?;
     let children = children_of(&nodes);
     let v = shape.vocab_size;
-    let logits = params.map(|p| (b, p.temperature));
+    let temperature = |name, p: Option<RequestParams>| {
+        p.map(|p| RowTemperature {
+            name,
+            request: b,
+            temperature: p.temperature,
+        })
+    };
+    let draft_name = if inputs.draft_params.is_some() {
+        "draft_temperature"
+    } else {
+        "temperature"
+    };
     for (i, node) in nodes.iter().enumerate() {
-        inputs
-            .target
-            .check_row("target", node.target_row, v, logits, true)?;
+        inputs.target.check_row(
+            "target",
+            node.target_row,
+            v,
+            temperature("temperature", params),
+            true,
+        )?;
         if let (Some(draft), Some(row)) = (&inputs.draft, node.draft_row) {
             let has_children = !children[i].is_empty();
-            draft.check_row("draft", row, v, logits, has_children)?;
+            draft.check_row(
+                "draft",
+                row,
+                v,
+                temperature(draft_name, draft_params),
+                has_children,
+            )?;
+        }
+    }
+    let greedy = params.is_some_and(|p| p.temperature == 0.0);
+    // Each drafted token must have probability under the draft row it was drawn from (ignored when greedy).
+    if let (Some(draft), false) = (&inputs.draft, greedy) {
+        for (parent, kids) in children.iter().enumerate() {
+            let (Some(draft_row), false) = (nodes[parent].draft_row, kids.is_empty()) else {
+                continue;
+            };
+            let q = probabilities(distribution(draft, draft_row, v, draft_params.as_ref()));
+            for &kid in kids {
+                let (name, index) = match inputs.drafts {
+                    Drafts::Chain { .. } => ("draft_tokens", nodes[kid].target_row - b - 1),
+                    Drafts::Tree { .. } => ("node_tokens", nodes[kid].target_row),
+                };
+                let token = nodes[kid].token;
+                check_drafted_token(name, index, token, q[token as usize], draft_row)?;
+            }
         }
     }
     let noise = RequestNoise {
         seed: inputs.seeds[b],
         step: inputs.steps[b],
     };
-    let greedy = params.is_some_and(|p| p.temperature == 0.0);
     let mut result = RequestResult {
         path: Vec::new(),
         emitted: Vec::new(),
@@ -101,7 +144,7 @@ fn verify_request(
             let p = distribution(&inputs.target, target_row, v, params.as_ref());
             match (&inputs.draft, nodes[node].draft_row) {
                 (Some(draft), Some(draft_row)) if !kids.is_empty() => {
-                    let q = distribution(draft, draft_row, v, params.as_ref());
+                    let q = distribution(draft, draft_row, v, draft_params.as_ref());
                     verify_iid_children(&nodes, kids, p, q, &noise, node as u32)
                 }
                 _ => Step::from_point_mass(&nodes, kids, draw(&p, &noise, node as u32) as i32),

@@ -133,6 +133,13 @@ pub struct DeviceVerifyInputs<'a> {
     pub top_k: Option<DeviceIn<'a, i32>>,
     /// `[B]` top-p per request (1 = off), logits only; `None` for off everywhere.
     pub top_p: Option<DeviceIn<'a, f32>>,
+    /// `[B]` the drafter's temperatures (positive), applied to the draft rows; `None`: the target's
+    /// ([`crate::sampling::VerifyInputs::draft_params`]). Logits with draft rows only.
+    pub draft_temperature: Option<DeviceIn<'a, f32>>,
+    /// `[B]` the drafter's top-k (-1 = off); needs `draft_temperature`. `None`: off.
+    pub draft_top_k: Option<DeviceIn<'a, i32>>,
+    /// `[B]` the drafter's top-p (1 = off); needs `draft_temperature`. `None`: off.
+    pub draft_top_p: Option<DeviceIn<'a, f32>>,
     /// `[B]` Philox keys.
     pub seeds: DeviceIn<'a, u64>,
     /// `[B]` step counters.
@@ -164,6 +171,9 @@ pub(crate) struct SamplingDevicePtrs {
     pub temperature: sys::CUdeviceptr,
     pub top_k: sys::CUdeviceptr,
     pub top_p: sys::CUdeviceptr,
+    pub draft_temperature: sys::CUdeviceptr,
+    pub draft_top_k: sys::CUdeviceptr,
+    pub draft_top_p: sys::CUdeviceptr,
     pub seeds: sys::CUdeviceptr,
     pub steps: sys::CUdeviceptr,
     pub accepted: sys::CUdeviceptr,
@@ -218,6 +228,30 @@ impl SamplingDevicePtrs {
             }
             optional(name, ptr, b, 4)?;
         }
+        // The drafter's parameters: logits with draft rows only, top-k and top-p only with a temperature.
+        let draft_params = [
+            ("draft_temperature", self.draft_temperature),
+            ("draft_top_k", self.draft_top_k),
+            ("draft_top_p", self.draft_top_p),
+        ];
+        for (name, ptr) in draft_params {
+            if ptr == 0 {
+                continue;
+            }
+            if !self.kind.is_logits() || self.draft == 0 {
+                return Err(Error::invalid(
+                    name,
+                    "applies to draft logits only: pass none without draft rows or with probabilities",
+                ));
+            }
+            if self.draft_temperature == 0 {
+                return Err(Error::invalid(
+                    name,
+                    "needs draft_temperature (without it the draft rows use the target's parameters)",
+                ));
+            }
+            optional(name, ptr, b, 4)?;
+        }
         check_device_ptr("seeds", self.seeds, b, 8)?;
         check_device_ptr("steps", self.steps, b, 8)?;
         check_device_ptr("accepted_counts", self.accepted, b, 4)?;
@@ -243,6 +277,9 @@ struct SamplingArgs {
     temperature: u64,
     top_k: u64,
     top_p: u64,
+    draft_temperature: u64,
+    draft_top_k: u64,
+    draft_top_p: u64,
     seeds: u64,
     steps: u64,
     emit_width: i64,
@@ -266,7 +303,7 @@ struct SamplingArgs {
     chunk: i64,
     splits: i64,
 }
-const _: () = assert!(std::mem::size_of::<SamplingArgs>() == 34 * 8);
+const _: () = assert!(std::mem::size_of::<SamplingArgs>() == 37 * 8);
 
 impl CudaBackend {
     /// Rejection-sampling verification on the GPU; see [`crate::sampling`] for layout, semantics and
@@ -332,6 +369,15 @@ impl CudaBackend {
         if let Some(p) = &inputs.top_p {
             check_len("top_p", p.len(), b)?;
         }
+        if let Some(t) = &inputs.draft_temperature {
+            check_len("draft_temperature", t.len(), b)?;
+        }
+        if let Some(k) = &inputs.draft_top_k {
+            check_len("draft_top_k", k.len(), b)?;
+        }
+        if let Some(p) = &inputs.draft_top_p {
+            check_len("draft_top_p", p.len(), b)?;
+        }
         check_len("seeds", inputs.seeds.len(), b)?;
         check_len("steps", inputs.steps.len(), b)?;
         check_len("accepted_counts", outputs.accepted_counts.len(), b)?;
@@ -353,6 +399,9 @@ impl CudaBackend {
             temperature: inputs.temperature.as_ref().map_or(0, |t| t.ptr),
             top_k: inputs.top_k.as_ref().map_or(0, |k| k.ptr),
             top_p: inputs.top_p.as_ref().map_or(0, |p| p.ptr),
+            draft_temperature: inputs.draft_temperature.as_ref().map_or(0, |t| t.ptr),
+            draft_top_k: inputs.draft_top_k.as_ref().map_or(0, |k| k.ptr),
+            draft_top_p: inputs.draft_top_p.as_ref().map_or(0, |p| p.ptr),
             seeds: inputs.seeds.ptr,
             steps: inputs.steps.ptr,
             accepted: outputs.accepted_counts.ptr,
@@ -380,7 +429,11 @@ impl CudaBackend {
             RowsKind::LogitsF16 => 1,
             RowsKind::LogitsBF16 => 2,
         };
-        let thresholds = ptrs.top_k != 0 || ptrs.top_p != 0;
+        let (any_top_k, any_top_p) = (
+            ptrs.top_k != 0 || ptrs.draft_top_k != 0,
+            ptrs.top_p != 0 || ptrs.draft_top_p != 0,
+        );
+        let thresholds = any_top_k || any_top_p;
         let residuals = ptrs.draft != 0;
 
         let (b, target_rows) = (shape.num_requests, shape.target_rows());
@@ -473,6 +526,9 @@ impl CudaBackend {
             temperature: ptrs.temperature,
             top_k: ptrs.top_k,
             top_p: ptrs.top_p,
+            draft_temperature: ptrs.draft_temperature,
+            draft_top_k: ptrs.draft_top_k,
+            draft_top_p: ptrs.draft_top_p,
             seeds: ptrs.seeds,
             steps: ptrs.steps,
             emit_width: shape.emit_width as i64,
@@ -504,10 +560,10 @@ impl CudaBackend {
                 .map_err(|e| cuda_error("cuMemsetD8Async(threshold state)", e))?;
         }
         let mut threshold_passes = Vec::new();
-        if ptrs.top_k != 0 {
+        if any_top_k {
             threshold_passes.extend(TOP_K_PASSES);
         }
-        if ptrs.top_p != 0 {
+        if any_top_p {
             threshold_passes.extend(TOP_P_PASSES);
         }
         let threshold_launches = threshold_passes.into_iter().map(|pass| {
@@ -587,6 +643,9 @@ mod tests {
             temperature: 0,
             top_k: 0,
             top_p: 0,
+            draft_temperature: 0,
+            draft_top_k: 0,
+            draft_top_p: 0,
             seeds: 0x4000,
             steps: 0x5000,
             accepted: 0x6000,
@@ -672,5 +731,57 @@ mod tests {
             ..ptrs(RowsKind::Probs)
         };
         assert_eq!(invalid_argument(missing.check(&chain)), "emitted_tokens");
+    }
+
+    #[test]
+    fn the_drafters_parameters_need_draft_logits_and_a_temperature() {
+        let chain = VerifyShape::new(2, 100, 6, false, 5).unwrap();
+        let logits = SamplingDevicePtrs {
+            temperature: 0x8000,
+            draft: 0x9000,
+            ..ptrs(RowsKind::LogitsBF16)
+        };
+        SamplingDevicePtrs {
+            draft_temperature: 0xA000,
+            draft_top_k: 0xB000,
+            draft_top_p: 0xC000,
+            ..logits
+        }
+        .check(&chain)
+        .unwrap();
+        // Top-k or top-p of the drafter without its temperature.
+        let no_temperature = SamplingDevicePtrs {
+            draft_top_k: 0xB000,
+            ..logits
+        };
+        assert_eq!(
+            invalid_argument(no_temperature.check(&chain)),
+            "draft_top_k"
+        );
+        // Without draft rows, or on probabilities.
+        let no_draft_rows = SamplingDevicePtrs {
+            draft: 0,
+            draft_temperature: 0xA000,
+            ..logits
+        };
+        assert_eq!(
+            invalid_argument(no_draft_rows.check(&chain)),
+            "draft_temperature"
+        );
+        let probs = SamplingDevicePtrs {
+            draft: 0x9000,
+            draft_temperature: 0xA000,
+            ..ptrs(RowsKind::Probs)
+        };
+        assert_eq!(invalid_argument(probs.check(&chain)), "draft_temperature");
+        // Misaligned.
+        let misaligned = SamplingDevicePtrs {
+            draft_temperature: 0xA002,
+            ..logits
+        };
+        assert_eq!(
+            invalid_argument(misaligned.check(&chain)),
+            "draft_temperature"
+        );
     }
 }

@@ -12,8 +12,11 @@
 //!
 //! Every rule leaves the target distribution exactly unchanged, provided the drafts were chosen without looking
 //! at this call's noise, and (with `draft` rows) each draft token was drawn from the `q` row passed here, after
-//! the same temperature, top-k and top-p (the bug of transformers#47932: a different `q` in the ratio than the
-//! one sampled from biases the output).
+//! the temperature, top-k and top-p the drafter sampled with (the bug of transformers#47932: a different `q`
+//! in the ratio than the one sampled from biases the output). Those are [`VerifyInputs::draft_params`] when
+//! they differ from the target's: a drafter that samples its unfiltered softmax (vLLM's default) passes its
+//! temperature with top-k and top-p off. A drafted token whose `q` is 0 cannot have been drawn from `q`; it is
+//! that request's error, never accepted.
 //!
 //! Point-mass nodes are computed in an equivalent, single-pass form: the node draws `y ~ p` (from its own
 //! noise); the first child whose token is `y` is accepted, and if there is none, `y` is the emitted token. The
@@ -40,9 +43,11 @@
 //! * **Logits** (fp32, fp16, bf16) with [`SamplingParams`] per request: `z = logit / temperature` (in `f32`),
 //!   then top-k keeps `z >= ` the `k`-th largest `z` (ties kept), then top-p keeps, in decreasing order, the
 //!   smallest prefix whose softmax mass reaches `top_p` (ties with its last element kept), then softmax. The
-//!   same is applied to the draft rows. A logit may be `-inf` (probability 0); NaN and `+inf` are errors, and
-//!   a row must hold a finite logit. **Temperature 0** is greedy: the emitted tokens are exactly those of
-//!   [`crate::cpu::greedy_verify`] on the target rows (draft rows, top-k and top-p are ignored).
+//!   draft rows get the same with the draft's parameters ([`VerifyInputs::draft_params`], the target's when
+//!   `None`); a draft temperature must be positive (a greedy drafter's drafts are point masses: pass no draft
+//!   rows). A logit may be `-inf` (probability 0); NaN and `+inf` are errors, and a row must hold a finite
+//!   logit. **Temperature 0** is greedy: the emitted tokens are exactly those of [`crate::cpu::greedy_verify`]
+//!   on the target rows (draft rows, top-k and top-p are ignored).
 //! * **Probabilities** (fp32): rows are used as given (finite, non-negative, a target row must have mass); no
 //!   sampling parameters. Every row read as a distribution (target rows, draft rows of nodes with children)
 //!   must sum to 1 within [`PROBABILITY_SUM_TOLERANCE`] (1e-3): acceptance and the residual assume it.
@@ -189,7 +194,7 @@ impl Rows<'_> {
         name: &str,
         row: usize,
         vocab_size: usize,
-        logits: Option<(usize, f32)>,
+        logits: Option<RowTemperature<'_>>,
         needs_mass: bool,
     ) -> Result<()> {
         let range = row * vocab_size..(row + 1) * vocab_size;
@@ -263,6 +268,9 @@ pub struct VerifyInputs<'a> {
     pub draft: Option<Rows<'a>>,
     /// Required with logits, `None` with probabilities.
     pub params: Option<SamplingParams<'a>>,
+    /// The temperature, top-k and top-p the drafter sampled its drafts with, applied to the draft rows (`None`:
+    /// the target's `params`). Logits with draft rows only; the temperature must be positive.
+    pub draft_params: Option<SamplingParams<'a>>,
     /// `[B]`: the Philox key of each request.
     pub seeds: &'a [u64],
     /// `[B]`: each request's step counter.
@@ -423,6 +431,21 @@ impl VerifyShape {
             }
             (false, None) => {}
         }
+        if let Some(p) = &inputs.draft_params {
+            if inputs.draft.is_none() || !inputs.target.is_logits() {
+                return Err(Error::invalid(
+                    "draft_params",
+                    "apply to draft logits only: pass None without draft rows or with probabilities",
+                ));
+            }
+            check_len("draft_temperature", p.temperature.len(), b)?;
+            if let Some(top_k) = p.top_k {
+                check_len("draft_top_k", top_k.len(), b)?;
+            }
+            if let Some(top_p) = p.top_p {
+                check_len("draft_top_p", top_p.len(), b)?;
+            }
+        }
         check_len("seeds", inputs.seeds.len(), b)?;
         check_len("steps", inputs.steps.len(), b)
     }
@@ -461,13 +484,25 @@ pub struct Node {
     pub draft_row: Option<usize>,
 }
 
+/// Request `b`'s tree and parameters, checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckedRequest {
+    /// Node 0 (the root) first, then the drafts in index order.
+    pub nodes: Vec<Node>,
+    /// The target rows' parameters (logits), `None` for probabilities.
+    pub params: Option<RequestParams>,
+    /// The draft rows' parameters (logits with draft rows): [`VerifyInputs::draft_params`] or `params`.
+    pub draft_params: Option<RequestParams>,
+}
+
 /// Request `b`'s tree and parameters, checked: the rules every backend applies (the CUDA kernels check the
-/// same per request). Row contents are checked separately by [`check_row_values`].
+/// same per request). Row contents, and that each drafted token has probability under its draft row, are
+/// checked by the backend with [`check_row_values`] and [`check_drafted_token`].
 pub fn check_request(
     shape: &VerifyShape,
     inputs: &VerifyInputs<'_>,
     b: usize,
-) -> Result<(Vec<Node>, Option<RequestParams>)> {
+) -> Result<CheckedRequest> {
     let nodes = match inputs.drafts {
         Drafts::Chain {
             draft_offsets,
@@ -572,9 +607,49 @@ pub fn check_request(
     }
     let params = inputs
         .params
-        .map(|p| check_params(shape, &p, b))
+        .map(|p| check_params(shape, &p, b, ""))
         .transpose()?;
-    Ok((nodes, params))
+    let draft_params = match &inputs.draft_params {
+        Some(p) => {
+            let checked = check_params(shape, p, b, "draft_")?;
+            if checked.temperature == 0.0 {
+                return Err(Error::invalid(
+                    format!("draft_temperature[{b}]"),
+                    "is 0; a greedy drafter's drafts are point masses: pass no draft rows",
+                ));
+            }
+            Some(checked)
+        }
+        None if inputs.draft.is_some() => params,
+        None => None,
+    };
+    Ok(CheckedRequest {
+        nodes,
+        params,
+        draft_params,
+    })
+}
+
+/// The rule that a drafted token was drawn from its draft row: `q`, the probability of `token` under the draft
+/// row of its parent (after the draft's temperature, top-k and top-p), must be positive. `name[index]` is where
+/// the token is (`draft_tokens` or `node_tokens`).
+pub fn check_drafted_token(
+    name: &str,
+    index: usize,
+    token: i32,
+    q: f32,
+    draft_row: usize,
+) -> Result<()> {
+    if q > 0.0 {
+        return Ok(());
+    }
+    Err(Error::invalid(
+        format!("{name}[{index}]"),
+        format!(
+            "is {token}, which has probability {q} under draft row {draft_row} (after the draft's temperature, \
+             top-k and top-p): it cannot have been drawn from it"
+        ),
+    ))
 }
 
 fn check_token(shape: &VerifyShape, name: &str, index: usize, token: i32) -> Result<()> {
@@ -590,11 +665,17 @@ fn check_token(shape: &VerifyShape, name: &str, index: usize, token: i32) -> Res
     Ok(())
 }
 
-fn check_params(shape: &VerifyShape, p: &SamplingParams<'_>, b: usize) -> Result<RequestParams> {
+/// Request `b`'s parameters from `p`; `prefix` ("" or "draft_") names the arrays in errors.
+fn check_params(
+    shape: &VerifyShape,
+    p: &SamplingParams<'_>,
+    b: usize,
+    prefix: &str,
+) -> Result<RequestParams> {
     let temperature = p.temperature[b];
     if !(temperature.is_finite() && temperature >= 0.0) {
         return Err(Error::invalid(
-            format!("temperature[{b}]"),
+            format!("{prefix}temperature[{b}]"),
             format!("is {temperature}, must be finite and >= 0 (0 is greedy)"),
         ));
     }
@@ -603,7 +684,7 @@ fn check_params(shape: &VerifyShape, p: &SamplingParams<'_>, b: usize) -> Result
         Some(k) if k >= 1 && k as usize <= shape.vocab_size => Some(k as usize),
         Some(k) => {
             return Err(Error::invalid(
-                format!("top_k[{b}]"),
+                format!("{prefix}top_k[{b}]"),
                 format!("is {k}, must be -1 (off) or in 1..={}", shape.vocab_size),
             ))
         }
@@ -611,7 +692,7 @@ fn check_params(shape: &VerifyShape, p: &SamplingParams<'_>, b: usize) -> Result
     let top_p = p.top_p.map_or(1.0, |t| t[b]);
     if !(top_p > 0.0 && top_p <= 1.0) {
         return Err(Error::invalid(
-            format!("top_p[{b}]"),
+            format!("{prefix}top_p[{b}]"),
             format!("is {top_p}, must be in (0, 1] (1 is off)"),
         ));
     }
@@ -622,6 +703,17 @@ fn check_params(shape: &VerifyShape, p: &SamplingParams<'_>, b: usize) -> Result
     })
 }
 
+/// The temperature a row of logits is divided by, and where it comes from (for errors).
+#[derive(Debug, Clone, Copy)]
+pub struct RowTemperature<'a> {
+    /// `temperature` or `draft_temperature`.
+    pub name: &'a str,
+    /// The request `b`.
+    pub request: usize,
+    /// `name[b]`.
+    pub temperature: f32,
+}
+
 /// How far a probability row read as a distribution may sum from 1: far above the rounding of an f32 softmax
 /// (about 1e-6 at V = 262144), far below any real mistake (a row of another scale, a missing normalisation).
 pub const PROBABILITY_SUM_TOLERANCE: f64 = 1e-3;
@@ -630,13 +722,13 @@ pub const PROBABILITY_SUM_TOLERANCE: f64 = 1e-3;
 /// probabilities must be finite and non-negative; a row that is read as a distribution (`needs_mass`: every
 /// target row, and the draft row of a node with children) needs a finite logit or a positive probability, and
 /// as probabilities must sum to 1 within [`PROBABILITY_SUM_TOLERANCE`] (acceptance and the residual assume it).
-/// `logits` is `None` for probabilities, else request `b` and its temperature: with a positive temperature,
-/// `logit / temperature` must stay finite.
+/// `logits` is `None` for probabilities, else the temperature the row is divided by: with a positive
+/// temperature, `logit / temperature` must stay finite.
 pub fn check_row_values<T: LogitsElement>(
     name: &str,
     values: &[T],
     row: usize,
-    logits: Option<(usize, f32)>,
+    logits: Option<RowTemperature<'_>>,
     needs_mass: bool,
 ) -> Result<()> {
     let bad = |i: usize, x: f32, why: &str| {
@@ -647,14 +739,18 @@ pub fn check_row_values<T: LogitsElement>(
     };
     let mut has_mass = false;
     match logits {
-        Some((b, temperature)) => {
+        Some(RowTemperature {
+            name: temperature_name,
+            request: b,
+            temperature,
+        }) => {
             for (i, x) in values.iter().map(|x| x.to_f32()).enumerate() {
                 if x.is_nan() || x == f32::INFINITY {
                     return bad(i, x, "logits may not be NaN or +inf");
                 }
                 if temperature > 0.0 && x.is_finite() && (x / temperature).is_infinite() {
                     return Err(Error::invalid(
-                        format!("temperature[{b}]"),
+                        format!("{temperature_name}[{b}]"),
                         format!(
                             "is {temperature}: {name}[{row}, {i}] = {x} divided by it overflows f32"
                         ),

@@ -444,7 +444,7 @@ static void test_rejection_chain_and_tree(specdec_context* ctx) {
   float draft_probs[2 * 4] = {0};
   int32_t accepted[2], emitted[6], nodes[6];
   int8_t flags[6];
-  specdec_sampling sampling = {NULL, NULL, NULL, seeds, steps};
+  specdec_sampling sampling = {NULL, NULL, NULL, seeds, steps, NULL, NULL, NULL};
   specdec_verify_outputs out = {accepted, emitted, nodes, flags};
   probs[0 * 4 + 2] = 1;
   probs[1 * 4 + 1] = 1;
@@ -517,6 +517,32 @@ static void test_rejection_chain_and_tree(specdec_context* ctx) {
     CHECK(sampling.temperature == NULL);
     CHECK(specdec_rejection_verify_chain(ctx, SPECDEC_ROWS_LOGITS_BF16, NULL, NULL, 4, no_offsets, 0, NULL, 0,
                                          &sampling, 3, &out, NULL) == SPECDEC_OK);
+  }
+
+  {
+    /* The drafter's own parameters: logits with draft rows only, top-k and top-p only with a temperature; a
+       drafted token of draft probability 0 cannot have been drawn, so it is an error, never accepted. */
+    const float one[2] = {1, 1};
+    const int32_t top_k[2] = {2, 2};
+    float logits[4 * 4] = {0}, draft_logits[2 * 4] = {0};
+    sampling.temperature = one;
+    sampling.draft_temperature = one;
+    CHECK(specdec_rejection_verify_chain(ctx, SPECDEC_ROWS_LOGITS_F32, logits, draft_logits, 4, offsets, 2, drafts, 2,
+                                         &sampling, 3, &out, NULL) == SPECDEC_OK);
+    draft_logits[0 * 4 + 2] = -INFINITY; /* request 0's first draft is token 2 */
+    EXPECT_INVALID(specdec_rejection_verify_chain(ctx, SPECDEC_ROWS_LOGITS_F32, logits, draft_logits, 4, offsets, 2,
+                                                  drafts, 2, &sampling, 3, &out, NULL),
+                   "draft_tokens[0]");
+    EXPECT_INVALID(specdec_rejection_verify_chain(ctx, SPECDEC_ROWS_LOGITS_F32, logits, NULL, 4, offsets, 2, drafts, 2,
+                                                  &sampling, 3, &out, NULL),
+                   "sampling.draft_temperature");
+    sampling.draft_temperature = NULL;
+    sampling.draft_top_k = top_k;
+    EXPECT_INVALID(specdec_rejection_verify_chain(ctx, SPECDEC_ROWS_LOGITS_F32, logits, draft_logits, 4, offsets, 2,
+                                                  drafts, 2, &sampling, 3, &out, NULL),
+                   "sampling.draft_top_k");
+    sampling.draft_top_k = NULL;
+    sampling.temperature = NULL;
   }
   EXPECT_INVALID(specdec_rejection_verify_chain(ctx, SPECDEC_ROWS_PROBS_F32, probs, NULL, 4, offsets, 2, drafts, 2,
                                                 NULL, 3, &out, NULL),
@@ -834,7 +860,7 @@ static void test_device_rejection(specdec_context* gpu, void* stream) {
   void *accepted_d = poisoned(sizeof accepted), *emitted_d = poisoned(sizeof emitted);
   void *nodes_d = poisoned(sizeof nodes), *flags_d = poisoned(sizeof flags);
   void *probs_d, *draft_probs_d;
-  specdec_sampling sampling = {NULL, NULL, NULL, (const uint64_t*)seeds_d, (const uint64_t*)steps_d};
+  specdec_sampling sampling = {NULL, NULL, NULL, (const uint64_t*)seeds_d, (const uint64_t*)steps_d, NULL, NULL, NULL};
   specdec_verify_outputs out = {(int32_t*)accepted_d, (int32_t*)emitted_d, (int32_t*)nodes_d, (int8_t*)flags_d};
   probs[0 * 4 + 2] = 1;
   probs[1 * 4 + 1] = 1;

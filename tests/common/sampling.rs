@@ -205,6 +205,9 @@ pub struct Scenario {
     pub shape: Shape,
     pub with_q: bool,
     pub params: Params,
+    /// The drafter's own temperature, top-k and top-p (its drafts are drawn from the draft rows under them, and
+    /// the call is told so); `None`: the target's.
+    pub draft_params: Option<Params>,
     pub trials: usize,
     pub trial_seed: u64,
     /// The fewest trials a scaled run keeps (see [`Scenario::trials_to_run`]).
@@ -261,6 +264,7 @@ impl Scenario {
             shape,
             with_q,
             params: PLAIN,
+            draft_params: None,
             trials: 40_000,
             trial_seed: 1,
             min_scaled_trials: MIN_GROUP as usize,
@@ -273,6 +277,7 @@ pub struct Rowbook<'m> {
     model: &'m Model,
     input: Input,
     params: Params,
+    draft_params: Option<Params>,
     cache: HashMap<(Vec<i32>, bool), Vec<f32>>,
     distributions: HashMap<(Vec<i32>, bool), Vec<f64>>,
 }
@@ -310,6 +315,7 @@ impl Rowbook<'_> {
                 let s: f64 = row.iter().map(|&p| f64::from(p)).sum();
                 row.iter().map(|&p| f64::from(p) / s).collect()
             }
+            _ if draft => reference_distribution(&row, self.draft_params.unwrap_or(self.params)),
             _ => reference_distribution(&row, self.params),
         };
         self.distributions.insert(key, dist.clone());
@@ -381,6 +387,7 @@ pub fn run(s: &Scenario, verify: Verify) -> Vec<Outcome> {
         model: &s.model,
         input: s.input,
         params: s.params,
+        draft_params: s.draft_params,
         cache: HashMap::new(),
         distributions: HashMap::new(),
     };
@@ -443,6 +450,15 @@ pub fn run(s: &Scenario, verify: Verify) -> Vec<Outcome> {
             top_k: Some(&top_k),
             top_p: Some(&top_p),
         };
+        let draft_given = s.draft_params.unwrap_or(s.params);
+        let draft_temperature = vec![draft_given.temperature; b];
+        let draft_top_k = vec![draft_given.top_k; b];
+        let draft_top_p = vec![draft_given.top_p; b];
+        let draft_params = s.draft_params.map(|_| SamplingParams {
+            temperature: &draft_temperature,
+            top_k: Some(&draft_top_k),
+            top_p: Some(&draft_top_p),
+        });
         let target_h: Vec<f16>;
         let target_b: Vec<bf16>;
         let draft_h: Vec<f16>;
@@ -467,6 +483,7 @@ pub fn run(s: &Scenario, verify: Verify) -> Vec<Outcome> {
             target: target_rows,
             draft: s.with_q.then_some(draft_rows),
             params: (s.input != Input::Probs).then_some(params),
+            draft_params,
             seeds: &seeds,
             steps: &steps,
         };
@@ -568,6 +585,7 @@ pub fn check_exactness(s: &Scenario, outcomes: &[Outcome]) -> usize {
         model: &s.model,
         input: s.input,
         params: s.params,
+        draft_params: s.draft_params,
         cache: HashMap::new(),
         distributions: HashMap::new(),
     };
@@ -833,6 +851,7 @@ pub fn disjoint_supports_reject_every_draft(verify: Verify) {
             top_k: None,
             top_p: None,
         }),
+        draft_params: None,
         seeds: &seeds,
         steps: &steps,
     };
@@ -1019,6 +1038,7 @@ pub fn one_chain_probs(
         target: Rows::Probs(&target),
         draft: Some(Rows::Probs(q)),
         params: None,
+        draft_params: None,
         seeds: &[seed],
         steps: &[step],
     };
@@ -1073,6 +1093,7 @@ pub fn padded_drafts_are_rejected_not_verified(verify: Verify) {
         target: Rows::Probs(&target),
         draft: None,
         params: None,
+        draft_params: None,
         seeds: &[1],
         steps: &[0],
     };
@@ -1089,4 +1110,123 @@ pub fn padded_drafts_are_rejected_not_verified(verify: Verify) {
         matches!(&err, Error::InvalidArgument { argument, .. } if argument == "draft_tokens[1]"),
         "{err}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The drafter's own sampling parameters.
+
+/// A drafter with its own temperature and no top-k or top-p (vLLM's default: it samples its unfiltered softmax)
+/// against a target with another temperature, top-k and top-p. Told how its drafts were drawn
+/// ([`VerifyInputs::draft_params`]), the sampler keeps the target distribution exactly: a chain (f32) and an
+/// i.i.d. tree (bf16), each prefix's next token by chi-square (false failure ALPHA per check).
+pub fn draft_parameters_of_their_own_are_exact(verify: Verify) {
+    for (input, shape) in [
+        (Input::F32, Shape::Chain(4)),
+        (Input::BF16, Shape::IidTree(&[3, 2])),
+    ] {
+        let mut s = Scenario::new("draft parameters", Model::new(37, 16, 23), shape, true);
+        s.input = input;
+        s.params = Params {
+            temperature: 0.8,
+            top_k: 10,
+            top_p: 0.9,
+        };
+        s.draft_params = Some(Params {
+            temperature: 1.3,
+            top_k: -1,
+            top_p: 1.0,
+        });
+        exact(s, verify);
+    }
+}
+
+/// Issue 17's example: V = 4, target logits [1, 1, 0, 0] with top-k 2 at temperature 1; one draft per request,
+/// drawn from the drafter's unfiltered softmax of [0, 1, 1.5, 1.5] at draft temperature 1 (the issue's case),
+/// then of [0, 3, 1, 1] at draft temperature 2 (q(1) = 0.51 > p(1), so the acceptance coin depends on the draft
+/// temperature too), and the call told so (no draft top-k). The first emitted token must follow [0.5, 0.5, 0, 0]: chi-square
+/// over 40,000 requests (scaled by [`trials_scale`], at least 10,000, where the old bias gives a chi-square near
+/// 160), false failure ALPHA per temperature. (Before the draft parameters the sampler filtered q with the
+/// target's top-k and emitted [0.434, 0.566, 0, 0]; now that call is refused: the drafts of tokens 0 and 1 have
+/// q = 0 under the filtered draft row.)
+pub fn a_drafter_sampling_its_unfiltered_softmax_keeps_the_target_distribution(verify: Verify) {
+    let n = ((40_000.0 * trials_scale()).ceil() as usize).max(10_000);
+    let mut rng =
+        super::rng("a_drafter_sampling_its_unfiltered_softmax_keeps_the_target_distribution");
+    // Target rows: [1, 1, 0, 0] where the draft is scored, anything after it.
+    let target: Vec<f32> = (0..n)
+        .flat_map(|_| [1.0, 1.0, 0.0, 0.0, 0.3, 0.2, 0.1, 0.0])
+        .collect();
+    let offsets: Vec<i32> = (0..=n as i32).collect();
+    let (ones, top_k, off) = (vec![1.0f32; n], vec![2i32; n], vec![-1i32; n]);
+    let seeds: Vec<u64> = (0..n as u64).map(|i| 0x5EED_0000 + i).collect();
+    let steps = vec![3u64; n];
+    for (draft_row, draft_temperature) in [
+        ([0.0f32, 1.0, 1.5, 1.5], 1.0f32),
+        ([0.0, 3.0, 1.0, 1.0], 2.0),
+    ] {
+        let draft: Vec<f32> = (0..n).flat_map(|_| draft_row).collect();
+        let q: Vec<f64> = {
+            let e: Vec<f64> = draft_row
+                .iter()
+                .map(|&x| f64::from(x / draft_temperature).exp())
+                .collect();
+            let total: f64 = e.iter().sum();
+            e.iter().map(|x| x / total).collect()
+        };
+        let tokens: Vec<i32> = (0..n).map(|_| sample(&q, &mut rng)).collect();
+        let draft_temperatures = vec![draft_temperature; n];
+        let inputs = VerifyInputs {
+            vocab_size: 4,
+            drafts: Drafts::Chain {
+                draft_offsets: &offsets,
+                draft_tokens: &tokens,
+            },
+            target: Rows::LogitsF32(&target),
+            draft: Some(Rows::LogitsF32(&draft)),
+            params: Some(SamplingParams {
+                temperature: &ones,
+                top_k: Some(&top_k),
+                top_p: None,
+            }),
+            draft_params: Some(SamplingParams {
+                temperature: &draft_temperatures,
+                top_k: Some(&off),
+                top_p: None,
+            }),
+            seeds: &seeds,
+            steps: &steps,
+        };
+        let (mut accepted, mut emitted) = (vec![i32::MIN; n], vec![i32::MIN; 2 * n]);
+        verify(
+            &inputs,
+            &mut VerifyOutputs {
+                emit_width: 2,
+                accepted_counts: &mut accepted,
+                emitted_tokens: &mut emitted,
+                accepted_nodes: None,
+                accept_flags: None,
+            },
+        )
+        .expect("valid inputs");
+        assert!(accepted.iter().all(|&a| a >= 0), "no request is flagged");
+        let mut counts = vec![0u64; 4];
+        for r in 0..n {
+            counts[emitted[2 * r] as usize] += 1;
+        }
+        let fit = chi_square(&counts, &[0.5, 0.5, 0.0, 0.0]);
+        eprintln!(
+            "draft temperature {draft_temperature}, {n} requests: first tokens {counts:?}, chi-square {:.2}, \
+             p = {:.3e}",
+            fit.statistic, fit.p_value
+        );
+        assert_eq!(
+            fit.impossible, 0,
+            "a token outside the target's top-k was emitted"
+        );
+        assert!(
+            fit.p_value > ALPHA,
+            "draft temperature {draft_temperature}: counts {counts:?}, p = {:.3e}",
+            fit.p_value
+        );
+    }
 }
