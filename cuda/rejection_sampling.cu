@@ -1,7 +1,7 @@
 // Lossless rejection-sampling verification of chains and trees of drafted tokens (src/sampling/mod.rs has the
 // semantics; src/cpu/sampling.rs is the reference these kernels must match).
 //
-// What it computes. Per request b a tree of T_b <= 65 nodes (a chain is the tree j -> j + 1); node 0 is the last
+// What it computes. Per request b a tree of T_b <= 64 nodes (a chain is the tree j -> j + 1); node 0 is the last
 // accepted token. Walking from the root, a node either accepts one of its children (the next node) or emits a
 // token and stops:
 //   * point-mass nodes (no draft rows, or temperature 0): the node draws y from its target row (an exponential
@@ -61,7 +61,7 @@ constexpr int kRowThreads = 256;
 // the thread count alone this nvcc held it to 64 registers and spilled (80 without spills).
 constexpr int kWalkThreads = 256;
 constexpr int kResidualThreads = 256;
-constexpr int kMaxTreeNodes = 65;
+constexpr int kMaxTreeNodes = 64;                  // tree::MAX_TREE_NODES: the root and 63 drafts
 constexpr double kProbabilitySumTolerance = 1e-3;  // sampling::PROBABILITY_SUM_TOLERANCE
 constexpr int32_t kRequestInvalid = -1;
 

@@ -43,7 +43,7 @@
 
 namespace specdec {
 
-constexpr int kMaxTree = 64;
+constexpr int kMaxTree = 64;  // tree::MAX_TREE_NODES: the root and 63 drafts, one bit of an ancestor set each
 
 enum TreeStatus : int {
   kStatusOk = 0,

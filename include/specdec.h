@@ -36,6 +36,18 @@
 #define SPECDEC_VERSION 1000
 
 /**
+ * The most nodes of one verification tree, its root included (`specdec::tree`): the one bound of the sampler,
+ * tree attention, compaction, the policy and the drafter, so that the largest tree any of them makes is scored
+ * and verified in one call (tree attention's ancestor sets are 64-bit masks).
+ */
+#define SPECDEC_MAX_TREE_NODES 64
+
+/**
+ * The most drafts of one verification tree or chain: SPECDEC_MAX_TREE_NODES less the root.
+ */
+#define SPECDEC_MAX_DRAFTS (SPECDEC_MAX_TREE_NODES - 1)
+
+/**
  * The most requests one call of the policy entry points takes: a bound on the call's memory and time, which
  * grow with the batch (see README, Policy, for measured figures); real batches are far smaller.
  */
@@ -235,7 +247,7 @@ typedef struct {
    */
   int64_t max_match;
   /**
-   * The most draft tokens (chain) or nodes (tree) proposed, 1..=1024.
+   * The most draft tokens (chain) or nodes (tree) proposed, 1..=SPECDEC_MAX_DRAFTS (63).
    */
   int64_t max_draft;
   /**
@@ -539,8 +551,10 @@ specdec_status specdec_rejection_verify_chain(const specdec_context *ctx,
                                               void *stream);
 
 /**
- * See `specdec_rejection_verify_chain`. Request `b` has nodes `node_offsets[b] .. node_offsets[b+1]` (1 to 65,
- * node 0 the last accepted token), `node_tokens` and `parents` (`-1` for node 0, else an earlier node) per node.
+ * See `specdec_rejection_verify_chain`. Request `b` has nodes `node_offsets[b] .. node_offsets[b+1]` (1 to
+ * SPECDEC_MAX_TREE_NODES, node 0 the last accepted token), `node_tokens` and `parents` (`-1` for node 0, else an
+ * earlier node) per node: the verification tree of `specdec::tree` (`specdec_draft_to_verify_tree` builds one
+ * from a drafter's proposal).
  *
  * # Safety
  * As `specdec_rejection_verify_chain`.
@@ -559,6 +573,45 @@ specdec_status specdec_rejection_verify_tree(const specdec_context *ctx,
                                              int64_t emit_width,
                                              const specdec_verify_outputs *outputs,
                                              void *stream);
+
+/**
+ * The verification tree of a drafter's proposal (`specdec_drafter_propose`), as the sampler and tree attention
+ * take it: node 0 is `last_token` (the context's last token), node `i + 1` is draft `i`, and each parent is
+ * shifted by one (the drafter's -1, "the context's last token", becomes node 0). Writes `num_drafts + 1`
+ * entries to `out_tokens` and `out_parents`, and the sampler's `emit_width` for the tree (its depth plus one)
+ * to `*out_emit_width`. `num_drafts` is in `0..=SPECDEC_MAX_DRAFTS`; `draft_parents[i]` must be in `-1..i`.
+ * Host memory only.
+ *
+ * # Safety
+ * `draft_tokens` and `draft_parents` hold `num_drafts` values, `out_tokens` and `out_parents` `num_drafts + 1`;
+ * `out_emit_width` is writable.
+ */
+specdec_status specdec_draft_to_verify_tree(int32_t last_token,
+                                            const int32_t *draft_tokens,
+                                            const int32_t *draft_parents,
+                                            int64_t num_drafts,
+                                            int32_t *out_tokens,
+                                            int32_t *out_parents,
+                                            int64_t *out_emit_width);
+
+/**
+ * Compaction's inputs from the sampler's outputs (`specdec::tree::compaction_paths`): `accepted_counts
+ * [num_requests]` and `accepted_nodes [num_requests * emit_width]` as `specdec_rejection_verify_*` wrote them
+ * (each path without its root, then -1) become `out_offsets [num_requests + 1]` and `out_nodes` (each path with
+ * node 0 first, `out_offsets[num_requests]` entries in all, never more than `num_requests * emit_width`), ready
+ * for `specdec_tree_kv_compact`. Passing the sampler's rows unchanged would move the first accepted draft onto
+ * the root's slot. A flagged request (count -1) is an error: nothing of it may be compacted. Host memory only.
+ *
+ * # Safety
+ * `accepted_counts` holds `num_requests` values, `accepted_nodes` and `out_nodes` `num_requests * emit_width`,
+ * `out_offsets` `num_requests + 1`.
+ */
+specdec_status specdec_compaction_paths(const int32_t *accepted_counts,
+                                        const int32_t *accepted_nodes,
+                                        int64_t num_requests,
+                                        int64_t emit_width,
+                                        int32_t *out_offsets,
+                                        int32_t *out_nodes);
 
 /**
  * Writes the default drafter settings into `*out`.
@@ -630,7 +683,8 @@ specdec_status specdec_drafter_finish_request(const specdec_drafter *drafter, ui
  * nodes: `out_tokens[i]`, `out_parents[i]` (-1 for a child of the context's last token, otherwise an earlier
  * index: the first n nodes always form a valid tree) and `out_probs[i]` (path probability); `*out_count` =
  * nodes written, `*out_match_len` = length of the matched context suffix (0: nothing matched). For tree
- * verification, put the context's last token as node 0 and shift the parents by one.
+ * verification, `specdec_draft_to_verify_tree` puts the context's last token as node 0 and shifts the parents by
+ * one (the one tree vocabulary of `specdec::tree`).
  *
  * # Safety
  * `drafter` must be null (rejected) or live; each output array must hold `capacity` elements; `out_count`

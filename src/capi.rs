@@ -643,8 +643,10 @@ pub unsafe extern "C" fn specdec_rejection_verify_chain(
     })
 }
 
-/// See `specdec_rejection_verify_chain`. Request `b` has nodes `node_offsets[b] .. node_offsets[b+1]` (1 to 65,
-/// node 0 the last accepted token), `node_tokens` and `parents` (`-1` for node 0, else an earlier node) per node.
+/// See `specdec_rejection_verify_chain`. Request `b` has nodes `node_offsets[b] .. node_offsets[b+1]` (1 to
+/// SPECDEC_MAX_TREE_NODES, node 0 the last accepted token), `node_tokens` and `parents` (`-1` for node 0, else an
+/// earlier node) per node: the verification tree of `specdec::tree` (`specdec_draft_to_verify_tree` builds one
+/// from a drafter's proposal).
 ///
 /// # Safety
 /// As `specdec_rejection_verify_chain`.
@@ -683,6 +685,113 @@ pub unsafe extern "C" fn specdec_rejection_verify_tree(
             stream,
         };
         call.run(true)
+    })
+}
+
+/// The most nodes of one verification tree, its root included (`specdec::tree`): the one bound of the sampler,
+/// tree attention, compaction, the policy and the drafter, so that the largest tree any of them makes is scored
+/// and verified in one call (tree attention's ancestor sets are 64-bit masks).
+pub const SPECDEC_MAX_TREE_NODES: i64 = 64;
+
+/// The most drafts of one verification tree or chain: SPECDEC_MAX_TREE_NODES less the root.
+pub const SPECDEC_MAX_DRAFTS: i64 = SPECDEC_MAX_TREE_NODES - 1;
+
+const _: () = assert!(SPECDEC_MAX_TREE_NODES as usize == crate::tree::MAX_TREE_NODES);
+const MAX_DRAFTS: usize = crate::tree::MAX_DRAFTS;
+
+/// The verification tree of a drafter's proposal (`specdec_drafter_propose`), as the sampler and tree attention
+/// take it: node 0 is `last_token` (the context's last token), node `i + 1` is draft `i`, and each parent is
+/// shifted by one (the drafter's -1, "the context's last token", becomes node 0). Writes `num_drafts + 1`
+/// entries to `out_tokens` and `out_parents`, and the sampler's `emit_width` for the tree (its depth plus one)
+/// to `*out_emit_width`. `num_drafts` is in `0..=SPECDEC_MAX_DRAFTS`; `draft_parents[i]` must be in `-1..i`.
+/// Host memory only.
+///
+/// # Safety
+/// `draft_tokens` and `draft_parents` hold `num_drafts` values, `out_tokens` and `out_parents` `num_drafts + 1`;
+/// `out_emit_width` is writable.
+#[no_mangle]
+pub unsafe extern "C" fn specdec_draft_to_verify_tree(
+    last_token: i32,
+    draft_tokens: *const i32,
+    draft_parents: *const i32,
+    num_drafts: i64,
+    out_tokens: *mut i32,
+    out_parents: *mut i32,
+    out_emit_width: *mut i64,
+) -> specdec_status {
+    boundary(|| {
+        let n = size_arg("num_drafts", num_drafts)?;
+        if n > MAX_DRAFTS {
+            return Err(Error::invalid(
+                "num_drafts",
+                format!("is {n}, above SPECDEC_MAX_DRAFTS ({MAX_DRAFTS})"),
+            ));
+        }
+        let tokens = host_slice("draft_tokens", draft_tokens, n)?;
+        let parents = host_slice("draft_parents", draft_parents, n)?;
+        let draft = crate::drafter::Draft {
+            tokens: tokens
+                .iter()
+                .enumerate()
+                .map(|(i, &t)| {
+                    u32::try_from(t).map_err(|_| {
+                        Error::invalid(
+                            format!("draft_tokens[{i}]"),
+                            format!("is {t}, not a token id"),
+                        )
+                    })
+                })
+                .collect::<Result<_>>()?,
+            parents: parents.to_vec(),
+            ..Default::default()
+        };
+        let tree =
+            crate::tree::VerifyTree::from_draft(last_token, &draft).map_err(|e| match e {
+                Error::InvalidArgument { argument, reason } => Error::InvalidArgument {
+                    argument: argument.replace("draft.", "draft_"),
+                    reason,
+                },
+                other => other,
+            })?;
+        let width = non_null("out_emit_width", out_emit_width)?;
+        host_slice_mut("out_tokens", out_tokens, n + 1)?.copy_from_slice(tree.tokens());
+        host_slice_mut("out_parents", out_parents, n + 1)?.copy_from_slice(tree.parents());
+        *width = tree.emit_width() as i64;
+        Ok(())
+    })
+}
+
+/// Compaction's inputs from the sampler's outputs (`specdec::tree::compaction_paths`): `accepted_counts
+/// [num_requests]` and `accepted_nodes [num_requests * emit_width]` as `specdec_rejection_verify_*` wrote them
+/// (each path without its root, then -1) become `out_offsets [num_requests + 1]` and `out_nodes` (each path with
+/// node 0 first, `out_offsets[num_requests]` entries in all, never more than `num_requests * emit_width`), ready
+/// for `specdec_tree_kv_compact`. Passing the sampler's rows unchanged would move the first accepted draft onto
+/// the root's slot. A flagged request (count -1) is an error: nothing of it may be compacted. Host memory only.
+///
+/// # Safety
+/// `accepted_counts` holds `num_requests` values, `accepted_nodes` and `out_nodes` `num_requests * emit_width`,
+/// `out_offsets` `num_requests + 1`.
+#[no_mangle]
+pub unsafe extern "C" fn specdec_compaction_paths(
+    accepted_counts: *const i32,
+    accepted_nodes: *const i32,
+    num_requests: i64,
+    emit_width: i64,
+    out_offsets: *mut i32,
+    out_nodes: *mut i32,
+) -> specdec_status {
+    boundary(|| {
+        let b = size_arg("num_requests", num_requests)?;
+        let width = size_arg("emit_width", emit_width)?;
+        let cells = b
+            .checked_mul(width)
+            .ok_or_else(|| Error::invalid("emit_width", "num_requests * emit_width overflows"))?;
+        let counts = host_slice("accepted_counts", accepted_counts, b)?;
+        let nodes = host_slice("accepted_nodes", accepted_nodes, cells)?;
+        let (offsets, paths) = crate::tree::compaction_paths(counts, nodes, width)?;
+        host_slice_mut("out_offsets", out_offsets, b + 1)?.copy_from_slice(&offsets);
+        host_slice_mut("out_nodes", out_nodes, cells)?[..paths.len()].copy_from_slice(&paths);
+        Ok(())
     })
 }
 
@@ -943,7 +1052,7 @@ pub struct specdec_drafter_config {
     pub min_match: i64,
     /// The longest context suffix matched (the depth cap).
     pub max_match: i64,
-    /// The most draft tokens (chain) or nodes (tree) proposed, 1..=1024.
+    /// The most draft tokens (chain) or nodes (tree) proposed, 1..=SPECDEC_MAX_DRAFTS (63).
     pub max_draft: i64,
     /// Budget from the match length: floor(match_len * match_factor + match_offset).
     pub match_factor: f64,
@@ -1200,7 +1309,8 @@ pub unsafe extern "C" fn specdec_drafter_finish_request(
 /// nodes: `out_tokens[i]`, `out_parents[i]` (-1 for a child of the context's last token, otherwise an earlier
 /// index: the first n nodes always form a valid tree) and `out_probs[i]` (path probability); `*out_count` =
 /// nodes written, `*out_match_len` = length of the matched context suffix (0: nothing matched). For tree
-/// verification, put the context's last token as node 0 and shift the parents by one.
+/// verification, `specdec_draft_to_verify_tree` puts the context's last token as node 0 and shifts the parents by
+/// one (the one tree vocabulary of `specdec::tree`).
 ///
 /// # Safety
 /// `drafter` must be null (rejected) or live; each output array must hold `capacity` elements; `out_count`
@@ -1536,10 +1646,10 @@ pub unsafe extern "C" fn specdec_choose_draft_lengths(
         let cost = cost_model_from_c(non_null("model", model as *mut specdec_cost_model)?)?;
         let n = policy_requests_arg(num_requests)?;
         let max_draft = size_arg("max_draft", max_draft)?;
-        if max_draft > 64 {
+        if max_draft > MAX_DRAFTS {
             return Err(Error::invalid(
                 "max_draft",
-                format!("is {max_draft}, above 64"),
+                format!("is {max_draft}, above SPECDEC_MAX_DRAFTS ({MAX_DRAFTS})"),
             ));
         }
         let outlooks = outlooks_from_c(contexts, acceptance, n, positions, max_draft)?;
@@ -1584,10 +1694,10 @@ pub unsafe extern "C" fn specdec_choose_draft_trees(
         let cost = cost_model_from_c(non_null("model", model as *mut specdec_cost_model)?)?;
         let n = policy_requests_arg(num_requests)?;
         let max_drafts = size_arg("max_drafts", max_drafts)?;
-        if !(1..=64).contains(&max_drafts) {
+        if !(1..=MAX_DRAFTS).contains(&max_drafts) {
             return Err(Error::invalid(
                 "max_drafts",
-                format!("is {max_drafts}, not in 1..=64"),
+                format!("is {max_drafts}, not in 1..=SPECDEC_MAX_DRAFTS ({MAX_DRAFTS})"),
             ));
         }
         let max_depth = size_arg("max_depth", max_depth)?;
@@ -1609,8 +1719,8 @@ pub unsafe extern "C" fn specdec_choose_draft_trees(
             .zip(&trees)
         {
             row.fill(-1);
-            for (out, &parent) in row.iter_mut().zip(&tree.parents).skip(1) {
-                *out = parent as i32;
+            for (out, parent) in row.iter_mut().zip(tree.verification_parents()) {
+                *out = parent;
             }
             *count = tree.drafts() as i32;
         }

@@ -30,6 +30,7 @@ pub mod greedy;
 pub mod int4;
 pub mod policy;
 pub mod sampling;
+pub mod tree;
 
 pub use dtype::{DType, HalfElement, LogitsElement};
 pub use error::{Error, Result};

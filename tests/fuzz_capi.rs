@@ -1273,3 +1273,90 @@ proptest! {
         run_policy(preset, field, hostile, &contexts, &acceptance, num_requests, positions, max_draft, max_depth)?;
     }
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// The tree converters: a drafter's proposal to a verification tree, the sampler's paths to compaction's
+// ---------------------------------------------------------------------------------------------------------
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn fuzz_tree_converters(
+        last_token in any::<i32>(),
+        draft in prop::collection::vec((prop_oneof![20 => 0..100i32, 1 => any::<i32>()], -3..70i32), 0..70),
+        declared in prop_oneof![10 => Just(None), 1 => (-2i64..70).prop_map(Some)],
+        counts in prop::collection::vec(prop_oneof![10 => 0..4i32, 1 => -2..70i32], 0..6),
+        width in prop_oneof![10 => 1..5i64, 1 => -1..70i64],
+        node_picks in prop::collection::vec(prop_oneof![10 => 1..70i32, 1 => any::<i32>()], 6 * 70),
+    ) {
+        // A proposal whose parents are mostly valid (-1 or an earlier index) and sometimes not.
+        let tokens: Vec<i32> = draft.iter().map(|d| d.0).collect();
+        let parents: Vec<i32> = draft
+            .iter()
+            .enumerate()
+            .map(|(i, d)| if d.1 < i as i32 { d.1.max(-1) } else { d.1 })
+            .collect();
+        let n = declared.unwrap_or(tokens.len() as i64);
+        let room = tokens.len() + 1;
+        let (mut out_tokens, mut out_parents, mut out_width) = (vec![POISON; room], vec![POISON; room], -5i64);
+        let status = if n > tokens.len() as i64 {
+            // Never declare more than the arrays hold.
+            INVALID
+        } else {
+            // SAFETY: `n` never exceeds the inputs, and the outputs hold `n + 1` values.
+            unsafe {
+                specdec_draft_to_verify_tree(
+                    last_token,
+                    tokens.as_ptr(),
+                    parents.as_ptr(),
+                    n,
+                    out_tokens.as_mut_ptr(),
+                    out_parents.as_mut_ptr(),
+                    &mut out_width,
+                )
+            }
+        };
+        if n <= tokens.len() as i64 && check_status(status)? {
+            let n = n as usize;
+            prop_assert!(n < 64 && out_tokens[0] == last_token && out_parents[0] == -1);
+            prop_assert_eq!(&out_tokens[1..=n], &tokens[..n]);
+            let mut depth = vec![0i64; n + 1];
+            for j in 1..=n {
+                prop_assert!(out_parents[j] >= 0 && out_parents[j] < j as i32);
+                depth[j] = depth[out_parents[j] as usize] + 1;
+            }
+            prop_assert_eq!(out_width, depth.iter().max().unwrap() + 1);
+        } else if n <= tokens.len() as i64 {
+            prop_assert!(out_tokens.iter().chain(&out_parents).all(|&x| x == POISON) && out_width == -5);
+        }
+
+        // The sampler's rows: counts and increasing nodes, sometimes broken.
+        let w = width.max(0) as usize;
+        let b = counts.len();
+        let mut rows = vec![-1i32; b * w];
+        for r in 0..b {
+            let mut node = 0;
+            for j in 0..w.min(counts[r].max(0) as usize) {
+                node += node_picks[r * 70 + j].clamp(-3, 3).max(1);
+                rows[r * w + j] = if node_picks[r * 70 + j] < 0 { node_picks[r * 70 + j] } else { node };
+            }
+        }
+        let (mut offsets, mut nodes) = (vec![POISON; b + 1], vec![POISON; b * w]);
+        // SAFETY: `rows` and `nodes` hold `b * w` values, `offsets` `b + 1` (width < 0 is refused before use).
+        let status = unsafe {
+            specdec_compaction_paths(counts.as_ptr(), rows.as_ptr(), b as i64, width, offsets.as_mut_ptr(), nodes.as_mut_ptr())
+        };
+        if check_status(status)? {
+            prop_assert_eq!(offsets[0], 0);
+            for r in 0..b {
+                let path = &nodes[offsets[r] as usize..offsets[r + 1] as usize];
+                prop_assert_eq!(path.len(), counts[r] as usize + 1);
+                prop_assert_eq!(path[0], 0);
+                prop_assert!(path.windows(2).all(|p| p[0] < p[1]) && *path.last().unwrap() < 64);
+            }
+        } else {
+            prop_assert!(offsets.iter().chain(&nodes).all(|&x| x == POISON));
+        }
+    }
+}

@@ -894,7 +894,6 @@ fn top_p_cuts_are_the_same_on_every_run() {
     }
     let mut rng = common::rng(NAME);
     let (b, k, v, width) = (48usize, 3usize, 32000usize, 4usize);
-    let tokens: Vec<i32> = (0..b * k).map(|_| rng.random_range(0..v as i32)).collect();
     let offsets: Vec<i32> = (0..=b).map(|i| (i * k) as i32).collect();
     let logits = |rows: usize, rng: &mut rand::rngs::StdRng| -> Vec<bf16> {
         (0..rows * v)
@@ -903,6 +902,12 @@ fn top_p_cuts_are_the_same_on_every_run() {
     };
     let target = logits(b * (k + 1), &mut rng);
     let draft = logits(b * k, &mut rng);
+    // Each draft is its draft row's argmax, which every top-k and top-p keeps: a draft must have probability
+    // under the filtered row it was drawn from (a draft of q = 0 flags its request).
+    let tokens: Vec<i32> = draft
+        .chunks(v)
+        .map(|row| common::naive_argmax(row) as i32)
+        .collect();
     let temperature: Vec<f32> = (0..b).map(|_| rng.random_range(0.3..1.5)).collect();
     let top_p: Vec<f32> = (0..b).map(|_| rng.random_range(0.05..1.0)).collect();
     let top_k: Vec<i32> = (0..b)

@@ -325,7 +325,7 @@ fn bad_trees_and_probabilities_are_errors_naming_the_element() {
             c.steps = vec![0, 0];
         }),
         "node_offsets[1]",
-        "1..=65",
+        "1..=64",
     );
     // The offsets cover the node arrays: they start at 0 and end at the number of nodes (before, a batch that
     // started later or ended early was accepted and its other nodes ignored).
@@ -392,7 +392,7 @@ fn bad_trees_and_probabilities_are_errors_naming_the_element() {
         "",
     );
     assert_names(tree_call(|c| c.vocab = 0), "vocab_size", "");
-    // 64 drafts fit; 65 do not.
+    // 63 drafts fit (the one maximum of specdec::tree: 64 nodes with the root); 64 do not.
     let chain = |n: usize| {
         move |c: &mut TreeCall| {
             c.offsets = vec![0, n as i32];
@@ -403,8 +403,8 @@ fn bad_trees_and_probabilities_are_errors_naming_the_element() {
             c.width = n;
         }
     };
-    tree_call(chain(65)).unwrap();
-    assert_names(tree_call(chain(66)), "node_offsets[1]", "1..=65");
+    tree_call(chain(64)).unwrap();
+    assert_names(tree_call(chain(65)), "node_offsets[1]", "1..=64");
 }
 
 /// A one-request chain call on f32 logits with sampling parameters; `edit` breaks one input.

@@ -5,7 +5,7 @@
 //! # Tree attention
 //!
 //! A batch of `B` requests. Request `b` has `L_b = prefix_lens[b]` tokens cached and a draft tree of
-//! `T_b = token_offsets[b + 1] - token_offsets[b]` nodes (`0..=max_tree_size`, at most [`MAX_TREE_SIZE`]), the
+//! `T_b = token_offsets[b + 1] - token_offsets[b]` nodes (`0..=max_tree_size`, at most [`MAX_TREE_NODES`]), the
 //! rows `token_offsets[b] ..` of the inputs. `parents[token_offsets[b] + i]` is node `i`'s parent as an index
 //! inside the tree, or `-1` for a root; parents come before children (`-1 <= parents[i] < i`). `T_b = 1` is
 //! ordinary decoding and a chain is a tree. The depth of a root is 0 and of any other node its parent's plus one.
@@ -40,7 +40,7 @@
 //!
 //! After verification request `b` accepted the nodes `accepted_nodes[accepted_offsets[b] ..
 //! accepted_offsets[b + 1]]` (tree indices, strictly increasing: a root-to-node path is, since parents come
-//! first; at most [`MAX_TREE_SIZE`]). For every layer's cache, the key and value at slot `L_b + node_j` move to
+//! first; at most [`MAX_TREE_NODES`]). For every layer's cache, the key and value at slot `L_b + node_j` move to
 //! slot `L_b + j`; entries already in place (`node_j == j`) are not touched, so a greedy chain placed first
 //! copies nothing.
 //!
@@ -56,8 +56,8 @@
 
 use crate::error::{check_len, Error, Result};
 
-/// The largest draft tree: ancestor sets are 64-bit masks.
-pub const MAX_TREE_SIZE: usize = 64;
+/// The largest tree, its root included: the one maximum of [`crate::tree`] (ancestor sets are 64-bit masks).
+pub use crate::tree::MAX_TREE_NODES;
 /// The head dimensions the kernels are compiled for.
 pub const HEAD_DIMS: [usize; 3] = [64, 128, 256];
 /// The smallest page size.
@@ -338,7 +338,7 @@ pub struct TreeAttentionShape {
     pub num_tokens: usize,
     /// `Hq`, a multiple of `cache.num_kv_heads`.
     pub num_q_heads: usize,
-    /// The largest tree in the batch may have this many nodes (`1..=64`); it sizes the launch.
+    /// The largest tree in the batch may have this many nodes (`1..=`[`MAX_TREE_NODES`]); it sizes the launch.
     pub max_tree_size: usize,
     /// The cache.
     pub cache: PagedCacheShape,
@@ -367,7 +367,7 @@ impl TreeRequest {
 }
 
 impl TreeAttentionShape {
-    /// Checks the sizes: `Hq` a positive multiple of `Hkv`, `max_tree_size` in `1..=64`, `num_tokens` and every
+    /// Checks the sizes: `Hq` a positive multiple of `Hkv`, `max_tree_size` in `1..=`[`MAX_TREE_NODES`], `num_tokens` and every
     /// q/out element index representable in 31 and 63 bits, `max_position` at least 1.
     pub fn new(
         num_requests: usize,
@@ -386,10 +386,10 @@ impl TreeAttentionShape {
                 ),
             ));
         }
-        if max_tree_size == 0 || max_tree_size > MAX_TREE_SIZE {
+        if max_tree_size == 0 || max_tree_size > MAX_TREE_NODES {
             return Err(Error::invalid(
                 "max_tree_size",
-                format!("is {max_tree_size}; it must be in 1..={MAX_TREE_SIZE}"),
+                format!("is {max_tree_size}; it must be in 1..={MAX_TREE_NODES}"),
             ));
         }
         if num_requests > 65535 {
@@ -699,17 +699,17 @@ impl CompactionShape {
             accepted_offsets,
             b,
             self.num_accepted,
-            MAX_TREE_SIZE,
+            MAX_TREE_NODES,
         )?;
         let nodes = &accepted_nodes[first..last];
         let mut previous = -1;
         for (j, &node) in nodes.iter().enumerate() {
-            if node <= previous || node >= MAX_TREE_SIZE as i32 {
+            if node <= previous || node >= MAX_TREE_NODES as i32 {
                 return Err(Error::invalid(
                     format!("accepted_nodes[{}]", first + j),
                     format!(
                         "is {node}; a request's accepted nodes must be strictly increasing tree indices in \
-                         0..{MAX_TREE_SIZE} (previous {previous})"
+                         0..{MAX_TREE_NODES} (previous {previous})"
                     ),
                 ));
             }

@@ -58,8 +58,8 @@ const THRESHOLD: usize = 0;
 const ROW: usize = 1;
 const WALK: usize = 2;
 const RESIDUAL: usize = 3;
-/// `sizeof(ResidualJob)` in the .cu file: node, level, four floats, 66 doubles.
-const RESIDUAL_JOB_BYTES: usize = 24 + 8 * 66;
+/// `sizeof(ResidualJob)` in the .cu file: node, level, four floats, MAX_TREE_NODES + 1 doubles.
+const RESIDUAL_JOB_BYTES: usize = 24 + 8 * (crate::tree::MAX_TREE_NODES + 1);
 /// `sizeof(ThresholdState)` in the .cu file: 256 bins and two sums of 8 bytes, ten 4-byte fields.
 const THRESHOLD_STATE_BYTES: usize = 8 * 258 + 4 * 10;
 /// Passes of SamplingThresholdKernel (kThresholdPasses): 0-3 top-k, 4-9 top-p.

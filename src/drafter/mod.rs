@@ -137,9 +137,9 @@ impl Default for DrafterConfig {
 }
 
 impl DrafterConfig {
-    /// The largest `max_draft` accepted: far above any draft worth verifying, and a bound on a proposal's work
-    /// and memory whatever the settings.
-    pub const MAX_DRAFT: usize = 1024;
+    /// The largest `max_draft` accepted: the most drafts one verification takes ([`crate::tree::MAX_DRAFTS`]),
+    /// so that every proposal is verified in one call; also a bound on a proposal's work and memory.
+    pub const MAX_DRAFT: usize = crate::tree::MAX_DRAFTS;
 
     fn validate(&self) -> Result<()> {
         if self.min_match == 0 || self.min_match > self.max_match {
@@ -166,7 +166,11 @@ impl DrafterConfig {
         if self.max_draft > Self::MAX_DRAFT {
             return Err(Error::invalid(
                 "max_draft",
-                format!("is {}, above {}", self.max_draft, Self::MAX_DRAFT),
+                format!(
+                    "is {}, above {} (the most drafts one verification tree holds)",
+                    self.max_draft,
+                    Self::MAX_DRAFT
+                ),
             ));
         }
         if !(self.match_factor.is_finite() && self.match_factor >= 0.0) {

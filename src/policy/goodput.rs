@@ -193,12 +193,14 @@ pub fn goodput(cost: &CostModel, requests: &[RequestOutlook], draft_lengths: &[u
     tokens / step_seconds(cost, &contexts, draft_lengths)
 }
 
-/// The chain draft lengths (each at most `max_draft`) that maximise [`goodput`], and that goodput.
+/// The chain draft lengths (each at most `max_draft`, and never above [`crate::tree::MAX_DRAFTS`], the most one
+/// verification takes) that maximise [`goodput`], and that goodput.
 pub fn choose_draft_lengths(
     cost: &CostModel,
     requests: &[RequestOutlook],
     max_draft: usize,
 ) -> (Vec<usize>, f64) {
+    let max_draft = max_draft.min(crate::tree::MAX_DRAFTS);
     let options: Vec<Vec<DraftOption>> = requests
         .iter()
         .map(|r| (1..=max_draft).map(|k| DraftOption::chain(r, k)).collect())
@@ -213,13 +215,16 @@ pub fn choose_draft_lengths(
 /// decides the drafter steps, so the limits are every depth to 4, then every other one, and `max_depth`;
 /// sizes are `D, 1.5 D, 2 D, 3 D, 4 D, 8 D, ...` and `max_drafts` (nodes at a depth already paid for are
 /// nearly free at small batch, and the search finds how many the batch can afford). Trees for a depth limit
-/// are built only when the search reaches it.
+/// are built only when the search reaches it. `max_drafts` is capped at [`crate::tree::MAX_DRAFTS`], so that
+/// every tree chosen is scored and verified in one call.
 pub fn choose_draft_trees(
     cost: &CostModel,
     requests: &[RequestOutlook],
     max_drafts: usize,
     max_depth: usize,
 ) -> (Vec<DraftTree>, f64) {
+    let max_drafts = max_drafts.min(crate::tree::MAX_DRAFTS);
+    let max_depth = max_depth.min(max_drafts);
     let contexts: Vec<usize> = requests.iter().map(|r| r.context).collect();
     let most_tokens: Vec<f64> = requests
         .iter()

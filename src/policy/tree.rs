@@ -158,6 +158,14 @@ impl Ord for Candidate {
 }
 
 impl DraftTree {
+    /// The parents in the verification tree's convention ([`crate::tree`]): -1 for the root, node 0, then each
+    /// draft's parent. With the drafts' tokens, [`crate::tree::VerifyTree::new`] takes it as it is.
+    pub fn verification_parents(&self) -> Vec<i32> {
+        std::iter::once(-1)
+            .chain(self.parents.iter().skip(1).map(|&p| p as i32))
+            .collect()
+    }
+
     /// The tree of no drafts: the root alone.
     pub fn root() -> DraftTree {
         DraftTree {

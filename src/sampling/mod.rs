@@ -96,8 +96,9 @@ use crate::LogitsElement;
 pub use crate::greedy::REQUEST_INVALID;
 pub use noise::RequestNoise;
 
-/// The most nodes of one request's tree, its root included (64 drafts and the last accepted token).
-pub const MAX_TREE_NODES: usize = 65;
+/// The most nodes of one request's tree, its root included: the one maximum of [`crate::tree`] (63 drafts and
+/// the last accepted token).
+pub use crate::tree::MAX_TREE_NODES;
 
 /// The target or draft rows of a call.
 #[derive(Debug, Clone, Copy)]

@@ -344,7 +344,8 @@ static void test_policy_trees(const specdec_cost_model* model) {
 
   EXPECT_INVALID(specdec_choose_draft_trees(model, contexts, acceptance, 1, 1, 0, 1, parents, drafts, &goodput),
                  "max_drafts");
-  EXPECT_INVALID(specdec_choose_draft_trees(model, contexts, acceptance, 1, 1, 65, 6, parents, drafts, &goodput),
+  EXPECT_INVALID(specdec_choose_draft_trees(model, contexts, acceptance, 1, 1, SPECDEC_MAX_DRAFTS + 1, 6, parents,
+                                            drafts, &goodput),
                  "max_drafts");
   EXPECT_INVALID(specdec_choose_draft_trees(model, contexts, acceptance, 1, 1, 16, 17, parents, drafts, &goodput),
                  "max_depth");
@@ -584,6 +585,39 @@ static float bf16_to_float(uint16_t bits) {
   float x;
   memcpy(&x, &wide, 4);
   return x;
+}
+
+/* The one tree vocabulary: a drafter's proposal becomes a verification tree under its root, and the sampler's
+   accepted paths become compaction's, root first. */
+static void test_tree_converters(void) {
+  const int32_t draft_tokens[3] = {7, 8, 9}, draft_parents[3] = {-1, -1, 0};
+  int32_t tokens[4], parents[4];
+  int64_t width = 0;
+  CHECK(SPECDEC_MAX_TREE_NODES == 64 && SPECDEC_MAX_DRAFTS == 63);
+  CHECK(specdec_draft_to_verify_tree(42, draft_tokens, draft_parents, 3, tokens, parents, &width) == SPECDEC_OK);
+  CHECK(tokens[0] == 42 && tokens[1] == 7 && tokens[2] == 8 && tokens[3] == 9);
+  CHECK(parents[0] == -1 && parents[1] == 0 && parents[2] == 0 && parents[3] == 1 && width == 3);
+  CHECK(specdec_draft_to_verify_tree(42, NULL, NULL, 0, tokens, parents, &width) == SPECDEC_OK);
+  CHECK(tokens[0] == 42 && parents[0] == -1 && width == 1);
+  {
+    const int32_t bad_parents[3] = {-1, 1, 0}, bad_tokens[3] = {7, -8, 9};
+    EXPECT_INVALID(specdec_draft_to_verify_tree(42, draft_tokens, bad_parents, 3, tokens, parents, &width),
+                   "draft_parents[1]");
+    EXPECT_INVALID(specdec_draft_to_verify_tree(42, bad_tokens, draft_parents, 3, tokens, parents, &width),
+                   "draft_tokens[1]");
+    EXPECT_INVALID(
+        specdec_draft_to_verify_tree(42, draft_tokens, draft_parents, SPECDEC_MAX_DRAFTS + 1, tokens, parents, &width),
+        "num_drafts");
+  }
+  {
+    /* Request 0 accepted nodes 2 and 5, request 1 nothing (emit_width 3). */
+    const int32_t counts[2] = {2, 0}, accepted[6] = {2, 5, -1, -1, -1, -1}, flagged[1] = {-1};
+    int32_t offsets[3], nodes[6];
+    CHECK(specdec_compaction_paths(counts, accepted, 2, 3, offsets, nodes) == SPECDEC_OK);
+    CHECK(offsets[0] == 0 && offsets[1] == 3 && offsets[2] == 4);
+    CHECK(nodes[0] == 0 && nodes[1] == 2 && nodes[2] == 5 && nodes[3] == 0);
+    EXPECT_INVALID(specdec_compaction_paths(flagged, accepted, 1, 3, offsets, nodes), "accepted_counts[0]");
+  }
 }
 
 static void test_int4(specdec_context* ctx) {
@@ -1123,6 +1157,7 @@ int main(void) {
   test_handles();
   test_policy();
   test_rejection_chain_and_tree(ctx);
+  test_tree_converters();
   test_int4(ctx);
   test_tree_attention(ctx);
   test_device_pointers(ctx);
