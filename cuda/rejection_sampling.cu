@@ -669,11 +669,14 @@ __device__ __forceinline__ bool RequestIsValid(const SamplingArgs& a, int64_t b,
   }
   for (int i = 1; i < s.nodes; ++i) s.has_children[s.parent[i]] = 1;
   if (max_depth + 1 > a.emit_width) return false;
+  bool greedy = false;
   if (a.temperature != nullptr) {
     const float t = a.temperature[b];
     if (!(isfinite(t) && t >= 0.0f)) return false;
+    greedy = t == 0.0f;
   }
-  if (UsesDraftParams(a, a.draft != nullptr)) {
+  // At temperature 0 the draft rows and the drafter's parameters are not read, so they are not checked.
+  if (!greedy && UsesDraftParams(a, a.draft != nullptr)) {
     // A drafter at temperature 0 drafts point masses (no draft rows), so its temperature must be positive.
     const float tq = a.draft_temperature[b];
     if (!(isfinite(tq) && tq > 0.0f) || !RowTopKTopP(a, b, true).ok) return false;
@@ -681,15 +684,17 @@ __device__ __forceinline__ bool RequestIsValid(const SamplingArgs& a, int64_t b,
   return RowTopKTopP(a, b, false).ok;
 }
 
-// The rows of request b: stamped with its index, and their values acceptable (check_row_values).
-__device__ __forceinline__ bool RowsAreValid(const SamplingArgs& a, int64_t b, const WalkState& s) {
+// The rows of request b that the walk may read: stamped with its index, and their values acceptable
+// (check_row_values). A draft row is read only by a node with children, and never by a point-mass walk.
+__device__ __forceinline__ bool RowsAreValid(const SamplingArgs& a, int64_t b, const WalkState& s, bool point_mass) {
   const int64_t target_start = TargetRowStart(a, b);
-  const int64_t draft_rows = a.draft != nullptr ? DraftRowCount(a, b) : 0;
+  const int64_t draft_rows = point_mass ? 0 : DraftRowCount(a, b);
   bool bad = false;
   for (int64_t item = threadIdx.x; item < (s.nodes + draft_rows) * a.splits; item += kWalkThreads) {
     const int64_t r = item / a.splits;
     const bool is_draft = r >= s.nodes;
     const int64_t node = is_draft ? r - s.nodes : r;
+    if (is_draft && !s.has_children[node]) continue;
     const int64_t row = is_draft ? a.target_rows + a.offsets[b] + node : target_start + node;
     bad = bad || RowOwner(a, row) != b;
     const uint32_t flags = a.row_flags[row * a.splits + item % a.splits];
@@ -770,7 +775,8 @@ __device__ __forceinline__ void Walk(const SamplingArgs& a) {
   const float t = a.temperature != nullptr ? a.temperature[b] : 1.0f;
   const float tq = a.temperature != nullptr ? RowTemperature(a, b, true) : 1.0f;
   const bool point_mass = a.draft == nullptr || (a.temperature != nullptr && t == 0.0f);
-  const bool valid = s.valid && RowsAreValid(a, b, s) && (point_mass || DraftedTokensHaveMass<T>(a, b, s, tq));
+  const bool valid =
+      s.valid && RowsAreValid(a, b, s, point_mass) && (point_mass || DraftedTokensHaveMass<T>(a, b, s, tq));
   if (!valid) {
     for (int64_t j = threadIdx.x; j < width; j += kWalkThreads) {
       emitted[j] = kRequestInvalid;

@@ -189,11 +189,12 @@ typedef struct {
    */
   const float *top_p;
   /**
-   * Required: the Philox key of each request.
+   * Required: the Philox key of each request. The same seed and step give the same noise in any batch slot:
+   * several samples of one prompt need different seeds (`specdec_sample_seed`).
    */
   const uint64_t *seeds;
   /**
-   * Required: each request's step counter.
+   * Required: each request's step counter, 0 at its first step and advanced every decoding step.
    */
   const uint64_t *steps;
   /**
@@ -612,6 +613,14 @@ specdec_status specdec_compaction_paths(const int32_t *accepted_counts,
                                         int64_t emit_width,
                                         int32_t *out_offsets,
                                         int32_t *out_nodes);
+
+/**
+ * A seed for sample `sample` of a group sharing `base_seed` (`specdec::sampling::noise::sample_seed`): the same
+ * seed and step give the same noise in any batch slot, so several samples of one prompt (a GRPO group) need
+ * seeds of their own. Distinct `sample` values give distinct seeds for a fixed `base_seed`.
+ */
+uint64_t specdec_sample_seed(uint64_t base_seed,
+                             uint64_t sample);
 
 /**
  * Writes the default drafter settings into `*out`.

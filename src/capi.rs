@@ -795,6 +795,25 @@ pub unsafe extern "C" fn specdec_compaction_paths(
     })
 }
 
+/// [`host_slice`] of `seeds` or `steps`, whose absence gets its own reason.
+///
+/// # Safety
+/// As [`host_slice`].
+unsafe fn noise_array<'a>(argument: &str, ptr: *const u64, len: usize) -> Result<&'a [u64]> {
+    if ptr.is_null() && len > 0 {
+        return Err(crate::sampling::missing_noise_array(argument));
+    }
+    host_slice(argument, ptr, len)
+}
+
+/// A seed for sample `sample` of a group sharing `base_seed` (`specdec::sampling::noise::sample_seed`): the same
+/// seed and step give the same noise in any batch slot, so several samples of one prompt (a GRPO group) need
+/// seeds of their own. Distinct `sample` values give distinct seeds for a fixed `base_seed`.
+#[no_mangle]
+pub extern "C" fn specdec_sample_seed(base_seed: u64, sample: u64) -> u64 {
+    crate::sampling::noise::sample_seed(base_seed, sample)
+}
+
 /// Per-request sampling inputs of a rejection-sampling call (each array `[num_requests]`).
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
@@ -805,9 +824,10 @@ pub struct specdec_sampling {
     pub top_k: *const i32,
     /// NULL, or in (0, 1] per request (1 = off). Probabilities: NULL.
     pub top_p: *const f32,
-    /// Required: the Philox key of each request.
+    /// Required: the Philox key of each request. The same seed and step give the same noise in any batch slot:
+    /// several samples of one prompt need different seeds (`specdec_sample_seed`).
     pub seeds: *const u64,
-    /// Required: each request's step counter.
+    /// Required: each request's step counter, 0 at its first step and advanced every decoding step.
     pub steps: *const u64,
     /// NULL: the draft rows use `temperature`, `top_k` and `top_p`. Else the temperature (positive) the drafter
     /// sampled its drafts with, applied to the draft rows; logits with draft rows only.
@@ -1024,8 +1044,8 @@ impl RejectionCall {
             draft,
             params,
             draft_params,
-            seeds: host_slice("sampling.seeds", sampling.seeds, b)?,
-            steps: host_slice("sampling.steps", sampling.steps, b)?,
+            seeds: noise_array("sampling.seeds", sampling.seeds, b)?,
+            steps: noise_array("sampling.steps", sampling.steps, b)?,
         };
         let n = shape.output_len();
         let mut out = VerifyOutputs {

@@ -1321,3 +1321,81 @@ fn a_draft_of_zero_draft_probability_is_flagged_alone() {
         }
     }
 }
+
+/// What the sampler does not read, it does not check, on the GPU as on the CPU: three trees (a root with children
+/// 1 and 2) with draft rows; request 0 has a NaN in a leaf's draft row, request 1 runs at temperature 0 with NaN
+/// draft rows and a drafter temperature of 0, request 2 is clean. None is flagged, and the tokens equal the CPU's
+/// (before, requests 0 and 1 were flagged on the GPU and failed the call on the CPU).
+#[test]
+fn rows_and_parameters_that_are_not_read_are_not_checked() {
+    const NAME: &str = "rows_and_parameters_that_are_not_read_are_not_checked";
+    if gpu(NAME).is_none() {
+        return;
+    }
+    let mut rng = common::rng(NAME);
+    let (b, v) = (3usize, 50usize);
+    let target: Vec<f32> = (0..b * 3 * v)
+        .map(|_| rng.random_range(-2.0..2.0))
+        .collect();
+    let mut draft: Vec<f32> = (0..b * 3 * v)
+        .map(|_| rng.random_range(-2.0..2.0))
+        .collect();
+    draft[v + 7] = f32::NAN; // request 0, node 1 (a leaf)
+    draft[3 * v..6 * v].fill(f32::NAN); // request 1, every draft row
+    let tokens: Vec<i32> = (0..b)
+        .flat_map(|_| {
+            [
+                -1,
+                rng.random_range(0..v as i32),
+                rng.random_range(0..v as i32),
+            ]
+        })
+        .collect();
+    let parents: Vec<i32> = (0..b).flat_map(|_| [-1, 0, 0]).collect();
+    let offsets = [0, 3, 6, 9];
+    let temperature = [1.0f32, 0.0, 0.9];
+    let draft_temperature = [1.0f32, 0.0, 1.1];
+    let run = |verify: Verify| {
+        let inputs = VerifyInputs {
+            vocab_size: v,
+            drafts: Drafts::Tree {
+                node_offsets: &offsets,
+                node_tokens: &tokens,
+                parents: &parents,
+            },
+            target: Rows::LogitsF32(&target),
+            draft: Some(Rows::LogitsF32(&draft)),
+            params: Some(SamplingParams {
+                temperature: &temperature,
+                top_k: None,
+                top_p: None,
+            }),
+            draft_params: Some(SamplingParams {
+                temperature: &draft_temperature,
+                top_k: None,
+                top_p: None,
+            }),
+            seeds: &[4, 5, 6],
+            steps: &[1, 1, 1],
+        };
+        let (mut a, mut e) = (vec![POISON; b], vec![POISON; b * 2]);
+        verify(
+            &inputs,
+            &mut VerifyOutputs {
+                emit_width: 2,
+                accepted_counts: &mut a,
+                emitted_tokens: &mut e,
+                accepted_nodes: None,
+                accept_flags: None,
+            },
+        )
+        .expect("nothing read is bad");
+        (a, e)
+    };
+    let (gpu_accepted, gpu_emitted) = run(GPU);
+    assert!(
+        gpu_accepted.iter().all(|&n| n >= 0),
+        "flagged: {gpu_accepted:?}"
+    );
+    assert_eq!((gpu_accepted, gpu_emitted), run(CPU));
+}

@@ -360,10 +360,12 @@ fn bad_trees_and_probabilities_are_errors_naming_the_element() {
         "no probability mass",
     );
     assert_names(
-        tree_call(|c| c.draft.as_mut().unwrap()[17] = f32::INFINITY),
-        "draft[2, 1]",
+        tree_call(|c| c.draft.as_mut().unwrap()[9] = f32::INFINITY),
+        "draft[1, 1]",
         "finite",
     );
+    // A leaf's draft row (node 2's, and node 3's) is not read, so it is not checked: not even its values.
+    tree_call(|c| c.draft.as_mut().unwrap()[17] = f32::INFINITY).unwrap();
     // A leaf's draft row is not a distribution anything was drawn from: it may be all zero.
     tree_call(|c| c.draft.as_mut().unwrap()[24..].fill(0.0)).unwrap();
     assert_names(
@@ -761,5 +763,50 @@ fn draft_parameters_need_draft_logits() {
         cpu::rejection_verify(&no_draft_rows, &mut outputs),
         "draft_params",
         "draft logits only",
+    );
+}
+
+/// What the sampler does not read, it does not check (issue 17 item 4): a leaf's draft row, and at temperature 0
+/// every draft row and the drafter's parameters. Before, a NaN there failed the call.
+#[test]
+fn rows_and_parameters_that_are_not_read_are_not_checked() {
+    // The tree: the root with children 1 and 2; node 1's draft row (a leaf's) holds a NaN.
+    let leaf_nan = |c: &mut DraftedCall| {
+        c.tree = true;
+        c.draft[6 + 3] = f32::NAN;
+    };
+    drafted_call(leaf_nan).unwrap();
+    // The root's draft row is read: the same NaN there is an error.
+    assert_names(
+        drafted_call(|c| {
+            c.tree = true;
+            c.draft[3] = f32::NAN;
+        }),
+        "draft[0, 3]",
+        "NaN",
+    );
+    // Temperature 0: NaN draft rows and a drafter temperature of 0 are ignored.
+    drafted_call(|c| {
+        c.temperature = 0.0;
+        c.draft[3] = f32::NAN;
+        c.draft_params = Some((0.0, 99, -1.0));
+    })
+    .unwrap();
+}
+
+/// Samples of one prompt need their own seeds: `sample_seed` gives distinct ones, and the same seed and step give
+/// the same noise in any slot.
+#[test]
+fn sample_seeds_are_distinct_and_a_seed_repeats_its_noise() {
+    use specdec::sampling::noise::{sample_seed, RequestNoise};
+    let seeds: std::collections::HashSet<u64> = (0..100_000).map(|i| sample_seed(42, i)).collect();
+    assert_eq!(seeds.len(), 100_000);
+    assert_ne!(sample_seed(42, 0), sample_seed(43, 0));
+    let noise = |seed| RequestNoise { seed, step: 3 }.coin(0, 0);
+    assert_eq!(noise(sample_seed(42, 7)), noise(sample_seed(42, 7)));
+    assert_ne!(noise(sample_seed(42, 7)), noise(sample_seed(42, 8)));
+    assert_eq!(
+        specdec::capi::specdec_sample_seed(42, 7),
+        sample_seed(42, 7)
     );
 }

@@ -86,6 +86,7 @@ fn verify_request(
     } else {
         "temperature"
     };
+    let greedy = params.is_some_and(|p| p.temperature == 0.0);
     for (i, node) in nodes.iter().enumerate() {
         inputs.target.check_row(
             "target",
@@ -94,18 +95,16 @@ fn verify_request(
             temperature("temperature", params),
             true,
         )?;
-        if let (Some(draft), Some(row)) = (&inputs.draft, node.draft_row) {
-            let has_children = !children[i].is_empty();
-            draft.check_row(
-                "draft",
-                row,
-                v,
-                temperature(draft_name, draft_params),
-                has_children,
-            )?;
+        // A draft row is read only by a node with children, and never at temperature 0.
+        if let (Some(draft), Some(row), false, false) = (
+            &inputs.draft,
+            node.draft_row,
+            greedy,
+            children[i].is_empty(),
+        ) {
+            draft.check_row("draft", row, v, temperature(draft_name, draft_params), true)?;
         }
     }
-    let greedy = params.is_some_and(|p| p.temperature == 0.0);
     // Each drafted token must have probability under the draft row it was drawn from (ignored when greedy).
     if let (Some(draft), false) = (&inputs.draft, greedy) {
         for (parent, kids) in children.iter().enumerate() {

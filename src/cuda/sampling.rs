@@ -252,8 +252,12 @@ impl SamplingDevicePtrs {
             }
             optional(name, ptr, b, 4)?;
         }
-        check_device_ptr("seeds", self.seeds, b, 8)?;
-        check_device_ptr("steps", self.steps, b, 8)?;
+        for (name, ptr) in [("seeds", self.seeds), ("steps", self.steps)] {
+            if ptr == 0 && b > 0 {
+                return Err(crate::sampling::missing_noise_array(name));
+            }
+            check_device_ptr(name, ptr, b, 8)?;
+        }
         check_device_ptr("accepted_counts", self.accepted, b, 4)?;
         let out = shape.output_len();
         check_device_ptr("emitted_tokens", self.emitted, out, 4)?;

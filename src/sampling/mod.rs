@@ -30,13 +30,14 @@
 //! read); node `i >= 1` is a draft token `node_tokens[g]` whose parent is `parents[g]`, in `0..i` (`parents` of
 //! node 0 must be -1). Children of a node are tried in increasing index order. Target row `g` of
 //! `target: [sum T, V]` is the target's distribution after node `i`; draft row `g` of `draft: [sum T, V]` is
-//! the distribution node `i`'s children were drawn from (leaf rows are not read).
+//! the distribution node `i`'s children were drawn from (a leaf's row is neither read nor checked).
 //!
 //! **Chain**: the layout of greedy verification ([`crate::greedy`]): `k_b = draft_offsets[b+1] -
 //! draft_offsets[b]` drafts (0 to [`MAX_TREE_NODES`] - 1) at `draft_tokens[draft_offsets[b] ..]`, target rows
-//! `draft_offsets[b] + b + j` for `j = 0..=k_b` of `target: [num_draft_tokens + B, V]`, draft rows
-//! `draft_offsets[b] + j` for `j < k_b` of `draft: [num_draft_tokens, V]`. It is the tree whose node `j` is
-//! the `j`-th draft with parent `j - 1`.
+//! `draft_offsets[b] + b + j` for `j = 0..=k_b` of `target: [num_draft_tokens + B, V]` ([`chain_target_row`]:
+//! each request has one target row more than drafts, its bonus row), draft rows `draft_offsets[b] + j` for
+//! `j < k_b` of `draft: [num_draft_tokens, V]` ([`chain_draft_row`]: one per draft). The two strides differ by
+//! `b`. It is the tree whose node `j` is the `j`-th draft with parent `j - 1`.
 //!
 //! # Distributions
 //!
@@ -47,15 +48,18 @@
 //!   `None`); a draft temperature must be positive (a greedy drafter's drafts are point masses: pass no draft
 //!   rows). A logit may be `-inf` (probability 0); NaN and `+inf` are errors, and a row must hold a finite
 //!   logit. **Temperature 0** is greedy: the emitted tokens are exactly those of [`crate::cpu::greedy_verify`]
-//!   on the target rows (draft rows, top-k and top-p are ignored).
+//!   on the target rows. By rule the draft rows and the drafter's parameters are then neither read nor checked,
+//!   and top-k and top-p do not change the argmax (their values must still be well-formed).
 //! * **Probabilities** (fp32): rows are used as given (finite, non-negative, a target row must have mass); no
 //!   sampling parameters. Every row read as a distribution (target rows, draft rows of nodes with children)
 //!   must sum to 1 within [`PROBABILITY_SUM_TOLERANCE`] (1e-3): acceptance and the residual assume it.
 //!
 //! # Randomness
 //!
-//! Philox keyed by `seeds[b]`, indexed by `steps[b]`, node and token ([`noise`]): a request's result depends
-//! only on its own inputs, seed and step, on either backend, whatever the batch around it or the GPU (CUDA sums
+//! Philox keyed by `seeds[b]`, indexed by `steps[b]`, node and token ([`noise`]). The same seed and step give the
+//! same noise in any batch slot, by design: several samples of one prompt (a GRPO group) need seeds of their own
+//! ([`noise::sample_seed`] derives them), and a request advances its step every decoding step (0 at its first).
+//! A request's result depends only on its own inputs, seed and step, on either backend, whatever the batch around it or the GPU (CUDA sums
 //! softmax over fixed 8192-token chunks merged in order in f64, and top-p masses as integers). Tokens are drawn by an exponential race, `argmax_x w(x) / E_x` over
 //! `w(x) > 0` (probability weights) or `argmax_x z(x) - ln E_x` over kept `x` (log weights, the Gumbel-max
 //! form), with `E_x` the node's per-token Exp(1) noise and ties to the lowest index; this needs no
@@ -256,6 +260,31 @@ pub enum Drafts<'a> {
     },
 }
 
+/// The error of an absent `seeds` or `steps` array in a call with requests (a null pointer through C or on a
+/// device), with what to pass instead; every entry point reports it alike.
+pub(crate) fn missing_noise_array(argument: &str) -> Error {
+    let reason = if argument.ends_with("seeds") {
+        "is missing: pass a seed per request; the same seed and step give the same noise in any batch slot, so \
+         samples meant to differ need different seeds (noise::sample_seed, C: specdec_sample_seed)"
+    } else {
+        "is missing: pass each request's step counter (0 at its first step, advanced every decoding step); a \
+         step reused with the same seed repeats its draws"
+    };
+    Error::invalid(argument, reason)
+}
+
+/// Chain layout: the target row of request `b`'s position `j` (`0..=k_b`, `j = k_b` its bonus row),
+/// `draft_offsets[b] + b + j`. `draft_offsets[b]` must be valid (non-negative).
+pub fn chain_target_row(draft_offsets: &[i32], b: usize, j: usize) -> usize {
+    draft_offsets[b] as usize + b + j
+}
+
+/// Chain layout: the draft row that request `b`'s draft `j` was drawn from (`0..k_b`), `draft_offsets[b] + j`.
+/// `draft_offsets[b]` must be valid (non-negative).
+pub fn chain_draft_row(draft_offsets: &[i32], b: usize, j: usize) -> usize {
+    draft_offsets[b] as usize + j
+}
+
 /// Everything a verification call reads.
 #[derive(Debug, Clone, Copy)]
 pub struct VerifyInputs<'a> {
@@ -272,9 +301,10 @@ pub struct VerifyInputs<'a> {
     /// The temperature, top-k and top-p the drafter sampled its drafts with, applied to the draft rows (`None`:
     /// the target's `params`). Logits with draft rows only; the temperature must be positive.
     pub draft_params: Option<SamplingParams<'a>>,
-    /// `[B]`: the Philox key of each request.
+    /// `[B]`: the Philox key of each request. Several samples of one prompt need different seeds
+    /// ([`noise::sample_seed`]): the same seed and step give the same noise in any batch slot.
     pub seeds: &'a [u64],
-    /// `[B]`: each request's step counter.
+    /// `[B]`: each request's step counter, 0 at its first step and advanced every decoding step.
     pub steps: &'a [u64],
 }
 
@@ -524,15 +554,15 @@ pub fn check_request(
             let mut nodes = vec![Node {
                 token: -1,
                 parent: -1,
-                target_row: first + b,
-                draft_row: Some(first),
+                target_row: chain_target_row(draft_offsets, b, 0),
+                draft_row: Some(chain_draft_row(draft_offsets, b, 0)),
             }];
             for j in 1..=k {
                 nodes.push(Node {
                     token: draft_tokens[first + j - 1],
                     parent: j as i32 - 1,
-                    target_row: first + b + j,
-                    draft_row: (j < k).then_some(first + j),
+                    target_row: chain_target_row(draft_offsets, b, j),
+                    draft_row: (j < k).then_some(chain_draft_row(draft_offsets, b, j)),
                 });
             }
             if k == 0 {
@@ -610,7 +640,10 @@ pub fn check_request(
         .params
         .map(|p| check_params(shape, &p, b, ""))
         .transpose()?;
+    // At temperature 0 the draft rows and the drafter's parameters are not read, so they are not checked.
+    let greedy = params.is_some_and(|p| p.temperature == 0.0);
     let draft_params = match &inputs.draft_params {
+        _ if greedy => None,
         Some(p) => {
             let checked = check_params(shape, p, b, "draft_")?;
             if checked.temperature == 0.0 {

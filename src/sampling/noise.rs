@@ -74,6 +74,17 @@ pub fn philox4x32_10(key: [u32; 2], counter: [u32; 4]) -> [u32; 4] {
     [c0, c1, c2, c3]
 }
 
+/// A seed for sample `sample` of a group sharing `base_seed` (the rollouts of one prompt in GRPO, or any requests
+/// that must draw independently): the same seed and step give the same noise in any batch slot, so samples meant
+/// to differ need different seeds. For a fixed `base_seed` distinct `sample` values give distinct seeds (an odd
+/// multiple of `sample` added to `base_seed`, then splitmix64's finaliser, both bijections of `u64`).
+pub fn sample_seed(base_seed: u64, sample: u64) -> u64 {
+    let mut z = base_seed.wrapping_add(sample.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 /// The noise source of one request: its seed and step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RequestNoise {

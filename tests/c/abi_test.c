@@ -545,6 +545,20 @@ static void test_rejection_chain_and_tree(specdec_context* ctx) {
     sampling.draft_top_k = NULL;
     sampling.temperature = NULL;
   }
+
+  {
+    /* Seeds and steps are required, and their absence says what to pass; specdec_sample_seed derives distinct
+       seeds for the samples of one prompt. */
+    const uint64_t* given_steps = sampling.steps;
+    sampling.steps = NULL;
+    EXPECT_INVALID(specdec_rejection_verify_chain(ctx, SPECDEC_ROWS_PROBS_F32, probs, NULL, 4, offsets, 2, drafts, 2,
+                                                  &sampling, 3, &out, NULL),
+                   "sampling.steps");
+    CHECK(strstr(specdec_last_error(), "step counter") != NULL);
+    sampling.steps = given_steps;
+    CHECK(specdec_sample_seed(42, 0) != specdec_sample_seed(42, 1));
+    CHECK(specdec_sample_seed(42, 7) == specdec_sample_seed(42, 7));
+  }
   EXPECT_INVALID(specdec_rejection_verify_chain(ctx, SPECDEC_ROWS_PROBS_F32, probs, NULL, 4, offsets, 2, drafts, 2,
                                                 NULL, 3, &out, NULL),
                  "sampling");
