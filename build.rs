@@ -41,6 +41,13 @@ fn main() {
         println!("cargo:rerun-if-env-changed={var}");
     }
     println!("cargo:rerun-if-changed=cuda");
+    // Without the `cuda` feature nothing of CUDA is built or looked for.
+    if env::var_os("CARGO_FEATURE_CUDA").is_none() {
+        if env::var("SPECDEC_REQUIRE_CUDA").is_ok_and(|v| v == "1") {
+            panic!("SPECDEC_REQUIRE_CUDA=1 but the `cuda` feature is off: nothing of CUDA is built");
+        }
+        return;
+    }
     let out_dir = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let require_cuda = env::var("SPECDEC_REQUIRE_CUDA").is_ok_and(|v| v == "1");
 

@@ -7,6 +7,9 @@
 //! Every function runs inside a panic boundary: a bug in specdec is reported as [`specdec_status::SPECDEC_PANIC`],
 //! never as an abort of the host process.
 #![allow(non_camel_case_types)]
+// Built without the `cuda` feature, the CUDA paths are compiled out: their `stream` arguments and fields go
+// unused, and every context is a CPU context.
+#![cfg_attr(not(feature = "cuda"), allow(unused_variables, dead_code))]
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -20,10 +23,15 @@ use crate::attention::{
     CompactionShape, PagedCacheShape, RequestStatus, RopeShape, RopeStyle, TreeAttentionShape,
     TreeBatch,
 };
+#[cfg(feature = "cuda")]
 use crate::cuda::attention::{CompactionDevicePtrs, TreeAttentionDevicePtrs};
+#[cfg(feature = "cuda")]
 use crate::cuda::greedy::GreedyDevicePtrs;
+#[cfg(feature = "cuda")]
 use crate::cuda::int4::{GemvDevicePtrs, QuantizeDevicePtrs};
+#[cfg(feature = "cuda")]
 use crate::cuda::sampling::SamplingDevicePtrs;
+#[cfg(feature = "cuda")]
 use crate::cuda::CudaBackend;
 use crate::drafter::{DraftKind, Drafter, DrafterConfig, LengthClasses, Token};
 use crate::dtype::{DType, LogitsElement};
@@ -119,10 +127,14 @@ pub enum specdec_backend {
 /// returned the same address (the table then sees the new handle).
 pub struct specdec_context {
     backend: Backend,
+    /// Never zero-sized, even when `Backend` holds only `Cpu` (a build without the `cuda` feature): a boxed
+    /// zero-sized value has no address of its own, and the handle table tells handles apart by address.
+    _address: u8,
 }
 
 enum Backend {
     Cpu,
+    #[cfg(feature = "cuda")]
     Cuda(CudaBackend),
 }
 
@@ -422,6 +434,7 @@ pub unsafe extern "C" fn specdec_context_create_cpu(
             HandleKind::Context,
             specdec_context {
                 backend: Backend::Cpu,
+                _address: 0,
             },
         );
         Ok(())
@@ -449,14 +462,24 @@ pub unsafe extern "C" fn specdec_context_create_cuda(
                 format!("is {device_ordinal}; ordinals are 0 or more"),
             )
         })?;
-        let backend = CudaBackend::new(ordinal)?;
-        *out = register_handle(
-            HandleKind::Context,
-            specdec_context {
-                backend: Backend::Cuda(backend),
-            },
-        );
-        Ok(())
+        #[cfg(feature = "cuda")]
+        {
+            let backend = CudaBackend::new(ordinal)?;
+            *out = register_handle(
+                HandleKind::Context,
+                specdec_context {
+                    backend: Backend::Cuda(backend),
+                    _address: 0,
+                },
+            );
+            Ok(())
+        }
+        // A library built without the `cuda` feature has no kernels.
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (out, ordinal);
+            Err(Error::KernelsNotCompiled)
+        }
     })
 }
 
@@ -485,6 +508,7 @@ pub unsafe extern "C" fn specdec_context_backend(
         let out = non_null("out_backend", out_backend)?;
         *out = match ctx.backend {
             Backend::Cpu => specdec_backend::SPECDEC_BACKEND_CPU as i32,
+            #[cfg(feature = "cuda")]
             Backend::Cuda(_) => specdec_backend::SPECDEC_BACKEND_CUDA as i32,
         };
         Ok(())
@@ -570,6 +594,7 @@ pub unsafe extern "C" fn specdec_greedy_verify(
                     DType::BF16 => run::<bf16>(logits, &shape, offsets, drafts, accepted, emitted),
                 }
             }
+            #[cfg(feature = "cuda")]
             Backend::Cuda(backend) => {
                 let ptrs = GreedyDevicePtrs {
                     logits: logits as u64,
@@ -888,6 +913,7 @@ impl RejectionCall {
     }
 
     /// The CUDA path: device pointers, enqueued on the caller's stream.
+    #[cfg(feature = "cuda")]
     fn run_cuda(
         &self,
         backend: &CudaBackend,
@@ -937,6 +963,7 @@ impl RejectionCall {
             tree,
             size_arg("emit_width", self.emit_width)?,
         )?;
+        #[cfg(feature = "cuda")]
         if let Backend::Cuda(backend) = &ctx.backend {
             return self.run_cuda(backend, &shape, &sampling, &outputs);
         }
@@ -1908,6 +1935,7 @@ pub unsafe extern "C" fn specdec_int4_quantize(
                     crate::cpu::int4_quantize(&shape, w, packed, s, zeros)
                 }))
             }
+            #[cfg(feature = "cuda")]
             Backend::Cuda(backend) => {
                 let ptrs = QuantizeDevicePtrs {
                     weights: weights as u64,
@@ -1960,6 +1988,7 @@ pub unsafe extern "C" fn specdec_int4_pack(
                     crate::cpu::int4_pack(&shape, w, s, zeros, packed)
                 }))
             }
+            #[cfg(feature = "cuda")]
             Backend::Cuda(backend) => {
                 let ptrs = QuantizeDevicePtrs {
                     weights: weights as u64,
@@ -2016,6 +2045,7 @@ pub unsafe extern "C" fn specdec_int4_gemv(
                     crate::cpu::int4_gemv(&shape, packed, s, zeros, xs, ys)
                 }))
             }
+            #[cfg(feature = "cuda")]
             Backend::Cuda(backend) => {
                 let ptrs = GemvDevicePtrs {
                     packed: packed as u64,
@@ -2257,6 +2287,7 @@ pub unsafe extern "C" fn specdec_tree_attention(
                 }
                 Ok(())
             }
+            #[cfg(feature = "cuda")]
             Backend::Cuda(backend) => {
                 let ptrs = TreeAttentionDevicePtrs {
                     q: q as u64,
@@ -2362,6 +2393,7 @@ pub unsafe extern "C" fn specdec_tree_kv_compact(
                 }
                 Ok(())
             }
+            #[cfg(feature = "cuda")]
             Backend::Cuda(backend) => {
                 let k: Vec<u64> = k_list.iter().map(|&p| p as u64).collect();
                 let v: Vec<u64> = v_list.iter().map(|&p| p as u64).collect();

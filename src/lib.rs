@@ -21,6 +21,7 @@
 pub mod attention;
 pub mod capi;
 pub mod cpu;
+#[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod drafter;
 pub mod dtype;

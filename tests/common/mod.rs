@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod attention;
+#[cfg(feature = "cuda")]
 pub mod guarded;
 pub mod int4;
 pub mod sampling;
@@ -10,11 +11,13 @@ pub mod stats;
 use half::{bf16, f16};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+#[cfg(feature = "cuda")]
 use specdec::cuda::CudaBackend;
 use specdec::LogitsElement;
 
 /// The device-0 backend, or `None` after printing why the calling test is skipped; with
 /// `SPECDEC_REQUIRE_GPU=1` a missing GPU fails the test instead.
+#[cfg(feature = "cuda")]
 pub fn gpu(test: &str) -> Option<CudaBackend> {
     match CudaBackend::new(0) {
         Ok(backend) => Some(backend),
