@@ -44,7 +44,9 @@ fn main() {
     // Without the `cuda` feature nothing of CUDA is built or looked for.
     if env::var_os("CARGO_FEATURE_CUDA").is_none() {
         if env::var("SPECDEC_REQUIRE_CUDA").is_ok_and(|v| v == "1") {
-            panic!("SPECDEC_REQUIRE_CUDA=1 but the `cuda` feature is off: nothing of CUDA is built");
+            panic!(
+                "SPECDEC_REQUIRE_CUDA=1 but the `cuda` feature is off: nothing of CUDA is built"
+            );
         }
         return;
     }
