@@ -12,10 +12,10 @@
 //     child, the emitted token is an exponential race over the final residual.
 // Outputs: accepted count, emitted tokens, accepted node path and per-depth accept flags, -1 padded.
 //
-// Two launches for point-mass drafts, three with draft rows, one more with top-k or top-p. A block working on a
-// row finds the row's request by a binary search over the offsets (RowOwner), accepted only if the row lies in
+// Two launches for point-mass drafts, three with draft rows, four more with top-k and six with top-p. A block working
+// on a row finds the row's request by a binary search over the offsets (RowOwner), accepted only if the row lies in
 // that request's valid range; the walk flags a request any of whose rows does not map back to it.
-//   1. SamplingThresholdKernel_<T> (only when top-k or top-p are given): ten passes, one launch each, over the
+//   1. SamplingThresholdKernel_<T> (only when top-k or top-p are given): up to ten passes, one launch each, over the
 //      row kernel's grid (rows, vocabulary chunks), find each row's smallest kept z: the k-th largest logit by
 //      radix selection over 32-bit order keys (4 passes of 8 bits), then the top-p cut by the same selection
 //      weighted by softmax mass (a pass for the max, one for the sum, 4 for the cut). Blocks add their histograms

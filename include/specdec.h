@@ -23,7 +23,7 @@
 /**
  * Minor version.
  */
-#define SPECDEC_VERSION_MINOR 1
+#define SPECDEC_VERSION_MINOR 2
 
 /**
  * Patch version.
@@ -33,7 +33,7 @@
 /**
  * MAJOR * 1000000 + MINOR * 1000 + PATCH: what `specdec_version()` returns for this header.
  */
-#define SPECDEC_VERSION 1000
+#define SPECDEC_VERSION 2000
 
 /**
  * The most nodes of one verification tree, its root included (`specdec::tree`): the one bound of the sampler,

@@ -7,9 +7,9 @@
 //! Every function runs inside a panic boundary: a bug in specdec is reported as [`specdec_status::SPECDEC_PANIC`],
 //! never as an abort of the host process.
 #![allow(non_camel_case_types)]
-// Built without the `cuda` feature, the CUDA paths are compiled out: their `stream` arguments and fields go
+// Built without the `cuda` feature, the CUDA paths are compiled out: their `stream` arguments go
 // unused, and every context is a CPU context.
-#![cfg_attr(not(feature = "cuda"), allow(unused_variables, dead_code))]
+#![cfg_attr(not(feature = "cuda"), allow(unused_variables))]
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -49,11 +49,11 @@ use crate::sampling::{
 /// Major version of the library this header belongs to.
 pub const SPECDEC_VERSION_MAJOR: u32 = 0;
 /// Minor version.
-pub const SPECDEC_VERSION_MINOR: u32 = 1;
+pub const SPECDEC_VERSION_MINOR: u32 = 2;
 /// Patch version.
 pub const SPECDEC_VERSION_PATCH: u32 = 0;
 /// MAJOR * 1000000 + MINOR * 1000 + PATCH: what `specdec_version()` returns for this header.
-pub const SPECDEC_VERSION: u32 = 1000;
+pub const SPECDEC_VERSION: u32 = 2000;
 
 /// The outcome of a call. Values are fixed and new ones are only ever appended.
 #[repr(C)]
@@ -778,9 +778,12 @@ pub unsafe extern "C" fn specdec_draft_to_verify_tree(
                 },
                 other => other,
             })?;
+        // Every output is resolved before any is written: on an error nothing is.
         let width = non_null("out_emit_width", out_emit_width)?;
-        host_slice_mut("out_tokens", out_tokens, n + 1)?.copy_from_slice(tree.tokens());
-        host_slice_mut("out_parents", out_parents, n + 1)?.copy_from_slice(tree.parents());
+        let out_tokens = host_slice_mut("out_tokens", out_tokens, n + 1)?;
+        let out_parents = host_slice_mut("out_parents", out_parents, n + 1)?;
+        out_tokens.copy_from_slice(tree.tokens());
+        out_parents.copy_from_slice(tree.parents());
         *width = tree.emit_width() as i64;
         Ok(())
     })
@@ -814,8 +817,11 @@ pub unsafe extern "C" fn specdec_compaction_paths(
         let counts = host_slice("accepted_counts", accepted_counts, b)?;
         let nodes = host_slice("accepted_nodes", accepted_nodes, cells)?;
         let (offsets, paths) = crate::tree::compaction_paths(counts, nodes, width)?;
-        host_slice_mut("out_offsets", out_offsets, b + 1)?.copy_from_slice(&offsets);
-        host_slice_mut("out_nodes", out_nodes, cells)?[..paths.len()].copy_from_slice(&paths);
+        // Every output is resolved before any is written: on an error nothing is.
+        let out_offsets = host_slice_mut("out_offsets", out_offsets, b + 1)?;
+        let out_nodes = host_slice_mut("out_nodes", out_nodes, cells)?;
+        out_offsets.copy_from_slice(&offsets);
+        out_nodes[..paths.len()].copy_from_slice(&paths);
         Ok(())
     })
 }
@@ -891,6 +897,8 @@ struct RejectionCall {
     sampling: *const specdec_sampling,
     emit_width: i64,
     outputs: *const specdec_verify_outputs,
+    /// Read by the CUDA path only.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     stream: *mut c_void,
 }
 

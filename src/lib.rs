@@ -35,6 +35,9 @@ pub mod tree;
 
 pub use dtype::{DType, HalfElement, LogitsElement};
 pub use error::{Error, Result};
+/// The `half` crate whose `f16` and `bf16` the API takes, re-exported so callers need not name a matching
+/// version: `specdec::half::bf16`.
+pub use half;
 
 /// The README's Rust examples, compiled and run by `cargo test`.
 #[cfg(doctest)]

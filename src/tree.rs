@@ -251,11 +251,13 @@ pub fn compaction_paths(
     accepted_nodes: &[i32],
     emit_width: usize,
 ) -> Result<(Vec<i32>, Vec<i32>)> {
-    crate::error::check_len(
-        "accepted_nodes",
-        accepted_nodes.len(),
-        accepted_counts.len() * emit_width,
-    )?;
+    let cells = accepted_counts
+        .len()
+        .checked_mul(emit_width)
+        .ok_or_else(|| {
+            Error::invalid("emit_width", "accepted_counts.len() * emit_width overflows")
+        })?;
+    crate::error::check_len("accepted_nodes", accepted_nodes.len(), cells)?;
     if emit_width == 0 && !accepted_counts.is_empty() {
         return Err(Error::invalid(
             "emit_width",
@@ -292,7 +294,12 @@ pub fn compaction_paths(
             nodes.push(node);
             previous = node;
         }
-        offsets.push(nodes.len() as i32);
+        offsets.push(i32::try_from(nodes.len()).map_err(|_| {
+            Error::invalid(
+                "accepted_counts",
+                "hold more accepted nodes in all than int32 offsets can count",
+            )
+        })?);
     }
     Ok((offsets, nodes))
 }

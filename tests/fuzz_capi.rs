@@ -1323,6 +1323,8 @@ proptest! {
             prop_assert_eq!(&out_tokens[1..=n], &tokens[..n]);
             let mut depth = vec![0i64; n + 1];
             for j in 1..=n {
+                // The drafter's parent shifted by one: its -1 is the root.
+                prop_assert_eq!(out_parents[j], parents[j - 1] + 1);
                 prop_assert!(out_parents[j] >= 0 && out_parents[j] < j as i32);
                 depth[j] = depth[out_parents[j] as usize] + 1;
             }
@@ -1353,6 +1355,7 @@ proptest! {
                 let path = &nodes[offsets[r] as usize..offsets[r + 1] as usize];
                 prop_assert_eq!(path.len(), counts[r] as usize + 1);
                 prop_assert_eq!(path[0], 0);
+                prop_assert_eq!(&path[1..], &rows[r * w..r * w + counts[r] as usize]);
                 prop_assert!(path.windows(2).all(|p| p[0] < p[1]) && *path.last().unwrap() < 64);
             }
         } else {

@@ -412,7 +412,6 @@ fn accepted_paths_reach_the_next_steps_attention_exactly() {
         "5 steps of {b} requests: {accepted_total} drafts accepted, {moved} KV entries moved by compaction, \
          {full_trees} trees of {MAX_TREE_NODES} nodes"
     );
-    assert!(full_trees >= 10, "the policy's largest tree was verified");
     assert!(moved > 0, "compaction moved something");
     assert!(accepted_total > 50, "drafts were accepted");
 }

@@ -94,28 +94,29 @@ impl Default for LengthClasses {
     }
 }
 
-/// The drafter's settings. [`DrafterConfig::default`] gives usable values.
+/// The drafter's settings. [`DrafterConfig::default`] gives usable values (each field's default below).
 #[derive(Debug, Clone, PartialEq)]
 pub struct DrafterConfig {
-    /// The shortest context suffix worth matching.
+    /// The shortest context suffix worth matching (default 2).
     pub min_match: usize,
-    /// The longest context suffix matched (the depth cap).
+    /// The longest context suffix matched, the depth cap (default 32, at most 1024).
     pub max_match: usize,
-    /// The most draft tokens (chain) or nodes (tree) ever proposed, at most [`DrafterConfig::MAX_DRAFT`].
+    /// The most draft tokens (chain) or nodes (tree) ever proposed (default 24, at most
+    /// [`DrafterConfig::MAX_DRAFT`] = 63).
     pub max_draft: usize,
-    /// Budget from the match length: `floor(match_len * match_factor + match_offset)`.
+    /// Budget from the match length: `floor(match_len * match_factor + match_offset)` (default 1.0).
     pub match_factor: f64,
-    /// See `match_factor`.
+    /// See `match_factor` (default 0.0).
     pub match_offset: f64,
-    /// Nodes whose path probability falls below this are not drafted.
+    /// Nodes whose path probability falls below this are not drafted (default 0.1).
     pub min_token_prob: f64,
-    /// Rollouts started this many iterations ago or more are dropped by [`Drafter::begin_iteration`].
+    /// Rollouts started this many iterations ago or more are dropped by [`Drafter::begin_iteration`] (default 4).
     pub window_iterations: u64,
-    /// Most rollout tokens stored for one prompt (at most 2^32 - 1).
+    /// Most rollout tokens stored for one prompt (default 2^20, at most 2^32 - 1).
     pub prompt_token_budget: usize,
-    /// Most rollout tokens stored overall.
+    /// Most rollout tokens stored overall (default 64 * 2^20: about 3.4 GB at about 50 bytes per token).
     pub total_token_budget: usize,
-    /// Length-class budgets, if any.
+    /// Length-class budgets, if any (default none).
     pub length_classes: Option<LengthClasses>,
 }
 
@@ -299,6 +300,69 @@ struct Accounting {
 }
 
 /// The drafter: histories per prompt, and the requests drafting from them. See the module documentation.
+///
+/// # One decoding loop: propose, verify, append
+///
+/// A request drafts from its prompt's history, the drafts become a verification tree under the context's last
+/// token ([`crate::tree`]), the rejection sampler verifies them against the target's rows (here a toy target
+/// that always prefers the token after `t` to be `(t + 1) % 8`), and what was verified goes back to the drafter:
+///
+/// ```
+/// use specdec::drafter::{DraftKind, Drafter, DrafterConfig};
+/// use specdec::sampling::{Drafts, Rows, SamplingParams, VerifyInputs, VerifyOutputs};
+/// use specdec::tree::{PackedTrees, VerifyTree};
+///
+/// let drafter = Drafter::new(DrafterConfig::default())?;
+/// // An earlier rollout of prompt 7, then request 1 of the same prompt.
+/// drafter.add_request(100, 7, &[0, 1, 2])?;
+/// drafter.append(100, &(3..40).map(|t| t % 8).collect::<Vec<u32>>())?;
+/// drafter.finish_request(100)?;
+/// drafter.add_request(1, 7, &[0, 1, 2])?;
+///
+/// let mut context: Vec<u32> = vec![0, 1, 2];
+/// for step in 0..5u64 {
+///     let draft = drafter.propose(1, DraftKind::Tree)?;
+///     let tree = VerifyTree::from_draft(*context.last().unwrap() as i32, &draft)?;
+///     let packed = PackedTrees::new([&tree]);
+///     // The target's logits after each node (a real engine runs tree attention and the model here).
+///     let logits: Vec<f32> = tree
+///         .tokens()
+///         .iter()
+///         .flat_map(|&t| (0..8).map(move |x| if x == (t + 1) % 8 { 9.0 } else { 0.0 }))
+///         .collect();
+///     let (mut accepted, mut emitted) = ([0], vec![0; packed.emit_width]);
+///     specdec::cpu::rejection_verify(
+///         &VerifyInputs {
+///             vocab_size: 8,
+///             drafts: Drafts::Tree {
+///                 node_offsets: &packed.offsets,
+///                 node_tokens: &packed.tokens,
+///                 parents: &packed.parents,
+///             },
+///             target: Rows::LogitsF32(&logits),
+///             draft: None, // suffix drafts are point masses
+///             params: Some(SamplingParams { temperature: &[1.0], top_k: None, top_p: None }),
+///             draft_params: None,
+///             seeds: &[specdec::sampling::noise::sample_seed(2024, 1)],
+///             steps: &[step],
+///         },
+///         &mut VerifyOutputs {
+///             emit_width: packed.emit_width,
+///             accepted_counts: &mut accepted,
+///             emitted_tokens: &mut emitted,
+///             accepted_nodes: None,
+///             accept_flags: None,
+///         },
+///     )?;
+///     // The accepted drafts, then the correction or bonus token.
+///     let verified: Vec<u32> = emitted[..=accepted[0] as usize].iter().map(|&t| t as u32).collect();
+///     drafter.append(1, &verified)?;
+///     context.extend(&verified);
+/// }
+/// // The drafts follow the history, which follows the target: most steps verify several tokens.
+/// assert!(context.len() > 3 + 10, "{context:?}");
+/// # Ok::<(), specdec::Error>(())
+/// ```
 ///
 /// Lock order. A thread takes locks only in this order:
 ///

@@ -67,6 +67,11 @@
 //! acceptance coin `u` in (0, 1) accepts when `u * q(x) < p(x)`, computed exactly in `f64`: a token of zero
 //! target probability is never accepted, and `p(x) >= q(x) > 0` always is.
 //!
+//! The rule that a drafted token has `q > 0` reads `q` after the softmax, so like every comparison with a sum
+//! it may go either way between the backends within rounding: a draft logit about 104 below its row's maximum
+//! (where `exp` underflows, and Rust's and CUDA's `exp` may differ by an ulp), or a top-p cut within rounding of
+//! `top_p`.
+//!
 //! CPU and CUDA agree bit for bit wherever no normalising constant is needed: point-mass nodes from logits
 //! without top-p, and every probability input except a tree node with `draft` rows that rejects two or more
 //! children (the residual's mass is a sum). Elsewhere softmax sums are rounded in a backend-specific order, and

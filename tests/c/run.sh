@@ -19,3 +19,8 @@ echo "C99 (static library):"
 $runner "$out/abi_test_c99"
 echo "C++17 (shared library):"
 $runner "$out/abi_test_cxx17"
+# The README's C example: a complete decoding loop on the CPU backend, built with the documented link line.
+${CC:-cc} -std=c99 "${warn[@]}" examples/c/decode_loop_cpu.c "$lib/libspecdec.a" -lpthread -ldl -lm \
+  -o "$out/decode_loop_cpu"
+echo "examples/c/decode_loop_cpu.c:"
+"$out/decode_loop_cpu"

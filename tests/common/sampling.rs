@@ -1116,13 +1116,25 @@ pub fn padded_drafts_are_rejected_not_verified(verify: Verify) {
 // The drafter's own sampling parameters.
 
 /// A drafter with its own temperature and no top-k or top-p (vLLM's default: it samples its unfiltered softmax)
-/// against a target with another temperature, top-k and top-p. Told how its drafts were drawn
-/// ([`VerifyInputs::draft_params`]), the sampler keeps the target distribution exactly: a chain (f32) and an
-/// i.i.d. tree (bf16), each prefix's next token by chi-square (false failure ALPHA per check).
+/// against a target with another temperature, top-k and top-p, and a drafter with filters of its own (top-k 6,
+/// top-p 0.8) unlike the target's. Told how its drafts were drawn ([`VerifyInputs::draft_params`]), the sampler
+/// keeps the target distribution exactly: chains (f32) and an i.i.d. tree (bf16), each prefix's next token by
+/// chi-square (false failure ALPHA per check).
 pub fn draft_parameters_of_their_own_are_exact(verify: Verify) {
-    for (input, shape) in [
-        (Input::F32, Shape::Chain(4)),
-        (Input::BF16, Shape::IidTree(&[3, 2])),
+    let unfiltered = Params {
+        temperature: 1.3,
+        top_k: -1,
+        top_p: 1.0,
+    };
+    let filtered = Params {
+        temperature: 1.1,
+        top_k: 6,
+        top_p: 0.8,
+    };
+    for (input, shape, drafter) in [
+        (Input::F32, Shape::Chain(4), unfiltered),
+        (Input::BF16, Shape::IidTree(&[3, 2]), unfiltered),
+        (Input::F32, Shape::Chain(3), filtered),
     ] {
         let mut s = Scenario::new("draft parameters", Model::new(37, 16, 23), shape, true);
         s.input = input;
@@ -1131,11 +1143,7 @@ pub fn draft_parameters_of_their_own_are_exact(verify: Verify) {
             top_k: 10,
             top_p: 0.9,
         };
-        s.draft_params = Some(Params {
-            temperature: 1.3,
-            top_k: -1,
-            top_p: 1.0,
-        });
+        s.draft_params = Some(drafter);
         exact(s, verify);
     }
 }
@@ -1144,10 +1152,10 @@ pub fn draft_parameters_of_their_own_are_exact(verify: Verify) {
 /// drawn from the drafter's unfiltered softmax of [0, 1, 1.5, 1.5] at draft temperature 1 (the case),
 /// then of [0, 3, 1, 1] at draft temperature 2 (q(1) = 0.51 > p(1), so the acceptance coin depends on the draft
 /// temperature too), and the call told so (no draft top-k). The first emitted token must follow [0.5, 0.5, 0, 0]: chi-square
-/// over 40,000 requests (scaled by [`trials_scale`], at least 10,000, where the old bias gives a chi-square near
-/// 160), false failure ALPHA per temperature. (Before the draft parameters the sampler filtered q with the
-/// target's top-k and emitted [0.434, 0.566, 0, 0]; now that call is refused: the drafts of tokens 0 and 1 have
-/// q = 0 under the filtered draft row.)
+/// over 40,000 requests (scaled by [`trials_scale`], at least 10,000, where the old bias gives an expected
+/// chi-square of 184), false failure ALPHA per temperature. (Before the draft parameters the sampler filtered q
+/// with the target's top-k and emitted [0.432, 0.568, 0, 0] exactly (measured: [0.436, 0.564] over 40,000); now
+/// that call is refused: the drafts of tokens 0 and 1 have q = 0 under the filtered draft row.)
 pub fn a_drafter_sampling_its_unfiltered_softmax_keeps_the_target_distribution(verify: Verify) {
     let n = ((40_000.0 * trials_scale()).ceil() as usize).max(10_000);
     let mut rng =
