@@ -58,22 +58,9 @@ impl VerifyTree {
         }
         check_node_count("tokens", tokens.len())?;
         for (i, &parent) in parents.iter().enumerate() {
-            let ok = if i == 0 {
-                parent == -1
-            } else {
-                parent >= 0 && (parent as usize) < i
-            };
-            if !ok {
-                let rule = if i == 0 {
-                    "must be -1 (node 0 is the root)".to_string()
-                } else {
-                    format!("must be in 0..{i} (parents come first)")
-                };
-                return Err(Error::invalid(
-                    format!("parents[{i}]"),
-                    format!("is {parent}: {rule}"),
-                ));
-            }
+            parent_rule(i, parent).map_err(|rule| {
+                Error::invalid(format!("parents[{i}]"), format!("is {parent}: {rule}"))
+            })?;
         }
         Ok(VerifyTree { tokens, parents })
     }
@@ -181,6 +168,19 @@ impl VerifyTree {
     /// after them.
     pub fn emit_width(&self) -> usize {
         self.depth() + 1
+    }
+}
+
+/// The parent rule of a verification tree, shared by every check of one: node 0's parent is -1, node `i`'s is
+/// in `0..i`. `Err` holds the rule `parent` breaks, for the caller to name the element.
+pub(crate) fn parent_rule(node: usize, parent: i32) -> std::result::Result<(), String> {
+    match node {
+        0 if parent == -1 => Ok(()),
+        0 => Err("must be -1 (node 0 is the root)".to_string()),
+        i if parent >= 0 && (parent as usize) < i => Ok(()),
+        i => Err(format!(
+            "must be in 0..{i} (parents come first: topological order)"
+        )),
     }
 }
 

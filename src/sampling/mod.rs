@@ -596,22 +596,12 @@ pub fn check_request(
             for i in 0..t {
                 let g = first + i;
                 let parent = parents[g];
-                let ok = if i == 0 {
-                    parent == -1
-                } else {
-                    parent >= 0 && (parent as usize) < i
-                };
-                if !ok {
-                    let rule = if i == 0 {
-                        "must be -1 (node 0 is the root)".to_string()
-                    } else {
-                        format!("must be in 0..{i} (topological order)")
-                    };
-                    return Err(Error::invalid(
+                crate::tree::parent_rule(i, parent).map_err(|rule| {
+                    Error::invalid(
                         format!("parents[{g}]"),
                         format!("is {parent}; node {i} of request {b}: {rule}"),
-                    ));
-                }
+                    )
+                })?;
                 let token = if i == 0 { -1 } else { node_tokens[g] };
                 if i > 0 {
                     check_token(shape, "node_tokens", g, token)?;
