@@ -66,6 +66,7 @@ fn greedy_batches(c: &mut Criterion) {
                     drafts + 1,
                     &mut accepted,
                     &mut emitted,
+                    None,
                 )
                 .unwrap()
             })

@@ -18,6 +18,24 @@
 namespace specdec {
 
 // ---------------------------------------------------------------------------------------------------------
+// Per-request status: the rule a request broke, written to request_status[b] by every batched kernel. The
+// values are specdec::RequestStatus (src/status.rs); a Rust test reads this list and checks it entry by entry.
+// ---------------------------------------------------------------------------------------------------------
+enum RequestStatusCode : int {
+  kRequestOk = 0,
+  kRequestOffsets = 1,
+  kRequestParents = 2,
+  kRequestPrefixLen = 3,
+  kRequestPageTable = 4,
+  kRequestRopePosition = 5,
+  kRequestDraftToken = 6,
+  kRequestEmitWidth = 7,
+  kRequestSamplingParams = 8,
+  kRequestRowValues = 9,
+  kRequestDraftedTokenMass = 10,
+};
+
+// ---------------------------------------------------------------------------------------------------------
 // Element types. Logits arrive as fp32, fp16 or bf16; comparisons happen in fp32, which represents every
 // fp16 and bf16 value exactly, so the order of values (and hence every argmax) is the same as in the source
 // type.

@@ -2,16 +2,17 @@
 //
 // What it computes. Request b drafted k_b tokens d_b[0..k_b) (k_b = offsets[b+1] - offsets[b], ragged, 0
 // allowed). The target model scored k_b + 1 positions: rows offsets[b] + b + j, j = 0..k_b, of a logits tensor
-// [sum_b (k_b + 1), V]. Let a_j be the argmax of row j (ties to the lowest index; NaN above every number).
+// [sum_b (k_b + 1), V]. Let a_j be the argmax of row j (ties to the lowest index).
 // The request accepts the longest prefix with d_b[j] == a_j, n_b drafts, and emits n_b + 1 tokens:
 // a_0 .. a_{n_b} (the accepted drafts, then the correction at the first mismatch, or the bonus token after
 // all k_b). Outputs: accepted[b] = n_b, emitted[b, 0..W) = those tokens then -1 padding.
 //
-// Per-request validation (the CPU backend returns an error for the same conditions): offsets[b] <= offsets[b+1],
-// both in [0, num_draft_tokens], offsets[0] = 0 and offsets[B] = num_draft_tokens (checked with the first and
-// the last request), k_b + 1 <= W, every draft id in [0, V). A request that breaks a rule gets
-// accepted[b] = -1 and a row of -1; no memory outside the documented arrays is read or written either way,
-// whatever the offsets say.
+// Per-request validation, in this order (the CPU backend applies the same rules, src/greedy.rs): offsets[b] <=
+// offsets[b+1], both in [0, num_draft_tokens], offsets[0] = 0 and offsets[B] = num_draft_tokens (checked with
+// the first and the last request); every draft id in [0, V); k_b + 1 <= W; each of the k_b + 1 rows free of
+// NaN and +inf with a finite logit (its maximum, in the argmax order where NaN is above +inf, is finite). A
+// request that breaks a rule gets accepted[b] = -1, a row of -1 and, when request_status is given, the rule's
+// code there; no memory outside the documented arrays is read or written either way, whatever the offsets say.
 //
 // Two launches:
 //   1. GreedyRowArgmaxKernel: grid (rows, splits). Block (r, s) reduces a 64-bit argmax key over one vocabulary
@@ -31,6 +32,10 @@ namespace specdec {
 constexpr int kArgmaxThreads = 256;
 constexpr int kAcceptThreads = 256;
 constexpr int kRequestInvalid = -1;
+// Argmax-order keys of +inf and -inf: a row's maximum key at or above the first (NaN or +inf) or at the second
+// (every element -inf) makes the row unusable.
+constexpr uint32_t kPositiveInfinityKey = 0xFF800000u;
+constexpr uint32_t kNegativeInfinityKey = 0x007FFFFFu;
 
 template <typename T>
 __device__ __forceinline__ void GreedyRowArgmax(const T* __restrict__ logits, int64_t vocab_size, int64_t chunk,
@@ -51,21 +56,31 @@ __device__ __forceinline__ void GreedyRowArgmax(const T* __restrict__ logits, in
   if (threadIdx.x == 0) partials[row * gridDim.y + split] = best;
 }
 
-// Is request b's slice of the inputs well formed? Evaluated by every lane of the request's warp.
-__device__ __forceinline__ bool GreedyRequestIsValid(const int32_t* __restrict__ draft_offsets,
-                                                     const int32_t* __restrict__ draft_tokens, int64_t b,
-                                                     int64_t num_requests, int64_t num_draft_tokens, int64_t vocab_size,
-                                                     int64_t emit_width) {
+// The first rule request b's offsets, draft ids and width break, or kRequestOk. Evaluated by every lane of the
+// request's warp.
+__device__ __forceinline__ int GreedyRequestStatus(const int32_t* __restrict__ draft_offsets,
+                                                   const int32_t* __restrict__ draft_tokens, int64_t b,
+                                                   int64_t num_requests, int64_t num_draft_tokens, int64_t vocab_size,
+                                                   int64_t emit_width) {
   const int64_t first = draft_offsets[b];
   const int64_t last = draft_offsets[b + 1];
-  if (first < 0 || first > last || last > num_draft_tokens || last - first + 1 > emit_width) return false;
-  if ((b == 0 && first != 0) || (b == num_requests - 1 && last != num_draft_tokens)) return false;
+  if (first < 0 || first > last || last > num_draft_tokens) return kRequestOffsets;
+  if ((b == 0 && first != 0) || (b == num_requests - 1 && last != num_draft_tokens)) return kRequestOffsets;
   bool ok = true;
   for (int64_t j = first + threadIdx.x % 32; j < last; j += 32) {
     const int32_t token = draft_tokens[j];
     ok = ok && token >= 0 && token < vocab_size;
   }
-  return __all_sync(0xFFFFFFFFu, ok);
+  if (!__all_sync(0xFFFFFFFFu, ok)) return kRequestDraftToken;
+  return last - first + 1 > emit_width ? kRequestEmitWidth : kRequestOk;
+}
+
+// Row r's argmax key, the max of its partials, on every lane of the warp.
+__device__ __forceinline__ uint64_t RowArgmaxKey(const uint64_t* __restrict__ partials, int32_t splits, int64_t r) {
+  const uint64_t* row_partials = partials + r * splits;
+  uint64_t best = 0ull;
+  for (int s = threadIdx.x % 32; s < splits; s += 32) best = row_partials[s] > best ? row_partials[s] : best;
+  return WarpReduceMax(best);
 }
 
 __device__ __forceinline__ void GreedyAccept(const int32_t* __restrict__ draft_offsets,
@@ -73,27 +88,33 @@ __device__ __forceinline__ void GreedyAccept(const int32_t* __restrict__ draft_o
                                              const uint64_t* __restrict__ partials, int32_t splits,
                                              int64_t num_requests, int64_t num_draft_tokens, int64_t vocab_size,
                                              int64_t emit_width, int32_t* __restrict__ accepted_counts,
-                                             int32_t* __restrict__ emitted_tokens) {
+                                             int32_t* __restrict__ emitted_tokens,
+                                             int32_t* __restrict__ request_status) {
   const int64_t b = (static_cast<int64_t>(blockIdx.x) * kAcceptThreads + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
   if (b >= num_requests) return;  // whole warps exit together
   int32_t* emitted = emitted_tokens + b * emit_width;
 
-  if (!GreedyRequestIsValid(draft_offsets, draft_tokens, b, num_requests, num_draft_tokens, vocab_size, emit_width)) {
+  int status =
+      GreedyRequestStatus(draft_offsets, draft_tokens, b, num_requests, num_draft_tokens, vocab_size, emit_width);
+  const int64_t first_draft = status == kRequestOk ? draft_offsets[b] : 0;
+  const int64_t num_drafts = status == kRequestOk ? draft_offsets[b + 1] - first_draft : 0;
+  const int64_t first_row = first_draft + b;
+  // Every row of the request is checked, not only those up to the first mismatch, as the sampler does.
+  for (int64_t j = 0; status == kRequestOk && j <= num_drafts; ++j) {
+    const uint32_t max_key = static_cast<uint32_t>(RowArgmaxKey(partials, splits, first_row + j) >> 32);
+    if (max_key >= kPositiveInfinityKey || max_key == kNegativeInfinityKey) status = kRequestRowValues;
+  }
+  if (lane == 0 && request_status != nullptr) request_status[b] = status;
+  if (status != kRequestOk) {
     for (int64_t j = lane; j < emit_width; j += 32) emitted[j] = kRequestInvalid;
     if (lane == 0) accepted_counts[b] = kRequestInvalid;
     return;
   }
 
-  const int64_t first_draft = draft_offsets[b];
-  const int64_t num_drafts = draft_offsets[b + 1] - first_draft;
-  const int64_t first_row = first_draft + b;
   int64_t accepted = num_drafts;
   for (int64_t j = 0; j <= num_drafts; ++j) {
-    const uint64_t* row_partials = partials + (first_row + j) * splits;
-    uint64_t best = 0ull;
-    for (int s = lane; s < splits; s += 32) best = row_partials[s] > best ? row_partials[s] : best;
-    const int32_t argmax = static_cast<int32_t>(ArgmaxKeyIndex(WarpReduceMax(best)));
+    const int32_t argmax = static_cast<int32_t>(ArgmaxKeyIndex(RowArgmaxKey(partials, splits, first_row + j)));
     if (lane == 0) emitted[j] = argmax;
     if (j < num_drafts && draft_tokens[first_draft + j] != argmax) {
       accepted = j;
@@ -121,8 +142,9 @@ extern "C" __global__ void __launch_bounds__(specdec::kAcceptThreads)
     GreedyAcceptKernel(const int32_t* __restrict__ draft_offsets, const int32_t* __restrict__ draft_tokens,
                        const uint64_t* __restrict__ partials, int32_t splits, int64_t num_requests,
                        int64_t num_draft_tokens, int64_t vocab_size, int64_t emit_width,
-                       int32_t* __restrict__ accepted_counts, int32_t* __restrict__ emitted_tokens) {
+                       int32_t* __restrict__ accepted_counts, int32_t* __restrict__ emitted_tokens,
+                       int32_t* __restrict__ request_status) {
   specdec::GreedyAccept(draft_offsets, draft_tokens, partials, splits, num_requests, num_draft_tokens, vocab_size,
-                        emit_width, accepted_counts, emitted_tokens);
+                        emit_width, accepted_counts, emitted_tokens, request_status);
 }
 SPECDEC_SIM_ENTRY(GreedyAcceptKernel)

@@ -31,11 +31,11 @@
 //      chunks have a fixed size (ROW_CHUNK, src/cuda/sampling.rs) and the walk merges their softmax statistics in
 //      chunk order in f64 (MergeRowStats), so a request's tokens do not depend on its batch or the GPU.
 //   3. RejectionWalkKernel_<T>: one block per request validates it (the rules of sampling::check_request and
-//      check_row_values; a bad request gets accepted = -1 and rows of -1), merges the partials of the nodes it
-//      visits in a fixed order and decides acceptances. Where a node with draft rows rejects all its children, it
-//      leaves a residual job (node, level, softmax statistics, residual masses); for an i.i.d. node that rejects
-//      two or more children, the block makes one pass over the row per rejection, stepping the residual it keeps
-//      in the request's residual row (scratch, trees only) and summing its mass: O(V) per rejection.
+//      check_row_values; a bad request gets accepted = -1, rows of -1 and its RequestStatusCode), merges the partials
+//      of the nodes it visits in a fixed order and decides acceptances. Where a node with draft rows rejects all its
+//      children, it leaves a residual job (node, level, softmax statistics, residual masses); for an i.i.d. node that
+//      rejects two or more children, the block makes one pass over the row per rejection, stepping the residual it
+//      keeps in the request's residual row (scratch, trees only) and summing its mass: O(V) per rejection.
 //   4. ResidualRaceKernel_<T> (with draft rows): grid (requests, vocabulary splits); blocks of requests with a job
 //      race over their chunk of max(0, r - q), and the last block of a request to finish (a ticket counter)
 //      merges the partials and writes the emitted token. No request waits on one block walking its vocabulary.
@@ -95,6 +95,7 @@ struct SamplingArgs {
   int32_t* emitted;                   // [B, W]
   int32_t* nodes;                     // [B, W] or null
   int8_t* flags;                      // [B, W] or null
+  int32_t* status;                    // [B] or null: each request's RequestStatusCode
   uint64_t* race;                     // scratch [target_rows, splits]
   float2* stats;                      // scratch [target_rows + draft_rows, splits]: (max z, sum exp(z - max))
   uint32_t* row_flags;                // scratch [target_rows + draft_rows, splits]
@@ -111,7 +112,7 @@ struct SamplingArgs {
   int64_t chunk;  // vocabulary chunk per split, a multiple of 4
   int64_t splits;
 };
-static_assert(sizeof(SamplingArgs) == 37 * 8, "the host mirrors this layout");
+static_assert(sizeof(SamplingArgs) == 38 * 8, "the host mirrors this layout");
 
 // What the walk leaves for the residual race of a request whose stopping node rejected all its children.
 struct ResidualJob {
@@ -632,7 +633,7 @@ struct WalkState {
   int32_t kids[kMaxTreeNodes];
   double mass[kMaxTreeNodes + 1];  // mass[l] of residual level l at the current node; mass[0] = 1
   int32_t nodes;
-  int32_t valid;
+  int32_t status;  // RequestStatusCode of the request's own rules (RequestStatus)
   int32_t node;
   int32_t num_kids;
   int32_t accepted_kid;  // -1 while none
@@ -643,9 +644,10 @@ struct WalkState {
   float p_max, p_sum, q_max, q_sum;
 };
 
-// The request's own rules, by thread 0: offsets, parents, tokens, depth against the output width, temperature.
-__device__ __forceinline__ bool RequestIsValid(const SamplingArgs& a, int64_t b, WalkState& s) {
-  if (!OffsetsAreValid(a, b)) return false;
+// The first of the request's own rules it breaks, by thread 0, in the order of sampling::check_request: offsets,
+// node by node its parent and token, depth against the output width, sampling parameters.
+__device__ __forceinline__ int CheckRequest(const SamplingArgs& a, int64_t b, WalkState& s) {
+  if (!OffsetsAreValid(a, b)) return kRequestOffsets;
   const int64_t first = a.offsets[b];
   s.nodes = static_cast<int32_t>(NodeCount(a, b));
   int32_t depth[kMaxTreeNodes];
@@ -659,8 +661,8 @@ __device__ __forceinline__ bool RequestIsValid(const SamplingArgs& a, int64_t b,
       parent = i - 1;
       token = i == 0 ? -1 : a.tokens[first + i - 1];
     }
-    if (i == 0 ? parent != -1 : (parent < 0 || parent >= i)) return false;
-    if (i > 0 && (token < 0 || token >= a.vocab_size)) return false;
+    if (i == 0 ? parent != -1 : (parent < 0 || parent >= i)) return kRequestParents;
+    if (i > 0 && (token < 0 || token >= a.vocab_size)) return kRequestDraftToken;
     s.parent[i] = parent;
     s.token[i] = token;
     s.has_children[i] = 0;
@@ -668,27 +670,29 @@ __device__ __forceinline__ bool RequestIsValid(const SamplingArgs& a, int64_t b,
     max_depth = depth[i] > max_depth ? depth[i] : max_depth;
   }
   for (int i = 1; i < s.nodes; ++i) s.has_children[s.parent[i]] = 1;
-  if (max_depth + 1 > a.emit_width) return false;
+  if (max_depth + 1 > a.emit_width) return kRequestEmitWidth;
   bool greedy = false;
   if (a.temperature != nullptr) {
     const float t = a.temperature[b];
-    if (!(isfinite(t) && t >= 0.0f)) return false;
+    if (!(isfinite(t) && t >= 0.0f)) return kRequestSamplingParams;
     greedy = t == 0.0f;
   }
   // At temperature 0 the draft rows and the drafter's parameters are not read, so they are not checked.
   if (!greedy && UsesDraftParams(a, a.draft != nullptr)) {
     // A drafter at temperature 0 drafts point masses (no draft rows), so its temperature must be positive.
     const float tq = a.draft_temperature[b];
-    if (!(isfinite(tq) && tq > 0.0f) || !RowTopKTopP(a, b, true).ok) return false;
+    if (!(isfinite(tq) && tq > 0.0f) || !RowTopKTopP(a, b, true).ok) return kRequestSamplingParams;
   }
-  return RowTopKTopP(a, b, false).ok;
+  return RowTopKTopP(a, b, false).ok ? kRequestOk : kRequestSamplingParams;
 }
 
-// The rows of request b that the walk may read: stamped with its index, and their values acceptable
-// (check_row_values). A draft row is read only by a node with children, and never by a point-mass walk.
-__device__ __forceinline__ bool RowsAreValid(const SamplingArgs& a, int64_t b, const WalkState& s, bool point_mass) {
+// The rows of request b that the walk may read: owned by it (RowOwner; else kRequestOffsets, as another
+// request's broken offsets claim them), then their values acceptable (check_row_values; else kRequestRowValues).
+// A draft row is read only by a node with children, and never by a point-mass walk.
+__device__ __forceinline__ int RowsStatus(const SamplingArgs& a, int64_t b, const WalkState& s, bool point_mass) {
   const int64_t target_start = TargetRowStart(a, b);
   const int64_t draft_rows = point_mass ? 0 : DraftRowCount(a, b);
+  bool bad_owner = false;
   bool bad = false;
   for (int64_t item = threadIdx.x; item < (s.nodes + draft_rows) * a.splits; item += kWalkThreads) {
     const int64_t r = item / a.splits;
@@ -696,7 +700,7 @@ __device__ __forceinline__ bool RowsAreValid(const SamplingArgs& a, int64_t b, c
     const int64_t node = is_draft ? r - s.nodes : r;
     if (is_draft && !s.has_children[node]) continue;
     const int64_t row = is_draft ? a.target_rows + a.offsets[b] + node : target_start + node;
-    bad = bad || RowOwner(a, row) != b;
+    bad_owner = bad_owner || RowOwner(a, row) != b;
     const uint32_t flags = a.row_flags[row * a.splits + item % a.splits];
     bad = bad || (flags & (kFlagBadValue | kFlagOverflow)) != 0u;
   }
@@ -717,7 +721,8 @@ __device__ __forceinline__ bool RowsAreValid(const SamplingArgs& a, int64_t b, c
     // Probabilities read as a distribution sum to 1 (check_row_values); the row kernel left each chunk's mass.
     bad = bad || (a.temperature == nullptr && fabs(mass - 1.0) > kProbabilitySumTolerance);
   }
-  return !__syncthreads_or(bad);
+  if (__syncthreads_or(bad_owner)) return kRequestOffsets;
+  return __syncthreads_or(bad) ? kRequestRowValues : kRequestOk;
 }
 
 // The node's probability of token x under a row: softmax of logit / temperature, or the probability as given.
@@ -765,7 +770,7 @@ __device__ __forceinline__ void Walk(const SamplingArgs& a) {
   int32_t* emitted = a.emitted + b * width;
 
   if (threadIdx.x == 0) {
-    s.valid = RequestIsValid(a, b, s) ? 1 : 0;
+    s.status = CheckRequest(a, b, s);
     if (a.jobs != nullptr) {
       a.jobs[b].node = -1;
       a.tickets[b] = 0u;
@@ -775,9 +780,11 @@ __device__ __forceinline__ void Walk(const SamplingArgs& a) {
   const float t = a.temperature != nullptr ? a.temperature[b] : 1.0f;
   const float tq = a.temperature != nullptr ? RowTemperature(a, b, true) : 1.0f;
   const bool point_mass = a.draft == nullptr || (a.temperature != nullptr && t == 0.0f);
-  const bool valid =
-      s.valid && RowsAreValid(a, b, s, point_mass) && (point_mass || DraftedTokensHaveMass<T>(a, b, s, tq));
-  if (!valid) {
+  int status = s.status;
+  if (status == kRequestOk) status = RowsStatus(a, b, s, point_mass);
+  if (status == kRequestOk && !point_mass && !DraftedTokensHaveMass<T>(a, b, s, tq)) status = kRequestDraftedTokenMass;
+  if (threadIdx.x == 0 && a.status != nullptr) a.status[b] = status;
+  if (status != kRequestOk) {
     for (int64_t j = threadIdx.x; j < width; j += kWalkThreads) {
       emitted[j] = kRequestInvalid;
       if (a.nodes != nullptr) a.nodes[b * width + j] = kRequestInvalid;

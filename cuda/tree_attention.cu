@@ -45,15 +45,6 @@ namespace specdec {
 
 constexpr int kMaxTree = 64;  // tree::MAX_TREE_NODES: the root and 63 drafts, one bit of an ancestor set each
 
-enum TreeStatus : int {
-  kStatusOk = 0,
-  kStatusOffsets = 1,
-  kStatusParents = 2,
-  kStatusPrefixLen = 3,
-  kStatusPageTable = 4,
-  kStatusRopePosition = 5,
-};
-
 // The kernel's arguments, passed by value. Must match `TreeAttentionParams` in src/cuda/attention.rs.
 struct TreeAttentionParams {
   const void* q;
@@ -110,27 +101,27 @@ __device__ int CheckSlots(const int* prefix_lens, const int* page_table, int b, 
                           int page_size_log2, int pages_per_request, int& prefix_len) {
   prefix_len = prefix_lens[b];
   const int64_t capacity = static_cast<int64_t>(pages_per_request) << page_size_log2;
-  if (prefix_len < 0 || static_cast<int64_t>(prefix_len) + extent > capacity) return kStatusPrefixLen;
+  if (prefix_len < 0 || static_cast<int64_t>(prefix_len) + extent > capacity) return kRequestPrefixLen;
   const int used =
       static_cast<int>(((static_cast<int64_t>(prefix_len) + extent + (1 << page_size_log2) - 1) >> page_size_log2));
   const int* row = page_table + static_cast<int64_t>(b) * pages_per_request;
   bool bad = false;
   for (int p = threadIdx.x; p < used; p += blockDim.x) bad |= row[p] < 0 || row[p] >= num_pages;
-  return __syncthreads_or(bad) ? kStatusPageTable : kStatusOk;
+  return __syncthreads_or(bad) ? kRequestPageTable : kRequestOk;
 }
 
 // The request's tree: ancestor sets and depths in shared memory, and the status of its rules. Whole block.
 __device__ int CheckTreeRequest(const TreeAttentionParams& p, int b, int& first_row, int& tree_size, int& prefix_len,
                                 uint64_t* ancestors, int* depths) {
   __shared__ int status;
-  if (!CheckOffsets(p.token_offsets, b, p.num_tokens, p.max_tree, first_row, tree_size)) return kStatusOffsets;
+  if (!CheckOffsets(p.token_offsets, b, p.num_tokens, p.max_tree, first_row, tree_size)) return kRequestOffsets;
   if (threadIdx.x == 0) {
-    status = kStatusOk;
+    status = kRequestOk;
     int deepest = 0;
     for (int i = 0; i < tree_size; ++i) {
       const int parent = p.parents[first_row + i];
       if (parent < -1 || parent >= i) {
-        status = kStatusParents;
+        status = kRequestParents;
         break;
       }
       depths[i] = parent < 0 ? 0 : depths[parent] + 1;
@@ -140,14 +131,14 @@ __device__ int CheckTreeRequest(const TreeAttentionParams& p, int b, int& first_
     depths[kMaxTree] = deepest;
   }
   __syncthreads();
-  if (status != kStatusOk) return status;
+  if (status != kRequestOk) return status;
   const int slots = CheckSlots(p.prefix_lens, p.page_table, b, tree_size, p.num_pages, p.page_size_log2,
                                p.pages_per_request, prefix_len);
-  if (slots != kStatusOk) return slots;
+  if (slots != kRequestOk) return slots;
   if (p.cos_sin != nullptr && tree_size > 0 && static_cast<int64_t>(prefix_len) + depths[kMaxTree] >= p.max_position) {
-    return kStatusRopePosition;
+    return kRequestRopePosition;
   }
-  return kStatusOk;
+  return kRequestOk;
 }
 
 // The splits request b's prefix actually uses: one per tile of kKeys prefix keys, at least 1 (the last one also
@@ -456,8 +447,8 @@ __device__ void TreeAttention(const TreeAttentionParams& p) {
   auto row_head = [&](int r) { return kv_head * p.group + (row_begin + r) % p.group; };
   auto row_valid = [&](int r) { return row_node(r) < tree_size; };
 
-  if (status != kStatusOk) {
-    if (status == kStatusOffsets) return;  // the request's rows are unknown
+  if (status != kRequestOk) {
+    if (status == kRequestOffsets) return;  // the request's rows are unknown
     for (int r = threadIdx.x / 32; r < Config::kRows; r += Config::kWarps) {
       if (!row_valid(r)) continue;
       const int64_t token = first_row + row_node(r);
@@ -723,14 +714,14 @@ constexpr int kCompactThreads = 128;
 
 // The rules of CompactionShape::check_request. Whole block.
 __device__ int CheckCompactionRequest(const CompactionParams& p, int b, int& first, int& count, int& prefix_len) {
-  if (!CheckOffsets(p.accepted_offsets, b, p.num_accepted, kMaxTree, first, count)) return kStatusOffsets;
+  if (!CheckOffsets(p.accepted_offsets, b, p.num_accepted, kMaxTree, first, count)) return kRequestOffsets;
   bool bad = false;
   for (int j = threadIdx.x; j < count; j += blockDim.x) {
     const int node = p.accepted_nodes[first + j];
     const int previous = j == 0 ? -1 : p.accepted_nodes[first + j - 1];
     bad |= node <= previous || node >= kMaxTree;
   }
-  if (__syncthreads_or(bad)) return kStatusParents;
+  if (__syncthreads_or(bad)) return kRequestParents;
   const int extent = count == 0 ? 0 : p.accepted_nodes[first + count - 1] + 1;
   return CheckSlots(p.prefix_lens, p.page_table, b, extent, p.num_pages, p.page_size_log2, p.pages_per_request,
                     prefix_len);
@@ -745,7 +736,7 @@ __device__ void TreeKvCompact(const CompactionParams& p) {
   int first, count, prefix_len;
   const int status = CheckCompactionRequest(p, b, first, count, prefix_len);
   if (head == 0 && layer == 0 && threadIdx.x == 0 && p.request_status != nullptr) p.request_status[b] = status;
-  if (status != kStatusOk) return;
+  if (status != kRequestOk) return;
   const int page_size = 1 << p.page_size_log2;
   const int* pages = p.page_table + static_cast<int64_t>(b) * p.pages_per_request;
   auto row_of = [&](int slot) {

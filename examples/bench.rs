@@ -468,6 +468,7 @@ fn sampler_cpu(
             emitted_tokens: &mut emitted,
             accepted_nodes: None,
             accept_flags: None,
+            request_status: None,
         };
         let t = Instant::now();
         cpu::rejection_verify(&verify_inputs, &mut outputs).expect("valid inputs");
@@ -602,6 +603,7 @@ fn time_sampler_cuda(
                 emitted_tokens: DeviceOut::from_raw(e, b * w),
                 accepted_nodes: None,
                 accept_flags: None,
+                request_status: None,
             };
             backend.rejection_verify(stream, &device_inputs, &outputs)
         }
@@ -717,6 +719,7 @@ fn reference(case: GreedyCase, inputs: &GreedyInputs<impl BenchElement>) -> (Vec
         inputs.width,
         &mut accepted,
         &mut emitted,
+        None,
     )
     .expect("benchmark inputs are valid");
     (accepted, emitted)
@@ -758,6 +761,7 @@ fn run_greedy<T: BenchElement>(backend: &Backend, case: GreedyCase) -> Row {
                     inputs.width,
                     &mut accepted,
                     &mut emitted,
+                    None,
                 )
                 .expect("valid inputs");
                 samples.push(t.elapsed().as_secs_f64() * 1e6);
@@ -831,6 +835,7 @@ fn time_greedy_cuda<T: BenchElement>(
                 inputs.width,
                 DeviceOut::from_raw(a, case.batch),
                 DeviceOut::from_raw(e, case.batch * inputs.width),
+                None,
             )
         }
         .expect("greedy_verify launch");
@@ -1340,6 +1345,7 @@ fn attention_rows(backend: &Backend, quick: bool, ceiling_gbps: f64) -> usize {
                     &mut kc,
                     &mut vc,
                     &mut out,
+                    None,
                     None,
                 )
                 .expect("valid inputs");

@@ -154,6 +154,59 @@ typedef enum {
 } specdec_rows;
 
 /**
+ * Why a request of a batched call was not processed: the values written to its `request_status[b]` (greedy
+ * verification, rejection sampling, tree attention, KV compaction). The same codes on a CPU and a CUDA context;
+ * values are fixed and only ever appended to. See the Rust `specdec::RequestStatus`, which documents each rule
+ * and the order in which they are checked.
+ */
+typedef enum {
+  /**
+   * The request was processed.
+   */
+  SPECDEC_REQUEST_OK = 0,
+  /**
+   * Its offsets are out of order or range, do not cover the array, or give it too many drafts or nodes.
+   */
+  SPECDEC_REQUEST_OFFSETS = 1,
+  /**
+   * A parent breaks the parent rule (or accepted nodes are not strictly increasing in 0..64).
+   */
+  SPECDEC_REQUEST_PARENTS = 2,
+  /**
+   * `prefix_lens[b]` is negative, or the prefix and tree do not fit the request's pages.
+   */
+  SPECDEC_REQUEST_PREFIX_LEN = 3,
+  /**
+   * A page-table entry the request uses is outside `0..num_pages`.
+   */
+  SPECDEC_REQUEST_PAGE_TABLE = 4,
+  /**
+   * A node's RoPE position is at or beyond `max_position`.
+   */
+  SPECDEC_REQUEST_ROPE_POSITION = 5,
+  /**
+   * A draft token is outside the vocabulary.
+   */
+  SPECDEC_REQUEST_DRAFT_TOKEN = 6,
+  /**
+   * The request's longest path plus one is more than `emit_width`.
+   */
+  SPECDEC_REQUEST_EMIT_WIDTH = 7,
+  /**
+   * A temperature, top-k or top-p (target's or drafter's) is out of range.
+   */
+  SPECDEC_REQUEST_SAMPLING_PARAMS = 8,
+  /**
+   * A row it reads holds NaN or +inf logits, no finite logit, or bad probabilities.
+   */
+  SPECDEC_REQUEST_ROW_VALUES = 9,
+  /**
+   * A drafted token has probability 0 under its draft row.
+   */
+  SPECDEC_REQUEST_DRAFTED_TOKEN_MASS = 10,
+} specdec_request_status;
+
+/**
  * An opaque handle: the CPU backend or one CUDA device. Created by `specdec_context_create_cpu` or
  * `specdec_context_create_cuda`, released by `specdec_context_destroy`. A context may be used from several
  * threads at once.
@@ -232,6 +285,12 @@ typedef struct {
    * NULL or `[num_requests * emit_width]`: 1 accepted, 0 all children rejected, -1 nothing tried.
    */
   int8_t *accept_flags;
+  /**
+   * NULL or `[num_requests]`: each request's `specdec_request_status`. When given, a request that breaks a
+   * rule is flagged alone on either context (its status, `accepted_counts[b] = -1`, rows of -1) and the call
+   * returns SPECDEC_OK.
+   */
+  int32_t *request_status;
 } specdec_verify_outputs;
 
 /**
@@ -420,6 +479,12 @@ extern "C" {
 #endif // __cplusplus
 
 /**
+ * The name of a request status code, e.g. `"SPECDEC_REQUEST_ROW_VALUES"`; `"SPECDEC_REQUEST_UNKNOWN"` for a
+ * value that is not one. Static storage: never free it.
+ */
+const char *specdec_request_status_string(int32_t status);
+
+/**
  * The library's version, `MAJOR * 1000000 + MINOR * 1000 + PATCH`; compare with `SPECDEC_VERSION`.
  */
 uint32_t specdec_version(void);
@@ -486,16 +551,18 @@ specdec_status specdec_context_backend(const specdec_context *ctx, int32_t *out_
  * `draft_tokens[draft_offsets[b] ..]`; the offsets cover the drafts (`draft_offsets[0] = 0`,
  * `draft_offsets[num_requests] = num_draft_tokens`). `logits` is `[num_draft_tokens + num_requests, vocab_size]` of
  * `logits_dtype`: rows `draft_offsets[b] + b + j`, `j = 0..k_b`, are request `b`'s target positions (the last one
- * gives the bonus token). With `a_j` the argmax of row `j` (ties to the lowest index; a NaN above every number),
- * the request accepts its longest draft prefix equal to `a_0, a_1, ...`: `accepted_counts[b]` = that count `n`,
- * and `emitted_tokens[b * emit_width ..]` = `a_0 .. a_n` then -1 up to `emit_width` (which must be at least
- * `k_b + 1` for every request).
+ * gives the bonus token). With `a_j` the argmax of row `j` (ties to the lowest index), the request accepts its
+ * longest draft prefix equal to `a_0, a_1, ...`: `accepted_counts[b]` = that count `n`, and
+ * `emitted_tokens[b * emit_width ..]` = `a_0 .. a_n` then -1 up to `emit_width` (which must be at least
+ * `k_b + 1` for every request). A request's rows may hold no NaN and no +inf, and need a finite logit.
  *
- * On a CPU context every pointer is host memory, `stream` is ignored, and bad contents of `draft_offsets` or
- * `draft_tokens` return SPECDEC_INVALID_ARGUMENT naming the element. On a CUDA context every array is device
- * memory, the work is enqueued on `stream` (a `cudaStream_t` / `CUstream`; NULL is the legacy default stream)
- * and the call returns without waiting; the kernel checks the contents per request and marks a bad request
- * with `accepted_counts[b] = -1` and a row of -1.
+ * `request_status` (NULL, or `[num_requests]`): when given, a request that breaks a rule is flagged alone on
+ * either context: its `specdec_request_status` code there, `accepted_counts[b] = -1` and a row of -1; the
+ * others are verified and the call returns SPECDEC_OK. When NULL, a CPU context returns
+ * SPECDEC_INVALID_ARGUMENT naming the first bad element (writing nothing), and a CUDA kernel still marks the
+ * request with -1. On a CPU context every pointer is host memory and `stream` is ignored. On a CUDA context
+ * every array is device memory, the work is enqueued on `stream` (a `cudaStream_t` / `CUstream`; NULL is the
+ * legacy default stream) and the call returns without waiting.
  *
  * # Safety
  * Each non-null pointer must point to the number of elements stated above, valid (on a CUDA context: until the
@@ -512,6 +579,7 @@ specdec_status specdec_greedy_verify(const specdec_context *ctx,
                                      int64_t emit_width,
                                      int32_t *accepted_counts,
                                      int32_t *emitted_tokens,
+                                     int32_t *request_status,
                                      void *stream);
 
 /**
@@ -528,10 +596,11 @@ specdec_status specdec_greedy_verify(const specdec_context *ctx,
  * * Outputs: `accepted_counts[num_requests]`, `emitted_tokens[num_requests * emit_width]`, and optionally
  *   (NULL to skip) `accepted_nodes[num_requests * emit_width]` and `accept_flags[num_requests * emit_width]`.
  *
- * On a CPU context the call checks everything and returns SPECDEC_INVALID_ARGUMENT naming the first bad
- * element, writing no output. On a CUDA context every array is device memory and the work is enqueued on
- * `stream` (the call returns without waiting); sizes and pointers are checked on the host, and the kernels
- * check each request's contents, marking a bad request with `accepted_counts[b] = -1` and rows of -1.
+ * With `outputs.request_status`, a request that breaks a rule is flagged alone on either context: its
+ * `specdec_request_status`, `accepted_counts[b] = -1` and rows of -1; the others are verified. Without it, a
+ * CPU context returns SPECDEC_INVALID_ARGUMENT naming the first bad element, writing no output, and the CUDA
+ * kernels still mark a bad request with -1. On a CUDA context every array is device memory and the work is
+ * enqueued on `stream` (the call returns without waiting); sizes and pointers are checked on the host.
  *
  * # Safety
  * Each non-null pointer must point to the number of elements stated, valid for the call, and the outputs must
@@ -909,14 +978,14 @@ specdec_status specdec_int4_from_awq(int64_t n,
  * * RoPE: `cos_sin_cache[max_position * head_dim]` (f32; cos then sin per position) with `rope_style` 0 (NeoX)
  *   or 1 (GPT-J); NULL (and `max_position` 0) for none.
  * * Optional outputs (NULL to skip): `lse[num_tokens * num_q_heads]` (f32, natural log) and
- *   `request_status[num_requests]` (0 = ok, else the `specdec::attention::RequestStatus` code of the rule the
- *   request broke).
+ *   `request_status[num_requests]` (`specdec_request_status`: 0 = ok, else the rule the request broke).
  *
- * On a CPU context the call checks everything and returns SPECDEC_INVALID_ARGUMENT naming the first bad element,
- * writing nothing (`request_status`, when given, is set to 0 on success). On a CUDA context every array is device
- * memory and the work is enqueued on `stream`; the kernel checks each request's index arrays, skips a failing
- * request (its rows of `out` are NaN) and reports it in `request_status`. `k_cache` and `v_cache` must be
- * 16-byte aligned there.
+ * With `request_status`, a request that breaks a rule is flagged alone on either context: its
+ * `specdec_request_status` code there, nothing appended to the cache for it and NaN in its rows of `out` and
+ * `lse` (nothing at all when its `token_offsets` are broken); the others are computed. Without it, a CPU
+ * context returns SPECDEC_INVALID_ARGUMENT naming the first bad element and writes nothing, while the CUDA
+ * kernel still skips a failing request. On a CUDA context every array is device memory and the work is
+ * enqueued on `stream`; `k_cache` and `v_cache` must be 16-byte aligned there.
  *
  * # Safety
  * Each non-null pointer must point to the number of elements stated, valid for the call (on a CUDA context:
@@ -959,7 +1028,8 @@ specdec_status specdec_tree_attention(const specdec_context *ctx,
  * num_kv_heads * head_dim]` 16-bit elements; on a CUDA context device memory, 16-byte aligned, at most 128
  * layers per call). `accepted_offsets[num_requests + 1]`, `accepted_nodes[num_accepted]` (strictly increasing
  * per request, below 64), `prefix_lens[num_requests]`, `page_table[num_requests * pages_per_request]`, and
- * optionally `request_status[num_requests]`, live where the caches do. Errors as `specdec_tree_attention`.
+ * optionally `request_status[num_requests]`, live where the caches do. Errors and `request_status` as
+ * `specdec_tree_attention`; a flagged request moves nothing.
  *
  * # Safety
  * Each non-null pointer must point to the number of elements stated, valid for the call (on a CUDA context:

@@ -78,6 +78,77 @@ pub enum specdec_status {
     SPECDEC_PANIC = 7,
 }
 
+/// Why a request of a batched call was not processed: the values written to its `request_status[b]` (greedy
+/// verification, rejection sampling, tree attention, KV compaction). The same codes on a CPU and a CUDA context;
+/// values are fixed and only ever appended to. See the Rust `specdec::RequestStatus`, which documents each rule
+/// and the order in which they are checked.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum specdec_request_status {
+    /// The request was processed.
+    SPECDEC_REQUEST_OK = 0,
+    /// Its offsets are out of order or range, do not cover the array, or give it too many drafts or nodes.
+    SPECDEC_REQUEST_OFFSETS = 1,
+    /// A parent breaks the parent rule (or accepted nodes are not strictly increasing in 0..64).
+    SPECDEC_REQUEST_PARENTS = 2,
+    /// `prefix_lens[b]` is negative, or the prefix and tree do not fit the request's pages.
+    SPECDEC_REQUEST_PREFIX_LEN = 3,
+    /// A page-table entry the request uses is outside `0..num_pages`.
+    SPECDEC_REQUEST_PAGE_TABLE = 4,
+    /// A node's RoPE position is at or beyond `max_position`.
+    SPECDEC_REQUEST_ROPE_POSITION = 5,
+    /// A draft token is outside the vocabulary.
+    SPECDEC_REQUEST_DRAFT_TOKEN = 6,
+    /// The request's longest path plus one is more than `emit_width`.
+    SPECDEC_REQUEST_EMIT_WIDTH = 7,
+    /// A temperature, top-k or top-p (target's or drafter's) is out of range.
+    SPECDEC_REQUEST_SAMPLING_PARAMS = 8,
+    /// A row it reads holds NaN or +inf logits, no finite logit, or bad probabilities.
+    SPECDEC_REQUEST_ROW_VALUES = 9,
+    /// A drafted token has probability 0 under its draft row.
+    SPECDEC_REQUEST_DRAFTED_TOKEN_MASS = 10,
+}
+
+impl From<RequestStatus> for specdec_request_status {
+    fn from(status: RequestStatus) -> Self {
+        use specdec_request_status as C;
+        match status {
+            RequestStatus::Ok => C::SPECDEC_REQUEST_OK,
+            RequestStatus::Offsets => C::SPECDEC_REQUEST_OFFSETS,
+            RequestStatus::Parents => C::SPECDEC_REQUEST_PARENTS,
+            RequestStatus::PrefixLen => C::SPECDEC_REQUEST_PREFIX_LEN,
+            RequestStatus::PageTable => C::SPECDEC_REQUEST_PAGE_TABLE,
+            RequestStatus::RopePosition => C::SPECDEC_REQUEST_ROPE_POSITION,
+            RequestStatus::DraftToken => C::SPECDEC_REQUEST_DRAFT_TOKEN,
+            RequestStatus::EmitWidth => C::SPECDEC_REQUEST_EMIT_WIDTH,
+            RequestStatus::SamplingParams => C::SPECDEC_REQUEST_SAMPLING_PARAMS,
+            RequestStatus::RowValues => C::SPECDEC_REQUEST_ROW_VALUES,
+            RequestStatus::DraftedTokenMass => C::SPECDEC_REQUEST_DRAFTED_TOKEN_MASS,
+        }
+    }
+}
+
+/// The name of a request status code, e.g. `"SPECDEC_REQUEST_ROW_VALUES"`; `"SPECDEC_REQUEST_UNKNOWN"` for a
+/// value that is not one. Static storage: never free it.
+#[no_mangle]
+pub extern "C" fn specdec_request_status_string(status: i32) -> *const c_char {
+    let name: &'static CStr = match RequestStatus::from_code(status) {
+        Some(RequestStatus::Ok) => c"SPECDEC_REQUEST_OK",
+        Some(RequestStatus::Offsets) => c"SPECDEC_REQUEST_OFFSETS",
+        Some(RequestStatus::Parents) => c"SPECDEC_REQUEST_PARENTS",
+        Some(RequestStatus::PrefixLen) => c"SPECDEC_REQUEST_PREFIX_LEN",
+        Some(RequestStatus::PageTable) => c"SPECDEC_REQUEST_PAGE_TABLE",
+        Some(RequestStatus::RopePosition) => c"SPECDEC_REQUEST_ROPE_POSITION",
+        Some(RequestStatus::DraftToken) => c"SPECDEC_REQUEST_DRAFT_TOKEN",
+        Some(RequestStatus::EmitWidth) => c"SPECDEC_REQUEST_EMIT_WIDTH",
+        Some(RequestStatus::SamplingParams) => c"SPECDEC_REQUEST_SAMPLING_PARAMS",
+        Some(RequestStatus::RowValues) => c"SPECDEC_REQUEST_ROW_VALUES",
+        Some(RequestStatus::DraftedTokenMass) => c"SPECDEC_REQUEST_DRAFTED_TOKEN_MASS",
+        None => c"SPECDEC_REQUEST_UNKNOWN",
+    };
+    name.as_ptr()
+}
+
 /// Element type of a logits tensor, passed as `int32_t`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -521,16 +592,18 @@ pub unsafe extern "C" fn specdec_context_backend(
 /// `draft_tokens[draft_offsets[b] ..]`; the offsets cover the drafts (`draft_offsets[0] = 0`,
 /// `draft_offsets[num_requests] = num_draft_tokens`). `logits` is `[num_draft_tokens + num_requests, vocab_size]` of
 /// `logits_dtype`: rows `draft_offsets[b] + b + j`, `j = 0..k_b`, are request `b`'s target positions (the last one
-/// gives the bonus token). With `a_j` the argmax of row `j` (ties to the lowest index; a NaN above every number),
-/// the request accepts its longest draft prefix equal to `a_0, a_1, ...`: `accepted_counts[b]` = that count `n`,
-/// and `emitted_tokens[b * emit_width ..]` = `a_0 .. a_n` then -1 up to `emit_width` (which must be at least
-/// `k_b + 1` for every request).
+/// gives the bonus token). With `a_j` the argmax of row `j` (ties to the lowest index), the request accepts its
+/// longest draft prefix equal to `a_0, a_1, ...`: `accepted_counts[b]` = that count `n`, and
+/// `emitted_tokens[b * emit_width ..]` = `a_0 .. a_n` then -1 up to `emit_width` (which must be at least
+/// `k_b + 1` for every request). A request's rows may hold no NaN and no +inf, and need a finite logit.
 ///
-/// On a CPU context every pointer is host memory, `stream` is ignored, and bad contents of `draft_offsets` or
-/// `draft_tokens` return SPECDEC_INVALID_ARGUMENT naming the element. On a CUDA context every array is device
-/// memory, the work is enqueued on `stream` (a `cudaStream_t` / `CUstream`; NULL is the legacy default stream)
-/// and the call returns without waiting; the kernel checks the contents per request and marks a bad request
-/// with `accepted_counts[b] = -1` and a row of -1.
+/// `request_status` (NULL, or `[num_requests]`): when given, a request that breaks a rule is flagged alone on
+/// either context: its `specdec_request_status` code there, `accepted_counts[b] = -1` and a row of -1; the
+/// others are verified and the call returns SPECDEC_OK. When NULL, a CPU context returns
+/// SPECDEC_INVALID_ARGUMENT naming the first bad element (writing nothing), and a CUDA kernel still marks the
+/// request with -1. On a CPU context every pointer is host memory and `stream` is ignored. On a CUDA context
+/// every array is device memory, the work is enqueued on `stream` (a `cudaStream_t` / `CUstream`; NULL is the
+/// legacy default stream) and the call returns without waiting.
 ///
 /// # Safety
 /// Each non-null pointer must point to the number of elements stated above, valid (on a CUDA context: until the
@@ -548,6 +621,7 @@ pub unsafe extern "C" fn specdec_greedy_verify(
     emit_width: i64,
     accepted_counts: *mut i32,
     emitted_tokens: *mut i32,
+    request_status: *mut i32,
     stream: *mut c_void,
 ) -> specdec_status {
     boundary(|| {
@@ -567,6 +641,8 @@ pub unsafe extern "C" fn specdec_greedy_verify(
                     host_slice_mut("accepted_counts", accepted_counts, shape.num_requests)?;
                 let emitted =
                     host_slice_mut("emitted_tokens", emitted_tokens, shape.emitted_len())?;
+                let status =
+                    optional_slice_mut("request_status", request_status, shape.num_requests)?;
                 fn run<T: LogitsElement>(
                     logits: *const c_void,
                     shape: &GreedyShape,
@@ -574,6 +650,7 @@ pub unsafe extern "C" fn specdec_greedy_verify(
                     d: &[i32],
                     a: &mut [i32],
                     e: &mut [i32],
+                    s: Option<&mut [i32]>,
                 ) -> Result<()> {
                     // SAFETY: the caller's contract on `logits`.
                     let logits =
@@ -586,12 +663,15 @@ pub unsafe extern "C" fn specdec_greedy_verify(
                         shape.emit_width,
                         a,
                         e,
+                        s,
                     )
                 }
+                let args = (offsets, drafts, accepted, emitted, status);
+                let (o, d, a, e, s) = args;
                 match dtype {
-                    DType::F32 => run::<f32>(logits, &shape, offsets, drafts, accepted, emitted),
-                    DType::F16 => run::<f16>(logits, &shape, offsets, drafts, accepted, emitted),
-                    DType::BF16 => run::<bf16>(logits, &shape, offsets, drafts, accepted, emitted),
+                    DType::F32 => run::<f32>(logits, &shape, o, d, a, e, s),
+                    DType::F16 => run::<f16>(logits, &shape, o, d, a, e, s),
+                    DType::BF16 => run::<bf16>(logits, &shape, o, d, a, e, s),
                 }
             }
             #[cfg(feature = "cuda")]
@@ -602,6 +682,7 @@ pub unsafe extern "C" fn specdec_greedy_verify(
                     draft_tokens: draft_tokens as u64,
                     accepted_counts: accepted_counts as u64,
                     emitted_tokens: emitted_tokens as u64,
+                    request_status: request_status as u64,
                 };
                 ptrs.check(&shape, dtype)?;
                 backend.launch_greedy_verify(stream as _, &shape, dtype, &ptrs)
@@ -623,10 +704,11 @@ pub unsafe extern "C" fn specdec_greedy_verify(
 /// * Outputs: `accepted_counts[num_requests]`, `emitted_tokens[num_requests * emit_width]`, and optionally
 ///   (NULL to skip) `accepted_nodes[num_requests * emit_width]` and `accept_flags[num_requests * emit_width]`.
 ///
-/// On a CPU context the call checks everything and returns SPECDEC_INVALID_ARGUMENT naming the first bad
-/// element, writing no output. On a CUDA context every array is device memory and the work is enqueued on
-/// `stream` (the call returns without waiting); sizes and pointers are checked on the host, and the kernels
-/// check each request's contents, marking a bad request with `accepted_counts[b] = -1` and rows of -1.
+/// With `outputs.request_status`, a request that breaks a rule is flagged alone on either context: its
+/// `specdec_request_status`, `accepted_counts[b] = -1` and rows of -1; the others are verified. Without it, a
+/// CPU context returns SPECDEC_INVALID_ARGUMENT naming the first bad element, writing no output, and the CUDA
+/// kernels still mark a bad request with -1. On a CUDA context every array is device memory and the work is
+/// enqueued on `stream` (the call returns without waiting); sizes and pointers are checked on the host.
 ///
 /// # Safety
 /// Each non-null pointer must point to the number of elements stated, valid for the call, and the outputs must
@@ -881,6 +963,10 @@ pub struct specdec_verify_outputs {
     pub accepted_nodes: *mut i32,
     /// NULL or `[num_requests * emit_width]`: 1 accepted, 0 all children rejected, -1 nothing tried.
     pub accept_flags: *mut i8,
+    /// NULL or `[num_requests]`: each request's `specdec_request_status`. When given, a request that breaks a
+    /// rule is flagged alone on either context (its status, `accepted_counts[b] = -1`, rows of -1) and the call
+    /// returns SPECDEC_OK.
+    pub request_status: *mut i32,
 }
 
 struct RejectionCall {
@@ -948,6 +1034,7 @@ impl RejectionCall {
             emitted: outputs.emitted_tokens as u64,
             nodes: outputs.accepted_nodes as u64,
             flags: outputs.accept_flags as u64,
+            status: outputs.request_status as u64,
         };
         ptrs.check(shape)?;
         backend.launch_rejection_verify(self.stream as _, shape, &ptrs)
@@ -1093,6 +1180,11 @@ impl RejectionCall {
                 n,
             )?,
             accept_flags: optional_slice_mut("outputs.accept_flags", outputs.accept_flags, n)?,
+            request_status: optional_slice_mut(
+                "outputs.request_status",
+                outputs.request_status,
+                b,
+            )?,
         };
         crate::cpu::rejection_verify(&inputs, &mut out)
     }
@@ -2179,14 +2271,14 @@ fn paged_cache_arg(
 /// * RoPE: `cos_sin_cache[max_position * head_dim]` (f32; cos then sin per position) with `rope_style` 0 (NeoX)
 ///   or 1 (GPT-J); NULL (and `max_position` 0) for none.
 /// * Optional outputs (NULL to skip): `lse[num_tokens * num_q_heads]` (f32, natural log) and
-///   `request_status[num_requests]` (0 = ok, else the `specdec::attention::RequestStatus` code of the rule the
-///   request broke).
+///   `request_status[num_requests]` (`specdec_request_status`: 0 = ok, else the rule the request broke).
 ///
-/// On a CPU context the call checks everything and returns SPECDEC_INVALID_ARGUMENT naming the first bad element,
-/// writing nothing (`request_status`, when given, is set to 0 on success). On a CUDA context every array is device
-/// memory and the work is enqueued on `stream`; the kernel checks each request's index arrays, skips a failing
-/// request (its rows of `out` are NaN) and reports it in `request_status`. `k_cache` and `v_cache` must be
-/// 16-byte aligned there.
+/// With `request_status`, a request that breaks a rule is flagged alone on either context: its
+/// `specdec_request_status` code there, nothing appended to the cache for it and NaN in its rows of `out` and
+/// `lse` (nothing at all when its `token_offsets` are broken); the others are computed. Without it, a CPU
+/// context returns SPECDEC_INVALID_ARGUMENT naming the first bad element and writes nothing, while the CUDA
+/// kernel still skips a failing request. On a CUDA context every array is device memory and the work is
+/// enqueued on `stream`; `k_cache` and `v_cache` must be 16-byte aligned there.
 ///
 /// # Safety
 /// Each non-null pointer must point to the number of elements stated, valid for the call (on a CUDA context:
@@ -2288,12 +2380,9 @@ pub unsafe extern "C" fn specdec_tree_attention(
                         host_slice_mut("v_cache", v_cache as *mut T, cache_len)?,
                         host_slice_mut("out", out as *mut T, shape.q_len())?,
                         lse,
+                        status,
                     )
-                })?;
-                if let Some(status) = status {
-                    status.fill(RequestStatus::Ok as i32);
-                }
-                Ok(())
+                })
             }
             #[cfg(feature = "cuda")]
             Backend::Cuda(backend) => {
@@ -2326,7 +2415,8 @@ pub unsafe extern "C" fn specdec_tree_attention(
 /// num_kv_heads * head_dim]` 16-bit elements; on a CUDA context device memory, 16-byte aligned, at most 128
 /// layers per call). `accepted_offsets[num_requests + 1]`, `accepted_nodes[num_accepted]` (strictly increasing
 /// per request, below 64), `prefix_lens[num_requests]`, `page_table[num_requests * pages_per_request]`, and
-/// optionally `request_status[num_requests]`, live where the caches do. Errors as `specdec_tree_attention`.
+/// optionally `request_status[num_requests]`, live where the caches do. Errors and `request_status` as
+/// `specdec_tree_attention`; a flagged request moves nothing.
 ///
 /// # Safety
 /// Each non-null pointer must point to the number of elements stated, valid for the call (on a CUDA context:
@@ -2395,11 +2485,9 @@ pub unsafe extern "C" fn specdec_tree_kv_compact(
                 };
                 let mut k = layer_slices(k_list, "k_caches")?;
                 let mut v = layer_slices(v_list, "v_caches")?;
-                crate::cpu::tree_kv_compact(&shape, offsets, nodes, prefix, table, &mut k, &mut v)?;
-                if let Some(status) = status {
-                    status.fill(RequestStatus::Ok as i32);
-                }
-                Ok(())
+                crate::cpu::tree_kv_compact(
+                    &shape, offsets, nodes, prefix, table, &mut k, &mut v, status,
+                )
             }
             #[cfg(feature = "cuda")]
             Backend::Cuda(backend) => {
@@ -2424,6 +2512,20 @@ pub unsafe extern "C" fn specdec_tree_kv_compact(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_status_codes_names_and_c_enum_agree() {
+        for status in RequestStatus::ALL {
+            assert_eq!(specdec_request_status::from(status) as i32, status.code());
+            // SAFETY: a static NUL-terminated string.
+            let name = unsafe { CStr::from_ptr(specdec_request_status_string(status.code())) };
+            let expected = format!("SPECDEC_REQUEST_{}", status.name().to_uppercase());
+            assert_eq!(name.to_str().unwrap(), expected);
+        }
+        // SAFETY: as above.
+        let unknown = unsafe { CStr::from_ptr(specdec_request_status_string(99)) };
+        assert_eq!(unknown.to_str().unwrap(), "SPECDEC_REQUEST_UNKNOWN");
+    }
 
     fn last_error() -> String {
         // SAFETY: the pointer is valid until this thread's next specdec call.

@@ -7,32 +7,44 @@
 //! positions of it: rows `draft_offsets[b] + b + j`, `j = 0..=k_b`, of `logits: [num_draft_tokens + B, V]`
 //! (row-major, any of fp32, fp16, bf16).
 //!
-//! With `a_j` the argmax of row `j` (ties go to the lowest index; a NaN is above every number, so a row holding
-//! one yields its first NaN, as `torch.argmax` does), the request accepts the longest prefix of drafts with
-//! `draft[j] == a_j`, `n_b` of them, and emits `n_b + 1` tokens: `a_0 .. a_{n_b}`, i.e. the accepted drafts,
-//! then the target's token at the first mismatch, or the bonus token after all `k_b` drafts.
+//! With `a_j` the argmax of row `j` (ties go to the lowest index), the request accepts the longest prefix of
+//! drafts with `draft[j] == a_j`, `n_b` of them, and emits `n_b + 1` tokens: `a_0 .. a_{n_b}`, i.e. the
+//! accepted drafts, then the target's token at the first mismatch, or the bonus token after all `k_b` drafts.
+//!
+//! This is rejection sampling at temperature 0 ([`crate::sampling`]), and the two agree exactly, bad requests
+//! included: the same outputs and the same [`RequestStatus`] for every chain of at most
+//! [`crate::tree::MAX_DRAFTS`] drafts (the sampler's limit; greedy verification has none).
 //!
 //! # Outputs
 //!
 //! * `accepted_counts: [B]`: `n_b`.
 //! * `emitted_tokens: [B, emit_width]`: row `b` holds the `n_b + 1` emitted tokens, then `-1` up to
 //!   `emit_width`. `emit_width` must be at least `k_b + 1` for every request (the longest draft plus one).
+//! * `request_status: [B]` (optional): 0, or the [`RequestStatus`] code of the rule request `b` broke.
 //!
 //! # Validation
 //!
-//! Sizes and lengths are checked before anything runs, on every backend ([`GreedyShape`]). The contents of
-//! `draft_offsets` and `draft_tokens` follow per-request rules ([`GreedyShape::check_request`]):
-//! `0 <= draft_offsets[b] <= draft_offsets[b+1] <= num_draft_tokens`, the offsets covering the drafts
-//! (`draft_offsets[0] = 0` and `draft_offsets[B] = num_draft_tokens`, checked with the first and the last
-//! request), `k_b + 1 <= emit_width`, and every draft id in `[0, V)`. The CPU backend returns [`Error::InvalidArgument`] naming the first offending element. The
-//! CUDA backend cannot read device arrays without synchronising, so its kernel checks the same rules per
-//! request and marks a failing request with `accepted_counts[b] = `[`REQUEST_INVALID`] and a row of `-1`; it
-//! never reads or writes outside the documented arrays, whatever the contents.
+//! Sizes and lengths are checked before anything runs, on every backend ([`GreedyShape`]). Each request
+//! follows per-request rules, reported in this order ([`GreedyShape::check_request`],
+//! [`GreedyShape::check_row`]): `0 <= draft_offsets[b] <= draft_offsets[b+1] <= num_draft_tokens`, the offsets
+//! covering the drafts (`draft_offsets[0] = 0` and `draft_offsets[B] = num_draft_tokens`, checked with the
+//! first and the last request) ([`RequestStatus::Offsets`]); every draft id in `[0, V)`
+//! ([`RequestStatus::DraftToken`]); `k_b + 1 <= emit_width` ([`RequestStatus::EmitWidth`]); and each of its
+//! `k_b + 1` rows free of NaN and `+inf` with at least one finite logit ([`RequestStatus::RowValues`]: the
+//! argmax of such a row means nothing, and the sampler refuses it too).
+//!
+//! A request that breaks a rule is flagged alone when `request_status` is given, alike on every backend: its
+//! status is written, `accepted_counts[b] = `[`REQUEST_INVALID`], its row of `emitted_tokens` is -1, and the
+//! others are verified. Without `request_status` the CPU backend returns the first failing request's
+//! [`Error::InvalidArgument`] naming the element and writes nothing, while the CUDA kernel (which cannot report
+//! without synchronising) still marks the request with [`REQUEST_INVALID`] and -1. Neither ever reads or writes
+//! outside the documented arrays, whatever the contents.
 
+use crate::dtype::LogitsElement;
 use crate::error::{check_batch_sizes, check_len, check_packed_offsets, Error, Result};
+use crate::status::{RequestResult, RequestStatus};
 
-/// The value of `accepted_counts[b]` written by a CUDA kernel for a request whose inputs break the rules of
-/// [`GreedyShape::check_request`].
+/// The value of `accepted_counts[b]` for a request that broke a rule (see [`RequestStatus`]).
 pub const REQUEST_INVALID: i32 = -1;
 
 /// The validated sizes of one greedy-verification call. Constructing one is the only way into any backend.
@@ -104,7 +116,8 @@ impl GreedyShape {
         self.num_requests * self.emit_width
     }
 
-    /// Checks the lengths of all five arrays against the shape.
+    /// Checks the lengths of all five arrays against the shape (`request_status`, when given, is checked by
+    /// [`check_status_len`](Self::check_status_len)).
     pub fn check_lengths(
         &self,
         logits: usize,
@@ -120,19 +133,39 @@ impl GreedyShape {
         check_len("emitted_tokens", emitted, self.emitted_len())
     }
 
-    /// Checks request `b`'s slice of the inputs and returns its drafts. The CUDA kernel applies the same rules
-    /// (`GreedyRequestIsValid` in `cuda/greedy_verify.cu`).
+    /// Checks the length of the optional `request_status` output.
+    pub fn check_status_len(&self, request_status: Option<usize>) -> Result<()> {
+        request_status.map_or(Ok(()), |len| {
+            check_len("request_status", len, self.num_requests)
+        })
+    }
+
+    /// Checks request `b`'s offsets, draft ids and width, in that order, and returns its drafts. The CUDA
+    /// kernel applies the same rules (`GreedyRequestStatus` in `cuda/greedy_verify.cu`).
     pub fn check_request<'a>(
         &self,
         b: usize,
         draft_offsets: &[i32],
         draft_tokens: &'a [i32],
-    ) -> Result<&'a [i32]> {
+    ) -> RequestResult<&'a [i32]> {
         let (first, last) =
-            check_packed_offsets("draft_offsets", draft_offsets, b, self.num_draft_tokens)?;
+            check_packed_offsets("draft_offsets", draft_offsets, b, self.num_draft_tokens)
+                .map_err(|error| RequestStatus::Offsets.with(error))?;
         let drafts = &draft_tokens[first..last];
+        if let Some(j) = drafts
+            .iter()
+            .position(|&t| t < 0 || t as usize >= self.vocab_size)
+        {
+            return Err(RequestStatus::DraftToken.failure(
+                format!("draft_tokens[{}]", first + j),
+                format!(
+                    "is {}, outside the vocabulary 0..{} (padding with -1 is not a draft)",
+                    drafts[j], self.vocab_size
+                ),
+            ));
+        }
         if drafts.len() + 1 > self.emit_width {
-            return Err(Error::invalid(
+            return Err(RequestStatus::EmitWidth.failure(
                 "emit_width",
                 format!(
                     "is {}, but request {b} has {} drafts and emits up to {}",
@@ -142,18 +175,25 @@ impl GreedyShape {
                 ),
             ));
         }
-        if let Some(j) = drafts
-            .iter()
-            .position(|&t| t < 0 || t as usize >= self.vocab_size)
-        {
-            return Err(Error::invalid(
-                format!("draft_tokens[{}]", first + j),
-                format!(
-                    "is {}, outside the vocabulary 0..{}",
-                    drafts[j], self.vocab_size
-                ),
+        Ok(drafts)
+    }
+
+    /// Checks logits row `row` given its largest element `max` (in specdec's argmax order, where a NaN is
+    /// above `+inf`) at index `at`: the row may hold no NaN and no `+inf`, and needs a finite logit, so its
+    /// maximum must be finite. The CUDA kernel applies the same rule to the same maximum.
+    pub fn check_row<T: LogitsElement>(&self, row: usize, max: T, at: usize) -> RequestResult<()> {
+        let max = max.to_f32();
+        if max.is_nan() || max == f32::INFINITY {
+            return Err(RequestStatus::RowValues.failure(
+                format!("logits[{row}, {at}]"),
+                format!("is {max}: logits may not be NaN or +inf"),
             ));
         }
-        Ok(drafts)
+        if max == f32::NEG_INFINITY {
+            return Err(
+                RequestStatus::RowValues.failure(format!("logits[{row}]"), "has no finite logit")
+            );
+        }
+        Ok(())
     }
 }

@@ -31,6 +31,7 @@ pub mod greedy;
 pub mod int4;
 pub mod policy;
 pub mod sampling;
+pub mod status;
 pub mod tree;
 
 pub use dtype::{DType, HalfElement, LogitsElement};
@@ -38,6 +39,7 @@ pub use error::{Error, Result};
 /// The `half` crate whose `f16` and `bf16` the API takes, re-exported so callers need not name a matching
 /// version: `specdec::half::bf16`.
 pub use half;
+pub use status::{RequestFailure, RequestStatus};
 
 /// The README's Rust examples, compiled and run by `cargo test`.
 #[cfg(doctest)]

@@ -19,7 +19,7 @@ use half::{bf16, f16};
 use rand::rngs::StdRng;
 use rand::Rng;
 use specdec::attention::{CompactionShape, PagedCacheShape, RopeStyle, TreeAttentionShape};
-use specdec::{cpu, Error, HalfElement};
+use specdec::{cpu, Error, HalfElement, RequestStatus};
 
 /// The spacing of fp16's subnormals, which bounds the absolute rounding error of tiny outputs.
 const SUBNORMAL_STEP: f64 = 1.0 / (1u64 << 24) as f64;
@@ -292,6 +292,7 @@ fn bad<T: HalfElement>(p: &Problem<T>) -> String {
         &mut v_cache,
         &mut out,
         None,
+        None,
     )
     .unwrap_err();
     let bits = |x: &[T]| x.iter().map(|e| e.to_bits()).collect::<Vec<_>>();
@@ -303,6 +304,35 @@ fn bad<T: HalfElement>(p: &Problem<T>) -> String {
         out.iter().all(|x| x.to_bits() == T::NAN.to_bits()),
         "out written"
     );
+    // With request_status the call succeeds and flags exactly the requests that break a rule, each with its
+    // rule's status, NaN in its rows (unless its offsets, which say which rows, are the broken rule) and
+    // nothing in the cache; an argument of the whole call is refused alike.
+    match p.run_cpu_flagged() {
+        Ok((out, _, _, _, status)) => {
+            let hq_d = p.shape.num_q_heads * p.shape.cache.head_dim;
+            for (b, &code) in status.iter().enumerate() {
+                let want = p.shape.request_status(
+                    b,
+                    &p.token_offsets,
+                    &p.parents,
+                    &p.prefix_lens,
+                    &p.page_table,
+                );
+                assert_eq!(code, want.code(), "request {b}'s status ({err})");
+                if code != 0 && want != RequestStatus::Offsets {
+                    let rows = p.rows(b);
+                    assert!(
+                        out[rows.start * hq_d..rows.end * hq_d]
+                            .iter()
+                            .all(|x| x.to_f32().is_nan()),
+                        "request {b}'s rows"
+                    );
+                }
+            }
+            assert!(status.iter().any(|&s| s != 0), "nothing flagged for {err}");
+        }
+        Err(flag_err) => assert_eq!(flag_err, err, "a call-level error differs between modes"),
+    }
     argument(err)
 }
 
@@ -446,6 +476,7 @@ fn compaction_matches_a_reference_copy() {
         &page_table,
         &mut k,
         &mut v,
+        None,
     )
     .unwrap();
     assert!(
@@ -468,6 +499,7 @@ fn compaction_matches_a_reference_copy() {
         &page_table,
         &mut k,
         &mut v,
+        None,
     );
     assert_eq!(argument(err.unwrap_err()), "accepted_nodes[5]");
     let mut too_far = prefix_lens;
@@ -480,6 +512,7 @@ fn compaction_matches_a_reference_copy() {
         &page_table,
         &mut k,
         &mut v,
+        None,
     );
     assert_eq!(argument(err.unwrap_err()), "prefix_lens[2]");
     let mut bad_table = page_table.clone();
@@ -492,6 +525,7 @@ fn compaction_matches_a_reference_copy() {
         &bad_table,
         &mut k,
         &mut v,
+        None,
     );
     assert_eq!(
         argument(err.unwrap_err()),

@@ -324,6 +324,24 @@ fn gpu_bad_requests_are_marked_and_touch_nothing() {
     let codes: Vec<i32> = expected.iter().map(|&s| s as i32).collect();
     assert_eq!(gpu.status, codes);
 
+    // The CPU with request_status flags the same requests alike: statuses, NaN rows, the same cache bits.
+    let (cpu_out, cpu_lse, cpu_k, cpu_v, cpu_status) = p.run_cpu_flagged().unwrap();
+    assert_eq!(cpu_status, codes, "the CPU's request_status");
+    let bits = |x: &[f16]| x.iter().map(|e| e.to_bits()).collect::<Vec<_>>();
+    assert!(bits(&cpu_k) == bits(&gpu.k_cache) && bits(&cpu_v) == bits(&gpu.v_cache));
+    for (i, (g, c)) in gpu.out.iter().zip(&cpu_out).enumerate() {
+        let (g, c) = (f64::from(g.to_f32()), f64::from(c.to_f32()));
+        let eps = epsilon::<f16>();
+        assert!(
+            (g.is_nan() && c.is_nan())
+                || (g - c).abs() <= 2.0 * eps + eps * c.abs() + SUBNORMAL_STEP,
+            "out[{i}]: GPU {g}, CPU {c}"
+        );
+    }
+    for (i, (g, c)) in gpu.lse.iter().zip(&cpu_lse).enumerate() {
+        assert_eq!(g.is_nan(), c.is_nan(), "lse[{i}]: GPU {g}, CPU {c}");
+    }
+
     // The unbroken problem on the CPU gives the reference for the valid requests' rows and cache rows.
     let (hq, d) = (8, 64);
     let (out, _, k_cache, _) = good.run_cpu();
@@ -410,23 +428,21 @@ fn gpu_compaction_matches_the_cpu() {
             })
             .collect();
         let mut want = host.clone();
+        let mut cpu_status = vec![-9; requests];
         {
-            // The valid requests on the CPU (request 5 emptied there).
-            let mut cpu_offsets = offsets.clone();
-            cpu_offsets[6] = cpu_offsets[5];
-            let cpu_shape =
-                CompactionShape::new(requests, layers, offsets[5] as usize, cache).unwrap();
+            // The CPU with request_status on the same inputs: request 5 flagged, nothing of it moved.
             let (k, v) = want.split_at_mut(layers);
             let mut k: Vec<&mut [f16]> = k.iter_mut().map(|c| c.as_mut_slice()).collect();
             let mut v: Vec<&mut [f16]> = v.iter_mut().map(|c| c.as_mut_slice()).collect();
             cpu::tree_kv_compact(
-                &cpu_shape,
-                &cpu_offsets,
-                &nodes[..offsets[5] as usize],
+                &shape,
+                &offsets,
+                &nodes,
                 &prefix_lens,
                 &page_table,
                 &mut k,
                 &mut v,
+                Some(&mut cpu_status),
             )
             .unwrap();
         }
@@ -464,6 +480,7 @@ fn gpu_compaction_matches_the_cpu() {
             status.read(&stream, "request_status"),
             [0, 0, 0, 0, 0, RequestStatus::Parents as i32]
         );
+        assert_eq!(status.read(&stream, "request_status"), cpu_status);
         for (i, g) in buffers.iter().enumerate() {
             let got = g.read(&stream, "cache");
             assert!(

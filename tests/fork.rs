@@ -29,8 +29,17 @@ fn every_family(seed: u64) -> String {
     let v = 150_000;
     let logits: Vec<f32> = (0..3 * v).map(|_| rng.random_range(-5.0..5.0)).collect();
     let (mut accepted, mut emitted) = ([0; 1], [0; 3]);
-    specdec::cpu::greedy_verify(&logits, v, &[0, 2], &[5, 9], 3, &mut accepted, &mut emitted)
-        .unwrap();
+    specdec::cpu::greedy_verify(
+        &logits,
+        v,
+        &[0, 2],
+        &[5, 9],
+        3,
+        &mut accepted,
+        &mut emitted,
+        None,
+    )
+    .unwrap();
     digest += &format!("greedy {accepted:?} {emitted:?}\n");
 
     // Rejection sampling, 16 chains with draft rows.
@@ -69,6 +78,7 @@ fn every_family(seed: u64) -> String {
             emitted_tokens: &mut e,
             accepted_nodes: None,
             accept_flags: None,
+            request_status: None,
         },
     )
     .unwrap();

@@ -368,6 +368,7 @@ fn run_sampling(case: &SamplingCase) -> Result<(), TestCaseError> {
     let mut emitted = vec![POISON; b * width];
     let mut nodes = vec![POISON; b * width];
     let mut flags = vec![0x5Ai8; b * width];
+    let mut request_status = vec![POISON; b];
     let outputs = specdec_verify_outputs {
         accepted_counts: accepted.as_mut_ptr(),
         emitted_tokens: emitted.as_mut_ptr(),
@@ -378,6 +379,12 @@ fn run_sampling(case: &SamplingCase) -> Result<(), TestCaseError> {
         },
         accept_flags: if case.optional_outputs {
             flags.as_mut_ptr()
+        } else {
+            null_mut()
+        },
+        // With request_status, bad requests are flagged alone instead of failing the call.
+        request_status: if case.optional_outputs {
+            request_status.as_mut_ptr()
         } else {
             null_mut()
         },
@@ -443,9 +450,19 @@ fn run_sampling(case: &SamplingCase) -> Result<(), TestCaseError> {
         } else {
             size
         };
-        // A flagged request (an empty tree) reports -1 and a row of -1.
+        // A flagged request reports -1, a row of -1 and, when asked, the rule it broke.
+        if case.optional_outputs {
+            let code = request_status[r];
+            prop_assert!(
+                specdec::RequestStatus::from_code(code).is_some() && (code != 0) == (n == -1),
+                "request {r}: status {code}, accepted {n}"
+            );
+        }
         if n == -1 {
-            prop_assert!(case.tree && size == 0, "request {r} flagged: {case:?}");
+            prop_assert!(
+                case.optional_outputs || (case.tree && size == 0),
+                "request {r} flagged: {case:?}"
+            );
             prop_assert!(emitted[r * width..(r + 1) * width].iter().all(|&t| t == -1));
             continue;
         }
@@ -1082,8 +1099,11 @@ fn run_attention(case: &AttentionCase) -> Result<(), TestCaseError> {
         )
     };
     if check_status(s)? {
+        // With request_status a bad request is flagged alone: every request gets a status code.
         prop_assert!(
-            status[..b].iter().all(|&s| s == 0),
+            status[..b]
+                .iter()
+                .all(|&s| specdec::RequestStatus::from_code(s).is_some()),
             "request_status {:?}",
             status
         );
@@ -1131,6 +1151,17 @@ fn run_attention(case: &AttentionCase) -> Result<(), TestCaseError> {
     if !check_status(s)? {
         prop_assert!(k_cache == k_before, "the cache changed on error");
         prop_assert!(status.iter().all(|&x| x == POISON));
+    } else {
+        prop_assert!(
+            status[..b]
+                .iter()
+                .all(|&s| specdec::RequestStatus::from_code(s).is_some()),
+            "request_status {:?}",
+            status
+        );
+        if status[..b].iter().all(|&s| s != 0) {
+            prop_assert!(k_cache == k_before, "a flagged request moved the cache");
+        }
     }
     Ok(())
 }

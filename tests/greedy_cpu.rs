@@ -4,7 +4,7 @@ mod common;
 
 use common::{naive_argmax, rng, GreedyCase, GreedyOutput, TestElement};
 use half::{bf16, f16};
-use specdec::{cpu, Error};
+use specdec::{cpu, Error, RequestStatus};
 
 fn random_cases_match_the_naive_reference<T: TestElement>(name: &str) {
     let mut rng = rng(name);
@@ -72,6 +72,7 @@ fn hand_worked_batch() {
         4,
         &mut accepted,
         &mut emitted,
+        None,
     )
     .unwrap();
     assert_eq!(accepted, [2, 1, 0]);
@@ -106,17 +107,75 @@ fn nan_infinities_and_signed_zeros_follow_the_documented_order() {
         assert_eq!(cpu::argmax(&halves), *want, "f16 {row:?}");
         assert_eq!(cpu::argmax(&brains), *want, "bf16 {row:?}");
     }
-    // Through greedy verification: a NaN row's argmax is its first NaN, which a draft can match.
-    let logits = [0.0, nan, 5.0, nan, /* bonus */ 1.0, 0.0, 0.0, 0.0];
-    let (mut accepted, mut emitted) = ([0; 1], [0; 2]);
-    cpu::greedy_verify(&logits, 4, &[0, 1], &[1], 2, &mut accepted, &mut emitted).unwrap();
-    assert_eq!((accepted, emitted), ([1], [1, 0]));
+}
+
+/// A request whose rows hold a NaN or `+inf`, or no finite logit, has no meaningful argmax: it is refused
+/// (naming the element) or, with `request_status`, flagged alone; rows of the request past its first mismatch
+/// count too, as in the sampler. `-inf` and `-0.0` elsewhere in a row are fine.
+#[test]
+fn unusable_rows_are_refused_or_flagged_alone() {
+    let (nan, inf, ninf) = (f32::NAN, f32::INFINITY, f32::NEG_INFINITY);
+    // V = 3, four requests of one draft (token 0) each, two rows apiece.
+    let rows: [[f32; 3]; 8] = [
+        [5.0, ninf, -0.0], // request 0: accepts 0, bonus argmax 1
+        [ninf, 2.0, 1.0],
+        [0.0, 1.0, 0.0], // request 1: mismatch at row 0, but its bonus row holds a NaN
+        [1.0, nan, 0.0],
+        [9.0, 0.0, 0.0], // request 2: +inf in its bonus row
+        [0.0, inf, 0.0],
+        [ninf, ninf, ninf], // request 3: no finite logit
+        [1.0, 0.0, 0.0],
+    ];
+    let logits: Vec<f32> = rows.concat();
+    let (offsets, drafts) = ([0, 1, 2, 3, 4], [0, 0, 0, 0]);
+    let mut out = GreedyOutput::poisoned(4, 2);
+    let strict = cpu::greedy_verify(
+        &logits,
+        3,
+        &offsets,
+        &drafts,
+        2,
+        &mut out.accepted,
+        &mut out.emitted,
+        None,
+    );
+    expect_invalid(strict, "logits[3, 1]");
+    assert_eq!(
+        out,
+        GreedyOutput::poisoned(4, 2),
+        "nothing written on an error"
+    );
+    cpu::greedy_verify(
+        &logits,
+        3,
+        &offsets,
+        &drafts,
+        2,
+        &mut out.accepted,
+        &mut out.emitted,
+        Some(&mut out.status),
+    )
+    .unwrap();
+    let bad = RequestStatus::RowValues.code();
+    assert_eq!(out.status, [0, bad, bad, bad]);
+    assert_eq!(out.accepted, [1, -1, -1, -1]);
+    assert_eq!(out.emitted, [0, 1, -1, -1, -1, -1, -1, -1]);
+    // Each alone, strict: the element named is the row's first NaN, its +inf, or the whole row.
+    for (b, argument) in [(2, "logits[5, 1]"), (3, "logits[6]")] {
+        let one = &logits[2 * b * 3..2 * (b + 1) * 3];
+        let (mut a, mut e) = ([0; 1], [0; 2]);
+        let got = cpu::greedy_verify(one, 3, &[0, 1], &[0], 2, &mut a, &mut e, None);
+        let shifted = argument
+            .replace(&format!("{}", 2 * b), "0")
+            .replace(&format!("{}", 2 * b + 1), "1");
+        expect_invalid(got, &shifted);
+    }
 }
 
 #[test]
 fn empty_batch_and_single_token_vocabulary() {
     let (mut accepted, mut emitted): ([i32; 0], [i32; 0]) = ([], []);
-    cpu::greedy_verify::<f32>(&[], 10, &[0], &[], 1, &mut accepted, &mut emitted).unwrap();
+    cpu::greedy_verify::<f32>(&[], 10, &[0], &[], 1, &mut accepted, &mut emitted, None).unwrap();
     // V = 1: every argmax is 0, so a chain of zeros is accepted in full.
     let (mut accepted, mut emitted) = ([0; 1], [0; 4]);
     cpu::greedy_verify(
@@ -127,6 +186,7 @@ fn empty_batch_and_single_token_vocabulary() {
         4,
         &mut accepted,
         &mut emitted,
+        None,
     )
     .unwrap();
     assert_eq!((accepted, emitted), ([3], [0, 0, 0, 0]));
@@ -152,7 +212,7 @@ fn bad_input_is_rejected_naming_the_argument_and_outputs_are_untouched() {
                width: usize,
                accepted: &mut Vec<i32>,
                emitted: &mut Vec<i32>| {
-        cpu::greedy_verify(&logits, 3, offsets, drafts, width, accepted, emitted)
+        cpu::greedy_verify(&logits, 3, offsets, drafts, width, accepted, emitted, None)
     };
     let mut out = GreedyOutput::poisoned(2, 3);
     expect_invalid(
@@ -220,6 +280,7 @@ fn bad_input_is_rejected_naming_the_argument_and_outputs_are_untouched() {
             3,
             &mut out.accepted,
             &mut out.emitted,
+            None,
         ),
         "logits",
     );
@@ -232,6 +293,7 @@ fn bad_input_is_rejected_naming_the_argument_and_outputs_are_untouched() {
             3,
             &mut out.accepted,
             &mut out.emitted,
+            None,
         ),
         "vocab_size",
     );

@@ -18,6 +18,7 @@ use half::{bf16, f16};
 use specdec::capi::{self, specdec_status};
 use specdec::cuda::{CudaBackend, DeviceIn, DeviceOut};
 use specdec::greedy::REQUEST_INVALID;
+use specdec::RequestStatus;
 
 /// Device copies of a case's logits (shifted by `logits_offset` elements, to exercise rows that are not
 /// 16-byte aligned), offsets and drafts. Every array gets one spare element: cudarc rejects empty copies.
@@ -62,6 +63,9 @@ fn run_gpu<T: TestElement + cudarc::driver::DeviceRepr>(
     let mut emitted = stream
         .clone_htod(&[poisoned.emitted.clone(), vec![POISON]].concat())
         .unwrap();
+    let mut status = stream
+        .clone_htod(&[poisoned.status.clone(), vec![POISON]].concat())
+        .unwrap();
     let (b, n) = (case.num_requests(), case.emitted_len());
     let logits_view = inputs
         .logits
@@ -70,6 +74,7 @@ fn run_gpu<T: TestElement + cudarc::driver::DeviceRepr>(
     {
         let mut accepted_view = accepted.slice_mut(0..b);
         let mut emitted_view = emitted.slice_mut(0..n);
+        let mut status_view = status.slice_mut(0..b);
         backend
             .greedy_verify(
                 stream,
@@ -80,17 +85,21 @@ fn run_gpu<T: TestElement + cudarc::driver::DeviceRepr>(
                 case.emit_width,
                 DeviceOut::new(&mut accepted_view, stream),
                 DeviceOut::new(&mut emitted_view, stream),
+                Some(DeviceOut::new(&mut status_view, stream)),
             )
             .unwrap();
     }
     stream.synchronize().unwrap();
     let accepted = stream.clone_dtoh(&accepted).unwrap();
     let emitted = stream.clone_dtoh(&emitted).unwrap();
+    let status = stream.clone_dtoh(&status).unwrap();
     assert_eq!(accepted[b], POISON, "wrote past accepted_counts");
     assert_eq!(emitted[n], POISON, "wrote past emitted_tokens");
+    assert_eq!(status[b], POISON, "wrote past request_status");
     GreedyOutput {
         accepted: accepted[..b].to_vec(),
         emitted: emitted[..n].to_vec(),
+        status: status[..b].to_vec(),
     }
 }
 
@@ -137,6 +146,8 @@ fn bf16_matches_cpu() {
     matches_cpu_for::<bf16>("gpu bf16");
 }
 
+/// NaN, infinities and rows of -inf: the requests whose rows hold a NaN or `+inf`, or have no finite logit, are
+/// flagged alike on both backends (the same statuses, -1 rows), and the others get the same tokens.
 #[test]
 fn special_values_match_cpu() {
     let Some(backend) = gpu("special values") else {
@@ -156,15 +167,29 @@ fn special_values_match_cpu() {
     ];
     for vocab in [3usize, 40_000] {
         let mut case = GreedyCase::<f32>::random(&mut rng, 64, vocab, 4, 0.5, false);
-        // Sprinkle special values, then recompute drafts that match so long acceptance runs still happen.
-        for x in case.logits.iter_mut() {
-            if rand::Rng::random_bool(&mut rng, 0.01) {
-                *x = specials[rand::Rng::random_range(&mut rng, 0..specials.len())];
+        // Special values in one row of ten (a few per row: some rows stay usable, with -0.0, -inf or f32::MAX
+        // in them), then a row of NaN and a row of -inf (no finite logit).
+        for row in case.logits.chunks_mut(vocab) {
+            if rand::Rng::random_bool(&mut rng, 0.1) {
+                for _ in 0..rand::Rng::random_range(&mut rng, 1..=2) {
+                    let at = rand::Rng::random_range(&mut rng, 0..vocab);
+                    row[at] = specials[rand::Rng::random_range(&mut rng, 0..specials.len())];
+                }
             }
         }
-        let rows_all_nan = case.logits.len() / vocab - 1;
-        case.logits[rows_all_nan * vocab..].fill(f32::NAN);
+        let rows = case.logits.len() / vocab;
+        case.logits[(rows - 1) * vocab..].fill(f32::NAN);
+        case.logits[(rows / 2) * vocab..(rows / 2 + 1) * vocab].fill(f32::NEG_INFINITY);
         let want = case.run_cpu().unwrap();
+        let flagged = want.status.iter().filter(|&&s| s != 0).count();
+        assert!(
+            flagged > 0 && flagged < 64,
+            "V={vocab}: {flagged} of 64 flagged; the case must mix good and bad requests"
+        );
+        assert!(want
+            .status
+            .iter()
+            .all(|&s| s == 0 || s == RequestStatus::RowValues.code()));
         assert_eq!(run_gpu(&backend, &stream, &case, 0), want, "V={vocab}");
     }
 }
@@ -190,11 +215,17 @@ fn bad_requests_are_flagged_and_the_rest_are_right() {
     bad.draft_tokens[4] = -1; // request 2: -1 padding
     bad.draft_offsets[4] = 20; // requests 3 and 4: offset beyond num_draft_tokens
     assert!(
-        bad.run_cpu().is_err(),
-        "the CPU backend rejects the same inputs"
+        bad.run_cpu_strict().is_err(),
+        "without request_status the CPU backend rejects the same inputs"
     );
     let got = run_gpu(&backend, &stream, &bad, 0);
     check_flagged(&got, &good, &[1, 2, 3, 4]);
+    assert_eq!(got, bad.run_cpu().unwrap(), "flagged alike on the CPU");
+    let (token, offsets) = (
+        RequestStatus::DraftToken.code(),
+        RequestStatus::Offsets.code(),
+    );
+    assert_eq!(got.status, [0, token, token, offsets, offsets, 0]);
 
     // Offsets that do not cover the drafts: the first starting at 1, the last ending at 11 of 12. The first and
     // the last request are flagged (the CPU refuses the batch), the others are right.
@@ -204,11 +235,16 @@ fn bad_requests_are_flagged_and_the_rest_are_right() {
     uncovered.draft_offsets[0] = 1;
     uncovered.draft_offsets[6] = 11;
     assert!(
-        uncovered.run_cpu().is_err(),
-        "the CPU backend rejects the same inputs"
+        uncovered.run_cpu_strict().is_err(),
+        "without request_status the CPU backend rejects the same inputs"
     );
     let got = run_gpu(&backend, &stream, &uncovered, 0);
     check_flagged(&got, &good, &[0, 5]);
+    assert_eq!(
+        got,
+        uncovered.run_cpu().unwrap(),
+        "flagged alike on the CPU"
+    );
 }
 
 /// Requests `flagged` are marked invalid with rows of -1; the others equal `good`.
@@ -268,6 +304,7 @@ fn c_abi_on_device_pointers_and_a_callers_stream() {
                 case.emit_width as i64,
                 a as *mut i32,
                 e as *mut i32,
+                std::ptr::null_mut(),
                 stream.cu_stream() as *mut c_void,
             )
         };
@@ -289,6 +326,7 @@ fn c_abi_on_device_pointers_and_a_callers_stream() {
             std::ptr::null(),
             0,
             8,
+            std::ptr::null_mut(),
             std::ptr::null_mut(),
             std::ptr::null_mut(),
             std::ptr::null_mut(),
@@ -334,6 +372,7 @@ fn raw_pointers_on_the_legacy_default_stream() {
                     3,
                     DeviceOut::from_raw(a, 5),
                     DeviceOut::from_raw(e, 15),
+                    None,
                 )
                 .unwrap();
         }

@@ -792,6 +792,7 @@ mod tree {
                 emitted_tokens: &mut emitted,
                 accepted_nodes: None,
                 accept_flags: None,
+                request_status: None,
             },
         )
         .unwrap();

@@ -113,6 +113,7 @@ fn gpu_verify(inputs: &VerifyInputs<'_>, outputs: &mut VerifyOutputs<'_>) -> Res
     let emitted = upload(&stream, &vec![POISON; n]);
     let nodes = upload(&stream, &vec![POISON; n]);
     let flags = upload(&stream, &vec![i8::MIN; n]);
+    let status = upload(&stream, &vec![POISON; b]);
     let token_len = |s: &Drafts<'_>| match s {
         Drafts::Chain { draft_tokens, .. } => draft_tokens.len(),
         Drafts::Tree { node_tokens, .. } => node_tokens.len(),
@@ -172,6 +173,10 @@ fn gpu_verify(inputs: &VerifyInputs<'_>, outputs: &mut VerifyOutputs<'_>) -> Res
                 .accept_flags
                 .is_some()
                 .then(|| DeviceOut::from_raw(raw(&flags, &stream), n)),
+            request_status: outputs
+                .request_status
+                .is_some()
+                .then(|| DeviceOut::from_raw(raw(&status, &stream), b)),
         };
         backend.rejection_verify(&stream, &device_inputs, &device_outputs)?;
     }
@@ -189,6 +194,9 @@ fn gpu_verify(inputs: &VerifyInputs<'_>, outputs: &mut VerifyOutputs<'_>) -> Res
     }
     if let Some(out) = outputs.accept_flags.as_deref_mut() {
         out.copy_from_slice(&stream.clone_dtoh(&flags).expect("download")[..n]);
+    }
+    if let Some(out) = outputs.request_status.as_deref_mut() {
+        out.copy_from_slice(&down_i32(&status, b));
     }
     Ok(())
 }
@@ -223,6 +231,15 @@ gpu_scenarios!(
     a_drafter_sampling_its_unfiltered_softmax_keeps_the_target_distribution,
     a_coin_on_the_threshold_rejects_and_zero_probability_is_never_accepted,
 );
+
+/// Temperature 0 on the GPU is the CPU's greedy verification, bad rows and drafts included (statuses too).
+#[test]
+fn temperature_zero_is_greedy_verification_bad_rows_included() {
+    let name = "temperature_zero_is_greedy_verification_bad_rows_included";
+    if gpu(name).is_some() {
+        sampling::temperature_zero_is_greedy_with_bad_rows(GPU, &mut common::rng(name));
+    }
+}
 
 /// Requests whose outcome differs between the backends.
 fn disagreements(cpu: &[Outcome], gpu: &[Outcome]) -> usize {
@@ -389,7 +406,20 @@ fn bad_requests_are_flagged_and_the_others_are_untouched() {
                      // 6 and 11 are good; 0 too.
     let seeds: Vec<u64> = (0..b as u64).map(|i| i * 31 + 5).collect();
     let steps = vec![3u64; b];
-    let run = |verify: Verify, with_q: bool| {
+    // The status each defect is flagged with (RequestStatus codes), the same on both backends.
+    let expected_status = |r: usize, with_q: bool| -> i32 {
+        use specdec::RequestStatus as S;
+        match r {
+            1 | 2 => S::DraftToken,
+            3 | 4 => S::Parents,
+            5 | 10 => S::RowValues,
+            7 if with_q => S::RowValues,
+            8 | 9 | 12 | 13 => S::SamplingParams,
+            _ => S::Ok,
+        }
+        .code()
+    };
+    let run = |verify: Verify, with_q: bool, with_status: bool| {
         let inputs = VerifyInputs {
             vocab_size: v,
             drafts: Drafts::Tree {
@@ -410,18 +440,32 @@ fn bad_requests_are_flagged_and_the_others_are_untouched() {
         };
         let (mut a, mut e, mut n) = (vec![0; b], vec![0; b * width], vec![0; b * width]);
         let mut f = vec![0i8; b * width];
+        let mut s = vec![POISON; b];
         let mut out = VerifyOutputs {
             emit_width: width,
             accepted_counts: &mut a,
             emitted_tokens: &mut e,
             accepted_nodes: Some(&mut n),
             accept_flags: Some(&mut f),
+            request_status: with_status.then_some(&mut s[..]),
         };
-        verify(&inputs, &mut out).map(|()| (a, e, n, f))
+        verify(&inputs, &mut out).map(|()| (a, e, n, f, s))
     };
     for with_q in [false, true] {
-        assert!(run(CPU, with_q).is_err(), "the CPU rejects the whole batch");
-        let (a, e, n, f) = run(GPU, with_q).expect("the GPU flags per request");
+        assert!(
+            run(CPU, with_q, false).is_err(),
+            "without request_status the CPU rejects the whole batch"
+        );
+        let cpu = run(CPU, with_q, true).expect("with request_status the CPU flags per request");
+        let gpu_without_status = run(GPU, with_q, false).expect("the GPU flags per request");
+        let (a, e, n, f, status) = run(GPU, with_q, true).expect("the GPU flags per request");
+        assert_eq!(
+            gpu_without_status.0, a,
+            "request_status changes no accepted count"
+        );
+        let expected: Vec<i32> = (0..b).map(|r| expected_status(r, with_q)).collect();
+        assert_eq!(status, expected, "GPU request_status, q={with_q}");
+        assert_eq!(cpu.4, expected, "CPU request_status, q={with_q}");
         for (r, &accepted) in a.iter().enumerate() {
             let row = r * width..(r + 1) * width;
             if good(r, with_q) {
@@ -431,9 +475,16 @@ fn bad_requests_are_flagged_and_the_others_are_untouched() {
                     accepted, -1,
                     "request {r} (defect {r}) not flagged, q={with_q}"
                 );
-                assert!(e[row.clone()].iter().all(|&x| x == -1));
-                assert!(n[row.clone()].iter().all(|&x| x == -1));
-                assert!(f[row].iter().all(|&x| x == -1));
+                assert_eq!(cpu.0[r], -1, "CPU: request {r} not flagged, q={with_q}");
+                for (name, gpu_row, cpu_row) in [
+                    ("emitted", &e[row.clone()], &cpu.1[row.clone()]),
+                    ("nodes", &n[row.clone()], &cpu.2[row.clone()]),
+                ] {
+                    assert!(gpu_row.iter().all(|&x| x == -1), "GPU {name} of {r}");
+                    assert!(cpu_row.iter().all(|&x| x == -1), "CPU {name} of {r}");
+                }
+                assert!(f[row.clone()].iter().all(|&x| x == -1));
+                assert!(cpu.3[row].iter().all(|&x| x == -1));
             }
         }
         // Without draft rows (no softmax sums) the good requests equal the CPU on a batch of only them.
@@ -469,11 +520,18 @@ fn bad_requests_are_flagged_and_the_others_are_untouched() {
                     emitted_tokens: &mut e1,
                     accepted_nodes: None,
                     accept_flags: None,
+                    request_status: None,
                 },
             )
             .unwrap();
             assert_eq!(a[r], a1[0], "request {r}");
             assert_eq!(&e[r * width..(r + 1) * width], &e1[..], "request {r}");
+            assert_eq!(cpu.0[r], a1[0], "CPU flag mode, request {r}");
+            assert_eq!(
+                &cpu.1[r * width..(r + 1) * width],
+                &e1[..],
+                "CPU, request {r}"
+            );
         }
     }
 }
@@ -523,30 +581,43 @@ fn empty_trees_are_flagged_not_refused() {
                 seeds: &vec![17; b],
                 steps: &vec![2; b],
             };
-            let run = |verify: Verify| {
-                let (mut a, mut e) = (vec![0; b], vec![0; b * width]);
+            let run = |verify: Verify, with_status: bool| {
+                let (mut a, mut e, mut s) = (vec![0; b], vec![0; b * width], vec![POISON; b]);
                 let mut out = VerifyOutputs {
                     emit_width: width,
                     accepted_counts: &mut a,
                     emitted_tokens: &mut e,
                     accepted_nodes: None,
                     accept_flags: None,
+                    request_status: with_status.then_some(&mut s[..]),
                 };
-                verify(&inputs, &mut out).map(|()| (a, e))
+                verify(&inputs, &mut out).map(|()| (a, e, s))
             };
             let what = format!("offsets {offsets:?}, with_q {with_q}");
-            match run(CPU) {
+            match run(CPU, false) {
                 Err(Error::InvalidArgument { argument, .. }) => {
                     assert_eq!(argument, "node_offsets[1]", "{what}")
                 }
                 other => panic!("the CPU must refuse the batch ({what}): {other:?}"),
             }
-            let (a, e) =
-                run(GPU).unwrap_or_else(|err| panic!("{what}: the GPU call failed: {err}"));
+            let (a, e, status) =
+                run(GPU, true).unwrap_or_else(|err| panic!("{what}: the GPU call failed: {err}"));
+            let (cpu_a, _, cpu_status) = run(CPU, true).expect("the CPU flags per request");
+            assert_eq!(
+                status, cpu_status,
+                "request_status on both backends ({what})"
+            );
+            let flagged = |a: &[i32]| a.iter().map(|&x| x == -1).collect::<Vec<_>>();
+            assert_eq!(
+                flagged(&a),
+                flagged(&cpu_a),
+                "flagged on both backends ({what})"
+            );
             for r in 0..b {
                 let row = &e[r * width..(r + 1) * width];
                 if offsets[r] == offsets[r + 1] {
                     assert_eq!(a[r], -1, "empty request {r} not flagged ({what})");
+                    assert_eq!(status[r], specdec::RequestStatus::Offsets.code(), "{what}");
                     assert!(row.iter().all(|&x| x == -1), "{what}");
                 } else {
                     assert!(a[r] >= 0, "request {r} flagged ({what})");
@@ -595,6 +666,7 @@ fn empty_trees_are_flagged_not_refused() {
             emitted_tokens: DeviceOut::from_raw(raw(&emitted, &stream), b * 3),
             accepted_nodes: None,
             accept_flags: None,
+            request_status: None,
         };
         backend
             .rejection_verify(&stream, &inputs, &outputs)
@@ -680,6 +752,7 @@ fn a_request_emits_the_same_tokens_alone_and_anywhere_in_a_batch() {
                 emitted_tokens: &mut e,
                 accepted_nodes: None,
                 accept_flags: None,
+                request_status: None,
             },
         )
         .expect("verify");
@@ -798,6 +871,7 @@ fn coins_on_their_threshold_decide_alike_alone_and_in_any_batch() {
                 emitted_tokens: &mut e,
                 accepted_nodes: None,
                 accept_flags: None,
+                request_status: None,
             },
         )
         .expect("verify");
@@ -948,6 +1022,7 @@ fn top_p_cuts_are_the_same_on_every_run() {
                     emitted_tokens: &mut e,
                     accepted_nodes: None,
                     accept_flags: None,
+                    request_status: None,
                 },
             )
             .expect("verify");
@@ -1006,6 +1081,7 @@ fn offsets_that_do_not_cover_the_drafts_are_flagged() {
                 emitted_tokens: &mut e,
                 accepted_nodes: None,
                 accept_flags: None,
+                request_status: None,
             },
         )
         .map(|()| (a, e))
@@ -1074,6 +1150,7 @@ fn probability_rows_that_do_not_sum_to_one_are_flagged() {
                 emitted_tokens: &mut e,
                 accepted_nodes: None,
                 accept_flags: None,
+                request_status: None,
             },
         )
         .map(|()| (a, e))
@@ -1181,6 +1258,7 @@ fn top_k_and_top_p_cuts_across_vocabulary_chunks_equal_the_cpu() {
                 emitted_tokens: &mut e,
                 accepted_nodes: None,
                 accept_flags: None,
+                request_status: None,
             },
         )
         .expect("verify");
@@ -1289,6 +1367,7 @@ fn a_draft_of_zero_draft_probability_is_flagged_alone() {
                 emitted_tokens: &mut e,
                 accepted_nodes: None,
                 accept_flags: None,
+                request_status: None,
             },
         )
         .map(|()| (a, e))
@@ -1387,6 +1466,7 @@ fn rows_and_parameters_that_are_not_read_are_not_checked() {
                 emitted_tokens: &mut e,
                 accepted_nodes: None,
                 accept_flags: None,
+                request_status: None,
             },
         )
         .expect("nothing read is bad");

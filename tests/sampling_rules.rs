@@ -7,7 +7,7 @@ use half::bf16;
 use rand::Rng;
 use specdec::cpu;
 use specdec::sampling::{Drafts, Rows, SamplingParams, VerifyInputs, VerifyOutputs};
-use specdec::Error;
+use specdec::{Error, RequestStatus};
 
 /// A batch of chain requests with bf16 logits and draft rows, ready to be verified whole or in parts.
 #[derive(Clone)]
@@ -136,6 +136,7 @@ impl ChainBatch {
             emitted_tokens: &mut emitted,
             accepted_nodes: Some(&mut nodes),
             accept_flags: Some(&mut flags),
+            request_status: None,
         };
         cpu::rejection_verify(&inputs, &mut outputs)?;
         Ok((0..b)
@@ -216,6 +217,7 @@ fn temperature_zero_is_greedy_verification_mixed_in_a_batch() {
                 k + 1,
                 &mut accepted,
                 &mut emitted,
+                None,
             )
             .unwrap();
             assert_eq!(results[i].0, accepted[0], "request {i}");
@@ -224,8 +226,14 @@ fn temperature_zero_is_greedy_verification_mixed_in_a_batch() {
     }
 }
 
+#[test]
+fn temperature_zero_is_greedy_verification_bad_rows_included() {
+    let mut rng = common::rng("temperature_zero_is_greedy_verification_bad_rows_included");
+    common::sampling::temperature_zero_is_greedy_with_bad_rows(cpu::rejection_verify, &mut rng);
+}
+
 /// A one-request tree call on probabilities; `edit` breaks one input.
-fn tree_call(edit: impl FnOnce(&mut TreeCall)) -> Result<(), Error> {
+fn tree_call(edit: impl FnOnce(&mut TreeCall)) -> Checked {
     let mut c = TreeCall {
         vocab: 8,
         offsets: vec![0, 4],
@@ -253,23 +261,7 @@ fn tree_call(edit: impl FnOnce(&mut TreeCall)) -> Result<(), Error> {
         seeds: &c.seeds,
         steps: &c.steps,
     };
-    let b = c.offsets.len().saturating_sub(1);
-    let (mut accepted, mut emitted) = (vec![-9; b], vec![-9; b * c.width]);
-    let mut outputs = VerifyOutputs {
-        emit_width: c.width,
-        accepted_counts: &mut accepted,
-        emitted_tokens: &mut emitted,
-        accepted_nodes: None,
-        accept_flags: None,
-    };
-    let result = cpu::rejection_verify(&inputs, &mut outputs);
-    if result.is_err() {
-        assert!(
-            accepted.iter().chain(&emitted).all(|&x| x == -9),
-            "outputs written by a failing call"
-        );
-    }
-    result
+    both_modes(&inputs, c.offsets.len().saturating_sub(1), c.width)
 }
 
 struct TreeCall {
@@ -284,8 +276,136 @@ struct TreeCall {
     width: usize,
 }
 
-fn assert_names(result: Result<(), Error>, argument: &str, words: &str) {
-    match result {
+/// A call made twice: without `request_status` (`result`: the whole call fails with the first bad request's
+/// error) and with it (`flagged`: the status of the first request flagged alone, when the call itself is sound).
+struct Checked {
+    result: Result<(), Error>,
+    flagged: Option<RequestStatus>,
+    /// Whether the call was also made with `request_status`.
+    both_modes: bool,
+}
+
+impl Checked {
+    fn unwrap(self) {
+        self.result.unwrap()
+    }
+}
+
+impl From<Result<(), Error>> for Checked {
+    fn from(result: Result<(), Error>) -> Checked {
+        Checked {
+            result,
+            flagged: None,
+            both_modes: false,
+        }
+    }
+}
+
+/// Verifies `inputs` (B requests, `width` tokens each) on the CPU without and with `request_status` and checks
+/// the two modes agree: a call that succeeds succeeds alike with every status 0 and the same outputs; a call
+/// refused for its shape (a call-level argument) is refused alike; a call refused for a bad request writes
+/// nothing, while with `request_status` it succeeds, flags that request (status, `accepted_counts` -1, a row of
+/// -1) and processes the others.
+fn both_modes(inputs: &VerifyInputs<'_>, b: usize, width: usize) -> Checked {
+    let run = |status: Option<&mut [i32]>| {
+        let (mut accepted, mut emitted) = (vec![-9; b], vec![-9; b * width]);
+        let result = cpu::rejection_verify(
+            inputs,
+            &mut VerifyOutputs {
+                emit_width: width,
+                accepted_counts: &mut accepted,
+                emitted_tokens: &mut emitted,
+                accepted_nodes: None,
+                accept_flags: None,
+                request_status: status,
+            },
+        );
+        (result, accepted, emitted)
+    };
+    let (result, accepted, emitted) = run(None);
+    let mut status = vec![-9; b];
+    let (flag_result, flag_accepted, flag_emitted) = run(Some(&mut status));
+    let mut flagged = None;
+    match (&result, &flag_result) {
+        (Ok(()), Ok(())) => {
+            assert!(status.iter().all(|&s| s == 0), "statuses {status:?}");
+            assert_eq!((&accepted, &emitted), (&flag_accepted, &flag_emitted));
+        }
+        (Err(error), Err(flag_error)) => {
+            assert_eq!(
+                error, flag_error,
+                "a call-level error differs between modes"
+            );
+            assert!(
+                status.iter().all(|&s| s == -9),
+                "status written by a failing call"
+            );
+        }
+        (Err(_), Ok(())) => {
+            for r in 0..b {
+                let code = status[r];
+                let row = &flag_emitted[r * width..(r + 1) * width];
+                if code == 0 {
+                    assert!(flag_accepted[r] >= 0, "request {r} processed");
+                } else {
+                    let s = RequestStatus::from_code(code)
+                        .unwrap_or_else(|| panic!("status {code} of request {r} is no code"));
+                    flagged.get_or_insert(s);
+                    assert_eq!(flag_accepted[r], -1, "flagged request {r}");
+                    assert!(row.iter().all(|&x| x == -1), "flagged request {r}: {row:?}");
+                }
+            }
+            assert!(
+                flagged.is_some(),
+                "the call failed but no request is flagged"
+            );
+        }
+        (Ok(()), Err(e)) => panic!("request_status turned a good call into {e:?}"),
+    }
+    if result.is_err() {
+        assert!(
+            accepted.iter().chain(&emitted).all(|&x| x == -9),
+            "outputs written by a failing call"
+        );
+    }
+    Checked {
+        result,
+        flagged,
+        both_modes: true,
+    }
+}
+
+/// The status a request is flagged with for an error naming `argument` for `reason` (the table of
+/// `specdec::RequestStatus`); `None` for an argument of the whole call (no element index).
+fn status_of(argument: &str, reason: &str) -> Option<RequestStatus> {
+    let name = argument.split('[').next().unwrap();
+    if name == argument {
+        return (name == "emit_width").then_some(RequestStatus::EmitWidth);
+    }
+    Some(match name {
+        "draft_offsets" | "node_offsets" => RequestStatus::Offsets,
+        "parents" => RequestStatus::Parents,
+        "draft_tokens" | "node_tokens" if reason.contains("probability 0") => {
+            RequestStatus::DraftedTokenMass
+        }
+        "draft_tokens" | "node_tokens" if reason.contains("cannot have been drawn") => {
+            RequestStatus::DraftedTokenMass
+        }
+        "draft_tokens" | "node_tokens" => RequestStatus::DraftToken,
+        "target" | "draft" => RequestStatus::RowValues,
+        _ if reason.contains("overflows") => RequestStatus::RowValues,
+        "temperature" | "top_k" | "top_p" | "draft_temperature" | "draft_top_k" | "draft_top_p" => {
+            RequestStatus::SamplingParams
+        }
+        other => panic!("no status for {other}"),
+    })
+}
+
+/// `checked` failed with an error naming `argument` whose reason says `words`; made in both modes, the request
+/// was flagged with the status of that rule (or, for an argument of the whole call, refused alike).
+fn assert_names(checked: impl Into<Checked>, argument: &str, words: &str) {
+    let checked = checked.into();
+    match checked.result {
         Err(Error::InvalidArgument {
             argument: a,
             reason,
@@ -295,6 +415,13 @@ fn assert_names(result: Result<(), Error>, argument: &str, words: &str) {
                 reason.contains(words),
                 "{argument}: {reason:?} does not say {words:?}"
             );
+            if checked.both_modes {
+                assert_eq!(
+                    checked.flagged,
+                    status_of(argument, &reason),
+                    "the status of {argument}: {reason}"
+                );
+            }
         }
         other => panic!("expected an error naming {argument}, got {other:?}"),
     }
@@ -412,7 +539,7 @@ fn bad_trees_and_probabilities_are_errors_naming_the_element() {
 /// A one-request chain call on f32 logits with sampling parameters; `edit` breaks one input.
 fn chain_call(
     edit: impl FnOnce(&mut Vec<f32>, &mut Vec<i32>, &mut f32, &mut i32, &mut f32),
-) -> Result<(), Error> {
+) -> Checked {
     let (mut logits, mut drafts) = (vec![0.5f32; 3 * 10], vec![1, 2]);
     let (mut t, mut k, mut p) = (1.0f32, -1i32, 1.0f32);
     edit(&mut logits, &mut drafts, &mut t, &mut k, &mut p);
@@ -433,17 +560,7 @@ fn chain_call(
         seeds: &[3],
         steps: &[4],
     };
-    let (mut accepted, mut emitted) = ([0], [0; 3]);
-    cpu::rejection_verify(
-        &inputs,
-        &mut VerifyOutputs {
-            emit_width: 3,
-            accepted_counts: &mut accepted,
-            emitted_tokens: &mut emitted,
-            accepted_nodes: None,
-            accept_flags: None,
-        },
-    )
+    both_modes(&inputs, 1, 3)
 }
 
 #[test]
@@ -531,6 +648,7 @@ fn inputs_of_the_wrong_kind_are_errors() {
                 emitted_tokens: &mut e,
                 accepted_nodes: None,
                 accept_flags: None,
+                request_status: None,
             },
         )
     };
@@ -583,7 +701,7 @@ struct DraftedCall {
     draft_params: Option<(f32, i32, f32)>,
 }
 
-fn drafted_call(edit: impl FnOnce(&mut DraftedCall)) -> Result<(), Error> {
+fn drafted_call(edit: impl FnOnce(&mut DraftedCall)) -> Checked {
     let mut c = DraftedCall {
         tree: false,
         draft: [2.0, 0.0, 0.0, 0.0, 0.0, 0.0].repeat(3),
@@ -630,17 +748,7 @@ fn drafted_call(edit: impl FnOnce(&mut DraftedCall)) -> Result<(), Error> {
         seeds: &[3],
         steps: &[4],
     };
-    let (mut accepted, mut emitted) = ([0], [0; 3]);
-    cpu::rejection_verify(
-        &inputs,
-        &mut VerifyOutputs {
-            emit_width: 3,
-            accepted_counts: &mut accepted,
-            emitted_tokens: &mut emitted,
-            accepted_nodes: None,
-            accept_flags: None,
-        },
-    )
+    both_modes(&inputs, 1, 3)
 }
 
 /// A drafted token with q = 0 under its draft row (masked, or removed by the draft's top-k) cannot have been
@@ -742,6 +850,7 @@ fn draft_parameters_need_draft_logits() {
         emitted_tokens: &mut emitted,
         accepted_nodes: None,
         accept_flags: None,
+        request_status: None,
     };
     assert_names(
         cpu::rejection_verify(&inputs, &mut outputs),

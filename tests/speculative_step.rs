@@ -151,6 +151,7 @@ impl Cache {
             &mut self.v,
             &mut out,
             None,
+            None,
         )
         .unwrap();
         out
@@ -348,6 +349,7 @@ fn accepted_paths_reach_the_next_steps_attention_exactly() {
                 emitted_tokens: &mut emitted,
                 accepted_nodes: Some(&mut nodes),
                 accept_flags: None,
+                request_status: None,
             },
         )
         .unwrap();
@@ -371,6 +373,7 @@ fn accepted_paths_reach_the_next_steps_attention_exactly() {
             &cache.page_table,
             &mut [&mut cache.k[..]],
             &mut [&mut cache.v[..]],
+            None,
         )
         .unwrap();
 

@@ -53,7 +53,7 @@ int main(void) {
     const float temperature = 1.0f;
     const uint64_t seed = specdec_sample_seed(2024, 1), step_counter = (uint64_t)step;
     specdec_sampling sampling = {&temperature, NULL, NULL, &seed, &step_counter, NULL, NULL, NULL};
-    specdec_verify_outputs outputs = {&accepted, emitted, nodes, NULL};
+    specdec_verify_outputs outputs = {&accepted, emitted, nodes, NULL, NULL};
 
     /* 1. Propose a tree (kind 1) and put it under the context's last token. */
     check(specdec_drafter_propose(drafter, 1, 1, SPECDEC_MAX_DRAFTS, draft_tokens, draft_parents, draft_probs,

@@ -55,6 +55,8 @@
 //! ([`RequestStatus`]); they never read or write outside the documented arrays, whatever the contents.
 
 use crate::error::{check_len, Error, Result};
+use crate::status::RequestResult;
+pub use crate::status::RequestStatus;
 
 /// The largest tree, its root included: the one maximum of [`crate::tree`] (ancestor sets are 64-bit masks).
 pub use crate::tree::MAX_TREE_NODES;
@@ -94,54 +96,6 @@ impl RopeStyle {
 /// rounded (Rust never fuses them).
 pub fn rotate_pair(x: f32, y: f32, cos: f32, sin: f32) -> (f32, f32) {
     (x * cos - y * sin, y * cos + x * sin)
-}
-
-/// Why a CUDA kernel skipped a request: the value it writes to `request_status[b]`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(i32)]
-pub enum RequestStatus {
-    /// The request was processed.
-    Ok = 0,
-    /// `token_offsets[b]` / `[b + 1]` (or `accepted_offsets`) are out of order or out of range, or the tree
-    /// (or accepted path) is larger than `max_tree_size`.
-    Offsets = 1,
-    /// A parent breaks `-1 <= parents[i] < i` (or accepted nodes are not strictly increasing in `0..64`).
-    Parents = 2,
-    /// `prefix_lens[b]` is negative, or the prefix and tree do not fit the request's pages.
-    PrefixLen = 3,
-    /// A page-table entry the request uses is outside `0..num_pages`.
-    PageTable = 4,
-    /// A node's RoPE position `L_b + depth` is at or beyond `max_position`.
-    RopePosition = 5,
-}
-
-impl RequestStatus {
-    /// The status a kernel wrote, or `None` for a value that is not one.
-    pub fn from_code(code: i32) -> Option<Self> {
-        Some(match code {
-            0 => RequestStatus::Ok,
-            1 => RequestStatus::Offsets,
-            2 => RequestStatus::Parents,
-            3 => RequestStatus::PrefixLen,
-            4 => RequestStatus::PageTable,
-            5 => RequestStatus::RopePosition,
-            _ => return None,
-        })
-    }
-
-    fn of(error: &Error) -> Self {
-        let Error::InvalidArgument { argument, .. } = error else {
-            return RequestStatus::Offsets;
-        };
-        let name = argument.split('[').next().unwrap_or("");
-        match name {
-            "parents" | "accepted_nodes" => RequestStatus::Parents,
-            "prefix_lens" => RequestStatus::PrefixLen,
-            "page_table" => RequestStatus::PageTable,
-            "cos_sin_cache" => RequestStatus::RopePosition,
-            _ => RequestStatus::Offsets,
-        }
-    }
 }
 
 /// The paged KV cache's geometry, shared by attention and compaction.
@@ -263,10 +217,10 @@ impl PagedCacheShape {
         prefix_lens: &[i32],
         extra: usize,
         page_table: &[i32],
-    ) -> Result<usize> {
+    ) -> RequestResult<usize> {
         let prefix_len = prefix_lens[b];
         if prefix_len < 0 || prefix_len as usize + extra > self.capacity() {
-            return Err(Error::invalid(
+            return Err(RequestStatus::PrefixLen.failure(
                 format!("prefix_lens[{b}]"),
                 format!(
                     "is {prefix_len}; with {extra} more slots it must fit the request's {} pages of {} \
@@ -283,7 +237,7 @@ impl PagedCacheShape {
             .iter()
             .position(|&e| e < 0 || e as usize >= self.num_pages)
         {
-            return Err(Error::invalid(
+            return Err(RequestStatus::PageTable.failure(
                 format!("page_table[{}]", b * self.pages_per_request + p),
                 format!(
                     "is {}, outside the cache's pages 0..{} (request {b} uses its first {used} entries)",
@@ -524,7 +478,7 @@ impl TreeAttentionShape {
         parents: &[i32],
         prefix_lens: &[i32],
         page_table: &[i32],
-    ) -> Result<TreeRequest> {
+    ) -> RequestResult<TreeRequest> {
         let (first, last) = check_tree_offsets(
             "token_offsets",
             token_offsets,
@@ -538,7 +492,7 @@ impl TreeAttentionShape {
         for i in 0..tree_size {
             let parent = parents[first + i];
             if parent < -1 || parent >= i as i32 {
-                return Err(Error::invalid(
+                return Err(RequestStatus::Parents.failure(
                     format!("parents[{}]", first + i),
                     format!(
                         "is {parent} for node {i} of request {b}; a parent must be -1 (a root) or an \
@@ -559,7 +513,7 @@ impl TreeAttentionShape {
             .check_slots(b, prefix_lens, tree_size, page_table)?;
         if let (Some(rope), Some(deepest)) = (self.rope, depths.iter().max()) {
             if prefix_len + deepest >= rope.max_position {
-                return Err(Error::invalid(
+                return Err(RequestStatus::RopePosition.failure(
                     "cos_sin_cache",
                     format!(
                         "has {} positions, but request {b}'s node at depth {deepest} after {prefix_len} \
@@ -589,7 +543,7 @@ impl TreeAttentionShape {
     ) -> RequestStatus {
         match self.check_request(b, token_offsets, parents, prefix_lens, page_table) {
             Ok(_) => RequestStatus::Ok,
-            Err(e) => RequestStatus::of(&e),
+            Err(failure) => failure.status,
         }
     }
 }
@@ -601,10 +555,11 @@ fn check_tree_offsets(
     b: usize,
     limit: usize,
     max_size: usize,
-) -> Result<(usize, usize)> {
-    let (first, last) = crate::error::check_offsets(name, offsets, b, limit)?;
+) -> RequestResult<(usize, usize)> {
+    let (first, last) = crate::error::check_offsets(name, offsets, b, limit)
+        .map_err(|error| RequestStatus::Offsets.with(error))?;
     if last - first > max_size {
-        return Err(Error::invalid(
+        return Err(RequestStatus::Offsets.failure(
             format!("{name}[{}]", b + 1),
             format!(
                 "gives request {b} {} nodes; at most max_tree_size = {max_size}",
@@ -693,7 +648,7 @@ impl CompactionShape {
         accepted_nodes: &'a [i32],
         prefix_lens: &[i32],
         page_table: &[i32],
-    ) -> Result<(usize, &'a [i32])> {
+    ) -> RequestResult<(usize, &'a [i32])> {
         let (first, last) = check_tree_offsets(
             "accepted_offsets",
             accepted_offsets,
@@ -705,7 +660,7 @@ impl CompactionShape {
         let mut previous = -1;
         for (j, &node) in nodes.iter().enumerate() {
             if node <= previous || node >= MAX_TREE_NODES as i32 {
-                return Err(Error::invalid(
+                return Err(RequestStatus::Parents.failure(
                     format!("accepted_nodes[{}]", first + j),
                     format!(
                         "is {node}; a request's accepted nodes must be strictly increasing tree indices in \
@@ -731,7 +686,7 @@ impl CompactionShape {
     ) -> RequestStatus {
         match self.check_request(b, accepted_offsets, accepted_nodes, prefix_lens, page_table) {
             Ok(_) => RequestStatus::Ok,
-            Err(e) => RequestStatus::of(&e),
+            Err(failure) => failure.status,
         }
     }
 }

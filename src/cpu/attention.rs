@@ -11,10 +11,16 @@ use crate::attention::{
 };
 use crate::dtype::HalfElement;
 use crate::error::{check_len, Error, Result};
+use crate::status::{RequestResult, RequestStatus};
 
 /// Tree attention with the tree's KV appended to the cache (see [`crate::attention`]): writes the (rotated)
 /// keys and the values of every node to `k_cache` / `v_cache` at slots `L_b + i`, `out[N, Hq, D]` and, if
 /// given, `lse[N, Hq]`. Every request is checked before anything is written.
+///
+/// `request_status` (`[B]`, [`crate::RequestStatus`] codes), as the CUDA kernel writes it: when given, a bad
+/// request is flagged alone (nothing appended to the cache for it, NaN in its rows of `out` and `lse`, or
+/// nothing at all when its `token_offsets` are broken, as its rows are then unknown) and the others are
+/// computed. Without it, the first bad request's error fails the call and nothing is written.
 #[allow(clippy::too_many_arguments)]
 pub fn tree_attention<T: HalfElement>(
     shape: &TreeAttentionShape,
@@ -28,6 +34,7 @@ pub fn tree_attention<T: HalfElement>(
     v_cache: &mut [T],
     out: &mut [T],
     lse: Option<&mut [f32]>,
+    request_status: Option<&mut [i32]>,
 ) -> Result<()> {
     check_softmax_scale(softmax_scale)?;
     shape.check_lengths(
@@ -44,7 +51,7 @@ pub fn tree_attention<T: HalfElement>(
         out.len(),
         lse.as_ref().map(|l| l.len()),
     )?;
-    let requests = (0..shape.num_requests)
+    let checked: Vec<RequestResult<TreeRequest>> = (0..shape.num_requests)
         .map(|b| {
             shape.check_request(
                 b,
@@ -54,9 +61,9 @@ pub fn tree_attention<T: HalfElement>(
                 batch.page_table,
             )
         })
-        .collect::<Result<Vec<_>>>()?;
+        .collect();
+    let (requests, statuses) = settle(checked, request_status.as_deref())?;
     check_distinct_append_slots(shape, &requests, batch.page_table)?;
-
     let (hq, hkv, d) = (
         shape.num_q_heads,
         shape.cache.num_kv_heads,
@@ -66,7 +73,7 @@ pub fn tree_attention<T: HalfElement>(
         (Some(rope), Some(cos_sin)) => {
             let mut q_rot = q.to_vec();
             let mut k_rot = k.to_vec();
-            for request in &requests {
+            for request in requests.iter().flatten() {
                 for (i, &depth) in request.depths.iter().enumerate() {
                     let row = request.first_row + i;
                     let angles = &cos_sin[(request.prefix_len + depth) * d..][..d];
@@ -83,16 +90,14 @@ pub fn tree_attention<T: HalfElement>(
         _ => (q.to_vec(), k.to_vec()),
     };
 
-    for request in &requests {
+    for (b, request) in requests.iter().enumerate() {
+        let Some(request) = request else { continue };
         for i in 0..request.tree_size() {
             let row = request.first_row + i;
             for head in 0..hkv {
-                let at = shape.cache.slot_offset(
-                    batch.page_table,
-                    request_index(batch.token_offsets, row),
-                    request.prefix_len + i,
-                    head,
-                );
+                let at = shape
+                    .cache
+                    .slot_offset(batch.page_table, b, request.prefix_len + i, head);
                 let from = (row * hkv + head) * d;
                 k_cache[at..at + d].copy_from_slice(&k_rot[from..from + d]);
                 v_cache[at..at + d].copy_from_slice(&v[from..from + d]);
@@ -103,8 +108,10 @@ pub fn tree_attention<T: HalfElement>(
     // Each row's request: rows outside every request (none, once token_offsets[B] = N) are left as they are.
     let mut row_request = vec![None; shape.num_tokens];
     for (b, request) in requests.iter().enumerate() {
-        for i in 0..request.tree_size() {
-            row_request[request.first_row + i] = Some((b, i));
+        if let Some(request) = request {
+            for i in 0..request.tree_size() {
+                row_request[request.first_row + i] = Some((b, i));
+            }
         }
     }
     let scale = f64::from(softmax_scale);
@@ -117,7 +124,9 @@ pub fn tree_attention<T: HalfElement>(
                 let Some((b, node)) = *owner else {
                     return (Vec::new(), Vec::new());
                 };
-                let request = &requests[b];
+                let request = requests[b]
+                    .as_ref()
+                    .expect("rows of processed requests only");
                 let mut outs = Vec::with_capacity(hq * d);
                 let mut lses = Vec::with_capacity(hq);
                 for head in 0..hq {
@@ -152,12 +161,53 @@ pub fn tree_attention<T: HalfElement>(
             lse[row * hq..][..hq].copy_from_slice(&l);
         }
     }
+    // A flagged request's rows, where its offsets say which they are: NaN, as the CUDA kernel writes.
+    for (b, &status) in statuses.iter().enumerate() {
+        if status == RequestStatus::Ok || status == RequestStatus::Offsets {
+            continue;
+        }
+        let rows = batch.token_offsets[b] as usize..batch.token_offsets[b + 1] as usize;
+        out[rows.start * hq * d..rows.end * hq * d].fill(T::from_f32(f32::NAN));
+        if let Some(lse) = lse.as_deref_mut() {
+            lse[rows.start * hq..rows.end * hq].fill(f32::NAN);
+        }
+    }
+    write_statuses(&statuses, request_status);
     Ok(())
 }
 
-/// The request that owns `row` (rows are in request order).
-fn request_index(token_offsets: &[i32], row: usize) -> usize {
-    token_offsets.partition_point(|&o| o as usize <= row) - 1
+/// The `request_status` contract on a batch's checks (see [`crate::status`]): without `request_status`, the
+/// first bad request's error fails the call; with it, each request's status (the failures as `None`), for
+/// [`write_statuses`] once nothing else can fail. Checks `request_status`'s length.
+fn settle<R>(
+    checked: Vec<RequestResult<R>>,
+    request_status: Option<&[i32]>,
+) -> Result<(Vec<Option<R>>, Vec<RequestStatus>)> {
+    match request_status {
+        None => {
+            let requests = checked.into_iter().collect::<RequestResult<Vec<R>>>()?;
+            let statuses = vec![RequestStatus::Ok; requests.len()];
+            Ok((requests.into_iter().map(Some).collect(), statuses))
+        }
+        Some(status) => {
+            check_len("request_status", status.len(), checked.len())?;
+            Ok(checked
+                .into_iter()
+                .map(|result| match result {
+                    Ok(request) => (Some(request), RequestStatus::Ok),
+                    Err(failure) => (None, failure.status),
+                })
+                .unzip())
+        }
+    }
+}
+
+fn write_statuses(statuses: &[RequestStatus], request_status: Option<&mut [i32]>) {
+    if let Some(out) = request_status {
+        for (slot, status) in out.iter_mut().zip(statuses) {
+            *slot = status.code();
+        }
+    }
 }
 
 /// The softmax-weighted sum of values and the log-sum-exp of the scores, all in f64, in one pass (an online
@@ -219,11 +269,12 @@ fn rotate_head<T: HalfElement>(head: &mut [T], angles: &[f32], style: crate::att
 /// names it.
 fn check_distinct_append_slots(
     shape: &TreeAttentionShape,
-    requests: &[TreeRequest],
+    requests: &[Option<TreeRequest>],
     page_table: &[i32],
 ) -> Result<()> {
     let mut owner = std::collections::HashMap::new();
     for (b, request) in requests.iter().enumerate() {
+        let Some(request) = request else { continue };
         for i in 0..request.tree_size() {
             let slot = request.prefix_len + i;
             let row = shape.cache.slot_offset(page_table, b, slot, 0);
@@ -244,6 +295,9 @@ fn check_distinct_append_slots(
 
 /// Compaction of accepted paths (see [`crate::attention`]) in every layer's cache: `k_caches[layer]` and
 /// `v_caches[layer]`, each `[num_pages, page_size, Hkv, D]`. Every request is checked before anything moves.
+/// With `request_status` (`[B]`), a bad request is flagged alone and nothing of it moves; without it, the
+/// first bad request's error fails the call.
+#[allow(clippy::too_many_arguments)]
 pub fn tree_kv_compact<'a, T: Copy>(
     shape: &CompactionShape,
     accepted_offsets: &[i32],
@@ -252,6 +306,7 @@ pub fn tree_kv_compact<'a, T: Copy>(
     page_table: &[i32],
     k_caches: &mut [&'a mut [T]],
     v_caches: &mut [&'a mut [T]],
+    request_status: Option<&mut [i32]>,
 ) -> Result<()> {
     shape.check_lengths(
         accepted_offsets.len(),
@@ -273,13 +328,18 @@ pub fn tree_kv_compact<'a, T: Copy>(
             shape.cache.cache_len(),
         )?;
     }
-    let requests = (0..shape.num_requests)
+    let checked = (0..shape.num_requests)
         .map(|b| shape.check_request(b, accepted_offsets, accepted_nodes, prefix_lens, page_table))
-        .collect::<Result<Vec<_>>>()?;
+        .collect();
+    let (requests, statuses) = settle(checked, request_status.as_deref())?;
 
     let d = shape.cache.head_dim;
     for cache in k_caches.iter_mut().chain(v_caches.iter_mut()) {
-        for (b, (prefix_len, nodes)) in requests.iter().enumerate() {
+        for (b, (prefix_len, nodes)) in requests
+            .iter()
+            .enumerate()
+            .filter_map(|(b, r)| Some((b, r.as_ref()?)))
+        {
             // Ascending order is safe in place: the source slot of a later entry is above every earlier
             // destination (nodes are strictly increasing, so node_j >= j).
             for (j, &node) in nodes.iter().enumerate() {
@@ -297,5 +357,6 @@ pub fn tree_kv_compact<'a, T: Copy>(
             }
         }
     }
+    write_statuses(&statuses, request_status);
     Ok(())
 }

@@ -6,7 +6,8 @@ use rayon::prelude::*;
 
 use crate::dtype::LogitsElement;
 use crate::error::Result;
-use crate::greedy::GreedyShape;
+use crate::greedy::{GreedyShape, REQUEST_INVALID};
+use crate::status::{RequestResult, RequestStatus};
 
 /// Rows longer than this are split into chunks of this many elements, reduced on several threads.
 const PARALLEL_CHUNK: usize = 1 << 15;
@@ -85,9 +86,11 @@ fn parallel_argmax<T: LogitsElement>(row: &[T]) -> usize {
     index
 }
 
-/// Greedy verification of a batch of drafted chains; see [`crate::greedy`] for the layout and semantics.
+/// Greedy verification of a batch of drafted chains; see [`crate::greedy`] for the layout, semantics and rules.
 ///
-/// Inputs are validated in full before any output is written; the first bad element is named in the error.
+/// With `request_status` (`[B]`), a request that breaks a rule is flagged alone: its [`RequestStatus`] code,
+/// `accepted_counts[b] = -1` and a row of -1, as the CUDA kernel does. Without it, the first failing request's
+/// error is returned (naming the offending element) and nothing is written.
 ///
 /// ```
 /// // Two requests over a vocabulary of 4: request 0 drafted [2, 1], request 1 drafted nothing.
@@ -98,11 +101,12 @@ fn parallel_argmax<T: LogitsElement>(row: &[T]) -> usize {
 ///     0.0, 7.0, 0.0, 0.0, // request 1, bonus row: emits 1
 /// ];
 /// let (mut accepted, mut emitted) = ([0; 2], [0; 2 * 3]);
-/// specdec::cpu::greedy_verify(&logits, 4, &[0, 2, 2], &[2, 1], 3, &mut accepted, &mut emitted)?;
+/// specdec::cpu::greedy_verify(&logits, 4, &[0, 2, 2], &[2, 1], 3, &mut accepted, &mut emitted, None)?;
 /// assert_eq!(accepted, [1, 0]);
 /// assert_eq!(emitted, [2, 3, -1, 1, -1, -1]);
 /// # Ok::<(), specdec::Error>(())
 /// ```
+#[allow(clippy::too_many_arguments)]
 pub fn greedy_verify<T: LogitsElement>(
     logits: &[T],
     vocab_size: usize,
@@ -111,6 +115,7 @@ pub fn greedy_verify<T: LogitsElement>(
     emit_width: usize,
     accepted_counts: &mut [i32],
     emitted_tokens: &mut [i32],
+    request_status: Option<&mut [i32]>,
 ) -> Result<()> {
     let shape = GreedyShape::from_lengths(
         vocab_size,
@@ -125,34 +130,60 @@ pub fn greedy_verify<T: LogitsElement>(
         accepted_counts.len(),
         emitted_tokens.len(),
     )?;
-    for b in 0..shape.num_requests {
-        shape.check_request(b, draft_offsets, draft_tokens)?;
-    }
+    shape.check_status_len(request_status.as_ref().map(|s| s.len()))?;
 
     // Every row's argmax, in parallel over rows and over chunks of long rows, as the CUDA kernel does: at small
     // batch that keeps every core busy, which stopping at each request's first mismatch would not.
-    let targets: Vec<i32> = super::pool::install(|| {
+    let targets: Vec<usize> = super::pool::install(|| {
         logits
             .par_chunks_exact(vocab_size)
-            .map(|row| parallel_argmax(row) as i32)
+            .map(|row| parallel_argmax(row))
             .collect()
     });
+    let verify = |b: usize| -> RequestResult<(usize, &[usize])> {
+        let drafts = shape.check_request(b, draft_offsets, draft_tokens)?;
+        let first_row = draft_offsets[b] as usize + b;
+        let rows = first_row..=first_row + drafts.len();
+        for row in rows.clone() {
+            shape.check_row(row, logits[row * vocab_size + targets[row]], targets[row])?;
+        }
+        let targets = &targets[rows];
+        let n = drafts
+            .iter()
+            .zip(targets)
+            .take_while(|(&draft, &target)| draft as usize == target)
+            .count();
+        Ok((n, targets))
+    };
+    let results: Vec<_> = (0..shape.num_requests).map(verify).collect();
+    if request_status.is_none() {
+        if let Some(Err(failure)) = results.iter().find(|r| r.is_err()) {
+            return Err(failure.error.clone());
+        }
+    }
 
     let outputs = accepted_counts
         .iter_mut()
         .zip(emitted_tokens.chunks_exact_mut(emit_width));
-    for (b, (accepted, emitted)) in outputs.enumerate() {
-        let first = draft_offsets[b] as usize;
-        let drafts = &draft_tokens[first..draft_offsets[b + 1] as usize];
-        let targets = &targets[first + b..=first + b + drafts.len()];
-        let n = drafts
-            .iter()
-            .zip(targets)
-            .take_while(|(draft, target)| draft == target)
-            .count();
+    for ((accepted, emitted), result) in outputs.zip(&results) {
         emitted.fill(-1);
-        emitted[..=n].copy_from_slice(&targets[..=n]);
-        *accepted = n as i32;
+        *accepted = match result {
+            Ok((n, targets)) => {
+                for (slot, &token) in emitted.iter_mut().zip(&targets[..=*n]) {
+                    *slot = token as i32;
+                }
+                *n as i32
+            }
+            Err(_) => REQUEST_INVALID,
+        };
+    }
+    if let Some(status) = request_status {
+        for (slot, result) in status.iter_mut().zip(&results) {
+            *slot = result
+                .as_ref()
+                .map_or_else(|failure| failure.status, |_| RequestStatus::Ok)
+                .code();
+        }
     }
     Ok(())
 }

@@ -5,25 +5,52 @@
 use rayon::prelude::*;
 
 use crate::error::Result;
+use crate::greedy::REQUEST_INVALID;
 use crate::sampling::noise::{self, RequestNoise};
 use crate::sampling::{
-    check_drafted_token, check_request, CheckedRequest, Drafts, Node, RequestParams,
+    check_drafted_token, check_request, row_owner, CheckedRequest, Drafts, Node, RequestParams,
     RowTemperature, Rows, VerifyInputs, VerifyOutputs, VerifyShape,
 };
+use crate::status::{RequestResult, RequestStatus};
 
 /// Verifies a batch of chains or trees ([`crate::sampling`] has the semantics). Every request is checked before
-/// any output is written; on an error the outputs are untouched.
+/// any output is written. With [`VerifyOutputs::request_status`], a request that breaks a rule is flagged alone
+/// (its status, `accepted_counts[b] = -1`, rows of -1), as the CUDA kernels do; without it, the first failing
+/// request's error is returned and the outputs are untouched.
 pub fn rejection_verify(inputs: &VerifyInputs<'_>, outputs: &mut VerifyOutputs<'_>) -> Result<()> {
     let shape = VerifyShape::of(inputs, outputs)?;
-    let results: Vec<Result<RequestResult>> = super::pool::install(|| {
+    let results: Vec<RequestResult<VerifiedRequest>> = super::pool::install(|| {
         (0..shape.num_requests)
             .into_par_iter()
             .map(|b| verify_request(&shape, inputs, b))
             .collect()
     });
-    let results = results.into_iter().collect::<Result<Vec<_>>>()?;
+    if outputs.request_status.is_none() {
+        if let Some(Err(failure)) = results.iter().find(|r| r.is_err()) {
+            return Err(failure.error.clone());
+        }
+    }
+    if let Some(status) = outputs.request_status.as_deref_mut() {
+        for (slot, result) in status.iter_mut().zip(&results) {
+            *slot = result
+                .as_ref()
+                .map_or_else(|failure| failure.status, |_| RequestStatus::Ok)
+                .code();
+        }
+    }
     let w = shape.emit_width;
     for (b, result) in results.iter().enumerate() {
+        let Ok(result) = result else {
+            outputs.accepted_counts[b] = REQUEST_INVALID;
+            outputs.emitted_tokens[b * w..(b + 1) * w].fill(-1);
+            if let Some(nodes) = outputs.accepted_nodes.as_deref_mut() {
+                nodes[b * w..(b + 1) * w].fill(-1);
+            }
+            if let Some(flags) = outputs.accept_flags.as_deref_mut() {
+                flags[b * w..(b + 1) * w].fill(-1);
+            }
+            continue;
+        };
         outputs.accepted_counts[b] = result.path.len() as i32;
         let emitted = &mut outputs.emitted_tokens[b * w..(b + 1) * w];
         emitted.fill(-1);
@@ -45,7 +72,7 @@ pub fn rejection_verify(inputs: &VerifyInputs<'_>, outputs: &mut VerifyOutputs<'
 }
 
 /// One request's outcome.
-struct RequestResult {
+struct VerifiedRequest {
     /// Accepted node indices, root excluded.
     path: Vec<usize>,
     /// The accepted tokens, then the correction or bonus token.
@@ -66,7 +93,7 @@ fn verify_request(
     shape: &VerifyShape,
     inputs: &VerifyInputs<'_>,
     b: usize,
-) -> Result<RequestResult> {
+) -> RequestResult<VerifiedRequest> {
     let CheckedRequest {
         nodes,
         params,
@@ -87,6 +114,28 @@ fn verify_request(
         "temperature"
     };
     let greedy = params.is_some_and(|p| p.temperature == 0.0);
+    // Every row the walk may read is the request's own, by the kernels' rule (row_owner); then its values.
+    let offsets = match inputs.drafts {
+        Drafts::Chain { draft_offsets, .. } => draft_offsets,
+        Drafts::Tree { node_offsets, .. } => node_offsets,
+    };
+    let reads_draft_row = |i: usize| inputs.draft.is_some() && !greedy && !children[i].is_empty();
+    for (i, node) in nodes.iter().enumerate() {
+        let draft_row = node.draft_row.filter(|_| reads_draft_row(i));
+        let rows = [(false, Some(node.target_row)), (true, draft_row)];
+        for (draft, row) in rows {
+            let Some(row) = row else { continue };
+            if row_owner(shape, offsets, draft, row) != Some(b) {
+                let kind = if draft { "draft" } else { "target" };
+                return Err(RequestStatus::Offsets.failure(
+                    format!("{}[{b}]", if shape.tree { "node_offsets" } else { "draft_offsets" }),
+                    format!(
+                        "request {b}'s {kind} row {row} is claimed by another request's offsets (which are broken)"
+                    ),
+                ));
+            }
+        }
+    }
     for (i, node) in nodes.iter().enumerate() {
         inputs.target.check_row(
             "target",
@@ -126,7 +175,7 @@ fn verify_request(
         seed: inputs.seeds[b],
         step: inputs.steps[b],
     };
-    let mut result = RequestResult {
+    let mut result = VerifiedRequest {
         path: Vec::new(),
         emitted: Vec::new(),
         flags: Vec::new(),

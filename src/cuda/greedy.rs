@@ -21,6 +21,8 @@ pub(crate) struct GreedyDevicePtrs {
     pub draft_tokens: sys::CUdeviceptr,
     pub accepted_counts: sys::CUdeviceptr,
     pub emitted_tokens: sys::CUdeviceptr,
+    /// 0 when the caller asked for no statuses.
+    pub request_status: sys::CUdeviceptr,
 }
 
 impl GreedyDevicePtrs {
@@ -44,7 +46,11 @@ impl GreedyDevicePtrs {
             self.emitted_tokens,
             shape.emitted_len(),
             4,
-        )
+        )?;
+        if self.request_status != 0 {
+            check_device_ptr("request_status", self.request_status, shape.num_requests, 4)?;
+        }
+        Ok(())
     }
 }
 
@@ -52,10 +58,10 @@ impl CudaBackend {
     /// Greedy verification on the GPU; see [`crate::greedy`] for layout, semantics and validation, and the
     /// module documentation for an example.
     ///
-    /// Sizes and lengths are checked before anything is launched. The contents of `draft_offsets` and
-    /// `draft_tokens` are checked per request by the kernel, which marks a bad request with
-    /// `accepted_counts[b] = `[`crate::greedy::REQUEST_INVALID`]. The call returns once the work is enqueued
-    /// on `stream`.
+    /// Sizes and lengths are checked before anything is launched. Each request's rules are checked by the
+    /// kernel, which marks a bad request with `accepted_counts[b] = `[`crate::greedy::REQUEST_INVALID`], a
+    /// row of -1 and, when `request_status` (`[B]`) is given, the rule's [`crate::RequestStatus`] code. The
+    /// call returns once the work is enqueued on `stream`.
     #[allow(clippy::too_many_arguments)]
     pub fn greedy_verify<T: LogitsElement>(
         &self,
@@ -67,6 +73,7 @@ impl CudaBackend {
         emit_width: usize,
         accepted_counts: DeviceOut<'_, i32>,
         emitted_tokens: DeviceOut<'_, i32>,
+        request_status: Option<DeviceOut<'_, i32>>,
     ) -> Result<()> {
         self.check_stream(stream)?;
         let shape = GreedyShape::from_lengths(
@@ -82,12 +89,14 @@ impl CudaBackend {
             accepted_counts.len(),
             emitted_tokens.len(),
         )?;
+        shape.check_status_len(request_status.as_ref().map(|s| s.len()))?;
         let ptrs = GreedyDevicePtrs {
             logits: logits.ptr,
             draft_offsets: draft_offsets.ptr,
             draft_tokens: draft_tokens.ptr,
             accepted_counts: accepted_counts.ptr,
             emitted_tokens: emitted_tokens.ptr,
+            request_status: request_status.map_or(0, |s| s.ptr),
         };
         ptrs.check(&shape, T::DTYPE)?;
         self.launch_greedy_verify(stream.cu_stream(), &shape, T::DTYPE, &ptrs)
@@ -154,7 +163,11 @@ impl CudaBackend {
             shape.vocab_size as i64,
             shape.emit_width as i64,
         );
-        let (mut accepted, mut emitted) = (ptrs.accepted_counts, ptrs.emitted_tokens);
+        let (mut accepted, mut emitted, mut status) = (
+            ptrs.accepted_counts,
+            ptrs.emitted_tokens,
+            ptrs.request_status,
+        );
         let mut args = [
             arg(&mut offsets),
             arg(&mut drafts),
@@ -166,6 +179,7 @@ impl CudaBackend {
             arg(&mut width),
             arg(&mut accepted),
             arg(&mut emitted),
+            arg(&mut status),
         ];
         let warps_per_block = (BLOCK_THREADS / 32) as usize;
         let blocks = shape.num_requests.div_ceil(warps_per_block) as u32;

@@ -30,6 +30,7 @@
 //!     3,
 //!     DeviceOut::new(&mut accepted, &stream),
 //!     DeviceOut::new(&mut emitted, &stream),
+//!     None, // request_status
 //! )?;
 //! assert_eq!(stream.clone_dtoh(&accepted).unwrap(), [2]); // all-equal rows: argmax 0 everywhere
 //! # Ok(()) }

@@ -158,6 +158,8 @@ pub struct DeviceVerifyOutputs<'a> {
     pub accepted_nodes: Option<DeviceOut<'a, i32>>,
     /// `[B, emit_width]`, optional.
     pub accept_flags: Option<DeviceOut<'a, i8>>,
+    /// `[B]`, optional: each request's [`crate::RequestStatus`] code.
+    pub request_status: Option<DeviceOut<'a, i32>>,
 }
 
 /// Raw device pointers of one call (0 for an absent optional array), after validation by [`Self::check`].
@@ -180,6 +182,7 @@ pub(crate) struct SamplingDevicePtrs {
     pub emitted: sys::CUdeviceptr,
     pub nodes: sys::CUdeviceptr,
     pub flags: sys::CUdeviceptr,
+    pub status: sys::CUdeviceptr,
 }
 
 impl SamplingDevicePtrs {
@@ -262,7 +265,8 @@ impl SamplingDevicePtrs {
         let out = shape.output_len();
         check_device_ptr("emitted_tokens", self.emitted, out, 4)?;
         optional("accepted_nodes", self.nodes, out, 4)?;
-        optional("accept_flags", self.flags, out, 1)
+        optional("accept_flags", self.flags, out, 1)?;
+        optional("request_status", self.status, b, 4)
     }
 }
 
@@ -291,6 +295,7 @@ struct SamplingArgs {
     emitted: u64,
     nodes: u64,
     flags: u64,
+    status: u64,
     race: u64,
     stats: u64,
     row_flags: u64,
@@ -307,7 +312,7 @@ struct SamplingArgs {
     chunk: i64,
     splits: i64,
 }
-const _: () = assert!(std::mem::size_of::<SamplingArgs>() == 37 * 8);
+const _: () = assert!(std::mem::size_of::<SamplingArgs>() == 38 * 8);
 
 impl CudaBackend {
     /// Rejection-sampling verification on the GPU; see [`crate::sampling`] for layout, semantics and
@@ -393,6 +398,9 @@ impl CudaBackend {
         if let Some(flags) = &outputs.accept_flags {
             check_len("accept_flags", flags.len(), out)?;
         }
+        if let Some(status) = &outputs.request_status {
+            check_len("request_status", status.len(), b)?;
+        }
         let ptrs = SamplingDevicePtrs {
             kind,
             target,
@@ -412,6 +420,7 @@ impl CudaBackend {
             emitted: outputs.emitted_tokens.ptr,
             nodes: outputs.accepted_nodes.as_ref().map_or(0, |n| n.ptr),
             flags: outputs.accept_flags.as_ref().map_or(0, |f| f.ptr),
+            status: outputs.request_status.as_ref().map_or(0, |s| s.ptr),
         };
         ptrs.check(&shape)?;
         self.launch_rejection_verify(stream.cu_stream(), &shape, &ptrs)
@@ -540,6 +549,7 @@ impl CudaBackend {
             emitted: ptrs.emitted,
             nodes: ptrs.nodes,
             flags: ptrs.flags,
+            status: ptrs.status,
             race: part(0),
             stats: part(1),
             row_flags: part(2),
@@ -656,6 +666,7 @@ mod tests {
             emitted: 0x7000,
             nodes: 0,
             flags: 0,
+            status: 0,
         }
     }
 

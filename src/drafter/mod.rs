@@ -352,6 +352,7 @@ struct Accounting {
 ///             emitted_tokens: &mut emitted,
 ///             accepted_nodes: None,
 ///             accept_flags: None,
+///             request_status: None,
 ///         },
 ///     )?;
 ///     // The accepted drafts, then the correction or bonus token.

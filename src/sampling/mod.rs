@@ -88,18 +88,28 @@
 //!
 //! # Validation
 //!
-//! Shapes and the per-request contents (offsets, which must cover the drafts or nodes: `offsets[0] = 0` and
-//! `offsets[B] = num_tokens`; parents, draft ids, sampling parameters, NaN or `+inf` logits, negative or NaN
-//! probabilities) are checked by [`VerifyShape`] and [`check_request`] on the CPU and
-//! through the C ABI, which return [`Error::InvalidArgument`] naming the element. The CUDA kernels apply the
-//! same per-request rules and mark a failing request with `accepted_counts[b] = `[`REQUEST_INVALID`] and rows
-//! of -1, never reading or writing outside the documented arrays.
+//! Shapes are checked by [`VerifyShape`] before anything runs. Each request follows rules of its own, each with
+//! its [`RequestStatus`], reported in this order: offsets, which must cover the drafts or nodes
+//! (`offsets[0] = 0` and `offsets[B] = num_tokens`) and give at most [`MAX_TREE_NODES`] nodes (`Offsets`);
+//! node by node, parents (`Parents`) and draft ids (`DraftToken`); the depth against `emit_width`
+//! (`EmitWidth`); sampling parameters (`SamplingParams`); the rows it reads, NaN or `+inf` logits, negative or
+//! NaN probabilities and the like (`RowValues`, [`check_row_values`]); and drafted tokens of zero draft
+//! probability (`DraftedTokenMass`, [`check_drafted_token`]).
+//!
+//! With `request_status` ([`VerifyOutputs::request_status`]), a request that breaks a rule is flagged alone,
+//! alike on the CPU and CUDA: its status code, `accepted_counts[b] = `[`REQUEST_INVALID`] and rows of -1; the
+//! others are verified. Without it, the CPU backend (and the C ABI on a CPU context) returns the first failing
+//! request's [`Error::InvalidArgument`] naming the element and writes nothing, while the CUDA kernels still
+//! mark the request with [`REQUEST_INVALID`] and -1. Neither ever reads or writes outside the documented
+//! arrays. At temperature 0 the rules and outputs are those of greedy verification ([`crate::greedy`]),
+//! bad rows included.
 
 pub mod noise;
 
 use half::{bf16, f16};
 
 use crate::error::{check_batch_sizes, check_len, check_packed_offsets, Error, Result};
+use crate::status::{RequestResult, RequestStatus};
 use crate::LogitsElement;
 
 pub use crate::greedy::REQUEST_INVALID;
@@ -206,7 +216,7 @@ impl Rows<'_> {
         vocab_size: usize,
         logits: Option<RowTemperature<'_>>,
         needs_mass: bool,
-    ) -> Result<()> {
+    ) -> RequestResult<()> {
         let range = row * vocab_size..(row + 1) * vocab_size;
         match self {
             Rows::LogitsF32(r) | Rows::Probs(r) => {
@@ -290,6 +300,49 @@ pub fn chain_draft_row(draft_offsets: &[i32], b: usize, j: usize) -> usize {
     draft_offsets[b] as usize + j
 }
 
+/// The request a row belongs to, as the CUDA kernels find it (`RowOwner` in `cuda/rejection_sampling.cu`): a
+/// binary search for the last request whose rows start at or before the row, accepted only if that request's
+/// offsets are valid and the row lies in its range. With valid offsets everywhere this is the row's true request;
+/// when another request's offsets are broken, the search may land on that one instead, and the request whose
+/// row it is gets [`RequestStatus::Offsets`], on every backend. `draft` says whether `row` indexes the draft
+/// rows; `offsets` are the draft or node offsets.
+pub fn row_owner(shape: &VerifyShape, offsets: &[i32], draft: bool, row: usize) -> Option<usize> {
+    if shape.num_requests == 0 {
+        return None;
+    }
+    let tree = shape.tree;
+    let start = |b: usize| {
+        let first = i64::from(offsets[b]);
+        if draft || tree {
+            first
+        } else {
+            first + b as i64
+        }
+    };
+    let row = row as i64;
+    let (mut lo, mut hi) = (0, shape.num_requests - 1);
+    while lo < hi {
+        let mid = lo + (hi - lo).div_ceil(2);
+        if start(mid) <= row {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    let name = if tree {
+        "node_offsets"
+    } else {
+        "draft_offsets"
+    };
+    let (first, last) = check_packed_offsets(name, offsets, lo, shape.num_tokens).ok()?;
+    let nodes = last - first + usize::from(!tree);
+    if nodes == 0 || nodes > MAX_TREE_NODES {
+        return None;
+    }
+    let count = if draft { last - first } else { nodes } as i64;
+    (row >= start(lo) && row < start(lo) + count).then_some(lo)
+}
+
 /// Everything a verification call reads.
 #[derive(Debug, Clone, Copy)]
 pub struct VerifyInputs<'a> {
@@ -326,6 +379,9 @@ pub struct VerifyOutputs<'a> {
     pub accepted_nodes: Option<&'a mut [i32]>,
     /// `[B, emit_width]`, optional.
     pub accept_flags: Option<&'a mut [i8]>,
+    /// `[B]`, optional: each request's [`RequestStatus`] code. When given, a request that breaks a rule is
+    /// flagged alone on every backend (see [`crate::status`]).
+    pub request_status: Option<&'a mut [i32]>,
 }
 
 /// The validated sizes of a verification call; constructing one is the only way into a backend.
@@ -503,6 +559,9 @@ impl VerifyShape {
         if let Some(flags) = &outputs.accept_flags {
             check_len("accept_flags", flags.len(), self.output_len())?;
         }
+        if let Some(status) = &outputs.request_status {
+            check_len("request_status", status.len(), self.num_requests)?;
+        }
         Ok(())
     }
 }
@@ -538,17 +597,19 @@ pub fn check_request(
     shape: &VerifyShape,
     inputs: &VerifyInputs<'_>,
     b: usize,
-) -> Result<CheckedRequest> {
+) -> RequestResult<CheckedRequest> {
+    let offsets = |error| RequestStatus::Offsets.with(error);
     let nodes = match inputs.drafts {
         Drafts::Chain {
             draft_offsets,
             draft_tokens,
         } => {
             let (first, last) =
-                check_packed_offsets("draft_offsets", draft_offsets, b, shape.num_tokens)?;
+                check_packed_offsets("draft_offsets", draft_offsets, b, shape.num_tokens)
+                    .map_err(offsets)?;
             let k = last - first;
             if k + 1 > MAX_TREE_NODES {
-                return Err(Error::invalid(
+                return Err(RequestStatus::Offsets.failure(
                     format!("draft_offsets[{}]", b + 1),
                     format!(
                         "gives request {b} {k} drafts; at most {} are supported",
@@ -584,10 +645,11 @@ pub fn check_request(
             parents,
         } => {
             let (first, last) =
-                check_packed_offsets("node_offsets", node_offsets, b, shape.num_tokens)?;
+                check_packed_offsets("node_offsets", node_offsets, b, shape.num_tokens)
+                    .map_err(offsets)?;
             let t = last - first;
             if t == 0 || t > MAX_TREE_NODES {
-                return Err(Error::invalid(
+                return Err(RequestStatus::Offsets.failure(
                     format!("node_offsets[{}]", b + 1),
                     format!("gives request {b} {t} nodes; a tree has 1..={MAX_TREE_NODES} (its root included)"),
                 ));
@@ -597,7 +659,7 @@ pub fn check_request(
                 let g = first + i;
                 let parent = parents[g];
                 crate::tree::parent_rule(i, parent).map_err(|rule| {
-                    Error::invalid(
+                    RequestStatus::Parents.failure(
                         format!("parents[{g}]"),
                         format!("is {parent}; node {i} of request {b}: {rule}"),
                     )
@@ -622,7 +684,7 @@ pub fn check_request(
     }
     let max_depth = depth.iter().copied().max().unwrap_or(0);
     if max_depth + 1 > shape.emit_width {
-        return Err(Error::invalid(
+        return Err(RequestStatus::EmitWidth.failure(
             "emit_width",
             format!(
                 "is {}, but request {b} has a path of {max_depth} drafts and emits up to {}",
@@ -642,7 +704,7 @@ pub fn check_request(
         Some(p) => {
             let checked = check_params(shape, p, b, "draft_")?;
             if checked.temperature == 0.0 {
-                return Err(Error::invalid(
+                return Err(RequestStatus::SamplingParams.failure(
                     format!("draft_temperature[{b}]"),
                     "is 0; a greedy drafter's drafts are point masses: pass no draft rows",
                 ));
@@ -668,11 +730,11 @@ pub fn check_drafted_token(
     token: i32,
     q: f32,
     draft_row: usize,
-) -> Result<()> {
+) -> RequestResult<()> {
     if q > 0.0 {
         return Ok(());
     }
-    Err(Error::invalid(
+    Err(RequestStatus::DraftedTokenMass.failure(
         format!("{name}[{index}]"),
         format!(
             "is {token}, which has probability {q} under draft row {draft_row} (after the draft's temperature, \
@@ -681,9 +743,9 @@ pub fn check_drafted_token(
     ))
 }
 
-fn check_token(shape: &VerifyShape, name: &str, index: usize, token: i32) -> Result<()> {
+fn check_token(shape: &VerifyShape, name: &str, index: usize, token: i32) -> RequestResult<()> {
     if token < 0 || token as usize >= shape.vocab_size {
-        return Err(Error::invalid(
+        return Err(RequestStatus::DraftToken.failure(
             format!("{name}[{index}]"),
             format!(
                 "is {token}, outside the vocabulary 0..{} (padding with -1 is not a draft)",
@@ -700,10 +762,10 @@ fn check_params(
     p: &SamplingParams<'_>,
     b: usize,
     prefix: &str,
-) -> Result<RequestParams> {
+) -> RequestResult<RequestParams> {
     let temperature = p.temperature[b];
     if !(temperature.is_finite() && temperature >= 0.0) {
-        return Err(Error::invalid(
+        return Err(RequestStatus::SamplingParams.failure(
             format!("{prefix}temperature[{b}]"),
             format!("is {temperature}, must be finite and >= 0 (0 is greedy)"),
         ));
@@ -712,7 +774,7 @@ fn check_params(
         None | Some(-1) => None,
         Some(k) if k >= 1 && k as usize <= shape.vocab_size => Some(k as usize),
         Some(k) => {
-            return Err(Error::invalid(
+            return Err(RequestStatus::SamplingParams.failure(
                 format!("{prefix}top_k[{b}]"),
                 format!("is {k}, must be -1 (off) or in 1..={}", shape.vocab_size),
             ))
@@ -720,7 +782,7 @@ fn check_params(
     };
     let top_p = p.top_p.map_or(1.0, |t| t[b]);
     if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(Error::invalid(
+        return Err(RequestStatus::SamplingParams.failure(
             format!("{prefix}top_p[{b}]"),
             format!("is {top_p}, must be in (0, 1] (1 is off)"),
         ));
@@ -759,12 +821,10 @@ pub fn check_row_values<T: LogitsElement>(
     row: usize,
     logits: Option<RowTemperature<'_>>,
     needs_mass: bool,
-) -> Result<()> {
+) -> RequestResult<()> {
     let bad = |i: usize, x: f32, why: &str| {
-        Err(Error::invalid(
-            format!("{name}[{row}, {i}]"),
-            format!("is {x}: {why}"),
-        ))
+        Err(RequestStatus::RowValues
+            .failure(format!("{name}[{row}, {i}]"), format!("is {x}: {why}")))
     };
     let mut has_mass = false;
     match logits {
@@ -778,7 +838,7 @@ pub fn check_row_values<T: LogitsElement>(
                     return bad(i, x, "logits may not be NaN or +inf");
                 }
                 if temperature > 0.0 && x.is_finite() && (x / temperature).is_infinite() {
-                    return Err(Error::invalid(
+                    return Err(RequestStatus::RowValues.failure(
                         format!("{temperature_name}[{b}]"),
                         format!(
                             "is {temperature}: {name}[{row}, {i}] = {x} divided by it overflows f32"
@@ -788,10 +848,8 @@ pub fn check_row_values<T: LogitsElement>(
                 has_mass |= x > f32::NEG_INFINITY;
             }
             if needs_mass && !has_mass {
-                return Err(Error::invalid(
-                    format!("{name}[{row}]"),
-                    "has no finite logit",
-                ));
+                return Err(RequestStatus::RowValues
+                    .failure(format!("{name}[{row}]"), "has no finite logit"));
             }
         }
         None => {
@@ -802,14 +860,12 @@ pub fn check_row_values<T: LogitsElement>(
                 has_mass |= x > 0.0;
             }
             if needs_mass && !has_mass {
-                return Err(Error::invalid(
-                    format!("{name}[{row}]"),
-                    "has no probability mass",
-                ));
+                return Err(RequestStatus::RowValues
+                    .failure(format!("{name}[{row}]"), "has no probability mass"));
             }
             let sum: f64 = values.iter().map(|x| f64::from(x.to_f32())).sum();
             if needs_mass && (sum - 1.0).abs() > PROBABILITY_SUM_TOLERANCE {
-                return Err(Error::invalid(
+                return Err(RequestStatus::RowValues.failure(
                     format!("{name}[{row}]"),
                     format!(
                         "sums to {sum}; a probability row must sum to 1 (within {PROBABILITY_SUM_TOLERANCE})"

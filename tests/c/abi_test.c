@@ -74,7 +74,13 @@ static const float kLogits[4][4] = {{0, 1, 9, 0}, {0, 1, 2, 9}, {9, 0, 0, 0}, {0
 static const int32_t kOffsets[3] = {0, 2, 2};
 static const int32_t kDrafts[2] = {2, 1};
 
+static void check_greedy_result_of_request_0(const int32_t accepted[2], const int32_t emitted[6]) {
+  CHECK(accepted[0] == 1);
+  CHECK(emitted[0] == 2 && emitted[1] == 3 && emitted[2] == -1);
+}
+
 static void check_greedy_result(const int32_t accepted[2], const int32_t emitted[6]) {
+  check_greedy_result_of_request_0(accepted, emitted);
   CHECK(accepted[0] == 1);
   CHECK(accepted[1] == 0);
   CHECK(emitted[0] == 2 && emitted[1] == 3 && emitted[2] == -1);
@@ -98,8 +104,8 @@ static void test_greedy_every_dtype(specdec_context* ctx) {
     for (d = 0; d < 3; ++d) {
       int32_t accepted[2] = {77, 77};
       int32_t emitted[6] = {77, 77, 77, 77, 77, 77};
-      specdec_status s =
-          specdec_greedy_verify(ctx, inputs[d], dtypes[d], 4, kOffsets, 2, kDrafts, 2, 3, accepted, emitted, NULL);
+      specdec_status s = specdec_greedy_verify(ctx, inputs[d], dtypes[d], 4, kOffsets, 2, kDrafts, 2, 3, accepted,
+                                               emitted, NULL, NULL);
       CHECK(s == SPECDEC_OK);
       CHECK(strcmp(specdec_last_error(), "") == 0);
       check_greedy_result(accepted, emitted);
@@ -115,51 +121,87 @@ static void test_greedy_bad_arguments(specdec_context* ctx) {
   int32_t minus_one_drafts[2] = {-1, 1};
   const char* bytes = (const char*)l;
 
-  EXPECT_INVALID(specdec_greedy_verify(NULL, l, 0, 4, kOffsets, 2, kDrafts, 2, 3, accepted, emitted, NULL), "ctx");
-  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 7, 4, kOffsets, 2, kDrafts, 2, 3, accepted, emitted, NULL),
+  EXPECT_INVALID(specdec_greedy_verify(NULL, l, 0, 4, kOffsets, 2, kDrafts, 2, 3, accepted, emitted, NULL, NULL),
+                 "ctx");
+  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 7, 4, kOffsets, 2, kDrafts, 2, 3, accepted, emitted, NULL, NULL),
                  "logits_dtype");
-  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, 0, kOffsets, 2, kDrafts, 2, 3, accepted, emitted, NULL),
+  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, 0, kOffsets, 2, kDrafts, 2, 3, accepted, emitted, NULL, NULL),
                  "vocab_size");
-  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, -4, kOffsets, 2, kDrafts, 2, 3, accepted, emitted, NULL),
+  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, -4, kOffsets, 2, kDrafts, 2, 3, accepted, emitted, NULL, NULL),
                  "vocab_size");
-  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, 4, kOffsets, -2, kDrafts, 2, 3, accepted, emitted, NULL),
+  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, 4, kOffsets, -2, kDrafts, 2, 3, accepted, emitted, NULL, NULL),
                  "num_requests");
-  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, 4, kOffsets, 2, kDrafts, -1, 3, accepted, emitted, NULL),
+  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, 4, kOffsets, 2, kDrafts, -1, 3, accepted, emitted, NULL, NULL),
                  "num_draft_tokens");
-  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, 4, kOffsets, 2, kDrafts, 2, 0, accepted, emitted, NULL),
+  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, 4, kOffsets, 2, kDrafts, 2, 0, accepted, emitted, NULL, NULL),
                  "emit_width");
-  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, INT64_MAX, kOffsets, 2, kDrafts, 2, 3, accepted, emitted, NULL),
+  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, INT64_MAX, kOffsets, 2, kDrafts, 2, 3, accepted, emitted, NULL, NULL),
                  "vocab_size");
   /* Sizes whose products overflow: rejected before any pointer is used. */
   EXPECT_INVALID(
-      specdec_greedy_verify(ctx, l, 0, INT32_MAX, kOffsets, 2, kDrafts, INT32_MAX, 3, accepted, emitted, NULL),
+      specdec_greedy_verify(ctx, l, 0, INT32_MAX, kOffsets, 2, kDrafts, INT32_MAX, 3, accepted, emitted, NULL, NULL),
       "logits");
-  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, 4, kOffsets, 2, kDrafts, 2, INT64_MAX / 2, accepted, emitted, NULL),
-                 "emit_width");
-  EXPECT_INVALID(specdec_greedy_verify(ctx, NULL, 0, 4, kOffsets, 2, kDrafts, 2, 3, accepted, emitted, NULL), "logits");
-  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, 4, NULL, 2, kDrafts, 2, 3, accepted, emitted, NULL), "draft_offsets");
-  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, 4, kOffsets, 2, NULL, 2, 3, accepted, emitted, NULL), "draft_tokens");
-  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, 4, kOffsets, 2, kDrafts, 2, 3, NULL, emitted, NULL),
+  EXPECT_INVALID(
+      specdec_greedy_verify(ctx, l, 0, 4, kOffsets, 2, kDrafts, 2, INT64_MAX / 2, accepted, emitted, NULL, NULL),
+      "emit_width");
+  EXPECT_INVALID(specdec_greedy_verify(ctx, NULL, 0, 4, kOffsets, 2, kDrafts, 2, 3, accepted, emitted, NULL, NULL),
+                 "logits");
+  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, 4, NULL, 2, kDrafts, 2, 3, accepted, emitted, NULL, NULL),
+                 "draft_offsets");
+  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, 4, kOffsets, 2, NULL, 2, 3, accepted, emitted, NULL, NULL),
+                 "draft_tokens");
+  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, 4, kOffsets, 2, kDrafts, 2, 3, NULL, emitted, NULL, NULL),
                  "accepted_counts");
-  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, 4, kOffsets, 2, kDrafts, 2, 3, accepted, NULL, NULL),
+  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, 4, kOffsets, 2, kDrafts, 2, 3, accepted, NULL, NULL, NULL),
                  "emitted_tokens");
-  EXPECT_INVALID(specdec_greedy_verify(ctx, bytes + 2, 0, 4, kOffsets, 2, kDrafts, 2, 3, accepted, emitted, NULL),
+  EXPECT_INVALID(specdec_greedy_verify(ctx, bytes + 2, 0, 4, kOffsets, 2, kDrafts, 2, 3, accepted, emitted, NULL, NULL),
                  "aligned");
   /* Contents: offsets decreasing, a draft id outside the vocabulary, a -1 padded draft, too narrow an output. */
-  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, 4, bad_offsets, 2, kDrafts, 2, 3, accepted, emitted, NULL),
+  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, 4, bad_offsets, 2, kDrafts, 2, 3, accepted, emitted, NULL, NULL),
                  "draft_offsets[1]");
-  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, 4, kOffsets, 2, bad_drafts, 2, 3, accepted, emitted, NULL),
+  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, 4, kOffsets, 2, bad_drafts, 2, 3, accepted, emitted, NULL, NULL),
                  "draft_tokens[1]");
-  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, 4, kOffsets, 2, minus_one_drafts, 2, 3, accepted, emitted, NULL),
-                 "draft_tokens[0]");
-  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, 4, kOffsets, 2, kDrafts, 2, 2, accepted, emitted, NULL),
+  EXPECT_INVALID(
+      specdec_greedy_verify(ctx, l, 0, 4, kOffsets, 2, minus_one_drafts, 2, 3, accepted, emitted, NULL, NULL),
+      "draft_tokens[0]");
+  EXPECT_INVALID(specdec_greedy_verify(ctx, l, 0, 4, kOffsets, 2, kDrafts, 2, 2, accepted, emitted, NULL, NULL),
                  "emit_width");
+}
+
+/*
+ * With request_status a bad request is flagged alone and the call succeeds: request 0 drafted 4 (outside V = 4),
+ * request 1 is as in check_greedy_result. Then request 1's bonus row holds a NaN: ROW_VALUES.
+ */
+static void test_greedy_request_status(specdec_context* ctx) {
+  int32_t accepted[2] = {77, 77}, emitted[6] = {77, 77, 77, 77, 77, 77}, status[2] = {77, 77};
+  int32_t bad_drafts[2] = {4, 1};
+  float logits[16];
+  int i;
+  CHECK(specdec_greedy_verify(ctx, kLogits, SPECDEC_DTYPE_F32, 4, kOffsets, 2, bad_drafts, 2, 3, accepted, emitted,
+                              status, NULL) == SPECDEC_OK);
+  CHECK(status[0] == SPECDEC_REQUEST_DRAFT_TOKEN && status[1] == SPECDEC_REQUEST_OK);
+  CHECK(accepted[0] == -1 && emitted[0] == -1 && emitted[1] == -1 && emitted[2] == -1);
+  CHECK(accepted[1] == 0 && emitted[3] == 1 && emitted[4] == -1);
+  CHECK(strcmp(specdec_request_status_string(status[0]), "") != 0);
+  CHECK(strcmp(specdec_request_status_string(SPECDEC_REQUEST_ROW_VALUES),
+               specdec_request_status_string(SPECDEC_REQUEST_DRAFT_TOKEN)) != 0);
+  for (i = 0; i < 16; ++i) logits[i] = kLogits[i / 4][i % 4];
+  logits[15] = NAN;
+  CHECK(specdec_greedy_verify(ctx, logits, SPECDEC_DTYPE_F32, 4, kOffsets, 2, kDrafts, 2, 3, accepted, emitted, status,
+                              NULL) == SPECDEC_OK);
+  CHECK(status[0] == SPECDEC_REQUEST_OK && status[1] == SPECDEC_REQUEST_ROW_VALUES);
+  CHECK(accepted[1] == -1);
+  check_greedy_result_of_request_0(accepted, emitted);
+  /* Without request_status the same call fails naming the row. */
+  EXPECT_INVALID(specdec_greedy_verify(ctx, logits, SPECDEC_DTYPE_F32, 4, kOffsets, 2, kDrafts, 2, 3, accepted, emitted,
+                                       NULL, NULL),
+                 "logits[3");
 }
 
 static void test_empty_batch(specdec_context* ctx) {
   int32_t offsets[1] = {0};
   /* No requests: every array but the offsets is empty, so null pointers are fine. */
-  CHECK(specdec_greedy_verify(ctx, NULL, SPECDEC_DTYPE_BF16, 8, offsets, 0, NULL, 0, 1, NULL, NULL, NULL) ==
+  CHECK(specdec_greedy_verify(ctx, NULL, SPECDEC_DTYPE_BF16, 8, offsets, 0, NULL, 0, 1, NULL, NULL, NULL, NULL) ==
         SPECDEC_OK);
 }
 
@@ -446,7 +488,7 @@ static void test_rejection_chain_and_tree(specdec_context* ctx) {
   int32_t accepted[2], emitted[6], nodes[6];
   int8_t flags[6];
   specdec_sampling sampling = {NULL, NULL, NULL, seeds, steps, NULL, NULL, NULL};
-  specdec_verify_outputs out = {accepted, emitted, nodes, flags};
+  specdec_verify_outputs out = {accepted, emitted, nodes, flags, NULL};
   probs[0 * 4 + 2] = 1;
   probs[1 * 4 + 1] = 1;
   probs[2 * 4 + 3] = 1;
@@ -878,7 +920,7 @@ static void test_device_greedy(specdec_context* gpu, void* stream) {
     void* logits = to_device(inputs[d], sizes[d]);
     void *accepted_d = poisoned(sizeof accepted), *emitted_d = poisoned(sizeof emitted);
     CHECK(specdec_greedy_verify(gpu, logits, dtypes[d], 4, (const int32_t*)offsets, 2, (const int32_t*)drafts, 2, 3,
-                                (int32_t*)accepted_d, (int32_t*)emitted_d, stream) == SPECDEC_OK);
+                                (int32_t*)accepted_d, (int32_t*)emitted_d, NULL, stream) == SPECDEC_OK);
     CHECK(cu.stream_sync(stream) == 0);
     to_host(accepted, accepted_d, sizeof accepted);
     to_host(emitted, emitted_d, sizeof emitted);
@@ -886,7 +928,7 @@ static void test_device_greedy(specdec_context* gpu, void* stream) {
     /* A logits pointer that is not aligned for its dtype is named, on the device as on the host. */
     EXPECT_INVALID(
         specdec_greedy_verify(gpu, (const char*)logits + 1, dtypes[d], 4, (const int32_t*)offsets, 2,
-                              (const int32_t*)drafts, 2, 3, (int32_t*)accepted_d, (int32_t*)emitted_d, stream),
+                              (const int32_t*)drafts, 2, 3, (int32_t*)accepted_d, (int32_t*)emitted_d, NULL, stream),
         "logits");
     release(logits);
     release(accepted_d);
@@ -909,7 +951,7 @@ static void test_device_rejection(specdec_context* gpu, void* stream) {
   void *nodes_d = poisoned(sizeof nodes), *flags_d = poisoned(sizeof flags);
   void *probs_d, *draft_probs_d;
   specdec_sampling sampling = {NULL, NULL, NULL, (const uint64_t*)seeds_d, (const uint64_t*)steps_d, NULL, NULL, NULL};
-  specdec_verify_outputs out = {(int32_t*)accepted_d, (int32_t*)emitted_d, (int32_t*)nodes_d, (int8_t*)flags_d};
+  specdec_verify_outputs out = {(int32_t*)accepted_d, (int32_t*)emitted_d, (int32_t*)nodes_d, (int8_t*)flags_d, NULL};
   probs[0 * 4 + 2] = 1;
   probs[1 * 4 + 1] = 1;
   probs[2 * 4 + 3] = 1;
@@ -1166,6 +1208,7 @@ int main(void) {
 
   test_greedy_every_dtype(ctx);
   test_greedy_bad_arguments(ctx);
+  test_greedy_request_status(ctx);
   test_empty_batch(ctx);
   test_drafter();
   test_handles();

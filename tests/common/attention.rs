@@ -58,6 +58,9 @@ pub struct Spec {
     pub rope: Option<RopeStyle>,
 }
 
+/// (out, lse, k_cache, v_cache, request_status) of a CPU run.
+pub type CpuFlagged<T> = (Vec<T>, Vec<f32>, Vec<T>, Vec<T>, Vec<i32>);
+
 /// A problem with the cache and inputs filled with random values in [-1, 1) (keys scaled so that scores
 /// spread over several units), pages shuffled in the table, spare pages and spare table entries of -1.
 #[derive(Clone)]
@@ -216,10 +219,22 @@ impl<T: HalfElement> Problem<T> {
 
     /// The CPU backend's results on this problem: (out, lse, k_cache, v_cache).
     pub fn run_cpu(&self) -> (Vec<T>, Vec<f32>, Vec<T>, Vec<T>) {
+        let (out, lse, k_cache, v_cache, _) = self.run_cpu_with(false).unwrap();
+        (out, lse, k_cache, v_cache)
+    }
+
+    /// The CPU backend with `request_status` (bad requests flagged alone): (out, lse, k_cache, v_cache,
+    /// request_status); `out` and `lse` start as NaN, the status as -9.
+    pub fn run_cpu_flagged(&self) -> specdec::Result<CpuFlagged<T>> {
+        self.run_cpu_with(true)
+    }
+
+    fn run_cpu_with(&self, with_status: bool) -> specdec::Result<CpuFlagged<T>> {
         let mut k_cache = self.k_cache.clone();
         let mut v_cache = self.v_cache.clone();
         let mut out = vec![T::NAN; self.shape.q_len()];
         let mut lse = vec![f32::NAN; self.shape.lse_len()];
+        let mut status = vec![-9; self.shape.num_requests];
         specdec::cpu::tree_attention(
             &self.shape,
             &self.q,
@@ -232,9 +247,9 @@ impl<T: HalfElement> Problem<T> {
             &mut v_cache,
             &mut out,
             Some(&mut lse),
-        )
-        .unwrap();
-        (out, lse, k_cache, v_cache)
+            with_status.then_some(&mut status[..]),
+        )?;
+        Ok((out, lse, k_cache, v_cache, status))
     }
 
     /// Naive attention in f64 of every node and q head: keys are the prefix read slot by slot from the

@@ -89,11 +89,12 @@ pub struct GreedyCase<T> {
     pub emit_width: usize,
 }
 
-/// The outputs of greedy verification.
+/// The outputs of greedy verification, `request_status` included.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GreedyOutput {
     pub accepted: Vec<i32>,
     pub emitted: Vec<i32>,
+    pub status: Vec<i32>,
 }
 
 /// A value none of the kernels writes: outputs are filled with it before each run, so an element the kernel
@@ -105,6 +106,7 @@ impl GreedyOutput {
         GreedyOutput {
             accepted: vec![POISON; num_requests],
             emitted: vec![POISON; num_requests * emit_width],
+            status: vec![POISON; num_requests],
         }
     }
 }
@@ -175,6 +177,7 @@ impl<T: TestElement> GreedyCase<T> {
         let mut out = GreedyOutput {
             accepted: vec![0; self.num_requests()],
             emitted: vec![-1; self.num_requests() * self.emit_width],
+            status: vec![0; self.num_requests()],
         };
         for b in 0..self.num_requests() {
             let first = self.draft_offsets[b] as usize;
@@ -192,6 +195,7 @@ impl<T: TestElement> GreedyCase<T> {
         out
     }
 
+    /// The CPU backend's outputs with `request_status`: bad requests flagged alone.
     pub fn run_cpu(&self) -> specdec::Result<GreedyOutput> {
         let mut out = GreedyOutput::poisoned(self.num_requests(), self.emit_width);
         specdec::cpu::greedy_verify(
@@ -202,7 +206,25 @@ impl<T: TestElement> GreedyCase<T> {
             self.emit_width,
             &mut out.accepted,
             &mut out.emitted,
+            Some(&mut out.status),
         )?;
+        Ok(out)
+    }
+
+    /// The CPU backend without `request_status`: the first bad request fails the call.
+    pub fn run_cpu_strict(&self) -> specdec::Result<GreedyOutput> {
+        let mut out = GreedyOutput::poisoned(self.num_requests(), self.emit_width);
+        specdec::cpu::greedy_verify(
+            &self.logits,
+            self.vocab_size,
+            &self.draft_offsets,
+            &self.draft_tokens,
+            self.emit_width,
+            &mut out.accepted,
+            &mut out.emitted,
+            None,
+        )?;
+        out.status.fill(0);
         Ok(out)
     }
 }

@@ -497,6 +497,7 @@ pub fn run(s: &Scenario, verify: Verify) -> Vec<Outcome> {
             emitted_tokens: &mut emitted,
             accepted_nodes: Some(&mut nodes),
             accept_flags: Some(&mut flags),
+            request_status: None,
         };
         verify(&inputs, &mut outputs).unwrap_or_else(|e| panic!("{}: {e}", s.name));
         for (i, t) in chunk.iter().enumerate() {
@@ -862,6 +863,7 @@ pub fn disjoint_supports_reject_every_draft(verify: Verify) {
         emitted_tokens: &mut emitted,
         accepted_nodes: None,
         accept_flags: None,
+        request_status: None,
     };
     verify(&inputs, &mut outputs).unwrap();
     for i in 0..b {
@@ -1049,6 +1051,7 @@ pub fn one_chain_probs(
         emitted_tokens: &mut emitted,
         accepted_nodes: None,
         accept_flags: None,
+        request_status: None,
     };
     verify(&inputs, &mut outputs).unwrap();
     (accepted[0], emitted[0])
@@ -1104,6 +1107,7 @@ pub fn padded_drafts_are_rejected_not_verified(verify: Verify) {
         emitted_tokens: &mut emitted,
         accepted_nodes: None,
         accept_flags: None,
+        request_status: None,
     };
     let err = verify(&inputs, &mut outputs).unwrap_err();
     assert!(
@@ -1213,6 +1217,7 @@ pub fn a_drafter_sampling_its_unfiltered_softmax_keeps_the_target_distribution(v
                 emitted_tokens: &mut emitted,
                 accepted_nodes: None,
                 accept_flags: None,
+                request_status: None,
             },
         )
         .expect("valid inputs");
@@ -1237,4 +1242,85 @@ pub fn a_drafter_sampling_its_unfiltered_softmax_keeps_the_target_distribution(v
             fit.p_value
         );
     }
+}
+
+/// Temperature 0 is greedy verification (README: "temperature 0 is greedy verification"), exactly, bad requests
+/// included (issue 17 item 3): random chains with tie-prone logits (small integers), some rows holding a NaN, a
+/// +inf, a -inf or no finite logit at all, and some drafts outside the vocabulary or -1, verified by `verify` at
+/// temperature 0 with `request_status` give the accepted counts, emitted tokens and statuses of the CPU's greedy
+/// verification with `request_status`. Several seeds are drawn from `rng`, so every kind of defect occurs.
+pub fn temperature_zero_is_greedy_with_bad_rows(verify: Verify, rng: &mut StdRng) {
+    let (mut flagged, mut processed, mut accepted_drafts) = (0, 0, 0);
+    for round in 0..8 {
+        let (b, v, k) = (48, [1, 5, 37, 300][round % 4], 6);
+        let mut case = super::GreedyCase::<f32>::random(rng, b, v, k, 0.7, true);
+        let rows = case.logits.len() / v;
+        for row in 0..rows {
+            let x = &mut case.logits[row * v..(row + 1) * v];
+            match rng.random_range(0..40) {
+                0 => x[rng.random_range(0..v)] = f32::NAN,
+                1 => x[rng.random_range(0..v)] = f32::INFINITY,
+                2 => x.fill(f32::NEG_INFINITY),
+                3..=5 => x[rng.random_range(0..v)] = f32::NEG_INFINITY,
+                _ => {}
+            }
+        }
+        for token in case.draft_tokens.iter_mut() {
+            match rng.random_range(0..60) {
+                0 => *token = v as i32,
+                1 => *token = -1,
+                _ => {}
+            }
+        }
+        let greedy = case
+            .run_cpu()
+            .expect("greedy verification with request_status");
+        let mut out = super::GreedyOutput::poisoned(b, case.emit_width);
+        let temperature = vec![0.0f32; b];
+        let (seeds, steps) = (vec![7u64; b], vec![round as u64; b]);
+        verify(
+            &VerifyInputs {
+                vocab_size: v,
+                drafts: Drafts::Chain {
+                    draft_offsets: &case.draft_offsets,
+                    draft_tokens: &case.draft_tokens,
+                },
+                target: Rows::LogitsF32(&case.logits),
+                draft: None,
+                params: Some(SamplingParams {
+                    temperature: &temperature,
+                    top_k: None,
+                    top_p: None,
+                }),
+                draft_params: None,
+                seeds: &seeds,
+                steps: &steps,
+            },
+            &mut VerifyOutputs {
+                emit_width: case.emit_width,
+                accepted_counts: &mut out.accepted,
+                emitted_tokens: &mut out.emitted,
+                accepted_nodes: None,
+                accept_flags: None,
+                request_status: Some(&mut out.status),
+            },
+        )
+        .expect("the sampler with request_status");
+        for r in 0..b {
+            let row = r * case.emit_width..(r + 1) * case.emit_width;
+            assert_eq!(
+                (out.status[r], out.accepted[r], &out.emitted[row.clone()]),
+                (greedy.status[r], greedy.accepted[r], &greedy.emitted[row]),
+                "round {round} (V = {v}), request {r}: (status, accepted, emitted) of the sampler at \
+                 temperature 0, then of greedy verification"
+            );
+        }
+        flagged += greedy.status.iter().filter(|&&s| s != 0).count();
+        processed += greedy.status.iter().filter(|&&s| s == 0).count();
+        accepted_drafts += greedy.accepted.iter().filter(|&&a| a > 0).count();
+    }
+    eprintln!(
+        "{flagged} requests flagged, {processed} processed ({accepted_drafts} accepted drafts)"
+    );
+    assert!(flagged >= 20 && processed >= 100 && accepted_drafts >= 20);
 }
