@@ -1,4 +1,4 @@
-//! include/specdec.h is generated from src/capi.rs by cbindgen; this test fails when the committed header
+//! include/specdec.h is generated from src/capi/ by cbindgen; this test fails when the committed header
 //! differs from a fresh generation. `SPECDEC_UPDATE_HEADER=1 cargo test --test header` rewrites it.
 
 use std::path::Path;
@@ -10,7 +10,7 @@ fn generate() -> String {
     let mut out = Vec::new();
     cbindgen::Builder::new()
         .with_config(config)
-        .with_src(root.join("src/capi.rs"))
+        .with_src(root.join("src/capi/mod.rs"))
         .generate()
         .expect("cbindgen generates the header")
         .write(&mut out);

@@ -56,8 +56,8 @@ int main(void) {
     specdec_verify_outputs outputs = {&accepted, emitted, nodes, NULL, NULL};
 
     /* 1. Propose a tree (kind 1) and put it under the context's last token. */
-    check(specdec_drafter_propose(drafter, 1, 1, SPECDEC_MAX_DRAFTS, draft_tokens, draft_parents, draft_probs,
-                                  &num_drafts, &match_len),
+    check(specdec_drafter_propose(drafter, 1, SPECDEC_DRAFT_TREE, SPECDEC_MAX_DRAFTS, draft_tokens, draft_parents,
+                                  draft_probs, &num_drafts, &match_len),
           "specdec_drafter_propose");
     check(specdec_draft_to_verify_tree(context[length - 1], draft_tokens, draft_parents, num_drafts, tokens, parents,
                                        &width),

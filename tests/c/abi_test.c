@@ -232,41 +232,50 @@ static void test_drafter(void) {
     CHECK(specdec_drafter_finish_request(drafter, r) == SPECDEC_OK);
   }
   CHECK(specdec_drafter_add_request(drafter, 10, 1, probe_prompt, 3) == SPECDEC_OK);
-  CHECK(specdec_drafter_propose(drafter, 10, 0, 8, tokens, parents, probs, &count, &match_len) == SPECDEC_OK);
+  CHECK(specdec_drafter_propose(drafter, 10, SPECDEC_DRAFT_CHAIN, 8, tokens, parents, probs, &count, &match_len) ==
+        SPECDEC_OK);
   CHECK(count == 2 && match_len == 2);
   CHECK(tokens[0] == 4 && tokens[1] == 9 && parents[0] == -1 && parents[1] == 0);
   CHECK(probs[0] == 0.75 && probs[1] == 0.75);
   /* A capacity of 1 keeps the first node. */
-  CHECK(specdec_drafter_propose(drafter, 10, 1, 1, tokens, parents, probs, &count, &match_len) == SPECDEC_OK);
+  CHECK(specdec_drafter_propose(drafter, 10, SPECDEC_DRAFT_TREE, 1, tokens, parents, probs, &count, &match_len) ==
+        SPECDEC_OK);
   CHECK(count == 1 && tokens[0] == 4);
   CHECK(specdec_drafter_get_stats(drafter, &stats) == SPECDEC_OK);
   CHECK(stats.prompts == 1 && stats.rollouts == 5 && stats.tokens == 17 + 3 && stats.active_requests == 1);
   CHECK(stats.bytes > 0 && stats.bytes_per_token > 0.0);
 
-  EXPECT_INVALID(specdec_drafter_propose(drafter, 99, 0, 8, tokens, parents, probs, &count, &match_len), "request");
+  EXPECT_INVALID(
+      specdec_drafter_propose(drafter, 99, SPECDEC_DRAFT_CHAIN, 8, tokens, parents, probs, &count, &match_len),
+      "request");
   EXPECT_INVALID(specdec_drafter_propose(drafter, 10, 2, 8, tokens, parents, probs, &count, &match_len), "kind");
-  EXPECT_INVALID(specdec_drafter_propose(drafter, 10, 0, 0, tokens, parents, probs, &count, &match_len), "capacity");
-  EXPECT_INVALID(specdec_drafter_propose(drafter, 10, 0, 8, NULL, parents, probs, &count, &match_len), "out_tokens");
-  EXPECT_INVALID(specdec_drafter_propose(drafter, 10, 0, 8, tokens, parents, probs, NULL, &match_len), "out_count");
-  EXPECT_INVALID(specdec_drafter_propose(NULL, 10, 0, 8, tokens, parents, probs, &count, &match_len), "drafter");
+  EXPECT_INVALID(
+      specdec_drafter_propose(drafter, 10, SPECDEC_DRAFT_CHAIN, 0, tokens, parents, probs, &count, &match_len),
+      "capacity");
+  EXPECT_INVALID(specdec_drafter_propose(drafter, 10, SPECDEC_DRAFT_CHAIN, 8, NULL, parents, probs, &count, &match_len),
+                 "out_tokens");
+  EXPECT_INVALID(specdec_drafter_propose(drafter, 10, SPECDEC_DRAFT_CHAIN, 8, tokens, parents, probs, NULL, &match_len),
+                 "out_count");
+  EXPECT_INVALID(specdec_drafter_propose(NULL, 10, SPECDEC_DRAFT_CHAIN, 8, tokens, parents, probs, &count, &match_len),
+                 "drafter");
   {
     /* Misaligned single-value pointers are refused, not written through (before: OK). */
     double storage[2 + 2 * sizeof(specdec_drafter_config) / sizeof(double)]; /* 8-byte aligned */
     unsigned char* scratch = (unsigned char*)storage;
     specdec_drafter* other = NULL;
     specdec_cost_model model;
-    EXPECT_INVALID(
-        specdec_drafter_propose(drafter, 10, 0, 8, tokens, parents, probs, (int64_t*)(scratch + 1), &match_len),
-        "out_count");
+    EXPECT_INVALID(specdec_drafter_propose(drafter, 10, SPECDEC_DRAFT_CHAIN, 8, tokens, parents, probs,
+                                           (int64_t*)(scratch + 1), &match_len),
+                   "out_count");
     EXPECT_INVALID(specdec_drafter_get_stats(drafter, (specdec_drafter_stats*)(scratch + 4)), "out");
     CHECK(specdec_drafter_config_default(&config) == SPECDEC_OK);
     memcpy(scratch + 1, &config, sizeof config);
     EXPECT_INVALID(specdec_drafter_create((const specdec_drafter_config*)(scratch + 1), &other), "config");
     CHECK(other == NULL);
-    EXPECT_INVALID(specdec_drafter_propose((const specdec_drafter*)((const unsigned char*)drafter + 1), 10, 0, 8,
-                                           tokens, parents, probs, &count, &match_len),
+    EXPECT_INVALID(specdec_drafter_propose((const specdec_drafter*)((const unsigned char*)drafter + 1), 10,
+                                           SPECDEC_DRAFT_CHAIN, 8, tokens, parents, probs, &count, &match_len),
                    "drafter");
-    CHECK(specdec_cost_model_preset(0, 0, &model) == SPECDEC_OK);
+    CHECK(specdec_cost_model_preset(SPECDEC_GPU_A100, SPECDEC_MODEL_QWEN25_7B, &model) == SPECDEC_OK);
     EXPECT_INVALID(specdec_cost_model_step_seconds(&model, 0, 1, 16, 0, (double*)(scratch + 2)), "out_seconds");
   }
   EXPECT_INVALID(specdec_drafter_append(drafter, 10, negative, 1), "tokens[0]");
@@ -411,7 +420,7 @@ static void test_policy(void) {
   const double bad_acceptance[2] = {0.9, 1.5};
   int32_t lengths[3] = {-1, -1, -1};
 
-  CHECK(specdec_cost_model_preset(0, 0, &model) == SPECDEC_OK);
+  CHECK(specdec_cost_model_preset(SPECDEC_GPU_A100, SPECDEC_MODEL_QWEN25_7B, &model) == SPECDEC_OK);
   CHECK(model.layers == 28 && model.vocab == 152064 && model.bandwidth == 2.039e12);
   CHECK(specdec_cost_model_step_seconds(&model, 0, 1, 4096, 0, &target) == SPECDEC_OK);
   CHECK(specdec_cost_model_step_seconds(&model, 1, 1, 4096, 0, &draft) == SPECDEC_OK);
@@ -420,9 +429,9 @@ static void test_policy(void) {
   CHECK(specdec_choose_draft_lengths(&model, contexts, acceptance, 3, 2, 8, lengths, &goodput) == SPECDEC_OK);
   CHECK(lengths[0] > 0 && lengths[1] > 0 && lengths[2] < lengths[0] && goodput > 0);
 
-  EXPECT_INVALID(specdec_cost_model_preset(2, 0, &model), "gpu");
-  EXPECT_INVALID(specdec_cost_model_preset(0, 5, &model), "model");
-  EXPECT_INVALID(specdec_cost_model_preset(0, 0, NULL), "out");
+  EXPECT_INVALID(specdec_cost_model_preset(2, SPECDEC_MODEL_QWEN25_7B, &model), "gpu");
+  EXPECT_INVALID(specdec_cost_model_preset(SPECDEC_GPU_A100, 5, &model), "model");
+  EXPECT_INVALID(specdec_cost_model_preset(SPECDEC_GPU_A100, SPECDEC_MODEL_QWEN25_7B, NULL), "out");
   EXPECT_INVALID(specdec_cost_model_step_seconds(&model, 3, 1, 0, 0, &target), "kind");
   EXPECT_INVALID(specdec_cost_model_step_seconds(&model, 2, 4, 0, 3, &target), "verified_tokens");
   EXPECT_INVALID(specdec_cost_model_step_seconds(&model, 0, -1, 0, 0, &target), "batch");
@@ -454,11 +463,11 @@ static void test_policy(void) {
   test_policy_trees(&model);
   model.bandwidth_efficiency = 0.0;
   EXPECT_INVALID(specdec_cost_model_step_seconds(&model, 0, 1, 0, 0, &target), "bandwidth_efficiency");
-  CHECK(specdec_cost_model_preset(1, 1, &model) == SPECDEC_OK);
+  CHECK(specdec_cost_model_preset(SPECDEC_GPU_H100, SPECDEC_MODEL_LLAMA3_8B, &model) == SPECDEC_OK);
   model.t0 = -1.0;
   EXPECT_INVALID(specdec_cost_model_step_seconds(&model, 0, 1, 0, 0, &target), "t0");
   /* Every field valid alone, but the step time overflows: an invalid model, and the output untouched. */
-  CHECK(specdec_cost_model_preset(1, 1, &model) == SPECDEC_OK);
+  CHECK(specdec_cost_model_preset(SPECDEC_GPU_H100, SPECDEC_MODEL_LLAMA3_8B, &model) == SPECDEC_OK);
   model.bandwidth = 5e-324;
   target = -7.0;
   EXPECT_INVALID(specdec_cost_model_step_seconds(&model, 0, 1, 4096, 0, &target), "model");
@@ -468,7 +477,7 @@ static void test_policy(void) {
   EXPECT_INVALID(specdec_choose_draft_lengths(&model, contexts, acceptance, 3, 2, 8, lengths, &goodput), "model");
   CHECK(goodput == -7.0);
   /* Contexts are bounded so that a batch's total cannot overflow (before: SPECDEC_PANIC on an integer overflow). */
-  CHECK(specdec_cost_model_preset(0, 0, &model) == SPECDEC_OK);
+  CHECK(specdec_cost_model_preset(SPECDEC_GPU_A100, SPECDEC_MODEL_QWEN25_7B, &model) == SPECDEC_OK);
   {
     const int64_t huge_contexts[3] = {INT64_MAX, 2, INT64_MAX};
     EXPECT_INVALID(specdec_choose_draft_lengths(&model, huge_contexts, acceptance, 3, 2, 8, lengths, &goodput),
