@@ -18,6 +18,8 @@ use std::process::Command;
 
 #[path = "build_support/archs.rs"]
 mod archs;
+#[path = "build_support/kernel_params.rs"]
+mod kernel_params;
 
 const DEFAULT_ARCHS: &str = "80;86;89;90";
 const ENV_VARS: [&str; 7] = [
@@ -52,6 +54,12 @@ fn main() {
     }
     let out_dir = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let require_cuda = env::var("SPECDEC_REQUIRE_CUDA").is_ok_and(|v| v == "1");
+    // The host's mirrors of the kernels' parameter blocks, with or without nvcc: the launchers compile either way.
+    let mirrors = kernel_params::rust_mirrors(|file| {
+        fs::read_to_string(Path::new("cuda").join(file)).map_err(|e| format!("cuda/{file}: {e}"))
+    })
+    .unwrap_or_else(|reason| panic!("kernel parameter blocks: {reason}"));
+    fs::write(out_dir.join("kernel_params.rs"), mirrors).expect("write kernel_params.rs");
 
     let sources = cuda_sources(Path::new("cuda"));
     for source in &sources {

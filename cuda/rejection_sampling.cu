@@ -70,7 +70,8 @@ constexpr uint32_t kFlagBadValue = 1u;  // a NaN or +inf logit; a NaN, infinite 
 constexpr uint32_t kFlagOverflow = 2u;  // a finite logit / temperature is infinite
 constexpr uint32_t kFlagHasMass = 4u;   // a logit above -inf; a probability above 0
 
-// Every argument of the four kernels, passed by value (the host mirrors this layout: src/cuda/sampling.rs).
+// Every argument of the four kernels, passed by value. build.rs generates the host's mirror from this definition
+// (build_support/kernel_params.rs): one field per declaration, pointers and stdint scalars.
 struct SamplingArgs {
   const void* target;  // [target_rows, V] of T (logits) or float (probabilities)
   const void* draft;   // [draft_rows, V], or null: point-mass drafts

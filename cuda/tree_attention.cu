@@ -45,7 +45,7 @@ namespace specdec {
 
 constexpr int kMaxTree = 64;  // tree::MAX_TREE_NODES: the root and 63 drafts, one bit of an ancestor set each
 
-// The kernel's arguments, passed by value. Must match `TreeAttentionParams` in src/cuda/attention.rs.
+// The kernel's arguments, passed by value; build.rs generates the host's mirror from this definition.
 struct TreeAttentionParams {
   const void* q;
   const void* k;
@@ -693,8 +693,8 @@ __device__ void TreeAttentionMerge(const TreeAttentionParams& p) {
 
 constexpr int kMaxLayers = 128;
 
-// Must match `CompactionParams` in src/cuda/attention.rs. The layers' cache pointers travel by value (checked
-// for null and alignment on the host), so a captured CUDA graph holds them and nothing is copied per call.
+// build.rs generates the host's mirror of this block from its definition. The layers' cache pointers travel by value
+// (checked for null and alignment on the host), so a captured CUDA graph holds them and nothing is copied per call.
 struct CompactionParams {
   void* k_caches[kMaxLayers];
   void* v_caches[kMaxLayers];

@@ -7,6 +7,7 @@ use cudarc::driver::{result, sys, CudaStream};
 
 use super::greedy::arg;
 use super::memory::{check_device_ptr, StreamScratch};
+use super::params::{CompactionParams, TreeAttentionParams};
 use super::{cuda_error, CudaBackend, DeviceIn, DeviceOut};
 use crate::attention::{check_softmax_scale, CompactionShape, TreeAttentionShape};
 use crate::dtype::{DType, HalfElement};
@@ -20,59 +21,6 @@ pub const MAX_COMPACTION_LAYERS: usize = 128;
 /// Threads of the merge and compaction kernels; must match the .cu file.
 const MERGE_THREADS: u32 = 128;
 const COMPACT_THREADS: u32 = 128;
-
-/// The kernel's parameter block; must match `TreeAttentionParams` in the .cu file.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct TreeAttentionParams {
-    q: u64,
-    k: u64,
-    v: u64,
-    token_offsets: u64,
-    parents: u64,
-    prefix_lens: u64,
-    page_table: u64,
-    k_cache: u64,
-    v_cache: u64,
-    cos_sin: u64,
-    out: u64,
-    lse: u64,
-    request_status: u64,
-    partial_out: u64,
-    partial_lse: u64,
-    num_requests: i32,
-    num_tokens: i32,
-    num_q_heads: i32,
-    num_kv_heads: i32,
-    group: i32,
-    max_tree: i32,
-    num_pages: i32,
-    page_size_log2: i32,
-    pages_per_request: i32,
-    max_position: i32,
-    rope_style: i32,
-    num_splits: i32,
-    row_chunks: i32,
-    scale_log2: f32,
-}
-
-/// The compaction kernel's parameter block; must match `CompactionParams` in the .cu file.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct CompactionParams {
-    k_caches: [u64; MAX_COMPACTION_LAYERS],
-    v_caches: [u64; MAX_COMPACTION_LAYERS],
-    accepted_offsets: u64,
-    accepted_nodes: u64,
-    prefix_lens: u64,
-    page_table: u64,
-    request_status: u64,
-    num_accepted: i32,
-    num_kv_heads: i32,
-    num_pages: i32,
-    page_size_log2: i32,
-    pages_per_request: i32,
-}
 
 /// Raw device pointers of one tree-attention call (0 for an absent optional array), after validation.
 pub(crate) struct TreeAttentionDevicePtrs {

@@ -41,6 +41,7 @@ pub(crate) mod greedy;
 pub(crate) mod int4;
 mod memory;
 mod module;
+mod params;
 pub(crate) mod sampling;
 
 use std::collections::HashMap;

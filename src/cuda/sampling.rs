@@ -10,6 +10,7 @@ use cudarc::driver::{result, sys, CudaStream};
 use half::{bf16, f16};
 
 use super::memory::{check_device_ptr, StreamScratch};
+use super::params::SamplingArgs;
 use super::{cuda_error, vocabulary_split, CudaBackend, DeviceIn, DeviceOut};
 use crate::error::{check_len, Error, Result};
 use crate::sampling::{RowsKind, VerifyShape};
@@ -270,48 +271,7 @@ impl SamplingDevicePtrs {
     }
 }
 
-/// The kernels' argument block, passed by value: the layout of `SamplingArgs` in the .cu file.
-#[repr(C)]
-struct SamplingArgs {
-    target: u64,
-    draft: u64,
-    vocab_size: i64,
-    offsets: u64,
-    num_requests: i64,
-    tokens: u64,
-    parents: u64,
-    num_tokens: i64,
-    is_tree: i64,
-    temperature: u64,
-    top_k: u64,
-    top_p: u64,
-    draft_temperature: u64,
-    draft_top_k: u64,
-    draft_top_p: u64,
-    seeds: u64,
-    steps: u64,
-    emit_width: i64,
-    accepted: u64,
-    emitted: u64,
-    nodes: u64,
-    flags: u64,
-    status: u64,
-    race: u64,
-    stats: u64,
-    row_flags: u64,
-    thresholds: u64,
-    threshold_sums: u64,
-    jobs: u64,
-    tickets: u64,
-    residual_race: u64,
-    residual_rows: u64,
-    residual_chunk: i64,
-    residual_splits: i64,
-    target_rows: i64,
-    draft_rows: i64,
-    chunk: i64,
-    splits: i64,
-}
+// The kernels' argument block (generated from `SamplingArgs` in the .cu file), whose size the .cu file asserts.
 const _: () = assert!(std::mem::size_of::<SamplingArgs>() == 38 * 8);
 
 impl CudaBackend {
