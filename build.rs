@@ -38,11 +38,28 @@ struct Kernel {
     size: usize,
 }
 
+/// The shared library's SONAME: `libspecdec.so.0.MINOR` while the version is 0.x (where a minor release may break
+/// the ABI), `libspecdec.so.MAJOR` from 1.0. `scripts/install.sh` lays out the matching links; Linux only.
+fn set_soname() {
+    if env::var("CARGO_CFG_TARGET_OS").as_deref() != Ok("linux") {
+        return;
+    }
+    let major = env::var("CARGO_PKG_VERSION_MAJOR").expect("cargo sets the version");
+    let minor = env::var("CARGO_PKG_VERSION_MINOR").expect("cargo sets the version");
+    let soname = if major == "0" {
+        format!("libspecdec.so.0.{minor}")
+    } else {
+        format!("libspecdec.so.{major}")
+    };
+    println!("cargo:rustc-cdylib-link-arg=-Wl,-soname,{soname}");
+}
+
 fn main() {
     for var in ENV_VARS {
         println!("cargo:rerun-if-env-changed={var}");
     }
     println!("cargo:rerun-if-changed=cuda");
+    set_soname();
     // Without the `cuda` feature nothing of CUDA is built or looked for.
     if env::var_os("CARGO_FEATURE_CUDA").is_none() {
         if env::var("SPECDEC_REQUIRE_CUDA").is_ok_and(|v| v == "1") {
