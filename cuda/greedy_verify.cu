@@ -75,6 +75,28 @@ __device__ __forceinline__ int GreedyRequestStatus(const int32_t* __restrict__ d
   return last - first + 1 > emit_width ? kRequestEmitWidth : kRequestOk;
 }
 
+// The request whose logits rows hold row r: the last request whose rows start (draft_offsets[b] + b) at or before
+// it, accepted only if its offsets are valid and r lies in its rows; -1 else. When a request's offsets are broken,
+// two others may claim one row: the search gives it to one at most (GreedyShape::row_owner; the sampler's RowOwner).
+__device__ __forceinline__ int64_t GreedyRowOwner(const int32_t* __restrict__ draft_offsets, int64_t num_requests,
+                                                  int64_t num_draft_tokens, int64_t r) {
+  if (num_requests <= 0) return -1;
+  int64_t lo = 0, hi = num_requests - 1;
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo + 1) / 2;
+    if (static_cast<int64_t>(draft_offsets[mid]) + mid <= r) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  const int64_t first = draft_offsets[lo];
+  const int64_t last = draft_offsets[lo + 1];
+  if (first < 0 || first > last || last > num_draft_tokens) return -1;
+  if ((lo == 0 && first != 0) || (lo == num_requests - 1 && last != num_draft_tokens)) return -1;
+  return r >= first + lo && r <= last + lo ? lo : -1;
+}
+
 // Row r's argmax key, the max of its partials, on every lane of the warp.
 __device__ __forceinline__ uint64_t RowArgmaxKey(const uint64_t* __restrict__ partials, int32_t splits, int64_t r) {
   const uint64_t* row_partials = partials + r * splits;
@@ -100,7 +122,13 @@ __device__ __forceinline__ void GreedyAccept(const int32_t* __restrict__ draft_o
   const int64_t first_draft = status == kRequestOk ? draft_offsets[b] : 0;
   const int64_t num_drafts = status == kRequestOk ? draft_offsets[b + 1] - first_draft : 0;
   const int64_t first_row = first_draft + b;
-  // Every row of the request is checked, not only those up to the first mismatch, as the sampler does.
+  // Its rows are its own (not claimed through another request's broken offsets), then every row's values are
+  // checked, not only those up to the first mismatch: the sampler's order and rules.
+  bool foreign = false;
+  for (int64_t j = lane; status == kRequestOk && j <= num_drafts; j += 32) {
+    foreign = foreign || GreedyRowOwner(draft_offsets, num_requests, num_draft_tokens, first_row + j) != b;
+  }
+  if (__any_sync(0xFFFFFFFFu, foreign)) status = kRequestOffsets;
   for (int64_t j = 0; status == kRequestOk && j <= num_drafts; ++j) {
     const uint32_t max_key = static_cast<uint32_t>(RowArgmaxKey(partials, splits, first_row + j) >> 32);
     if (max_key >= kPositiveInfinityKey || max_key == kNegativeInfinityKey) status = kRequestRowValues;

@@ -110,11 +110,36 @@ __device__ int CheckSlots(const int* prefix_lens, const int* page_table, int b, 
   return __syncthreads_or(bad) ? kRequestPageTable : kRequestOk;
 }
 
+// The request whose rows hold token `row`: the last request whose first row is at or before it (a binary search
+// over token_offsets), accepted only if that request's offsets are valid and the row lies in its range; -1 else.
+// With valid offsets everywhere this is the row's request. When another request's offsets are broken, two
+// requests with valid offsets of their own may claim one row: the search gives it to one at most, and the other
+// is flagged (kRequestOffsets), so no row is computed or written twice. The rule of TreeAttentionShape::token_owner
+// and of RowOwner in rejection_sampling.cu. Any thread.
+__device__ int TokenOwner(const TreeAttentionParams& p, int row) {
+  if (p.num_requests <= 0) return -1;
+  int lo = 0, hi = p.num_requests - 1;
+  while (lo < hi) {
+    const int mid = lo + (hi - lo + 1) / 2;
+    if (p.token_offsets[mid] <= row) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  int first, size;
+  if (!CheckOffsets(p.token_offsets, lo, p.num_tokens, p.max_tree, first, size)) return -1;
+  return row >= first && row < first + size ? lo : -1;
+}
+
 // The request's tree: ancestor sets and depths in shared memory, and the status of its rules. Whole block.
 __device__ int CheckTreeRequest(const TreeAttentionParams& p, int b, int& first_row, int& tree_size, int& prefix_len,
                                 uint64_t* ancestors, int* depths) {
   __shared__ int status;
   if (!CheckOffsets(p.token_offsets, b, p.num_tokens, p.max_tree, first_row, tree_size)) return kRequestOffsets;
+  bool foreign = false;
+  for (int i = threadIdx.x; i < tree_size; i += blockDim.x) foreign |= TokenOwner(p, first_row + i) != b;
+  if (__syncthreads_or(foreign)) return kRequestOffsets;
   if (threadIdx.x == 0) {
     status = kRequestOk;
     int deepest = 0;
@@ -448,7 +473,7 @@ __device__ void TreeAttention(const TreeAttentionParams& p) {
   auto row_valid = [&](int r) { return row_node(r) < tree_size; };
 
   if (status != kRequestOk) {
-    if (status == kRequestOffsets) return;  // the request's rows are unknown
+    if (status == kRequestOffsets) return;  // the request's rows are unknown, or another request's
     for (int r = threadIdx.x / 32; r < Config::kRows; r += Config::kWarps) {
       if (!row_valid(r)) continue;
       const int64_t token = first_row + row_node(r);
@@ -659,6 +684,7 @@ __device__ void TreeAttentionMerge(const TreeAttentionParams& p) {
   const int head = pair % p.num_q_heads;
   if (node >= tree_size) return;
   const int64_t token = first_row + node;
+  if (TokenOwner(p, static_cast<int>(token)) != b) return;  // a row another request owns (kRequestOffsets)
   const int64_t stride = static_cast<int64_t>(p.num_tokens) * p.num_q_heads;
   const int64_t at = token * p.num_q_heads + head;
 

@@ -29,7 +29,9 @@
 //! [`GreedyShape::check_row`]): `0 <= draft_offsets[b] <= draft_offsets[b+1] <= num_draft_tokens`, the offsets
 //! covering the drafts (`draft_offsets[0] = 0` and `draft_offsets[B] = num_draft_tokens`, checked with the
 //! first and the last request) ([`RequestStatus::Offsets`]); every draft id in `[0, V)`
-//! ([`RequestStatus::DraftToken`]); `k_b + 1 <= emit_width` ([`RequestStatus::EmitWidth`]); and each of its
+//! ([`RequestStatus::DraftToken`]); `k_b + 1 <= emit_width` ([`RequestStatus::EmitWidth`]); its rows its own
+//! ([`RequestStatus::Offsets`] again: another request's broken offsets can make two requests claim one row,
+//! and [`GreedyShape::row_owner`] gives it to one at most, as the sampler does); and each of its
 //! `k_b + 1` rows free of NaN and `+inf` with at least one finite logit ([`RequestStatus::RowValues`]: the
 //! argmax of such a row means nothing, and the sampler refuses it too).
 //!
@@ -176,6 +178,56 @@ impl GreedyShape {
             ));
         }
         Ok(drafts)
+    }
+
+    /// The request whose rows hold logits row `row`, as the CUDA kernel finds it (`GreedyRowOwner`): the last
+    /// request whose rows start (`draft_offsets[b] + b`) at or before it, accepted only if that request's offsets
+    /// are valid and the row lies in its range. With valid offsets everywhere this is the row's request; when
+    /// another request's offsets are broken, two requests may claim one row, and the one the search does not
+    /// give it to is flagged [`RequestStatus::Offsets`] (after its drafts and width, before its rows' values):
+    /// the rule and order of the sampler's `sampling::row_owner`, so that temperature 0 agrees here too.
+    pub fn row_owner(&self, draft_offsets: &[i32], row: usize) -> Option<usize> {
+        if self.num_requests == 0 {
+            return None;
+        }
+        let start = |b: usize| i64::from(draft_offsets[b]) + b as i64;
+        let (mut lo, mut hi) = (0, self.num_requests - 1);
+        while lo < hi {
+            let mid = lo + (hi - lo).div_ceil(2);
+            if start(mid) <= row as i64 {
+                lo = mid;
+            } else {
+                hi = mid - 1;
+            }
+        }
+        let (first, last) =
+            check_packed_offsets("draft_offsets", draft_offsets, lo, self.num_draft_tokens).ok()?;
+        (first + lo..=last + lo).contains(&row).then_some(lo)
+    }
+
+    /// Checks that every logits row of request `b` (`first_row ..= first_row + num_drafts`) is its own
+    /// ([`GreedyShape::row_owner`]).
+    pub fn check_row_owners(
+        &self,
+        b: usize,
+        draft_offsets: &[i32],
+        first_row: usize,
+        num_drafts: usize,
+    ) -> RequestResult<()> {
+        for row in first_row..=first_row + num_drafts {
+            let owner = self.row_owner(draft_offsets, row);
+            if owner != Some(b) {
+                return Err(RequestStatus::Offsets.failure(
+                    format!("draft_offsets[{b}]"),
+                    format!(
+                        "gives request {b} logits row {row}, which the offsets give to {}: another request's \
+                         offsets are broken, and no row may belong to two requests",
+                        owner.map_or("no request".to_string(), |o| format!("request {o}"))
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Checks logits row `row` given its largest element `max` (in specdec's argmax order, where a NaN is

@@ -22,8 +22,11 @@ use crate::error::Error;
 ///
 /// The codes are fixed and only ever appended to; the C ABI names them `SPECDEC_REQUEST_*`. When a request
 /// breaks several rules, the first in this order is reported, on every backend: its offsets, then node by
-/// node its parents and draft ids, then the output width, the sampling parameters, the rows' values and the
-/// drafted tokens' mass (verification), or its prefix, pages and positions (attention).
+/// node its parents and draft ids, then the output width and the sampling parameters, then its rows (their
+/// owner: `Offsets` when the search for a row's request, misled by another request's broken offsets, does
+/// not give the row to it; then their values), then the drafted tokens' mass (verification); for attention,
+/// its offsets and rows' owner, its parents, its prefix and pages, its positions. The order is the checks'
+/// order, not the codes'.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(i32)]
 pub enum RequestStatus {

@@ -336,6 +336,67 @@ fn bad<T: HalfElement>(p: &Problem<T>) -> String {
     argument(err)
 }
 
+/// Broken offsets of one request can make two others, each with valid offsets of its own, claim the same rows:
+/// with `token_offsets = [0, 3, 1, 4]` request 1 is broken (3 > 1) and request 2's rows 1..4 overlap request 0's.
+/// The row goes to one request (the search of `token_owner`) and the other is flagged OFFSETS, so request 0 is
+/// computed exactly as without its neighbours (before, the flagged request 2's NaN rows overwrote request 0's).
+#[test]
+fn rows_claimed_by_two_requests_go_to_one_and_flag_the_other() {
+    let mut rng = rng("rows_claimed_by_two_requests_go_to_one_and_flag_the_other");
+    let spec = Spec {
+        trees: vec![chain(3), chain(1), chain(1)],
+        prefix_lens: vec![5, 17, 9],
+        num_q_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 64,
+        page_size: 16,
+        rope: Some(RopeStyle::Neox),
+    };
+    let good = Problem::<f16>::random(&mut rng, &spec);
+    let mut p = good.clone();
+    p.token_offsets = vec![0, 3, 1, 4];
+    let (out, lse, k_cache, _, status) = p.run_cpu_flagged().unwrap();
+    assert_eq!(
+        status,
+        [
+            0,
+            RequestStatus::Offsets.code(),
+            RequestStatus::Offsets.code()
+        ]
+    );
+    let (good_out, good_lse, good_k, _) = good.run_cpu();
+    let (hq, d) = (4, 64);
+    let bits = |x: &[f16]| x.iter().map(|e| e.to_bits()).collect::<Vec<_>>();
+    assert_eq!(
+        bits(&out[..3 * hq * d]),
+        bits(&good_out[..3 * hq * d]),
+        "request 0's rows"
+    );
+    assert_eq!(&lse[..3 * hq], &good_lse[..3 * hq], "request 0's lse");
+    // Nothing else was computed: rows 3.. are as they were (NaN), and only request 0 appended to the cache.
+    assert!(out[3 * hq * d..].iter().all(|x| x.to_f32().is_nan()));
+    for node in 0..3 {
+        for h in 0..2 {
+            let at = p.cache_index(0, 5 + node, h);
+            assert_eq!(bits(&k_cache[at..at + d]), bits(&good_k[at..at + d]));
+        }
+    }
+    let mut appended = k_cache.clone();
+    for node in 0..3 {
+        for h in 0..2 {
+            let at = p.cache_index(0, 5 + node, h);
+            appended[at..at + d].copy_from_slice(&p.k_cache[at..at + d]);
+        }
+    }
+    assert_eq!(
+        bits(&appended),
+        bits(&p.k_cache),
+        "a flagged request appended to the cache"
+    );
+    // Without request_status the call fails, naming the offsets.
+    assert_eq!(bad(&p), "token_offsets[2]");
+}
+
 #[test]
 fn bad_inputs_are_named_and_nothing_is_written() {
     let mut rng = rng("bad_inputs_are_named_and_nothing_is_written");

@@ -387,6 +387,61 @@ fn gpu_bad_requests_are_marked_and_touch_nothing() {
     );
 }
 
+/// Rows claimed by two requests (a neighbour's broken offsets, `token_offsets = [0, 3, 1, 4]`): the GPU gives
+/// each row to one request and flags the other, as the CPU does, and computes request 0 as the CPU does.
+#[test]
+fn gpu_rows_claimed_by_two_requests_go_to_one_and_flag_the_other() {
+    let name = "gpu_rows_claimed_by_two_requests_go_to_one_and_flag_the_other";
+    let Some(backend) = gpu(name) else {
+        return;
+    };
+    let mut rng = rng(name);
+    let stream = backend.context().new_stream().unwrap();
+    let spec = Spec {
+        trees: vec![chain(3), chain(1), chain(1)],
+        prefix_lens: vec![5, 17, 9],
+        num_q_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 64,
+        page_size: 16,
+        rope: Some(RopeStyle::Neox),
+    };
+    let mut p = Problem::<f16>::random(&mut rng, &spec);
+    p.token_offsets = vec![0, 3, 1, 4];
+    let gpu = run_gpu(&backend, &stream, &p);
+    let (cpu_out, cpu_lse, cpu_k, cpu_v, cpu_status) = p.run_cpu_flagged().unwrap();
+    assert_eq!(gpu.status, cpu_status);
+    assert_eq!(
+        cpu_status,
+        [
+            0,
+            RequestStatus::Offsets as i32,
+            RequestStatus::Offsets as i32
+        ]
+    );
+    let bits = |x: &[f16]| x.iter().map(|e| e.to_bits()).collect::<Vec<_>>();
+    assert!(
+        bits(&gpu.k_cache) == bits(&cpu_k) && bits(&gpu.v_cache) == bits(&cpu_v),
+        "caches"
+    );
+    let (hq, d) = (4, 64);
+    let eps = epsilon::<f16>();
+    // Request 0's rows (0..3) against the CPU; the others were not computed on either.
+    for (i, (g, c)) in gpu.out.iter().zip(&cpu_out).take(3 * hq * d).enumerate() {
+        let (g, c) = (f64::from(g.to_f32()), f64::from(c.to_f32()));
+        assert!(
+            (g - c).abs() <= 2.0 * eps + eps * c.abs() + SUBNORMAL_STEP,
+            "out[{i}]: GPU {g}, CPU {c}"
+        );
+    }
+    for (i, (g, c)) in gpu.lse.iter().zip(&cpu_lse).take(3 * hq).enumerate() {
+        assert!(
+            (g - c).abs() <= (1.0 + c.abs()) / 4096.0,
+            "lse[{i}]: GPU {g}, CPU {c}"
+        );
+    }
+}
+
 /// Compaction on the device equals the CPU's, for several layers, in place, with overlapping moves; a bad
 /// request is marked and moves nothing.
 #[test]

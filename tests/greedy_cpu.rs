@@ -303,3 +303,24 @@ fn bad_input_is_rejected_naming_the_argument_and_outputs_are_untouched() {
         "a rejected call writes nothing"
     );
 }
+
+/// A request's broken offsets can make two others claim the same logits rows: `draft_offsets = [0, 3, 1, 4]`
+/// breaks request 1 (3 > 1) and gives request 2 rows 2..=5, which overlap request 0's 0..=3. The rows go to
+/// request 0 (the search of `GreedyShape::row_owner`, the sampler's rule) and request 2 is flagged OFFSETS, as the
+/// sampler at temperature 0 flags it (found by review: greedy processed request 2 and the two disagreed).
+#[test]
+fn rows_claimed_by_two_requests_go_to_one_and_flag_the_other() {
+    let case = GreedyCase {
+        vocab_size: 4,
+        logits: [0.0f32, 5.0, 0.0, 0.0].repeat(7),
+        draft_offsets: vec![0, 3, 1, 4],
+        draft_tokens: vec![1, 1, 1, 1],
+        emit_width: 5,
+    };
+    let out = case.run_cpu().unwrap();
+    let offsets = RequestStatus::Offsets.code();
+    assert_eq!(out.status, [0, offsets, offsets]);
+    assert_eq!(out.accepted, [3, -1, -1]);
+    assert_eq!(&out.emitted[..5], &[1, 1, 1, 1, -1]);
+    assert!(out.emitted[5..].iter().all(|&t| t == -1));
+}

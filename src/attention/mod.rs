@@ -48,11 +48,14 @@
 //!
 //! Sizes and lengths are checked before anything runs ([`TreeAttentionShape`], [`CompactionShape`]). The
 //! contents of the small index arrays follow per-request rules ([`TreeAttentionShape::check_request`],
-//! [`CompactionShape::check_request`]). The CPU backend returns [`Error::InvalidArgument`] naming the first
-//! offending element and writes nothing. The CUDA kernels cannot report to the host without synchronising, so
-//! they check the same rules in every block, touch nothing of a failing request (its output rows are NaN when
-//! its `token_offsets` are themselves valid) and, when asked, write the rule it broke to `request_status[b]`
-//! ([`RequestStatus`]); they never read or write outside the documented arrays, whatever the contents.
+//! [`CompactionShape::check_request`]), one of them that a request's rows are its own
+//! ([`TreeAttentionShape::token_owner`]: another request's broken offsets can make two requests claim one row).
+//! With `request_status` every backend flags a failing request alone: nothing of it touches the cache, its
+//! output rows are NaN (unless its offsets, which say which rows are its, are the broken rule), the rule it
+//! broke goes to `request_status[b]` ([`RequestStatus`]) and the others are computed. Without it the CPU
+//! backend returns [`Error::InvalidArgument`] naming the first offending element and writes nothing, while the
+//! CUDA kernels (which cannot report without synchronising) still skip the request. No backend reads or writes
+//! outside the documented arrays, whatever the contents.
 
 use crate::error::{check_len, Error, Result};
 use crate::status::RequestResult;
@@ -486,6 +489,19 @@ impl TreeAttentionShape {
             self.num_tokens,
             self.max_tree_size,
         )?;
+        for row in first..last {
+            let owner = self.token_owner(token_offsets, row);
+            if owner != Some(b) {
+                return Err(RequestStatus::Offsets.failure(
+                    format!("token_offsets[{b}]"),
+                    format!(
+                        "gives request {b} row {row}, which the offsets give to {}: another request's offsets \
+                         are broken, and no row may belong to two requests",
+                        owner.map_or("no request".to_string(), |o| format!("request {o}"))
+                    ),
+                ));
+            }
+        }
         let tree_size = last - first;
         let mut depths = Vec::with_capacity(tree_size);
         let mut ancestors = Vec::with_capacity(tree_size);
@@ -530,6 +546,35 @@ impl TreeAttentionShape {
             depths,
             ancestors,
         })
+    }
+
+    /// The request whose rows hold token `row`, as the CUDA kernel finds it (`TokenOwner` in
+    /// `cuda/tree_attention.cu`): the last request whose first row is at or before it, accepted only if that
+    /// request's offsets are valid and the row lies in its range. With valid offsets everywhere this is the row's
+    /// request; when another request's offsets are broken, two requests may claim one row, the search gives it to
+    /// one at most, and the other gets [`RequestStatus::Offsets`] (so no row is computed or written twice).
+    pub fn token_owner(&self, token_offsets: &[i32], row: usize) -> Option<usize> {
+        if self.num_requests == 0 {
+            return None;
+        }
+        let (mut lo, mut hi) = (0, self.num_requests - 1);
+        while lo < hi {
+            let mid = lo + (hi - lo).div_ceil(2);
+            if i64::from(token_offsets[mid]) <= row as i64 {
+                lo = mid;
+            } else {
+                hi = mid - 1;
+            }
+        }
+        let (first, last) = check_tree_offsets(
+            "token_offsets",
+            token_offsets,
+            lo,
+            self.num_tokens,
+            self.max_tree_size,
+        )
+        .ok()?;
+        (first..last).contains(&row).then_some(lo)
     }
 
     /// [`RequestStatus`] of request `b`: what a CUDA kernel writes for it.

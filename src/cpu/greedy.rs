@@ -143,6 +143,7 @@ pub fn greedy_verify<T: LogitsElement>(
     let verify = |b: usize| -> RequestResult<(usize, &[usize])> {
         let drafts = shape.check_request(b, draft_offsets, draft_tokens)?;
         let first_row = draft_offsets[b] as usize + b;
+        shape.check_row_owners(b, draft_offsets, first_row, drafts.len())?;
         let rows = first_row..=first_row + drafts.len();
         for row in rows.clone() {
             shape.check_row(row, logits[row * vocab_size + targets[row]], targets[row])?;

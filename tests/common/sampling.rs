@@ -1246,7 +1246,8 @@ pub fn a_drafter_sampling_its_unfiltered_softmax_keeps_the_target_distribution(v
 
 /// Temperature 0 is greedy verification (README: "temperature 0 is greedy verification"), exactly, bad requests
 /// included (issue 17 item 3): random chains with tie-prone logits (small integers), some rows holding a NaN, a
-/// +inf, a -inf or no finite logit at all, and some drafts outside the vocabulary or -1, verified by `verify` at
+/// +inf, a -inf or no finite logit at all, some drafts outside the vocabulary or -1, and in every other round one
+/// request's offsets broken so that others claim its neighbours' rows, verified by `verify` at
 /// temperature 0 with `request_status` give the accepted counts, emitted tokens and statuses of the CPU's greedy
 /// verification with `request_status`. Several seeds are drawn from `rng`, so every kind of defect occurs.
 pub fn temperature_zero_is_greedy_with_bad_rows(verify: Verify, rng: &mut StdRng) {
@@ -1271,6 +1272,12 @@ pub fn temperature_zero_is_greedy_with_bad_rows(verify: Verify, rng: &mut StdRng
                 1 => *token = -1,
                 _ => {}
             }
+        }
+        // Broken offsets of one request, which make later requests claim rows of earlier ones (the rows go to one
+        // request by the same search on both verifiers).
+        if round % 2 == 1 {
+            let i = rng.random_range(1..b - 1);
+            case.draft_offsets[i] = case.draft_offsets[i + 1] + rng.random_range(1..4);
         }
         let greedy = case
             .run_cpu()
