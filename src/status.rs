@@ -16,7 +16,7 @@
 
 use std::fmt;
 
-use crate::error::Error;
+use crate::error::{check_len, Error, Result};
 
 /// The rule a request broke: the value written to `request_status[b]` (0 when the request was processed).
 ///
@@ -149,6 +149,40 @@ impl std::error::Error for RequestFailure {}
 
 /// A per-request check's result.
 pub type RequestResult<T> = std::result::Result<T, RequestFailure>;
+
+/// The `request_status` contract on a batch's checks (see the module documentation): without `request_status`, the
+/// first bad request's error fails the call; with it, each request's status (the failures as `None`), for
+/// [`write_statuses`] once nothing else can fail. Checks `request_status`'s length.
+pub(crate) fn settle<R>(
+    checked: Vec<RequestResult<R>>,
+    request_status: Option<&[i32]>,
+) -> Result<(Vec<Option<R>>, Vec<RequestStatus>)> {
+    match request_status {
+        None => {
+            let requests = checked.into_iter().collect::<RequestResult<Vec<R>>>()?;
+            let statuses = vec![RequestStatus::Ok; requests.len()];
+            Ok((requests.into_iter().map(Some).collect(), statuses))
+        }
+        Some(status) => {
+            check_len("request_status", status.len(), checked.len())?;
+            Ok(checked
+                .into_iter()
+                .map(|result| match result {
+                    Ok(request) => (Some(request), RequestStatus::Ok),
+                    Err(failure) => (None, failure.status),
+                })
+                .unzip())
+        }
+    }
+}
+
+pub(crate) fn write_statuses(statuses: &[RequestStatus], request_status: Option<&mut [i32]>) {
+    if let Some(out) = request_status {
+        for (slot, status) in out.iter_mut().zip(statuses) {
+            *slot = status.code();
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests {

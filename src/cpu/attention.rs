@@ -11,7 +11,7 @@ use crate::attention::{
 };
 use crate::dtype::HalfElement;
 use crate::error::{check_len, Error, Result};
-use crate::status::{RequestResult, RequestStatus};
+use crate::status::{settle, write_statuses, RequestResult, RequestStatus};
 
 /// Tree attention with the tree's KV appended to the cache (see [`crate::attention`]): writes the (rotated)
 /// keys and the values of every node to `k_cache` / `v_cache` at slots `L_b + i`, `out[N, Hq, D]` and, if
@@ -174,40 +174,6 @@ pub fn tree_attention<T: HalfElement>(
     }
     write_statuses(&statuses, request_status);
     Ok(())
-}
-
-/// The `request_status` contract on a batch's checks (see [`crate::status`]): without `request_status`, the
-/// first bad request's error fails the call; with it, each request's status (the failures as `None`), for
-/// [`write_statuses`] once nothing else can fail. Checks `request_status`'s length.
-fn settle<R>(
-    checked: Vec<RequestResult<R>>,
-    request_status: Option<&[i32]>,
-) -> Result<(Vec<Option<R>>, Vec<RequestStatus>)> {
-    match request_status {
-        None => {
-            let requests = checked.into_iter().collect::<RequestResult<Vec<R>>>()?;
-            let statuses = vec![RequestStatus::Ok; requests.len()];
-            Ok((requests.into_iter().map(Some).collect(), statuses))
-        }
-        Some(status) => {
-            check_len("request_status", status.len(), checked.len())?;
-            Ok(checked
-                .into_iter()
-                .map(|result| match result {
-                    Ok(request) => (Some(request), RequestStatus::Ok),
-                    Err(failure) => (None, failure.status),
-                })
-                .unzip())
-        }
-    }
-}
-
-fn write_statuses(statuses: &[RequestStatus], request_status: Option<&mut [i32]>) {
-    if let Some(out) = request_status {
-        for (slot, status) in out.iter_mut().zip(statuses) {
-            *slot = status.code();
-        }
-    }
 }
 
 /// The softmax-weighted sum of values and the log-sum-exp of the scores, all in f64, in one pass (an online

@@ -7,7 +7,7 @@ use rayon::prelude::*;
 use crate::dtype::LogitsElement;
 use crate::error::Result;
 use crate::greedy::{GreedyShape, REQUEST_INVALID};
-use crate::status::{RequestResult, RequestStatus};
+use crate::status::{settle, write_statuses, RequestResult};
 
 /// Rows longer than this are split into chunks of this many elements, reduced on several threads.
 const PARALLEL_CHUNK: usize = 1 << 15;
@@ -156,12 +156,8 @@ pub fn greedy_verify<T: LogitsElement>(
             .count();
         Ok((n, targets))
     };
-    let results: Vec<_> = (0..shape.num_requests).map(verify).collect();
-    if request_status.is_none() {
-        if let Some(Err(failure)) = results.iter().find(|r| r.is_err()) {
-            return Err(failure.error.clone());
-        }
-    }
+    let checked: Vec<_> = (0..shape.num_requests).map(verify).collect();
+    let (results, statuses) = settle(checked, request_status.as_deref())?;
 
     let outputs = accepted_counts
         .iter_mut()
@@ -169,23 +165,16 @@ pub fn greedy_verify<T: LogitsElement>(
     for ((accepted, emitted), result) in outputs.zip(&results) {
         emitted.fill(-1);
         *accepted = match result {
-            Ok((n, targets)) => {
+            Some((n, targets)) => {
                 for (slot, &token) in emitted.iter_mut().zip(&targets[..=*n]) {
                     *slot = token as i32;
                 }
                 *n as i32
             }
-            Err(_) => REQUEST_INVALID,
+            None => REQUEST_INVALID,
         };
     }
-    if let Some(status) = request_status {
-        for (slot, result) in status.iter_mut().zip(&results) {
-            *slot = result
-                .as_ref()
-                .map_or_else(|failure| failure.status, |_| RequestStatus::Ok)
-                .code();
-        }
-    }
+    write_statuses(&statuses, request_status);
     Ok(())
 }
 

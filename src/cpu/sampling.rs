@@ -11,7 +11,7 @@ use crate::sampling::{
     check_drafted_token, check_request, row_owner, CheckedRequest, Drafts, Node, RequestParams,
     RowTemperature, Rows, VerifyInputs, VerifyOutputs, VerifyShape,
 };
-use crate::status::{RequestResult, RequestStatus};
+use crate::status::{settle, write_statuses, RequestResult, RequestStatus};
 
 /// Verifies a batch of chains or trees ([`crate::sampling`] has the semantics). Every request is checked before
 /// any output is written. With [`VerifyOutputs::request_status`], a request that breaks a rule is flagged alone
@@ -19,28 +19,17 @@ use crate::status::{RequestResult, RequestStatus};
 /// request's error is returned and the outputs are untouched.
 pub fn rejection_verify(inputs: &VerifyInputs<'_>, outputs: &mut VerifyOutputs<'_>) -> Result<()> {
     let shape = VerifyShape::of(inputs, outputs)?;
-    let results: Vec<RequestResult<VerifiedRequest>> = super::pool::install(|| {
+    let checked: Vec<RequestResult<VerifiedRequest>> = super::pool::install(|| {
         (0..shape.num_requests)
             .into_par_iter()
             .map(|b| verify_request(&shape, inputs, b))
             .collect()
     });
-    if outputs.request_status.is_none() {
-        if let Some(Err(failure)) = results.iter().find(|r| r.is_err()) {
-            return Err(failure.error.clone());
-        }
-    }
-    if let Some(status) = outputs.request_status.as_deref_mut() {
-        for (slot, result) in status.iter_mut().zip(&results) {
-            *slot = result
-                .as_ref()
-                .map_or_else(|failure| failure.status, |_| RequestStatus::Ok)
-                .code();
-        }
-    }
+    let (results, statuses) = settle(checked, outputs.request_status.as_deref())?;
+    write_statuses(&statuses, outputs.request_status.as_deref_mut());
     let w = shape.emit_width;
     for (b, result) in results.iter().enumerate() {
-        let Ok(result) = result else {
+        let Some(result) = result else {
             outputs.accepted_counts[b] = REQUEST_INVALID;
             outputs.emitted_tokens[b * w..(b + 1) * w].fill(-1);
             if let Some(nodes) = outputs.accepted_nodes.as_deref_mut() {

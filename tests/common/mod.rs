@@ -197,22 +197,17 @@ impl<T: TestElement> GreedyCase<T> {
 
     /// The CPU backend's outputs with `request_status`: bad requests flagged alone.
     pub fn run_cpu(&self) -> specdec::Result<GreedyOutput> {
-        let mut out = GreedyOutput::poisoned(self.num_requests(), self.emit_width);
-        specdec::cpu::greedy_verify(
-            &self.logits,
-            self.vocab_size,
-            &self.draft_offsets,
-            &self.draft_tokens,
-            self.emit_width,
-            &mut out.accepted,
-            &mut out.emitted,
-            Some(&mut out.status),
-        )?;
+        self.run_cpu_with(true)
+    }
+
+    /// The CPU backend without `request_status`: the first bad request fails the call (statuses read 0).
+    pub fn run_cpu_strict(&self) -> specdec::Result<GreedyOutput> {
+        let mut out = self.run_cpu_with(false)?;
+        out.status.fill(0);
         Ok(out)
     }
 
-    /// The CPU backend without `request_status`: the first bad request fails the call.
-    pub fn run_cpu_strict(&self) -> specdec::Result<GreedyOutput> {
+    fn run_cpu_with(&self, with_status: bool) -> specdec::Result<GreedyOutput> {
         let mut out = GreedyOutput::poisoned(self.num_requests(), self.emit_width);
         specdec::cpu::greedy_verify(
             &self.logits,
@@ -222,9 +217,8 @@ impl<T: TestElement> GreedyCase<T> {
             self.emit_width,
             &mut out.accepted,
             &mut out.emitted,
-            None,
+            with_status.then_some(&mut out.status[..]),
         )?;
-        out.status.fill(0);
         Ok(out)
     }
 }
