@@ -88,8 +88,8 @@ fn parallel_argmax<T: LogitsElement>(row: &[T]) -> usize {
 
 /// Greedy verification of a batch of drafted chains; see [`crate::greedy`] for the layout, semantics and rules.
 ///
-/// With `request_status` (`[B]`), a request that breaks a rule is flagged alone: its [`RequestStatus`] code,
-/// `accepted_counts[b] = -1` and a row of -1, as the CUDA kernel does. Without it, the first failing request's
+/// With `request_status` (`[B]`), a request that breaks a rule is flagged alone: its
+/// [`RequestStatus`](crate::RequestStatus) code, `accepted_counts[b] = -1` and a row of -1, as the CUDA kernel does. Without it, the first failing request's
 /// error is returned (naming the offending element) and nothing is written.
 ///
 /// ```
