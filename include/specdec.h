@@ -418,6 +418,10 @@ typedef struct {
    * Weight of the newest rollout length in a prompt's moving average, in (0, 1].
    */
   double length_smoothing;
+  /**
+   * The most stored occurrences a proposal looks at per gram length (bounds every proposal's work).
+   */
+  int64_t max_occurrences;
 } specdec_drafter_config;
 
 /**
@@ -1011,7 +1015,9 @@ specdec_status specdec_drafter_finish_request(const specdec_drafter *drafter, ui
  * Proposes a draft continuing a request's context: `kind` a `specdec_draft_kind` (chain or tree). Writes up to `capacity`
  * nodes: `out_tokens[i]`, `out_parents[i]` (-1 for a child of the context's last token, otherwise an earlier
  * index: the first n nodes always form a valid tree) and `out_probs[i]` (path probability); `*out_count` =
- * nodes written, `*out_match_len` = length of the matched context suffix (0: nothing matched). For tree
+ * nodes written, `*out_match_len` = length of the matched context suffix (0: nothing matched), and, unless
+ * `out_score` is null, `*out_score` = the draft's score (expected accepted tokens: the sum of the path
+ * probabilities of all its nodes, including any beyond `capacity`). For tree
  * verification, `specdec_draft_to_verify_tree` puts the context's last token as node 0 and shifts the parents by
  * one (the one tree vocabulary of `specdec::tree`).
  *
@@ -1027,7 +1033,8 @@ specdec_status specdec_drafter_propose(const specdec_drafter *drafter,
                                        int32_t *out_parents,
                                        double *out_probs,
                                        int64_t *out_count,
-                                       int64_t *out_match_len);
+                                       int64_t *out_match_len,
+                                       double *out_score);
 
 /**
  * Writes the sizes of a drafter's histories into `*out`.

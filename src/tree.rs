@@ -324,6 +324,7 @@ mod tests {
             parents: vec![-1, -1, 0],
             probs: vec![0.5, 0.3, 0.4],
             match_len: 3,
+            ..Draft::default()
         };
         let tree = VerifyTree::from_draft(42, &draft).unwrap();
         assert_eq!(tree.tokens(), &[42, 7, 8, 9]);

@@ -35,32 +35,52 @@ fn counts(sequences: &[Vec<Token>], s: &[Token]) -> (Vec<(Token, usize)>, usize)
 }
 
 /// The reference drafter: `sequences` are the prompt's stored rollouts (prompt and output each), among them
-/// the request's own, whose tokens are `context` unless it was evicted.
+/// the request's own, whose tokens are `context` unless it was evicted. For every match length from
+/// `min_match` to `max_match` whose suffix occurs with a continuation, the draft from that suffix; the one with
+/// the highest score (sum of path probabilities) wins, ties to the longer match.
 fn reference(
     sequences: &[Vec<Token>],
     context: &[Token],
     config: &DrafterConfig,
     kind: DraftKind,
-    budget_cap: usize,
 ) -> Draft {
     let top = config.max_match.min(context.len());
-    let match_len = (config.min_match..=top)
-        .rev()
-        .find(|&m| !continuations(sequences, &context[context.len() - m..]).is_empty())
-        .unwrap_or(0);
-    let budget = budget_cap.min(config.max_draft).min(
-        (match_len as f64 * config.match_factor + config.match_offset)
-            .floor()
-            .max(0.0) as usize,
-    );
+    let mut best: Option<Draft> = None;
+    for match_len in config.min_match..=top {
+        let suffix = &context[context.len() - match_len..];
+        if continuations(sequences, suffix).is_empty() {
+            continue;
+        }
+        let budget = config.max_draft.min(
+            (match_len as f64 * config.match_factor + config.match_offset)
+                .floor()
+                .max(0.0) as usize,
+        );
+        let draft = reference_at(sequences, suffix, config, kind, budget);
+        if best.as_ref().is_none_or(|b| draft.score >= b.score) {
+            best = Some(draft);
+        }
+    }
+    best.unwrap_or_default()
+}
+
+/// The reference draft from the occurrences of `suffix`, in at most `budget` nodes.
+fn reference_at(
+    sequences: &[Vec<Token>],
+    suffix: &[Token],
+    config: &DrafterConfig,
+    kind: DraftKind,
+    budget: usize,
+) -> Draft {
     let mut draft = Draft {
-        match_len,
+        match_len: suffix.len(),
+        occurrences: continuations(sequences, suffix).len(),
         ..Draft::default()
     };
-    if match_len == 0 || budget == 0 {
+    if budget == 0 {
         return draft;
     }
-    let base = context[context.len() - match_len..].to_vec();
+    let base = suffix.to_vec();
     match kind {
         DraftKind::Chain => {
             let mut s = base;
@@ -84,6 +104,7 @@ fn reference(
                 draft.parents.push(draft.tokens.len() as i32 - 1);
                 draft.tokens.push(token);
                 draft.probs.push(prob);
+                draft.score += prob;
                 s.push(token);
             }
         }
@@ -119,6 +140,7 @@ fn reference(
                 draft.tokens.push(token);
                 draft.parents.push(parent);
                 draft.probs.push(prob);
+                draft.score += prob;
                 push_children(&s, index, prob, &mut candidates);
             }
         }
@@ -153,7 +175,7 @@ fn check_probe(drafter: &Drafter, prompt: u64, probe: u64, context: &[Token], wh
     let sequences = drafter.history(prompt);
     for kind in [DraftKind::Chain, DraftKind::Tree] {
         let got = drafter.propose(probe, kind).unwrap();
-        let want = reference(&sequences, context, drafter.config(), kind, usize::MAX);
+        let want = reference(&sequences, context, drafter.config(), kind);
         assert_eq!(
             got, want,
             "{what}: {kind:?} draft differs from the brute-force reference"
@@ -161,15 +183,21 @@ fn check_probe(drafter: &Drafter, prompt: u64, probe: u64, context: &[Token], wh
     }
 }
 
+/// Configurations for the reference tests. Every one looks at all occurrences (`max_occurrences` above any
+/// chain's length), where proposals are exact.
 fn configs() -> Vec<DrafterConfig> {
+    let exact = DrafterConfig {
+        max_occurrences: usize::MAX,
+        ..DrafterConfig::default()
+    };
     vec![
-        DrafterConfig::default(),
+        exact.clone(),
         DrafterConfig {
-            min_match: 1,
+            min_match: 2,
             max_match: 8,
             max_draft: 12,
             min_token_prob: 0.0,
-            ..DrafterConfig::default()
+            ..exact.clone()
         },
         DrafterConfig {
             min_match: 3,
@@ -178,7 +206,20 @@ fn configs() -> Vec<DrafterConfig> {
             match_factor: 0.5,
             match_offset: 2.0,
             min_token_prob: 0.3,
-            ..DrafterConfig::default()
+            ..exact.clone()
+        },
+        // One chain level only (min_match at least the 6-token anchor).
+        DrafterConfig {
+            min_match: 7,
+            match_factor: 2.0,
+            min_token_prob: 0.0,
+            ..exact.clone()
+        },
+        // Budgets that fall to 0 for short matches, so that an empty draft can win.
+        DrafterConfig {
+            match_offset: -3.0,
+            min_token_prob: 0.05,
+            ..exact
         },
     ]
 }
@@ -250,8 +291,8 @@ fn hand_worked_chain_and_tree() {
     assert_eq!(chain.match_len, 2);
     // Budget floor(2 * 1.0 + 0) = 2 tokens: 4 (3/4), then 9 (1/1, path 0.75).
     assert_eq!(
-        (chain.tokens, chain.parents, chain.probs),
-        (vec![4, 9], vec![-1, 0], vec![0.75, 0.75])
+        (chain.tokens, chain.parents, chain.probs, chain.score),
+        (vec![4, 9], vec![-1, 0], vec![0.75, 0.75], 1.5)
     );
     // Tree, 2 nodes: the root's children are 4 (0.75) and 5 (0.25); 4 is taken first, which queues 9 (0.75);
     // 9 beats 5.
@@ -280,12 +321,72 @@ fn hand_worked_chain_and_tree() {
         (tree.tokens, tree.parents, tree.probs),
         (vec![4, 9, 5], vec![-1, 0, -1], vec![0.75, 0.75, 0.25])
     );
+    // Nothing drafted, but the match and its 4 occurrences are reported.
     assert_eq!(
         strict.propose(10, DraftKind::Chain).unwrap(),
         Draft {
             match_len: 2,
+            occurrences: 4,
             ..Draft::default()
         }
+    );
+}
+
+#[test]
+fn a_shorter_match_with_more_expected_accepted_tokens_wins() {
+    // History: [9 1 2 3 10], [5 2 3 20 21], [6 2 3 20 21]; context [9 1 2 3]. The longest match, [9 1 2 3],
+    // occurs once, followed by 10 and then nothing: score 1. The match [2 3] occurs three times, followed by
+    // 10, 20, 20: budget 2 drafts 20 (2/3) then 21 (2/3 * 2/2), score 4/3. [3] alone has the same three
+    // occurrences and a budget of 1. So the draft is [20 21] from the 2-token match, where following the
+    // longest match (the drafter before issue 18) drafted [10].
+    let drafter = Drafter::new(DrafterConfig {
+        min_token_prob: 0.0,
+        ..DrafterConfig::default()
+    })
+    .unwrap();
+    for (r, rollout) in [[9, 1, 2, 3, 10], [5, 2, 3, 20, 21], [6, 2, 3, 20, 21]]
+        .iter()
+        .enumerate()
+    {
+        drafter.add_request(r as u64, 1, &[]).unwrap();
+        drafter.append(r as u64, rollout).unwrap();
+        drafter.finish_request(r as u64).unwrap();
+    }
+    drafter.add_request(10, 1, &[9, 1, 2, 3]).unwrap();
+    let two_thirds = 2.0 / 3.0;
+    assert_eq!(
+        drafter.propose(10, DraftKind::Chain).unwrap(),
+        Draft {
+            tokens: vec![20, 21],
+            parents: vec![-1, 0],
+            probs: vec![two_thirds, two_thirds],
+            match_len: 2,
+            score: two_thirds + two_thirds,
+            occurrences: 3,
+        }
+    );
+    // A tree of budget 2 from [2 3] takes 20 (2/3), then 21 under it (2/3) over 10 (1/3): the same nodes.
+    assert_eq!(
+        drafter.propose(10, DraftKind::Tree).unwrap().tokens,
+        vec![20, 21]
+    );
+    // With min_match 3 only [1 2 3] and [9 1 2 3] may match: the old answer, [10], with score 1.
+    let long_only = Drafter::new(DrafterConfig {
+        min_match: 3,
+        min_token_prob: 0.0,
+        ..DrafterConfig::default()
+    })
+    .unwrap();
+    for (r, rollout) in drafter.history(1).iter().enumerate() {
+        long_only.add_request(r as u64, 1, &[]).unwrap();
+        long_only.append(r as u64, rollout).unwrap();
+        long_only.finish_request(r as u64).unwrap();
+    }
+    long_only.add_request(10, 1, &[9, 1, 2, 3]).unwrap();
+    let draft = long_only.propose(10, DraftKind::Chain).unwrap();
+    assert_eq!(
+        (draft.tokens, draft.match_len, draft.score),
+        (vec![10], 4, 1.0)
     );
 }
 
@@ -577,6 +678,13 @@ fn bad_arguments_are_rejected() {
         },
         "window_iterations",
     );
+    bad(
+        DrafterConfig {
+            max_occurrences: 0,
+            ..base.clone()
+        },
+        "max_occurrences",
+    );
     // Each budget, factor and offset is named itself (before: "token_budget" for both budgets, "match_factor"
     // for a NaN match_offset).
     bad(
@@ -706,5 +814,41 @@ fn eight_threads_mixing_every_call_finish_and_see_consistent_statistics() {
         finished
             .recv_timeout(Duration::from_secs(60))
             .expect("a drafter call did not return within 60 s: deadlock (seed printed above)");
+    }
+}
+
+#[test]
+fn a_proposal_looks_at_most_at_max_occurrences_per_gram_length() {
+    // 20,000 copies of one token then 5,000 of a pair: every suffix of a context in there occurs thousands of
+    // times. Capped, a proposal is built from at most `max_occurrences` occurrences per gram length (here
+    // both the 1-token and the 6-token chains), so its work does not grow with the history.
+    let history: Vec<Token> = std::iter::repeat_n(7, 20_000)
+        .chain((0..10_000).map(|i| 1 + i % 2))
+        .collect();
+    for (max_occurrences, most) in [(16, 32), (usize::MAX, usize::MAX)] {
+        let drafter = Drafter::new(DrafterConfig {
+            max_occurrences,
+            min_token_prob: 0.0,
+            ..DrafterConfig::default()
+        })
+        .unwrap();
+        drafter.add_request(0, 1, &[]).unwrap();
+        drafter.append(0, &history).unwrap();
+        drafter.finish_request(0).unwrap();
+        for (probe, context) in [(1u64, vec![7; 40]), (2, vec![1, 2, 1, 2, 1, 2, 1, 2, 1])] {
+            drafter.add_request(probe, 1, &context).unwrap();
+            let draft = drafter.propose(probe, DraftKind::Chain).unwrap();
+            assert!(
+                draft.occurrences <= most,
+                "cap {max_occurrences}: {} occurrences",
+                draft.occurrences
+            );
+            if max_occurrences == usize::MAX {
+                // Uncapped, every occurrence of the longest matching suffix counts: thousands.
+                assert!(draft.occurrences > 4000, "{}", draft.occurrences);
+            }
+            let next = if probe == 1 { 7 } else { 2 };
+            assert_eq!(draft.tokens[0], next, "cap {max_occurrences}");
+        }
     }
 }

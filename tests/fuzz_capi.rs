@@ -682,6 +682,7 @@ fn run_drafter(settings: &DrafterSettings, calls: &[DrafterCall]) -> Result<(), 
                         probs.as_mut_ptr(),
                         &mut count,
                         &mut match_len,
+                        std::ptr::null_mut(),
                     );
                     let expect_ok =
                         registered.contains(request) && (0..=1).contains(kind) && *capacity > 0;
@@ -731,6 +732,7 @@ fn run_drafter(settings: &DrafterSettings, calls: &[DrafterCall]) -> Result<(), 
                         &mut prob,
                         &mut count,
                         &mut match_len,
+                        std::ptr::null_mut(),
                     );
                     prop_assert_eq!(s, INVALID);
                     prop_assert_eq!(specdec_drafter_destroy(gone), INVALID);

@@ -57,7 +57,7 @@ int main(void) {
 
     /* 1. Propose a tree (kind 1) and put it under the context's last token. */
     check(specdec_drafter_propose(drafter, 1, SPECDEC_DRAFT_TREE, SPECDEC_MAX_DRAFTS, draft_tokens, draft_parents,
-                                  draft_probs, &num_drafts, &match_len),
+                                  draft_probs, &num_drafts, &match_len, NULL),
           "specdec_drafter_propose");
     check(specdec_draft_to_verify_tree(context[length - 1], draft_tokens, draft_parents, num_drafts, tokens, parents,
                                        &width),

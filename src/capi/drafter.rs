@@ -39,6 +39,8 @@ pub struct specdec_drafter_config {
     pub short_budget: i64,
     /// Weight of the newest rollout length in a prompt's moving average, in (0, 1].
     pub length_smoothing: f64,
+    /// The most stored occurrences a proposal looks at per gram length (bounds every proposal's work).
+    pub max_occurrences: i64,
 }
 
 /// Sizes of a drafter's histories, from `specdec_drafter_get_stats`.
@@ -109,6 +111,7 @@ fn config_from_c(c: &specdec_drafter_config) -> Result<DrafterConfig> {
             .map_err(|_| Error::invalid("window_iterations", "cannot be negative"))?,
         prompt_token_budget: size_arg("prompt_token_budget", c.prompt_token_budget)?,
         total_token_budget: size_arg("total_token_budget", c.total_token_budget)?,
+        max_occurrences: size_arg("max_occurrences", c.max_occurrences)?,
         length_classes,
     })
 }
@@ -167,6 +170,7 @@ pub unsafe extern "C" fn specdec_drafter_config_default(
             medium_budget: c.medium_budget as i64,
             short_budget: c.short_budget as i64,
             length_smoothing: c.smoothing,
+            max_occurrences: d.max_occurrences as i64,
         };
         Ok(())
     })
@@ -282,7 +286,9 @@ c_enum_table!(specdec_draft_kind {
 /// Proposes a draft continuing a request's context: `kind` a `specdec_draft_kind` (chain or tree). Writes up to `capacity`
 /// nodes: `out_tokens[i]`, `out_parents[i]` (-1 for a child of the context's last token, otherwise an earlier
 /// index: the first n nodes always form a valid tree) and `out_probs[i]` (path probability); `*out_count` =
-/// nodes written, `*out_match_len` = length of the matched context suffix (0: nothing matched). For tree
+/// nodes written, `*out_match_len` = length of the matched context suffix (0: nothing matched), and, unless
+/// `out_score` is null, `*out_score` = the draft's score (expected accepted tokens: the sum of the path
+/// probabilities of all its nodes, including any beyond `capacity`). For tree
 /// verification, `specdec_draft_to_verify_tree` puts the context's last token as node 0 and shifts the parents by
 /// one (the one tree vocabulary of `specdec::tree`).
 ///
@@ -300,6 +306,7 @@ pub unsafe extern "C" fn specdec_drafter_propose(
     out_probs: *mut f64,
     out_count: *mut i64,
     out_match_len: *mut i64,
+    out_score: *mut f64,
 ) -> specdec_status {
     boundary(|| {
         let drafter = drafter_arg(drafter)?;
@@ -325,6 +332,9 @@ pub unsafe extern "C" fn specdec_drafter_propose(
         }
         *count = n as i64;
         *match_len = draft.match_len as i64;
+        if !out_score.is_null() {
+            *out_score = draft.score;
+        }
         Ok(())
     })
 }

@@ -1,14 +1,14 @@
 //! The suffix index of one source of token sequences (one prompt's rollouts, or one request's own context).
 //!
-//! What it answers: the longest suffix of a context (at most `max_match` tokens, at least `min_match`) that
-//! occurs somewhere in the stored sequences *followed by another token*, and every such occurrence.
+//! What it answers: the occurrences of the context's suffixes (at most `max_match` tokens, at least
+//! `min_match`) in the stored sequences *followed by another token*, each with its match length.
 //!
 //! How: every occurrence of a k-gram that has a continuation is linked into a chain of positions holding the
-//! same k-gram, for two gram lengths: `min_match` and a longer anchor. A query walks the anchor chain of the
-//! context's last tokens, extending each candidate backwards token by token to get its exact match length;
-//! only when the anchor occurs nowhere does it fall back to the `min_match` chain (then every match is shorter
-//! than the anchor). Because every candidate is compared token by token, hash collisions never produce a
-//! wrong match, and the set of occurrences is exact.
+//! same k-gram, for two gram lengths: `min_match` and a longer anchor. A query walks the chain of the context's
+//! last gram at one level, at most a given number of entries (the most recently linked first), extending each
+//! candidate backwards token by token to get its exact match length. The anchor chain gives the long matches;
+//! the `min_match` chain the shorter ones. Because every candidate is compared token by token, hash collisions
+//! never produce a wrong match; a walk that reaches the end of its chain has seen every occurrence.
 //!
 //! Why not a suffix tree: a depth-capped suffix tree updates up to `depth` nodes per appended token, each a
 //! map operation. Here an appended token touches one bucket of a head table and one older link per gram
@@ -406,46 +406,60 @@ impl SuffixIndex {
         len
     }
 
-    /// The length of the longest match of `context`'s suffix, with its occurrences (newest first) in
-    /// `occurrences`; 0 when no suffix of at least `min_match` tokens occurs with a continuation.
-    pub fn longest_match(&self, context: &[Token], occurrences: &mut Vec<Occurrence>) -> usize {
-        occurrences.clear();
+    /// The gram lengths of the two chain levels: `min_match`, and the anchor (equal when `min_match` is at
+    /// least the anchor's 6 tokens).
+    pub fn gram_lens(&self) -> [usize; LEVELS] {
+        self.gram_lens
+    }
+
+    /// Walks at most `max_visits` entries of `level`'s chain for the context's last gram, most recently linked
+    /// first, and pushes every occurrence that matches at least `min_len` of the context's last tokens, with its
+    /// match length (at most `max_match`). A visit is one chain entry, another gram sharing the bucket included,
+    /// so the work is bounded however often the gram occurs. Returns whether the chain was walked to its end
+    /// (then every occurrence of the gram was seen).
+    pub fn collect(
+        &self,
+        context: &[Token],
+        level: usize,
+        max_visits: usize,
+        min_len: usize,
+        out: &mut Vec<Candidate>,
+    ) -> bool {
+        let k = self.gram_lens[level];
+        if context.len() < k {
+            return true;
+        }
         let limit = self.max_match.min(context.len());
-        for level in (0..LEVELS).rev() {
-            let k = self.gram_lens[level];
-            if context.len() < k {
-                continue;
+        let table = &self.heads[level];
+        let mut at = table.buckets[table.bucket(gram_hash(&context[context.len() - k..]))];
+        for _ in 0..max_visits {
+            if at == NONE {
+                return true;
             }
-            let mut best = 0;
-            let table = &self.heads[level];
-            let mut at = table.buckets[table.bucket(gram_hash(&context[context.len() - k..]))];
-            while at != NONE {
-                let o = Occurrence::unpack(at);
-                let sequence = self.slot(o.slot);
-                at = sequence.links[level][o.end as usize].next;
-                let before = &sequence.tokens[..o.end as usize];
-                let len = before
-                    .iter()
-                    .rev()
-                    .zip(context.iter().rev())
-                    .take(limit)
-                    .take_while(|(a, b)| a == b)
-                    .count();
-                if len < k {
-                    continue; // another gram sharing the bucket
-                }
-                if len > best {
-                    best = len;
-                    occurrences.clear();
-                }
-                if len == best {
-                    occurrences.push(o);
-                }
-            }
-            if best > 0 {
-                return best;
+            let o = Occurrence::unpack(at);
+            let sequence = self.slot(o.slot);
+            at = sequence.links[level][o.end as usize].next;
+            let match_len = sequence.tokens[..o.end as usize]
+                .iter()
+                .rev()
+                .zip(context.iter().rev())
+                .take(limit)
+                .take_while(|(a, b)| a == b)
+                .count();
+            if match_len >= min_len.max(k) {
+                out.push(Candidate {
+                    occurrence: o,
+                    match_len,
+                });
             }
         }
-        0
+        at == NONE
     }
+}
+
+/// An occurrence of a suffix of the context, and how many of the context's last tokens it matches.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Candidate {
+    pub occurrence: Occurrence,
+    pub match_len: usize,
 }

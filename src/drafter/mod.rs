@@ -14,14 +14,23 @@
 //!   their tokens are appended, so the rollouts of one prompt generated together help each other.
 //! * A rollout is stored as its prompt followed by its output, so each request also matches against **its own
 //!   context** (its own rollout), and matches may run from the prompt into the output.
-//! * **Match**: the longest suffix of the request's context, of `min_match..=max_match` tokens, that occurs in
-//!   the prompt's history followed by at least one token. Every such occurrence is a cursor.
+//! * **Matches**: every suffix of the request's context, of `min_match..=max_match` tokens, that occurs in the
+//!   prompt's history followed by at least one token. Each occurrence of a suffix is a cursor.
 //! * **Chain**: follow the most frequent continuation among the cursors (ties to the smallest token id), keep
 //!   the cursors that agree, repeat. **Tree**: best-first by path probability (ties to the lower parent index,
 //!   then the smaller token). A token's empirical probability is the share of cursors continuing with it; a
 //!   node is drafted only while its path probability is at least `min_token_prob`. See [`Draft`].
-//! * **Budget** (draft tokens for a chain, nodes for a tree): `min(max_draft, floor(match_len * match_factor +
-//!   match_offset))`, further capped by the request's length class if [`LengthClasses`] are configured.
+//! * **Selection**: a draft is built from every matching suffix, and the one with the highest score (the sum
+//!   of its path probabilities: the expected number of accepted tokens if the history's continuations were
+//!   the target's) is proposed, ties to the longer match (suffix decoding's rule, arXiv 2411.04975, section
+//!   3.2). A shorter match can win: after a mismatch the long suffixes are often new, and a frequent short
+//!   one predicts better than a rare long one.
+//! * **Budget** (draft tokens for a chain, nodes for a tree) of a match of `m` tokens: `min(max_draft,
+//!   floor(m * match_factor + match_offset))`, further capped by the request's length class if
+//!   [`LengthClasses`] are configured.
+//! * **Bounded work**: a proposal looks at no more than `max_occurrences` occurrences per gram length (the
+//!   context's last `min_match` tokens and its last 6), in chain order (the most recently stored first, until
+//!   a table resize relinks them), however often a gram occurs. Below that count it is exact: equal to a scan of the whole history (`tests/drafter.rs`).
 //!
 //! # Memory
 //!
@@ -58,7 +67,6 @@ use std::sync::{Arc, Mutex, RwLock};
 use crate::error::{Error, Result};
 use index::SuffixIndex;
 pub use index::Token;
-use propose::Cursor;
 pub use propose::Draft;
 
 /// Request length classes after DAS: a request's predicted length (the moving average of its prompt's past
@@ -97,7 +105,7 @@ impl Default for LengthClasses {
 /// The drafter's settings. [`DrafterConfig::default`] gives usable values (each field's default below).
 #[derive(Debug, Clone, PartialEq)]
 pub struct DrafterConfig {
-    /// The shortest context suffix worth matching (default 2).
+    /// The shortest context suffix worth matching (default 1).
     pub min_match: usize,
     /// The longest context suffix matched, the depth cap (default 32, at most 1024).
     pub max_match: usize,
@@ -110,6 +118,11 @@ pub struct DrafterConfig {
     pub match_offset: f64,
     /// Nodes whose path probability falls below this are not drafted (default 0.1).
     pub min_token_prob: f64,
+    /// The most stored occurrences a proposal looks at per gram length: it walks at most this many entries
+    /// of the chain of the context's last `min_match` tokens and of its last 6 (default 16). Proposals are
+    /// exact (equal to a scan of the whole history) while neither gram occurs more often; beyond that they use
+    /// the occurrences linked most recently, so no proposal's work grows with the history.
+    pub max_occurrences: usize,
     /// Rollouts started this many iterations ago or more are dropped by [`Drafter::begin_iteration`] (default 4).
     pub window_iterations: u64,
     /// Most rollout tokens stored for one prompt (default 2^20, at most 2^32 - 1).
@@ -123,12 +136,13 @@ pub struct DrafterConfig {
 impl Default for DrafterConfig {
     fn default() -> Self {
         DrafterConfig {
-            min_match: 2,
+            min_match: 1,
             max_match: 32,
             max_draft: 24,
             match_factor: 1.0,
             match_offset: 0.0,
             min_token_prob: 0.1,
+            max_occurrences: 16,
             window_iterations: 4,
             prompt_token_budget: 1 << 20,
             total_token_budget: 64 << 20,
@@ -190,6 +204,12 @@ impl DrafterConfig {
             return Err(Error::invalid(
                 "min_token_prob",
                 format!("is {}, outside [0, 1]", self.min_token_prob),
+            ));
+        }
+        if self.max_occurrences == 0 {
+            return Err(Error::invalid(
+                "max_occurrences",
+                "is 0; a proposal must look at one occurrence at least",
             ));
         }
         if self.window_iterations == 0 {
@@ -671,8 +691,10 @@ impl Drafter {
         budget
     }
 
-    /// Proposes a draft for `request`, continuing its context (prompt and output so far). An empty draft means
-    /// nothing matched or the budget is 0.
+    /// Proposes a draft for `request`, continuing its context (prompt and output so far): the best-scoring draft
+    /// over every matching suffix (see the module documentation), with its match length, score and the number
+    /// of occurrences it was built from. An empty draft means nothing matched (`match_len` 0), the budget is 0,
+    /// or no continuation reached `min_token_prob`.
     pub fn propose(&self, request: u64, kind: DraftKind) -> Result<Draft> {
         let state = self.request(request)?;
         let state = lock(&state);
@@ -680,34 +702,18 @@ impl Drafter {
             return Err(not_registered(request));
         }
         let history = read(&state.history);
-        let mut occurrences = Vec::new();
-        let match_len = history
-            .index
-            .longest_match(&state.context, &mut occurrences);
-        let budget = self.budget(
-            match_len,
-            state.context.len() - state.prompt_len,
-            history.length_average,
-        );
-        if match_len == 0 || budget == 0 {
-            return Ok(Draft {
-                match_len,
-                ..Draft::default()
-            });
-        }
-        let cursors = occurrences
-            .iter()
-            .map(|o| Cursor {
-                tokens: history.index.tokens_of(*o),
-                next: o.end as usize,
-            })
-            .collect();
-        let mut draft = match kind {
-            DraftKind::Chain => propose::chain(cursors, budget, self.config.min_token_prob),
-            DraftKind::Tree => propose::tree(cursors, budget, self.config.min_token_prob),
-        };
-        draft.match_len = match_len;
-        Ok(draft)
+        let generated = state.context.len() - state.prompt_len;
+        let budget = |match_len| self.budget(match_len, generated, history.length_average);
+        Ok(propose::best_draft(
+            &history.index,
+            &state.context,
+            &propose::Settings {
+                kind,
+                max_occurrences: self.config.max_occurrences,
+                min_token_prob: self.config.min_token_prob,
+                budget: &budget,
+            },
+        ))
     }
 
     /// The history of `prompt`, if any, with the prompts map released again (it is a leaf of the lock order).

@@ -1,14 +1,19 @@
-//! Drafts from the occurrences of the matched suffix: a chain (the most frequent continuation, step by step)
-//! or a tree (best-first over continuations by path probability).
+//! Drafts from the occurrences of the context's suffixes: for every match length, a chain (the most frequent
+//! continuation, step by step) or a tree (best-first over continuations by path probability), scored by the
+//! expected number of accepted tokens; the best score wins (suffix decoding's selection, Oliaro et al.,
+//! "SuffixDecoding", arXiv 2411.04975, section 3.2).
 //!
 //! A cursor stands at one occurrence's continuation. At a draft node, the empirical probability of continuation
 //! token `t` is (cursors whose next token is `t`) / (cursors that have a next token); a node's path probability
 //! is the product along its path. A node is drafted only if its path probability is at least `min_token_prob`.
+//! If the continuations were the target's distribution, a node is accepted with its path probability, so the sum
+//! of path probabilities is the expected number of accepted tokens: the draft's score.
 
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 
-use super::index::Token;
+use super::index::{Candidate, SuffixIndex, Token};
+use super::DraftKind;
 
 /// A position in a stored sequence: `tokens[next]` is the continuation to consider.
 #[derive(Clone, Copy)]
@@ -19,6 +24,8 @@ pub(crate) struct Cursor<'a> {
 
 /// A draft: `tokens[i]` with `parents[i]` (-1 for a child of the context's last token, otherwise an earlier
 /// index, so `parents[i] < i`) and `probs[i]` its path probability. A chain has `parents[i] = i - 1`.
+/// `score` is the sum of `probs` (the expected accepted tokens), from the `occurrences` occurrences of the
+/// context's last `match_len` tokens.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Draft {
     /// The drafted tokens.
@@ -29,6 +36,11 @@ pub struct Draft {
     pub probs: Vec<f64>,
     /// The length of the context suffix the draft continues (0 when nothing matched).
     pub match_len: usize,
+    /// The expected number of accepted tokens under the history's empirical continuation law: the sum of
+    /// `probs` (0 for an empty draft).
+    pub score: f64,
+    /// How many stored occurrences of the matched suffix the draft was built from.
+    pub occurrences: usize,
 }
 
 /// The continuations of `cursors`, as (token, count) in increasing token order, and their total.
@@ -59,8 +71,12 @@ fn follow<'a>(cursors: &[Cursor<'a>], token: Token) -> Vec<Cursor<'a>> {
 }
 
 /// Follows the most frequent continuation (ties to the smallest token id) for up to `budget` tokens.
-pub(crate) fn chain(mut cursors: Vec<Cursor<'_>>, budget: usize, min_token_prob: f64) -> Draft {
-    let mut draft = Draft::default();
+fn chain(cursors: &[Cursor<'_>], budget: usize, min_token_prob: f64) -> Draft {
+    let mut draft = Draft {
+        occurrences: cursors.len(),
+        ..Draft::default()
+    };
+    let mut cursors = cursors.to_vec();
     let mut scratch = Vec::new();
     let mut prob = 1.0f64;
     while draft.tokens.len() < budget {
@@ -79,6 +95,7 @@ pub(crate) fn chain(mut cursors: Vec<Cursor<'_>>, budget: usize, min_token_prob:
         draft.parents.push(draft.tokens.len() as i32 - 1);
         draft.tokens.push(token);
         draft.probs.push(prob);
+        draft.score += prob;
         cursors = follow(&cursors, token);
     }
     draft
@@ -160,11 +177,14 @@ fn expand<'a>(
 }
 
 /// Best-first: repeatedly drafts the pending node of highest path probability, until `budget` nodes.
-pub(crate) fn tree(cursors: Vec<Cursor<'_>>, budget: usize, min_token_prob: f64) -> Draft {
-    let mut draft = Draft::default();
+fn tree(cursors: &[Cursor<'_>], budget: usize, min_token_prob: f64) -> Draft {
+    let mut draft = Draft {
+        occurrences: cursors.len(),
+        ..Draft::default()
+    };
     let mut pending = BinaryHeap::new();
     if budget > 0 {
-        expand(&cursors, -1, 1.0, min_token_prob, &mut pending);
+        expand(cursors, -1, 1.0, min_token_prob, &mut pending);
     }
     while draft.tokens.len() < budget {
         let Some(node) = pending.pop() else { break };
@@ -172,6 +192,7 @@ pub(crate) fn tree(cursors: Vec<Cursor<'_>>, budget: usize, min_token_prob: f64)
         draft.tokens.push(node.token);
         draft.parents.push(node.parent);
         draft.probs.push(node.prob);
+        draft.score += node.prob;
         expand(
             &node.cursors,
             index,
@@ -181,4 +202,139 @@ pub(crate) fn tree(cursors: Vec<Cursor<'_>>, budget: usize, min_token_prob: f64)
         );
     }
     draft
+}
+
+/// What a proposal needs besides the index and the context.
+pub(crate) struct Settings<'b> {
+    pub kind: DraftKind,
+    /// Chain entries visited per gram level (see [`SuffixIndex::collect`]).
+    pub max_occurrences: usize,
+    pub min_token_prob: f64,
+    /// The draft budget for a match of this many tokens.
+    pub budget: &'b dyn Fn(usize) -> usize,
+}
+
+/// The best-scoring draft over every match length of the context's suffix (ties to the longer match); an empty
+/// draft with `match_len` 0 when no suffix of at least `min_match` tokens occurs with a continuation.
+///
+/// The anchor level's occurrences give the matches of at least the anchor's length; the `min_match` level is
+/// walked only if a shorter match could still score higher, i.e. while the best score is below the budget of
+/// a match one token shorter than the anchor (a draft's score is at most its node count). The drafts of the
+/// match lengths between two occurrences' match lengths are prefixes of the longer one's, so only the match
+/// lengths that occur are drafted.
+pub(crate) fn best_draft(index: &SuffixIndex, context: &[Token], settings: &Settings<'_>) -> Draft {
+    let [min_match, anchor] = index.gram_lens();
+    let mut candidates = Vec::new();
+    let mut best: Option<Draft> = None;
+    if anchor > min_match {
+        index.collect(
+            context,
+            1,
+            settings.max_occurrences,
+            anchor,
+            &mut candidates,
+        );
+        score_match_lengths(
+            index,
+            &mut candidates,
+            anchor..usize::MAX,
+            settings,
+            &mut best,
+        );
+        if best
+            .as_ref()
+            .is_some_and(|b| b.score >= (settings.budget)(anchor - 1) as f64)
+        {
+            return best.unwrap_or_default();
+        }
+    }
+    let found = candidates.len();
+    index.collect(
+        context,
+        0,
+        settings.max_occurrences,
+        min_match,
+        &mut candidates,
+    );
+    if anchor > min_match {
+        // The anchor level already gave every match of the anchor's length or more.
+        let mut seen = 0;
+        candidates.retain(|c| {
+            seen += 1;
+            seen <= found || c.match_len < anchor
+        });
+    }
+    let below = if anchor > min_match {
+        anchor
+    } else {
+        usize::MAX
+    };
+    score_match_lengths(
+        index,
+        &mut candidates,
+        min_match..below,
+        settings,
+        &mut best,
+    );
+    best.unwrap_or_default()
+}
+
+/// Drafts from the occurrences matching at least `v` tokens, for each match length `v` in `lengths` that an
+/// occurrence has, longest first, and keeps the best score in `best` (a shorter match must score strictly
+/// higher). A match length is skipped when its bound cannot beat `best`: its budget, and for a chain, its first
+/// token's probability times its budget (every path probability is at most the first's).
+fn score_match_lengths(
+    index: &SuffixIndex,
+    candidates: &mut [Candidate],
+    lengths: std::ops::Range<usize>,
+    settings: &Settings<'_>,
+    best: &mut Option<Draft>,
+) {
+    candidates.sort_by_key(|c| std::cmp::Reverse(c.match_len));
+    let cursors: Vec<Cursor<'_>> = candidates
+        .iter()
+        .map(|c| Cursor {
+            tokens: index.tokens_of(c.occurrence),
+            next: c.occurrence.end as usize,
+        })
+        .collect();
+    // First-token counts of the occurrences so far, for the chain bound.
+    let mut first_counts: std::collections::HashMap<Token, usize> = Default::default();
+    let mut top_count = 0;
+    let mut i = 0;
+    while i < candidates.len() {
+        let v = candidates[i].match_len;
+        while i < candidates.len() && candidates[i].match_len == v {
+            let token = cursors[i].tokens[cursors[i].next];
+            let count = first_counts.entry(token).or_default();
+            *count += 1;
+            top_count = top_count.max(*count);
+            i += 1;
+        }
+        if v < lengths.start {
+            break;
+        }
+        if v >= lengths.end {
+            continue;
+        }
+        let budget = (settings.budget)(v);
+        if let Some(b) = best.as_ref() {
+            if budget as f64 <= b.score {
+                continue;
+            }
+            // A margin for rounding: the bound must never drop a draft that would tie or win.
+            let first = top_count as f64 / i as f64;
+            if settings.kind == DraftKind::Chain && first * budget as f64 * (1.0 + 1e-9) < b.score {
+                continue;
+            }
+        }
+        let mut draft = match settings.kind {
+            DraftKind::Chain => chain(&cursors[..i], budget, settings.min_token_prob),
+            DraftKind::Tree => tree(&cursors[..i], budget, settings.min_token_prob),
+        };
+        draft.match_len = v;
+        if best.as_ref().is_none_or(|b| draft.score > b.score) {
+            *best = Some(draft);
+        }
+    }
 }

@@ -221,6 +221,7 @@ static void test_drafter(void) {
   int32_t tokens[8], parents[8];
   double probs[8];
   int64_t count = -1, match_len = -1;
+  double score = -1.0;
   uint64_t r;
 
   CHECK(specdec_drafter_config_default(&config) == SPECDEC_OK);
@@ -232,13 +233,13 @@ static void test_drafter(void) {
     CHECK(specdec_drafter_finish_request(drafter, r) == SPECDEC_OK);
   }
   CHECK(specdec_drafter_add_request(drafter, 10, 1, probe_prompt, 3) == SPECDEC_OK);
-  CHECK(specdec_drafter_propose(drafter, 10, SPECDEC_DRAFT_CHAIN, 8, tokens, parents, probs, &count, &match_len) ==
-        SPECDEC_OK);
-  CHECK(count == 2 && match_len == 2);
+  CHECK(specdec_drafter_propose(drafter, 10, SPECDEC_DRAFT_CHAIN, 8, tokens, parents, probs, &count, &match_len,
+                                &score) == SPECDEC_OK);
+  CHECK(count == 2 && match_len == 2 && score == 1.5);
   CHECK(tokens[0] == 4 && tokens[1] == 9 && parents[0] == -1 && parents[1] == 0);
   CHECK(probs[0] == 0.75 && probs[1] == 0.75);
   /* A capacity of 1 keeps the first node. */
-  CHECK(specdec_drafter_propose(drafter, 10, SPECDEC_DRAFT_TREE, 1, tokens, parents, probs, &count, &match_len) ==
+  CHECK(specdec_drafter_propose(drafter, 10, SPECDEC_DRAFT_TREE, 1, tokens, parents, probs, &count, &match_len, NULL) ==
         SPECDEC_OK);
   CHECK(count == 1 && tokens[0] == 4);
   CHECK(specdec_drafter_get_stats(drafter, &stats) == SPECDEC_OK);
@@ -246,18 +247,21 @@ static void test_drafter(void) {
   CHECK(stats.bytes > 0 && stats.bytes_per_token > 0.0);
 
   EXPECT_INVALID(
-      specdec_drafter_propose(drafter, 99, SPECDEC_DRAFT_CHAIN, 8, tokens, parents, probs, &count, &match_len),
+      specdec_drafter_propose(drafter, 99, SPECDEC_DRAFT_CHAIN, 8, tokens, parents, probs, &count, &match_len, NULL),
       "request");
-  EXPECT_INVALID(specdec_drafter_propose(drafter, 10, 2, 8, tokens, parents, probs, &count, &match_len), "kind");
+  EXPECT_INVALID(specdec_drafter_propose(drafter, 10, 2, 8, tokens, parents, probs, &count, &match_len, NULL), "kind");
   EXPECT_INVALID(
-      specdec_drafter_propose(drafter, 10, SPECDEC_DRAFT_CHAIN, 0, tokens, parents, probs, &count, &match_len),
+      specdec_drafter_propose(drafter, 10, SPECDEC_DRAFT_CHAIN, 0, tokens, parents, probs, &count, &match_len, NULL),
       "capacity");
-  EXPECT_INVALID(specdec_drafter_propose(drafter, 10, SPECDEC_DRAFT_CHAIN, 8, NULL, parents, probs, &count, &match_len),
-                 "out_tokens");
-  EXPECT_INVALID(specdec_drafter_propose(drafter, 10, SPECDEC_DRAFT_CHAIN, 8, tokens, parents, probs, NULL, &match_len),
-                 "out_count");
-  EXPECT_INVALID(specdec_drafter_propose(NULL, 10, SPECDEC_DRAFT_CHAIN, 8, tokens, parents, probs, &count, &match_len),
-                 "drafter");
+  EXPECT_INVALID(
+      specdec_drafter_propose(drafter, 10, SPECDEC_DRAFT_CHAIN, 8, NULL, parents, probs, &count, &match_len, NULL),
+      "out_tokens");
+  EXPECT_INVALID(
+      specdec_drafter_propose(drafter, 10, SPECDEC_DRAFT_CHAIN, 8, tokens, parents, probs, NULL, &match_len, NULL),
+      "out_count");
+  EXPECT_INVALID(
+      specdec_drafter_propose(NULL, 10, SPECDEC_DRAFT_CHAIN, 8, tokens, parents, probs, &count, &match_len, NULL),
+      "drafter");
   {
     /* Misaligned single-value pointers are refused, not written through (before: OK). */
     double storage[2 + 2 * sizeof(specdec_drafter_config) / sizeof(double)]; /* 8-byte aligned */
@@ -265,7 +269,7 @@ static void test_drafter(void) {
     specdec_drafter* other = NULL;
     specdec_cost_model model;
     EXPECT_INVALID(specdec_drafter_propose(drafter, 10, SPECDEC_DRAFT_CHAIN, 8, tokens, parents, probs,
-                                           (int64_t*)(scratch + 1), &match_len),
+                                           (int64_t*)(scratch + 1), &match_len, NULL),
                    "out_count");
     EXPECT_INVALID(specdec_drafter_get_stats(drafter, (specdec_drafter_stats*)(scratch + 4)), "out");
     CHECK(specdec_drafter_config_default(&config) == SPECDEC_OK);
@@ -273,7 +277,7 @@ static void test_drafter(void) {
     EXPECT_INVALID(specdec_drafter_create((const specdec_drafter_config*)(scratch + 1), &other), "config");
     CHECK(other == NULL);
     EXPECT_INVALID(specdec_drafter_propose((const specdec_drafter*)((const unsigned char*)drafter + 1), 10,
-                                           SPECDEC_DRAFT_CHAIN, 8, tokens, parents, probs, &count, &match_len),
+                                           SPECDEC_DRAFT_CHAIN, 8, tokens, parents, probs, &count, &match_len, NULL),
                    "drafter");
     CHECK(specdec_cost_model_preset(SPECDEC_GPU_A100, SPECDEC_MODEL_QWEN25_7B, &model) == SPECDEC_OK);
     EXPECT_INVALID(specdec_cost_model_step_seconds(&model, 0, 1, 16, 0, (double*)(scratch + 2)), "out_seconds");
@@ -301,6 +305,10 @@ static void test_drafter(void) {
   CHECK(specdec_drafter_config_default(&config) == SPECDEC_OK);
   config.max_draft = 0;
   EXPECT_INVALID(specdec_drafter_create(&config, &drafter), "max_draft");
+  CHECK(specdec_drafter_config_default(&config) == SPECDEC_OK);
+  CHECK(config.max_occurrences == 16 && config.min_match == 1);
+  config.max_occurrences = 0;
+  EXPECT_INVALID(specdec_drafter_create(&config, &drafter), "max_occurrences");
   CHECK(specdec_drafter_config_default(&config) == SPECDEC_OK);
   config.use_length_classes = 2;
   EXPECT_INVALID(specdec_drafter_create(&config, &drafter), "use_length_classes");
