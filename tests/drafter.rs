@@ -208,7 +208,7 @@ fn configs() -> Vec<DrafterConfig> {
             min_token_prob: 0.3,
             ..exact.clone()
         },
-        // One chain level only (min_match at least the 6-token anchor).
+        // One chain level only (min_match at least the longest gram, 6).
         DrafterConfig {
             min_match: 7,
             match_factor: 2.0,
@@ -820,12 +820,12 @@ fn eight_threads_mixing_every_call_finish_and_see_consistent_statistics() {
 #[test]
 fn a_proposal_looks_at_most_at_max_occurrences_per_gram_length() {
     // 20,000 copies of one token then 5,000 of a pair: every suffix of a context in there occurs thousands of
-    // times. Capped, a proposal is built from at most `max_occurrences` occurrences per gram length (here
-    // both the 1-token and the 6-token chains), so its work does not grow with the history.
+    // times. Capped, a proposal is built from at most `max_occurrences` occurrences per gram length (the
+    // chains of the last 1, 3 and 6 tokens), so its work does not grow with the history.
     let history: Vec<Token> = std::iter::repeat_n(7, 20_000)
         .chain((0..10_000).map(|i| 1 + i % 2))
         .collect();
-    for (max_occurrences, most) in [(16, 32), (usize::MAX, usize::MAX)] {
+    for (max_occurrences, most) in [(16, 3 * 16), (usize::MAX, usize::MAX)] {
         let drafter = Drafter::new(DrafterConfig {
             max_occurrences,
             min_token_prob: 0.0,

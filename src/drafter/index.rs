@@ -4,15 +4,17 @@
 //! `min_match`) in the stored sequences *followed by another token*, each with its match length.
 //!
 //! How: every occurrence of a k-gram that has a continuation is linked into a chain of positions holding the
-//! same k-gram, for two gram lengths: `min_match` and a longer anchor. A query walks the chain of the context's
-//! last gram at one level, at most a given number of entries (the most recently linked first), extending each
-//! candidate backwards token by token to get its exact match length. The anchor chain gives the long matches;
-//! the `min_match` chain the shorter ones. Because every candidate is compared token by token, hash collisions
-//! never produce a wrong match; a walk that reaches the end of its chain has seen every occurrence.
+//! same k-gram, for three gram lengths (levels): `min_match`, 3 and 6. A query walks the chain of the
+//! context's last gram at one level, at most a given number of entries (the most recently linked first),
+//! extending each candidate backwards token by token to get its exact match length. The 6-gram chain gives the
+//! long matches, the 3-gram chain those of 3 to 5 tokens, the `min_match` chain the shorter ones: a frequent
+//! short gram's chain then need not be walked far to find a match of middling length. Because every candidate
+//! is compared token by token, hash collisions never produce a wrong match; a walk that reaches the end of its
+//! chain has seen every occurrence.
 //!
 //! Why not a suffix tree: a depth-capped suffix tree updates up to `depth` nodes per appended token, each a
 //! map operation. Here an appended token touches one bucket of a head table and one older link per gram
-//! length, and a stored token costs its 4 bytes, two 16-byte links and one or two 8-byte buckets per gram
+//! length, and a stored token costs its 4 bytes, plus a 16-byte link and one or two 8-byte buckets per gram
 //! length. Removing a sequence unlinks each of its positions in O(1) (the chains are doubly linked).
 //!
 //! The head tables are keyless, as in zlib's hash chains: a power-of-two array indexed by the top bits of
@@ -28,9 +30,11 @@ use std::collections::HashMap;
 /// A token id.
 pub type Token = u32;
 
-/// The two gram lengths indexed: `min_match`, and this anchor (or `min_match` if that is longer).
-const ANCHOR: usize = 6;
-const LEVELS: usize = 2;
+/// The gram lengths indexed: `min_match`, then these (each raised to `min_match` if that is longer). Each
+/// level's chain gives the matches from its gram length up to the next level's.
+const UPPER_GRAMS: [usize; LEVELS - 1] = [3, 6];
+pub(crate) const LEVELS: usize = 3;
+const ANCHOR: usize = UPPER_GRAMS[LEVELS - 2];
 const NONE: u64 = u64::MAX;
 
 /// An occurrence: the matched tokens end just before `end` in the sequence in `slot`, and `tokens[end]` is
@@ -163,12 +167,16 @@ impl SuffixIndex {
     /// `1 <= min_match <= max_match` is checked by the drafter's configuration.
     pub fn new(min_match: usize, max_match: usize) -> Self {
         SuffixIndex {
-            gram_lens: [min_match, ANCHOR.max(min_match)],
+            gram_lens: [
+                min_match,
+                UPPER_GRAMS[0].max(min_match),
+                UPPER_GRAMS[1].max(min_match),
+            ],
             max_match,
             slots: Vec::new(),
             free_slots: Vec::new(),
             slot_of: HashMap::new(),
-            heads: [HeadTable::new(), HeadTable::new()],
+            heads: std::array::from_fn(|_| HeadTable::new()),
             num_tokens: 0,
         }
     }
@@ -265,7 +273,10 @@ impl SuffixIndex {
     /// sequence in `slot` will write. Changes nothing; a stale guess only costs a wasted prefetch.
     fn prefetch(&self, slot: u32, batch: &[Token]) {
         let sequence = self.slot(slot);
-        let history = &sequence.tokens[sequence.tokens.len().saturating_sub(self.gram_lens[1])..];
+        let history = &sequence.tokens[sequence
+            .tokens
+            .len()
+            .saturating_sub(self.gram_lens[LEVELS - 1])..];
         let mut window = [0 as Token; 2 * PREFETCH_BATCH + ANCHOR];
         if history.len() + batch.len() > window.len() {
             return; // a long min_match: no prefetching, same results
@@ -406,8 +417,8 @@ impl SuffixIndex {
         len
     }
 
-    /// The gram lengths of the two chain levels: `min_match`, and the anchor (equal when `min_match` is at
-    /// least the anchor's 6 tokens).
+    /// The gram lengths of the chain levels, ascending: `min_match`, 3 and 6, each at least `min_match` (so
+    /// levels may repeat).
     pub fn gram_lens(&self) -> [usize; LEVELS] {
         self.gram_lens
     }
@@ -432,14 +443,26 @@ impl SuffixIndex {
         let limit = self.max_match.min(context.len());
         let table = &self.heads[level];
         let mut at = table.buckets[table.bucket(gram_hash(&context[context.len() - k..]))];
+        // First the chain (each link's address comes from the one before), prefetching each occurrence's
+        // tokens so that their cache misses overlap the walk; then the comparisons.
+        let first = out.len();
         for _ in 0..max_visits {
             if at == NONE {
-                return true;
+                break;
             }
             let o = Occurrence::unpack(at);
             let sequence = self.slot(o.slot);
+            prefetch_read(&sequence.tokens[o.end as usize - 1]);
             at = sequence.links[level][o.end as usize].next;
-            let match_len = sequence.tokens[..o.end as usize]
+            out.push(Candidate {
+                occurrence: o,
+                match_len: 0,
+            });
+        }
+        let mut kept = first;
+        for i in first..out.len() {
+            let o = out[i].occurrence;
+            let match_len = self.slot(o.slot).tokens[..o.end as usize]
                 .iter()
                 .rev()
                 .zip(context.iter().rev())
@@ -447,12 +470,14 @@ impl SuffixIndex {
                 .take_while(|(a, b)| a == b)
                 .count();
             if match_len >= min_len.max(k) {
-                out.push(Candidate {
+                out[kept] = Candidate {
                     occurrence: o,
                     match_len,
-                });
+                };
+                kept += 1;
             }
         }
+        out.truncate(kept);
         at == NONE
     }
 }

@@ -29,7 +29,7 @@
 //!   floor(m * match_factor + match_offset))`, further capped by the request's length class if
 //!   [`LengthClasses`] are configured.
 //! * **Bounded work**: a proposal looks at no more than `max_occurrences` occurrences per gram length (the
-//!   context's last `min_match` tokens and its last 6), in chain order (the most recently stored first, until
+//!   context's last `min_match` tokens, its last 3 and its last 6), in chain order (the most recently stored first, until
 //!   a table resize relinks them), however often a gram occurs. Below that count it is exact: equal to a scan of the whole history (`tests/drafter.rs`).
 //!
 //! # Memory
@@ -44,7 +44,7 @@
 //! A prompt costs nothing once it has no rollout stored and no request registered: its history (index, length
 //! average and all) is released, and a later request of that prompt starts a new one. A rollout still empty when
 //! its request finishes leaves then, so every stored rollout of a finished request holds a token and the budgets
-//! bound their number too. Beyond the stored tokens (about 50 bytes each), the drafter holds about a kilobyte
+//! bound their number too. Beyond the stored tokens (about 70 to 90 bytes each), the drafter holds about a kilobyte
 //! per prompt with a history and a few hundred bytes per stored rollout and per registered request, plus each
 //! request's own context. [`Drafter::stats`] reports every byte
 //! the drafter holds, computed from the capacities of its containers (`tests/drafter_memory.rs` compares it
@@ -119,7 +119,7 @@ pub struct DrafterConfig {
     /// Nodes whose path probability falls below this are not drafted (default 0.1).
     pub min_token_prob: f64,
     /// The most stored occurrences a proposal looks at per gram length: it walks at most this many entries
-    /// of the chain of the context's last `min_match` tokens and of its last 6 (default 16). Proposals are
+    /// of the chains of the context's last `min_match`, 3 and 6 tokens (default 16). Proposals are
     /// exact (equal to a scan of the whole history) while neither gram occurs more often; beyond that they use
     /// the occurrences linked most recently, so no proposal's work grows with the history.
     pub max_occurrences: usize,
@@ -127,7 +127,7 @@ pub struct DrafterConfig {
     pub window_iterations: u64,
     /// Most rollout tokens stored for one prompt (default 2^20, at most 2^32 - 1).
     pub prompt_token_budget: usize,
-    /// Most rollout tokens stored overall (default 64 * 2^20: about 3.4 GB at about 50 bytes per token).
+    /// Most rollout tokens stored overall (default 64 * 2^20: about 5.5 GB at about 80 bytes per token).
     pub total_token_budget: usize,
     /// Length-class budgets, if any (default none).
     pub length_classes: Option<LengthClasses>,

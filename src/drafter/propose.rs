@@ -43,31 +43,32 @@ pub struct Draft {
     pub occurrences: usize,
 }
 
-/// The continuations of `cursors`, as (token, count) in increasing token order, and their total.
-fn tally(cursors: &[Cursor<'_>], scratch: &mut Vec<Token>) -> (Vec<(Token, usize)>, usize) {
+/// The most frequent continuation of `cursors` (ties to the smallest token), its count, and how many cursors
+/// have a continuation; `None` if none has.
+fn most_frequent(
+    cursors: &[Cursor<'_>],
+    scratch: &mut Vec<Token>,
+) -> Option<(Token, usize, usize)> {
     scratch.clear();
     scratch.extend(cursors.iter().filter_map(|c| c.tokens.get(c.next).copied()));
     scratch.sort_unstable();
-    let mut counts: Vec<(Token, usize)> = Vec::new();
-    for &t in scratch.iter() {
-        match counts.last_mut() {
-            Some((last, n)) if *last == t => *n += 1,
-            _ => counts.push((t, 1)),
-        }
-    }
-    (counts, scratch.len())
+    let best = scratch.chunk_by(|a, b| a == b).fold(
+        None,
+        |best: Option<(Token, usize)>, run| match best {
+            Some((_, n)) if n >= run.len() => best,
+            _ => Some((run[0], run.len())),
+        },
+    )?;
+    Some((best.0, best.1, scratch.len()))
 }
 
-/// The cursors continuing with `token`, advanced past it.
-fn follow<'a>(cursors: &[Cursor<'a>], token: Token) -> Vec<Cursor<'a>> {
-    cursors
-        .iter()
-        .filter(|c| c.tokens.get(c.next) == Some(&token))
-        .map(|c| Cursor {
-            tokens: c.tokens,
-            next: c.next + 1,
-        })
-        .collect()
+/// Keeps the cursors continuing with `token`, advanced past it.
+fn follow(cursors: &mut Vec<Cursor<'_>>, token: Token) {
+    cursors.retain_mut(|c| {
+        let agrees = c.tokens.get(c.next) == Some(&token);
+        c.next += 1;
+        agrees
+    });
 }
 
 /// Follows the most frequent continuation (ties to the smallest token id) for up to `budget` tokens.
@@ -80,12 +81,7 @@ fn chain(cursors: &[Cursor<'_>], budget: usize, min_token_prob: f64) -> Draft {
     let mut scratch = Vec::new();
     let mut prob = 1.0f64;
     while draft.tokens.len() < budget {
-        let (counts, total) = tally(&cursors, &mut scratch);
-        // The largest count; among equal counts the first, i.e. the smallest token.
-        let Some(&(token, count)) = counts
-            .iter()
-            .reduce(|best, c| if c.1 > best.1 { c } else { best })
-        else {
+        let Some((token, count, total)) = most_frequent(&cursors, &mut scratch) else {
             break;
         };
         prob *= count as f64 / total as f64;
@@ -96,27 +92,27 @@ fn chain(cursors: &[Cursor<'_>], budget: usize, min_token_prob: f64) -> Draft {
         draft.tokens.push(token);
         draft.probs.push(prob);
         draft.score += prob;
-        cursors = follow(&cursors, token);
+        follow(&mut cursors, token);
     }
     draft
 }
 
-/// A node waiting to be drafted.
-struct Pending<'a> {
+/// A node waiting to be drafted; its cursors are `arena[cursors]` (see [`tree`]).
+struct Pending {
     prob: f64,
     parent: i32,
     token: Token,
-    cursors: Vec<Cursor<'a>>,
+    cursors: std::ops::Range<usize>,
 }
 
-impl Pending<'_> {
+impl Pending {
     fn key(&self) -> (f64, i32, Token) {
         (self.prob, self.parent, self.token)
     }
 }
 
 /// Heap order: higher probability first; then the lower parent index; then the smaller token.
-impl Ord for Pending<'_> {
+impl Ord for Pending {
     fn cmp(&self, other: &Self) -> Ordering {
         let (p, parent, token) = self.key();
         let (q, other_parent, other_token) = other.key();
@@ -125,52 +121,60 @@ impl Ord for Pending<'_> {
             .then(other_token.cmp(&token))
     }
 }
-impl PartialOrd for Pending<'_> {
+impl PartialOrd for Pending {
     fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
         Some(self.cmp(other))
     }
 }
-impl PartialEq for Pending<'_> {
+impl PartialEq for Pending {
     fn eq(&self, other: &Self) -> bool {
         self.cmp(other) == Ordering::Equal
     }
 }
-impl Eq for Pending<'_> {}
+impl Eq for Pending {}
 
-/// Queues the children of a node (its continuations at `cursors`) whose path probability reaches the floor. One
-/// stable sort groups the cursors by their next token, so a node with many children costs O(c log c) for its
-/// `c` cursors, not one pass over them per child.
+/// The scratch space of one tree: every queued node's cursors, back to back, and a sort buffer.
+struct TreeArena<'a> {
+    cursors: Vec<Cursor<'a>>,
+    by_token: Vec<(Token, Cursor<'a>)>,
+}
+
+/// Queues the children of a node (the continuations of `arena.cursors[range]`) whose path probability reaches
+/// the floor. One sort groups the cursors by their next token, so a node with many children costs
+/// O(c log c) for its `c` cursors, not one pass over them per child.
 fn expand<'a>(
-    cursors: &[Cursor<'a>],
+    arena: &mut TreeArena<'a>,
+    range: std::ops::Range<usize>,
     parent: i32,
     prob: f64,
     min_token_prob: f64,
-    pending: &mut BinaryHeap<Pending<'a>>,
+    pending: &mut BinaryHeap<Pending>,
 ) {
-    let mut advanced: Vec<(Token, Cursor<'a>)> = cursors
-        .iter()
-        .filter_map(|c| {
-            c.tokens.get(c.next).map(|&t| {
-                (
-                    t,
-                    Cursor {
-                        tokens: c.tokens,
-                        next: c.next + 1,
-                    },
-                )
-            })
+    let TreeArena { cursors, by_token } = arena;
+    by_token.clear();
+    by_token.extend(cursors[range].iter().filter_map(|c| {
+        c.tokens.get(c.next).map(|&t| {
+            (
+                t,
+                Cursor {
+                    tokens: c.tokens,
+                    next: c.next + 1,
+                },
+            )
         })
-        .collect();
-    advanced.sort_by_key(|&(t, _)| t);
-    let total = advanced.len();
-    for group in advanced.chunk_by(|a, b| a.0 == b.0) {
+    }));
+    by_token.sort_unstable_by_key(|&(t, _)| t);
+    let total = by_token.len();
+    for group in by_token.chunk_by(|a, b| a.0 == b.0) {
         let child = prob * (group.len() as f64 / total as f64);
         if child >= min_token_prob {
+            let start = cursors.len();
+            cursors.extend(group.iter().map(|&(_, c)| c));
             pending.push(Pending {
                 prob: child,
                 parent,
                 token: group[0].0,
-                cursors: group.iter().map(|&(_, c)| c).collect(),
+                cursors: start..cursors.len(),
             });
         }
     }
@@ -182,9 +186,20 @@ fn tree(cursors: &[Cursor<'_>], budget: usize, min_token_prob: f64) -> Draft {
         occurrences: cursors.len(),
         ..Draft::default()
     };
+    let mut arena = TreeArena {
+        cursors: cursors.to_vec(),
+        by_token: Vec::with_capacity(cursors.len()),
+    };
     let mut pending = BinaryHeap::new();
     if budget > 0 {
-        expand(cursors, -1, 1.0, min_token_prob, &mut pending);
+        expand(
+            &mut arena,
+            0..cursors.len(),
+            -1,
+            1.0,
+            min_token_prob,
+            &mut pending,
+        );
     }
     while draft.tokens.len() < budget {
         let Some(node) = pending.pop() else { break };
@@ -194,7 +209,8 @@ fn tree(cursors: &[Cursor<'_>], budget: usize, min_token_prob: f64) -> Draft {
         draft.probs.push(node.prob);
         draft.score += node.prob;
         expand(
-            &node.cursors,
+            &mut arena,
+            node.cursors,
             index,
             node.prob,
             min_token_prob,
@@ -217,65 +233,50 @@ pub(crate) struct Settings<'b> {
 /// The best-scoring draft over every match length of the context's suffix (ties to the longer match); an empty
 /// draft with `match_len` 0 when no suffix of at least `min_match` tokens occurs with a continuation.
 ///
-/// The anchor level's occurrences give the matches of at least the anchor's length; the `min_match` level is
-/// walked only if a shorter match could still score higher, i.e. while the best score is below the budget of
-/// a match one token shorter than the anchor (a draft's score is at most its node count). The drafts of the
-/// match lengths between two occurrences' match lengths are prefixes of the longer one's, so only the match
-/// lengths that occur are drafted.
+/// The chain levels are walked from the longest gram down: each gives the matches from its gram length up to
+/// the next level's (the longer ones came from that level). A level is walked only if one of its matches could
+/// still score higher, i.e. while the best score is below the budget of a match one token shorter than the
+/// level above (a draft's score is at most its node count). The drafts of the match lengths between two
+/// occurrences' match lengths are prefixes of the longer one's, so only the match lengths that occur are
+/// drafted.
 pub(crate) fn best_draft(index: &SuffixIndex, context: &[Token], settings: &Settings<'_>) -> Draft {
-    let [min_match, anchor] = index.gram_lens();
+    let grams = index.gram_lens();
     let mut candidates = Vec::new();
     let mut best: Option<Draft> = None;
-    if anchor > min_match {
+    for level in (0..grams.len()).rev() {
+        let upper = grams.get(level + 1).copied().unwrap_or(usize::MAX);
+        if grams[level] == upper {
+            continue; // the same gram length as the level above: already walked
+        }
+        if upper != usize::MAX
+            && best
+                .as_ref()
+                .is_some_and(|b| b.score >= (settings.budget)(upper - 1) as f64)
+        {
+            break;
+        }
+        let found = candidates.len();
         index.collect(
             context,
-            1,
+            level,
             settings.max_occurrences,
-            anchor,
+            grams[level],
             &mut candidates,
         );
-        score_match_lengths(
-            index,
-            &mut candidates,
-            anchor..usize::MAX,
-            settings,
-            &mut best,
-        );
-        if best
-            .as_ref()
-            .is_some_and(|b| b.score >= (settings.budget)(anchor - 1) as f64)
-        {
-            return best.unwrap_or_default();
-        }
-    }
-    let found = candidates.len();
-    index.collect(
-        context,
-        0,
-        settings.max_occurrences,
-        min_match,
-        &mut candidates,
-    );
-    if anchor > min_match {
-        // The anchor level already gave every match of the anchor's length or more.
+        // The levels above already gave every match of their gram lengths or more.
         let mut seen = 0;
         candidates.retain(|c| {
             seen += 1;
-            seen <= found || c.match_len < anchor
+            seen <= found || c.match_len < upper
         });
+        score_match_lengths(
+            index,
+            &mut candidates,
+            grams[level]..upper,
+            settings,
+            &mut best,
+        );
     }
-    let below = if anchor > min_match {
-        anchor
-    } else {
-        usize::MAX
-    };
-    score_match_lengths(
-        index,
-        &mut candidates,
-        min_match..below,
-        settings,
-        &mut best,
-    );
     best.unwrap_or_default()
 }
 
