@@ -419,7 +419,8 @@ typedef struct {
    */
   double length_smoothing;
   /**
-   * The most stored occurrences a proposal looks at per gram length (bounds every proposal's work).
+   * The most chain entries a proposal visits per gram length, at least 1 (default 16): bounds every
+   * proposal's work. Proposals are exact while no chain walked is longer.
    */
   int64_t max_occurrences;
 } specdec_drafter_config;

@@ -39,7 +39,8 @@ pub struct specdec_drafter_config {
     pub short_budget: i64,
     /// Weight of the newest rollout length in a prompt's moving average, in (0, 1].
     pub length_smoothing: f64,
-    /// The most stored occurrences a proposal looks at per gram length (bounds every proposal's work).
+    /// The most chain entries a proposal visits per gram length, at least 1 (default 16): bounds every
+    /// proposal's work. Proposals are exact while no chain walked is longer.
     pub max_occurrences: i64,
 }
 

@@ -28,9 +28,11 @@
 //! * **Budget** (draft tokens for a chain, nodes for a tree) of a match of `m` tokens: `min(max_draft,
 //!   floor(m * match_factor + match_offset))`, further capped by the request's length class if
 //!   [`LengthClasses`] are configured.
-//! * **Bounded work**: a proposal looks at no more than `max_occurrences` occurrences per gram length (the
-//!   context's last `min_match` tokens, its last 3 and its last 6), in chain order (the most recently stored first, until
-//!   a table resize relinks them), however often a gram occurs. Below that count it is exact: equal to a scan of the whole history (`tests/drafter.rs`).
+//! * **Bounded work**: a proposal visits no more than `max_occurrences` entries of each chain it walks (those of
+//!   the context's last `min_match` tokens, its last 3 and its last 6), in chain order (the most recently
+//!   stored first, until a table resize relinks them), however often a gram occurs. A chain holds the gram's
+//!   occurrences and, rarely, those of other grams sharing its hash bucket. While every chain walked is that
+//!   short, a proposal is exact: equal to a scan of the whole history (`tests/drafter.rs`).
 //!
 //! # Memory
 //!
@@ -118,10 +120,12 @@ pub struct DrafterConfig {
     pub match_offset: f64,
     /// Nodes whose path probability falls below this are not drafted (default 0.1).
     pub min_token_prob: f64,
-    /// The most stored occurrences a proposal looks at per gram length: it walks at most this many entries
-    /// of the chains of the context's last `min_match`, 3 and 6 tokens (default 16). Proposals are
-    /// exact (equal to a scan of the whole history) while neither gram occurs more often; beyond that they use
-    /// the occurrences linked most recently, so no proposal's work grows with the history.
+    /// The most chain entries a proposal visits per gram length, at least 1 (default 16): it walks at most this
+    /// many entries of the chains of the context's last `min_match`, 3 and 6 tokens, so no proposal's work
+    /// grows with the history. A chain holds its gram's occurrences, the most recently linked first, and
+    /// (rarely, as the head tables keep no keys) those of other grams sharing its hash bucket. Proposals are
+    /// exact (equal to a scan of the whole history) while every chain walked has at most this many entries;
+    /// beyond that they use the entries linked most recently.
     pub max_occurrences: usize,
     /// Rollouts started this many iterations ago or more are dropped by [`Drafter::begin_iteration`] (default 4).
     pub window_iterations: u64,

@@ -234,15 +234,17 @@ pub(crate) struct Settings<'b> {
 /// draft with `match_len` 0 when no suffix of at least `min_match` tokens occurs with a continuation.
 ///
 /// The chain levels are walked from the longest gram down: each gives the matches from its gram length up to
-/// the next level's (the longer ones came from that level). A level is walked only if one of its matches could
+/// the next level's (the longer ones came from that level, unless its walk stopped at the cap first: then
+/// this level's longer matches that it did not reach count too, for the shorter match lengths). A level is walked only if one of its matches could
 /// still score higher, i.e. while the best score is below the budget of a match one token shorter than the
 /// level above (a draft's score is at most its node count). The drafts of the match lengths between two
 /// occurrences' match lengths are prefixes of the longer one's, so only the match lengths that occur are
 /// drafted.
 pub(crate) fn best_draft(index: &SuffixIndex, context: &[Token], settings: &Settings<'_>) -> Draft {
     let grams = index.gram_lens();
-    let mut candidates = Vec::new();
+    let mut candidates: Vec<Candidate> = Vec::new();
     let mut best: Option<Draft> = None;
+    let mut upper_complete = true;
     for level in (0..grams.len()).rev() {
         let upper = grams.get(level + 1).copied().unwrap_or(usize::MAX);
         if grams[level] == upper {
@@ -255,20 +257,22 @@ pub(crate) fn best_draft(index: &SuffixIndex, context: &[Token], settings: &Sett
         {
             break;
         }
-        let found = candidates.len();
-        index.collect(
+        let mut found = Vec::new();
+        let complete = index.collect(
             context,
             level,
             settings.max_occurrences,
             grams[level],
-            &mut candidates,
+            &mut found,
         );
-        // The levels above already gave every match of their gram lengths or more.
-        let mut seen = 0;
-        candidates.retain(|c| {
-            seen += 1;
-            seen <= found || c.match_len < upper
+        // A match of the level above's gram length or more is also on that level's chain: it is new here only
+        // if that walk stopped at the cap before reaching it.
+        found.retain(|c| {
+            c.match_len < upper
+                || !upper_complete && !candidates.iter().any(|o| o.occurrence == c.occurrence)
         });
+        candidates.extend(found);
+        upper_complete = complete;
         score_match_lengths(
             index,
             &mut candidates,
