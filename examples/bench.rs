@@ -35,6 +35,9 @@ const CPU_ROTATION_BYTES: usize = 128 << 20;
 /// The primitive families, as `--family` names them (the GPU runner times one family per run).
 const FAMILIES: [&str; 4] = ["greedy", "sampling", "int4", "attention"];
 
+/// The check column of a CPU run: the CPU backend is the reference, so nothing was compared.
+const NOT_CHECKED_ON_CPU: &str = "not checked (CPU run)";
+
 struct Options {
     backend: String,
     quick: bool,
@@ -144,7 +147,7 @@ fn rate_cells(bytes: f64, micros: f64, ceiling_gbps: f64) -> String {
 
 fn main() {
     let options = parse_options();
-    let backend = choose_backend(&options.backend);
+    let (backend, cuda_unusable) = choose_backend(&options.backend);
     let _ = SIMULATED.set(match &backend {
         Backend::Cuda { backend, .. } => backend
             .device_name()
@@ -199,6 +202,9 @@ fn main() {
     println!();
     println!("- machine: {machine}");
     println!("- backend: {backend_name}");
+    if let Some(why) = &cuda_unusable {
+        println!("- CUDA unusable, so the CPU backend ran: {why}");
+    }
     println!("- date: {} (UTC)", utc_date());
     println!("- commit: {}", commit());
     if simulated() {
@@ -490,7 +496,7 @@ fn run_sampler(backend: &Backend, case: SamplerCase) -> (f64, String) {
     match backend {
         Backend::Cpu => (
             sampler_cpu(case, &inputs, true).0,
-            "is the CPU reference".into(),
+            NOT_CHECKED_ON_CPU.into(),
         ),
         Backend::Cuda { backend, stream } => {
             let (micros, accepted, emitted) = time_sampler_cuda(backend, stream, case, &inputs);
@@ -619,9 +625,10 @@ fn time_sampler_cuda(
     )
 }
 
-fn choose_backend(choice: &str) -> Backend {
+/// The backend `--backend` asks for, and why CUDA was not used when `auto` fell back to the CPU.
+fn choose_backend(choice: &str) -> (Backend, Option<String>) {
     if choice == "cpu" {
-        return Backend::Cpu;
+        return (Backend::Cpu, None);
     }
     match CudaBackend::new(0) {
         Ok(backend) => {
@@ -629,7 +636,7 @@ fn choose_backend(choice: &str) -> Backend {
                 .context()
                 .new_stream()
                 .expect("create a CUDA stream");
-            Backend::Cuda { backend, stream }
+            (Backend::Cuda { backend, stream }, None)
         }
         Err(e) if choice == "cuda" => {
             eprintln!("bench: --backend cuda, but CUDA is unusable: {e}");
@@ -637,7 +644,7 @@ fn choose_backend(choice: &str) -> Backend {
         }
         Err(e) => {
             eprintln!("bench: CUDA unusable ({e}); running on the CPU backend");
-            Backend::Cpu
+            (Backend::Cpu, Some(e.to_string()))
         }
     }
 }
@@ -769,7 +776,7 @@ fn run_greedy<T: BenchElement>(backend: &Backend, case: GreedyCase) -> Row {
             Row {
                 case,
                 micros: median(samples),
-                check: "is the CPU reference".into(),
+                check: NOT_CHECKED_ON_CPU.into(),
             }
         }
         Backend::Cuda { backend, stream } => {
@@ -1051,7 +1058,7 @@ fn int4_rows(backend: &Backend, quick: bool, ceiling_gbps: f64) -> usize {
             cpu::int4_gemv(&gemv, &packed, &scales, &zeros, &x, &mut want).expect("valid inputs");
             let cpu_micros = t.elapsed().as_secs_f64() * 1e6;
             let (micros, check) = match backend {
-                Backend::Cpu => (cpu_micros, "is the CPU reference".to_string()),
+                Backend::Cpu => (cpu_micros, NOT_CHECKED_ON_CPU.to_string()),
                 Backend::Cuda { backend, stream } => {
                     let (micros, got) =
                         time_gemv_cuda(backend, stream, &gemv, &packed, &scales, &zeros, &x);
@@ -1096,7 +1103,7 @@ fn int4_rows(backend: &Backend, quick: bool, ceiling_gbps: f64) -> usize {
         cpu::int4_quantize(&shape, &w, &mut packed, &mut scales, &mut zeros).expect("valid");
         let cpu_micros = t.elapsed().as_secs_f64() * 1e6;
         let (micros, check) = match backend {
-            Backend::Cpu => (cpu_micros, "is the CPU reference".to_string()),
+            Backend::Cpu => (cpu_micros, NOT_CHECKED_ON_CPU.to_string()),
             Backend::Cuda { backend, stream } => {
                 let (micros, got) = time_quantize_cuda(backend, stream, &shape, &w);
                 let same = got.0 == packed
@@ -1351,7 +1358,7 @@ fn attention_rows(backend: &Backend, quick: bool, ceiling_gbps: f64) -> usize {
                 .expect("valid inputs");
                 (
                     t.elapsed().as_secs_f64() * 1e6,
-                    "is the CPU reference".to_string(),
+                    NOT_CHECKED_ON_CPU.to_string(),
                 )
             }
             Backend::Cuda { backend, stream } => {
