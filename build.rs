@@ -36,6 +36,8 @@ struct Kernel {
     name: String,
     fatbin: PathBuf,
     size: usize,
+    /// The `extern "C" __global__` functions ptxas compiled, sorted: the names a launcher may ask for.
+    entry_points: Vec<String>,
 }
 
 /// The shared library's SONAME: `libspecdec.so.0.MINOR` while the version is 0.x (where a minor release may break
@@ -228,7 +230,34 @@ fn compile_one(
         );
     }
     let size = fs::metadata(&fatbin).map_err(|e| e.to_string())?.len() as usize;
-    Ok(Kernel { name, fatbin, size })
+    let entry_points = entry_points(&report);
+    if entry_points.is_empty() {
+        return Err(format!(
+            "{}: ptxas reported no entry function (full report: {})",
+            source.display(),
+            report_path.display()
+        ));
+    }
+    Ok(Kernel {
+        name,
+        fatbin,
+        size,
+        entry_points,
+    })
+}
+
+/// The entry functions of a `ptxas -v` report (`Compiling entry function 'NAME' for 'sm_90'`), sorted and
+/// without the repeats of each architecture.
+fn entry_points(report: &str) -> Vec<String> {
+    let mut names: Vec<String> = report
+        .lines()
+        .filter_map(|line| line.split("Compiling entry function '").nth(1))
+        .filter_map(|rest| rest.split('\'').next())
+        .map(str::to_string)
+        .collect();
+    names.sort();
+    names.dedup();
+    names
 }
 
 /// Where `SPECDEC_CUDA_CACHE` keeps fatbins: `<dir>/<family>-<key>.fatbin` and `.resources.txt` beside it.
@@ -362,6 +391,14 @@ fn generated_module(kernels: &[Kernel], archs: &[u32]) -> String {
     code.push_str("/// (kernel family, fatbin image), one per cuda/*.cu file.\npub static FATBINS: &[(&str, &[u8])] = &[\n");
     for (i, k) in kernels.iter().enumerate() {
         writeln!(code, "    ({:?}, &FATBIN_{i}.0),", k.name).unwrap();
+    }
+    code.push_str("];\n");
+    code.push_str(
+        "/// (kernel family, the kernels ptxas compiled into its fatbin, sorted), one per cuda/*.cu file.\n\
+         pub static ENTRY_POINTS: &[(&str, &[&str])] = &[\n",
+    );
+    for k in kernels {
+        writeln!(code, "    ({:?}, &{:?}),", k.name, k.entry_points).unwrap();
     }
     code.push_str("];\n");
     code

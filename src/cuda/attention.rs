@@ -238,7 +238,10 @@ impl CudaBackend {
         let d = shape.cache.head_dim;
         let plan = LaunchPlan::new(shape, self.multiprocessors());
         let _bound = self.bind()?;
-        let kernel = self.function(MODULE, attention_kernel_name(dtype_name, d, plan.row_warps))?;
+        let kernel = self.function(
+            MODULE,
+            &attention_kernel_name(dtype_name, d, plan.row_warps),
+        )?;
         let shared_bytes = plan.shared_bytes(d);
         // SAFETY: a valid function handle; the size is within every supported device's opt-in limit.
         unsafe {
@@ -317,7 +320,7 @@ impl CudaBackend {
         .map_err(|e| cuda_error("cuLaunchKernel(TreeAttentionKernel)", e))?;
 
         if let Some(scratch) = scratch {
-            let merge = self.function(MODULE, merge_kernel_name(dtype_name, d))?;
+            let merge = self.function(MODULE, &merge_kernel_name(dtype_name, d))?;
             let pairs = shape.max_tree_size * shape.num_q_heads;
             let warps = MERGE_THREADS as usize / 32;
             let mut args = [arg(&mut params)];
@@ -391,13 +394,8 @@ impl CudaBackend {
         if shape.num_requests == 0 || shape.num_layers == 0 {
             return Ok(());
         }
-        let name = match shape.cache.head_dim {
-            64 => "TreeKvCompactKernel_d64",
-            128 => "TreeKvCompactKernel_d128",
-            _ => "TreeKvCompactKernel_d256",
-        };
         let _bound = self.bind()?;
-        let kernel = self.function(MODULE, name)?;
+        let kernel = self.function(MODULE, &compaction_kernel_name(shape.cache.head_dim))?;
         let mut params = CompactionParams {
             k_caches: [0; MAX_COMPACTION_LAYERS],
             v_caches: [0; MAX_COMPACTION_LAYERS],
@@ -443,10 +441,8 @@ pub(crate) struct LaunchPlan {
 impl LaunchPlan {
     pub(crate) fn new(shape: &TreeAttentionShape, multiprocessors: u32) -> Self {
         let rows = shape.max_tree_size * shape.group_size();
-        let mut row_warps = rows.div_ceil(16).next_power_of_two().min(8);
-        if shape.cache.head_dim == 256 {
-            row_warps = row_warps.clamp(2, 4); // the instantiations that fit 99 KiB of shared memory
-        }
+        let (fewest, most) = Self::row_warps_range(shape.cache.head_dim);
+        let row_warps = rows.div_ceil(16).next_power_of_two().clamp(fewest, most);
         let row_chunks = rows.div_ceil(16 * row_warps);
         let blocks = shape.num_requests * shape.cache.num_kv_heads * row_chunks;
         // At most one split per tile of the longest prefix the cache can hold (the kernels further skip the
@@ -465,6 +461,16 @@ impl LaunchPlan {
         }
     }
 
+    /// The row warps instantiated for a head dimension, powers of two in `fewest..=most`: at 256 only those
+    /// that fit 99 KiB of shared memory.
+    fn row_warps_range(head_dim: usize) -> (usize, usize) {
+        if head_dim == 256 {
+            (2, 4)
+        } else {
+            (1, 8)
+        }
+    }
+
     fn threads(&self) -> u32 {
         32 * self.row_warps.max(4) as u32
     }
@@ -476,50 +482,40 @@ impl LaunchPlan {
     }
 }
 
-fn attention_kernel_name(dtype: &str, head_dim: usize, row_warps: usize) -> &'static str {
-    const NAMES: [&str; 24] = [
-        "TreeAttentionKernel_f16_d64_r1",
-        "TreeAttentionKernel_f16_d64_r2",
-        "TreeAttentionKernel_f16_d64_r4",
-        "TreeAttentionKernel_f16_d64_r8",
-        "TreeAttentionKernel_f16_d128_r1",
-        "TreeAttentionKernel_f16_d128_r2",
-        "TreeAttentionKernel_f16_d128_r4",
-        "TreeAttentionKernel_f16_d128_r8",
-        "",
-        "TreeAttentionKernel_f16_d256_r2",
-        "TreeAttentionKernel_f16_d256_r4",
-        "",
-        "TreeAttentionKernel_bf16_d64_r1",
-        "TreeAttentionKernel_bf16_d64_r2",
-        "TreeAttentionKernel_bf16_d64_r4",
-        "TreeAttentionKernel_bf16_d64_r8",
-        "TreeAttentionKernel_bf16_d128_r1",
-        "TreeAttentionKernel_bf16_d128_r2",
-        "TreeAttentionKernel_bf16_d128_r4",
-        "TreeAttentionKernel_bf16_d128_r8",
-        "",
-        "TreeAttentionKernel_bf16_d256_r2",
-        "TreeAttentionKernel_bf16_d256_r4",
-        "",
-    ];
-    let dims = match head_dim {
-        64 => 0,
-        128 => 1,
-        _ => 2,
-    };
-    NAMES[usize::from(dtype == "bf16") * 12 + dims * 4 + row_warps.trailing_zeros() as usize]
+/// The attention kernel for a dtype (`f16`, `bf16`), head dimension and row warps per block. Names are checked
+/// against what ptxas compiled when the kernel is looked up (`module::entry_point`).
+fn attention_kernel_name(dtype: &str, head_dim: usize, row_warps: usize) -> String {
+    format!("TreeAttentionKernel_{dtype}_d{head_dim}_r{row_warps}")
 }
 
-fn merge_kernel_name(dtype: &str, head_dim: usize) -> &'static str {
-    match (dtype, head_dim) {
-        ("f16", 64) => "TreeAttentionMergeKernel_f16_d64",
-        ("f16", 128) => "TreeAttentionMergeKernel_f16_d128",
-        ("f16", _) => "TreeAttentionMergeKernel_f16_d256",
-        ("bf16", 64) => "TreeAttentionMergeKernel_bf16_d64",
-        ("bf16", 128) => "TreeAttentionMergeKernel_bf16_d128",
-        _ => "TreeAttentionMergeKernel_bf16_d256",
+/// The kernel merging the split-prefix partials of the attention kernel.
+fn merge_kernel_name(dtype: &str, head_dim: usize) -> String {
+    format!("TreeAttentionMergeKernel_{dtype}_d{head_dim}")
+}
+
+/// The KV compaction kernel (it moves 16-bit elements, whatever their dtype).
+fn compaction_kernel_name(head_dim: usize) -> String {
+    format!("TreeKvCompactKernel_d{head_dim}")
+}
+
+/// Every kernel the launchers of this family can ask for (checked against the compiled ones by a test).
+#[cfg(test)]
+pub(super) fn kernel_names() -> Vec<String> {
+    use crate::attention::HEAD_DIMS;
+    let mut names = Vec::new();
+    for dtype in ["f16", "bf16"] {
+        for d in HEAD_DIMS {
+            let (fewest, most) = LaunchPlan::row_warps_range(d);
+            for row_warps in [1, 2, 4, 8] {
+                if (fewest..=most).contains(&row_warps) {
+                    names.push(attention_kernel_name(dtype, d, row_warps));
+                }
+            }
+            names.push(merge_kernel_name(dtype, d));
+        }
     }
+    names.extend(HEAD_DIMS.map(compaction_kernel_name));
+    names
 }
 
 #[cfg(test)]
@@ -552,10 +548,7 @@ mod tests {
                     for batch in [1, 16, 64] {
                         let plan = LaunchPlan::new(&shape(batch, tree, hq, hkv, d), 132);
                         let name = attention_kernel_name("bf16", d, plan.row_warps);
-                        assert_eq!(
-                            name,
-                            format!("TreeAttentionKernel_bf16_d{d}_r{}", plan.row_warps)
-                        );
+                        assert!(kernel_names().contains(&name), "{name}");
                         // sm_86 / sm_89 allow 99 KiB per block, of which the kernel's static arrays take 2 KiB.
                         assert!(plan.shared_bytes(d) <= 97 * 1024, "{plan:?} d {d}");
                         assert!(plan.row_chunks * 16 * plan.row_warps >= tree * hq / hkv);

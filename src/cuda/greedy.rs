@@ -13,6 +13,24 @@ use crate::greedy::GreedyShape;
 const MODULE: &str = "greedy_verify";
 /// Threads per block of both kernels; must match kArgmaxThreads / kAcceptThreads in the .cu file.
 const BLOCK_THREADS: u32 = 256;
+/// The kernel that turns the rows' argmaxes into accepted counts and emitted tokens.
+const ACCEPT_KERNEL: &str = "GreedyAcceptKernel";
+
+/// The row-argmax kernel for a logits dtype. Names are checked against what ptxas compiled when the kernel is
+/// looked up (`module::entry_point`).
+fn argmax_kernel_name(dtype: DType) -> String {
+    format!("GreedyRowArgmaxKernel_{}", dtype.name())
+}
+
+/// Every kernel the launchers of this family can ask for (checked against the compiled ones by a test).
+#[cfg(test)]
+pub(super) fn kernel_names() -> Vec<String> {
+    let mut names: Vec<String> = [DType::F32, DType::F16, DType::BF16]
+        .map(argmax_kernel_name)
+        .into();
+    names.push(ACCEPT_KERNEL.to_string());
+    names
+}
 
 /// Raw device pointers of one greedy-verification call, after validation.
 pub(crate) struct GreedyDevicePtrs {
@@ -114,15 +132,8 @@ impl CudaBackend {
             return Ok(());
         }
         let _bound = self.bind()?;
-        let argmax = self.function(
-            MODULE,
-            match dtype {
-                DType::F32 => "GreedyRowArgmaxKernel_f32",
-                DType::F16 => "GreedyRowArgmaxKernel_f16",
-                DType::BF16 => "GreedyRowArgmaxKernel_bf16",
-            },
-        )?;
-        let accept = self.function(MODULE, "GreedyAcceptKernel")?;
+        let argmax = self.function(MODULE, &argmax_kernel_name(dtype))?;
+        let accept = self.function(MODULE, ACCEPT_KERNEL)?;
 
         let rows = shape.num_rows();
         let (chunk, splits) = vocabulary_split(rows, shape.vocab_size, self.multiprocessors(), 1);

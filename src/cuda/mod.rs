@@ -151,8 +151,9 @@ impl CudaBackend {
     }
 
     /// Kernel `name` of kernel family `module` (a `cuda/*.cu` file), loading the module on first use. The
-    /// device's context must be bound.
-    fn function(&self, module: &'static str, name: &'static str) -> Result<sys::CUfunction> {
+    /// device's context must be bound. A name that no instantiation produced is an error.
+    fn function(&self, module: &'static str, name: &str) -> Result<sys::CUfunction> {
+        let name = module::entry_point(module, name)?;
         let mut loaded = self.device.loaded.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(f) = loaded.functions.get(name) {
             return Ok(*f);
@@ -284,6 +285,41 @@ pub(crate) fn cuda_error(call: &'static str, e: DriverError) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The kernels each launcher can ask for are exactly those ptxas compiled into that family's fatbin: no
+    /// name without a kernel, no kernel without a launcher. (Without nvcc nothing is compiled, and every
+    /// lookup fails with KernelsNotCompiled.)
+    #[test]
+    fn launchers_ask_for_exactly_the_kernels_ptxas_compiled() {
+        let families: [(&str, Vec<String>); 4] = [
+            ("greedy_verify", greedy::kernel_names()),
+            ("rejection_sampling", sampling::kernel_names()),
+            ("int4", int4::kernel_names()),
+            ("tree_attention", attention::kernel_names()),
+        ];
+        if !KERNELS_COMPILED {
+            for (family, names) in &families {
+                assert_eq!(
+                    module::entry_point(family, &names[0]),
+                    Err(Error::KernelsNotCompiled)
+                );
+            }
+            return;
+        }
+        for (family, names) in &families {
+            let mut names = names.clone();
+            names.sort();
+            assert_eq!(
+                names,
+                module::entry_points(family),
+                "kernel family {family}: launcher names (left) against the compiled kernels (right)"
+            );
+        }
+        assert!(matches!(
+            module::entry_point("int4", "Int4GemvKernel_bf16_bf16_m8_r3"),
+            Err(Error::Cuda { .. })
+        ));
+    }
 
     #[test]
     fn vocabulary_split_covers_each_row_in_whole_granules_without_empty_chunks() {

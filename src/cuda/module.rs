@@ -44,6 +44,31 @@ pub(super) fn load(device: &Device, family: &'static str) -> Result<sys::CUmodul
     })
 }
 
+/// The kernel `name` of kernel family `family` as build.rs recorded it from ptxas's report: the one source of
+/// kernel names. A name no instantiation in `cuda/` produced is refused here, before the driver is asked.
+pub(super) fn entry_point(family: &str, name: &str) -> Result<&'static str> {
+    if !KERNELS_COMPILED {
+        return Err(Error::KernelsNotCompiled);
+    }
+    entry_points(family)
+        .iter()
+        .find(|n| **n == name)
+        .copied()
+        .ok_or_else(|| Error::Cuda {
+            call: "cuModuleGetFunction",
+            code: sys::CUresult::CUDA_ERROR_NOT_FOUND as u32,
+            name: format!("CUDA_ERROR_NOT_FOUND: kernel family {family} has no kernel {name}"),
+        })
+}
+
+/// Every kernel compiled into kernel family `family` (empty when none was compiled).
+pub(super) fn entry_points(family: &str) -> &'static [&'static str] {
+    generated::ENTRY_POINTS
+        .iter()
+        .find(|(f, _)| *f == family)
+        .map_or(&[], |(_, names)| names)
+}
+
 /// Kernel `name` of a loaded module.
 pub(super) fn function(module: sys::CUmodule, name: &'static str) -> Result<sys::CUfunction> {
     let c_name = CString::new(name).expect("kernel names have no NUL");

@@ -32,29 +32,29 @@ fn row_chunks(vocab_size: usize) -> (usize, u32) {
 }
 const WALK_THREADS: u32 = 256;
 const RESIDUAL_THREADS: u32 = 256;
-/// Kernel names by family (the indices below), then element type: f32 (and probabilities), f16, bf16.
-const KERNELS: [[&str; 3]; 4] = [
-    [
-        "SamplingThresholdKernel_f32",
-        "SamplingThresholdKernel_f16",
-        "SamplingThresholdKernel_bf16",
-    ],
-    [
-        "SamplingRowKernel_f32",
-        "SamplingRowKernel_f16",
-        "SamplingRowKernel_bf16",
-    ],
-    [
-        "RejectionWalkKernel_f32",
-        "RejectionWalkKernel_f16",
-        "RejectionWalkKernel_bf16",
-    ],
-    [
-        "ResidualRaceKernel_f32",
-        "ResidualRaceKernel_f16",
-        "ResidualRaceKernel_bf16",
-    ],
+/// The kernels by family (the indices below); each is instantiated per element type (`DTYPES`).
+const KERNEL_FAMILIES: [&str; 4] = [
+    "SamplingThresholdKernel",
+    "SamplingRowKernel",
+    "RejectionWalkKernel",
+    "ResidualRaceKernel",
 ];
+/// Element types: f32 (and probabilities), f16, bf16.
+const DTYPES: [&str; 3] = ["f32", "f16", "bf16"];
+
+/// The kernel of family `family` (an index into [`KERNEL_FAMILIES`]) for element type `dtype` (into [`DTYPES`]).
+/// Names are checked against what ptxas compiled when the kernel is looked up (`module::entry_point`).
+fn kernel_name(family: usize, dtype: usize) -> String {
+    format!("{}_{}", KERNEL_FAMILIES[family], DTYPES[dtype])
+}
+
+/// Every kernel the launchers of this family can ask for (checked against the compiled ones by a test).
+#[cfg(test)]
+pub(super) fn kernel_names() -> Vec<String> {
+    (0..KERNEL_FAMILIES.len())
+        .flat_map(|family| (0..DTYPES.len()).map(move |dtype| kernel_name(family, dtype)))
+        .collect()
+}
 const THRESHOLD: usize = 0;
 const ROW: usize = 1;
 const WALK: usize = 2;
@@ -579,7 +579,7 @@ impl CudaBackend {
             if grid.0 == 0 || grid.1 == 0 {
                 continue;
             }
-            let function = self.function(MODULE, KERNELS[family][dtype])?;
+            let function = self.function(MODULE, &kernel_name(family, dtype))?;
             let mut pass = pass.unwrap_or(0);
             let mut with_pass = [
                 &mut args as *mut SamplingArgs as *mut c_void,
