@@ -852,3 +852,30 @@ fn a_proposal_looks_at_most_at_max_occurrences_per_gram_length() {
         }
     }
 }
+
+#[test]
+fn a_frequent_token_with_hundreds_of_continuations_matches_the_reference() {
+    // Every other token is 0, followed by one of 300 others: the 1-token suffix [0] has hundreds of distinct
+    // continuations, past what the drafter tracks for its first-token bound, which it then drops.
+    let mut rng = common::rng("drafter many continuations");
+    for config in configs() {
+        let drafter = Drafter::new(config).unwrap();
+        for r in 0..6u64 {
+            let rollout: Vec<Token> = (0..400)
+                .map(|i| {
+                    if i % 2 == 0 {
+                        0
+                    } else {
+                        rng.random_range(1..301)
+                    }
+                })
+                .collect();
+            drafter.add_request(r, 3, &[]).unwrap();
+            drafter.append(r, &rollout).unwrap();
+            drafter.finish_request(r).unwrap();
+        }
+        let context: Vec<Token> = vec![5, 0, 17, 0];
+        drafter.add_request(100, 3, &context).unwrap();
+        check_probe(&drafter, 3, 100, &context, "alternating history");
+    }
+}

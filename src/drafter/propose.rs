@@ -303,17 +303,31 @@ fn score_match_lengths(
             next: c.occurrence.end as usize,
         })
         .collect();
-    // First-token counts of the occurrences so far, for the chain bound.
-    let mut first_counts: std::collections::HashMap<Token, usize> = Default::default();
-    let mut top_count = 0;
+    // First-token counts of the occurrences so far, for the chain bound: a short list, searched linearly (the
+    // capped walks give few candidates). Past `FIRST_TOKENS_TRACKED` distinct tokens (an uncapped walk of a
+    // frequent gram) the bound is dropped, which only costs pruning.
+    const FIRST_TOKENS_TRACKED: usize = 64;
+    let mut first_counts: Vec<(Token, usize)> = Vec::new();
+    let mut top_count = Some(0);
     let mut i = 0;
     while i < candidates.len() {
         let v = candidates[i].match_len;
         while i < candidates.len() && candidates[i].match_len == v {
             let token = cursors[i].tokens[cursors[i].next];
-            let count = first_counts.entry(token).or_default();
-            *count += 1;
-            top_count = top_count.max(*count);
+            if let Some(top) = top_count {
+                let tracked = first_counts.len();
+                top_count = match first_counts.iter_mut().find(|(t, _)| *t == token) {
+                    Some((_, count)) => {
+                        *count += 1;
+                        Some(top.max(*count))
+                    }
+                    None if tracked < FIRST_TOKENS_TRACKED => {
+                        first_counts.push((token, 1));
+                        Some(top.max(1))
+                    }
+                    None => None,
+                };
+            }
             i += 1;
         }
         if v < lengths.start {
@@ -328,9 +342,11 @@ fn score_match_lengths(
                 continue;
             }
             // A margin for rounding: the bound must never drop a draft that would tie or win.
-            let first = top_count as f64 / i as f64;
-            if settings.kind == DraftKind::Chain && first * budget as f64 * (1.0 + 1e-9) < b.score {
-                continue;
+            if let (DraftKind::Chain, Some(top)) = (settings.kind, top_count) {
+                let first = top as f64 / i as f64;
+                if first * budget as f64 * (1.0 + 1e-9) < b.score {
+                    continue;
+                }
             }
         }
         let mut draft = match settings.kind {
