@@ -260,6 +260,19 @@ fn proposals_match_the_brute_force_reference() {
     }
 }
 
+/// Stores finished rollouts of `prompt` (no prompt tokens), as requests 0, 1, ...
+fn store_rollouts<'a>(
+    drafter: &Drafter,
+    prompt: u64,
+    rollouts: impl IntoIterator<Item = &'a [Token]>,
+) {
+    for (r, rollout) in (0u64..).zip(rollouts) {
+        drafter.add_request(r, prompt, &[]).unwrap();
+        drafter.append(r, rollout).unwrap();
+        drafter.finish_request(r).unwrap();
+    }
+}
+
 /// Prompt 1's history [1 2 3 4], [1 2 3 5], [1 2 3 4 9], [7 2 3 4], and request 10 with prompt [8 2 3].
 fn hand_worked_history(drafter: &Drafter) {
     let rollouts: [&[Token]; 4] = [
@@ -268,11 +281,7 @@ fn hand_worked_history(drafter: &Drafter) {
         &[1, 2, 3, 4, 9],
         &[7, 2, 3, 4],
     ];
-    for (r, rollout) in rollouts.into_iter().enumerate() {
-        drafter.add_request(r as u64, 1, &[]).unwrap();
-        drafter.append(r as u64, rollout).unwrap();
-        drafter.finish_request(r as u64).unwrap();
-    }
+    store_rollouts(drafter, 1, rollouts);
     drafter.add_request(10, 1, &[8, 2, 3]).unwrap();
 }
 
@@ -344,14 +353,8 @@ fn a_shorter_match_with_more_expected_accepted_tokens_wins() {
         ..DrafterConfig::default()
     })
     .unwrap();
-    for (r, rollout) in [[9, 1, 2, 3, 10], [5, 2, 3, 20, 21], [6, 2, 3, 20, 21]]
-        .iter()
-        .enumerate()
-    {
-        drafter.add_request(r as u64, 1, &[]).unwrap();
-        drafter.append(r as u64, rollout).unwrap();
-        drafter.finish_request(r as u64).unwrap();
-    }
+    let rollouts: [&[Token]; 3] = [&[9, 1, 2, 3, 10], &[5, 2, 3, 20, 21], &[6, 2, 3, 20, 21]];
+    store_rollouts(&drafter, 1, rollouts);
     drafter.add_request(10, 1, &[9, 1, 2, 3]).unwrap();
     let two_thirds = 2.0 / 3.0;
     assert_eq!(
@@ -377,11 +380,7 @@ fn a_shorter_match_with_more_expected_accepted_tokens_wins() {
         ..DrafterConfig::default()
     })
     .unwrap();
-    for (r, rollout) in drafter.history(1).iter().enumerate() {
-        long_only.add_request(r as u64, 1, &[]).unwrap();
-        long_only.append(r as u64, rollout).unwrap();
-        long_only.finish_request(r as u64).unwrap();
-    }
+    store_rollouts(&long_only, 1, drafter.history(1).iter().map(Vec::as_slice));
     long_only.add_request(10, 1, &[9, 1, 2, 3]).unwrap();
     let draft = long_only.propose(10, DraftKind::Chain).unwrap();
     assert_eq!(
@@ -832,9 +831,7 @@ fn a_proposal_looks_at_most_at_max_occurrences_per_gram_length() {
             ..DrafterConfig::default()
         })
         .unwrap();
-        drafter.add_request(0, 1, &[]).unwrap();
-        drafter.append(0, &history).unwrap();
-        drafter.finish_request(0).unwrap();
+        store_rollouts(&drafter, 1, [history.as_slice()]);
         for (probe, context) in [(1u64, vec![7; 40]), (2, vec![1, 2, 1, 2, 1, 2, 1, 2, 1])] {
             drafter.add_request(probe, 1, &context).unwrap();
             let draft = drafter.propose(probe, DraftKind::Chain).unwrap();
@@ -860,20 +857,20 @@ fn a_frequent_token_with_hundreds_of_continuations_matches_the_reference() {
     let mut rng = common::rng("drafter many continuations");
     for config in configs() {
         let drafter = Drafter::new(config).unwrap();
-        for r in 0..6u64 {
-            let rollout: Vec<Token> = (0..400)
-                .map(|i| {
-                    if i % 2 == 0 {
-                        0
-                    } else {
-                        rng.random_range(1..301)
-                    }
-                })
-                .collect();
-            drafter.add_request(r, 3, &[]).unwrap();
-            drafter.append(r, &rollout).unwrap();
-            drafter.finish_request(r).unwrap();
-        }
+        let rollouts: Vec<Vec<Token>> = (0..6)
+            .map(|_| {
+                (0..400)
+                    .map(|i| {
+                        if i % 2 == 0 {
+                            0
+                        } else {
+                            rng.random_range(1..301)
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        store_rollouts(&drafter, 3, rollouts.iter().map(Vec::as_slice));
         let context: Vec<Token> = vec![5, 0, 17, 0];
         drafter.add_request(100, 3, &context).unwrap();
         check_probe(&drafter, 3, 100, &context, "alternating history");

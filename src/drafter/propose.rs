@@ -235,11 +235,11 @@ pub(crate) struct Settings<'b> {
 ///
 /// The chain levels are walked from the longest gram down: each gives the matches from its gram length up to
 /// the next level's (the longer ones came from that level, unless its walk stopped at the cap first: then
-/// this level's longer matches that it did not reach count too, for the shorter match lengths). A level is walked only if one of its matches could
-/// still score higher, i.e. while the best score is below the budget of a match one token shorter than the
-/// level above (a draft's score is at most its node count). The drafts of the match lengths between two
-/// occurrences' match lengths are prefixes of the longer one's, so only the match lengths that occur are
-/// drafted.
+/// this level's longer matches that it did not reach count too, for the shorter match lengths). A level is
+/// walked only if one of its matches could still score higher, i.e. while the best score is below the budget
+/// of a match one token shorter than the level above (a draft's score is at most its node count). The drafts
+/// of the match lengths between two occurrences' match lengths are prefixes of the longer one's, so only the
+/// match lengths that occur are drafted.
 pub(crate) fn best_draft(index: &SuffixIndex, context: &[Token], settings: &Settings<'_>) -> Draft {
     let grams = index.gram_lens();
     let mut candidates: Vec<Candidate> = Vec::new();
