@@ -33,7 +33,7 @@ pub type Token = u32;
 /// The gram lengths indexed: `min_match`, then these (each raised to `min_match` if that is longer). Each
 /// level's chain gives the matches from its gram length up to the next level's.
 const UPPER_GRAMS: [usize; LEVELS - 1] = [3, 6];
-pub(crate) const LEVELS: usize = 3;
+const LEVELS: usize = 3;
 const ANCHOR: usize = UPPER_GRAMS[LEVELS - 2];
 const NONE: u64 = u64::MAX;
 
@@ -167,11 +167,10 @@ impl SuffixIndex {
     /// `1 <= min_match <= max_match` is checked by the drafter's configuration.
     pub fn new(min_match: usize, max_match: usize) -> Self {
         SuffixIndex {
-            gram_lens: [
-                min_match,
-                UPPER_GRAMS[0].max(min_match),
-                UPPER_GRAMS[1].max(min_match),
-            ],
+            gram_lens: std::array::from_fn(|level| match level {
+                0 => min_match,
+                _ => UPPER_GRAMS[level - 1].max(min_match),
+            }),
             max_match,
             slots: Vec::new(),
             free_slots: Vec::new(),
