@@ -23,6 +23,7 @@ use cudarc::driver::{sys, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, Device
 use half::{bf16, f16};
 use rayon::prelude::*;
 use specdec::attention::{PagedCacheShape, TreeAttentionShape, TreeBatch};
+use specdec::backend::Stream;
 use specdec::cuda::{CudaBackend, DeviceIn, DeviceOut, DeviceTreeBatch, DeviceTreeOutputs};
 use specdec::int4::{GemvShape, Int4Shape};
 use specdec::{cpu, DType, LogitsElement};
@@ -829,21 +830,25 @@ fn time_greedy_cuda<T: BenchElement>(
     let (a, _a) = accepted.device_ptr_mut(stream);
     let (e, _e) = emitted.device_ptr_mut(stream);
     let elem = std::mem::size_of::<T>() as u64;
+    let cuda = specdec::backend::Backend::Cuda(backend.clone());
+    let inputs_width = inputs.width;
     let call = |i: usize| {
         let logits = base + (i % copies * len) as u64 * elem;
         // SAFETY: every pointer is a live allocation above of the stated length, used on `stream`.
         unsafe {
-            backend.greedy_verify::<T>(
-                stream,
-                DeviceIn::from_raw(logits, len),
-                case.vocab,
-                DeviceIn::from_raw(o, case.batch + 1),
-                DeviceIn::from_raw(d, inputs.drafts.len()),
-                inputs.width,
-                DeviceOut::from_raw(a, case.batch),
-                DeviceOut::from_raw(e, case.batch * inputs.width),
-                None,
-            )
+            let inputs = specdec::greedy::GreedyInputs {
+                logits: DeviceIn::<T>::from_raw(logits, len).into(),
+                vocab_size: case.vocab,
+                draft_offsets: DeviceIn::from_raw(o, case.batch + 1).into(),
+                draft_tokens: DeviceIn::from_raw(d, inputs.drafts.len()).into(),
+            };
+            let outputs = specdec::greedy::GreedyOutputs {
+                emit_width: inputs_width,
+                accepted_counts: DeviceOut::from_raw(a, case.batch).into(),
+                emitted_tokens: DeviceOut::from_raw(e, case.batch * inputs_width).into(),
+                request_status: None,
+            };
+            cuda.greedy_verify(Stream::Cuda(stream), inputs, outputs)
         }
         .expect("greedy_verify launch");
     };

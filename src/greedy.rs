@@ -42,12 +42,106 @@
 //! without synchronising) still marks the request with [`REQUEST_INVALID`] and -1. Neither ever reads or writes
 //! outside the documented arrays, whatever the contents.
 
+use crate::backend::{optional_host, Backend, In, Out, Stream};
 use crate::dtype::LogitsElement;
 use crate::error::{check_batch_sizes, check_len, check_packed_offsets, Error, Result};
 use crate::status::{RequestResult, RequestStatus};
 
 /// The value of `accepted_counts[b]` for a request that broke a rule (see [`RequestStatus`]).
 pub const REQUEST_INVALID: i32 = -1;
+
+/// Everything greedy verification reads, in the memory of the [`Backend`] it runs on.
+pub struct GreedyInputs<'a, T> {
+    /// `[num_draft_tokens + B, V]`: row `draft_offsets[b] + b + j` is request `b`'s target position `j`.
+    pub logits: In<'a, T>,
+    /// `V`, the row length of `logits`.
+    pub vocab_size: usize,
+    /// `[B + 1]`: request `b`'s drafts are `draft_tokens[draft_offsets[b] .. draft_offsets[b + 1]]`.
+    pub draft_offsets: In<'a, i32>,
+    /// `[num_draft_tokens]`: token ids in `[0, V)`.
+    pub draft_tokens: In<'a, i32>,
+}
+
+/// Everything greedy verification writes, in the memory of the [`Backend`] it runs on.
+pub struct GreedyOutputs<'a> {
+    /// The row length of `emitted_tokens`: at least the longest draft plus one.
+    pub emit_width: usize,
+    /// `[B]`: `n_b`, or [`REQUEST_INVALID`].
+    pub accepted_counts: Out<'a, i32>,
+    /// `[B, emit_width]`: the emitted tokens, then -1.
+    pub emitted_tokens: Out<'a, i32>,
+    /// `[B]`, optional: each request's [`RequestStatus`] code; when given, a bad request is flagged alone.
+    pub request_status: Option<Out<'a, i32>>,
+}
+
+impl<T> GreedyInputs<'_, T> {
+    /// The call's shape, with every array's length checked against it: the one size check of every backend.
+    pub fn shape(&self, outputs: &GreedyOutputs<'_>) -> Result<GreedyShape> {
+        let shape = GreedyShape::from_lengths(
+            self.vocab_size,
+            self.draft_offsets.len(),
+            self.draft_tokens.len(),
+            outputs.emit_width,
+        )?;
+        shape.check_lengths(
+            self.logits.len(),
+            self.draft_offsets.len(),
+            self.draft_tokens.len(),
+            outputs.accepted_counts.len(),
+            outputs.emitted_tokens.len(),
+        )?;
+        shape.check_status_len(outputs.request_status.as_ref().map(Out::len))?;
+        Ok(shape)
+    }
+}
+
+impl Backend {
+    /// Greedy verification of a batch of drafted chains; see the [module documentation](crate::greedy) for the
+    /// layout, semantics and rules, and [`crate::backend`] for memory and streams.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming the argument for a size, a length, an array in the wrong memory, a null
+    /// or misaligned device pointer, and (CPU backend without `request_status`) the first bad request; CUDA
+    /// errors from the launch.
+    pub fn greedy_verify<T: LogitsElement>(
+        &self,
+        stream: Stream<'_>,
+        inputs: GreedyInputs<'_, T>,
+        outputs: GreedyOutputs<'_>,
+    ) -> Result<()> {
+        let shape = inputs.shape(&outputs)?;
+        match self {
+            Backend::Cpu => {
+                let _ = stream;
+                crate::cpu::greedy::verify(
+                    &shape,
+                    inputs.logits.host("logits")?,
+                    inputs.draft_offsets.host("draft_offsets")?,
+                    inputs.draft_tokens.host("draft_tokens")?,
+                    outputs.accepted_counts.host("accepted_counts")?,
+                    outputs.emitted_tokens.host("emitted_tokens")?,
+                    optional_host(outputs.request_status, "request_status")?,
+                )
+            }
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(cuda) => {
+                let ptrs = crate::cuda::greedy::GreedyDevicePtrs {
+                    logits: inputs.logits.device("logits")?,
+                    draft_offsets: inputs.draft_offsets.device("draft_offsets")?,
+                    draft_tokens: inputs.draft_tokens.device("draft_tokens")?,
+                    accepted_counts: outputs.accepted_counts.device("accepted_counts")?,
+                    emitted_tokens: outputs.emitted_tokens.device("emitted_tokens")?,
+                    request_status: crate::backend::optional_device(
+                        &outputs.request_status,
+                        "request_status",
+                    )?,
+                };
+                let stream = Backend::cu_stream(cuda, stream)?;
+                cuda.launch_greedy_verify(stream, &shape, T::DTYPE, &ptrs)
+            }
+        }
+    }
+}
 
 /// The validated sizes of one greedy-verification call. Constructing one is the only way into any backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

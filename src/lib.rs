@@ -19,6 +19,7 @@
 #![warn(missing_docs)]
 
 pub mod attention;
+pub mod backend;
 pub mod capi;
 pub mod cpu;
 #[cfg(feature = "cuda")]

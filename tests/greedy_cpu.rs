@@ -1,83 +1,14 @@
-//! Greedy verification on the CPU backend against a naive reference, hand-worked cases, and bad input.
+//! Greedy verification on the CPU backend: the shared bodies of `tests/common/greedy.rs` (the same ones
+//! `tests/greedy_gpu.rs` runs on the GPU), then what only the CPU does: the argmax order, and a bad request
+//! failing the whole call, naming its element, when no `request_status` is given.
 
 mod common;
 
-use common::{naive_argmax, rng, GreedyCase, GreedyOutput, TestElement};
+use common::{naive_argmax, GreedyOutput};
 use half::{bf16, f16};
 use specdec::{cpu, Error, RequestStatus};
 
-fn random_cases_match_the_naive_reference<T: TestElement>(name: &str) {
-    let mut rng = rng(name);
-    for &vocab in &[1usize, 2, 3, 31, 32, 33, 1000, 32000] {
-        for &(requests, max_drafts) in &[(0usize, 0usize), (1, 0), (1, 32), (7, 5), (257, 3)] {
-            for tie_prone in [false, true] {
-                let case =
-                    GreedyCase::<T>::random(&mut rng, requests, vocab, max_drafts, 0.8, tie_prone);
-                let got = case.run_cpu().unwrap();
-                assert_eq!(
-                    got,
-                    case.expected(),
-                    "V={vocab} B={requests} k<={max_drafts} ties={tie_prone}"
-                );
-            }
-        }
-    }
-}
-
-#[test]
-fn random_f32_cases_match_the_naive_reference() {
-    random_cases_match_the_naive_reference::<f32>("f32");
-}
-
-#[test]
-fn random_f16_cases_match_the_naive_reference() {
-    random_cases_match_the_naive_reference::<f16>("f16");
-}
-
-#[test]
-fn random_bf16_cases_match_the_naive_reference() {
-    random_cases_match_the_naive_reference::<bf16>("bf16");
-}
-
-#[test]
-fn large_vocabularies_match_the_naive_reference() {
-    let mut rng = rng("large vocabularies");
-    for &vocab in &[128256usize, 151936, 262144] {
-        let case = GreedyCase::<bf16>::random(&mut rng, 3, vocab, 4, 0.9, false);
-        assert_eq!(case.run_cpu().unwrap(), case.expected(), "V={vocab}");
-    }
-}
-
-#[test]
-fn hand_worked_batch() {
-    // V = 5. Request 0 drafts [4, 2, 0]: rows argmax 4 (accept), 2 (accept), 1 (reject 0, emit 1).
-    // Request 1 drafts [3]: row argmax 3 (accept), bonus row argmax 0.
-    // Request 2 drafts nothing: its bonus row has a two-way tie at 2 and 4, the lower index wins.
-    #[rustfmt::skip]
-    let logits: Vec<f32> = vec![
-        0., 0., 0., 0., 1.,
-        0., 0., 5., 0., 0.,
-        0., 2., 0., 0., 0.,
-        9., 9., 9., 9., 9.5, // request 0's bonus row: not reached
-        0., 0., 0., 3., 0.,
-        7., 0., 0., 0., 0.,
-        0., 0., 6., 0., 6.,
-    ];
-    let (mut accepted, mut emitted) = (vec![99; 3], vec![99; 3 * 4]);
-    cpu::greedy_verify(
-        &logits,
-        5,
-        &[0, 3, 4, 4],
-        &[4, 2, 0, 3],
-        4,
-        &mut accepted,
-        &mut emitted,
-        None,
-    )
-    .unwrap();
-    assert_eq!(accepted, [2, 1, 0]);
-    assert_eq!(emitted, [4, 2, 1, -1, 3, 0, -1, -1, 2, -1, -1, -1]);
-}
+greedy_tests!(Some(common::device::TestDevice::cpu()));
 
 #[test]
 fn nan_infinities_and_signed_zeros_follow_the_documented_order() {
@@ -172,26 +103,6 @@ fn unusable_rows_are_refused_or_flagged_alone() {
     }
 }
 
-#[test]
-fn empty_batch_and_single_token_vocabulary() {
-    let (mut accepted, mut emitted): ([i32; 0], [i32; 0]) = ([], []);
-    cpu::greedy_verify::<f32>(&[], 10, &[0], &[], 1, &mut accepted, &mut emitted, None).unwrap();
-    // V = 1: every argmax is 0, so a chain of zeros is accepted in full.
-    let (mut accepted, mut emitted) = ([0; 1], [0; 4]);
-    cpu::greedy_verify(
-        &[3.0f32; 4],
-        1,
-        &[0, 3],
-        &[0, 0, 0],
-        4,
-        &mut accepted,
-        &mut emitted,
-        None,
-    )
-    .unwrap();
-    assert_eq!((accepted, emitted), ([3], [0, 0, 0, 0]));
-}
-
 fn expect_invalid(result: specdec::Result<()>, argument: &str) {
     match result {
         Err(Error::InvalidArgument {
@@ -205,7 +116,9 @@ fn expect_invalid(result: specdec::Result<()>, argument: &str) {
 }
 
 #[test]
-fn bad_input_is_rejected_naming_the_argument_and_outputs_are_untouched() {
+/// Without `request_status`, the first bad request fails the call, naming its element, and nothing is written
+/// (sizes are refused alike on every backend: `bad_sizes_are_refused_naming_the_argument`).
+fn bad_requests_fail_the_call_without_request_status() {
     let logits = vec![0.0f32; 4 * 3];
     let run = |offsets: &[i32],
                drafts: &[i32],
@@ -255,72 +168,9 @@ fn bad_input_is_rejected_naming_the_argument_and_outputs_are_untouched() {
         ),
         "emit_width",
     );
-    expect_invalid(
-        run(&[0, 1, 2], &[0, 0], 0, &mut out.accepted, &mut vec![]),
-        "emit_width",
-    );
-    expect_invalid(
-        run(&[], &[0, 0], 3, &mut out.accepted, &mut out.emitted),
-        "draft_offsets",
-    );
-    expect_invalid(
-        run(&[0, 1, 2], &[0, 0], 3, &mut vec![0; 3], &mut out.emitted),
-        "accepted_counts",
-    );
-    expect_invalid(
-        run(&[0, 1, 2], &[0, 0], 3, &mut out.accepted, &mut vec![0; 5]),
-        "emitted_tokens",
-    );
-    expect_invalid(
-        cpu::greedy_verify(
-            &logits[1..],
-            3,
-            &[0, 1, 2],
-            &[0, 0],
-            3,
-            &mut out.accepted,
-            &mut out.emitted,
-            None,
-        ),
-        "logits",
-    );
-    expect_invalid(
-        cpu::greedy_verify(
-            &logits,
-            0,
-            &[0, 1, 2],
-            &[0, 0],
-            3,
-            &mut out.accepted,
-            &mut out.emitted,
-            None,
-        ),
-        "vocab_size",
-    );
     assert_eq!(
         out,
         GreedyOutput::poisoned(2, 3),
         "a rejected call writes nothing"
     );
-}
-
-/// A request's broken offsets can make two others claim the same logits rows: `draft_offsets = [0, 3, 1, 4]`
-/// breaks request 1 (3 > 1) and gives request 2 rows 2..=5, which overlap request 0's 0..=3. The rows go to
-/// request 0 (the search of `GreedyShape::row_owner`, the sampler's rule) and request 2 is flagged OFFSETS, as the
-/// sampler at temperature 0 flags it (found by review: greedy processed request 2 and the two disagreed).
-#[test]
-fn rows_claimed_by_two_requests_go_to_one_and_flag_the_other() {
-    let case = GreedyCase {
-        vocab_size: 4,
-        logits: [0.0f32, 5.0, 0.0, 0.0].repeat(7),
-        draft_offsets: vec![0, 3, 1, 4],
-        draft_tokens: vec![1, 1, 1, 1],
-        emit_width: 5,
-    };
-    let out = case.run_cpu().unwrap();
-    let offsets = RequestStatus::Offsets.code();
-    assert_eq!(out.status, [0, offsets, offsets]);
-    assert_eq!(out.accepted, [3, -1, -1]);
-    assert_eq!(&out.emitted[..5], &[1, 1, 1, 1, -1]);
-    assert!(out.emitted[5..].iter().all(|&t| t == -1));
 }

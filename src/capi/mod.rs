@@ -25,10 +25,9 @@ use crate::attention::{
     CompactionShape, PagedCacheShape, RequestStatus, RopeShape, RopeStyle, TreeAttentionShape,
     TreeBatch,
 };
+use crate::backend::{Backend, In, Out, Stream};
 #[cfg(feature = "cuda")]
 use crate::cuda::attention::{CompactionDevicePtrs, TreeAttentionDevicePtrs};
-#[cfg(feature = "cuda")]
-use crate::cuda::greedy::GreedyDevicePtrs;
 #[cfg(feature = "cuda")]
 use crate::cuda::int4::{GemvDevicePtrs, QuantizeDevicePtrs};
 #[cfg(feature = "cuda")]
@@ -38,7 +37,7 @@ use crate::cuda::CudaBackend;
 use crate::drafter::{DraftKind, Drafter, DrafterConfig, LengthClasses, Token};
 use crate::dtype::{DType, LogitsElement};
 use crate::error::{Error, Result};
-use crate::greedy::GreedyShape;
+use crate::greedy::{GreedyInputs, GreedyOutputs, GreedyShape};
 use crate::int4::convert::{from_awq, from_gptq, GptqZeros};
 use crate::int4::{GemvShape, Int4Shape};
 use crate::policy::{
@@ -280,12 +279,6 @@ pub struct specdec_context {
     _address: u8,
 }
 
-enum Backend {
-    Cpu,
-    #[cfg(feature = "cuda")]
-    Cuda(CudaBackend),
-}
-
 thread_local! {
     static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
 }
@@ -409,6 +402,69 @@ unsafe fn optional_slice_mut<'a, T>(
     } else {
         host_slice_mut(argument, ptr, len).map(Some)
     }
+}
+
+/// An array of `len` elements at `ptr` in the context's memory: a host slice ([`host_slice`]) on a CPU context,
+/// raw device memory on a CUDA context (checked non-null and aligned by the backend).
+///
+/// # Safety
+/// As [`host_slice`] on a CPU context; on a CUDA context, as [`crate::cuda::DeviceIn::from_raw`].
+unsafe fn array_in<'a, T>(
+    backend: &Backend,
+    argument: &str,
+    ptr: *const T,
+    len: usize,
+) -> Result<In<'a, T>> {
+    match backend {
+        Backend::Cpu => host_slice(argument, ptr, len).map(In::Host),
+        #[cfg(feature = "cuda")]
+        Backend::Cuda(_) => Ok(In::Device(crate::cuda::DeviceIn::from_raw(ptr as u64, len))),
+    }
+}
+
+/// As [`array_in`], for an array the call writes.
+///
+/// # Safety
+/// As [`host_slice_mut`] on a CPU context; on a CUDA context, as [`crate::cuda::DeviceOut::from_raw`].
+unsafe fn array_out<'a, T>(
+    backend: &Backend,
+    argument: &str,
+    ptr: *mut T,
+    len: usize,
+) -> Result<Out<'a, T>> {
+    match backend {
+        Backend::Cpu => host_slice_mut(argument, ptr, len).map(Out::Host),
+        #[cfg(feature = "cuda")]
+        Backend::Cuda(_) => Ok(Out::Device(crate::cuda::DeviceOut::from_raw(
+            ptr as u64, len,
+        ))),
+    }
+}
+
+/// [`array_out`] of an optional array: `None` for a null pointer.
+///
+/// # Safety
+/// As [`array_out`].
+unsafe fn optional_out<'a, T>(
+    backend: &Backend,
+    argument: &str,
+    ptr: *mut T,
+    len: usize,
+) -> Result<Option<Out<'a, T>>> {
+    if ptr.is_null() {
+        Ok(None)
+    } else {
+        array_out(backend, argument, ptr, len).map(Some)
+    }
+}
+
+/// The caller's `cudaStream_t` / `CUstream` (NULL: the legacy default stream); ignored by a CPU context.
+fn stream_arg<'a>(stream: *mut c_void) -> Stream<'a> {
+    #[cfg(feature = "cuda")]
+    if !stream.is_null() {
+        return Stream::Raw(stream as _);
+    }
+    Stream::Default
 }
 
 /// No array of `len` elements of `T` can exist if it spans more than `isize::MAX` bytes (Rust's rule for every

@@ -49,61 +49,71 @@ pub unsafe extern "C" fn specdec_greedy_verify(
             size_arg("num_draft_tokens", num_draft_tokens)?,
             size_arg("emit_width", emit_width)?,
         )?;
-        match &ctx.backend {
-            Backend::Cpu => {
-                let offsets = host_slice("draft_offsets", draft_offsets, shape.num_requests + 1)?;
-                let drafts = host_slice("draft_tokens", draft_tokens, shape.num_draft_tokens)?;
-                let accepted =
-                    host_slice_mut("accepted_counts", accepted_counts, shape.num_requests)?;
-                let emitted =
-                    host_slice_mut("emitted_tokens", emitted_tokens, shape.emitted_len())?;
-                let status =
-                    optional_slice_mut("request_status", request_status, shape.num_requests)?;
-                fn run<T: LogitsElement>(
-                    logits: *const c_void,
-                    shape: &GreedyShape,
-                    o: &[i32],
-                    d: &[i32],
-                    a: &mut [i32],
-                    e: &mut [i32],
-                    s: Option<&mut [i32]>,
-                ) -> Result<()> {
-                    // SAFETY: the caller's contract on `logits`.
-                    let logits =
-                        unsafe { host_slice("logits", logits as *const T, shape.logits_len())? };
-                    crate::cpu::greedy_verify(
-                        logits,
-                        shape.vocab_size,
-                        o,
-                        d,
-                        shape.emit_width,
-                        a,
-                        e,
-                        s,
-                    )
-                }
-                let args = (offsets, drafts, accepted, emitted, status);
-                let (o, d, a, e, s) = args;
-                match dtype {
-                    DType::F32 => run::<f32>(logits, &shape, o, d, a, e, s),
-                    DType::F16 => run::<f16>(logits, &shape, o, d, a, e, s),
-                    DType::BF16 => run::<bf16>(logits, &shape, o, d, a, e, s),
-                }
-            }
-            #[cfg(feature = "cuda")]
-            Backend::Cuda(backend) => {
-                let ptrs = GreedyDevicePtrs {
-                    logits: logits as u64,
-                    draft_offsets: draft_offsets as u64,
-                    draft_tokens: draft_tokens as u64,
-                    accepted_counts: accepted_counts as u64,
-                    emitted_tokens: emitted_tokens as u64,
-                    request_status: request_status as u64,
-                };
-                ptrs.check(&shape, dtype)?;
-                backend.launch_greedy_verify(stream as _, &shape, dtype, &ptrs)
-            }
+        let backend = &ctx.backend;
+        let outputs = GreedyOutputs {
+            emit_width: shape.emit_width,
+            accepted_counts: array_out(
+                backend,
+                "accepted_counts",
+                accepted_counts,
+                shape.num_requests,
+            )?,
+            emitted_tokens: array_out(
+                backend,
+                "emitted_tokens",
+                emitted_tokens,
+                shape.emitted_len(),
+            )?,
+            request_status: optional_out(
+                backend,
+                "request_status",
+                request_status,
+                shape.num_requests,
+            )?,
+        };
+        /// The logits as `T`, then the call on the context's backend.
+        unsafe fn run<T: LogitsElement>(
+            backend: &Backend,
+            shape: &GreedyShape,
+            logits: *const c_void,
+            draft_offsets: *const i32,
+            draft_tokens: *const i32,
+            outputs: GreedyOutputs<'_>,
+            stream: Stream<'_>,
+        ) -> Result<()> {
+            let inputs = GreedyInputs {
+                logits: array_in(backend, "logits", logits as *const T, shape.logits_len())?,
+                vocab_size: shape.vocab_size,
+                draft_offsets: array_in(
+                    backend,
+                    "draft_offsets",
+                    draft_offsets,
+                    shape.num_requests + 1,
+                )?,
+                draft_tokens: array_in(
+                    backend,
+                    "draft_tokens",
+                    draft_tokens,
+                    shape.num_draft_tokens,
+                )?,
+            };
+            backend.greedy_verify(stream, inputs, outputs)
         }
+        let run = match dtype {
+            DType::F32 => run::<f32>,
+            DType::F16 => run::<f16>,
+            DType::BF16 => run::<bf16>,
+        };
+        let stream = stream_arg(stream);
+        run(
+            backend,
+            &shape,
+            logits,
+            draft_offsets,
+            draft_tokens,
+            outputs,
+            stream,
+        )
     })
 }
 

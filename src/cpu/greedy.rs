@@ -4,9 +4,10 @@ use std::cmp::Reverse;
 
 use rayon::prelude::*;
 
+use crate::backend::{Backend, Stream};
 use crate::dtype::LogitsElement;
 use crate::error::Result;
-use crate::greedy::{GreedyShape, REQUEST_INVALID};
+use crate::greedy::{GreedyInputs, GreedyOutputs, GreedyShape, REQUEST_INVALID};
 use crate::status::{settle, write_statuses, RequestResult};
 
 /// Rows longer than this are split into chunks of this many elements, reduced on several threads.
@@ -86,11 +87,14 @@ fn parallel_argmax<T: LogitsElement>(row: &[T]) -> usize {
     index
 }
 
-/// Greedy verification of a batch of drafted chains; see [`crate::greedy`] for the layout, semantics and rules.
+/// Greedy verification of a batch of drafted chains on host slices: shorthand for
+/// [`Backend::Cpu.greedy_verify`](crate::backend::Backend::greedy_verify). See [`crate::greedy`] for the layout,
+/// semantics and rules.
 ///
 /// With `request_status` (`[B]`), a request that breaks a rule is flagged alone: its
-/// [`RequestStatus`](crate::RequestStatus) code, `accepted_counts[b] = -1` and a row of -1, as the CUDA kernel does. Without it, the first failing request's
-/// error is returned (naming the offending element) and nothing is written.
+/// [`RequestStatus`](crate::RequestStatus) code, `accepted_counts[b] = -1` and a row of -1, as the CUDA kernel
+/// does. Without it, the first failing request's error is returned (naming the offending element) and nothing
+/// is written.
 ///
 /// ```
 /// // Two requests over a vocabulary of 4: request 0 drafted [2, 1], request 1 drafted nothing.
@@ -117,21 +121,32 @@ pub fn greedy_verify<T: LogitsElement>(
     emitted_tokens: &mut [i32],
     request_status: Option<&mut [i32]>,
 ) -> Result<()> {
-    let shape = GreedyShape::from_lengths(
+    let inputs = GreedyInputs {
+        logits: logits.into(),
         vocab_size,
-        draft_offsets.len(),
-        draft_tokens.len(),
+        draft_offsets: draft_offsets.into(),
+        draft_tokens: draft_tokens.into(),
+    };
+    let outputs = GreedyOutputs {
         emit_width,
-    )?;
-    shape.check_lengths(
-        logits.len(),
-        draft_offsets.len(),
-        draft_tokens.len(),
-        accepted_counts.len(),
-        emitted_tokens.len(),
-    )?;
-    shape.check_status_len(request_status.as_ref().map(|s| s.len()))?;
+        accepted_counts: accepted_counts.into(),
+        emitted_tokens: emitted_tokens.into(),
+        request_status: request_status.map(Into::into),
+    };
+    Backend::Cpu.greedy_verify(Stream::Default, inputs, outputs)
+}
 
+/// The CPU implementation, on arrays whose lengths `shape` has checked.
+pub(crate) fn verify<T: LogitsElement>(
+    shape: &GreedyShape,
+    logits: &[T],
+    draft_offsets: &[i32],
+    draft_tokens: &[i32],
+    accepted_counts: &mut [i32],
+    emitted_tokens: &mut [i32],
+    request_status: Option<&mut [i32]>,
+) -> Result<()> {
+    let (vocab_size, emit_width) = (shape.vocab_size, shape.emit_width);
     // Every row's argmax, in parallel over rows and over chunks of long rows, as the CUDA kernel does: at small
     // batch that keeps every core busy, which stopping at each request's first mismatch would not.
     let targets: Vec<usize> = super::pool::install(|| {

@@ -27,7 +27,7 @@
 //! Results never depend on the thread count.
 
 mod attention;
-mod greedy;
+pub(crate) mod greedy;
 mod int4;
 pub(crate) mod pool;
 mod sampling;

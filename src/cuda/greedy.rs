@@ -2,11 +2,11 @@
 
 use std::ffi::c_void;
 
-use cudarc::driver::{result, sys, CudaStream};
+use cudarc::driver::{result, sys};
 
-use super::memory::{check_device_ptr, StreamScratch};
-use super::{cuda_error, vocabulary_split, CudaBackend, DeviceIn, DeviceOut};
-use crate::dtype::{DType, LogitsElement};
+use super::memory::StreamScratch;
+use super::{cuda_error, vocabulary_split, CudaBackend};
+use crate::dtype::DType;
 use crate::error::Result;
 use crate::greedy::GreedyShape;
 
@@ -32,7 +32,8 @@ pub(super) fn kernel_names() -> Vec<String> {
     names
 }
 
-/// Raw device pointers of one greedy-verification call, after validation.
+/// Raw device pointers of one greedy-verification call, each checked non-null and aligned
+/// ([`crate::backend::In::device`]).
 pub(crate) struct GreedyDevicePtrs {
     pub logits: sys::CUdeviceptr,
     pub draft_offsets: sys::CUdeviceptr,
@@ -43,83 +44,7 @@ pub(crate) struct GreedyDevicePtrs {
     pub request_status: sys::CUdeviceptr,
 }
 
-impl GreedyDevicePtrs {
-    pub(crate) fn check(&self, shape: &GreedyShape, dtype: DType) -> Result<()> {
-        check_device_ptr("logits", self.logits, shape.logits_len(), dtype.size())?;
-        check_device_ptr(
-            "draft_offsets",
-            self.draft_offsets,
-            shape.num_requests + 1,
-            4,
-        )?;
-        check_device_ptr("draft_tokens", self.draft_tokens, shape.num_draft_tokens, 4)?;
-        check_device_ptr(
-            "accepted_counts",
-            self.accepted_counts,
-            shape.num_requests,
-            4,
-        )?;
-        check_device_ptr(
-            "emitted_tokens",
-            self.emitted_tokens,
-            shape.emitted_len(),
-            4,
-        )?;
-        if self.request_status != 0 {
-            check_device_ptr("request_status", self.request_status, shape.num_requests, 4)?;
-        }
-        Ok(())
-    }
-}
-
 impl CudaBackend {
-    /// Greedy verification on the GPU; see [`crate::greedy`] for layout, semantics and validation, and the
-    /// module documentation for an example.
-    ///
-    /// Sizes and lengths are checked before anything is launched. Each request's rules are checked by the
-    /// kernel, which marks a bad request with `accepted_counts[b] = `[`crate::greedy::REQUEST_INVALID`], a
-    /// row of -1 and, when `request_status` (`[B]`) is given, the rule's [`crate::RequestStatus`] code. The
-    /// call returns once the work is enqueued on `stream`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn greedy_verify<T: LogitsElement>(
-        &self,
-        stream: &CudaStream,
-        logits: DeviceIn<'_, T>,
-        vocab_size: usize,
-        draft_offsets: DeviceIn<'_, i32>,
-        draft_tokens: DeviceIn<'_, i32>,
-        emit_width: usize,
-        accepted_counts: DeviceOut<'_, i32>,
-        emitted_tokens: DeviceOut<'_, i32>,
-        request_status: Option<DeviceOut<'_, i32>>,
-    ) -> Result<()> {
-        self.check_stream(stream)?;
-        let shape = GreedyShape::from_lengths(
-            vocab_size,
-            draft_offsets.len(),
-            draft_tokens.len(),
-            emit_width,
-        )?;
-        shape.check_lengths(
-            logits.len(),
-            draft_offsets.len(),
-            draft_tokens.len(),
-            accepted_counts.len(),
-            emitted_tokens.len(),
-        )?;
-        shape.check_status_len(request_status.as_ref().map(|s| s.len()))?;
-        let ptrs = GreedyDevicePtrs {
-            logits: logits.ptr,
-            draft_offsets: draft_offsets.ptr,
-            draft_tokens: draft_tokens.ptr,
-            accepted_counts: accepted_counts.ptr,
-            emitted_tokens: emitted_tokens.ptr,
-            request_status: request_status.map_or(0, |s| s.ptr),
-        };
-        ptrs.check(&shape, T::DTYPE)?;
-        self.launch_greedy_verify(stream.cu_stream(), &shape, T::DTYPE, &ptrs)
-    }
-
     /// Enqueues both kernels. `shape` and `ptrs` are validated by the caller.
     pub(crate) fn launch_greedy_verify(
         &self,

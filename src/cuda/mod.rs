@@ -11,27 +11,33 @@
 //! * libcuda is looked for before any driver call (cudarc would panic without it), and every failure is an
 //!   [`Error`]: no driver, no device, an unsupported architecture, a CUDA error with its name.
 //!
+//! Calls go through [`crate::backend::Backend::Cuda`] with device arrays ([`DeviceIn`], [`DeviceOut`]):
+//!
 //! ```no_run
+//! use specdec::backend::{Backend, Stream};
 //! use specdec::cuda::{CudaBackend, DeviceIn, DeviceOut};
+//! use specdec::greedy::{GreedyInputs, GreedyOutputs};
 //! # fn main() -> specdec::Result<()> {
-//! let backend = CudaBackend::new(0)?;
-//! let stream = backend.context().default_stream();
+//! let cuda = CudaBackend::new(0)?;
+//! let stream = cuda.context().default_stream();
 //! let logits = stream.clone_htod(&vec![0.5f32; 3 * 8]).unwrap(); // [rows = 2 drafts + 1 request, V = 8]
 //! let offsets = stream.clone_htod(&[0i32, 2]).unwrap();
 //! let drafts = stream.clone_htod(&[0i32, 0]).unwrap();
 //! let mut accepted = stream.alloc_zeros::<i32>(1).unwrap();
 //! let mut emitted = stream.alloc_zeros::<i32>(3).unwrap();
-//! backend.greedy_verify(
-//!     &stream,
-//!     DeviceIn::new(&logits, &stream),
-//!     8,
-//!     DeviceIn::new(&offsets, &stream),
-//!     DeviceIn::new(&drafts, &stream),
-//!     3,
-//!     DeviceOut::new(&mut accepted, &stream),
-//!     DeviceOut::new(&mut emitted, &stream),
-//!     None, // request_status
-//! )?;
+//! let inputs = GreedyInputs {
+//!     logits: DeviceIn::new(&logits, &stream).into(),
+//!     vocab_size: 8,
+//!     draft_offsets: DeviceIn::new(&offsets, &stream).into(),
+//!     draft_tokens: DeviceIn::new(&drafts, &stream).into(),
+//! };
+//! let outputs = GreedyOutputs {
+//!     emit_width: 3,
+//!     accepted_counts: DeviceOut::new(&mut accepted, &stream).into(),
+//!     emitted_tokens: DeviceOut::new(&mut emitted, &stream).into(),
+//!     request_status: None,
+//! };
+//! Backend::Cuda(cuda.clone()).greedy_verify(Stream::Cuda(&stream), inputs, outputs)?;
 //! assert_eq!(stream.clone_dtoh(&accepted).unwrap(), [2]); // all-equal rows: argmax 0 everywhere
 //! # Ok(()) }
 //! ```
@@ -51,6 +57,7 @@ use cudarc::driver::{result, sys, CudaContext, CudaStream, DriverError};
 
 use crate::error::{Error, Result};
 pub use attention::{DeviceTreeBatch, DeviceTreeOutputs, MAX_COMPACTION_LAYERS};
+pub(crate) use memory::check_device_ptr;
 pub use memory::{DeviceIn, DeviceOut};
 pub use module::{COMPILED_ARCHS, KERNELS_COMPILED};
 pub use sampling::{DeviceDrafts, DeviceRows, DeviceVerifyInputs, DeviceVerifyOutputs};
@@ -130,7 +137,7 @@ impl CudaBackend {
         self.device.multiprocessors
     }
 
-    fn check_stream(&self, stream: &CudaStream) -> Result<()> {
+    pub(crate) fn check_stream(&self, stream: &CudaStream) -> Result<()> {
         if stream.context().cu_ctx() == self.device.ctx.cu_ctx() {
             Ok(())
         } else {

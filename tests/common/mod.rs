@@ -2,6 +2,8 @@
 #![allow(dead_code)]
 
 pub mod attention;
+pub mod device;
+pub mod greedy;
 #[cfg(feature = "cuda")]
 pub mod guarded;
 pub mod int4;
@@ -50,7 +52,7 @@ pub fn rng(test: &str) -> StdRng {
 }
 
 /// Logits types the tests generate from f32 values.
-pub trait TestElement: LogitsElement {
+pub trait TestElement: LogitsElement + device::Element + PartialEq + std::fmt::Debug {
     fn from_f32(x: f32) -> Self;
 }
 impl TestElement for f32 {
@@ -171,7 +173,7 @@ impl<T: TestElement> GreedyCase<T> {
         }
     }
 
-    /// The expected outputs, computed naively.
+    /// The expected outputs with `request_status`, computed naively (valid offsets and draft ids assumed).
     pub fn expected(&self) -> GreedyOutput {
         let v = self.vocab_size;
         let mut out = GreedyOutput {
@@ -182,6 +184,20 @@ impl<T: TestElement> GreedyCase<T> {
         for b in 0..self.num_requests() {
             let first = self.draft_offsets[b] as usize;
             let drafts = &self.draft_tokens[first..self.draft_offsets[b + 1] as usize];
+            // Every row of the request, past its first mismatch too, must be free of NaN and +inf and hold a
+            // finite logit (the documented rule); otherwise the request is flagged.
+            let unusable = (first + b..=first + b + drafts.len()).any(|row| {
+                let values = self.logits[row * v..(row + 1) * v]
+                    .iter()
+                    .map(|x| x.to_f32());
+                values.clone().any(|x| x.is_nan() || x == f32::INFINITY)
+                    || values.clone().all(|x| x == f32::NEG_INFINITY)
+            });
+            if unusable {
+                out.accepted[b] = -1;
+                out.status[b] = specdec::RequestStatus::RowValues.code();
+                continue;
+            }
             for j in 0..=drafts.len() {
                 let row = first + b + j;
                 let target = naive_argmax(&self.logits[row * v..(row + 1) * v]) as i32;
@@ -197,28 +213,52 @@ impl<T: TestElement> GreedyCase<T> {
 
     /// The CPU backend's outputs with `request_status`: bad requests flagged alone.
     pub fn run_cpu(&self) -> specdec::Result<GreedyOutput> {
-        self.run_cpu_with(true)
+        self.run(&device::TestDevice::cpu(), true, 0)
     }
 
     /// The CPU backend without `request_status`: the first bad request fails the call (statuses read 0).
     pub fn run_cpu_strict(&self) -> specdec::Result<GreedyOutput> {
-        let mut out = self.run_cpu_with(false)?;
-        out.status.fill(0);
-        Ok(out)
+        self.run(&device::TestDevice::cpu(), false, 0)
     }
 
-    fn run_cpu_with(&self, with_status: bool) -> specdec::Result<GreedyOutput> {
-        let mut out = GreedyOutput::poisoned(self.num_requests(), self.emit_width);
-        specdec::cpu::greedy_verify(
-            &self.logits,
-            self.vocab_size,
-            &self.draft_offsets,
-            &self.draft_tokens,
-            self.emit_width,
-            &mut out.accepted,
-            &mut out.emitted,
-            with_status.then_some(&mut out.status[..]),
-        )?;
-        Ok(out)
+    /// The outputs on `device`, poisoned before the call, with or without `request_status` (statuses read
+    /// [`POISON`] without it); `logits_offset` starts the logits that many elements into their array (rows
+    /// not 16-byte aligned on a device).
+    pub fn run(
+        &self,
+        device: &device::TestDevice,
+        with_status: bool,
+        logits_offset: usize,
+    ) -> specdec::Result<GreedyOutput> {
+        use specdec::greedy::{GreedyInputs, GreedyOutputs};
+        let poisoned = GreedyOutput::poisoned(self.num_requests(), self.emit_width);
+        let mut shifted = vec![T::from_f32(-1.0); logits_offset];
+        shifted.extend_from_slice(&self.logits);
+        let logits = device.upload(&shifted);
+        let offsets = device.upload(&self.draft_offsets);
+        let drafts = device.upload(&self.draft_tokens);
+        let mut accepted = device.upload_with_spare(&poisoned.accepted, POISON);
+        let mut emitted = device.upload_with_spare(&poisoned.emitted, POISON);
+        let mut status = device.upload_with_spare(&poisoned.status, POISON);
+        let inputs = GreedyInputs {
+            logits: logits.input_from(logits_offset),
+            vocab_size: self.vocab_size,
+            draft_offsets: offsets.input(),
+            draft_tokens: drafts.input(),
+        };
+        let outputs = GreedyOutputs {
+            emit_width: self.emit_width,
+            accepted_counts: accepted.output(),
+            emitted_tokens: emitted.output(),
+            request_status: with_status.then(|| status.output()),
+        };
+        device
+            .backend
+            .greedy_verify(device.stream(), inputs, outputs)?;
+        Ok(GreedyOutput {
+            accepted: accepted.download(device),
+            emitted: emitted.download(device),
+            status: status.download(device),
+        })
     }
 }
