@@ -25,7 +25,7 @@ use rayon::prelude::*;
 use specdec::attention::{PagedCacheShape, TreeAttentionShape, TreeBatch};
 use specdec::backend::Stream;
 use specdec::cuda::{CudaBackend, DeviceIn, DeviceOut, DeviceTreeBatch, DeviceTreeOutputs};
-use specdec::int4::{GemvShape, Int4Shape};
+use specdec::int4::{GemvShape, Int4Gemv, Int4Quantize, Int4Shape};
 use specdec::{cpu, DType, LogitsElement};
 
 /// Rotate inputs over copies totalling at least this many bytes (several times the 50-60 MB L2 of an H100/H200).
@@ -1208,19 +1208,21 @@ fn time_gemv_cuda(
     let (z, _z) = zeros_all.device_ptr(stream);
     let (xp, _x) = xs.device_ptr(stream);
     let (yp, _y) = y.device_ptr_mut(stream);
+    let cuda = specdec::backend::Backend::Cuda(backend.clone());
     let call = |i: usize| {
         let c = (i % copies) as u64;
         // SAFETY: copy `c` of each array lies inside the live allocations above; used on `stream`.
         unsafe {
-            backend.int4_gemv::<bf16, bf16>(
-                stream,
-                shape,
-                DeviceIn::from_raw(p + c * (w.packed_len() * 4) as u64, w.packed_len()),
-                DeviceIn::from_raw(s + c * (w.meta_len() * 2) as u64, w.meta_len()),
-                DeviceIn::from_raw(z + c * w.meta_len() as u64, w.meta_len()),
-                DeviceIn::from_raw(xp, shape.x_len()),
-                DeviceOut::from_raw(yp, shape.y_len()),
-            )
+            let args = Int4Gemv::<bf16, bf16> {
+                shape: *shape,
+                packed: DeviceIn::from_raw(p + c * (w.packed_len() * 4) as u64, w.packed_len())
+                    .into(),
+                scales: DeviceIn::from_raw(s + c * (w.meta_len() * 2) as u64, w.meta_len()).into(),
+                zeros: DeviceIn::from_raw(z + c * w.meta_len() as u64, w.meta_len()).into(),
+                x: DeviceIn::from_raw(xp, shape.x_len()).into(),
+                y: DeviceOut::from_raw(yp, shape.y_len()).into(),
+            };
+            cuda.int4_gemv(Stream::Cuda(stream), args)
         }
         .expect("int4_gemv launch");
     };
@@ -1253,18 +1255,19 @@ fn time_quantize_cuda(
     let (p, _p) = packed.device_ptr_mut(stream);
     let (s, _s) = scales.device_ptr_mut(stream);
     let (z, _z) = zeros.device_ptr_mut(stream);
+    let cuda = specdec::backend::Backend::Cuda(backend.clone());
     let call = |i: usize| {
         let c = (i % copies) as u64;
         // SAFETY: copy `c` of the weights and the outputs are live allocations of the stated lengths.
         unsafe {
-            backend.int4_quantize::<bf16, bf16>(
-                stream,
-                shape,
-                DeviceIn::from_raw(wp + c * (w.len() * 2) as u64, w.len()),
-                DeviceOut::from_raw(p, shape.packed_len()),
-                DeviceOut::from_raw(s, shape.meta_len()),
-                DeviceOut::from_raw(z, shape.meta_len()),
-            )
+            let args = Int4Quantize::<bf16, bf16> {
+                shape: *shape,
+                weights: DeviceIn::from_raw(wp + c * (w.len() * 2) as u64, w.len()).into(),
+                packed: DeviceOut::from_raw(p, shape.packed_len()).into(),
+                scales: DeviceOut::from_raw(s, shape.meta_len()).into(),
+                zeros: DeviceOut::from_raw(z, shape.meta_len()).into(),
+            };
+            cuda.int4_quantize(Stream::Cuda(stream), args)
         }
         .expect("int4_quantize launch");
     };

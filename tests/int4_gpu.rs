@@ -22,10 +22,11 @@ use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, ValidAsZer
 use half::{bf16, f16};
 use rand::rngs::StdRng;
 use rand::Rng;
+use specdec::backend::{Backend, Stream};
 use specdec::capi::{self, specdec_status};
 use specdec::cpu;
 use specdec::cuda::{CudaBackend, DeviceIn, DeviceOut};
-use specdec::int4::{GemvShape, Int4Shape, GROUP_SIZES};
+use specdec::int4::{GemvShape, Int4Gemv, Int4Pack, Int4Quantize, Int4Shape, GROUP_SIZES};
 use specdec::{Error, HalfElement};
 
 fn quantize_on_gpu<T: HalfElement + DeviceRepr, S: HalfElement + DeviceRepr + ValidAsZeroBits>(
@@ -38,14 +39,16 @@ fn quantize_on_gpu<T: HalfElement + DeviceRepr, S: HalfElement + DeviceRepr + Va
     let mut packed = Guarded::new(stream, shape.packed_len(), 0xA5A5_A5A5u32);
     let mut scales = Guarded::new(stream, shape.meta_len(), S::from_f32(-7.0));
     let mut zeros = Guarded::new(stream, shape.meta_len(), 0xEEu8);
-    backend
+    Backend::Cuda(backend.clone())
         .int4_quantize(
-            stream,
-            &shape,
-            DeviceIn::new(&weights, stream),
-            packed.out(stream),
-            scales.out(stream),
-            zeros.out(stream),
+            Stream::Cuda(stream),
+            Int4Quantize {
+                shape,
+                weights: DeviceIn::new(&weights, stream).into(),
+                packed: packed.out(stream).into(),
+                scales: scales.out(stream).into(),
+                zeros: zeros.out(stream).into(),
+            },
         )
         .unwrap();
     Packed {
@@ -97,14 +100,16 @@ fn check_quantizer<T: HalfElement + DeviceRepr, S: HalfElement + DeviceRepr + Va
     let zeros = stream.clone_htod(&cpu_out.zeros).unwrap();
     let weights = stream.clone_htod(&w).unwrap();
     let mut packed = Guarded::new(stream, shape.packed_len(), 0x5A5A_5A5Au32);
-    backend
+    Backend::Cuda(backend.clone())
         .int4_pack(
-            stream,
-            &shape,
-            DeviceIn::new(&weights, stream),
-            DeviceIn::new(&scales, stream),
-            DeviceIn::new(&zeros, stream),
-            packed.out(stream),
+            Stream::Cuda(stream),
+            Int4Pack {
+                shape,
+                weights: DeviceIn::new(&weights, stream).into(),
+                scales: DeviceIn::new(&scales, stream).into(),
+                zeros: DeviceIn::new(&zeros, stream).into(),
+                packed: packed.out(stream).into(),
+            },
         )
         .unwrap();
     assert_eq!(
@@ -156,15 +161,17 @@ fn check_gemv<A: HalfElement + DeviceRepr + ValidAsZeroBits, S: HalfElement + De
         stream.clone_htod(&x).unwrap(),
     );
     let mut y = Guarded::new(stream, m * shape.n, A::NAN);
-    backend
+    Backend::Cuda(backend.clone())
         .int4_gemv(
-            stream,
-            &gemv,
-            DeviceIn::new(&packed, stream),
-            DeviceIn::new(&scales, stream),
-            DeviceIn::new(&zeros, stream),
-            DeviceIn::new(&xs, stream),
-            y.out(stream),
+            Stream::Cuda(stream),
+            Int4Gemv {
+                shape: gemv,
+                packed: DeviceIn::new(&packed, stream).into(),
+                scales: DeviceIn::new(&scales, stream).into(),
+                zeros: DeviceIn::new(&zeros, stream).into(),
+                x: DeviceIn::new(&xs, stream).into(),
+                y: y.out(stream).into(),
+            },
         )
         .unwrap();
     let got = y.read(stream, "y");
@@ -288,41 +295,47 @@ fn misaligned_or_short_device_arrays_are_rejected_naming_them() {
     let x_off = x.slice(1..65); // 2 bytes past a 16-byte boundary
     let packed_ok = packed.slice(0..shape.packed_len());
     assert_eq!(
-        name(backend.int4_gemv(
-            &stream,
-            &gemv,
-            DeviceIn::new(&packed_ok, &stream),
-            DeviceIn::new(&scales, &stream),
-            DeviceIn::new(&zeros, &stream),
-            DeviceIn::new(&x_off, &stream),
-            DeviceOut::new(&mut y, &stream)
+        name(Backend::Cuda(backend.clone()).int4_gemv(
+            Stream::Cuda(&stream),
+            Int4Gemv {
+                shape: gemv,
+                packed: DeviceIn::new(&packed_ok, &stream).into(),
+                scales: DeviceIn::new(&scales, &stream).into(),
+                zeros: DeviceIn::new(&zeros, &stream).into(),
+                x: DeviceIn::new(&x_off, &stream).into(),
+                y: DeviceOut::new(&mut y, &stream).into()
+            }
         )),
         "x"
     );
     let packed_off = packed.slice(1..1 + shape.packed_len());
     let x_ok = x.slice(0..64);
     assert_eq!(
-        name(backend.int4_gemv(
-            &stream,
-            &gemv,
-            DeviceIn::new(&packed_off, &stream),
-            DeviceIn::new(&scales, &stream),
-            DeviceIn::new(&zeros, &stream),
-            DeviceIn::new(&x_ok, &stream),
-            DeviceOut::new(&mut y, &stream)
+        name(Backend::Cuda(backend.clone()).int4_gemv(
+            Stream::Cuda(&stream),
+            Int4Gemv {
+                shape: gemv,
+                packed: DeviceIn::new(&packed_off, &stream).into(),
+                scales: DeviceIn::new(&scales, &stream).into(),
+                zeros: DeviceIn::new(&zeros, &stream).into(),
+                x: DeviceIn::new(&x_ok, &stream).into(),
+                y: DeviceOut::new(&mut y, &stream).into()
+            }
         )),
         "packed"
     );
     let short = packed.slice(0..shape.packed_len() - 1);
     assert_eq!(
-        name(backend.int4_gemv(
-            &stream,
-            &gemv,
-            DeviceIn::new(&short, &stream),
-            DeviceIn::new(&scales, &stream),
-            DeviceIn::new(&zeros, &stream),
-            DeviceIn::new(&x_ok, &stream),
-            DeviceOut::new(&mut y, &stream)
+        name(Backend::Cuda(backend.clone()).int4_gemv(
+            Stream::Cuda(&stream),
+            Int4Gemv {
+                shape: gemv,
+                packed: DeviceIn::new(&short, &stream).into(),
+                scales: DeviceIn::new(&scales, &stream).into(),
+                zeros: DeviceIn::new(&zeros, &stream).into(),
+                x: DeviceIn::new(&x_ok, &stream).into(),
+                y: DeviceOut::new(&mut y, &stream).into()
+            }
         )),
         "packed"
     );

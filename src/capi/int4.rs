@@ -38,30 +38,19 @@ pub unsafe extern "C" fn specdec_int4_quantize(
         let weights_dtype = half_dtype_arg("weights_dtype", weights_dtype)?;
         let scale_dtype = half_dtype_arg("scale_dtype", scale_dtype)?;
         let shape = int4_shape_arg(n, k, group_size)?;
-        match &ctx.backend {
-            Backend::Cpu => {
-                let packed = host_slice_mut("packed", packed, shape.packed_len())?;
-                let zeros = host_slice_mut("zeros", zeros, shape.meta_len())?;
-                with_half!(weights_dtype, T => with_half!(scale_dtype, S => {
-                    let w = host_slice("weights", weights as *const T, shape.weights_len())?;
-                    let s = host_slice_mut("scales", scales as *mut S, shape.meta_len())?;
-                    crate::cpu::int4_quantize(&shape, w, packed, s, zeros)
-                }))
-            }
-            #[cfg(feature = "cuda")]
-            Backend::Cuda(backend) => {
-                let ptrs = QuantizeDevicePtrs {
-                    weights: weights as u64,
-                    given_scales: 0,
-                    given_zeros: 0,
-                    packed: packed as u64,
-                    scales: scales as u64,
-                    zeros: zeros as u64,
-                };
-                ptrs.check(&shape, false)?;
-                backend.launch_int4_quantize(stream as _, &shape, weights_dtype, scale_dtype, &ptrs)
-            }
-        }
+        let backend = &ctx.backend;
+        let packed = array_out(backend, "packed", packed, shape.packed_len())?;
+        let zeros = array_out(backend, "zeros", zeros, shape.meta_len())?;
+        with_half!(weights_dtype, T => with_half!(scale_dtype, S => {
+            let args = Int4Quantize {
+                shape,
+                weights: array_in(backend, "weights", weights as *const T, shape.weights_len())?,
+                packed,
+                scales: array_out(backend, "scales", scales as *mut S, shape.meta_len())?,
+                zeros,
+            };
+            backend.int4_quantize(stream_arg(stream), args)
+        }))
     })
 }
 
@@ -91,30 +80,19 @@ pub unsafe extern "C" fn specdec_int4_pack(
         let weights_dtype = half_dtype_arg("weights_dtype", weights_dtype)?;
         let scale_dtype = half_dtype_arg("scale_dtype", scale_dtype)?;
         let shape = int4_shape_arg(n, k, group_size)?;
-        match &ctx.backend {
-            Backend::Cpu => {
-                let packed = host_slice_mut("packed", packed, shape.packed_len())?;
-                let zeros = host_slice("zeros", zeros, shape.meta_len())?;
-                with_half!(weights_dtype, T => with_half!(scale_dtype, S => {
-                    let w = host_slice("weights", weights as *const T, shape.weights_len())?;
-                    let s = host_slice("scales", scales as *const S, shape.meta_len())?;
-                    crate::cpu::int4_pack(&shape, w, s, zeros, packed)
-                }))
-            }
-            #[cfg(feature = "cuda")]
-            Backend::Cuda(backend) => {
-                let ptrs = QuantizeDevicePtrs {
-                    weights: weights as u64,
-                    given_scales: scales as u64,
-                    given_zeros: zeros as u64,
-                    packed: packed as u64,
-                    scales: 0,
-                    zeros: 0,
-                };
-                ptrs.check(&shape, true)?;
-                backend.launch_int4_quantize(stream as _, &shape, weights_dtype, scale_dtype, &ptrs)
-            }
-        }
+        let backend = &ctx.backend;
+        let packed = array_out(backend, "packed", packed, shape.packed_len())?;
+        let zeros = array_in(backend, "zeros", zeros, shape.meta_len())?;
+        with_half!(weights_dtype, T => with_half!(scale_dtype, S => {
+            let args = Int4Pack {
+                shape,
+                weights: array_in(backend, "weights", weights as *const T, shape.weights_len())?,
+                scales: array_in(backend, "scales", scales as *const S, shape.meta_len())?,
+                zeros,
+                packed,
+            };
+            backend.int4_pack(stream_arg(stream), args)
+        }))
     })
 }
 
@@ -147,30 +125,20 @@ pub unsafe extern "C" fn specdec_int4_gemv(
         let x_dtype = half_dtype_arg("x_dtype", x_dtype)?;
         let shape = GemvShape::new(size_arg("m", m)?, int4_shape_arg(n, k, group_size)?)?;
         let w = &shape.weights;
-        match &ctx.backend {
-            Backend::Cpu => {
-                let packed = host_slice("packed", packed, w.packed_len())?;
-                let zeros = host_slice("zeros", zeros, w.meta_len())?;
-                with_half!(x_dtype, A => with_half!(scale_dtype, S => {
-                    let s = host_slice("scales", scales as *const S, w.meta_len())?;
-                    let xs = host_slice("x", x as *const A, shape.x_len())?;
-                    let ys = host_slice_mut("y", y as *mut A, shape.y_len())?;
-                    crate::cpu::int4_gemv(&shape, packed, s, zeros, xs, ys)
-                }))
-            }
-            #[cfg(feature = "cuda")]
-            Backend::Cuda(backend) => {
-                let ptrs = GemvDevicePtrs {
-                    packed: packed as u64,
-                    scales: scales as u64,
-                    zeros: zeros as u64,
-                    x: x as u64,
-                    y: y as u64,
-                };
-                ptrs.check(&shape)?;
-                backend.launch_int4_gemv(stream as _, &shape, x_dtype, scale_dtype, &ptrs)
-            }
-        }
+        let backend = &ctx.backend;
+        let packed = array_in(backend, "packed", packed, w.packed_len())?;
+        let zeros = array_in(backend, "zeros", zeros, w.meta_len())?;
+        with_half!(x_dtype, A => with_half!(scale_dtype, S => {
+            let args = Int4Gemv {
+                shape,
+                packed,
+                scales: array_in(backend, "scales", scales as *const S, w.meta_len())?,
+                zeros,
+                x: array_in(backend, "x", x as *const A, shape.x_len())?,
+                y: array_out(backend, "y", y as *mut A, shape.y_len())?,
+            };
+            backend.int4_gemv(stream_arg(stream), args)
+        }))
     })
 }
 

@@ -29,8 +29,6 @@ use crate::backend::{Backend, In, Out, Stream};
 #[cfg(feature = "cuda")]
 use crate::cuda::attention::{CompactionDevicePtrs, TreeAttentionDevicePtrs};
 #[cfg(feature = "cuda")]
-use crate::cuda::int4::{GemvDevicePtrs, QuantizeDevicePtrs};
-#[cfg(feature = "cuda")]
 use crate::cuda::sampling::SamplingDevicePtrs;
 #[cfg(feature = "cuda")]
 use crate::cuda::CudaBackend;
@@ -39,7 +37,7 @@ use crate::dtype::{DType, LogitsElement};
 use crate::error::{Error, Result};
 use crate::greedy::{GreedyInputs, GreedyOutputs, GreedyShape};
 use crate::int4::convert::{from_awq, from_gptq, GptqZeros};
-use crate::int4::{GemvShape, Int4Shape};
+use crate::int4::{GemvShape, Int4Gemv, Int4Pack, Int4Quantize, Int4Shape};
 use crate::policy::{
     choose_draft_lengths, choose_draft_trees, CostModel, Gpu, ModelShape, Overheads, RequestOutlook,
 };

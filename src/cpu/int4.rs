@@ -3,15 +3,18 @@
 
 use rayon::prelude::*;
 
+use crate::backend::{Backend, Stream};
 use crate::dtype::HalfElement;
-use crate::error::{check_len, Error, Result};
+use crate::error::{Error, Result};
 use crate::int4::{
-    group_parameters, quantize_value, scale_reciprocal, GemvShape, Int4Shape, TILE_COLS,
-    TILE_POSITIONS, TILE_ROWS, TILE_WORDS,
+    group_parameters, quantize_value, scale_reciprocal, GemvShape, Int4Gemv, Int4Pack,
+    Int4Quantize, Int4Shape, TILE_COLS, TILE_POSITIONS, TILE_ROWS, TILE_WORDS,
 };
 
 /// Round-to-nearest quantization of `weights[N, K]` (row-major) into `packed`, `scales` and `zeros`, by the
-/// rule of [`crate::int4`]. Every input is accepted: groups holding NaN or infinities become NaN groups.
+/// rule of [`crate::int4`], on host slices: shorthand for
+/// [`Backend::Cpu.int4_quantize`](crate::backend::Backend::int4_quantize). Every input is accepted: groups
+/// holding NaN or infinities become NaN groups.
 pub fn int4_quantize<T: HalfElement, S: HalfElement>(
     shape: &Int4Shape,
     weights: &[T],
@@ -19,8 +22,24 @@ pub fn int4_quantize<T: HalfElement, S: HalfElement>(
     scales: &mut [S],
     zeros: &mut [u8],
 ) -> Result<()> {
-    check_len("weights", weights.len(), shape.weights_len())?;
-    shape.check_packed_lengths(packed.len(), scales.len(), zeros.len())?;
+    let args = Int4Quantize {
+        shape: *shape,
+        weights: weights.into(),
+        packed: packed.into(),
+        scales: scales.into(),
+        zeros: zeros.into(),
+    };
+    Backend::Cpu.int4_quantize(Stream::Default, args)
+}
+
+/// The CPU quantizer, on arrays whose lengths the caller checked.
+pub(crate) fn quantize<T: HalfElement, S: HalfElement>(
+    shape: &Int4Shape,
+    weights: &[T],
+    packed: &mut [u32],
+    scales: &mut [S],
+    zeros: &mut [u8],
+) {
     let (n, k, g) = (shape.n, shape.k, shape.group_size);
     // Row-major [N, K / g] first (rows are independent), then transposed into the format's [K / g, N].
     let per_row: Vec<(S, u8)> = super::pool::install(|| {
@@ -46,12 +65,12 @@ pub fn int4_quantize<T: HalfElement, S: HalfElement>(
         }
     }
     pack_codes(shape, weights, scales, zeros, packed);
-    Ok(())
 }
 
 /// Packs `weights[N, K]` with given `scales` and `zeros` (from GPTQ, AWQ or another quantizer), by step 4 of
 /// the rule. Every scale must be positive and finite with a finite reciprocal, every zero at most 15; the
-/// error names the first element that is not.
+/// error names the first element that is not. Host slices: shorthand for
+/// [`Backend::Cpu.int4_pack`](crate::backend::Backend::int4_pack).
 pub fn int4_pack<T: HalfElement, S: HalfElement>(
     shape: &Int4Shape,
     weights: &[T],
@@ -59,8 +78,24 @@ pub fn int4_pack<T: HalfElement, S: HalfElement>(
     zeros: &[u8],
     packed: &mut [u32],
 ) -> Result<()> {
-    check_len("weights", weights.len(), shape.weights_len())?;
-    shape.check_packed_lengths(packed.len(), scales.len(), zeros.len())?;
+    let args = Int4Pack {
+        shape: *shape,
+        weights: weights.into(),
+        scales: scales.into(),
+        zeros: zeros.into(),
+        packed: packed.into(),
+    };
+    Backend::Cpu.int4_pack(Stream::Default, args)
+}
+
+/// The CPU packer, on arrays whose lengths the caller checked.
+pub(crate) fn pack<T: HalfElement, S: HalfElement>(
+    shape: &Int4Shape,
+    weights: &[T],
+    scales: &[S],
+    zeros: &[u8],
+    packed: &mut [u32],
+) -> Result<()> {
     if let Some(i) = scales
         .iter()
         .position(|s| scale_reciprocal(s.to_f32()).is_none())
@@ -164,7 +199,8 @@ fn for_each_weight<S: HalfElement>(
 
 /// `y[M, N] = x[M, K] W^T` for an int4 `W`: every product of a dequantized weight (exact in f32) and an
 /// activation is exact in f64 and summed in f64, and each output is rounded once to the activation type.
-/// Zeros above 15 are an error; a NaN scale makes its row NaN.
+/// Zeros above 15 are an error; a NaN scale makes its row NaN. Host slices: shorthand for
+/// [`Backend::Cpu.int4_gemv`](crate::backend::Backend::int4_gemv).
 pub fn int4_gemv<A: HalfElement, S: HalfElement>(
     shape: &GemvShape,
     packed: &[u32],
@@ -173,10 +209,27 @@ pub fn int4_gemv<A: HalfElement, S: HalfElement>(
     x: &[A],
     y: &mut [A],
 ) -> Result<()> {
+    let args = Int4Gemv {
+        shape: *shape,
+        packed: packed.into(),
+        scales: scales.into(),
+        zeros: zeros.into(),
+        x: x.into(),
+        y: y.into(),
+    };
+    Backend::Cpu.int4_gemv(Stream::Default, args)
+}
+
+/// The CPU GEMV, on arrays whose lengths the caller checked.
+pub(crate) fn gemv<A: HalfElement, S: HalfElement>(
+    shape: &GemvShape,
+    packed: &[u32],
+    scales: &[S],
+    zeros: &[u8],
+    x: &[A],
+    y: &mut [A],
+) -> Result<()> {
     let w = &shape.weights;
-    w.check_packed_lengths(packed.len(), scales.len(), zeros.len())?;
-    check_len("x", x.len(), shape.x_len())?;
-    check_len("y", y.len(), shape.y_len())?;
     check_zeros(zeros)?;
     let (m, n, k) = (shape.m, w.n, w.k);
     let x: Vec<f64> = x.iter().map(|v| f64::from(v.to_f32())).collect();

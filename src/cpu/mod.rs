@@ -28,7 +28,7 @@
 
 mod attention;
 pub(crate) mod greedy;
-mod int4;
+pub(crate) mod int4;
 pub(crate) mod pool;
 mod sampling;
 

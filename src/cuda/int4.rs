@@ -1,13 +1,13 @@
 //! Launchers of the int4 kernels (`cuda/int4.cu`): quantization and packing on the device, and the GEMV.
 //! Format, rounding rule and shapes: [`crate::int4`].
 
-use cudarc::driver::{result, sys, CudaStream};
+use cudarc::driver::{result, sys};
 
 use super::greedy::arg;
 use super::memory::{check_device_ptr, StreamScratch};
-use super::{cuda_error, CudaBackend, DeviceIn, DeviceOut};
-use crate::dtype::{DType, HalfElement};
-use crate::error::{check_len, Error, Result};
+use super::{cuda_error, CudaBackend};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
 use crate::int4::{GemvShape, Int4Shape, TILE_ROWS};
 
 const MODULE: &str = "int4";
@@ -61,92 +61,6 @@ impl GemvDevicePtrs {
 }
 
 impl CudaBackend {
-    /// Round-to-nearest quantization of `weights[N, K]` on the device: the same bytes as
-    /// [`crate::cpu::int4_quantize`], enqueued on `stream`. Outputs must not overlap the input.
-    pub fn int4_quantize<T: HalfElement, S: HalfElement>(
-        &self,
-        stream: &CudaStream,
-        shape: &Int4Shape,
-        weights: DeviceIn<'_, T>,
-        packed: DeviceOut<'_, u32>,
-        scales: DeviceOut<'_, S>,
-        zeros: DeviceOut<'_, u8>,
-    ) -> Result<()> {
-        self.check_stream(stream)?;
-        check_len("weights", weights.len(), shape.weights_len())?;
-        shape.check_packed_lengths(packed.len(), scales.len(), zeros.len())?;
-        let ptrs = QuantizeDevicePtrs {
-            weights: weights.ptr,
-            given_scales: 0,
-            given_zeros: 0,
-            packed: packed.ptr,
-            scales: scales.ptr,
-            zeros: zeros.ptr,
-        };
-        ptrs.check(shape, false)?;
-        self.launch_int4_quantize(stream.cu_stream(), shape, T::DTYPE, S::DTYPE, &ptrs)
-    }
-
-    /// Packs `weights[N, K]` with given `scales` and `zeros` on the device: the same bytes as
-    /// [`crate::cpu::int4_pack`] for valid scales and zeros. The device cannot report an error without
-    /// synchronising, so a group whose scale is unusable (not positive and finite, or with an infinite
-    /// reciprocal) gets codes 0; the CPU returns an error for it. Zeros are used as given (the format allows
-    /// 0..=15).
-    pub fn int4_pack<T: HalfElement, S: HalfElement>(
-        &self,
-        stream: &CudaStream,
-        shape: &Int4Shape,
-        weights: DeviceIn<'_, T>,
-        scales: DeviceIn<'_, S>,
-        zeros: DeviceIn<'_, u8>,
-        packed: DeviceOut<'_, u32>,
-    ) -> Result<()> {
-        self.check_stream(stream)?;
-        check_len("weights", weights.len(), shape.weights_len())?;
-        shape.check_packed_lengths(packed.len(), scales.len(), zeros.len())?;
-        let ptrs = QuantizeDevicePtrs {
-            weights: weights.ptr,
-            given_scales: scales.ptr,
-            given_zeros: zeros.ptr,
-            packed: packed.ptr,
-            scales: 0,
-            zeros: 0,
-        };
-        ptrs.check(shape, true)?;
-        self.launch_int4_quantize(stream.cu_stream(), shape, T::DTYPE, S::DTYPE, &ptrs)
-    }
-
-    /// `y[M, N] = x[M, K] W^T` on the device, fp32 accumulation, output rounded to the activation type;
-    /// enqueued on `stream`. Zeros are read through their low 4 bits (the format's range; the CPU backend
-    /// rejects larger ones). `x` and `packed` must be 16-byte aligned.
-    #[allow(clippy::too_many_arguments)]
-    pub fn int4_gemv<A: HalfElement, S: HalfElement>(
-        &self,
-        stream: &CudaStream,
-        shape: &GemvShape,
-        packed: DeviceIn<'_, u32>,
-        scales: DeviceIn<'_, S>,
-        zeros: DeviceIn<'_, u8>,
-        x: DeviceIn<'_, A>,
-        y: DeviceOut<'_, A>,
-    ) -> Result<()> {
-        self.check_stream(stream)?;
-        shape
-            .weights
-            .check_packed_lengths(packed.len(), scales.len(), zeros.len())?;
-        check_len("x", x.len(), shape.x_len())?;
-        check_len("y", y.len(), shape.y_len())?;
-        let ptrs = GemvDevicePtrs {
-            packed: packed.ptr,
-            scales: scales.ptr,
-            zeros: zeros.ptr,
-            x: x.ptr,
-            y: y.ptr,
-        };
-        ptrs.check(shape)?;
-        self.launch_int4_gemv(stream.cu_stream(), shape, A::DTYPE, S::DTYPE, &ptrs)
-    }
-
     /// Enqueues the quantization kernel. `shape` and `ptrs` are validated by the caller.
     pub(crate) fn launch_int4_quantize(
         &self,

@@ -51,6 +51,7 @@
 
 pub mod convert;
 
+use crate::backend::{Backend, In, Out, Stream};
 use crate::dtype::HalfElement;
 use crate::error::{check_len, Error, Result};
 
@@ -208,6 +209,186 @@ impl GemvShape {
     /// `M * N`: the outputs.
     pub fn y_len(&self) -> usize {
         self.m * self.weights.n
+    }
+}
+
+/// A round-to-nearest quantization of `weights[N, K]` (row-major) into the packed format, in the memory of the
+/// [`Backend`] it runs on. Every input is accepted: groups holding NaN or infinities become NaN groups. The CPU
+/// and CUDA backends write the same bytes. On CUDA, `weights` and `packed` must be 16-byte aligned.
+pub struct Int4Quantize<'a, T, S> {
+    /// The weight matrix's shape.
+    pub shape: Int4Shape,
+    /// `[N * K]`, fp16 or bf16.
+    pub weights: In<'a, T>,
+    /// `[N * K / 8]`: the codes, in the tiled layout.
+    pub packed: Out<'a, u32>,
+    /// `[K / group_size * N]`, fp16 or bf16.
+    pub scales: Out<'a, S>,
+    /// `[K / group_size * N]`, each `0..=15`.
+    pub zeros: Out<'a, u8>,
+}
+
+/// Packing of `weights[N, K]` with given `scales` and `zeros` (a GPTQ or AWQ checkpoint's): codes
+/// `clamp(round(w / s) + z, 0, 15)` by the quantizer's steps 3-4. The CPU backend refuses an unusable scale
+/// (not positive and finite, or with an infinite reciprocal) or a zero above 15, naming the element; the CUDA
+/// backend, which cannot report without synchronising, gives such a group codes 0 and reads zeros' low 4 bits.
+pub struct Int4Pack<'a, T, S> {
+    /// The weight matrix's shape.
+    pub shape: Int4Shape,
+    /// `[N * K]`, fp16 or bf16.
+    pub weights: In<'a, T>,
+    /// `[K / group_size * N]`, fp16 or bf16.
+    pub scales: In<'a, S>,
+    /// `[K / group_size * N]`.
+    pub zeros: In<'a, u8>,
+    /// `[N * K / 8]`.
+    pub packed: Out<'a, u32>,
+}
+
+/// The GEMV `y[M, N] = x[M, K] W^T` for an int4 `W`, fp32 accumulation, `y` rounded to the activation type.
+/// The CPU backend refuses a zero above 15; the CUDA backend reads zeros' low 4 bits. On CUDA, `packed` and `x`
+/// must be 16-byte aligned.
+pub struct Int4Gemv<'a, A, S> {
+    /// `M` and the weight matrix's shape.
+    pub shape: GemvShape,
+    /// `[N * K / 8]`.
+    pub packed: In<'a, u32>,
+    /// `[K / group_size * N]`, fp16 or bf16.
+    pub scales: In<'a, S>,
+    /// `[K / group_size * N]`.
+    pub zeros: In<'a, u8>,
+    /// `[M, K]`, fp16 or bf16.
+    pub x: In<'a, A>,
+    /// `[M, N]`, of `x`'s type.
+    pub y: Out<'a, A>,
+}
+
+impl Backend {
+    /// Round-to-nearest int4 quantization ([`Int4Quantize`]; the rule in the [module documentation](self)).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming a length, an array in the wrong memory or a null or misaligned device
+    /// pointer; CUDA errors from the launch.
+    pub fn int4_quantize<T: HalfElement, S: HalfElement>(
+        &self,
+        stream: Stream<'_>,
+        args: Int4Quantize<'_, T, S>,
+    ) -> Result<()> {
+        let shape = args.shape;
+        check_len("weights", args.weights.len(), shape.weights_len())?;
+        shape.check_packed_lengths(args.packed.len(), args.scales.len(), args.zeros.len())?;
+        match self {
+            Backend::Cpu => {
+                let _ = stream;
+                crate::cpu::int4::quantize(
+                    &shape,
+                    args.weights.host("weights")?,
+                    args.packed.host("packed")?,
+                    args.scales.host("scales")?,
+                    args.zeros.host("zeros")?,
+                );
+                Ok(())
+            }
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(cuda) => {
+                let ptrs = crate::cuda::int4::QuantizeDevicePtrs {
+                    weights: args.weights.device("weights")?,
+                    given_scales: 0,
+                    given_zeros: 0,
+                    packed: args.packed.device("packed")?,
+                    scales: args.scales.device("scales")?,
+                    zeros: args.zeros.device("zeros")?,
+                };
+                ptrs.check(&shape, false)?;
+                let stream = Backend::cu_stream(cuda, stream)?;
+                cuda.launch_int4_quantize(stream, &shape, T::DTYPE, S::DTYPE, &ptrs)
+            }
+        }
+    }
+
+    /// Packing with given scales and zeros ([`Int4Pack`]).
+    ///
+    /// # Errors
+    /// As [`Backend::int4_quantize`]; on the CPU, an unusable scale or a zero above 15, naming the element.
+    pub fn int4_pack<T: HalfElement, S: HalfElement>(
+        &self,
+        stream: Stream<'_>,
+        args: Int4Pack<'_, T, S>,
+    ) -> Result<()> {
+        let shape = args.shape;
+        check_len("weights", args.weights.len(), shape.weights_len())?;
+        shape.check_packed_lengths(args.packed.len(), args.scales.len(), args.zeros.len())?;
+        match self {
+            Backend::Cpu => {
+                let _ = stream;
+                crate::cpu::int4::pack(
+                    &shape,
+                    args.weights.host("weights")?,
+                    args.scales.host("scales")?,
+                    args.zeros.host("zeros")?,
+                    args.packed.host("packed")?,
+                )
+            }
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(cuda) => {
+                let ptrs = crate::cuda::int4::QuantizeDevicePtrs {
+                    weights: args.weights.device("weights")?,
+                    given_scales: args.scales.device("scales")?,
+                    given_zeros: args.zeros.device("zeros")?,
+                    packed: args.packed.device("packed")?,
+                    scales: 0,
+                    zeros: 0,
+                };
+                ptrs.check(&shape, true)?;
+                let stream = Backend::cu_stream(cuda, stream)?;
+                cuda.launch_int4_quantize(stream, &shape, T::DTYPE, S::DTYPE, &ptrs)
+            }
+        }
+    }
+
+    /// The int4 GEMV ([`Int4Gemv`]).
+    ///
+    /// # Errors
+    /// As [`Backend::int4_quantize`]; on the CPU, a zero above 15, naming the element.
+    pub fn int4_gemv<A: HalfElement, S: HalfElement>(
+        &self,
+        stream: Stream<'_>,
+        args: Int4Gemv<'_, A, S>,
+    ) -> Result<()> {
+        let shape = args.shape;
+        shape.weights.check_packed_lengths(
+            args.packed.len(),
+            args.scales.len(),
+            args.zeros.len(),
+        )?;
+        check_len("x", args.x.len(), shape.x_len())?;
+        check_len("y", args.y.len(), shape.y_len())?;
+        match self {
+            Backend::Cpu => {
+                let _ = stream;
+                crate::cpu::int4::gemv(
+                    &shape,
+                    args.packed.host("packed")?,
+                    args.scales.host("scales")?,
+                    args.zeros.host("zeros")?,
+                    args.x.host("x")?,
+                    args.y.host("y")?,
+                )
+            }
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(cuda) => {
+                let ptrs = crate::cuda::int4::GemvDevicePtrs {
+                    packed: args.packed.device("packed")?,
+                    scales: args.scales.device("scales")?,
+                    zeros: args.zeros.device("zeros")?,
+                    x: args.x.device("x")?,
+                    y: args.y.device("y")?,
+                };
+                ptrs.check(&shape)?;
+                let stream = Backend::cu_stream(cuda, stream)?;
+                cuda.launch_int4_gemv(stream, &shape, A::DTYPE, S::DTYPE, &ptrs)
+            }
+        }
     }
 }
 
