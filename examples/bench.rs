@@ -22,9 +22,11 @@ use std::time::Instant;
 use cudarc::driver::{sys, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr};
 use half::{bf16, f16};
 use rayon::prelude::*;
-use specdec::attention::{PagedCacheShape, TreeAttentionShape, TreeBatch};
+use specdec::attention::{
+    PagedCacheShape, TreeAttentionInputs, TreeAttentionOutputs, TreeAttentionShape, TreeBatch,
+};
 use specdec::backend::Stream;
-use specdec::cuda::{CudaBackend, DeviceIn, DeviceOut, DeviceTreeBatch, DeviceTreeOutputs};
+use specdec::cuda::{CudaBackend, DeviceIn, DeviceOut};
 use specdec::int4::{GemvShape, Int4Gemv, Int4Quantize, Int4Shape};
 use specdec::{cpu, DType, LogitsElement};
 
@@ -1410,31 +1412,30 @@ fn attention_rows(backend: &Backend, quick: bool, ceiling_gbps: f64) -> usize {
                 let (vcp, _i) = vc.device_ptr_mut(stream);
                 let (outp, _j) = out.device_ptr_mut(stream);
                 let (sp, _k) = status.device_ptr_mut(stream);
+                let cuda = specdec::backend::Backend::Cuda(backend.clone());
                 let call = |_: usize| {
                     // SAFETY: every pointer is a live allocation of the length given, used on `stream`.
                     unsafe {
-                        backend.tree_attention::<bf16>(
-                            stream,
-                            &shape,
-                            DeviceIn::from_raw(qp, shape.q_len()),
-                            DeviceIn::from_raw(kp, shape.kv_len()),
-                            DeviceIn::from_raw(vp, shape.kv_len()),
-                            DeviceTreeBatch {
-                                token_offsets: DeviceIn::from_raw(op, batch + 1),
-                                parents: DeviceIn::from_raw(pp, batch * tree),
-                                prefix_lens: DeviceIn::from_raw(lp, batch),
-                                page_table: DeviceIn::from_raw(tp, page_table.len()),
-                            },
-                            None,
-                            scale,
-                            DeviceTreeOutputs {
-                                k_cache: DeviceOut::from_raw(kcp, cache.cache_len()),
-                                v_cache: DeviceOut::from_raw(vcp, cache.cache_len()),
-                                out: DeviceOut::from_raw(outp, shape.q_len()),
-                                lse: None,
-                                request_status: Some(DeviceOut::from_raw(sp, batch)),
-                            },
-                        )
+                        let inputs = TreeAttentionInputs::<bf16> {
+                            shape,
+                            q: DeviceIn::from_raw(qp, shape.q_len()).into(),
+                            k: DeviceIn::from_raw(kp, shape.kv_len()).into(),
+                            v: DeviceIn::from_raw(vp, shape.kv_len()).into(),
+                            token_offsets: DeviceIn::from_raw(op, batch + 1).into(),
+                            parents: DeviceIn::from_raw(pp, batch * tree).into(),
+                            prefix_lens: DeviceIn::from_raw(lp, batch).into(),
+                            page_table: DeviceIn::from_raw(tp, page_table.len()).into(),
+                            cos_sin_cache: None,
+                            softmax_scale: scale,
+                        };
+                        let outputs = TreeAttentionOutputs {
+                            k_cache: DeviceOut::from_raw(kcp, cache.cache_len()).into(),
+                            v_cache: DeviceOut::from_raw(vcp, cache.cache_len()).into(),
+                            out: DeviceOut::from_raw(outp, shape.q_len()).into(),
+                            lse: None,
+                            request_status: Some(DeviceOut::from_raw(sp, batch).into()),
+                        };
+                        cuda.tree_attention(Stream::Cuda(stream), inputs, outputs)
                     }
                     .expect("tree_attention launch");
                 };

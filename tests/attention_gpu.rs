@@ -25,9 +25,13 @@ use cudarc::driver::{CudaStream, DeviceRepr, ValidAsZeroBits};
 use half::{bf16, f16};
 use rand::rngs::StdRng;
 use rand::Rng;
-use specdec::attention::{CompactionShape, PagedCacheShape, RequestStatus, RopeStyle};
+use specdec::attention::{
+    CompactionShape, KvCompaction, PagedCacheShape, RequestStatus, RopeStyle, TreeAttentionInputs,
+    TreeAttentionOutputs,
+};
+use specdec::backend::{Backend, Out, Stream};
 use specdec::cpu;
-use specdec::cuda::{CudaBackend, DeviceIn, DeviceTreeBatch, DeviceTreeOutputs};
+use specdec::cuda::{CudaBackend, DeviceIn};
 use specdec::HalfElement;
 
 const SUBNORMAL_STEP: f64 = 1.0 / (1u64 << 24) as f64;
@@ -64,29 +68,27 @@ fn run_gpu<T: HalfElement + DeviceRepr + ValidAsZeroBits>(
     let mut out = Guarded::new(stream, p.shape.q_len(), poison);
     let mut lse = Guarded::new(stream, p.shape.lse_len(), -777.0f32);
     let mut status = Guarded::new(stream, p.shape.num_requests, -9i32);
-    backend
-        .tree_attention(
-            stream,
-            &p.shape,
-            DeviceIn::new(&q, stream),
-            DeviceIn::new(&k, stream),
-            DeviceIn::new(&v, stream),
-            DeviceTreeBatch {
-                token_offsets: DeviceIn::new(&offsets, stream),
-                parents: DeviceIn::new(&parents, stream),
-                prefix_lens: DeviceIn::new(&prefix, stream),
-                page_table: DeviceIn::new(&table, stream),
-            },
-            cos_sin.as_ref().map(|c| DeviceIn::new(c, stream)),
-            p.scale,
-            DeviceTreeOutputs {
-                k_cache: k_cache.out(stream),
-                v_cache: v_cache.out(stream),
-                out: out.out(stream),
-                lse: Some(lse.out(stream)),
-                request_status: Some(status.out(stream)),
-            },
-        )
+    let inputs = TreeAttentionInputs {
+        shape: p.shape,
+        q: DeviceIn::new(&q, stream).into(),
+        k: DeviceIn::new(&k, stream).into(),
+        v: DeviceIn::new(&v, stream).into(),
+        token_offsets: DeviceIn::new(&offsets, stream).into(),
+        parents: DeviceIn::new(&parents, stream).into(),
+        prefix_lens: DeviceIn::new(&prefix, stream).into(),
+        page_table: DeviceIn::new(&table, stream).into(),
+        cos_sin_cache: cos_sin.as_ref().map(|c| DeviceIn::new(c, stream).into()),
+        softmax_scale: p.scale,
+    };
+    let outputs = TreeAttentionOutputs {
+        k_cache: k_cache.out(stream).into(),
+        v_cache: v_cache.out(stream).into(),
+        out: out.out(stream).into(),
+        lse: Some(lse.out(stream).into()),
+        request_status: Some(status.out(stream).into()),
+    };
+    Backend::Cuda(backend.clone())
+        .tree_attention(Stream::Cuda(stream), inputs, outputs)
         .unwrap();
     stream.synchronize().unwrap();
     GpuResult {
@@ -505,31 +507,27 @@ fn gpu_compaction_matches_the_cpu() {
             .iter()
             .map(|c| Guarded::with_contents(&stream, c, f16::from_f32(-3.0)))
             .collect();
-        let pointers: Vec<u64> = buffers
-            .iter_mut()
-            .map(|g| {
-                // Only the address is taken; the buffer outlives the call.
-                g.out(&stream).as_raw()
-            })
-            .collect();
         let up = |x: &[i32]| stream.clone_htod(x).unwrap();
         let (o, n, l, t) = (up(&offsets), up(&nodes), up(&prefix_lens), up(&page_table));
         let mut status = Guarded::new(&stream, requests, -9i32);
-        // SAFETY: each pointer is a live guarded buffer of the cache's size, used only on this stream.
-        unsafe {
-            backend.tree_kv_compact(
-                &stream,
-                &shape,
-                &pointers[..layers],
-                &pointers[layers..],
-                DeviceIn::new(&o, &stream),
-                DeviceIn::new(&n, &stream),
-                DeviceIn::new(&l, &stream),
-                DeviceIn::new(&t, &stream),
-                Some(status.out(&stream)),
-            )
+        {
+            let mut caches: Vec<Out<'_, f16>> =
+                buffers.iter_mut().map(|g| g.out(&stream).into()).collect();
+            let v_caches = caches.split_off(layers);
+            let args = KvCompaction {
+                shape,
+                accepted_offsets: DeviceIn::new(&o, &stream).into(),
+                accepted_nodes: DeviceIn::new(&n, &stream).into(),
+                prefix_lens: DeviceIn::new(&l, &stream).into(),
+                page_table: DeviceIn::new(&t, &stream).into(),
+                k_caches: caches,
+                v_caches,
+                request_status: Some(status.out(&stream).into()),
+            };
+            Backend::Cuda(backend.clone())
+                .tree_kv_compact(Stream::Cuda(&stream), args)
+                .unwrap();
         }
-        .unwrap();
         stream.synchronize().unwrap();
         assert_eq!(
             status.read(&stream, "request_status"),

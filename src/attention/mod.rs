@@ -57,6 +57,8 @@
 //! CUDA kernels (which cannot report without synchronising) still skip the request. No backend reads or writes
 //! outside the documented arrays, whatever the contents.
 
+use crate::backend::{optional_host, Backend, In, Out, Stream};
+use crate::dtype::HalfElement;
 use crate::error::{check_len, Error, Result};
 use crate::status::RequestResult;
 pub use crate::status::RequestStatus;
@@ -261,7 +263,8 @@ pub struct RopeShape {
     pub max_position: usize,
 }
 
-/// The small index arrays of a tree-attention call, in host memory.
+/// The small index arrays of a tree-attention call in host memory, for the CPU shorthand
+/// [`crate::cpu::tree_attention`].
 #[derive(Debug, Clone, Copy)]
 pub struct TreeBatch<'a> {
     /// `[B + 1]`: request `b`'s nodes are rows `token_offsets[b] .. token_offsets[b + 1]`.
@@ -272,6 +275,261 @@ pub struct TreeBatch<'a> {
     pub prefix_lens: &'a [i32],
     /// `[B, pages_per_request]`: each request's pages.
     pub page_table: &'a [i32],
+}
+
+/// Everything tree attention reads, in the memory of the [`Backend`] it runs on (layouts in the
+/// [module documentation](self)).
+pub struct TreeAttentionInputs<'a, T> {
+    /// The call's sizes.
+    pub shape: TreeAttentionShape,
+    /// `[N, Hq, D]`.
+    pub q: In<'a, T>,
+    /// `[N, Hkv, D]`: the nodes' keys, before RoPE.
+    pub k: In<'a, T>,
+    /// `[N, Hkv, D]`.
+    pub v: In<'a, T>,
+    /// `[B + 1]`: request `b`'s nodes are rows `token_offsets[b] .. token_offsets[b + 1]`.
+    pub token_offsets: In<'a, i32>,
+    /// `[N]`: each node's parent inside its tree, `-1` for a root.
+    pub parents: In<'a, i32>,
+    /// `[B]`: `L_b`, the cached tokens of each request.
+    pub prefix_lens: In<'a, i32>,
+    /// `[B, pages_per_request]`.
+    pub page_table: In<'a, i32>,
+    /// `[max_position, D]` f32 when the shape has RoPE, else `None`.
+    pub cos_sin_cache: Option<In<'a, f32>>,
+    /// The factor of the scores, finite (usually `1 / sqrt(D)`).
+    pub softmax_scale: f32,
+}
+
+/// Everything tree attention writes: the cache (appended to), `out`, and optionally `lse` and
+/// `request_status`.
+pub struct TreeAttentionOutputs<'a, T> {
+    /// `[num_pages, page_size, Hkv, D]`, read and appended to; 16-byte aligned on CUDA.
+    pub k_cache: Out<'a, T>,
+    /// As `k_cache`.
+    pub v_cache: Out<'a, T>,
+    /// `[N, Hq, D]`.
+    pub out: Out<'a, T>,
+    /// `[N, Hq]`, the natural log-sum-exp of each row's scores.
+    pub lse: Option<Out<'a, f32>>,
+    /// `[B]`: each request's [`RequestStatus`] code; when given, a bad request is flagged alone.
+    pub request_status: Option<Out<'a, i32>>,
+}
+
+/// A compaction of accepted paths in every layer's cache (see the [module documentation](self)).
+pub struct KvCompaction<'a, T> {
+    /// The call's sizes.
+    pub shape: CompactionShape,
+    /// `[B + 1]`.
+    pub accepted_offsets: In<'a, i32>,
+    /// `[num_accepted]`: strictly increasing node indices per request, below [`MAX_TREE_NODES`].
+    pub accepted_nodes: In<'a, i32>,
+    /// `[B]`.
+    pub prefix_lens: In<'a, i32>,
+    /// `[B, pages_per_request]`.
+    pub page_table: In<'a, i32>,
+    /// `[num_layers]` caches, each `[num_pages, page_size, Hkv, D]`; 16-byte aligned on CUDA (at most
+    /// `specdec::cuda::MAX_COMPACTION_LAYERS` per call there).
+    pub k_caches: Vec<Out<'a, T>>,
+    /// As `k_caches`.
+    pub v_caches: Vec<Out<'a, T>>,
+    /// `[B]`, optional: each request's [`RequestStatus`] code; a flagged request moves nothing.
+    pub request_status: Option<Out<'a, i32>>,
+}
+
+impl<T> TreeAttentionInputs<'_, T> {
+    /// Checks every array's length against the shape, and the softmax scale: the one size check of every
+    /// backend.
+    pub fn check_lengths(&self, outputs: &TreeAttentionOutputs<'_, T>) -> Result<()> {
+        check_softmax_scale(self.softmax_scale)?;
+        self.shape.check_lengths(
+            self.q.len(),
+            self.k.len(),
+            self.v.len(),
+            self.token_offsets.len(),
+            self.parents.len(),
+            self.prefix_lens.len(),
+            self.page_table.len(),
+            outputs.k_cache.len(),
+            outputs.v_cache.len(),
+            self.cos_sin_cache.as_ref().map(In::len),
+            outputs.out.len(),
+            outputs.lse.as_ref().map(Out::len),
+        )?;
+        if let Some(status) = &outputs.request_status {
+            check_len("request_status", status.len(), self.shape.num_requests)?;
+        }
+        Ok(())
+    }
+}
+
+impl<T> KvCompaction<'_, T> {
+    /// Checks every array's length against the shape: the one size check of every backend.
+    pub fn check_lengths(&self) -> Result<()> {
+        let shape = &self.shape;
+        shape.check_lengths(
+            self.accepted_offsets.len(),
+            self.accepted_nodes.len(),
+            self.prefix_lens.len(),
+            self.page_table.len(),
+        )?;
+        check_len("k_caches", self.k_caches.len(), shape.num_layers)?;
+        check_len("v_caches", self.v_caches.len(), shape.num_layers)?;
+        for (layer, (k, v)) in self.k_caches.iter().zip(&self.v_caches).enumerate() {
+            let cache_len = shape.cache.cache_len();
+            check_len(&format!("k_caches[{layer}]"), k.len(), cache_len)?;
+            check_len(&format!("v_caches[{layer}]"), v.len(), cache_len)?;
+        }
+        if let Some(status) = &self.request_status {
+            check_len("request_status", status.len(), shape.num_requests)?;
+        }
+        Ok(())
+    }
+}
+
+impl Backend {
+    /// Tree attention with KV append and RoPE ([`TreeAttentionInputs`], [`TreeAttentionOutputs`]; semantics
+    /// and rules in the [module documentation](self)).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming a size, a length, an array in the wrong memory, a null or misaligned
+    /// device pointer, and (CPU backend without `request_status`) the first bad request; CUDA errors from the
+    /// launch.
+    pub fn tree_attention<T: HalfElement>(
+        &self,
+        stream: Stream<'_>,
+        inputs: TreeAttentionInputs<'_, T>,
+        outputs: TreeAttentionOutputs<'_, T>,
+    ) -> Result<()> {
+        inputs.check_lengths(&outputs)?;
+        match self {
+            Backend::Cpu => {
+                let _ = stream;
+                let batch = TreeBatch {
+                    token_offsets: inputs.token_offsets.host("token_offsets")?,
+                    parents: inputs.parents.host("parents")?,
+                    prefix_lens: inputs.prefix_lens.host("prefix_lens")?,
+                    page_table: inputs.page_table.host("page_table")?,
+                };
+                let cos_sin = inputs
+                    .cos_sin_cache
+                    .as_ref()
+                    .map(|c| c.host("cos_sin_cache"))
+                    .transpose()?;
+                crate::cpu::attention::tree_attention_checked(
+                    &inputs.shape,
+                    inputs.q.host("q")?,
+                    inputs.k.host("k")?,
+                    inputs.v.host("v")?,
+                    &batch,
+                    cos_sin,
+                    inputs.softmax_scale,
+                    outputs.k_cache.host("k_cache")?,
+                    outputs.v_cache.host("v_cache")?,
+                    outputs.out.host("out")?,
+                    optional_host(outputs.lse, "lse")?,
+                    optional_host(outputs.request_status, "request_status")?,
+                )
+            }
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(cuda) => {
+                use crate::backend::optional_device;
+                let ptrs = crate::cuda::attention::TreeAttentionDevicePtrs {
+                    q: inputs.q.device("q")?,
+                    k: inputs.k.device("k")?,
+                    v: inputs.v.device("v")?,
+                    token_offsets: inputs.token_offsets.device("token_offsets")?,
+                    parents: inputs.parents.device("parents")?,
+                    prefix_lens: inputs.prefix_lens.device("prefix_lens")?,
+                    page_table: inputs.page_table.device("page_table")?,
+                    k_cache: outputs.k_cache.device("k_cache")?,
+                    v_cache: outputs.v_cache.device("v_cache")?,
+                    cos_sin_cache: inputs
+                        .cos_sin_cache
+                        .as_ref()
+                        .map_or(Ok(0), |c| c.device("cos_sin_cache"))?,
+                    out: outputs.out.device("out")?,
+                    lse: optional_device(&outputs.lse, "lse")?,
+                    request_status: optional_device(&outputs.request_status, "request_status")?,
+                };
+                ptrs.check(&inputs.shape)?;
+                let stream = Backend::cu_stream(cuda, stream)?;
+                cuda.launch_tree_attention(
+                    stream,
+                    &inputs.shape,
+                    T::DTYPE,
+                    inputs.softmax_scale,
+                    &ptrs,
+                )
+            }
+        }
+    }
+
+    /// Compaction of accepted paths in every layer's cache ([`KvCompaction`]).
+    ///
+    /// # Errors
+    /// As [`Backend::tree_attention`]; on CUDA also more than `MAX_COMPACTION_LAYERS` layers.
+    pub fn tree_kv_compact<T: HalfElement>(
+        &self,
+        stream: Stream<'_>,
+        args: KvCompaction<'_, T>,
+    ) -> Result<()> {
+        args.check_lengths()?;
+        match self {
+            Backend::Cpu => {
+                let _ = stream;
+                let mut k_caches = host_layers(args.k_caches, "k_caches")?;
+                let mut v_caches = host_layers(args.v_caches, "v_caches")?;
+                crate::cpu::attention::tree_kv_compact_checked(
+                    &args.shape,
+                    args.accepted_offsets.host("accepted_offsets")?,
+                    args.accepted_nodes.host("accepted_nodes")?,
+                    args.prefix_lens.host("prefix_lens")?,
+                    args.page_table.host("page_table")?,
+                    &mut k_caches,
+                    &mut v_caches,
+                    optional_host(args.request_status, "request_status")?,
+                )
+            }
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(cuda) => {
+                let layers = |caches: &[Out<'_, T>], name: &str| -> Result<Vec<u64>> {
+                    caches
+                        .iter()
+                        .enumerate()
+                        .map(|(layer, cache)| cache.device(&format!("{name}[{layer}]")))
+                        .collect()
+                };
+                let k_caches = layers(&args.k_caches, "k_caches")?;
+                let v_caches = layers(&args.v_caches, "v_caches")?;
+                let ptrs = crate::cuda::attention::CompactionDevicePtrs {
+                    k_caches: &k_caches,
+                    v_caches: &v_caches,
+                    accepted_offsets: args.accepted_offsets.device("accepted_offsets")?,
+                    accepted_nodes: args.accepted_nodes.device("accepted_nodes")?,
+                    prefix_lens: args.prefix_lens.device("prefix_lens")?,
+                    page_table: args.page_table.device("page_table")?,
+                    request_status: crate::backend::optional_device(
+                        &args.request_status,
+                        "request_status",
+                    )?,
+                };
+                ptrs.check(&args.shape)?;
+                let stream = Backend::cu_stream(cuda, stream)?;
+                cuda.launch_tree_kv_compact(stream, &args.shape, &ptrs)
+            }
+        }
+    }
+}
+
+/// The host slices of every layer's cache, or an error naming the first in device memory.
+fn host_layers<'a, T>(caches: Vec<Out<'a, T>>, argument: &str) -> Result<Vec<&'a mut [T]>> {
+    caches
+        .into_iter()
+        .enumerate()
+        .map(|(layer, cache)| cache.host(&format!("{argument}[{layer}]")))
+        .collect()
 }
 
 /// Checks that the softmax scale is a finite number.

@@ -118,61 +118,56 @@ pub unsafe extern "C" fn specdec_tree_attention(
             cache,
             rope,
         )?;
-        match &ctx.backend {
-            Backend::Cpu => {
-                let batch = TreeBatch {
-                    token_offsets: host_slice(
-                        "token_offsets",
-                        token_offsets,
-                        shape.num_requests + 1,
-                    )?,
-                    parents: host_slice("parents", parents, shape.num_tokens)?,
-                    prefix_lens: host_slice("prefix_lens", prefix_lens, shape.num_requests)?,
-                    page_table: host_slice("page_table", page_table, shape.page_table_len())?,
-                };
-                let cos_sin = optional_slice("cos_sin_cache", cos_sin_cache, shape.cos_sin_len())?;
-                let lse = optional_slice_mut("lse", lse, shape.lse_len())?;
-                let status =
-                    optional_slice_mut("request_status", request_status, shape.num_requests)?;
-                with_half!(dtype, T => {
-                    let cache_len = shape.cache.cache_len();
-                    crate::cpu::tree_attention(
-                        &shape,
-                        host_slice("q", q as *const T, shape.q_len())?,
-                        host_slice("k", k as *const T, shape.kv_len())?,
-                        host_slice("v", v as *const T, shape.kv_len())?,
-                        &batch,
-                        cos_sin,
-                        softmax_scale,
-                        host_slice_mut("k_cache", k_cache as *mut T, cache_len)?,
-                        host_slice_mut("v_cache", v_cache as *mut T, cache_len)?,
-                        host_slice_mut("out", out as *mut T, shape.q_len())?,
-                        lse,
-                        status,
-                    )
-                })
-            }
-            #[cfg(feature = "cuda")]
-            Backend::Cuda(backend) => {
-                let ptrs = TreeAttentionDevicePtrs {
-                    q: q as u64,
-                    k: k as u64,
-                    v: v as u64,
-                    token_offsets: token_offsets as u64,
-                    parents: parents as u64,
-                    prefix_lens: prefix_lens as u64,
-                    page_table: page_table as u64,
-                    k_cache: k_cache as u64,
-                    v_cache: v_cache as u64,
-                    cos_sin_cache: cos_sin_cache as u64,
-                    out: out as u64,
-                    lse: lse as u64,
-                    request_status: request_status as u64,
-                };
-                ptrs.check(&shape)?;
-                backend.launch_tree_attention(stream as _, &shape, dtype, softmax_scale, &ptrs)
-            }
-        }
+        let backend = &ctx.backend;
+        let cos_sin_cache = if cos_sin_cache.is_null() {
+            None
+        } else {
+            Some(array_in(
+                backend,
+                "cos_sin_cache",
+                cos_sin_cache,
+                shape.cos_sin_len(),
+            )?)
+        };
+        let token_offsets = array_in(
+            backend,
+            "token_offsets",
+            token_offsets,
+            shape.num_requests + 1,
+        )?;
+        let parents = array_in(backend, "parents", parents, shape.num_tokens)?;
+        let prefix_lens = array_in(backend, "prefix_lens", prefix_lens, shape.num_requests)?;
+        let page_table = array_in(backend, "page_table", page_table, shape.page_table_len())?;
+        let lse = optional_out(backend, "lse", lse, shape.lse_len())?;
+        let request_status = optional_out(
+            backend,
+            "request_status",
+            request_status,
+            shape.num_requests,
+        )?;
+        with_half!(dtype, T => {
+            let cache_len = shape.cache.cache_len();
+            let inputs = TreeAttentionInputs {
+                shape,
+                q: array_in(backend, "q", q as *const T, shape.q_len())?,
+                k: array_in(backend, "k", k as *const T, shape.kv_len())?,
+                v: array_in(backend, "v", v as *const T, shape.kv_len())?,
+                token_offsets,
+                parents,
+                prefix_lens,
+                page_table,
+                cos_sin_cache,
+                softmax_scale,
+            };
+            let outputs = TreeAttentionOutputs {
+                k_cache: array_out(backend, "k_cache", k_cache as *mut T, cache_len)?,
+                v_cache: array_out(backend, "v_cache", v_cache as *mut T, cache_len)?,
+                out: array_out(backend, "out", out as *mut T, shape.q_len())?,
+                lse,
+                request_status,
+            };
+            backend.tree_attention(stream_arg(stream), inputs, outputs)
+        })
     })
 }
 
@@ -226,53 +221,51 @@ pub unsafe extern "C" fn specdec_tree_kv_compact(
         )?;
         let k_list = host_slice("k_caches", k_caches, shape.num_layers)?;
         let v_list = host_slice("v_caches", v_caches, shape.num_layers)?;
-        match &ctx.backend {
-            Backend::Cpu => {
-                let offsets =
-                    host_slice("accepted_offsets", accepted_offsets, shape.num_requests + 1)?;
-                let nodes = host_slice("accepted_nodes", accepted_nodes, shape.num_accepted)?;
-                let prefix = host_slice("prefix_lens", prefix_lens, shape.num_requests)?;
-                let table = host_slice(
-                    "page_table",
-                    page_table,
-                    shape.num_requests * cache.pages_per_request,
-                )?;
-                let status =
-                    optional_slice_mut("request_status", request_status, shape.num_requests)?;
-                let layer_slices = |list: &[*mut c_void], name: &str| -> Result<Vec<&mut [u16]>> {
-                    list.iter()
-                        .enumerate()
-                        .map(|(i, &p)| {
-                            host_slice_mut(
-                                &format!("{name}[{i}]"),
-                                p as *mut u16,
-                                cache.cache_len(),
-                            )
-                        })
-                        .collect()
-                };
-                let mut k = layer_slices(k_list, "k_caches")?;
-                let mut v = layer_slices(v_list, "v_caches")?;
-                crate::cpu::tree_kv_compact(
-                    &shape, offsets, nodes, prefix, table, &mut k, &mut v, status,
-                )
-            }
-            #[cfg(feature = "cuda")]
-            Backend::Cuda(backend) => {
-                let k: Vec<u64> = k_list.iter().map(|&p| p as u64).collect();
-                let v: Vec<u64> = v_list.iter().map(|&p| p as u64).collect();
-                let ptrs = CompactionDevicePtrs {
-                    k_caches: &k,
-                    v_caches: &v,
-                    accepted_offsets: accepted_offsets as u64,
-                    accepted_nodes: accepted_nodes as u64,
-                    prefix_lens: prefix_lens as u64,
-                    page_table: page_table as u64,
-                    request_status: request_status as u64,
-                };
-                ptrs.check(&shape)?;
-                backend.launch_tree_kv_compact(stream as _, &shape, &ptrs)
-            }
-        }
+        let backend = &ctx.backend;
+        // The caches hold 16-bit elements of either type; compaction moves them unchanged.
+        let layers = |list: &[*mut c_void], name: &str| -> Result<Vec<Out<'_, f16>>> {
+            list.iter()
+                .enumerate()
+                .map(|(i, &p)| {
+                    array_out(
+                        backend,
+                        &format!("{name}[{i}]"),
+                        p as *mut f16,
+                        cache.cache_len(),
+                    )
+                })
+                .collect()
+        };
+        let args = KvCompaction {
+            shape,
+            accepted_offsets: array_in(
+                backend,
+                "accepted_offsets",
+                accepted_offsets,
+                shape.num_requests + 1,
+            )?,
+            accepted_nodes: array_in(
+                backend,
+                "accepted_nodes",
+                accepted_nodes,
+                shape.num_accepted,
+            )?,
+            prefix_lens: array_in(backend, "prefix_lens", prefix_lens, shape.num_requests)?,
+            page_table: array_in(
+                backend,
+                "page_table",
+                page_table,
+                shape.num_requests * cache.pages_per_request,
+            )?,
+            k_caches: layers(k_list, "k_caches")?,
+            v_caches: layers(v_list, "v_caches")?,
+            request_status: optional_out(
+                backend,
+                "request_status",
+                request_status,
+                shape.num_requests,
+            )?,
+        };
+        backend.tree_kv_compact(stream_arg(stream), args)
     })
 }

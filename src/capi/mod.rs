@@ -22,12 +22,10 @@ use std::sync::RwLock;
 use half::{bf16, f16};
 
 use crate::attention::{
-    CompactionShape, PagedCacheShape, RequestStatus, RopeShape, RopeStyle, TreeAttentionShape,
-    TreeBatch,
+    CompactionShape, KvCompaction, PagedCacheShape, RequestStatus, RopeShape, RopeStyle,
+    TreeAttentionInputs, TreeAttentionOutputs, TreeAttentionShape,
 };
 use crate::backend::{Backend, In, Out, Stream};
-#[cfg(feature = "cuda")]
-use crate::cuda::attention::{CompactionDevicePtrs, TreeAttentionDevicePtrs};
 #[cfg(feature = "cuda")]
 use crate::cuda::sampling::SamplingDevicePtrs;
 #[cfg(feature = "cuda")]

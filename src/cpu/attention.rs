@@ -7,13 +7,16 @@
 use rayon::prelude::*;
 
 use crate::attention::{
-    check_softmax_scale, rotate_pair, CompactionShape, TreeAttentionShape, TreeBatch, TreeRequest,
+    rotate_pair, CompactionShape, KvCompaction, TreeAttentionInputs, TreeAttentionOutputs,
+    TreeAttentionShape, TreeBatch, TreeRequest,
 };
+use crate::backend::{Backend, Out, Stream};
 use crate::dtype::HalfElement;
-use crate::error::{check_len, Error, Result};
+use crate::error::{Error, Result};
 use crate::status::{settle, write_statuses, RequestResult, RequestStatus};
 
-/// Tree attention with the tree's KV appended to the cache (see [`crate::attention`]): writes the (rotated)
+/// Tree attention with the tree's KV appended to the cache (see [`crate::attention`]) on host slices,
+/// shorthand for [`Backend::Cpu.tree_attention`](crate::backend::Backend::tree_attention): writes the (rotated)
 /// keys and the values of every node to `k_cache` / `v_cache` at slots `L_b + i`, `out[N, Hq, D]` and, if
 /// given, `lse[N, Hq]`. Every request is checked before anything is written.
 ///
@@ -36,21 +39,44 @@ pub fn tree_attention<T: HalfElement>(
     lse: Option<&mut [f32]>,
     request_status: Option<&mut [i32]>,
 ) -> Result<()> {
-    check_softmax_scale(softmax_scale)?;
-    shape.check_lengths(
-        q.len(),
-        k.len(),
-        v.len(),
-        batch.token_offsets.len(),
-        batch.parents.len(),
-        batch.prefix_lens.len(),
-        batch.page_table.len(),
-        k_cache.len(),
-        v_cache.len(),
-        cos_sin_cache.map(<[f32]>::len),
-        out.len(),
-        lse.as_ref().map(|l| l.len()),
-    )?;
+    let inputs = TreeAttentionInputs {
+        shape: *shape,
+        q: q.into(),
+        k: k.into(),
+        v: v.into(),
+        token_offsets: batch.token_offsets.into(),
+        parents: batch.parents.into(),
+        prefix_lens: batch.prefix_lens.into(),
+        page_table: batch.page_table.into(),
+        cos_sin_cache: cos_sin_cache.map(Into::into),
+        softmax_scale,
+    };
+    let outputs = TreeAttentionOutputs {
+        k_cache: k_cache.into(),
+        v_cache: v_cache.into(),
+        out: out.into(),
+        lse: lse.map(Into::into),
+        request_status: request_status.map(Into::into),
+    };
+    Backend::Cpu.tree_attention(Stream::Default, inputs, outputs)
+}
+
+/// The CPU tree attention, on arrays whose lengths the caller checked.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn tree_attention_checked<T: HalfElement>(
+    shape: &TreeAttentionShape,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    batch: &TreeBatch<'_>,
+    cos_sin_cache: Option<&[f32]>,
+    softmax_scale: f32,
+    k_cache: &mut [T],
+    v_cache: &mut [T],
+    out: &mut [T],
+    lse: Option<&mut [f32]>,
+    request_status: Option<&mut [i32]>,
+) -> Result<()> {
     let checked: Vec<RequestResult<TreeRequest>> = (0..shape.num_requests)
         .map(|b| {
             shape.check_request(
@@ -260,11 +286,37 @@ fn check_distinct_append_slots(
 }
 
 /// Compaction of accepted paths (see [`crate::attention`]) in every layer's cache: `k_caches[layer]` and
-/// `v_caches[layer]`, each `[num_pages, page_size, Hkv, D]`. Every request is checked before anything moves.
-/// With `request_status` (`[B]`), a bad request is flagged alone and nothing of it moves; without it, the
-/// first bad request's error fails the call.
+/// `v_caches[layer]`, each `[num_pages, page_size, Hkv, D]`, on host slices: shorthand for
+/// [`Backend::Cpu.tree_kv_compact`](crate::backend::Backend::tree_kv_compact). Every request is checked before
+/// anything moves. With `request_status` (`[B]`), a bad request is flagged alone and nothing of it moves;
+/// without it, the first bad request's error fails the call.
 #[allow(clippy::too_many_arguments)]
-pub fn tree_kv_compact<'a, T: Copy>(
+pub fn tree_kv_compact<T: HalfElement>(
+    shape: &CompactionShape,
+    accepted_offsets: &[i32],
+    accepted_nodes: &[i32],
+    prefix_lens: &[i32],
+    page_table: &[i32],
+    k_caches: &mut [&mut [T]],
+    v_caches: &mut [&mut [T]],
+    request_status: Option<&mut [i32]>,
+) -> Result<()> {
+    let args = KvCompaction {
+        shape: *shape,
+        accepted_offsets: accepted_offsets.into(),
+        accepted_nodes: accepted_nodes.into(),
+        prefix_lens: prefix_lens.into(),
+        page_table: page_table.into(),
+        k_caches: k_caches.iter_mut().map(|c| Out::Host(c)).collect(),
+        v_caches: v_caches.iter_mut().map(|c| Out::Host(c)).collect(),
+        request_status: request_status.map(Into::into),
+    };
+    Backend::Cpu.tree_kv_compact(Stream::Default, args)
+}
+
+/// The CPU compaction, on arrays whose lengths the caller checked.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn tree_kv_compact_checked<'a, T: Copy>(
     shape: &CompactionShape,
     accepted_offsets: &[i32],
     accepted_nodes: &[i32],
@@ -274,26 +326,6 @@ pub fn tree_kv_compact<'a, T: Copy>(
     v_caches: &mut [&'a mut [T]],
     request_status: Option<&mut [i32]>,
 ) -> Result<()> {
-    shape.check_lengths(
-        accepted_offsets.len(),
-        accepted_nodes.len(),
-        prefix_lens.len(),
-        page_table.len(),
-    )?;
-    check_len("k_caches", k_caches.len(), shape.num_layers)?;
-    check_len("v_caches", v_caches.len(), shape.num_layers)?;
-    for (layer, (k, v)) in k_caches.iter().zip(v_caches.iter()).enumerate() {
-        check_len(
-            &format!("k_caches[{layer}]"),
-            k.len(),
-            shape.cache.cache_len(),
-        )?;
-        check_len(
-            &format!("v_caches[{layer}]"),
-            v.len(),
-            shape.cache.cache_len(),
-        )?;
-    }
     let checked = (0..shape.num_requests)
         .map(|b| shape.check_request(b, accepted_offsets, accepted_nodes, prefix_lens, page_table))
         .collect();

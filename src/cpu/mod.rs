@@ -26,7 +26,7 @@
 //!
 //! Results never depend on the thread count.
 
-mod attention;
+pub(crate) mod attention;
 pub(crate) mod greedy;
 pub(crate) mod int4;
 pub(crate) mod pool;

@@ -3,14 +3,14 @@
 
 use std::ffi::c_void;
 
-use cudarc::driver::{result, sys, CudaStream};
+use cudarc::driver::{result, sys};
 
 use super::greedy::arg;
 use super::memory::{check_device_ptr, StreamScratch};
 use super::params::{CompactionParams, TreeAttentionParams};
-use super::{cuda_error, CudaBackend, DeviceIn, DeviceOut};
+use super::{cuda_error, CudaBackend};
 use crate::attention::{check_softmax_scale, CompactionShape, TreeAttentionShape};
-use crate::dtype::{DType, HalfElement};
+use crate::dtype::DType;
 use crate::error::{check_len, Error, Result};
 
 const MODULE: &str = "tree_attention";
@@ -130,87 +130,7 @@ impl CompactionDevicePtrs<'_> {
     }
 }
 
-/// The device arrays of a tree-attention call besides the element tensors.
-pub struct DeviceTreeBatch<'a> {
-    /// `[B + 1]`.
-    pub token_offsets: DeviceIn<'a, i32>,
-    /// `[N]`.
-    pub parents: DeviceIn<'a, i32>,
-    /// `[B]`.
-    pub prefix_lens: DeviceIn<'a, i32>,
-    /// `[B, pages_per_request]`.
-    pub page_table: DeviceIn<'a, i32>,
-}
-
-/// The outputs of a tree-attention call: the cache (appended to), `out`, and optionally `lse[N, Hq]` and
-/// `request_status[B]` ([`crate::attention::RequestStatus`] codes).
-pub struct DeviceTreeOutputs<'a, T> {
-    /// `[num_pages, page_size, Hkv, D]`, read and appended to.
-    pub k_cache: DeviceOut<'a, T>,
-    /// As `k_cache`.
-    pub v_cache: DeviceOut<'a, T>,
-    /// `[N, Hq, D]`.
-    pub out: DeviceOut<'a, T>,
-    /// `[N, Hq]`, natural log-sum-exp of each row's scores.
-    pub lse: Option<DeviceOut<'a, f32>>,
-    /// `[B]`.
-    pub request_status: Option<DeviceOut<'a, i32>>,
-}
-
 impl CudaBackend {
-    /// Tree attention with KV append and RoPE on the device (see [`crate::attention`]), enqueued on `stream`.
-    /// Sizes, lengths and pointers are checked here; the index arrays' contents are checked by the kernel per
-    /// request (`request_status`). `k_cache` and `v_cache` must be 16-byte aligned.
-    #[allow(clippy::too_many_arguments)]
-    pub fn tree_attention<T: HalfElement>(
-        &self,
-        stream: &CudaStream,
-        shape: &TreeAttentionShape,
-        q: DeviceIn<'_, T>,
-        k: DeviceIn<'_, T>,
-        v: DeviceIn<'_, T>,
-        batch: DeviceTreeBatch<'_>,
-        cos_sin_cache: Option<DeviceIn<'_, f32>>,
-        softmax_scale: f32,
-        outputs: DeviceTreeOutputs<'_, T>,
-    ) -> Result<()> {
-        self.check_stream(stream)?;
-        shape.check_lengths(
-            q.len(),
-            k.len(),
-            v.len(),
-            batch.token_offsets.len(),
-            batch.parents.len(),
-            batch.prefix_lens.len(),
-            batch.page_table.len(),
-            outputs.k_cache.len(),
-            outputs.v_cache.len(),
-            cos_sin_cache.as_ref().map(DeviceIn::len),
-            outputs.out.len(),
-            outputs.lse.as_ref().map(DeviceOut::len),
-        )?;
-        if let Some(status) = &outputs.request_status {
-            check_len("request_status", status.len(), shape.num_requests)?;
-        }
-        let ptrs = TreeAttentionDevicePtrs {
-            q: q.ptr,
-            k: k.ptr,
-            v: v.ptr,
-            token_offsets: batch.token_offsets.ptr,
-            parents: batch.parents.ptr,
-            prefix_lens: batch.prefix_lens.ptr,
-            page_table: batch.page_table.ptr,
-            k_cache: outputs.k_cache.ptr,
-            v_cache: outputs.v_cache.ptr,
-            cos_sin_cache: cos_sin_cache.as_ref().map_or(0, |c| c.ptr),
-            out: outputs.out.ptr,
-            lse: outputs.lse.as_ref().map_or(0, |l| l.ptr),
-            request_status: outputs.request_status.as_ref().map_or(0, |s| s.ptr),
-        };
-        ptrs.check(shape)?;
-        self.launch_tree_attention(stream.cu_stream(), shape, T::DTYPE, softmax_scale, &ptrs)
-    }
-
     /// Enqueues the attention kernel and, when the prefix is split, the merge. `shape` and `ptrs` are validated
     /// by the caller.
     pub(crate) fn launch_tree_attention(
@@ -339,49 +259,6 @@ impl CudaBackend {
             scratch.free()?;
         }
         Ok(())
-    }
-
-    /// Compaction of accepted paths in every layer's cache (see [`crate::attention`]), enqueued on `stream`.
-    /// `k_caches` / `v_caches` hold each layer's device pointer (at most [`MAX_COMPACTION_LAYERS`], 16-byte
-    /// aligned, each `[num_pages, page_size, Hkv, D]` of a 16-bit type).
-    ///
-    /// # Safety
-    /// Each pointer in `k_caches` and `v_caches` must be a device allocation of the shape's cache size, not
-    /// used by other work until this call's work on `stream` has finished.
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn tree_kv_compact(
-        &self,
-        stream: &CudaStream,
-        shape: &CompactionShape,
-        k_caches: &[sys::CUdeviceptr],
-        v_caches: &[sys::CUdeviceptr],
-        accepted_offsets: DeviceIn<'_, i32>,
-        accepted_nodes: DeviceIn<'_, i32>,
-        prefix_lens: DeviceIn<'_, i32>,
-        page_table: DeviceIn<'_, i32>,
-        request_status: Option<DeviceOut<'_, i32>>,
-    ) -> Result<()> {
-        self.check_stream(stream)?;
-        shape.check_lengths(
-            accepted_offsets.len(),
-            accepted_nodes.len(),
-            prefix_lens.len(),
-            page_table.len(),
-        )?;
-        if let Some(status) = &request_status {
-            check_len("request_status", status.len(), shape.num_requests)?;
-        }
-        let ptrs = CompactionDevicePtrs {
-            k_caches,
-            v_caches,
-            accepted_offsets: accepted_offsets.ptr,
-            accepted_nodes: accepted_nodes.ptr,
-            prefix_lens: prefix_lens.ptr,
-            page_table: page_table.ptr,
-            request_status: request_status.as_ref().map_or(0, |s| s.ptr),
-        };
-        ptrs.check(shape)?;
-        self.launch_tree_kv_compact(stream.cu_stream(), shape, &ptrs)
     }
 
     /// Enqueues the compaction kernel. `shape` and `ptrs` are validated by the caller.

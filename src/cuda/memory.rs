@@ -58,8 +58,7 @@ impl<'a, T> DeviceIn<'a, T> {
         self.len
     }
 
-    /// The device address, for APIs that take raw pointers (such as the per-layer caches of
-    /// [`super::CudaBackend::tree_kv_compact`]).
+    /// The device address, for APIs that take raw pointers.
     pub fn as_raw(&self) -> sys::CUdeviceptr {
         self.ptr
     }
@@ -103,8 +102,7 @@ impl<'a, T> DeviceOut<'a, T> {
         self.len
     }
 
-    /// The device address, for APIs that take raw pointers (such as the per-layer caches of
-    /// [`super::CudaBackend::tree_kv_compact`]).
+    /// The device address, for APIs that take raw pointers.
     pub fn as_raw(&self) -> sys::CUdeviceptr {
         self.ptr
     }

@@ -56,7 +56,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use cudarc::driver::{result, sys, CudaContext, CudaStream, DriverError};
 
 use crate::error::{Error, Result};
-pub use attention::{DeviceTreeBatch, DeviceTreeOutputs, MAX_COMPACTION_LAYERS};
+pub use attention::MAX_COMPACTION_LAYERS;
 pub(crate) use memory::check_device_ptr;
 pub use memory::{DeviceIn, DeviceOut};
 pub use module::{COMPILED_ARCHS, KERNELS_COMPILED};
