@@ -6,8 +6,9 @@
 //! cargo run --release --example bench                  # CUDA if usable, else the CPU
 //! cargo run --release --example bench -- --backend cpu # or: cuda
 //! cargo run --release --example bench -- --quick       # fewer cases
-//! cargo run --release --example bench -- --family int4 # one family (repeatable): greedy, sampling, int4,
+//! cargo run --release --example bench -- --only int4   # one family (repeatable): greedy, sampling, int4,
 //!                                                      # attention; every family when none is named
+//!                                                      # (--family is the same)
 //! ```
 //!
 //! Timing: on CUDA, events around batches of calls on one stream, the median over batches, inputs rotated over
@@ -35,7 +36,7 @@ const GPU_ROTATION_BYTES: usize = 256 << 20;
 /// On the CPU, rotate over copies totalling at least this (more than any last-level cache here).
 const CPU_ROTATION_BYTES: usize = 128 << 20;
 
-/// The primitive families, as `--family` names them (the GPU runner times one family per run).
+/// The primitive families, as `--only` (or `--family`) names them (the GPU runner times one family per run).
 const FAMILIES: [&str; 4] = ["greedy", "sampling", "int4", "attention"];
 
 /// The check column of a CPU run: the CPU backend is the reference, so nothing was compared.
@@ -65,17 +66,17 @@ fn parse_options() -> Options {
         match arg.as_str() {
             "--backend" => options.backend = args.next().unwrap_or_default(),
             "--quick" => options.quick = true,
-            "--family" => {
+            "--family" | "--only" => {
                 let family = args.next().unwrap_or_default();
                 if !FAMILIES.contains(&family.as_str()) {
-                    eprintln!("bench: --family must be one of {}", FAMILIES.join(", "));
+                    eprintln!("bench: --only must be one of {}", FAMILIES.join(", "));
                     std::process::exit(2);
                 }
                 options.families.push(family);
             }
             "-h" | "--help" => {
                 println!(
-                    "usage: bench [--backend auto|cpu|cuda] [--quick] [--family {}]...",
+                    "usage: bench [--backend auto|cpu|cuda] [--quick] [--only {}]... (--family is the same)",
                     FAMILIES.join("|")
                 );
                 std::process::exit(0);
@@ -137,6 +138,28 @@ static SIMULATED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
 
 fn simulated() -> bool {
     *SIMULATED.get().unwrap_or(&false)
+}
+
+/// Prints a section's title and its table's header: `columns` describe the case, then the measured columns
+/// every table shares (time, bytes, GB/s, share of the copy bandwidth, check).
+fn table_header(title: &str, columns: &[&str]) {
+    let time = if simulated() {
+        "simulated time (us)"
+    } else {
+        "time (us)"
+    };
+    println!("### {title}");
+    println!();
+    println!(
+        "| {} | {time} | bytes (MB) | GB/s | % of copy BW | check |",
+        columns.join(" | ")
+    );
+    let alignments: Vec<&str> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, _)| if i < 2 { "---" } else { "---:" })
+        .collect();
+    println!("|{}|---:|---:|---:|---:|---|", alignments.join("|"));
 }
 
 /// The "GB/s | % of copy BW" cells of a row that moved `bytes` in `micros`: blank on the simulator.
@@ -238,15 +261,10 @@ fn main() {
 /// Prints the verification table: the greedy rows already timed, then times and prints the rejection-sampling
 /// cases (when `--family sampling` is wanted). Returns the number of rows that disagree with the CPU reference.
 fn verify_rows(options: &Options, backend: &Backend, rows: &[Row], ceiling_gbps: f64) -> usize {
-    println!(
-        "| primitive | dtype | B | k | V | {} | bytes (MB) | GB/s | % of copy BW | check |",
-        if simulated() {
-            "simulated time (us)"
-        } else {
-            "time (us)"
-        }
+    table_header(
+        "Verification (greedy and rejection sampling)",
+        &["primitive", "dtype", "B", "k", "V"],
     );
-    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---|");
     let mut failures = 0;
     for row in rows {
         let c = row.case;
@@ -293,6 +311,7 @@ fn verify_rows(options: &Options, backend: &Backend, rows: &[Row], ceiling_gbps:
         );
         failures += usize::from(check.starts_with("MISMATCH"));
     }
+    println!();
     failures
 }
 
@@ -1021,6 +1040,10 @@ const LLAMA3_8B_LAYER: [(usize, usize); 7] = [
 /// int4 rows: the GEMV (g128, bf16 activations and scales) for every issue shape and M in {1, 2, 4, 8, 16},
 /// and the quantizer per shape with the Llama-3-8B total. Returns the number of mismatches.
 fn int4_rows(backend: &Backend, quick: bool, ceiling_gbps: f64) -> usize {
+    table_header(
+        "int4 GEMV and quantizer (W4A16)",
+        &["primitive", "dtype", "N", "K", "M", "group"],
+    );
     // The GPU's shapes, or the CPU's (also on the simulator).
     let cuda = matches!(backend, Backend::Cuda { .. }) && !simulated();
     let mut failures = 0;
@@ -1075,7 +1098,7 @@ fn int4_rows(backend: &Backend, quick: bool, ceiling_gbps: f64) -> usize {
             let bytes =
                 (shape.packed_len() * 4 + shape.meta_len() * 3 + (m * k + m * n) * 2) as f64;
             println!(
-                "| int4_gemv (g128, M={m}) | bf16 | N={n} | K={k} | - | {micros:.2} | {:.2} | {} | {check} |",
+                "| int4_gemv | bf16 | {n} | {k} | {m} | 128 | {micros:.2} | {:.2} | {} | {check} |",
                 bytes / 1e6,
                 rate_cells(bytes, micros, ceiling_gbps)
             );
@@ -1134,7 +1157,7 @@ fn int4_rows(backend: &Backend, quick: bool, ceiling_gbps: f64) -> usize {
         total_micros += 32.0 * uses as f64 * micros;
         let bytes = (n * k * 2 + shape.packed_len() * 4 + shape.meta_len() * 3) as f64;
         println!(
-            "| int4_quantize (g128) | bf16 | N={n} | K={k} | - | {micros:.2} | {:.2} | {} | {check} |",
+            "| int4_quantize | bf16 | {n} | {k} | - | 128 | {micros:.2} | {:.2} | {} | {check} |",
             bytes / 1e6,
             rate_cells(bytes, micros, ceiling_gbps)
         );
@@ -1292,6 +1315,10 @@ fn time_quantize_cuda(
 /// tests/attention_gpu's job). On the CPU one small case runs. Returns the number of failed checks.
 fn attention_rows(backend: &Backend, quick: bool, ceiling_gbps: f64) -> usize {
     let (hq, hkv, d, ps) = (32usize, 8usize, 128usize, 16usize);
+    table_header(
+        "Tree attention over a paged KV cache (append, no RoPE)",
+        &["primitive", "dtype", "B", "L", "T", "Hq / Hkv", "D", "page"],
+    );
     let cases: Vec<(usize, usize, usize)> = match backend {
         Backend::Cpu => vec![(1, 1024, 8)],
         Backend::Cuda { .. } if simulated() => vec![(1, 1024, 8), (2, 512, 64)],
@@ -1457,11 +1484,12 @@ fn attention_rows(backend: &Backend, quick: bool, ceiling_gbps: f64) -> usize {
         let bytes =
             (batch * prefix * hkv * d * 2 * 2 + batch * tree * (2 * hq + 2 * hkv) * d * 2) as f64;
         println!(
-            "| tree_attention (B={batch}, L={prefix}, T={tree}) | bf16 | {batch} | {tree} | - | {micros:.2} | {:.2} | {} | {check} |",
+            "| tree_attention | bf16 | {batch} | {prefix} | {tree} | {hq} / {hkv} | {d} | {ps} | {micros:.2} | {:.2} | {} | {check} |",
             bytes / 1e6,
             rate_cells(bytes, micros, ceiling_gbps)
         );
         failures += usize::from(check.starts_with("MISMATCH"));
     }
+    println!();
     failures
 }
