@@ -472,34 +472,36 @@ fn sampler_cpu(
     let verify_inputs = VerifyInputs {
         vocab_size: case.vocab,
         drafts: Drafts::Chain {
-            draft_offsets: &inputs.offsets,
-            draft_tokens: &inputs.tokens,
+            draft_offsets: (&inputs.offsets).into(),
+            draft_tokens: (&inputs.tokens).into(),
         },
-        target: Rows::LogitsBF16(&inputs.target),
-        draft: case.with_q.then_some(Rows::LogitsBF16(&inputs.draft)),
+        target: Rows::LogitsBF16((&inputs.target).into()),
+        draft: case
+            .with_q
+            .then_some(Rows::LogitsBF16((&inputs.draft).into())),
         params: Some(SamplingParams {
-            temperature: &inputs.temperature,
-            top_k: case.filtered.then_some(&inputs.top_k[..]),
-            top_p: case.filtered.then_some(&inputs.top_p[..]),
+            temperature: (&inputs.temperature).into(),
+            top_k: case.filtered.then_some((&inputs.top_k[..]).into()),
+            top_p: case.filtered.then_some((&inputs.top_p[..]).into()),
         }),
         draft_params: None,
-        seeds: &inputs.seeds,
-        steps: &inputs.steps,
+        seeds: (&inputs.seeds).into(),
+        steps: (&inputs.steps).into(),
     };
     let (mut accepted, mut emitted) = (vec![0; b], vec![0; b * (k + 1)]);
     let mut samples = Vec::new();
     let started = Instant::now();
     loop {
-        let mut outputs = VerifyOutputs {
+        let outputs = VerifyOutputs {
             emit_width: k + 1,
-            accepted_counts: &mut accepted,
-            emitted_tokens: &mut emitted,
+            accepted_counts: (&mut accepted).into(),
+            emitted_tokens: (&mut emitted).into(),
             accepted_nodes: None,
             accept_flags: None,
             request_status: None,
         };
         let t = Instant::now();
-        cpu::rejection_verify(&verify_inputs, &mut outputs).expect("valid inputs");
+        cpu::rejection_verify(&verify_inputs, outputs).expect("valid inputs");
         samples.push(t.elapsed().as_secs_f64() * 1e6);
         if !timed
             || samples.len() >= 50
@@ -549,7 +551,7 @@ fn time_sampler_cuda(
     case: SamplerCase,
     inputs: &SamplerInputs,
 ) -> (f64, Vec<i32>, Vec<i32>) {
-    use specdec::cuda::{DeviceDrafts, DeviceRows, DeviceVerifyInputs, DeviceVerifyOutputs};
+    use specdec::sampling::{Drafts, Rows, SamplingParams, VerifyInputs, VerifyOutputs};
     let (b, w) = (case.batch, case.drafts + 1);
     let (target_len, draft_len) = (inputs.target.len(), inputs.draft.len());
     let per_call = 2 * (target_len + if case.with_q { draft_len } else { 0 });
@@ -596,44 +598,43 @@ fn time_sampler_cuda(
     let (st, _st) = steps.device_ptr(stream);
     let (a, _a) = accepted.device_ptr_mut(stream);
     let (e, _e) = emitted.device_ptr_mut(stream);
+    let cuda = specdec::backend::Backend::Cuda(backend.clone());
     let call = |i: usize| {
         let c = (i % copies) as u64;
         // SAFETY: every pointer is a live allocation of at least the length given, used on `stream` only.
         unsafe {
-            let device_inputs = DeviceVerifyInputs {
+            let device_inputs = VerifyInputs {
                 vocab_size: case.vocab,
-                drafts: DeviceDrafts::Chain {
-                    draft_offsets: DeviceIn::from_raw(o, b + 1),
-                    draft_tokens: DeviceIn::from_raw(k, inputs.tokens.len()),
+                drafts: Drafts::Chain {
+                    draft_offsets: DeviceIn::from_raw(o, b + 1).into(),
+                    draft_tokens: DeviceIn::from_raw(k, inputs.tokens.len()).into(),
                 },
-                target: DeviceRows::LogitsBF16(DeviceIn::from_raw(
-                    t + c * 2 * target_len as u64,
-                    target_len,
-                )),
+                target: Rows::LogitsBF16(
+                    DeviceIn::from_raw(t + c * 2 * target_len as u64, target_len).into(),
+                ),
                 draft: case.with_q.then(|| {
-                    DeviceRows::LogitsBF16(DeviceIn::from_raw(
-                        d + c * 2 * draft_len as u64,
-                        draft_len,
-                    ))
+                    Rows::LogitsBF16(
+                        DeviceIn::from_raw(d + c * 2 * draft_len as u64, draft_len).into(),
+                    )
                 }),
-                temperature: Some(DeviceIn::from_raw(tp, b)),
-                top_k: case.filtered.then(|| DeviceIn::from_raw(tk, b)),
-                top_p: case.filtered.then(|| DeviceIn::from_raw(pp, b)),
-                draft_temperature: None,
-                draft_top_k: None,
-                draft_top_p: None,
-                seeds: DeviceIn::from_raw(sd, b),
-                steps: DeviceIn::from_raw(st, b),
+                params: Some(SamplingParams {
+                    temperature: DeviceIn::from_raw(tp, b).into(),
+                    top_k: case.filtered.then(|| DeviceIn::from_raw(tk, b).into()),
+                    top_p: case.filtered.then(|| DeviceIn::from_raw(pp, b).into()),
+                }),
+                draft_params: None,
+                seeds: DeviceIn::from_raw(sd, b).into(),
+                steps: DeviceIn::from_raw(st, b).into(),
             };
-            let outputs = DeviceVerifyOutputs {
+            let outputs = VerifyOutputs {
                 emit_width: w,
-                accepted_counts: DeviceOut::from_raw(a, b),
-                emitted_tokens: DeviceOut::from_raw(e, b * w),
+                accepted_counts: DeviceOut::from_raw(a, b).into(),
+                emitted_tokens: DeviceOut::from_raw(e, b * w).into(),
                 accepted_nodes: None,
                 accept_flags: None,
                 request_status: None,
             };
-            backend.rejection_verify(stream, &device_inputs, &outputs)
+            cuda.rejection_verify(Stream::Cuda(stream), &device_inputs, outputs)
         }
         .expect("rejection_verify launch");
     };

@@ -244,6 +244,15 @@ impl<'a, T> Out<'a, T> {
         }
     }
 
+    /// The host slice, borrowed, or an error naming `argument` if the array is device memory.
+    pub(crate) fn host_mut(&mut self, argument: &str) -> Result<&mut [T]> {
+        match self {
+            Out::Host(slice) => Ok(slice),
+            #[cfg(feature = "cuda")]
+            Out::Device(_) => Err(wrong_memory(argument, Memory::Device, Memory::Host)),
+        }
+    }
+
     /// The device address, checked non-null (unless empty) and aligned for `T`, or an error naming
     /// `argument` if the array is host memory.
     #[cfg(feature = "cuda")]
@@ -284,6 +293,18 @@ impl<'a, T> From<&'a [T]> for In<'a, T> {
 impl<'a, T> From<&'a Vec<T>> for In<'a, T> {
     fn from(vec: &'a Vec<T>) -> Self {
         In::Host(vec)
+    }
+}
+
+impl<'a, T, const N: usize> From<&'a [T; N]> for In<'a, T> {
+    fn from(array: &'a [T; N]) -> Self {
+        In::Host(array)
+    }
+}
+
+impl<'a, T, const N: usize> From<&'a mut [T; N]> for Out<'a, T> {
+    fn from(array: &'a mut [T; N]) -> Self {
+        Out::Host(array)
     }
 }
 

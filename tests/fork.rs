@@ -55,27 +55,27 @@ fn every_family(seed: u64) -> String {
     let inputs = VerifyInputs {
         vocab_size: v,
         drafts: Drafts::Chain {
-            draft_offsets: &offsets,
-            draft_tokens: &tokens,
+            draft_offsets: (&offsets).into(),
+            draft_tokens: (&tokens).into(),
         },
-        target: Rows::LogitsF32(&target),
-        draft: Some(Rows::LogitsF32(&draft)),
+        target: Rows::LogitsF32((&target).into()),
+        draft: Some(Rows::LogitsF32((&draft).into())),
         params: Some(specdec::sampling::SamplingParams {
-            temperature: &[0.8; 16],
+            temperature: (&[0.8; 16]).into(),
             top_k: None,
             top_p: None,
         }),
         draft_params: None,
-        seeds: &[3; 16],
-        steps: &[1; 16],
+        seeds: (&[3; 16]).into(),
+        steps: (&[1; 16]).into(),
     };
     let (mut a, mut e) = (vec![0; b], vec![0; b * (k + 1)]);
     specdec::cpu::rejection_verify(
         &inputs,
-        &mut VerifyOutputs {
+        VerifyOutputs {
             emit_width: k + 1,
-            accepted_counts: &mut a,
-            emitted_tokens: &mut e,
+            accepted_counts: (&mut a).into(),
+            emitted_tokens: (&mut e).into(),
             accepted_nodes: None,
             accept_flags: None,
             request_status: None,

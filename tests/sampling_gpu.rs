@@ -9,15 +9,14 @@ mod common;
 
 use std::sync::Arc;
 
+use common::device::{Array, TestDevice};
 use common::gpu;
 use common::sampling::{self, Input, Model, Outcome, Scenario, Shape, Verify, PLAIN};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr};
 use half::{bf16, f16};
 use rand::Rng;
-use specdec::cuda::{
-    CudaBackend, DeviceDrafts, DeviceIn, DeviceOut, DeviceRows, DeviceVerifyInputs,
-    DeviceVerifyOutputs,
-};
+use specdec::backend::{Backend, In, Out, Stream};
+use specdec::cuda::{DeviceIn, DeviceOut};
 use specdec::sampling::{Drafts, Rows, SamplingParams, VerifyInputs, VerifyOutputs};
 use specdec::Error;
 
@@ -32,173 +31,151 @@ fn upload<T: DeviceRepr + Default + Clone>(stream: &Arc<CudaStream>, host: &[T])
     stream.clone_htod(&v).expect("upload")
 }
 
-/// A device-array view of the first `len` elements of `slice`, for the raw-pointer constructors.
+/// The device address of `slice`, for the raw-pointer constructors.
 fn raw<T>(slice: &CudaSlice<T>, stream: &Arc<CudaStream>) -> u64 {
     let (ptr, _sync) = slice.device_ptr(stream);
     ptr
 }
 
-/// Runs a host-described call on the GPU: uploads every array, poisons the outputs, verifies, downloads. The
-/// statistical harness only passes valid inputs.
-fn gpu_verify(inputs: &VerifyInputs<'_>, outputs: &mut VerifyOutputs<'_>) -> Result<(), Error> {
-    let backend = CudaBackend::new(0)?;
-    let stream = backend.context().default_stream();
-
-    enum Held {
-        F32(CudaSlice<f32>),
-        F16(CudaSlice<f16>),
-        BF16(CudaSlice<bf16>),
+/// The host slice of a host-described call's array.
+fn host<'a, T>(array: &In<'a, T>) -> &'a [T] {
+    match array {
+        In::Host(slice) => slice,
+        In::Device(_) => panic!("the harness describes calls in host memory"),
     }
-    let hold = |rows: &Rows<'_>| match rows {
-        Rows::LogitsF32(r) | Rows::Probs(r) => Held::F32(upload(&stream, r)),
-        Rows::LogitsF16(r) => Held::F16(upload(&stream, r)),
-        Rows::LogitsBF16(r) => Held::BF16(upload(&stream, r)),
+}
+
+/// Runs a host-described call on the GPU through the one backend contract: uploads every array, poisons the
+/// outputs, verifies on the device's stream, downloads (checking nothing was written past any output). The
+/// statistical harness only passes valid inputs.
+fn gpu_verify(inputs: &VerifyInputs<'_>, outputs: VerifyOutputs<'_>) -> Result<(), Error> {
+    let device = TestDevice::cuda("gpu_verify").expect("the GPU tests run only with a usable GPU");
+    let rows = |rows: &Rows<'_>| match rows {
+        Rows::LogitsF32(r) => RowsOn::F32(device.upload(host(r)), false),
+        Rows::Probs(r) => RowsOn::F32(device.upload(host(r)), true),
+        Rows::LogitsF16(r) => RowsOn::F16(device.upload(host(r))),
+        Rows::LogitsBF16(r) => RowsOn::BF16(device.upload(host(r))),
     };
-    // SAFETY (every from_raw below): the pointers come from live CudaSlices of at least `len` elements that
-    // outlive the call, on the stream the call uses; the stream is synchronised before they are dropped.
-    let device_rows = |held: &Held, rows: &Rows<'_>| unsafe {
-        let len = rows.len();
-        match (held, rows) {
-            (Held::F32(s), Rows::Probs(_)) => {
-                DeviceRows::Probs(DeviceIn::from_raw(raw(s, &stream), len))
-            }
-            (Held::F32(s), _) => DeviceRows::LogitsF32(DeviceIn::from_raw(raw(s, &stream), len)),
-            (Held::F16(s), _) => DeviceRows::LogitsF16(DeviceIn::from_raw(raw(s, &stream), len)),
-            (Held::BF16(s), _) => DeviceRows::LogitsBF16(DeviceIn::from_raw(raw(s, &stream), len)),
-        }
-    };
-    let target = hold(&inputs.target);
-    let draft = inputs.draft.as_ref().map(hold);
-    let (offsets, tokens, parents) = match inputs.drafts {
+    let (target, draft) = (rows(&inputs.target), inputs.draft.as_ref().map(rows));
+    let drafts: Vec<Array<i32>> = match &inputs.drafts {
         Drafts::Chain {
             draft_offsets,
             draft_tokens,
-        } => (
-            upload(&stream, draft_offsets),
-            upload(&stream, draft_tokens),
-            None,
-        ),
+        } => vec![
+            device.upload(host(draft_offsets)),
+            device.upload(host(draft_tokens)),
+        ],
         Drafts::Tree {
             node_offsets,
             node_tokens,
             parents,
-        } => (
-            upload(&stream, node_offsets),
-            upload(&stream, node_tokens),
-            Some(upload(&stream, parents)),
-        ),
+        } => vec![
+            device.upload(host(node_offsets)),
+            device.upload(host(node_tokens)),
+            device.upload(host(parents)),
+        ],
     };
-    let temperature = inputs.params.map(|p| upload(&stream, p.temperature));
-    let top_k = inputs
-        .params
-        .and_then(|p| p.top_k)
-        .map(|k| upload(&stream, k));
-    let top_p = inputs
-        .params
-        .and_then(|p| p.top_p)
-        .map(|t| upload(&stream, t));
-    let draft_temperature = inputs.draft_params.map(|p| upload(&stream, p.temperature));
-    let draft_top_k = inputs
-        .draft_params
-        .and_then(|p| p.top_k)
-        .map(|k| upload(&stream, k));
-    let draft_top_p = inputs
-        .draft_params
-        .and_then(|p| p.top_p)
-        .map(|t| upload(&stream, t));
-    let (seeds, steps) = (upload(&stream, inputs.seeds), upload(&stream, inputs.steps));
-    let b = inputs.seeds.len();
-    let n = outputs.emitted_tokens.len();
-    let accepted = upload(&stream, &vec![POISON; b]);
-    let emitted = upload(&stream, &vec![POISON; n]);
-    let nodes = upload(&stream, &vec![POISON; n]);
-    let flags = upload(&stream, &vec![i8::MIN; n]);
-    let status = upload(&stream, &vec![POISON; b]);
-    let token_len = |s: &Drafts<'_>| match s {
-        Drafts::Chain { draft_tokens, .. } => draft_tokens.len(),
-        Drafts::Tree { node_tokens, .. } => node_tokens.len(),
+    let params = |p: &Option<SamplingParams<'_>>| {
+        p.as_ref().map(|p| {
+            (
+                device.upload(host(&p.temperature)),
+                p.top_k.as_ref().map(|k| device.upload(host(k))),
+                p.top_p.as_ref().map(|t| device.upload(host(t))),
+            )
+        })
     };
-    let t = token_len(&inputs.drafts);
-    unsafe {
-        let o = DeviceIn::from_raw(raw(&offsets, &stream), b + 1);
-        let k = DeviceIn::from_raw(raw(&tokens, &stream), t);
-        let drafts = match &parents {
-            None => DeviceDrafts::Chain {
-                draft_offsets: o,
-                draft_tokens: k,
+    let (target_params, draft_params) = (params(&inputs.params), params(&inputs.draft_params));
+    let (seeds, steps) = (
+        device.upload(host(&inputs.seeds)),
+        device.upload(host(&inputs.steps)),
+    );
+    let poisoned = |len: usize| device.upload_with_spare(&vec![POISON; len], POISON);
+    let mut accepted = poisoned(outputs.accepted_counts.len());
+    let mut emitted = poisoned(outputs.emitted_tokens.len());
+    let mut nodes = outputs.accepted_nodes.as_ref().map(|n| poisoned(n.len()));
+    let mut flags = outputs
+        .accept_flags
+        .as_ref()
+        .map(|f| device.upload_with_spare(&vec![i8::MIN; f.len()], i8::MIN));
+    let mut status = outputs.request_status.as_ref().map(|s| poisoned(s.len()));
+    let device_inputs = VerifyInputs {
+        vocab_size: inputs.vocab_size,
+        drafts: match &inputs.drafts {
+            Drafts::Chain { .. } => Drafts::Chain {
+                draft_offsets: drafts[0].input(),
+                draft_tokens: drafts[1].input(),
             },
-            Some(p) => DeviceDrafts::Tree {
-                node_offsets: o,
-                node_tokens: k,
-                parents: DeviceIn::from_raw(raw(p, &stream), t),
+            Drafts::Tree { .. } => Drafts::Tree {
+                node_offsets: drafts[0].input(),
+                node_tokens: drafts[1].input(),
+                parents: drafts[2].input(),
             },
-        };
-        let device_inputs = DeviceVerifyInputs {
-            vocab_size: inputs.vocab_size,
-            drafts,
-            target: device_rows(&target, &inputs.target),
-            draft: draft
-                .as_ref()
-                .map(|d| device_rows(d, inputs.draft.as_ref().unwrap())),
-            temperature: temperature
-                .as_ref()
-                .map(|t| DeviceIn::from_raw(raw(t, &stream), b)),
-            top_k: top_k
-                .as_ref()
-                .map(|k| DeviceIn::from_raw(raw(k, &stream), b)),
-            top_p: top_p
-                .as_ref()
-                .map(|t| DeviceIn::from_raw(raw(t, &stream), b)),
-            draft_temperature: draft_temperature
-                .as_ref()
-                .map(|t| DeviceIn::from_raw(raw(t, &stream), b)),
-            draft_top_k: draft_top_k
-                .as_ref()
-                .map(|k| DeviceIn::from_raw(raw(k, &stream), b)),
-            draft_top_p: draft_top_p
-                .as_ref()
-                .map(|t| DeviceIn::from_raw(raw(t, &stream), b)),
-            seeds: DeviceIn::from_raw(raw(&seeds, &stream), b),
-            steps: DeviceIn::from_raw(raw(&steps, &stream), b),
-        };
-        let device_outputs = DeviceVerifyOutputs {
-            emit_width: outputs.emit_width,
-            accepted_counts: DeviceOut::from_raw(raw(&accepted, &stream), b),
-            emitted_tokens: DeviceOut::from_raw(raw(&emitted, &stream), n),
-            accepted_nodes: outputs
-                .accepted_nodes
-                .is_some()
-                .then(|| DeviceOut::from_raw(raw(&nodes, &stream), n)),
-            accept_flags: outputs
-                .accept_flags
-                .is_some()
-                .then(|| DeviceOut::from_raw(raw(&flags, &stream), n)),
-            request_status: outputs
-                .request_status
-                .is_some()
-                .then(|| DeviceOut::from_raw(raw(&status, &stream), b)),
-        };
-        backend.rejection_verify(&stream, &device_inputs, &device_outputs)?;
+        },
+        target: target.input(),
+        draft: draft.as_ref().map(RowsOn::input),
+        params: device_params(&target_params),
+        draft_params: device_params(&draft_params),
+        seeds: seeds.input(),
+        steps: steps.input(),
+    };
+    let device_outputs = VerifyOutputs {
+        emit_width: outputs.emit_width,
+        accepted_counts: accepted.output(),
+        emitted_tokens: emitted.output(),
+        accepted_nodes: nodes.as_mut().map(Array::output),
+        accept_flags: flags.as_mut().map(Array::output),
+        request_status: status.as_mut().map(Array::output),
+    };
+    device
+        .backend
+        .rejection_verify(device.stream(), &device_inputs, device_outputs)?;
+    let mut outputs = outputs;
+    let copy = |out: &mut Out<'_, i32>, array: &Array<i32>| match out {
+        Out::Host(slice) => slice.copy_from_slice(&array.download(&device)),
+        Out::Device(_) => unreachable!("the harness describes calls in host memory"),
+    };
+    copy(&mut outputs.accepted_counts, &accepted);
+    copy(&mut outputs.emitted_tokens, &emitted);
+    if let (Some(out), Some(array)) = (outputs.accepted_nodes.as_mut(), &nodes) {
+        copy(out, array);
     }
-    stream.synchronize().expect("synchronize");
-    let down_i32 =
-        |s: &CudaSlice<i32>, len: usize| stream.clone_dtoh(s).expect("download")[..len].to_vec();
-    outputs
-        .accepted_counts
-        .copy_from_slice(&down_i32(&accepted, b));
-    outputs
-        .emitted_tokens
-        .copy_from_slice(&down_i32(&emitted, n));
-    if let Some(out) = outputs.accepted_nodes.as_deref_mut() {
-        out.copy_from_slice(&down_i32(&nodes, n));
+    if let (Some(out), Some(array)) = (outputs.request_status.as_mut(), &status) {
+        copy(out, array);
     }
-    if let Some(out) = outputs.accept_flags.as_deref_mut() {
-        out.copy_from_slice(&stream.clone_dtoh(&flags).expect("download")[..n]);
-    }
-    if let Some(out) = outputs.request_status.as_deref_mut() {
-        out.copy_from_slice(&down_i32(&status, b));
+    if let (Some(Out::Host(out)), Some(array)) = (outputs.accept_flags.as_mut(), &flags) {
+        out.copy_from_slice(&array.download(&device));
     }
     Ok(())
+}
+
+/// A call's sampling parameters in a test device's memory: temperature, top-k, top-p.
+type ParamsOn = (Array<f32>, Option<Array<i32>>, Option<Array<f32>>);
+
+fn device_params(params: &Option<ParamsOn>) -> Option<SamplingParams<'_>> {
+    params.as_ref().map(|(t, k, top_p)| SamplingParams {
+        temperature: t.input(),
+        top_k: k.as_ref().map(Array::input),
+        top_p: top_p.as_ref().map(Array::input),
+    })
+}
+
+/// Target or draft rows in a test device's memory.
+enum RowsOn {
+    /// fp32 logits, or probabilities when the flag is set.
+    F32(Array<f32>, bool),
+    F16(Array<f16>),
+    BF16(Array<bf16>),
+}
+
+impl RowsOn {
+    fn input(&self) -> Rows<'_> {
+        match self {
+            RowsOn::F32(array, true) => Rows::Probs(array.input()),
+            RowsOn::F32(array, false) => Rows::LogitsF32(array.input()),
+            RowsOn::F16(array) => Rows::LogitsF16(array.input()),
+            RowsOn::BF16(array) => Rows::LogitsBF16(array.input()),
+        }
+    }
 }
 
 macro_rules! gpu_scenarios {
@@ -423,33 +400,33 @@ fn bad_requests_are_flagged_and_the_others_are_untouched() {
         let inputs = VerifyInputs {
             vocab_size: v,
             drafts: Drafts::Tree {
-                node_offsets: &offsets,
-                node_tokens: &tokens,
-                parents: &parents,
+                node_offsets: (&offsets).into(),
+                node_tokens: (&tokens).into(),
+                parents: (&parents).into(),
             },
-            target: Rows::LogitsF32(&target),
-            draft: with_q.then_some(Rows::LogitsF32(&draft)),
+            target: Rows::LogitsF32((&target).into()),
+            draft: with_q.then_some(Rows::LogitsF32((&draft).into())),
             params: Some(SamplingParams {
-                temperature: &temperature,
-                top_k: Some(&top_k),
-                top_p: Some(&top_p),
+                temperature: (&temperature).into(),
+                top_k: Some((&top_k).into()),
+                top_p: Some((&top_p).into()),
             }),
             draft_params: None,
-            seeds: &seeds,
-            steps: &steps,
+            seeds: (&seeds).into(),
+            steps: (&steps).into(),
         };
         let (mut a, mut e, mut n) = (vec![0; b], vec![0; b * width], vec![0; b * width]);
         let mut f = vec![0i8; b * width];
         let mut s = vec![POISON; b];
-        let mut out = VerifyOutputs {
+        let out = VerifyOutputs {
             emit_width: width,
-            accepted_counts: &mut a,
-            emitted_tokens: &mut e,
-            accepted_nodes: Some(&mut n),
-            accept_flags: Some(&mut f),
-            request_status: with_status.then_some(&mut s[..]),
+            accepted_counts: (&mut a).into(),
+            emitted_tokens: (&mut e).into(),
+            accepted_nodes: Some((&mut n).into()),
+            accept_flags: Some((&mut f).into()),
+            request_status: with_status.then_some((&mut s[..]).into()),
         };
-        verify(&inputs, &mut out).map(|()| (a, e, n, f, s))
+        verify(&inputs, out).map(|()| (a, e, n, f, s))
     };
     for with_q in [false, true] {
         assert!(
@@ -496,28 +473,28 @@ fn bad_requests_are_flagged_and_the_others_are_untouched() {
             let inputs = VerifyInputs {
                 vocab_size: v,
                 drafts: Drafts::Tree {
-                    node_offsets: &[0, 4],
-                    node_tokens: &tokens[t0..t0 + 4],
-                    parents: &parents[t0..t0 + 4],
+                    node_offsets: (&[0, 4]).into(),
+                    node_tokens: (&tokens[t0..t0 + 4]).into(),
+                    parents: (&parents[t0..t0 + 4]).into(),
                 },
-                target: Rows::LogitsF32(&target[t0 * v..(t0 + 4) * v]),
+                target: Rows::LogitsF32((&target[t0 * v..(t0 + 4) * v]).into()),
                 draft: None,
                 params: Some(SamplingParams {
-                    temperature: &temperature[r..r + 1],
+                    temperature: (&temperature[r..r + 1]).into(),
                     top_k: None,
                     top_p: None,
                 }),
                 draft_params: None,
-                seeds: &seeds[r..r + 1],
-                steps: &steps[r..r + 1],
+                seeds: (&seeds[r..r + 1]).into(),
+                steps: (&steps[r..r + 1]).into(),
             };
             let (mut a1, mut e1) = ([0], vec![0; width]);
             CPU(
                 &inputs,
-                &mut VerifyOutputs {
+                VerifyOutputs {
                     emit_width: width,
-                    accepted_counts: &mut a1,
-                    emitted_tokens: &mut e1,
+                    accepted_counts: (&mut a1).into(),
+                    emitted_tokens: (&mut e1).into(),
                     accepted_nodes: None,
                     accept_flags: None,
                     request_status: None,
@@ -563,35 +540,38 @@ fn empty_trees_are_flagged_not_refused() {
         let b = offsets.len() - 1;
         let t = tokens.len();
         for with_q in [false, true] {
+            let temperature_values = vec![0.8; b];
+            let seeds_values = vec![17; b];
+            let steps_values = vec![2; b];
             let inputs = VerifyInputs {
                 vocab_size: v,
                 drafts: Drafts::Tree {
-                    node_offsets: &offsets,
-                    node_tokens: tokens,
-                    parents,
+                    node_offsets: (&offsets).into(),
+                    node_tokens: tokens.into(),
+                    parents: parents.into(),
                 },
-                target: Rows::LogitsF32(&target[..t * v]),
-                draft: with_q.then(|| Rows::LogitsF32(&draft[..t * v])),
+                target: Rows::LogitsF32((&target[..t * v]).into()),
+                draft: with_q.then(|| Rows::LogitsF32((&draft[..t * v]).into())),
                 params: Some(SamplingParams {
-                    temperature: &vec![0.8; b],
+                    temperature: (&temperature_values).into(),
                     top_k: None,
                     top_p: None,
                 }),
                 draft_params: None,
-                seeds: &vec![17; b],
-                steps: &vec![2; b],
+                seeds: (&seeds_values).into(),
+                steps: (&steps_values).into(),
             };
             let run = |verify: Verify, with_status: bool| {
                 let (mut a, mut e, mut s) = (vec![0; b], vec![0; b * width], vec![POISON; b]);
-                let mut out = VerifyOutputs {
+                let out = VerifyOutputs {
                     emit_width: width,
-                    accepted_counts: &mut a,
-                    emitted_tokens: &mut e,
+                    accepted_counts: (&mut a).into(),
+                    emitted_tokens: (&mut e).into(),
                     accepted_nodes: None,
                     accept_flags: None,
-                    request_status: with_status.then_some(&mut s[..]),
+                    request_status: with_status.then_some((&mut s[..]).into()),
                 };
-                verify(&inputs, &mut out).map(|()| (a, e, s))
+                verify(&inputs, out).map(|()| (a, e, s))
             };
             let what = format!("offsets {offsets:?}, with_q {with_q}");
             match run(CPU, false) {
@@ -642,34 +622,34 @@ fn empty_trees_are_flagged_not_refused() {
     // SAFETY: every pointer is a live slice of at least the stated length (null for the empty arrays), on the
     // stream the call uses, synchronised before the slices drop.
     unsafe {
-        let inputs = DeviceVerifyInputs {
+        let inputs = VerifyInputs {
             vocab_size: v,
-            drafts: DeviceDrafts::Tree {
-                node_offsets: DeviceIn::from_raw(raw(&offsets, &stream), b + 1),
-                node_tokens: DeviceIn::from_raw(0, 0),
-                parents: DeviceIn::from_raw(0, 0),
+            drafts: Drafts::Tree {
+                node_offsets: DeviceIn::from_raw(raw(&offsets, &stream), b + 1).into(),
+                node_tokens: DeviceIn::from_raw(0, 0).into(),
+                parents: DeviceIn::from_raw(0, 0).into(),
             },
-            target: DeviceRows::LogitsF32(DeviceIn::from_raw(0, 0)),
+            target: Rows::LogitsF32(DeviceIn::from_raw(0, 0).into()),
             draft: None,
-            temperature: Some(DeviceIn::from_raw(raw(&temperature, &stream), b)),
-            top_k: None,
-            top_p: None,
-            draft_temperature: None,
-            draft_top_k: None,
-            draft_top_p: None,
-            seeds: DeviceIn::from_raw(raw(&seeds, &stream), b),
-            steps: DeviceIn::from_raw(raw(&steps, &stream), b),
+            params: Some(SamplingParams {
+                temperature: DeviceIn::from_raw(raw(&temperature, &stream), b).into(),
+                top_k: None,
+                top_p: None,
+            }),
+            draft_params: None,
+            seeds: DeviceIn::from_raw(raw(&seeds, &stream), b).into(),
+            steps: DeviceIn::from_raw(raw(&steps, &stream), b).into(),
         };
-        let outputs = DeviceVerifyOutputs {
+        let outputs = VerifyOutputs {
             emit_width: 3,
-            accepted_counts: DeviceOut::from_raw(raw(&accepted, &stream), b),
-            emitted_tokens: DeviceOut::from_raw(raw(&emitted, &stream), b * 3),
+            accepted_counts: DeviceOut::from_raw(raw(&accepted, &stream), b).into(),
+            emitted_tokens: DeviceOut::from_raw(raw(&emitted, &stream), b * 3).into(),
             accepted_nodes: None,
             accept_flags: None,
             request_status: None,
         };
-        backend
-            .rejection_verify(&stream, &inputs, &outputs)
+        Backend::Cuda(backend.clone())
+            .rejection_verify(Stream::Cuda(&stream), &inputs, outputs)
             .expect("null node arrays for an empty batch");
     }
     stream.synchronize().expect("synchronize");
@@ -729,27 +709,27 @@ fn a_request_emits_the_same_tokens_alone_and_anywhere_in_a_batch() {
         let inputs = VerifyInputs {
             vocab_size: v,
             drafts: Drafts::Chain {
-                draft_offsets: &offsets,
-                draft_tokens: &tokens,
+                draft_offsets: (&offsets).into(),
+                draft_tokens: (&tokens).into(),
             },
-            target: Rows::LogitsBF16(&t),
-            draft: Some(Rows::LogitsBF16(&d)),
+            target: Rows::LogitsBF16((&t).into()),
+            draft: Some(Rows::LogitsBF16((&d).into())),
             params: Some(SamplingParams {
-                temperature: &temperature,
+                temperature: (&temperature).into(),
                 top_k: None,
                 top_p: None,
             }),
             draft_params: None,
-            seeds: &seeds,
-            steps: &steps,
+            seeds: (&seeds).into(),
+            steps: (&steps).into(),
         };
         let (mut a, mut e) = (vec![0; n], vec![0; n * width]);
         verify(
             &inputs,
-            &mut VerifyOutputs {
+            VerifyOutputs {
                 emit_width: width,
-                accepted_counts: &mut a,
-                emitted_tokens: &mut e,
+                accepted_counts: (&mut a).into(),
+                emitted_tokens: (&mut e).into(),
                 accepted_nodes: None,
                 accept_flags: None,
                 request_status: None,
@@ -845,30 +825,33 @@ fn coins_on_their_threshold_decide_alike_alone_and_in_any_batch() {
         }
         let tokens: Vec<i32> = order.iter().map(|&r| drafts[r]).collect();
         let offsets: Vec<i32> = (0..=m as i32).collect();
+        let temperature_values = vec![1.0; m];
+        let steps_values = vec![0; m];
+        let seeds_in_order: Vec<u64> = order.iter().map(|&r| seeds[r]).collect();
         let inputs = VerifyInputs {
             vocab_size: v,
             drafts: Drafts::Chain {
-                draft_offsets: &offsets,
-                draft_tokens: &tokens,
+                draft_offsets: (&offsets).into(),
+                draft_tokens: (&tokens).into(),
             },
-            target: Rows::LogitsF32(&target),
-            draft: Some(Rows::LogitsF32(&draft)),
+            target: Rows::LogitsF32((&target).into()),
+            draft: Some(Rows::LogitsF32((&draft).into())),
             params: Some(SamplingParams {
-                temperature: &vec![1.0; m],
+                temperature: (&temperature_values).into(),
                 top_k: None,
                 top_p: None,
             }),
             draft_params: None,
-            seeds: &order.iter().map(|&r| seeds[r]).collect::<Vec<_>>(),
-            steps: &vec![0; m],
+            seeds: (&seeds_in_order).into(),
+            steps: (&steps_values).into(),
         };
         let (mut a, mut e) = (vec![0; m], vec![0; m * width]);
         verify(
             &inputs,
-            &mut VerifyOutputs {
+            VerifyOutputs {
                 emit_width: width,
-                accepted_counts: &mut a,
-                emitted_tokens: &mut e,
+                accepted_counts: (&mut a).into(),
+                emitted_tokens: (&mut e).into(),
                 accepted_nodes: None,
                 accept_flags: None,
                 request_status: None,
@@ -995,31 +978,32 @@ fn top_p_cuts_are_the_same_on_every_run() {
         .collect();
     let seeds: Vec<u64> = (0..b).map(|_| rng.random()).collect();
     for with_q in [false, true] {
+        let steps_values = vec![9; b];
         let inputs = VerifyInputs {
             vocab_size: v,
             drafts: Drafts::Chain {
-                draft_offsets: &offsets,
-                draft_tokens: &tokens,
+                draft_offsets: (&offsets).into(),
+                draft_tokens: (&tokens).into(),
             },
-            target: Rows::LogitsBF16(&target),
-            draft: with_q.then_some(Rows::LogitsBF16(&draft)),
+            target: Rows::LogitsBF16((&target).into()),
+            draft: with_q.then_some(Rows::LogitsBF16((&draft).into())),
             params: Some(SamplingParams {
-                temperature: &temperature,
-                top_k: Some(&top_k),
-                top_p: Some(&top_p),
+                temperature: (&temperature).into(),
+                top_k: Some((&top_k).into()),
+                top_p: Some((&top_p).into()),
             }),
             draft_params: None,
-            seeds: &seeds,
-            steps: &vec![9; b],
+            seeds: (&seeds).into(),
+            steps: (&steps_values).into(),
         };
         let run = || {
             let (mut a, mut e) = (vec![0; b], vec![0; b * width]);
             GPU(
                 &inputs,
-                &mut VerifyOutputs {
+                VerifyOutputs {
                     emit_width: width,
-                    accepted_counts: &mut a,
-                    emitted_tokens: &mut e,
+                    accepted_counts: (&mut a).into(),
+                    emitted_tokens: (&mut e).into(),
                     accepted_nodes: None,
                     accept_flags: None,
                     request_status: None,
@@ -1059,26 +1043,28 @@ fn offsets_that_do_not_cover_the_drafts_are_flagged() {
     let tokens: Vec<i32> = (0..6).map(|_| rng.random_range(0..v as i32)).collect();
     let run = |verify: Verify, offsets: &[i32], tokens: &[i32], target: &[f32]| {
         let b = offsets.len() - 1;
+        let seeds_values = vec![11; b];
+        let steps_values = vec![4; b];
         let inputs = VerifyInputs {
             vocab_size: v,
             drafts: Drafts::Chain {
-                draft_offsets: offsets,
-                draft_tokens: tokens,
+                draft_offsets: offsets.into(),
+                draft_tokens: tokens.into(),
             },
-            target: Rows::Probs(target),
+            target: Rows::Probs(target.into()),
             draft: None,
             params: None,
             draft_params: None,
-            seeds: &vec![11; b],
-            steps: &vec![4; b],
+            seeds: (&seeds_values).into(),
+            steps: (&steps_values).into(),
         };
         let (mut a, mut e) = (vec![0; b], vec![0; b * 3]);
         verify(
             &inputs,
-            &mut VerifyOutputs {
+            VerifyOutputs {
                 emit_width: 3,
-                accepted_counts: &mut a,
-                emitted_tokens: &mut e,
+                accepted_counts: (&mut a).into(),
+                emitted_tokens: (&mut e).into(),
                 accepted_nodes: None,
                 accept_flags: None,
                 request_status: None,
@@ -1131,23 +1117,23 @@ fn probability_rows_that_do_not_sum_to_one_are_flagged() {
         let inputs = VerifyInputs {
             vocab_size: v,
             drafts: Drafts::Chain {
-                draft_offsets: &[0, 2, 4, 6],
-                draft_tokens: &tokens,
+                draft_offsets: (&[0, 2, 4, 6]).into(),
+                draft_tokens: (&tokens).into(),
             },
-            target: Rows::Probs(target),
-            draft: Some(Rows::Probs(draft)),
+            target: Rows::Probs(target.into()),
+            draft: Some(Rows::Probs(draft.into())),
             params: None,
             draft_params: None,
-            seeds: &[5, 6, 7],
-            steps: &[1, 1, 1],
+            seeds: (&[5, 6, 7]).into(),
+            steps: (&[1, 1, 1]).into(),
         };
         let (mut a, mut e) = (vec![0; 3], vec![0; 9]);
         verify(
             &inputs,
-            &mut VerifyOutputs {
+            VerifyOutputs {
                 emit_width: 3,
-                accepted_counts: &mut a,
-                emitted_tokens: &mut e,
+                accepted_counts: (&mut a).into(),
+                emitted_tokens: (&mut e).into(),
                 accepted_nodes: None,
                 accept_flags: None,
                 request_status: None,
@@ -1231,31 +1217,31 @@ fn top_k_and_top_p_cuts_across_vocabulary_chunks_equal_the_cpu() {
         let inputs = VerifyInputs {
             vocab_size: v,
             drafts: Drafts::Chain {
-                draft_offsets: &offsets,
-                draft_tokens: &tokens[first * k..(first + count) * k],
+                draft_offsets: (&offsets).into(),
+                draft_tokens: (&tokens[first * k..(first + count) * k]).into(),
             },
             target: if bf16_rows {
-                Rows::LogitsBF16(&bf16_logits[target_rows])
+                Rows::LogitsBF16((&bf16_logits[target_rows]).into())
             } else {
-                Rows::LogitsF32(&logits[target_rows])
+                Rows::LogitsF32((&logits[target_rows]).into())
             },
             draft: None,
             params: Some(SamplingParams {
-                temperature: &temperature[first..first + count],
-                top_k: Some(&top_k[first..first + count]),
-                top_p: Some(&top_p[first..first + count]),
+                temperature: (&temperature[first..first + count]).into(),
+                top_k: Some((&top_k[first..first + count]).into()),
+                top_p: Some((&top_p[first..first + count]).into()),
             }),
             draft_params: None,
-            seeds: &seeds[first..first + count],
-            steps: &steps[first..first + count],
+            seeds: (&seeds[first..first + count]).into(),
+            steps: (&steps[first..first + count]).into(),
         };
         let (mut a, mut e) = (vec![POISON; count], vec![POISON; count * width]);
         verify(
             &inputs,
-            &mut VerifyOutputs {
+            VerifyOutputs {
                 emit_width: width,
-                accepted_counts: &mut a,
-                emitted_tokens: &mut e,
+                accepted_counts: (&mut a).into(),
+                emitted_tokens: (&mut e).into(),
                 accepted_nodes: None,
                 accept_flags: None,
                 request_status: None,
@@ -1340,31 +1326,31 @@ fn a_draft_of_zero_draft_probability_is_flagged_alone() {
         let inputs = VerifyInputs {
             vocab_size: v,
             drafts: Drafts::Chain {
-                draft_offsets: &offsets[..=n],
-                draft_tokens: &tokens,
+                draft_offsets: (&offsets[..=n]).into(),
+                draft_tokens: (&tokens).into(),
             },
-            target: Rows::LogitsF32(&target),
-            draft: Some(Rows::LogitsF32(&draft)),
+            target: Rows::LogitsF32((&target).into()),
+            draft: Some(Rows::LogitsF32((&draft).into())),
             params: Some(SamplingParams {
-                temperature: &temperature[..n],
-                top_k: Some(&top_k),
+                temperature: (&temperature[..n]).into(),
+                top_k: Some((&top_k).into()),
                 top_p: None,
             }),
             draft_params: drafter_params.then_some(SamplingParams {
-                temperature: &temperature[..n],
-                top_k: Some(&off),
+                temperature: (&temperature[..n]).into(),
+                top_k: Some((&off).into()),
                 top_p: None,
             }),
-            seeds: &seeds,
-            steps: &steps[..n],
+            seeds: (&seeds).into(),
+            steps: (&steps[..n]).into(),
         };
         let (mut a, mut e) = (vec![POISON; n], vec![POISON; n * (k + 1)]);
         verify(
             &inputs,
-            &mut VerifyOutputs {
+            VerifyOutputs {
                 emit_width: k + 1,
-                accepted_counts: &mut a,
-                emitted_tokens: &mut e,
+                accepted_counts: (&mut a).into(),
+                emitted_tokens: (&mut e).into(),
                 accepted_nodes: None,
                 accept_flags: None,
                 request_status: None,
@@ -1438,32 +1424,32 @@ fn rows_and_parameters_that_are_not_read_are_not_checked() {
         let inputs = VerifyInputs {
             vocab_size: v,
             drafts: Drafts::Tree {
-                node_offsets: &offsets,
-                node_tokens: &tokens,
-                parents: &parents,
+                node_offsets: (&offsets).into(),
+                node_tokens: (&tokens).into(),
+                parents: (&parents).into(),
             },
-            target: Rows::LogitsF32(&target),
-            draft: Some(Rows::LogitsF32(&draft)),
+            target: Rows::LogitsF32((&target).into()),
+            draft: Some(Rows::LogitsF32((&draft).into())),
             params: Some(SamplingParams {
-                temperature: &temperature,
+                temperature: (&temperature).into(),
                 top_k: None,
                 top_p: None,
             }),
             draft_params: Some(SamplingParams {
-                temperature: &draft_temperature,
+                temperature: (&draft_temperature).into(),
                 top_k: None,
                 top_p: None,
             }),
-            seeds: &[4, 5, 6],
-            steps: &[1, 1, 1],
+            seeds: (&[4, 5, 6]).into(),
+            steps: (&[1, 1, 1]).into(),
         };
         let (mut a, mut e) = (vec![POISON; b], vec![POISON; b * 2]);
         verify(
             &inputs,
-            &mut VerifyOutputs {
+            VerifyOutputs {
                 emit_width: 2,
-                accepted_counts: &mut a,
-                emitted_tokens: &mut e,
+                accepted_counts: (&mut a).into(),
+                emitted_tokens: (&mut e).into(),
                 accepted_nodes: None,
                 accept_flags: None,
                 request_status: None,

@@ -108,37 +108,37 @@ impl ChainBatch {
         let inputs = VerifyInputs {
             vocab_size: self.vocab,
             drafts: Drafts::Chain {
-                draft_offsets: &offsets,
-                draft_tokens: &tokens,
+                draft_offsets: (&offsets).into(),
+                draft_tokens: (&tokens).into(),
             },
-            target: Rows::LogitsBF16(&target),
-            draft: with_q.then_some(Rows::LogitsBF16(&draft)),
+            target: Rows::LogitsBF16((&target).into()),
+            draft: with_q.then_some(Rows::LogitsBF16((&draft).into())),
             params: Some(SamplingParams {
-                temperature: &self.temperature,
-                top_k: Some(&self.top_k),
-                top_p: Some(&self.top_p),
+                temperature: (&self.temperature).into(),
+                top_k: Some((&self.top_k).into()),
+                top_p: Some((&self.top_p).into()),
             }),
             draft_params: with_q.then_some(SamplingParams {
-                temperature: &draft_temperature,
+                temperature: (&draft_temperature).into(),
                 top_k: None,
                 top_p: None,
             }),
-            seeds: &self.seeds,
-            steps: &self.steps,
+            seeds: (&self.seeds).into(),
+            steps: (&self.steps).into(),
         };
         let mut accepted = vec![-7; b];
         let mut emitted = vec![-7; b * width];
         let mut nodes = vec![-7; b * width];
         let mut flags = vec![-7i8; b * width];
-        let mut outputs = VerifyOutputs {
+        let outputs = VerifyOutputs {
             emit_width: width,
-            accepted_counts: &mut accepted,
-            emitted_tokens: &mut emitted,
-            accepted_nodes: Some(&mut nodes),
-            accept_flags: Some(&mut flags),
+            accepted_counts: (&mut accepted).into(),
+            emitted_tokens: (&mut emitted).into(),
+            accepted_nodes: Some((&mut nodes).into()),
+            accept_flags: Some((&mut flags).into()),
             request_status: None,
         };
-        cpu::rejection_verify(&inputs, &mut outputs)?;
+        cpu::rejection_verify(&inputs, outputs)?;
         Ok((0..b)
             .map(|i| {
                 let r = i * width..(i + 1) * width;
@@ -247,19 +247,19 @@ fn tree_call(edit: impl FnOnce(&mut TreeCall)) -> Checked {
     };
     edit(&mut c);
     let drafts = Drafts::Tree {
-        node_offsets: &c.offsets,
-        node_tokens: &c.tokens,
-        parents: &c.parents,
+        node_offsets: (&c.offsets).into(),
+        node_tokens: (&c.tokens).into(),
+        parents: (&c.parents).into(),
     };
     let inputs = VerifyInputs {
         vocab_size: c.vocab,
         drafts,
-        target: Rows::Probs(&c.target),
-        draft: c.draft.as_deref().map(Rows::Probs),
+        target: Rows::Probs((&c.target).into()),
+        draft: c.draft.as_deref().map(|d| Rows::Probs(d.into())),
         params: None,
         draft_params: None,
-        seeds: &c.seeds,
-        steps: &c.steps,
+        seeds: (&c.seeds).into(),
+        steps: (&c.steps).into(),
     };
     both_modes(&inputs, c.offsets.len().saturating_sub(1), c.width)
 }
@@ -311,13 +311,13 @@ fn both_modes(inputs: &VerifyInputs<'_>, b: usize, width: usize) -> Checked {
         let (mut accepted, mut emitted) = (vec![-9; b], vec![-9; b * width]);
         let result = cpu::rejection_verify(
             inputs,
-            &mut VerifyOutputs {
+            VerifyOutputs {
                 emit_width: width,
-                accepted_counts: &mut accepted,
-                emitted_tokens: &mut emitted,
+                accepted_counts: (&mut accepted).into(),
+                emitted_tokens: (&mut emitted).into(),
                 accepted_nodes: None,
                 accept_flags: None,
-                request_status: status,
+                request_status: status.map(Into::into),
             },
         );
         (result, accepted, emitted)
@@ -546,19 +546,19 @@ fn chain_call(
     let inputs = VerifyInputs {
         vocab_size: 10,
         drafts: Drafts::Chain {
-            draft_offsets: &[0, 2],
-            draft_tokens: &drafts,
+            draft_offsets: (&[0, 2]).into(),
+            draft_tokens: (&drafts).into(),
         },
-        target: Rows::LogitsF32(&logits),
+        target: Rows::LogitsF32((&logits).into()),
         draft: None,
         params: Some(SamplingParams {
-            temperature: &[t],
-            top_k: Some(&[k]),
-            top_p: Some(&[p]),
+            temperature: std::slice::from_ref(&t).into(),
+            top_k: Some(std::slice::from_ref(&k).into()),
+            top_p: Some(std::slice::from_ref(&p).into()),
         }),
         draft_params: None,
-        seeds: &[3],
-        steps: &[4],
+        seeds: (&[3]).into(),
+        steps: (&[4]).into(),
     };
     both_modes(&inputs, 1, 3)
 }
@@ -625,44 +625,44 @@ fn bad_logits_and_sampling_parameters_are_errors_naming_the_element() {
 fn inputs_of_the_wrong_kind_are_errors() {
     let logits = vec![0.0f32; 20];
     let probs = vec![0.1f32; 10];
-    let base = VerifyInputs {
+    let base = || VerifyInputs {
         vocab_size: 10,
         drafts: Drafts::Chain {
-            draft_offsets: &[0, 1],
-            draft_tokens: &[1],
+            draft_offsets: (&[0, 1]).into(),
+            draft_tokens: (&[1]).into(),
         },
-        target: Rows::LogitsF32(&logits),
+        target: Rows::LogitsF32((&logits).into()),
         draft: None,
         params: None,
         draft_params: None,
-        seeds: &[1],
-        steps: &[1],
+        seeds: (&[1]).into(),
+        steps: (&[1]).into(),
     };
     let run = |inputs: VerifyInputs<'_>| {
         let (mut a, mut e) = ([0], [0; 2]);
         cpu::rejection_verify(
             &inputs,
-            &mut VerifyOutputs {
+            VerifyOutputs {
                 emit_width: 2,
-                accepted_counts: &mut a,
-                emitted_tokens: &mut e,
+                accepted_counts: (&mut a).into(),
+                emitted_tokens: (&mut e).into(),
                 accepted_nodes: None,
                 accept_flags: None,
                 request_status: None,
             },
         )
     };
-    assert_names(run(base), "params", "temperature");
-    let params = SamplingParams {
-        temperature: &[1.0],
+    assert_names(run(base()), "params", "temperature");
+    let params = || SamplingParams {
+        temperature: (&[1.0]).into(),
         top_k: None,
         top_p: None,
     };
     assert_names(
         run(VerifyInputs {
-            params: Some(params),
-            draft: Some(Rows::Probs(&probs)),
-            ..base
+            params: Some(params()),
+            draft: Some(Rows::Probs((&probs).into())),
+            ..base()
         }),
         "draft",
         "same kind",
@@ -670,9 +670,9 @@ fn inputs_of_the_wrong_kind_are_errors() {
     let probs2 = vec![0.1f32; 20];
     assert_names(
         run(VerifyInputs {
-            target: Rows::Probs(&probs2),
-            params: Some(params),
-            ..base
+            target: Rows::Probs((&probs2).into()),
+            params: Some(params()),
+            ..base()
         }),
         "params",
         "probabilities take no",
@@ -680,10 +680,10 @@ fn inputs_of_the_wrong_kind_are_errors() {
     assert_names(
         run(VerifyInputs {
             params: Some(SamplingParams {
-                temperature: &[1.0, 1.0],
-                ..params
+                temperature: (&[1.0, 1.0]).into(),
+                ..params()
             }),
-            ..base
+            ..base()
         }),
         "temperature",
         "",
@@ -718,14 +718,14 @@ fn drafted_call(edit: impl FnOnce(&mut DraftedCall)) -> Checked {
     let target = vec![0.0f32; target_rows * 6];
     let drafts = if c.tree {
         Drafts::Tree {
-            node_offsets: &offsets,
-            node_tokens: &tokens,
-            parents: &parents,
+            node_offsets: (&offsets).into(),
+            node_tokens: (&tokens).into(),
+            parents: (&parents).into(),
         }
     } else {
         Drafts::Chain {
-            draft_offsets: &offsets,
-            draft_tokens: &tokens,
+            draft_offsets: (&offsets).into(),
+            draft_tokens: (&tokens).into(),
         }
     };
     let (dt, dk, dp) = c.draft_params.unwrap_or((1.0, -1, 1.0));
@@ -733,20 +733,20 @@ fn drafted_call(edit: impl FnOnce(&mut DraftedCall)) -> Checked {
     let inputs = VerifyInputs {
         vocab_size: 6,
         drafts,
-        target: Rows::LogitsF32(&target),
-        draft: Some(Rows::LogitsF32(&c.draft[..draft_rows * 6])),
+        target: Rows::LogitsF32((&target).into()),
+        draft: Some(Rows::LogitsF32((&c.draft[..draft_rows * 6]).into())),
         params: Some(SamplingParams {
-            temperature: &[c.temperature],
-            top_k: Some(&[c.top_k]),
+            temperature: std::slice::from_ref(&c.temperature).into(),
+            top_k: Some(std::slice::from_ref(&c.top_k).into()),
             top_p: None,
         }),
         draft_params: c.draft_params.map(|_| SamplingParams {
-            temperature: &dt,
-            top_k: Some(&dk),
-            top_p: Some(&dp),
+            temperature: (&dt).into(),
+            top_k: Some((&dk).into()),
+            top_p: Some((&dp).into()),
         }),
-        seeds: &[3],
-        steps: &[4],
+        seeds: (&[3]).into(),
+        steps: (&[4]).into(),
     };
     both_modes(&inputs, 1, 3)
 }
@@ -829,47 +829,51 @@ fn draft_parameters_need_draft_logits() {
     let inputs = VerifyInputs {
         vocab_size: 4,
         drafts: Drafts::Chain {
-            draft_offsets: &[0, 2],
-            draft_tokens: &[1, 2],
+            draft_offsets: (&[0, 2]).into(),
+            draft_tokens: (&[1, 2]).into(),
         },
-        target: Rows::Probs(&probs),
-        draft: Some(Rows::Probs(&probs[..8])),
+        target: Rows::Probs((&probs).into()),
+        draft: Some(Rows::Probs((&probs[..8]).into())),
         params: None,
         draft_params: Some(SamplingParams {
-            temperature: &one,
+            temperature: (&one).into(),
             top_k: None,
             top_p: None,
         }),
-        seeds: &[1],
-        steps: &[1],
+        seeds: (&[1]).into(),
+        steps: (&[1]).into(),
     };
     let (mut accepted, mut emitted) = ([0], [0; 3]);
-    let mut outputs = VerifyOutputs {
-        emit_width: 3,
-        accepted_counts: &mut accepted,
-        emitted_tokens: &mut emitted,
-        accepted_nodes: None,
-        accept_flags: None,
-        request_status: None,
-    };
+    macro_rules! outputs {
+        () => {
+            VerifyOutputs {
+                emit_width: 3,
+                accepted_counts: (&mut accepted).into(),
+                emitted_tokens: (&mut emitted).into(),
+                accepted_nodes: None,
+                accept_flags: None,
+                request_status: None,
+            }
+        };
+    }
     assert_names(
-        cpu::rejection_verify(&inputs, &mut outputs),
+        cpu::rejection_verify(&inputs, outputs!()),
         "draft_params",
         "draft logits only",
     );
     let logits = vec![0.0f32; 3 * 4];
     let no_draft_rows = VerifyInputs {
-        target: Rows::LogitsF32(&logits),
+        target: Rows::LogitsF32((&logits).into()),
         draft: None,
         params: Some(SamplingParams {
-            temperature: &one,
+            temperature: (&one).into(),
             top_k: None,
             top_p: None,
         }),
         ..inputs
     };
     assert_names(
-        cpu::rejection_verify(&no_draft_rows, &mut outputs),
+        cpu::rejection_verify(&no_draft_rows, outputs!()),
         "draft_params",
         "draft logits only",
     );

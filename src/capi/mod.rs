@@ -27,8 +27,6 @@ use crate::attention::{
 };
 use crate::backend::{Backend, In, Out, Stream};
 #[cfg(feature = "cuda")]
-use crate::cuda::sampling::SamplingDevicePtrs;
-#[cfg(feature = "cuda")]
 use crate::cuda::CudaBackend;
 use crate::drafter::{DraftKind, Drafter, DrafterConfig, LengthClasses, Token};
 use crate::dtype::{DType, LogitsElement};
@@ -384,22 +382,6 @@ unsafe fn optional_slice<'a, T>(
     }
 }
 
-/// [`host_slice_mut`] of an optional array: `None` for a null pointer.
-///
-/// # Safety
-/// As [`host_slice_mut`].
-unsafe fn optional_slice_mut<'a, T>(
-    argument: &str,
-    ptr: *mut T,
-    len: usize,
-) -> Result<Option<&'a mut [T]>> {
-    if ptr.is_null() {
-        Ok(None)
-    } else {
-        host_slice_mut(argument, ptr, len).map(Some)
-    }
-}
-
 /// An array of `len` elements at `ptr` in the context's memory: a host slice ([`host_slice`]) on a CPU context,
 /// raw device memory on a CUDA context (checked non-null and aligned by the backend).
 ///
@@ -434,6 +416,23 @@ unsafe fn array_out<'a, T>(
         Backend::Cuda(_) => Ok(Out::Device(crate::cuda::DeviceOut::from_raw(
             ptr as u64, len,
         ))),
+    }
+}
+
+/// [`array_in`] of an optional array: `None` for a null pointer.
+///
+/// # Safety
+/// As [`array_in`].
+unsafe fn optional_in<'a, T>(
+    backend: &Backend,
+    argument: &str,
+    ptr: *const T,
+    len: usize,
+) -> Result<Option<In<'a, T>>> {
+    if ptr.is_null() {
+        Ok(None)
+    } else {
+        array_in(backend, argument, ptr, len).map(Some)
     }
 }
 

@@ -334,15 +334,20 @@ pub unsafe extern "C" fn specdec_compaction_paths(
     })
 }
 
-/// [`host_slice`] of `seeds` or `steps`, whose absence gets its own reason.
+/// [`array_in`] of `seeds` or `steps`, whose absence gets its own reason.
 ///
 /// # Safety
-/// As [`host_slice`].
-unsafe fn noise_array<'a>(argument: &str, ptr: *const u64, len: usize) -> Result<&'a [u64]> {
+/// As [`array_in`].
+unsafe fn noise_array<'a>(
+    backend: &Backend,
+    argument: &str,
+    ptr: *const u64,
+    len: usize,
+) -> Result<In<'a, u64>> {
     if ptr.is_null() && len > 0 {
         return Err(crate::sampling::missing_noise_array(argument));
     }
-    host_slice(argument, ptr, len)
+    array_in(backend, argument, ptr, len)
 }
 
 /// A seed for sample `sample` of a group sharing `base_seed` (`specdec::sampling::noise::sample_seed`): the same
@@ -409,8 +414,6 @@ struct RejectionCall {
     sampling: *const specdec_sampling,
     emit_width: i64,
     outputs: *const specdec_verify_outputs,
-    /// Read by the CUDA path only.
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     stream: *mut c_void,
 }
 
@@ -424,40 +427,6 @@ impl RejectionCall {
                 specdec_rows::SPECDEC_ROWS_PROBS_F32 => RowsKind::Probs,
             },
         )
-    }
-
-    /// The CUDA path: device pointers, enqueued on the caller's stream.
-    #[cfg(feature = "cuda")]
-    fn run_cuda(
-        &self,
-        backend: &CudaBackend,
-        shape: &VerifyShape,
-        sampling: &specdec_sampling,
-        outputs: &specdec_verify_outputs,
-    ) -> Result<()> {
-        let ptrs = SamplingDevicePtrs {
-            kind: self.rows_kind()?,
-            target: self.target as u64,
-            draft: self.draft as u64,
-            offsets: self.offsets as u64,
-            tokens: self.tokens as u64,
-            parents: if shape.tree { self.parents as u64 } else { 0 },
-            temperature: sampling.temperature as u64,
-            top_k: sampling.top_k as u64,
-            top_p: sampling.top_p as u64,
-            draft_temperature: sampling.draft_temperature as u64,
-            draft_top_k: sampling.draft_top_k as u64,
-            draft_top_p: sampling.draft_top_p as u64,
-            seeds: sampling.seeds as u64,
-            steps: sampling.steps as u64,
-            accepted: outputs.accepted_counts as u64,
-            emitted: outputs.emitted_tokens as u64,
-            nodes: outputs.accepted_nodes as u64,
-            flags: outputs.accept_flags as u64,
-            status: outputs.request_status as u64,
-        };
-        ptrs.check(shape)?;
-        backend.launch_rejection_verify(self.stream as _, shape, &ptrs)
     }
 
     /// # Safety
@@ -478,22 +447,23 @@ impl RejectionCall {
             tree,
             size_arg("emit_width", self.emit_width)?,
         )?;
-        #[cfg(feature = "cuda")]
-        if let Backend::Cuda(backend) = &ctx.backend {
-            return self.run_cuda(backend, &shape, &sampling, &outputs);
-        }
+        let backend = &ctx.backend;
         let b = shape.num_requests;
         let target_len = shape.target_rows() * shape.vocab_size;
         let draft_len = shape.draft_rows() * shape.vocab_size;
         let kind = self.rows_kind()?;
         let rows = |name: &str, ptr: *const c_void, len: usize| -> Result<Rows<'_>> {
             Ok(match kind {
-                RowsKind::LogitsF32 => Rows::LogitsF32(host_slice(name, ptr as *const f32, len)?),
-                RowsKind::LogitsF16 => Rows::LogitsF16(host_slice(name, ptr as *const f16, len)?),
-                RowsKind::LogitsBF16 => {
-                    Rows::LogitsBF16(host_slice(name, ptr as *const bf16, len)?)
+                RowsKind::LogitsF32 => {
+                    Rows::LogitsF32(array_in(backend, name, ptr as *const f32, len)?)
                 }
-                RowsKind::Probs => Rows::Probs(host_slice(name, ptr as *const f32, len)?),
+                RowsKind::LogitsF16 => {
+                    Rows::LogitsF16(array_in(backend, name, ptr as *const f16, len)?)
+                }
+                RowsKind::LogitsBF16 => {
+                    Rows::LogitsBF16(array_in(backend, name, ptr as *const bf16, len)?)
+                }
+                RowsKind::Probs => Rows::Probs(array_in(backend, name, ptr as *const f32, len)?),
             })
         };
         let target = rows("target", self.target, target_len)?;
@@ -507,10 +477,10 @@ impl RejectionCall {
         } else {
             ("draft_offsets", "draft_tokens")
         };
-        let offsets = host_slice(offsets_name, self.offsets, b + 1)?;
-        let tokens = host_slice(tokens_name, self.tokens, shape.num_tokens)?;
+        let offsets = array_in(backend, offsets_name, self.offsets, b + 1)?;
+        let tokens = array_in(backend, tokens_name, self.tokens, shape.num_tokens)?;
         let drafts = if tree {
-            let parents = host_slice("parents", self.parents, shape.num_tokens)?;
+            let parents = array_in(backend, "parents", self.parents, shape.num_tokens)?;
             Drafts::Tree {
                 node_offsets: offsets,
                 node_tokens: tokens,
@@ -532,9 +502,9 @@ impl RejectionCall {
                 ));
             }
             Some(SamplingParams {
-                temperature: host_slice("sampling.temperature", sampling.temperature, b)?,
-                top_k: optional_slice("sampling.top_k", sampling.top_k, b)?,
-                top_p: optional_slice("sampling.top_p", sampling.top_p, b)?,
+                temperature: array_in(backend, "sampling.temperature", sampling.temperature, b)?,
+                top_k: optional_in(backend, "sampling.top_k", sampling.top_k, b)?,
+                top_p: optional_in(backend, "sampling.top_p", sampling.top_p, b)?,
             })
         } else {
             let given = [
@@ -570,13 +540,14 @@ impl RejectionCall {
                 ));
             }
             Some(SamplingParams {
-                temperature: host_slice(
+                temperature: array_in(
+                    backend,
                     "sampling.draft_temperature",
                     sampling.draft_temperature,
                     b,
                 )?,
-                top_k: optional_slice("sampling.draft_top_k", sampling.draft_top_k, b)?,
-                top_p: optional_slice("sampling.draft_top_p", sampling.draft_top_p, b)?,
+                top_k: optional_in(backend, "sampling.draft_top_k", sampling.draft_top_k, b)?,
+                top_p: optional_in(backend, "sampling.draft_top_p", sampling.draft_top_p, b)?,
             })
         };
         let inputs = VerifyInputs {
@@ -586,26 +557,38 @@ impl RejectionCall {
             draft,
             params,
             draft_params,
-            seeds: noise_array("sampling.seeds", sampling.seeds, b)?,
-            steps: noise_array("sampling.steps", sampling.steps, b)?,
+            seeds: noise_array(backend, "sampling.seeds", sampling.seeds, b)?,
+            steps: noise_array(backend, "sampling.steps", sampling.steps, b)?,
         };
         let n = shape.output_len();
-        let mut out = VerifyOutputs {
+        let out = VerifyOutputs {
             emit_width: shape.emit_width,
-            accepted_counts: host_slice_mut("outputs.accepted_counts", outputs.accepted_counts, b)?,
-            emitted_tokens: host_slice_mut("outputs.emitted_tokens", outputs.emitted_tokens, n)?,
-            accepted_nodes: optional_slice_mut(
+            accepted_counts: array_out(
+                backend,
+                "outputs.accepted_counts",
+                outputs.accepted_counts,
+                b,
+            )?,
+            emitted_tokens: array_out(
+                backend,
+                "outputs.emitted_tokens",
+                outputs.emitted_tokens,
+                n,
+            )?,
+            accepted_nodes: optional_out(
+                backend,
                 "outputs.accepted_nodes",
                 outputs.accepted_nodes,
                 n,
             )?,
-            accept_flags: optional_slice_mut("outputs.accept_flags", outputs.accept_flags, n)?,
-            request_status: optional_slice_mut(
+            accept_flags: optional_out(backend, "outputs.accept_flags", outputs.accept_flags, n)?,
+            request_status: optional_out(
+                backend,
                 "outputs.request_status",
                 outputs.request_status,
                 b,
             )?,
         };
-        crate::cpu::rejection_verify(&inputs, &mut out)
+        backend.rejection_verify(stream_arg(self.stream), &inputs, out)
     }
 }

@@ -30,7 +30,7 @@ pub(crate) mod attention;
 pub(crate) mod greedy;
 pub(crate) mod int4;
 pub(crate) mod pool;
-mod sampling;
+pub(crate) mod sampling;
 
 pub use attention::{tree_attention, tree_kv_compact};
 pub use greedy::{argmax, greedy_verify};

@@ -4,21 +4,33 @@
 
 use rayon::prelude::*;
 
+use crate::backend::{Backend, Stream};
 use crate::error::Result;
 use crate::greedy::REQUEST_INVALID;
 use crate::sampling::noise::{self, RequestNoise};
 use crate::sampling::{
-    check_drafted_token, check_request, row_owner, CheckedRequest, Drafts, Node, RequestParams,
-    RowTemperature, Rows, VerifyInputs, VerifyOutputs, VerifyShape,
+    check_drafted_token, check_request, row_owner, CheckedRequest, HostDrafts, HostInputs,
+    HostOutputs, HostRows, Node, RequestParams, RowTemperature, VerifyInputs, VerifyOutputs,
+    VerifyShape,
 };
 use crate::status::{settle, write_statuses, RequestResult, RequestStatus};
 
-/// Verifies a batch of chains or trees ([`crate::sampling`] has the semantics). Every request is checked before
+/// Verifies a batch of chains or trees ([`crate::sampling`] has the semantics) on host arrays: shorthand for
+/// [`Backend::Cpu.rejection_verify`](crate::backend::Backend::rejection_verify). Every request is checked before
 /// any output is written. With [`VerifyOutputs::request_status`], a request that breaks a rule is flagged alone
 /// (its status, `accepted_counts[b] = -1`, rows of -1), as the CUDA kernels do; without it, the first failing
 /// request's error is returned and the outputs are untouched.
-pub fn rejection_verify(inputs: &VerifyInputs<'_>, outputs: &mut VerifyOutputs<'_>) -> Result<()> {
-    let shape = VerifyShape::of(inputs, outputs)?;
+pub fn rejection_verify(inputs: &VerifyInputs<'_>, outputs: VerifyOutputs<'_>) -> Result<()> {
+    Backend::Cpu.rejection_verify(Stream::Default, inputs, outputs)
+}
+
+/// The CPU sampler, on host arrays whose lengths `shape` has checked.
+pub(crate) fn rejection_verify_checked(
+    shape: &VerifyShape,
+    inputs: &HostInputs<'_>,
+    outputs: &mut HostOutputs<'_>,
+) -> Result<()> {
+    let shape = *shape;
     let checked: Vec<RequestResult<VerifiedRequest>> = super::pool::install(|| {
         (0..shape.num_requests)
             .into_par_iter()
@@ -80,7 +92,7 @@ enum Dist {
 
 fn verify_request(
     shape: &VerifyShape,
-    inputs: &VerifyInputs<'_>,
+    inputs: &HostInputs<'_>,
     b: usize,
 ) -> RequestResult<VerifiedRequest> {
     let CheckedRequest {
@@ -105,8 +117,8 @@ fn verify_request(
     let greedy = params.is_some_and(|p| p.temperature == 0.0);
     // Every row the walk may read is the request's own, by the kernels' rule (row_owner); then its values.
     let offsets = match inputs.drafts {
-        Drafts::Chain { draft_offsets, .. } => draft_offsets,
-        Drafts::Tree { node_offsets, .. } => node_offsets,
+        HostDrafts::Chain { draft_offsets, .. } => draft_offsets,
+        HostDrafts::Tree { node_offsets, .. } => node_offsets,
     };
     let reads_draft_row = |i: usize| inputs.draft.is_some() && !greedy && !children[i].is_empty();
     for (i, node) in nodes.iter().enumerate() {
@@ -152,8 +164,8 @@ fn verify_request(
             let q = probabilities(distribution(draft, draft_row, v, draft_params.as_ref()));
             for &kid in kids {
                 let (name, index) = match inputs.drafts {
-                    Drafts::Chain { .. } => ("draft_tokens", nodes[kid].target_row - b - 1),
-                    Drafts::Tree { .. } => ("node_tokens", nodes[kid].target_row),
+                    HostDrafts::Chain { .. } => ("draft_tokens", nodes[kid].target_row - b - 1),
+                    HostDrafts::Tree { .. } => ("node_tokens", nodes[kid].target_row),
                 };
                 let token = nodes[kid].token;
                 check_drafted_token(name, index, token, q[token as usize], draft_row)?;
@@ -271,7 +283,7 @@ fn verify_iid_children(
 
 /// The node's distribution: log weights for logits (temperature, top-k, top-p applied), or the given
 /// probabilities.
-fn distribution(rows: &Rows<'_>, row: usize, v: usize, params: Option<&RequestParams>) -> Dist {
+fn distribution(rows: &HostRows<'_>, row: usize, v: usize, params: Option<&RequestParams>) -> Dist {
     let values = rows.row_f32(row, v);
     let Some(params) = params else {
         return Dist::Weights(values);
@@ -400,11 +412,11 @@ fn log_weight_ceiling(z: &[f32], x: usize) -> f64 {
     f64::from(z[x]) + noise::MAX_GUMBEL
 }
 
-fn argmax_row(rows: &Rows<'_>, row: usize, v: usize) -> usize {
+fn argmax_row(rows: &HostRows<'_>, row: usize, v: usize) -> usize {
     let range = row * v..(row + 1) * v;
     match rows {
-        Rows::LogitsF32(r) | Rows::Probs(r) => super::argmax(&r[range]),
-        Rows::LogitsF16(r) => super::argmax(&r[range]),
-        Rows::LogitsBF16(r) => super::argmax(&r[range]),
+        HostRows::LogitsF32(r) | HostRows::Probs(r) => super::argmax(&r[range]),
+        HostRows::LogitsF16(r) => super::argmax(&r[range]),
+        HostRows::LogitsBF16(r) => super::argmax(&r[range]),
     }
 }

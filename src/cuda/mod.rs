@@ -60,7 +60,6 @@ pub use attention::MAX_COMPACTION_LAYERS;
 pub(crate) use memory::check_device_ptr;
 pub use memory::{DeviceIn, DeviceOut};
 pub use module::{COMPILED_ARCHS, KERNELS_COMPILED};
-pub use sampling::{DeviceDrafts, DeviceRows, DeviceVerifyInputs, DeviceVerifyOutputs};
 
 /// specdec's kernels on one CUDA device. Cheap to clone; safe to use from several threads at once.
 #[derive(Clone)]

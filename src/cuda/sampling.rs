@@ -6,14 +6,14 @@
 
 use std::ffi::c_void;
 
-use cudarc::driver::{result, sys, CudaStream};
-use half::{bf16, f16};
+use cudarc::driver::{result, sys};
 
 use super::memory::{check_device_ptr, StreamScratch};
 use super::params::SamplingArgs;
-use super::{cuda_error, vocabulary_split, CudaBackend, DeviceIn, DeviceOut};
-use crate::error::{check_len, Error, Result};
-use crate::sampling::{RowsKind, VerifyShape};
+use super::{cuda_error, vocabulary_split, CudaBackend};
+use crate::backend::{optional_device, In};
+use crate::error::{Error, Result};
+use crate::sampling::{Drafts, RowsKind, VerifyInputs, VerifyOutputs, VerifyShape};
 
 const MODULE: &str = "rejection_sampling";
 /// Threads per block; must match kThresholdThreads / kRowThreads / kWalkThreads / kResidualThreads in the .cu
@@ -67,102 +67,6 @@ const THRESHOLD_STATE_BYTES: usize = 8 * 258 + 4 * 10;
 const TOP_K_PASSES: std::ops::Range<i32> = 0..4;
 const TOP_P_PASSES: std::ops::Range<i32> = 4..10;
 
-/// Target or draft rows on the device.
-pub enum DeviceRows<'a> {
-    /// fp32 logits.
-    LogitsF32(DeviceIn<'a, f32>),
-    /// fp16 logits.
-    LogitsF16(DeviceIn<'a, f16>),
-    /// bf16 logits.
-    LogitsBF16(DeviceIn<'a, bf16>),
-    /// fp32 probabilities.
-    Probs(DeviceIn<'a, f32>),
-}
-
-impl DeviceRows<'_> {
-    fn kind(&self) -> RowsKind {
-        match self {
-            DeviceRows::LogitsF32(_) => RowsKind::LogitsF32,
-            DeviceRows::LogitsF16(_) => RowsKind::LogitsF16,
-            DeviceRows::LogitsBF16(_) => RowsKind::LogitsBF16,
-            DeviceRows::Probs(_) => RowsKind::Probs,
-        }
-    }
-
-    fn ptr_len(&self) -> (sys::CUdeviceptr, usize) {
-        match self {
-            DeviceRows::LogitsF32(r) | DeviceRows::Probs(r) => (r.ptr, r.len),
-            DeviceRows::LogitsF16(r) => (r.ptr, r.len),
-            DeviceRows::LogitsBF16(r) => (r.ptr, r.len),
-        }
-    }
-}
-
-/// The drafts of a call on the device, in the layouts of [`crate::sampling::Drafts`].
-pub enum DeviceDrafts<'a> {
-    /// Ragged chains.
-    Chain {
-        /// `[B + 1]`.
-        draft_offsets: DeviceIn<'a, i32>,
-        /// `[num_draft_tokens]`.
-        draft_tokens: DeviceIn<'a, i32>,
-    },
-    /// Trees as parent arrays.
-    Tree {
-        /// `[B + 1]`.
-        node_offsets: DeviceIn<'a, i32>,
-        /// `[num_nodes]`.
-        node_tokens: DeviceIn<'a, i32>,
-        /// `[num_nodes]`.
-        parents: DeviceIn<'a, i32>,
-    },
-}
-
-/// Everything a verification call reads, on the device ([`crate::sampling::VerifyInputs`]).
-pub struct DeviceVerifyInputs<'a> {
-    /// `V`.
-    pub vocab_size: usize,
-    /// The drafts.
-    pub drafts: DeviceDrafts<'a>,
-    /// Target rows.
-    pub target: DeviceRows<'a>,
-    /// Draft rows of the same kind, or `None` for point-mass drafts.
-    pub draft: Option<DeviceRows<'a>>,
-    /// `[B]` temperatures for logits (0 is greedy); `None` for probabilities.
-    pub temperature: Option<DeviceIn<'a, f32>>,
-    /// `[B]` top-k per request (-1 = off), logits only; `None` for off everywhere.
-    pub top_k: Option<DeviceIn<'a, i32>>,
-    /// `[B]` top-p per request (1 = off), logits only; `None` for off everywhere.
-    pub top_p: Option<DeviceIn<'a, f32>>,
-    /// `[B]` the drafter's temperatures (positive), applied to the draft rows; `None`: the target's
-    /// ([`crate::sampling::VerifyInputs::draft_params`]). Logits with draft rows only.
-    pub draft_temperature: Option<DeviceIn<'a, f32>>,
-    /// `[B]` the drafter's top-k (-1 = off); needs `draft_temperature`. `None`: off.
-    pub draft_top_k: Option<DeviceIn<'a, i32>>,
-    /// `[B]` the drafter's top-p (1 = off); needs `draft_temperature`. `None`: off.
-    pub draft_top_p: Option<DeviceIn<'a, f32>>,
-    /// `[B]` Philox keys.
-    pub seeds: DeviceIn<'a, u64>,
-    /// `[B]` step counters.
-    pub steps: DeviceIn<'a, u64>,
-}
-
-/// Everything a verification call writes, on the device ([`crate::sampling::VerifyOutputs`]).
-pub struct DeviceVerifyOutputs<'a> {
-    /// Row length of the `[B, emit_width]` outputs.
-    pub emit_width: usize,
-    /// `[B]`.
-    pub accepted_counts: DeviceOut<'a, i32>,
-    /// `[B, emit_width]`.
-    pub emitted_tokens: DeviceOut<'a, i32>,
-    /// `[B, emit_width]`, optional.
-    pub accepted_nodes: Option<DeviceOut<'a, i32>>,
-    /// `[B, emit_width]`, optional.
-    pub accept_flags: Option<DeviceOut<'a, i8>>,
-    /// `[B]`, optional: each request's [`crate::RequestStatus`] code.
-    pub request_status: Option<DeviceOut<'a, i32>>,
-}
-
 /// Raw device pointers of one call (0 for an absent optional array), after validation by [`Self::check`].
 pub(crate) struct SamplingDevicePtrs {
     pub kind: RowsKind,
@@ -187,6 +91,66 @@ pub(crate) struct SamplingDevicePtrs {
 }
 
 impl SamplingDevicePtrs {
+    /// The device addresses of a call's arrays (each non-null unless empty, and aligned for its element), for
+    /// arrays whose lengths `shape` has checked.
+    pub(crate) fn of(
+        shape: &VerifyShape,
+        inputs: &VerifyInputs<'_>,
+        outputs: &VerifyOutputs<'_>,
+    ) -> Result<Self> {
+        let (offsets, tokens, parents) = match &inputs.drafts {
+            Drafts::Chain {
+                draft_offsets,
+                draft_tokens,
+            } => (
+                draft_offsets.device("draft_offsets")?,
+                draft_tokens.device("draft_tokens")?,
+                0,
+            ),
+            Drafts::Tree {
+                node_offsets,
+                node_tokens,
+                parents,
+            } => (
+                node_offsets.device("node_offsets")?,
+                node_tokens.device("node_tokens")?,
+                parents.device("parents")?,
+            ),
+        };
+        let optional_in =
+            |array: Option<&In<'_, f32>>, name: &str| array.map_or(Ok(0), |a| a.device(name));
+        let (params, draft_params) = (inputs.params.as_ref(), inputs.draft_params.as_ref());
+        let _ = shape;
+        Ok(SamplingDevicePtrs {
+            kind: inputs.target.kind(),
+            target: inputs.target.device("target")?,
+            draft: inputs.draft.as_ref().map_or(Ok(0), |d| d.device("draft"))?,
+            offsets,
+            tokens,
+            parents,
+            temperature: optional_in(params.map(|p| &p.temperature), "temperature")?,
+            top_k: params
+                .and_then(|p| p.top_k.as_ref())
+                .map_or(Ok(0), |k| k.device("top_k"))?,
+            top_p: optional_in(params.and_then(|p| p.top_p.as_ref()), "top_p")?,
+            draft_temperature: optional_in(
+                draft_params.map(|p| &p.temperature),
+                "draft_temperature",
+            )?,
+            draft_top_k: draft_params
+                .and_then(|p| p.top_k.as_ref())
+                .map_or(Ok(0), |k| k.device("draft_top_k"))?,
+            draft_top_p: optional_in(draft_params.and_then(|p| p.top_p.as_ref()), "draft_top_p")?,
+            seeds: inputs.seeds.device("seeds")?,
+            steps: inputs.steps.device("steps")?,
+            accepted: outputs.accepted_counts.device("accepted_counts")?,
+            emitted: outputs.emitted_tokens.device("emitted_tokens")?,
+            nodes: optional_device(&outputs.accepted_nodes, "accepted_nodes")?,
+            flags: optional_device(&outputs.accept_flags, "accept_flags")?,
+            status: optional_device(&outputs.request_status, "request_status")?,
+        })
+    }
+
     pub(crate) fn check(&self, shape: &VerifyShape) -> Result<()> {
         let (b, v, n) = (shape.num_requests, shape.vocab_size, shape.num_tokens);
         let size = self.kind.element_size();
@@ -275,117 +239,6 @@ impl SamplingDevicePtrs {
 const _: () = assert!(std::mem::size_of::<SamplingArgs>() == 38 * 8);
 
 impl CudaBackend {
-    /// Rejection-sampling verification on the GPU; see [`crate::sampling`] for layout, semantics and
-    /// validation. Sizes and lengths are checked before anything is launched; the contents (offsets, parents,
-    /// draft ids, temperatures, NaN or infinite values) are checked per request by the kernels, which mark a bad
-    /// request with `accepted_counts[b] = `[`crate::sampling::REQUEST_INVALID`] and rows of -1. Returns once the
-    /// work is enqueued on `stream`.
-    pub fn rejection_verify(
-        &self,
-        stream: &CudaStream,
-        inputs: &DeviceVerifyInputs<'_>,
-        outputs: &DeviceVerifyOutputs<'_>,
-    ) -> Result<()> {
-        self.check_stream(stream)?;
-        let (offsets, tokens, parents, tree) = match &inputs.drafts {
-            DeviceDrafts::Chain {
-                draft_offsets,
-                draft_tokens,
-            } => (draft_offsets, draft_tokens, None, false),
-            DeviceDrafts::Tree {
-                node_offsets,
-                node_tokens,
-                parents,
-            } => {
-                check_len("parents", parents.len(), node_tokens.len())?;
-                (node_offsets, node_tokens, Some(parents), true)
-            }
-        };
-        let num_requests = offsets.len().checked_sub(1).ok_or_else(|| {
-            Error::invalid("offsets", "is empty; it needs num_requests + 1 elements")
-        })?;
-        let shape = VerifyShape::new(
-            num_requests,
-            inputs.vocab_size,
-            tokens.len(),
-            tree,
-            outputs.emit_width,
-        )?;
-        let kind = inputs.target.kind();
-        let (target, target_len) = inputs.target.ptr_len();
-        check_len("target", target_len, shape.target_rows() * shape.vocab_size)?;
-        let draft = match &inputs.draft {
-            Some(d) if d.kind() != kind => {
-                return Err(Error::invalid(
-                    "draft",
-                    "must be of the same kind (logits dtype or probabilities) as target",
-                ))
-            }
-            Some(d) => {
-                let (ptr, len) = d.ptr_len();
-                check_len("draft", len, shape.draft_rows() * shape.vocab_size)?;
-                ptr
-            }
-            None => 0,
-        };
-        let b = shape.num_requests;
-        if let Some(t) = &inputs.temperature {
-            check_len("temperature", t.len(), b)?;
-        }
-        if let Some(k) = &inputs.top_k {
-            check_len("top_k", k.len(), b)?;
-        }
-        if let Some(p) = &inputs.top_p {
-            check_len("top_p", p.len(), b)?;
-        }
-        if let Some(t) = &inputs.draft_temperature {
-            check_len("draft_temperature", t.len(), b)?;
-        }
-        if let Some(k) = &inputs.draft_top_k {
-            check_len("draft_top_k", k.len(), b)?;
-        }
-        if let Some(p) = &inputs.draft_top_p {
-            check_len("draft_top_p", p.len(), b)?;
-        }
-        check_len("seeds", inputs.seeds.len(), b)?;
-        check_len("steps", inputs.steps.len(), b)?;
-        check_len("accepted_counts", outputs.accepted_counts.len(), b)?;
-        let out = shape.output_len();
-        check_len("emitted_tokens", outputs.emitted_tokens.len(), out)?;
-        if let Some(nodes) = &outputs.accepted_nodes {
-            check_len("accepted_nodes", nodes.len(), out)?;
-        }
-        if let Some(flags) = &outputs.accept_flags {
-            check_len("accept_flags", flags.len(), out)?;
-        }
-        if let Some(status) = &outputs.request_status {
-            check_len("request_status", status.len(), b)?;
-        }
-        let ptrs = SamplingDevicePtrs {
-            kind,
-            target,
-            draft,
-            offsets: offsets.ptr,
-            tokens: tokens.ptr,
-            parents: parents.map_or(0, |p| p.ptr),
-            temperature: inputs.temperature.as_ref().map_or(0, |t| t.ptr),
-            top_k: inputs.top_k.as_ref().map_or(0, |k| k.ptr),
-            top_p: inputs.top_p.as_ref().map_or(0, |p| p.ptr),
-            draft_temperature: inputs.draft_temperature.as_ref().map_or(0, |t| t.ptr),
-            draft_top_k: inputs.draft_top_k.as_ref().map_or(0, |k| k.ptr),
-            draft_top_p: inputs.draft_top_p.as_ref().map_or(0, |p| p.ptr),
-            seeds: inputs.seeds.ptr,
-            steps: inputs.steps.ptr,
-            accepted: outputs.accepted_counts.ptr,
-            emitted: outputs.emitted_tokens.ptr,
-            nodes: outputs.accepted_nodes.as_ref().map_or(0, |n| n.ptr),
-            flags: outputs.accept_flags.as_ref().map_or(0, |f| f.ptr),
-            status: outputs.request_status.as_ref().map_or(0, |s| s.ptr),
-        };
-        ptrs.check(&shape)?;
-        self.launch_rejection_verify(stream.cu_stream(), &shape, &ptrs)
-    }
-
     /// Enqueues the three kernels. `shape` and `ptrs` are validated by the caller.
     pub(crate) fn launch_rejection_verify(
         &self,

@@ -359,21 +359,25 @@ struct Accounting {
 ///         &VerifyInputs {
 ///             vocab_size: 8,
 ///             drafts: Drafts::Tree {
-///                 node_offsets: &packed.offsets,
-///                 node_tokens: &packed.tokens,
-///                 parents: &packed.parents,
+///                 node_offsets: packed.offsets.as_slice().into(),
+///                 node_tokens: packed.tokens.as_slice().into(),
+///                 parents: packed.parents.as_slice().into(),
 ///             },
-///             target: Rows::LogitsF32(&logits),
+///             target: Rows::LogitsF32(logits.as_slice().into()),
 ///             draft: None, // suffix drafts are point masses
-///             params: Some(SamplingParams { temperature: &[1.0], top_k: None, top_p: None }),
+///             params: Some(SamplingParams {
+///                 temperature: [1.0][..].into(),
+///                 top_k: None,
+///                 top_p: None,
+///             }),
 ///             draft_params: None,
-///             seeds: &[specdec::sampling::noise::sample_seed(2024, 1)],
-///             steps: &[step],
+///             seeds: [specdec::sampling::noise::sample_seed(2024, 1)][..].into(),
+///             steps: [step][..].into(),
 ///         },
-///         &mut VerifyOutputs {
+///         VerifyOutputs {
 ///             emit_width: packed.emit_width,
-///             accepted_counts: &mut accepted,
-///             emitted_tokens: &mut emitted,
+///             accepted_counts: accepted.as_mut_slice().into(),
+///             emitted_tokens: emitted.as_mut_slice().into(),
 ///             accepted_nodes: None,
 ///             accept_flags: None,
 ///             request_status: None,

@@ -108,6 +108,7 @@ pub mod noise;
 
 use half::{bf16, f16};
 
+use crate::backend::{Backend, In, Out, Stream};
 use crate::error::{check_batch_sizes, check_len, check_packed_offsets, Error, Result};
 use crate::status::{RequestResult, RequestStatus};
 use crate::LogitsElement;
@@ -119,9 +120,9 @@ pub use noise::RequestNoise;
 /// the last accepted token).
 pub use crate::tree::MAX_TREE_NODES;
 
-/// The target or draft rows of a call.
+/// The target or draft rows of a call, as host slices.
 #[derive(Debug, Clone, Copy)]
-pub enum Rows<'a> {
+pub(crate) enum HostRows<'a> {
     /// fp32 logits.
     LogitsF32(&'a [f32]),
     /// fp16 logits.
@@ -132,7 +133,7 @@ pub enum Rows<'a> {
     Probs(&'a [f32]),
 }
 
-/// What a call's rows hold, without the data: [`Rows`] on the host, the kind of a device array on a GPU.
+/// What a call's rows hold, without the data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RowsKind {
     /// fp32 logits.
@@ -160,37 +161,7 @@ impl RowsKind {
     }
 }
 
-impl Rows<'_> {
-    /// The kind of these rows.
-    pub fn kind(&self) -> RowsKind {
-        match self {
-            Rows::LogitsF32(_) => RowsKind::LogitsF32,
-            Rows::LogitsF16(_) => RowsKind::LogitsF16,
-            Rows::LogitsBF16(_) => RowsKind::LogitsBF16,
-            Rows::Probs(_) => RowsKind::Probs,
-        }
-    }
-
-    /// Elements.
-    pub fn len(&self) -> usize {
-        match self {
-            Rows::LogitsF32(r) => r.len(),
-            Rows::LogitsF16(r) => r.len(),
-            Rows::LogitsBF16(r) => r.len(),
-            Rows::Probs(r) => r.len(),
-        }
-    }
-
-    /// Whether there are no elements.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Whether these are logits (else probabilities).
-    pub fn is_logits(&self) -> bool {
-        !matches!(self, Rows::Probs(_))
-    }
-
+impl HostRows<'_> {
     /// Row `row` (of `vocab_size` elements) as `f32`.
     pub fn row_f32(&self, row: usize, vocab_size: usize) -> Vec<f32> {
         fn convert<T: LogitsElement>(r: &[T], row: usize, v: usize) -> Vec<f32> {
@@ -200,11 +171,11 @@ impl Rows<'_> {
                 .collect()
         }
         match self {
-            Rows::LogitsF32(r) | Rows::Probs(r) => {
+            HostRows::LogitsF32(r) | HostRows::Probs(r) => {
                 r[row * vocab_size..(row + 1) * vocab_size].to_vec()
             }
-            Rows::LogitsF16(r) => convert(r, row, vocab_size),
-            Rows::LogitsBF16(r) => convert(r, row, vocab_size),
+            HostRows::LogitsF16(r) => convert(r, row, vocab_size),
+            HostRows::LogitsBF16(r) => convert(r, row, vocab_size),
         }
     }
 
@@ -219,22 +190,18 @@ impl Rows<'_> {
     ) -> RequestResult<()> {
         let range = row * vocab_size..(row + 1) * vocab_size;
         match self {
-            Rows::LogitsF32(r) | Rows::Probs(r) => {
+            HostRows::LogitsF32(r) | HostRows::Probs(r) => {
                 check_row_values(name, &r[range], row, logits, needs_mass)
             }
-            Rows::LogitsF16(r) => check_row_values(name, &r[range], row, logits, needs_mass),
-            Rows::LogitsBF16(r) => check_row_values(name, &r[range], row, logits, needs_mass),
+            HostRows::LogitsF16(r) => check_row_values(name, &r[range], row, logits, needs_mass),
+            HostRows::LogitsBF16(r) => check_row_values(name, &r[range], row, logits, needs_mass),
         }
-    }
-
-    fn same_kind(&self, other: &Rows<'_>) -> bool {
-        std::mem::discriminant(self) == std::mem::discriminant(other)
     }
 }
 
-/// Per-request sampling parameters of logits inputs (`[B]` each).
+/// Per-request sampling parameters of logits inputs (`[B]` each), as host slices.
 #[derive(Debug, Clone, Copy)]
-pub struct SamplingParams<'a> {
+pub(crate) struct HostParams<'a> {
     /// Finite and `>= 0`; 0 is greedy.
     pub temperature: &'a [f32],
     /// `None`, or per request -1 (off) or `1..=V`.
@@ -254,9 +221,9 @@ pub struct RequestParams {
     pub top_p: f32,
 }
 
-/// How the drafts of a call are laid out.
+/// How the drafts of a call are laid out, as host slices.
 #[derive(Debug, Clone, Copy)]
-pub enum Drafts<'a> {
+pub(crate) enum HostDrafts<'a> {
     /// Ragged chains, the layout of greedy verification.
     Chain {
         /// `[B + 1]`.
@@ -343,8 +310,141 @@ pub fn row_owner(shape: &VerifyShape, offsets: &[i32], draft: bool, row: usize) 
     (row >= start(lo) && row < start(lo) + count).then_some(lo)
 }
 
-/// Everything a verification call reads.
-#[derive(Debug, Clone, Copy)]
+/// The target or draft rows of a call, in the memory of the [`Backend`] it runs on.
+pub enum Rows<'a> {
+    /// fp32 logits.
+    LogitsF32(In<'a, f32>),
+    /// fp16 logits.
+    LogitsF16(In<'a, f16>),
+    /// bf16 logits.
+    LogitsBF16(In<'a, bf16>),
+    /// fp32 probabilities.
+    Probs(In<'a, f32>),
+}
+
+impl<'a> Rows<'a> {
+    /// The kind of these rows.
+    pub fn kind(&self) -> RowsKind {
+        match self {
+            Rows::LogitsF32(_) => RowsKind::LogitsF32,
+            Rows::LogitsF16(_) => RowsKind::LogitsF16,
+            Rows::LogitsBF16(_) => RowsKind::LogitsBF16,
+            Rows::Probs(_) => RowsKind::Probs,
+        }
+    }
+
+    /// Elements.
+    pub fn len(&self) -> usize {
+        match self {
+            Rows::LogitsF32(r) | Rows::Probs(r) => r.len(),
+            Rows::LogitsF16(r) => r.len(),
+            Rows::LogitsBF16(r) => r.len(),
+        }
+    }
+
+    /// Whether there are no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether these are logits (else probabilities).
+    pub fn is_logits(&self) -> bool {
+        self.kind().is_logits()
+    }
+
+    /// The host view, or an error naming `argument` if the rows are device memory.
+    pub(crate) fn host(&self, argument: &str) -> Result<HostRows<'a>> {
+        Ok(match self {
+            Rows::LogitsF32(r) => HostRows::LogitsF32(r.host(argument)?),
+            Rows::LogitsF16(r) => HostRows::LogitsF16(r.host(argument)?),
+            Rows::LogitsBF16(r) => HostRows::LogitsBF16(r.host(argument)?),
+            Rows::Probs(r) => HostRows::Probs(r.host(argument)?),
+        })
+    }
+
+    /// The device address, checked non-null and aligned, or an error naming `argument`.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn device(&self, argument: &str) -> Result<u64> {
+        match self {
+            Rows::LogitsF32(r) | Rows::Probs(r) => r.device(argument),
+            Rows::LogitsF16(r) => r.device(argument),
+            Rows::LogitsBF16(r) => r.device(argument),
+        }
+    }
+}
+
+/// Per-request sampling parameters of logits inputs (`[B]` each), in the memory of the [`Backend`].
+pub struct SamplingParams<'a> {
+    /// Finite and `>= 0`; 0 is greedy.
+    pub temperature: In<'a, f32>,
+    /// `None`, or per request -1 (off) or `1..=V`.
+    pub top_k: Option<In<'a, i32>>,
+    /// `None`, or per request in (0, 1]; 1 is off.
+    pub top_p: Option<In<'a, f32>>,
+}
+
+impl<'a> SamplingParams<'a> {
+    fn host(&self, prefix: &str) -> Result<HostParams<'a>> {
+        Ok(HostParams {
+            temperature: self.temperature.host(&format!("{prefix}temperature"))?,
+            top_k: self
+                .top_k
+                .as_ref()
+                .map(|k| k.host(&format!("{prefix}top_k")))
+                .transpose()?,
+            top_p: self
+                .top_p
+                .as_ref()
+                .map(|p| p.host(&format!("{prefix}top_p")))
+                .transpose()?,
+        })
+    }
+}
+
+/// How the drafts of a call are laid out, in the memory of the [`Backend`].
+pub enum Drafts<'a> {
+    /// Ragged chains, the layout of greedy verification.
+    Chain {
+        /// `[B + 1]`.
+        draft_offsets: In<'a, i32>,
+        /// `[num_draft_tokens]`.
+        draft_tokens: In<'a, i32>,
+    },
+    /// Trees as parent arrays.
+    Tree {
+        /// `[B + 1]`.
+        node_offsets: In<'a, i32>,
+        /// `[sum T]`; node 0's entry is not read.
+        node_tokens: In<'a, i32>,
+        /// `[sum T]`; -1 for node 0, else in `0..i`.
+        parents: In<'a, i32>,
+    },
+}
+
+impl<'a> Drafts<'a> {
+    fn host(&self) -> Result<HostDrafts<'a>> {
+        Ok(match self {
+            Drafts::Chain {
+                draft_offsets,
+                draft_tokens,
+            } => HostDrafts::Chain {
+                draft_offsets: draft_offsets.host("draft_offsets")?,
+                draft_tokens: draft_tokens.host("draft_tokens")?,
+            },
+            Drafts::Tree {
+                node_offsets,
+                node_tokens,
+                parents,
+            } => HostDrafts::Tree {
+                node_offsets: node_offsets.host("node_offsets")?,
+                node_tokens: node_tokens.host("node_tokens")?,
+                parents: parents.host("parents")?,
+            },
+        })
+    }
+}
+
+/// Everything a verification call reads, in the memory of the [`Backend`] it runs on.
 pub struct VerifyInputs<'a> {
     /// `V`.
     pub vocab_size: usize,
@@ -361,16 +461,134 @@ pub struct VerifyInputs<'a> {
     pub draft_params: Option<SamplingParams<'a>>,
     /// `[B]`: the Philox key of each request. Several samples of one prompt need different seeds
     /// ([`noise::sample_seed`]): the same seed and step give the same noise in any batch slot.
+    pub seeds: In<'a, u64>,
+    /// `[B]`: each request's step counter, 0 at its first step and advanced every decoding step.
+    pub steps: In<'a, u64>,
+}
+
+impl<'a> VerifyInputs<'a> {
+    /// The host view, or an error naming the first array in device memory.
+    pub(crate) fn host(&self) -> Result<HostInputs<'a>> {
+        Ok(HostInputs {
+            drafts: self.drafts.host()?,
+            target: self.target.host("target")?,
+            draft: self.draft.as_ref().map(|d| d.host("draft")).transpose()?,
+            params: self.params.as_ref().map(|p| p.host("")).transpose()?,
+            draft_params: self
+                .draft_params
+                .as_ref()
+                .map(|p| p.host("draft_"))
+                .transpose()?,
+            seeds: self.seeds.host("seeds")?,
+            steps: self.steps.host("steps")?,
+        })
+    }
+}
+
+/// Everything a verification call writes, in the memory of the [`Backend`] it runs on.
+pub struct VerifyOutputs<'a> {
+    /// The row length of the `[B, emit_width]` outputs.
+    pub emit_width: usize,
+    /// `[B]`.
+    pub accepted_counts: Out<'a, i32>,
+    /// `[B, emit_width]`.
+    pub emitted_tokens: Out<'a, i32>,
+    /// `[B, emit_width]`, optional.
+    pub accepted_nodes: Option<Out<'a, i32>>,
+    /// `[B, emit_width]`, optional.
+    pub accept_flags: Option<Out<'a, i8>>,
+    /// `[B]`, optional: each request's [`RequestStatus`] code. When given, a request that breaks a rule is
+    /// flagged alone on every backend (see [`crate::status`]).
+    pub request_status: Option<Out<'a, i32>>,
+}
+
+impl VerifyOutputs<'_> {
+    /// The host view, or an error naming the first array in device memory.
+    fn host(&mut self) -> Result<HostOutputs<'_>> {
+        Ok(HostOutputs {
+            accepted_counts: self.accepted_counts.host_mut("accepted_counts")?,
+            emitted_tokens: self.emitted_tokens.host_mut("emitted_tokens")?,
+            accepted_nodes: self
+                .accepted_nodes
+                .as_mut()
+                .map(|n| n.host_mut("accepted_nodes"))
+                .transpose()?,
+            accept_flags: self
+                .accept_flags
+                .as_mut()
+                .map(|f| f.host_mut("accept_flags"))
+                .transpose()?,
+            request_status: self
+                .request_status
+                .as_mut()
+                .map(|s| s.host_mut("request_status"))
+                .transpose()?,
+        })
+    }
+}
+
+impl Backend {
+    /// Rejection-sampling verification of chains or trees; see the [module documentation](self) for the
+    /// layouts, semantics, rules and randomness, and [`crate::backend`] for memory and streams.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming a size, a length, the kinds of rows and parameters, an array in the
+    /// wrong memory, a null or misaligned device pointer, and (CPU backend without `request_status`) the first
+    /// bad request; CUDA errors from the launch.
+    ///
+    /// `outputs` is taken by value: its arrays are borrowed until the call returns (on CUDA, until cudarc has
+    /// recorded the launch on their streams), so the caller reads them right after.
+    pub fn rejection_verify(
+        &self,
+        stream: Stream<'_>,
+        inputs: &VerifyInputs<'_>,
+        mut outputs: VerifyOutputs<'_>,
+    ) -> Result<()> {
+        let shape = VerifyShape::of(inputs, &outputs)?;
+        match self {
+            Backend::Cpu => {
+                let _ = stream;
+                crate::cpu::sampling::rejection_verify_checked(
+                    &shape,
+                    &inputs.host()?,
+                    &mut outputs.host()?,
+                )
+            }
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(cuda) => {
+                let ptrs = crate::cuda::sampling::SamplingDevicePtrs::of(&shape, inputs, &outputs)?;
+                ptrs.check(&shape)?;
+                let stream = Backend::cu_stream(cuda, stream)?;
+                cuda.launch_rejection_verify(stream, &shape, &ptrs)
+            }
+        }
+    }
+}
+
+/// Everything a verification call reads, as host slices: the CPU backend's view.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct HostInputs<'a> {
+    /// The drafts and their layout.
+    pub drafts: HostDrafts<'a>,
+    /// Target rows: one per node (tree) or per draft plus one per request (chain).
+    pub target: HostRows<'a>,
+    /// Draft rows, of the same kind as `target`, or `None` for point-mass drafts.
+    pub draft: Option<HostRows<'a>>,
+    /// Required with logits, `None` with probabilities.
+    pub params: Option<HostParams<'a>>,
+    /// The temperature, top-k and top-p the drafter sampled its drafts with, applied to the draft rows (`None`:
+    /// the target's `params`). Logits with draft rows only; the temperature must be positive.
+    pub draft_params: Option<HostParams<'a>>,
+    /// `[B]`: the Philox key of each request. Several samples of one prompt need different seeds
+    /// ([`noise::sample_seed`]): the same seed and step give the same noise in any batch slot.
     pub seeds: &'a [u64],
     /// `[B]`: each request's step counter, 0 at its first step and advanced every decoding step.
     pub steps: &'a [u64],
 }
 
-/// Everything a verification call writes.
+/// Everything a verification call writes, as host slices: the CPU backend's view.
 #[derive(Debug)]
-pub struct VerifyOutputs<'a> {
-    /// The row length of the `[B, emit_width]` outputs.
-    pub emit_width: usize,
+pub(crate) struct HostOutputs<'a> {
     /// `[B]`.
     pub accepted_counts: &'a mut [i32],
     /// `[B, emit_width]`.
@@ -452,7 +670,7 @@ impl VerifyShape {
 
     /// The shape of `inputs` and `outputs`, with every length and the kinds of rows and parameters checked.
     pub fn of(inputs: &VerifyInputs<'_>, outputs: &VerifyOutputs<'_>) -> Result<Self> {
-        let (offsets, tokens, tree) = match inputs.drafts {
+        let (offsets, tokens, tree) = match &inputs.drafts {
             Drafts::Chain {
                 draft_offsets,
                 draft_tokens,
@@ -494,7 +712,7 @@ impl VerifyShape {
             self.target_rows() * self.vocab_size,
         )?;
         if let Some(draft) = &inputs.draft {
-            if !draft.same_kind(&inputs.target) {
+            if draft.kind() != inputs.target.kind() {
                 return Err(Error::invalid(
                     "draft",
                     "must be of the same kind (logits dtype or probabilities) as target",
@@ -514,10 +732,10 @@ impl VerifyShape {
             }
             (true, Some(p)) => {
                 check_len("temperature", p.temperature.len(), b)?;
-                if let Some(top_k) = p.top_k {
+                if let Some(top_k) = &p.top_k {
                     check_len("top_k", top_k.len(), b)?;
                 }
-                if let Some(top_p) = p.top_p {
+                if let Some(top_p) = &p.top_p {
                     check_len("top_p", top_p.len(), b)?;
                 }
             }
@@ -531,10 +749,10 @@ impl VerifyShape {
                 ));
             }
             check_len("draft_temperature", p.temperature.len(), b)?;
-            if let Some(top_k) = p.top_k {
+            if let Some(top_k) = &p.top_k {
                 check_len("draft_top_k", top_k.len(), b)?;
             }
-            if let Some(top_p) = p.top_p {
+            if let Some(top_p) = &p.top_p {
                 check_len("draft_top_p", top_p.len(), b)?;
             }
         }
@@ -593,14 +811,14 @@ pub struct CheckedRequest {
 /// Request `b`'s tree and parameters, checked: the rules every backend applies (the CUDA kernels check the
 /// same per request). Row contents, and that each drafted token has probability under its draft row, are
 /// checked by the backend with [`check_row_values`] and [`check_drafted_token`].
-pub fn check_request(
+pub(crate) fn check_request(
     shape: &VerifyShape,
-    inputs: &VerifyInputs<'_>,
+    inputs: &HostInputs<'_>,
     b: usize,
 ) -> RequestResult<CheckedRequest> {
     let offsets = |error| RequestStatus::Offsets.with(error);
     let nodes = match inputs.drafts {
-        Drafts::Chain {
+        HostDrafts::Chain {
             draft_offsets,
             draft_tokens,
         } => {
@@ -639,7 +857,7 @@ pub fn check_request(
             }
             nodes
         }
-        Drafts::Tree {
+        HostDrafts::Tree {
             node_offsets,
             node_tokens,
             parents,
@@ -759,7 +977,7 @@ fn check_token(shape: &VerifyShape, name: &str, index: usize, token: i32) -> Req
 /// Request `b`'s parameters from `p`; `prefix` ("" or "draft_") names the arrays in errors.
 fn check_params(
     shape: &VerifyShape,
-    p: &SamplingParams<'_>,
+    p: &HostParams<'_>,
     b: usize,
     prefix: &str,
 ) -> RequestResult<RequestParams> {

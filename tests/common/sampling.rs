@@ -25,7 +25,7 @@ use specdec::Error;
 use super::stats::chi_square;
 
 /// A backend's verification entry point: `specdec::cpu::rejection_verify`, or the GPU tests' wrapper.
-pub type Verify = fn(&VerifyInputs<'_>, &mut VerifyOutputs<'_>) -> Result<(), Error>;
+pub type Verify = fn(&VerifyInputs<'_>, VerifyOutputs<'_>) -> Result<(), Error>;
 
 /// A check fails a correct sampler with at most this probability.
 pub const ALPHA: f64 = 1e-9;
@@ -429,13 +429,13 @@ pub fn run(s: &Scenario, verify: Verify) -> Vec<Outcome> {
         }
         let drafts = match s.shape {
             Shape::Chain(_) => Drafts::Chain {
-                draft_offsets: &offsets,
-                draft_tokens: &tokens,
+                draft_offsets: (&offsets).into(),
+                draft_tokens: (&tokens).into(),
             },
             _ => Drafts::Tree {
-                node_offsets: &offsets,
-                node_tokens: &tokens,
-                parents: &parents,
+                node_offsets: (&offsets).into(),
+                node_tokens: (&tokens).into(),
+                parents: (&parents).into(),
             },
         };
         let seeds: Vec<u64> = (0..b)
@@ -446,35 +446,44 @@ pub fn run(s: &Scenario, verify: Verify) -> Vec<Outcome> {
         let top_k = vec![s.params.top_k; b];
         let top_p = vec![s.params.top_p; b];
         let params = SamplingParams {
-            temperature: &temperature,
-            top_k: Some(&top_k),
-            top_p: Some(&top_p),
+            temperature: (&temperature).into(),
+            top_k: Some((&top_k).into()),
+            top_p: Some((&top_p).into()),
         };
         let draft_given = s.draft_params.unwrap_or(s.params);
         let draft_temperature = vec![draft_given.temperature; b];
         let draft_top_k = vec![draft_given.top_k; b];
         let draft_top_p = vec![draft_given.top_p; b];
         let draft_params = s.draft_params.map(|_| SamplingParams {
-            temperature: &draft_temperature,
-            top_k: Some(&draft_top_k),
-            top_p: Some(&draft_top_p),
+            temperature: (&draft_temperature).into(),
+            top_k: Some((&draft_top_k).into()),
+            top_p: Some((&draft_top_p).into()),
         });
         let target_h: Vec<f16>;
         let target_b: Vec<bf16>;
         let draft_h: Vec<f16>;
         let draft_b: Vec<bf16>;
         let (target_rows, draft_rows) = match s.input {
-            Input::F32 => (Rows::LogitsF32(&target), Rows::LogitsF32(&draft)),
-            Input::Probs => (Rows::Probs(&target), Rows::Probs(&draft)),
+            Input::F32 => (
+                Rows::LogitsF32((&target).into()),
+                Rows::LogitsF32((&draft).into()),
+            ),
+            Input::Probs => (Rows::Probs((&target).into()), Rows::Probs((&draft).into())),
             Input::F16 => {
                 target_h = target.iter().map(|&x| f16::from_f32(x)).collect();
                 draft_h = draft.iter().map(|&x| f16::from_f32(x)).collect();
-                (Rows::LogitsF16(&target_h), Rows::LogitsF16(&draft_h))
+                (
+                    Rows::LogitsF16((&target_h).into()),
+                    Rows::LogitsF16((&draft_h).into()),
+                )
             }
             Input::BF16 => {
                 target_b = target.iter().map(|&x| bf16::from_f32(x)).collect();
                 draft_b = draft.iter().map(|&x| bf16::from_f32(x)).collect();
-                (Rows::LogitsBF16(&target_b), Rows::LogitsBF16(&draft_b))
+                (
+                    Rows::LogitsBF16((&target_b).into()),
+                    Rows::LogitsBF16((&draft_b).into()),
+                )
             }
         };
         let inputs = VerifyInputs {
@@ -484,22 +493,22 @@ pub fn run(s: &Scenario, verify: Verify) -> Vec<Outcome> {
             draft: s.with_q.then_some(draft_rows),
             params: (s.input != Input::Probs).then_some(params),
             draft_params,
-            seeds: &seeds,
-            steps: &steps,
+            seeds: (&seeds).into(),
+            steps: (&steps).into(),
         };
         let mut accepted = vec![i32::MIN; b];
         let mut emitted = vec![i32::MIN; b * width];
         let mut nodes = vec![i32::MIN; b * width];
         let mut flags = vec![i8::MIN; b * width];
-        let mut outputs = VerifyOutputs {
+        let outputs = VerifyOutputs {
             emit_width: width,
-            accepted_counts: &mut accepted,
-            emitted_tokens: &mut emitted,
-            accepted_nodes: Some(&mut nodes),
-            accept_flags: Some(&mut flags),
+            accepted_counts: (&mut accepted).into(),
+            emitted_tokens: (&mut emitted).into(),
+            accepted_nodes: Some((&mut nodes).into()),
+            accept_flags: Some((&mut flags).into()),
             request_status: None,
         };
-        verify(&inputs, &mut outputs).unwrap_or_else(|e| panic!("{}: {e}", s.name));
+        verify(&inputs, outputs).unwrap_or_else(|e| panic!("{}: {e}", s.name));
         for (i, t) in chunk.iter().enumerate() {
             let row = i * width..(i + 1) * width;
             let outcome = check_structure(
@@ -842,30 +851,30 @@ pub fn disjoint_supports_reject_every_draft(verify: Verify) {
     let inputs = VerifyInputs {
         vocab_size: 16,
         drafts: Drafts::Chain {
-            draft_offsets: &offsets,
-            draft_tokens: &tokens,
+            draft_offsets: (&offsets).into(),
+            draft_tokens: (&tokens).into(),
         },
-        target: Rows::LogitsF32(&target_rows),
-        draft: Some(Rows::LogitsF32(&draft_rows)),
+        target: Rows::LogitsF32((&target_rows).into()),
+        draft: Some(Rows::LogitsF32((&draft_rows).into())),
         params: Some(SamplingParams {
-            temperature: &temperature,
+            temperature: (&temperature).into(),
             top_k: None,
             top_p: None,
         }),
         draft_params: None,
-        seeds: &seeds,
-        steps: &steps,
+        seeds: (&seeds).into(),
+        steps: (&steps).into(),
     };
     let (mut accepted, mut emitted) = (vec![9; b], vec![9; b * 4]);
-    let mut outputs = VerifyOutputs {
+    let outputs = VerifyOutputs {
         emit_width: 4,
-        accepted_counts: &mut accepted,
-        emitted_tokens: &mut emitted,
+        accepted_counts: (&mut accepted).into(),
+        emitted_tokens: (&mut emitted).into(),
         accepted_nodes: None,
         accept_flags: None,
         request_status: None,
     };
-    verify(&inputs, &mut outputs).unwrap();
+    verify(&inputs, outputs).unwrap();
     for i in 0..b {
         assert_eq!(
             accepted[i], 0,
@@ -1034,26 +1043,26 @@ pub fn one_chain_probs(
     let inputs = VerifyInputs {
         vocab_size: v,
         drafts: Drafts::Chain {
-            draft_offsets: &[0, 1],
-            draft_tokens: &[draft],
+            draft_offsets: (&[0, 1]).into(),
+            draft_tokens: std::slice::from_ref(&draft).into(),
         },
-        target: Rows::Probs(&target),
-        draft: Some(Rows::Probs(q)),
+        target: Rows::Probs((&target).into()),
+        draft: Some(Rows::Probs(q.into())),
         params: None,
         draft_params: None,
-        seeds: &[seed],
-        steps: &[step],
+        seeds: std::slice::from_ref(&seed).into(),
+        steps: std::slice::from_ref(&step).into(),
     };
     let (mut accepted, mut emitted) = ([0i32], [0i32; 2]);
-    let mut outputs = VerifyOutputs {
+    let outputs = VerifyOutputs {
         emit_width: 2,
-        accepted_counts: &mut accepted,
-        emitted_tokens: &mut emitted,
+        accepted_counts: (&mut accepted).into(),
+        emitted_tokens: (&mut emitted).into(),
         accepted_nodes: None,
         accept_flags: None,
         request_status: None,
     };
-    verify(&inputs, &mut outputs).unwrap();
+    verify(&inputs, outputs).unwrap();
     (accepted[0], emitted[0])
 }
 
@@ -1090,26 +1099,26 @@ pub fn padded_drafts_are_rejected_not_verified(verify: Verify) {
     let inputs = VerifyInputs {
         vocab_size: 2,
         drafts: Drafts::Chain {
-            draft_offsets: &[0, 2],
-            draft_tokens: &[1, -1],
+            draft_offsets: (&[0, 2]).into(),
+            draft_tokens: (&[1, -1]).into(),
         },
-        target: Rows::Probs(&target),
+        target: Rows::Probs((&target).into()),
         draft: None,
         params: None,
         draft_params: None,
-        seeds: &[1],
-        steps: &[0],
+        seeds: (&[1]).into(),
+        steps: (&[0]).into(),
     };
     let (mut accepted, mut emitted) = ([0i32], [0i32; 3]);
-    let mut outputs = VerifyOutputs {
+    let outputs = VerifyOutputs {
         emit_width: 3,
-        accepted_counts: &mut accepted,
-        emitted_tokens: &mut emitted,
+        accepted_counts: (&mut accepted).into(),
+        emitted_tokens: (&mut emitted).into(),
         accepted_nodes: None,
         accept_flags: None,
         request_status: None,
     };
-    let err = verify(&inputs, &mut outputs).unwrap_err();
+    let err = verify(&inputs, outputs).unwrap_err();
     assert!(
         matches!(&err, Error::InvalidArgument { argument, .. } if argument == "draft_tokens[1]"),
         "{err}"
@@ -1190,31 +1199,31 @@ pub fn a_drafter_sampling_its_unfiltered_softmax_keeps_the_target_distribution(v
         let inputs = VerifyInputs {
             vocab_size: 4,
             drafts: Drafts::Chain {
-                draft_offsets: &offsets,
-                draft_tokens: &tokens,
+                draft_offsets: (&offsets).into(),
+                draft_tokens: (&tokens).into(),
             },
-            target: Rows::LogitsF32(&target),
-            draft: Some(Rows::LogitsF32(&draft)),
+            target: Rows::LogitsF32((&target).into()),
+            draft: Some(Rows::LogitsF32((&draft).into())),
             params: Some(SamplingParams {
-                temperature: &ones,
-                top_k: Some(&top_k),
+                temperature: (&ones).into(),
+                top_k: Some((&top_k).into()),
                 top_p: None,
             }),
             draft_params: Some(SamplingParams {
-                temperature: &draft_temperatures,
-                top_k: Some(&off),
+                temperature: (&draft_temperatures).into(),
+                top_k: Some((&off).into()),
                 top_p: None,
             }),
-            seeds: &seeds,
-            steps: &steps,
+            seeds: (&seeds).into(),
+            steps: (&steps).into(),
         };
         let (mut accepted, mut emitted) = (vec![i32::MIN; n], vec![i32::MIN; 2 * n]);
         verify(
             &inputs,
-            &mut VerifyOutputs {
+            VerifyOutputs {
                 emit_width: 2,
-                accepted_counts: &mut accepted,
-                emitted_tokens: &mut emitted,
+                accepted_counts: (&mut accepted).into(),
+                emitted_tokens: (&mut emitted).into(),
                 accepted_nodes: None,
                 accept_flags: None,
                 request_status: None,
@@ -1289,27 +1298,27 @@ pub fn temperature_zero_is_greedy_with_bad_rows(verify: Verify, rng: &mut StdRng
             &VerifyInputs {
                 vocab_size: v,
                 drafts: Drafts::Chain {
-                    draft_offsets: &case.draft_offsets,
-                    draft_tokens: &case.draft_tokens,
+                    draft_offsets: (&case.draft_offsets).into(),
+                    draft_tokens: (&case.draft_tokens).into(),
                 },
-                target: Rows::LogitsF32(&case.logits),
+                target: Rows::LogitsF32((&case.logits).into()),
                 draft: None,
                 params: Some(SamplingParams {
-                    temperature: &temperature,
+                    temperature: (&temperature).into(),
                     top_k: None,
                     top_p: None,
                 }),
                 draft_params: None,
-                seeds: &seeds,
-                steps: &steps,
+                seeds: (&seeds).into(),
+                steps: (&steps).into(),
             },
-            &mut VerifyOutputs {
+            VerifyOutputs {
                 emit_width: case.emit_width,
-                accepted_counts: &mut out.accepted,
-                emitted_tokens: &mut out.emitted,
+                accepted_counts: (&mut out.accepted).into(),
+                emitted_tokens: (&mut out.emitted).into(),
                 accepted_nodes: None,
                 accept_flags: None,
-                request_status: Some(&mut out.status),
+                request_status: Some((&mut out.status).into()),
             },
         )
         .expect("the sampler with request_status");
