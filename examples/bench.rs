@@ -870,7 +870,7 @@ fn time_greedy_cuda<T: BenchElement>(
                 emitted_tokens: DeviceOut::from_raw(e, case.batch * inputs_width).into(),
                 request_status: None,
             };
-            cuda.greedy_verify(Stream::Cuda(stream), inputs, outputs)
+            cuda.greedy_verify(Stream::Cuda(stream), &inputs, outputs)
         }
         .expect("greedy_verify launch");
     };
@@ -1463,7 +1463,7 @@ fn attention_rows(backend: &Backend, quick: bool, ceiling_gbps: f64) -> usize {
                             lse: None,
                             request_status: Some(DeviceOut::from_raw(sp, batch).into()),
                         };
-                        cuda.tree_attention(Stream::Cuda(stream), inputs, outputs)
+                        cuda.tree_attention(Stream::Cuda(stream), &inputs, outputs)
                     }
                     .expect("tree_attention launch");
                 };

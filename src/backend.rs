@@ -34,7 +34,7 @@
 //!     emitted_tokens: emitted[..].as_mut().into(),
 //!     request_status: None,
 //! };
-//! Backend::Cpu.greedy_verify(Stream::Default, inputs, outputs)?;
+//! Backend::Cpu.greedy_verify(Stream::Default, &inputs, outputs)?;
 //! assert_eq!((accepted, emitted), ([1], [2, 1]));
 //! # Ok::<(), specdec::Error>(())
 //! ```

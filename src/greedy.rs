@@ -99,6 +99,8 @@ impl Backend {
     /// Greedy verification of a batch of drafted chains; see the [module documentation](crate::greedy) for the
     /// layout, semantics and rules, and [`crate::backend`] for memory and streams.
     ///
+    /// `outputs` is taken by value, so the borrows of its arrays end with the call.
+    ///
     /// # Errors
     /// [`Error::InvalidArgument`] naming the argument for a size, a length, an array in the wrong memory, a null
     /// or misaligned device pointer, and (CPU backend without `request_status`) the first bad request; CUDA
@@ -106,7 +108,7 @@ impl Backend {
     pub fn greedy_verify<T: LogitsElement>(
         &self,
         stream: Stream<'_>,
-        inputs: GreedyInputs<'_, T>,
+        inputs: &GreedyInputs<'_, T>,
         outputs: GreedyOutputs<'_>,
     ) -> Result<()> {
         let shape = inputs.shape(&outputs)?;

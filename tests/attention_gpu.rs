@@ -88,7 +88,7 @@ fn run_gpu<T: HalfElement + DeviceRepr + ValidAsZeroBits>(
         request_status: Some(status.out(stream).into()),
     };
     Backend::Cuda(backend.clone())
-        .tree_attention(Stream::Cuda(stream), inputs, outputs)
+        .tree_attention(Stream::Cuda(stream), &inputs, outputs)
         .unwrap();
     stream.synchronize().unwrap();
     GpuResult {

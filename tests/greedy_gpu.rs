@@ -157,7 +157,7 @@ fn raw_pointers_on_the_legacy_default_stream() {
             )
         };
         Backend::Cuda(backend)
-            .greedy_verify(Stream::Default, inputs, outputs)
+            .greedy_verify(Stream::Default, &inputs, outputs)
             .unwrap();
     }
     assert_eq!(stream.clone_dtoh(&accepted).unwrap(), want.accepted);

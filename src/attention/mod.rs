@@ -399,7 +399,7 @@ impl Backend {
     pub fn tree_attention<T: HalfElement>(
         &self,
         stream: Stream<'_>,
-        inputs: TreeAttentionInputs<'_, T>,
+        inputs: &TreeAttentionInputs<'_, T>,
         outputs: TreeAttentionOutputs<'_, T>,
     ) -> Result<()> {
         inputs.check_lengths(&outputs)?;

@@ -166,7 +166,7 @@ pub unsafe extern "C" fn specdec_tree_attention(
                 lse,
                 request_status,
             };
-            backend.tree_attention(stream_arg(stream), inputs, outputs)
+            backend.tree_attention(stream_arg(stream), &inputs, outputs)
         })
     })
 }

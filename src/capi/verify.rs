@@ -97,7 +97,7 @@ pub unsafe extern "C" fn specdec_greedy_verify(
                     shape.num_draft_tokens,
                 )?,
             };
-            backend.greedy_verify(stream, inputs, outputs)
+            backend.greedy_verify(stream, &inputs, outputs)
         }
         let run = match dtype {
             DType::F32 => run::<f32>,

@@ -58,7 +58,7 @@ pub fn tree_attention<T: HalfElement>(
         lse: lse.map(Into::into),
         request_status: request_status.map(Into::into),
     };
-    Backend::Cpu.tree_attention(Stream::Default, inputs, outputs)
+    Backend::Cpu.tree_attention(Stream::Default, &inputs, outputs)
 }
 
 /// The CPU tree attention, on arrays whose lengths the caller checked.

@@ -133,7 +133,7 @@ pub fn greedy_verify<T: LogitsElement>(
         emitted_tokens: emitted_tokens.into(),
         request_status: request_status.map(Into::into),
     };
-    Backend::Cpu.greedy_verify(Stream::Default, inputs, outputs)
+    Backend::Cpu.greedy_verify(Stream::Default, &inputs, outputs)
 }
 
 /// The CPU implementation, on arrays whose lengths `shape` has checked.

@@ -37,7 +37,7 @@
 //!     emitted_tokens: DeviceOut::new(&mut emitted, &stream).into(),
 //!     request_status: None,
 //! };
-//! Backend::Cuda(cuda.clone()).greedy_verify(Stream::Cuda(&stream), inputs, outputs)?;
+//! Backend::Cuda(cuda.clone()).greedy_verify(Stream::Cuda(&stream), &inputs, outputs)?;
 //! assert_eq!(stream.clone_dtoh(&accepted).unwrap(), [2]); // all-equal rows: argmax 0 everywhere
 //! # Ok(()) }
 //! ```

@@ -286,7 +286,7 @@ pub fn bad_sizes_are_refused_naming_the_argument(device: &TestDevice) {
         let mut status = device.upload_with_spare(&vec![POISON; status_len.unwrap_or(0)], POISON);
         let result = device.backend.greedy_verify(
             device.stream(),
-            GreedyInputs {
+            &GreedyInputs {
                 logits: logits.input_from(logits_from),
                 vocab_size: vocab,
                 draft_offsets: offsets.input(),
@@ -329,7 +329,7 @@ pub fn arrays_in_the_wrong_memory_are_refused(device: &TestDevice) {
             let device_logits = cuda.upload(&host_logits);
             let result = device.backend.greedy_verify(
                 device.stream(),
-                GreedyInputs {
+                &GreedyInputs {
                     logits: device_logits.input(),
                     vocab_size: 3,
                     draft_offsets: offsets.input(),
@@ -348,7 +348,7 @@ pub fn arrays_in_the_wrong_memory_are_refused(device: &TestDevice) {
     }
     let result = device.backend.greedy_verify(
         device.stream(),
-        GreedyInputs {
+        &GreedyInputs {
             logits: host_logits[..].into(),
             vocab_size: 3,
             draft_offsets: offsets.input(),

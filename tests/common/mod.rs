@@ -254,7 +254,7 @@ impl<T: TestElement> GreedyCase<T> {
         };
         device
             .backend
-            .greedy_verify(device.stream(), inputs, outputs)?;
+            .greedy_verify(device.stream(), &inputs, outputs)?;
         Ok(GreedyOutput {
             accepted: accepted.download(device),
             emitted: emitted.download(device),
