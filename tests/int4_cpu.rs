@@ -1,20 +1,21 @@
-//! The int4 format, quantizer, converters and GEMV on the CPU backend, against independent references: codes
-//! read one by one through `Int4Shape::locate` (the documented rule), the rounding rule applied weight by
-//! weight, GEMV sums in f64, and the GPTQ and AWQ checkpoint packers written from their published layouts.
-//! Fresh random data every run (seed printed).
+//! The int4 format, quantizer, converters and GEMV on the CPU backend, against independent references: the
+//! shared bodies of `tests/common/int4.rs` (also run on the GPU by `tests/int4_gpu.rs`: the rounding rule
+//! applied weight by weight, NaN groups, GEMV sums in f64), then what only the CPU does: codes read one by one
+//! through `Int4Shape::locate` by the dequantizer, bad scales, zeros and lengths refused by name, and the GPTQ
+//! and AWQ checkpoint packers written from their published layouts. Fresh random data every run (seed printed).
 
 mod common;
 
-use common::int4::{
-    awq_pack, gptq_pack, random_packed, random_weights, random_x, reference_gemv, ulp,
-    unit_roundoff, Packed,
-};
+use common::device::TestDevice;
+use common::int4::{awq_pack, gptq_pack, random_packed, random_weights, Packed};
 use common::rng;
 use half::{bf16, f16};
 use specdec::cpu;
 use specdec::int4::convert::{from_awq, from_gptq, GptqZeros};
-use specdec::int4::{quantize_value, scale_reciprocal, GemvShape, Int4Shape, GROUP_SIZES};
-use specdec::{Error, HalfElement};
+use specdec::int4::{GemvShape, Int4Shape, GROUP_SIZES};
+use specdec::Error;
+
+int4_tests!(Some(TestDevice::cpu()));
 
 fn argument_of<T: std::fmt::Debug>(r: Result<T, Error>) -> String {
     match r {
@@ -23,127 +24,15 @@ fn argument_of<T: std::fmt::Debug>(r: Result<T, Error>) -> String {
     }
 }
 
-fn quantize<T: HalfElement, S: HalfElement>(shape: Int4Shape, w: &[T]) -> Packed<S> {
-    let mut p = Packed::zeroed(shape);
-    cpu::int4_quantize(&shape, w, &mut p.packed, &mut p.scales, &mut p.zeros).unwrap();
-    p
-}
-
-/// The quantizer against the rule applied weight by weight, and its error bound.
-fn check_quantizer<T: HalfElement, S: HalfElement>(
-    shape: Int4Shape,
-    seed_rng: &mut rand::rngs::StdRng,
-) {
-    let w: Vec<T> = random_weights(seed_rng, &shape, true);
-    let p: Packed<S> = quantize(shape, &w);
-    let (u, floor) = unit_roundoff::<S>();
-    let (n, k, g) = (shape.n, shape.k, shape.group_size);
-    for row in 0..n {
-        for group in 0..k / g {
-            let values: Vec<f32> = (0..g)
-                .map(|i| w[row * k + group * g + i].to_f32())
-                .collect();
-            let meta = shape.meta_index(row, group * g);
-            let (s, z) = (p.scales[meta].to_f32(), p.zeros[meta]);
-            // Steps 1-3 written out again.
-            let lo = values.iter().fold(0.0f32, |a, &v| a.min(v));
-            let hi = values.iter().fold(0.0f32, |a, &v| a.max(v));
-            let mut expected_s = S::from_f32((hi - lo) / 15.0).to_f32();
-            if expected_s == 0.0 || !(1.0 / expected_s).is_finite() {
-                expected_s = 1.0;
-            }
-            assert_eq!(
-                s.to_bits(),
-                expected_s.to_bits(),
-                "scale of row {row} group {group}"
-            );
-            let r = scale_reciprocal(s).unwrap();
-            assert_eq!(
-                f32::from(z),
-                (-lo * r).round_ties_even().clamp(0.0, 15.0),
-                "zero of row {row} group {group}"
-            );
-            for (i, &v) in values.iter().enumerate() {
-                let col = group * g + i;
-                let q = p.code(row, col);
-                assert_eq!(q, quantize_value(v, r, z), "code of ({row}, {col})");
-                assert_eq!(
-                    f32::from(q),
-                    ((v * r).round_ties_even() + f32::from(z)).clamp(0.0, 15.0),
-                    "code of ({row}, {col}) against the clamp written out"
-                );
-                // |w - (q - z) s| <= s / 2 + 15.5 * (rounding error of s), derived in docs/int4-format.md.
-                let error = (f64::from(v) - p.weight(row, col)).abs();
-                let bound = 0.5 * f64::from(s)
-                    + 16.0 * (u * f64::from(s)).max(floor)
-                    + 1e-6 * f64::from(v).abs();
-                let bound = if s == 1.0 {
-                    bound.max(15.0 * 1e-4)
-                } else {
-                    bound
-                };
-                assert!(
-                    error <= bound,
-                    "({row}, {col}): w {v}, dequantized {}, s {s}: error {error} > {bound}",
-                    p.weight(row, col)
-                );
-            }
-        }
-    }
-}
-
 #[test]
-fn quantizer_follows_the_rule_and_bounds_the_error() {
-    let mut rng = rng("quantizer_follows_the_rule_and_bounds_the_error");
-    for g in GROUP_SIZES {
-        for (n, k) in [(16, 128), (48, 256), (32, 4224)] {
-            let shape = Int4Shape::new(n, k, g).unwrap();
-            check_quantizer::<f16, f16>(shape, &mut rng);
-            check_quantizer::<bf16, bf16>(shape, &mut rng);
-            check_quantizer::<bf16, f16>(shape, &mut rng);
-            check_quantizer::<f16, bf16>(shape, &mut rng);
-        }
-    }
-}
-
-#[test]
-fn groups_with_nan_or_infinities_become_nan_groups_alone() {
-    let shape = Int4Shape::new(16, 128, 32).unwrap();
-    let mut rng = rng("groups_with_nan_or_infinities_become_nan_groups_alone");
-    let mut w: Vec<bf16> = random_weights(&mut rng, &shape, false);
-    w[3 * 128 + 40] = bf16::NAN; // row 3, group 1
-    w[5 * 128 + 100] = bf16::INFINITY; // row 5, group 3
-    w[7 * 128] = bf16::from_f32(-1e30); // row 7, group 0: finite, but its scale overflows fp16
-    let p: Packed<f16> = quantize(shape, &w);
-    let clean: Packed<f16> = quantize(shape, &random_weights::<bf16>(&mut rng, &shape, false));
-    for (row, group) in [(3, 1), (5, 3), (7, 0)] {
-        let meta = group * 16 + row;
-        assert_eq!(p.scales[meta].to_bits(), 0x7E00, "row {row} group {group}");
-        assert_eq!(p.zeros[meta], 0);
-        assert!((0..32).all(|i| p.code(row, group * 32 + i) == 0));
-    }
-    let nan_groups = p.scales.iter().filter(|s| s.is_nan()).count();
-    assert_eq!(nan_groups, 3);
-    assert!(clean.scales.iter().all(|s| s.to_f32().is_finite()));
-    // Their rows of a GEMV are NaN, the others finite.
-    let shape_m = GemvShape::new(1, shape).unwrap();
-    let x = vec![bf16::from_f32(1.0); 128];
-    let mut y = vec![bf16::from_f32(0.0); 16];
-    cpu::int4_gemv(&shape_m, &p.packed, &p.scales, &p.zeros, &x, &mut y).unwrap();
-    for (row, v) in y.iter().enumerate() {
-        assert_eq!(v.is_nan(), [3, 5, 7].contains(&row), "row {row}: {v}");
-    }
-}
-
-#[test]
-fn packing_with_given_scales_reproduces_the_quantizer_and_checks_them() {
-    let mut rng = rng("packing_with_given_scales_reproduces_the_quantizer_and_checks_them");
+/// Given scales and zeros are checked (the CUDA kernel, which cannot report, gives such a group codes 0); the
+/// codes of valid ones are `packing_with_the_quantizers_scales_reproduces_its_codes`.
+fn packing_with_given_scales_checks_them() {
+    let mut rng = rng("packing_with_given_scales_checks_them");
     let shape = Int4Shape::new(32, 256, 64).unwrap();
     let w: Vec<f16> = random_weights(&mut rng, &shape, true);
-    let p: Packed<f16> = quantize(shape, &w);
+    let p: Packed<f16> = common::int4::quantize_on(&TestDevice::cpu(), shape, &w);
     let mut packed = vec![0xDEAD_BEEF; shape.packed_len()];
-    cpu::int4_pack(&shape, &w, &p.scales, &p.zeros, &mut packed).unwrap();
-    assert_eq!(packed, p.packed);
 
     let mut bad_scale = |i: usize, v: f32| {
         let mut s = p.scales.clone();
@@ -217,64 +106,6 @@ fn dequantize_reads_every_code_where_the_format_puts_it() {
     }
 }
 
-fn check_gemv<A: HalfElement, S: HalfElement>(
-    rng: &mut rand::rngs::StdRng,
-    shape: Int4Shape,
-    m: usize,
-) {
-    let p: Packed<S> = random_packed(rng, shape);
-    let x: Vec<A> = random_x(rng, m * shape.k);
-    let gemv = GemvShape::new(m, shape).unwrap();
-    let mut y = vec![A::NAN; m * shape.n]; // poisoned
-    cpu::int4_gemv(&gemv, &p.packed, &p.scales, &p.zeros, &x, &mut y).unwrap();
-    let (reference, _) = reference_gemv(&p, &x, m);
-    for (i, (&got, &want)) in y.iter().zip(&reference).enumerate() {
-        // f64 sums in another order: the result is the rounded reference, to half an ulp (plus f64 noise).
-        let error = (f64::from(got.to_f32()) - want).abs();
-        assert!(
-            error <= 0.5 * ulp::<A>(want) * (1.0 + 1e-9) + 1e-12 * want.abs(),
-            "{shape:?} m {m} output {i}: {} vs {want}",
-            got.to_f32()
-        );
-    }
-}
-
-#[test]
-fn gemv_matches_an_f64_reference_for_every_group_dtype_and_m() {
-    let mut rng = rng("gemv_matches_an_f64_reference_for_every_group_dtype_and_m");
-    for g in GROUP_SIZES {
-        for m in 1..=16 {
-            let shape = Int4Shape::new(32, 256, g).unwrap();
-            check_gemv::<f16, f16>(&mut rng, shape, m);
-            check_gemv::<bf16, bf16>(&mut rng, shape, m);
-            check_gemv::<f16, bf16>(&mut rng, shape, m);
-            check_gemv::<bf16, f16>(&mut rng, shape, m);
-        }
-    }
-}
-
-#[test]
-fn gemv_handles_the_awkward_shapes() {
-    let mut rng = rng("gemv_handles_the_awkward_shapes");
-    // The smallest allowed, 4096 + 128, and 11008 / 14336 / 28672 on one side (the other kept small).
-    for (n, k, g) in [
-        (16, 64, 32),
-        (16, 64, 64),
-        (16, 128, 128),
-        (4224, 64, 64),
-        (16, 4224, 128),
-        (11008, 64, 32),
-        (16, 11008, 64),
-        (16, 14336, 128),
-        (14336, 128, 128),
-        (32, 28672, 128),
-    ] {
-        let shape = Int4Shape::new(n, k, g).unwrap();
-        check_gemv::<bf16, bf16>(&mut rng, shape, 1);
-        check_gemv::<f16, f16>(&mut rng, shape, 3);
-    }
-}
-
 #[test]
 fn gemv_rejects_bad_arguments_naming_them() {
     let shape = Int4Shape::new(16, 64, 32).unwrap();
@@ -344,7 +175,11 @@ fn gptq_checkpoints_convert_exactly() {
     for g in GROUP_SIZES {
         let shape = Int4Shape::new(32, 256, g).unwrap();
         // A quantized matrix, written out as GPTQ would store it, read back.
-        let original: Packed<f16> = quantize(shape, &random_weights::<f16>(&mut rng, &shape, true));
+        let original: Packed<f16> = common::int4::quantize_on(
+            &TestDevice::cpu(),
+            shape,
+            &random_weights::<f16>(&mut rng, &shape, true),
+        );
         for (minus_one, format) in [(true, GptqZeros::MinusOne), (false, GptqZeros::Exact)] {
             let (qweight, qzeros) =
                 gptq_pack(&original.codes(), &original.zeros, &shape, minus_one);

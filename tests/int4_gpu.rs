@@ -1,12 +1,9 @@
-//! The int4 kernels on the GPU against the CPU reference: the quantizer byte for byte (every group size,
-//! weight and scale dtype, NaN and infinite groups, awkward shapes), packing with given scales byte for byte,
-//! and the GEMV against the f64 reference for every group size, dtype pair and M = 1..16, on awkward N and K.
-//! Fresh random data every run (seed printed); outputs are poisoned first and written into the middle of a
-//! larger poisoned buffer, whose margins must stay untouched.
-//!
-//! GEMV tolerance: |y - y_ref| <= ulp(y_ref) (the output's rounding, half an ulp, doubled for slack) +
-//! 2^-14 * sum_k |w_k x_k| (fp32 accumulation over up to 28672 terms in tensor cores, which truncate; typical
-//! error is below 2^-20 of that sum).
+//! The int4 kernels on the GPU: the shared bodies of `tests/common/int4.rs` (the same ones `tests/int4_cpu.rs`
+//! runs on the CPU backend: the quantizer against its rule, NaN groups, packing with given scales, the GEMV
+//! against the f64 reference for every group size, dtype pair and M = 1..16 on awkward N and K, with the
+//! tolerance stated there), then what only the GPU has: the quantizer and packer byte for byte against the CPU
+//! on large shapes with NaN and infinite groups, misaligned or short device arrays, and the C ABI on device
+//! pointers. Fresh random data every run (seed printed); outputs are poisoned first and checked past their ends.
 //!
 //! Without a usable GPU every test prints why it was skipped and passes; with `SPECDEC_REQUIRE_GPU=1` it fails.
 
@@ -15,8 +12,9 @@ mod common;
 use std::ffi::c_void;
 use std::sync::Arc;
 
+use common::device::TestDevice;
 use common::guarded::Guarded;
-use common::int4::{random_packed, random_weights, random_x, reference_gemv, ulp, Packed};
+use common::int4::{random_weights, random_x, reference_gemv, ulp, Packed};
 use common::{gpu, rng};
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, ValidAsZeroBits};
 use half::{bf16, f16};
@@ -28,6 +26,8 @@ use specdec::cpu;
 use specdec::cuda::{CudaBackend, DeviceIn, DeviceOut};
 use specdec::int4::{GemvShape, Int4Gemv, Int4Pack, Int4Quantize, Int4Shape, GROUP_SIZES};
 use specdec::{Error, HalfElement};
+
+int4_tests!(TestDevice::cuda("int4_gpu"));
 
 fn quantize_on_gpu<T: HalfElement + DeviceRepr, S: HalfElement + DeviceRepr + ValidAsZeroBits>(
     backend: &CudaBackend,
@@ -140,137 +140,6 @@ fn quantizer_is_byte_identical_to_the_cpu() {
             check_quantizer::<f16, f16>(&backend, &stream, &mut rng, shape);
             check_quantizer::<bf16, f16>(&backend, &stream, &mut rng, shape);
             check_quantizer::<f16, bf16>(&backend, &stream, &mut rng, shape);
-        }
-    }
-}
-
-fn check_gemv<A: HalfElement + DeviceRepr + ValidAsZeroBits, S: HalfElement + DeviceRepr>(
-    backend: &CudaBackend,
-    stream: &Arc<CudaStream>,
-    rng: &mut StdRng,
-    shape: Int4Shape,
-    m: usize,
-) {
-    let p: Packed<S> = random_packed(rng, shape);
-    let x: Vec<A> = random_x(rng, m * shape.k);
-    let gemv = GemvShape::new(m, shape).unwrap();
-    let (packed, scales, zeros, xs) = (
-        stream.clone_htod(&p.packed).unwrap(),
-        stream.clone_htod(&p.scales).unwrap(),
-        stream.clone_htod(&p.zeros).unwrap(),
-        stream.clone_htod(&x).unwrap(),
-    );
-    let mut y = Guarded::new(stream, m * shape.n, A::NAN);
-    Backend::Cuda(backend.clone())
-        .int4_gemv(
-            Stream::Cuda(stream),
-            Int4Gemv {
-                shape: gemv,
-                packed: DeviceIn::new(&packed, stream).into(),
-                scales: DeviceIn::new(&scales, stream).into(),
-                zeros: DeviceIn::new(&zeros, stream).into(),
-                x: DeviceIn::new(&xs, stream).into(),
-                y: y.out(stream).into(),
-            },
-        )
-        .unwrap();
-    let got = y.read(stream, "y");
-    let (reference, magnitude) = reference_gemv(&p, &x, m);
-    for i in 0..got.len() {
-        let (g, want) = (f64::from(got[i].to_f32()), reference[i]);
-        let tolerance = ulp::<A>(want) + 2f64.powi(-14) * magnitude[i];
-        assert!(
-            (g - want).abs() <= tolerance,
-            "{shape:?} m {m} {:?}/{:?}: y[{}, {}] = {g}, reference {want} (tolerance {tolerance})",
-            A::DTYPE,
-            S::DTYPE,
-            i / shape.n,
-            i % shape.n
-        );
-    }
-}
-
-#[test]
-fn gemv_matches_the_f64_reference_for_every_group_dtype_and_m() {
-    let Some(backend) = gpu("gemv_matches_the_f64_reference_for_every_group_dtype_and_m") else {
-        return;
-    };
-    let stream = backend.context().new_stream().unwrap();
-    let mut rng = rng("gemv_matches_the_f64_reference_for_every_group_dtype_and_m");
-    for g in GROUP_SIZES {
-        let shape = Int4Shape::new(4096 + 128, 1024, g).unwrap();
-        for m in 1..=16 {
-            check_gemv::<bf16, bf16>(&backend, &stream, &mut rng, shape, m);
-            check_gemv::<f16, f16>(&backend, &stream, &mut rng, shape, m);
-        }
-        for m in [1, 8, 9, 16] {
-            check_gemv::<bf16, f16>(&backend, &stream, &mut rng, shape, m);
-            check_gemv::<f16, bf16>(&backend, &stream, &mut rng, shape, m);
-        }
-    }
-}
-
-#[test]
-fn gemv_handles_the_awkward_shapes() {
-    let Some(backend) = gpu("gemv_handles_the_awkward_shapes") else {
-        return;
-    };
-    let stream = backend.context().new_stream().unwrap();
-    let mut rng = rng("gemv_handles_the_awkward_shapes");
-    // The smallest allowed; 4096 + 128; 11008, 14336, 28672 as N and as K; N giving 1, 2 and 4 row tiles per block;
-    // N small enough that K is split across blocks.
-    let shapes = [
-        (16, 64, 32),
-        (16, 64, 64),
-        (16, 128, 128),
-        (4224, 4224, 128),
-        (11008, 4096, 128),
-        (4096, 11008, 64),
-        (14336, 4096, 32),
-        (4096, 14336, 128),
-        (28672, 512, 128),
-        (512, 28672, 128),
-        // A K/V projection of an 8B model: 64 row blocks, so K is split (5 ways on 132 SMs) and summed after.
-        (1024, 4096, 32),
-    ];
-    for (n, k, g) in shapes {
-        let shape = Int4Shape::new(n, k, g).unwrap();
-        for m in [1, 7, 16] {
-            check_gemv::<bf16, bf16>(&backend, &stream, &mut rng, shape, m);
-        }
-        check_gemv::<f16, f16>(&backend, &stream, &mut rng, shape, 3);
-    }
-}
-
-#[test]
-fn quantize_then_gemv_on_the_device_tracks_the_unquantized_product() {
-    // The drafter's path end to end: bf16 weights requantized on the device, then multiplied. The result must
-    // be within the quantization error bound of x W^T computed from the original weights.
-    let Some(backend) = gpu("quantize_then_gemv_on_the_device_tracks_the_unquantized_product")
-    else {
-        return;
-    };
-    let stream = backend.context().new_stream().unwrap();
-    let mut rng = rng("quantize_then_gemv_on_the_device_tracks_the_unquantized_product");
-    let shape = Int4Shape::new(1024, 2048, 128).unwrap();
-    let w: Vec<bf16> = random_weights(&mut rng, &shape, false);
-    let p: Packed<bf16> = quantize_on_gpu(&backend, &stream, shape, &w);
-    let x: Vec<bf16> = random_x(&mut rng, 4 * shape.k);
-    let (quantized, _) = reference_gemv(&p, &x, 4);
-    for i in 0..4 {
-        for row in 0..shape.n {
-            let (mut exact, mut bound) = (0.0f64, 0.0f64);
-            for col in 0..shape.k {
-                let xv = f64::from(x[i * shape.k + col].to_f32());
-                exact += f64::from(w[row * shape.k + col].to_f32()) * xv;
-                let s = f64::from(p.scales[shape.meta_index(row, col)].to_f32());
-                bound += 0.57 * s * xv.abs(); // s / 2 plus 16 roundings of a bf16 scale (2^-8 each)
-            }
-            let q = quantized[i * shape.n + row];
-            assert!(
-                (q - exact).abs() <= bound,
-                "row {row}: quantized {q}, exact {exact}, bound {bound}"
-            );
         }
     }
 }

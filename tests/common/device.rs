@@ -43,13 +43,13 @@ pub struct TestDevice {
 
 /// Element types the tests move between host and device.
 #[cfg(feature = "cuda")]
-pub trait Element: Copy + DeviceRepr + Default {}
+pub trait Element: Copy + DeviceRepr + Default + PartialEq + std::fmt::Debug {}
 #[cfg(feature = "cuda")]
-impl<T: Copy + DeviceRepr + Default> Element for T {}
+impl<T: Copy + DeviceRepr + Default + PartialEq + std::fmt::Debug> Element for T {}
 #[cfg(not(feature = "cuda"))]
-pub trait Element: Copy + Default {}
+pub trait Element: Copy + Default + PartialEq + std::fmt::Debug {}
 #[cfg(not(feature = "cuda"))]
-impl<T: Copy + Default> Element for T {}
+impl<T: Copy + Default + PartialEq + std::fmt::Debug> Element for T {}
 
 /// An array in a test device's memory.
 pub enum Array<T> {
@@ -130,7 +130,7 @@ impl TestDevice {
     }
 }
 
-impl<T: Element + PartialEq + std::fmt::Debug> Array<T> {
+impl<T: Element> Array<T> {
     /// A view to read. Device views are raw pointers into the array, used on the device's one stream (which
     /// orders every upload, launch and download of a test), and borrow the array for their life.
     pub fn input(&self) -> In<'_, T> {

@@ -52,7 +52,7 @@ pub fn rng(test: &str) -> StdRng {
 }
 
 /// Logits types the tests generate from f32 values.
-pub trait TestElement: LogitsElement + device::Element + PartialEq + std::fmt::Debug {
+pub trait TestElement: LogitsElement + device::Element {
     fn from_f32(x: f32) -> Self;
 }
 impl TestElement for f32 {
