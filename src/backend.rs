@@ -105,12 +105,15 @@ impl Backend {
                 cuda.check_stream(stream)?;
                 Ok(stream.cu_stream())
             }
-            Stream::Raw(stream) => Ok(stream),
+            Stream::Raw(RawStream(stream)) => Ok(stream),
         }
     }
 }
 
 /// The stream a CUDA backend enqueues work on; the CPU backend ignores it.
+///
+/// cudarc tracks the arrays it hands out ([`crate::cuda::DeviceIn::new`]) per stream: run a call on the stream
+/// its arrays were borrowed for (`Stream::Cuda(&stream)`), or order the streams yourself.
 #[derive(Clone, Copy, Default)]
 pub enum Stream<'a> {
     /// The legacy default stream (a null `CUstream`), or no stream on the CPU.
@@ -119,13 +122,32 @@ pub enum Stream<'a> {
     /// A cudarc stream; it must belong to the backend's device.
     #[cfg(feature = "cuda")]
     Cuda(&'a CudaStream),
-    /// A raw `CUstream` / `cudaStream_t` of another runtime (PyTorch, an engine), in the device's primary
-    /// context.
+    /// A raw `CUstream` / `cudaStream_t` of another runtime (PyTorch, an engine), made by the unsafe
+    /// [`Stream::from_raw`].
     #[cfg(feature = "cuda")]
-    Raw(sys::CUstream),
+    Raw(RawStream),
     #[doc(hidden)]
     #[cfg(not(feature = "cuda"))]
     _Unused(std::marker::PhantomData<&'a ()>),
+}
+
+/// A raw stream handle, only made by [`Stream::from_raw`] (whose contract makes the launch sound).
+#[cfg(feature = "cuda")]
+#[derive(Clone, Copy, Debug)]
+pub struct RawStream(sys::CUstream);
+
+#[cfg(feature = "cuda")]
+impl Stream<'static> {
+    /// A stream of another runtime, such as PyTorch's `torch.cuda.current_stream().cuda_stream`.
+    ///
+    /// # Safety
+    /// `stream` must be null (the legacy default stream) or a live `CUstream` / `cudaStream_t` of the device's
+    /// primary context, for every call it is passed to. Arrays borrowed through cudarc
+    /// ([`crate::cuda::DeviceIn::new`]) are synchronised by cudarc on the stream they were borrowed for, not
+    /// on this one: order their work with this stream yourself.
+    pub unsafe fn from_raw(stream: sys::CUstream) -> Self {
+        Stream::Raw(RawStream(stream))
+    }
 }
 
 #[cfg(feature = "cuda")]

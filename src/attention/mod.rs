@@ -466,11 +466,13 @@ impl Backend {
         }
     }
 
-    /// Compaction of accepted paths in every layer's cache ([`KvCompaction`]).
+    /// Compaction of accepted paths in every layer's cache ([`KvCompaction`]). Elements are moved unchanged:
+    /// any `T` on the CPU, 16-bit elements on CUDA.
     ///
     /// # Errors
-    /// As [`Backend::tree_attention`]; on CUDA also more than `MAX_COMPACTION_LAYERS` layers.
-    pub fn tree_kv_compact<T: HalfElement>(
+    /// As [`Backend::tree_attention`]; on CUDA also more than `MAX_COMPACTION_LAYERS` layers, or elements that
+    /// are not 16 bits.
+    pub fn tree_kv_compact<T: Copy>(
         &self,
         stream: Stream<'_>,
         args: KvCompaction<'_, T>,
@@ -494,6 +496,15 @@ impl Backend {
             }
             #[cfg(feature = "cuda")]
             Backend::Cuda(cuda) => {
+                if size_of::<T>() != 2 {
+                    return Err(Error::invalid(
+                        "k_caches",
+                        format!(
+                            "hold {}-byte elements; the CUDA kernel moves 16-bit ones (fp16 or bf16)",
+                            size_of::<T>()
+                        ),
+                    ));
+                }
                 let layers = |caches: &[Out<'_, T>], name: &str| -> Result<Vec<u64>> {
                     caches
                         .iter()

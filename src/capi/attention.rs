@@ -119,39 +119,26 @@ pub unsafe extern "C" fn specdec_tree_attention(
             rope,
         )?;
         let backend = &ctx.backend;
-        let cos_sin_cache = if cos_sin_cache.is_null() {
-            None
-        } else {
-            Some(array_in(
-                backend,
-                "cos_sin_cache",
-                cos_sin_cache,
-                shape.cos_sin_len(),
-            )?)
-        };
-        let token_offsets = array_in(
-            backend,
-            "token_offsets",
-            token_offsets,
-            shape.num_requests + 1,
-        )?;
-        let parents = array_in(backend, "parents", parents, shape.num_tokens)?;
-        let prefix_lens = array_in(backend, "prefix_lens", prefix_lens, shape.num_requests)?;
-        let page_table = array_in(backend, "page_table", page_table, shape.page_table_len())?;
-        let lse = optional_out(backend, "lse", lse, shape.lse_len())?;
-        let request_status = optional_out(
-            backend,
-            "request_status",
-            request_status,
-            shape.num_requests,
-        )?;
+        // Every array resolved in the order of the arguments, so that both contexts name the same bad one.
         with_half!(dtype, T => {
             let cache_len = shape.cache.cache_len();
+            let (b, n) = (shape.num_requests, shape.num_tokens);
+            let q = array_in(backend, "q", q as *const T, shape.q_len())?;
+            let k = array_in(backend, "k", k as *const T, shape.kv_len())?;
+            let v = array_in(backend, "v", v as *const T, shape.kv_len())?;
+            let token_offsets = array_in(backend, "token_offsets", token_offsets, b + 1)?;
+            let parents = array_in(backend, "parents", parents, n)?;
+            let prefix_lens = array_in(backend, "prefix_lens", prefix_lens, b)?;
+            let page_table = array_in(backend, "page_table", page_table, shape.page_table_len())?;
+            let k_cache = array_out(backend, "k_cache", k_cache as *mut T, cache_len)?;
+            let v_cache = array_out(backend, "v_cache", v_cache as *mut T, cache_len)?;
+            let cos_sin_cache =
+                optional_in(backend, "cos_sin_cache", cos_sin_cache, shape.cos_sin_len())?;
             let inputs = TreeAttentionInputs {
                 shape,
-                q: array_in(backend, "q", q as *const T, shape.q_len())?,
-                k: array_in(backend, "k", k as *const T, shape.kv_len())?,
-                v: array_in(backend, "v", v as *const T, shape.kv_len())?,
+                q,
+                k,
+                v,
                 token_offsets,
                 parents,
                 prefix_lens,
@@ -160,11 +147,11 @@ pub unsafe extern "C" fn specdec_tree_attention(
                 softmax_scale,
             };
             let outputs = TreeAttentionOutputs {
-                k_cache: array_out(backend, "k_cache", k_cache as *mut T, cache_len)?,
-                v_cache: array_out(backend, "v_cache", v_cache as *mut T, cache_len)?,
+                k_cache,
+                v_cache,
                 out: array_out(backend, "out", out as *mut T, shape.q_len())?,
-                lse,
-                request_status,
+                lse: optional_out(backend, "lse", lse, shape.lse_len())?,
+                request_status: optional_out(backend, "request_status", request_status, b)?,
             };
             backend.tree_attention(stream_arg(stream), &inputs, outputs)
         })

@@ -383,7 +383,8 @@ unsafe fn optional_slice<'a, T>(
 }
 
 /// An array of `len` elements at `ptr` in the context's memory: a host slice ([`host_slice`]) on a CPU context,
-/// raw device memory on a CUDA context (checked non-null and aligned by the backend).
+/// raw device memory on a CUDA context, checked non-null (unless empty) and aligned there too, so that both
+/// contexts name a bad pointer alike.
 ///
 /// # Safety
 /// As [`host_slice`] on a CPU context; on a CUDA context, as [`crate::cuda::DeviceIn::from_raw`].
@@ -413,9 +414,12 @@ unsafe fn array_out<'a, T>(
     match backend {
         Backend::Cpu => host_slice_mut(argument, ptr, len).map(Out::Host),
         #[cfg(feature = "cuda")]
-        Backend::Cuda(_) => Ok(Out::Device(crate::cuda::DeviceOut::from_raw(
-            ptr as u64, len,
-        ))),
+        Backend::Cuda(_) => {
+            crate::cuda::check_device_ptr(argument, ptr as u64, len, std::mem::align_of::<T>())?;
+            Ok(Out::Device(crate::cuda::DeviceOut::from_raw(
+                ptr as u64, len,
+            )))
+        }
     }
 }
 
@@ -457,7 +461,8 @@ unsafe fn optional_out<'a, T>(
 fn stream_arg<'a>(stream: *mut c_void) -> Stream<'a> {
     #[cfg(feature = "cuda")]
     if !stream.is_null() {
-        return Stream::Raw(stream as _);
+        // SAFETY: the C functions' contract: `stream` is a stream of the context's device.
+        return unsafe { Stream::from_raw(stream as _) };
     }
     Stream::Default
 }

@@ -49,53 +49,37 @@ pub unsafe extern "C" fn specdec_greedy_verify(
             size_arg("num_draft_tokens", num_draft_tokens)?,
             size_arg("emit_width", emit_width)?,
         )?;
-        let backend = &ctx.backend;
-        let outputs = GreedyOutputs {
-            emit_width: shape.emit_width,
-            accepted_counts: array_out(
-                backend,
-                "accepted_counts",
-                accepted_counts,
-                shape.num_requests,
-            )?,
-            emitted_tokens: array_out(
-                backend,
-                "emitted_tokens",
-                emitted_tokens,
-                shape.emitted_len(),
-            )?,
-            request_status: optional_out(
-                backend,
-                "request_status",
-                request_status,
-                shape.num_requests,
-            )?,
-        };
-        /// The logits as `T`, then the call on the context's backend.
+        /// The call with the logits as `T`; every array is resolved in the order of the arguments, inputs
+        /// first, so that both contexts name the same bad one.
+        #[allow(clippy::too_many_arguments)]
         unsafe fn run<T: LogitsElement>(
             backend: &Backend,
             shape: &GreedyShape,
             logits: *const c_void,
             draft_offsets: *const i32,
             draft_tokens: *const i32,
-            outputs: GreedyOutputs<'_>,
+            accepted_counts: *mut i32,
+            emitted_tokens: *mut i32,
+            request_status: *mut i32,
             stream: Stream<'_>,
         ) -> Result<()> {
+            let (b, emitted_len) = (shape.num_requests, shape.emitted_len());
             let inputs = GreedyInputs {
                 logits: array_in(backend, "logits", logits as *const T, shape.logits_len())?,
                 vocab_size: shape.vocab_size,
-                draft_offsets: array_in(
-                    backend,
-                    "draft_offsets",
-                    draft_offsets,
-                    shape.num_requests + 1,
-                )?,
+                draft_offsets: array_in(backend, "draft_offsets", draft_offsets, b + 1)?,
                 draft_tokens: array_in(
                     backend,
                     "draft_tokens",
                     draft_tokens,
                     shape.num_draft_tokens,
                 )?,
+            };
+            let outputs = GreedyOutputs {
+                emit_width: shape.emit_width,
+                accepted_counts: array_out(backend, "accepted_counts", accepted_counts, b)?,
+                emitted_tokens: array_out(backend, "emitted_tokens", emitted_tokens, emitted_len)?,
+                request_status: optional_out(backend, "request_status", request_status, b)?,
             };
             backend.greedy_verify(stream, &inputs, outputs)
         }
@@ -104,15 +88,16 @@ pub unsafe extern "C" fn specdec_greedy_verify(
             DType::F16 => run::<f16>,
             DType::BF16 => run::<bf16>,
         };
-        let stream = stream_arg(stream);
         run(
-            backend,
+            &ctx.backend,
             &shape,
             logits,
             draft_offsets,
             draft_tokens,
-            outputs,
-            stream,
+            accepted_counts,
+            emitted_tokens,
+            request_status,
+            stream_arg(stream),
         )
     })
 }
@@ -492,8 +477,8 @@ impl RejectionCall {
                 draft_tokens: tokens,
             }
         };
-        // As the device path's SamplingDevicePtrs::check: logits need temperatures (null only for an empty
-        // batch, like every array), probabilities refuse each sampling parameter by its own name.
+        // On either context: logits need temperatures (null only for an empty batch, like every array), and
+        // probabilities refuse each sampling parameter by its own (C) name.
         let params = if target.is_logits() {
             if sampling.temperature.is_null() && b > 0 {
                 return Err(Error::invalid(

@@ -291,7 +291,7 @@ fn check_distinct_append_slots(
 /// anything moves. With `request_status` (`[B]`), a bad request is flagged alone and nothing of it moves;
 /// without it, the first bad request's error fails the call.
 #[allow(clippy::too_many_arguments)]
-pub fn tree_kv_compact<T: HalfElement>(
+pub fn tree_kv_compact<T: Copy>(
     shape: &CompactionShape,
     accepted_offsets: &[i32],
     accepted_nodes: &[i32],

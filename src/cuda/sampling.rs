@@ -92,12 +92,8 @@ pub(crate) struct SamplingDevicePtrs {
 
 impl SamplingDevicePtrs {
     /// The device addresses of a call's arrays (each non-null unless empty, and aligned for its element), for
-    /// arrays whose lengths `shape` has checked.
-    pub(crate) fn of(
-        shape: &VerifyShape,
-        inputs: &VerifyInputs<'_>,
-        outputs: &VerifyOutputs<'_>,
-    ) -> Result<Self> {
+    /// arrays whose lengths `VerifyShape::of` has checked.
+    pub(crate) fn of(inputs: &VerifyInputs<'_>, outputs: &VerifyOutputs<'_>) -> Result<Self> {
         let (offsets, tokens, parents) = match &inputs.drafts {
             Drafts::Chain {
                 draft_offsets,
@@ -120,7 +116,6 @@ impl SamplingDevicePtrs {
         let optional_in =
             |array: Option<&In<'_, f32>>, name: &str| array.map_or(Ok(0), |a| a.device(name));
         let (params, draft_params) = (inputs.params.as_ref(), inputs.draft_params.as_ref());
-        let _ = shape;
         Ok(SamplingDevicePtrs {
             kind: inputs.target.kind(),
             target: inputs.target.device("target")?,

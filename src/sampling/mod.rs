@@ -556,7 +556,7 @@ impl Backend {
             }
             #[cfg(feature = "cuda")]
             Backend::Cuda(cuda) => {
-                let ptrs = crate::cuda::sampling::SamplingDevicePtrs::of(&shape, inputs, &outputs)?;
+                let ptrs = crate::cuda::sampling::SamplingDevicePtrs::of(inputs, &outputs)?;
                 ptrs.check(&shape)?;
                 let stream = Backend::cu_stream(cuda, stream)?;
                 cuda.launch_rejection_verify(stream, &shape, &ptrs)
@@ -786,7 +786,7 @@ impl VerifyShape {
 
 /// One node of a request's tree, with where its rows are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Node {
+pub(crate) struct Node {
     /// The draft token (node 0: not used, -1).
     pub token: i32,
     /// The parent's index (node 0: -1).
@@ -799,7 +799,7 @@ pub struct Node {
 
 /// Request `b`'s tree and parameters, checked.
 #[derive(Debug, Clone, PartialEq)]
-pub struct CheckedRequest {
+pub(crate) struct CheckedRequest {
     /// Node 0 (the root) first, then the drafts in index order.
     pub nodes: Vec<Node>,
     /// The target rows' parameters (logits), `None` for probabilities.
