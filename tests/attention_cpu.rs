@@ -1,8 +1,10 @@
 //! Tree attention and compaction on the CPU backend, against the naive reference of `common::attention` (which
 //! reads the cache through its own logical view and attends over each node's explicit root-to-node path), on
-//! fresh random data (seed printed): chain, star, random and full binary trees; T = 1; L = 0; L not a multiple of
-//! the page size; shuffled pages; GQA ratios 1, 4 and 8; fp16 and bf16; head dims 64, 128 and 256; RoPE off,
-//! NeoX and GPT-J. Then every bad input, named, with nothing written.
+//! fresh random data (seed printed): the shared bodies of `tests/common/attention.rs` (also run on the GPU by
+//! `tests/attention_gpu.rs`: chain, star, random and full binary trees; L = 0; L not a multiple of the page
+//! size; shuffled pages; GQA ratios 1, 4 and 8; fp16 and bf16; head dims 64, 128 and 256; RoPE off, NeoX and
+//! GPT-J), then T = 1 against plain decode attention, compaction, NaN keys, and every bad input, named, with
+//! nothing written.
 //!
 //! Tolerances (CPU: f64 sums, one rounding): `|out - ref| <= eps * |ref| + 2^-24` (the final rounding is half an
 //! ulp, at most `eps / 2 * |ref|` or half fp16's subnormal step; the rest is slack for the f64 summation order), `|lse - ref| <= 1e-6 * (1 +
@@ -11,148 +13,15 @@
 
 mod common;
 
-use common::attention::{
-    chain, epsilon, full_binary, path, random_tree, star, worst_violation, Problem, Spec,
-};
+attention_tests!(Some(common::device::TestDevice::cpu()));
+
+use common::attention::{chain, epsilon, star, Problem, Spec, SUBNORMAL_STEP};
 use common::rng;
 use half::{bf16, f16};
 use rand::rngs::StdRng;
 use rand::Rng;
 use specdec::attention::{CompactionShape, PagedCacheShape, RopeStyle, TreeAttentionShape};
 use specdec::{cpu, Error, HalfElement, RequestStatus};
-
-/// The spacing of fp16's subnormals, which bounds the absolute rounding error of tiny outputs.
-const SUBNORMAL_STEP: f64 = 1.0 / (1u64 << 24) as f64;
-
-/// Checks outputs against the reference and the cache against the expected appends.
-fn check<T: HalfElement>(p: &Problem<T>, label: &str) {
-    let (out, lse, k_cache, v_cache) = p.run_cpu();
-    let (want_out, want_lse) = p.reference();
-    let got: Vec<f64> = out.iter().map(|x| f64::from(x.to_f32())).collect();
-    let eps = epsilon::<T>();
-    if let Some((i, g, w)) = worst_violation(&got, &want_out, |i| {
-        eps * want_out[i].abs() + SUBNORMAL_STEP
-    }) {
-        panic!("{label}: out[{i}] = {g}, reference {w}");
-    }
-    let got: Vec<f64> = lse.iter().map(|&x| f64::from(x)).collect();
-    if let Some((i, g, w)) = worst_violation(&got, &want_lse, |i| 1e-6 * (1.0 + want_lse[i].abs()))
-    {
-        panic!("{label}: lse[{i}] = {g}, reference {w}");
-    }
-    check_appended(p, &k_cache, &v_cache, label);
-}
-
-/// The rows at slots L_b + i hold the rotated keys and the values; every other element is unchanged.
-fn check_appended<T: HalfElement>(p: &Problem<T>, k_cache: &[T], v_cache: &[T], label: &str) {
-    let (hkv, d) = (p.shape.cache.num_kv_heads, p.shape.cache.head_dim);
-    let mut want_k = p.k_cache.clone();
-    let mut want_v = p.v_cache.clone();
-    for b in 0..p.shape.num_requests {
-        for node in 0..p.rows(b).len() {
-            for h in 0..hkv {
-                let at = p.cache_index(b, p.prefix_lens[b] as usize + node, h);
-                let (k, v) = p.appended(b, node, h);
-                want_k[at..at + d].copy_from_slice(&k);
-                want_v[at..at + d].copy_from_slice(&v);
-            }
-        }
-    }
-    let bits = |x: &[T]| x.iter().map(|e| e.to_bits()).collect::<Vec<_>>();
-    assert!(
-        bits(k_cache) == bits(&want_k),
-        "{label}: k_cache differs from the expected appends"
-    );
-    assert!(
-        bits(v_cache) == bits(&want_v),
-        "{label}: v_cache differs from the expected appends"
-    );
-}
-
-fn tree_of(rng: &mut StdRng, kind: usize, n: usize) -> Vec<i32> {
-    match kind % 4 {
-        0 => chain(n),
-        1 => star(n),
-        2 => full_binary(n),
-        _ => random_tree(rng, n),
-    }
-}
-
-fn sweep<T: HalfElement>(rng: &mut StdRng) {
-    let heads = [(4, 4), (8, 2), (16, 2)]; // GQA ratios 1, 4, 8
-    let styles = [None, Some(RopeStyle::Neox), Some(RopeStyle::Gptj)];
-    let mut case = 0;
-    for head_dim in [64, 128, 256] {
-        for (hq, hkv) in heads {
-            for rope in styles {
-                let page_size = if case % 2 == 0 { 16 } else { 32 };
-                let requests = rng.random_range(1..=3);
-                let trees: Vec<Vec<i32>> = (0..requests)
-                    .map(|r| {
-                        let n = rng.random_range(1..=12);
-                        tree_of(rng, case + r, n)
-                    })
-                    .collect();
-                // L = 0, L below a page, and L not a multiple of the page size.
-                let prefix_lens = (0..requests)
-                    .map(|r| match (case + r) % 3 {
-                        0 => 0,
-                        1 => rng.random_range(1..page_size),
-                        _ => rng.random_range(page_size..4 * page_size) | 1,
-                    })
-                    .collect();
-                let spec = Spec {
-                    trees,
-                    prefix_lens,
-                    num_q_heads: hq,
-                    num_kv_heads: hkv,
-                    head_dim,
-                    page_size,
-                    rope,
-                };
-                let p = Problem::<T>::random(rng, &spec);
-                check(
-                    &p,
-                    &format!(
-                        "{} d{head_dim} hq{hq} hkv{hkv} rope {rope:?}",
-                        T::DTYPE.name()
-                    ),
-                );
-                case += 1;
-            }
-        }
-    }
-}
-
-#[test]
-fn trees_match_the_naive_path_reference_fp16() {
-    sweep::<f16>(&mut rng("trees_match_the_naive_path_reference_fp16"));
-}
-
-#[test]
-fn trees_match_the_naive_path_reference_bf16() {
-    sweep::<bf16>(&mut rng("trees_match_the_naive_path_reference_bf16"));
-}
-
-#[test]
-fn every_tree_shape_at_64_nodes() {
-    let mut rng = rng("every_tree_shape_at_64_nodes");
-    for kind in 0..4 {
-        let spec = Spec {
-            trees: vec![tree_of(&mut rng, kind, 64), tree_of(&mut rng, kind, 5)],
-            prefix_lens: vec![37, 0],
-            num_q_heads: 8,
-            num_kv_heads: 2,
-            head_dim: 64,
-            page_size: 16,
-            rope: Some(RopeStyle::Neox),
-        };
-        check(
-            &Problem::<bf16>::random(&mut rng, &spec),
-            &format!("tree kind {kind}"),
-        );
-    }
-}
 
 /// T = 1 is ordinary decoding: the output is softmax attention over the L cached tokens plus the new one.
 #[test]
@@ -218,53 +87,6 @@ fn single_node_trees_are_plain_decode_attention() {
                 );
             }
         }
-    }
-}
-
-/// RoPE in the call equals RoPE applied beforehand by the documented rule, bit for bit (out and cache).
-#[test]
-fn rope_equals_inputs_rotated_beforehand() {
-    let mut rng = rng("rope_equals_inputs_rotated_beforehand");
-    for style in [RopeStyle::Neox, RopeStyle::Gptj] {
-        let spec = Spec {
-            trees: vec![full_binary(9), chain(4)],
-            prefix_lens: vec![21, 3],
-            num_q_heads: 8,
-            num_kv_heads: 2,
-            head_dim: 64,
-            page_size: 16,
-            rope: Some(style),
-        };
-        let with_rope = Problem::<bf16>::random(&mut rng, &spec);
-        let mut without = Problem::<bf16>::random(&mut rng, &Spec { rope: None, ..spec });
-        without.q = with_rope.q.clone();
-        without.k = with_rope.k.clone();
-        without.v = with_rope.v.clone();
-        without.k_cache = with_rope.k_cache.clone();
-        without.v_cache = with_rope.v_cache.clone();
-        without.page_table = with_rope.page_table.clone();
-        let (hq, hkv, d) = (8, 2, 64);
-        for b in 0..2 {
-            for row in with_rope.rows(b) {
-                let node = row - with_rope.rows(b).start;
-                let depth = path(&with_rope.parents[with_rope.rows(b)], node).len() - 1;
-                let pos = with_rope.prefix_lens[b] as usize + depth;
-                for h in 0..hq {
-                    let r = with_rope.rotated(&with_rope.q[(row * hq + h) * d..][..d], pos);
-                    without.q[(row * hq + h) * d..][..d].copy_from_slice(&r);
-                }
-                for h in 0..hkv {
-                    let r = with_rope.rotated(&with_rope.k[(row * hkv + h) * d..][..d], pos);
-                    without.k[(row * hkv + h) * d..][..d].copy_from_slice(&r);
-                }
-            }
-        }
-        let a = with_rope.run_cpu();
-        let b = without.run_cpu();
-        let bits = |x: &[bf16]| x.iter().map(|e| e.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(&a.0), bits(&b.0), "{style:?}: out");
-        assert_eq!(bits(&a.2), bits(&b.2), "{style:?}: k_cache");
-        assert_eq!(a.1, b.1, "{style:?}: lse");
     }
 }
 
@@ -336,13 +158,11 @@ fn bad<T: HalfElement>(p: &Problem<T>) -> String {
     argument(err)
 }
 
-/// Broken offsets of one request can make two others, each with valid offsets of its own, claim the same rows:
-/// with `token_offsets = [0, 3, 1, 4]` request 1 is broken (3 > 1) and request 2's rows 1..4 overlap request 0's.
-/// The row goes to one request (the search of `token_owner`) and the other is flagged OFFSETS, so request 0 is
-/// computed exactly as without its neighbours (before, the flagged request 2's NaN rows overwrote request 0's).
+/// Rows claimed by two requests (`rows_claimed_by_two_requests_go_to_one_and_flag_the_other` on every backend):
+/// without `request_status` the CPU fails the call, naming the offsets.
 #[test]
-fn rows_claimed_by_two_requests_go_to_one_and_flag_the_other() {
-    let mut rng = rng("rows_claimed_by_two_requests_go_to_one_and_flag_the_other");
+fn rows_claimed_by_two_requests_fail_the_call_without_request_status() {
+    let mut rng = rng("rows_claimed_by_two_requests_fail_the_call_without_request_status");
     let spec = Spec {
         trees: vec![chain(3), chain(1), chain(1)],
         prefix_lens: vec![5, 17, 9],
@@ -352,48 +172,8 @@ fn rows_claimed_by_two_requests_go_to_one_and_flag_the_other() {
         page_size: 16,
         rope: Some(RopeStyle::Neox),
     };
-    let good = Problem::<f16>::random(&mut rng, &spec);
-    let mut p = good.clone();
+    let mut p = Problem::<f16>::random(&mut rng, &spec);
     p.token_offsets = vec![0, 3, 1, 4];
-    let (out, lse, k_cache, _, status) = p.run_cpu_flagged().unwrap();
-    assert_eq!(
-        status,
-        [
-            0,
-            RequestStatus::Offsets.code(),
-            RequestStatus::Offsets.code()
-        ]
-    );
-    let (good_out, good_lse, good_k, _) = good.run_cpu();
-    let (hq, d) = (4, 64);
-    let bits = |x: &[f16]| x.iter().map(|e| e.to_bits()).collect::<Vec<_>>();
-    assert_eq!(
-        bits(&out[..3 * hq * d]),
-        bits(&good_out[..3 * hq * d]),
-        "request 0's rows"
-    );
-    assert_eq!(&lse[..3 * hq], &good_lse[..3 * hq], "request 0's lse");
-    // Nothing else was computed: rows 3.. are as they were (NaN), and only request 0 appended to the cache.
-    assert!(out[3 * hq * d..].iter().all(|x| x.to_f32().is_nan()));
-    for node in 0..3 {
-        for h in 0..2 {
-            let at = p.cache_index(0, 5 + node, h);
-            assert_eq!(bits(&k_cache[at..at + d]), bits(&good_k[at..at + d]));
-        }
-    }
-    let mut appended = k_cache.clone();
-    for node in 0..3 {
-        for h in 0..2 {
-            let at = p.cache_index(0, 5 + node, h);
-            appended[at..at + d].copy_from_slice(&p.k_cache[at..at + d]);
-        }
-    }
-    assert_eq!(
-        bits(&appended),
-        bits(&p.k_cache),
-        "a flagged request appended to the cache"
-    );
-    // Without request_status the call fails, naming the offsets.
     assert_eq!(bad(&p), "token_offsets[2]");
 }
 

@@ -1,24 +1,21 @@
-//! Tree attention and compaction on the GPU against the CPU reference (f64 softmax), fresh random data every run
-//! (seed printed): chain, star, random and full binary trees up to 64 nodes; T = 1; L = 0, L below a page, L
-//! not a multiple of the page size and long prefixes split across blocks (batch 1) or not (batch 64); shuffled
-//! pages; GQA ratios 1, 4 and 8; fp16 and bf16; head dims 64, 128, 256; RoPE off, NeoX, GPT-J. Outputs and the
-//! cache live in buffers with poisoned margins that must stay untouched; outputs start as poison.
-//!
-//! Tolerances: `|out - ref| <= 2 eps max_j |v_j| + eps |ref| + 2^-24` per element, with `max |v| = 1` here
-//! (`eps` = 2^-10 fp16, 2^-7 bf16): probabilities are rounded to the element type before the PV product (each
-//! off by at most eps/2 relative, which moves the output by at most eps/2 max|v|), the output is rounded once,
-//! and fp32 accumulation and exp2f add far less. `|lse - ref| <= 2^-12 (1 + |ref|)`. The appended cache rows
-//! must equal the CPU's bit for bit (the rotation rule is exact), and every other cache element is unchanged.
+//! Tree attention and compaction on the GPU: the shared bodies of `tests/common/attention.rs` (the same ones
+//! `tests/attention_cpu.rs` runs on the CPU backend: chain, star, random and full binary trees up to 64 nodes
+//! over shuffled pages, GQA ratios 1, 4 and 8, fp16 and bf16, head dims 64, 128, 256, RoPE off, NeoX and GPT-J,
+//! RoPE against inputs rotated beforehand, rows claimed by two requests; tolerances stated there), then what
+//! only the GPU has: long prefixes split across blocks and merged, short prefixes beside a long one, bad
+//! requests marked per request, compaction and NaN payloads against the CPU, and offsets beyond i32. Fresh
+//! random data every run (seed printed); outputs start as poison and are checked past their ends.
 //!
 //! Without a usable GPU every test prints why it was skipped and passes; with `SPECDEC_REQUIRE_GPU=1` it fails.
 
 mod common;
 
+attention_tests!(common::device::TestDevice::cuda("attention_gpu"));
+
 use std::sync::Arc;
 
-use common::attention::{
-    chain, epsilon, full_binary, random_tree, star, worst_violation, Problem, Spec,
-};
+use common::attention::{chain, check, epsilon, full_binary, star, tree_of, Problem, Spec};
+use common::device::TestDevice;
 use common::guarded::Guarded;
 use common::{gpu, rng};
 use cudarc::driver::{CudaStream, DeviceRepr, ValidAsZeroBits};
@@ -100,128 +97,14 @@ fn run_gpu<T: HalfElement + DeviceRepr + ValidAsZeroBits>(
     }
 }
 
-fn check<T: HalfElement + DeviceRepr + ValidAsZeroBits>(
-    backend: &CudaBackend,
-    stream: &Arc<CudaStream>,
-    p: &Problem<T>,
-    label: &str,
-) {
-    let gpu = run_gpu(backend, stream, p);
-    let (out, lse, k_cache, v_cache) = p.run_cpu();
-    assert!(
-        gpu.status.iter().all(|&s| s == 0),
-        "{label}: request_status {:?}",
-        gpu.status
-    );
-    let eps = epsilon::<T>();
-    let f = |x: &[T]| x.iter().map(|e| f64::from(e.to_f32())).collect::<Vec<_>>();
-    let (got, want) = (f(&gpu.out), f(&out));
-    if let Some((i, g, w)) = worst_violation(&got, &want, |i| {
-        2.0 * eps + eps * want[i].abs() + SUBNORMAL_STEP
-    }) {
-        panic!("{label}: out[{i}] = {g}, reference {w}");
-    }
-    let g = |x: &[f32]| x.iter().map(|&e| f64::from(e)).collect::<Vec<_>>();
-    let (got, want) = (g(&gpu.lse), g(&lse));
-    if let Some((i, g, w)) = worst_violation(&got, &want, |i| (1.0 + want[i].abs()) / 4096.0) {
-        panic!("{label}: lse[{i}] = {g}, reference {w}");
-    }
-    let bits = |x: &[T]| x.iter().map(|e| e.to_bits()).collect::<Vec<_>>();
-    assert!(
-        bits(&gpu.k_cache) == bits(&k_cache),
-        "{label}: k_cache differs from the CPU's"
-    );
-    assert!(
-        bits(&gpu.v_cache) == bits(&v_cache),
-        "{label}: v_cache differs from the CPU's"
-    );
-}
-
-fn tree_of(rng: &mut StdRng, kind: usize, n: usize) -> Vec<i32> {
-    match kind % 4 {
-        0 => chain(n),
-        1 => star(n),
-        2 => full_binary(n),
-        _ => random_tree(rng, n),
-    }
-}
-
-fn sweep<T: HalfElement + DeviceRepr + ValidAsZeroBits>(backend: &CudaBackend, rng: &mut StdRng) {
-    let stream = backend.context().new_stream().unwrap();
-    let styles = [None, Some(RopeStyle::Neox), Some(RopeStyle::Gptj)];
-    let mut case = 0;
-    for head_dim in [64, 128, 256] {
-        for (hq, hkv) in [(4, 4), (16, 4), (32, 4)] {
-            for rope in styles {
-                // Tree sizes that land on every row-warp configuration: 1 to 64 nodes.
-                for tree_size in [1, 3, 8, 17, 64] {
-                    let page_size = [16, 32, 64][case % 3];
-                    let requests = 1 + case % 3;
-                    let trees: Vec<Vec<i32>> = (0..requests)
-                        .map(|r| {
-                            let n = if r == 0 {
-                                tree_size
-                            } else {
-                                rng.random_range(1..=tree_size)
-                            };
-                            tree_of(rng, case + r, n)
-                        })
-                        .collect();
-                    let prefix_lens = (0..requests)
-                        .map(|r| match (case + r) % 4 {
-                            0 => 0,
-                            1 => rng.random_range(1..page_size),
-                            2 => rng.random_range(page_size..300) | 1,
-                            _ => rng.random_range(1000..2600),
-                        })
-                        .collect();
-                    let spec = Spec {
-                        trees,
-                        prefix_lens,
-                        num_q_heads: hq,
-                        num_kv_heads: hkv,
-                        head_dim,
-                        page_size,
-                        rope,
-                    };
-                    let p = Problem::<T>::random(rng, &spec);
-                    let label = format!(
-                        "{} d{head_dim} hq{hq} hkv{hkv} T{tree_size} rope {rope:?}",
-                        T::DTYPE.name()
-                    );
-                    check(backend, &stream, &p, &label);
-                    case += 1;
-                }
-            }
-        }
-    }
-}
-
-#[test]
-fn gpu_trees_match_the_cpu_reference_fp16() {
-    let Some(backend) = gpu("gpu_trees_match_the_cpu_reference_fp16") else {
-        return;
-    };
-    sweep::<f16>(&backend, &mut rng("gpu_trees_match_the_cpu_reference_fp16"));
-}
-
-#[test]
-fn gpu_trees_match_the_cpu_reference_bf16() {
-    let Some(backend) = gpu("gpu_trees_match_the_cpu_reference_bf16") else {
-        return;
-    };
-    sweep::<bf16>(&backend, &mut rng("gpu_trees_match_the_cpu_reference_bf16"));
-}
-
 /// Llama-3-8B-shaped heads with long prefixes: batch 1 splits the prefix over many blocks and merges; batch 24
 /// with T = 16 does not split.
 #[test]
 fn gpu_long_prefixes_split_and_merge_exactly() {
-    let Some(backend) = gpu("gpu_long_prefixes_split_and_merge_exactly") else {
+    let Some(device) = TestDevice::cuda("gpu_long_prefixes_split_and_merge_exactly") else {
         return;
     };
     let mut rng = rng("gpu_long_prefixes_split_and_merge_exactly");
-    let stream = backend.context().new_stream().unwrap();
     for (batch, tree, prefix) in [(1, 1, 8191), (1, 16, 12000), (2, 64, 5000), (24, 16, 700)] {
         let spec = Spec {
             trees: (0..batch).map(|b| tree_of(&mut rng, b + 3, tree)).collect(),
@@ -234,12 +117,7 @@ fn gpu_long_prefixes_split_and_merge_exactly() {
             rope: Some(RopeStyle::Neox),
         };
         let p = Problem::<bf16>::random(&mut rng, &spec);
-        check(
-            &backend,
-            &stream,
-            &p,
-            &format!("batch {batch} T {tree} L {prefix}"),
-        );
+        check(&device, &p, &format!("batch {batch} T {tree} L {prefix}"));
     }
 }
 
@@ -247,11 +125,12 @@ fn gpu_long_prefixes_split_and_merge_exactly() {
 /// fills (one per tile of 64 keys; the empty prefix one), the rest return at once and the merge skips them.
 #[test]
 fn gpu_short_prefixes_beside_a_long_one_use_only_their_splits() {
-    let Some(backend) = gpu("gpu_short_prefixes_beside_a_long_one_use_only_their_splits") else {
+    let Some(device) =
+        TestDevice::cuda("gpu_short_prefixes_beside_a_long_one_use_only_their_splits")
+    else {
         return;
     };
     let mut rng = rng("gpu_short_prefixes_beside_a_long_one_use_only_their_splits");
-    let stream = backend.context().new_stream().unwrap();
     let prefix_lens = vec![6000, 100, 0, 64, 65, 1];
     let spec = Spec {
         trees: (0..prefix_lens.len())
@@ -265,7 +144,7 @@ fn gpu_short_prefixes_beside_a_long_one_use_only_their_splits() {
         rope: Some(RopeStyle::Neox),
     };
     let p = Problem::<bf16>::random(&mut rng, &spec);
-    check(&backend, &stream, &p, "prefixes 6000, 100, 0, 64, 65, 1");
+    check(&device, &p, "prefixes 6000, 100, 0, 64, 65, 1");
 }
 
 /// Bad index arrays: each request gets the status of the rule it breaks (the one the CPU names), a failing
@@ -391,59 +270,6 @@ fn gpu_bad_requests_are_marked_and_touch_nothing() {
 
 /// Rows claimed by two requests (a neighbour's broken offsets, `token_offsets = [0, 3, 1, 4]`): the GPU gives
 /// each row to one request and flags the other, as the CPU does, and computes request 0 as the CPU does.
-#[test]
-fn gpu_rows_claimed_by_two_requests_go_to_one_and_flag_the_other() {
-    let name = "gpu_rows_claimed_by_two_requests_go_to_one_and_flag_the_other";
-    let Some(backend) = gpu(name) else {
-        return;
-    };
-    let mut rng = rng(name);
-    let stream = backend.context().new_stream().unwrap();
-    let spec = Spec {
-        trees: vec![chain(3), chain(1), chain(1)],
-        prefix_lens: vec![5, 17, 9],
-        num_q_heads: 4,
-        num_kv_heads: 2,
-        head_dim: 64,
-        page_size: 16,
-        rope: Some(RopeStyle::Neox),
-    };
-    let mut p = Problem::<f16>::random(&mut rng, &spec);
-    p.token_offsets = vec![0, 3, 1, 4];
-    let gpu = run_gpu(&backend, &stream, &p);
-    let (cpu_out, cpu_lse, cpu_k, cpu_v, cpu_status) = p.run_cpu_flagged().unwrap();
-    assert_eq!(gpu.status, cpu_status);
-    assert_eq!(
-        cpu_status,
-        [
-            0,
-            RequestStatus::Offsets as i32,
-            RequestStatus::Offsets as i32
-        ]
-    );
-    let bits = |x: &[f16]| x.iter().map(|e| e.to_bits()).collect::<Vec<_>>();
-    assert!(
-        bits(&gpu.k_cache) == bits(&cpu_k) && bits(&gpu.v_cache) == bits(&cpu_v),
-        "caches"
-    );
-    let (hq, d) = (4, 64);
-    let eps = epsilon::<f16>();
-    // Request 0's rows (0..3) against the CPU; the others were not computed on either.
-    for (i, (g, c)) in gpu.out.iter().zip(&cpu_out).take(3 * hq * d).enumerate() {
-        let (g, c) = (f64::from(g.to_f32()), f64::from(c.to_f32()));
-        assert!(
-            (g - c).abs() <= 2.0 * eps + eps * c.abs() + SUBNORMAL_STEP,
-            "out[{i}]: GPU {g}, CPU {c}"
-        );
-    }
-    for (i, (g, c)) in gpu.lse.iter().zip(&cpu_lse).take(3 * hq).enumerate() {
-        assert!(
-            (g - c).abs() <= (1.0 + c.abs()) / 4096.0,
-            "lse[{i}]: GPU {g}, CPU {c}"
-        );
-    }
-}
-
 /// Compaction on the device equals the CPU's, for several layers, in place, with overlapping moves; a bad
 /// request is marked and moves nothing.
 #[test]

@@ -6,9 +6,12 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::Rng;
 use specdec::attention::{
-    rotate_pair, PagedCacheShape, RopeShape, RopeStyle, TreeAttentionShape, TreeBatch,
+    rotate_pair, PagedCacheShape, RopeShape, RopeStyle, TreeAttentionInputs, TreeAttentionOutputs,
+    TreeAttentionShape, TreeBatch,
 };
 use specdec::HalfElement;
+
+use super::device::{Array, Element, TestDevice};
 
 /// Tree shapes as parent arrays.
 pub fn chain(n: usize) -> Vec<i32> {
@@ -363,4 +366,338 @@ pub fn with_payload_nans<T: HalfElement>(
         p.v[e] = from_bits(nans[(i + 1) % 3]);
     }
     (p, at)
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The bodies run on every backend (`attention_tests!` in tests/attention_cpu.rs and tests/attention_gpu.rs).
+//
+// The oracle: on the CPU, the naive path reference above (`Problem::reference`, f64), within
+// `eps |ref| + 2^-24`, and lse within 1e-6 (1 + |ref|). On CUDA, the CPU backend (itself held to the naive
+// reference by the CPU run of the same body), within `2 eps max_j |v_j| + eps |ref| + 2^-24` with `max |v| = 1`
+// here (`eps` = 2^-10 fp16, 2^-7 bf16): probabilities are rounded to the element type before the PV product
+// (each off by at most eps/2 relative, which moves the output by at most eps/2 max|v|), the output is rounded
+// once, and fp32 accumulation and exp2f add far less; lse within 2^-12 (1 + |ref|). On both, the appended cache
+// rows must be the rotation rule's bits exactly, and every other cache element unchanged.
+// ---------------------------------------------------------------------------------------------------------
+
+/// The spacing of fp16's subnormals, which bounds the absolute rounding error of tiny outputs.
+pub const SUBNORMAL_STEP: f64 = 1.0 / (1u64 << 24) as f64;
+
+/// Declares one test per body, each running it on `$device` (an `Option<TestDevice>`; `None` skips).
+#[macro_export]
+macro_rules! attention_tests {
+    ($device:expr) => {
+        $crate::device_tests!($device; attention =>
+            trees_match_the_reference_fp16,
+            trees_match_the_reference_bf16,
+            every_tree_shape_at_64_nodes,
+            rope_equals_inputs_rotated_beforehand,
+            rows_claimed_by_two_requests_go_to_one_and_flag_the_other,
+        );
+    };
+}
+
+impl<T: HalfElement + Element> Problem<T> {
+    /// The problem on `device`: (out, lse, k_cache, v_cache, request_status), `out` and `lse` poisoned with NaN
+    /// first and the status with -9 (left so without `request_status`), every output checked past its end.
+    pub fn run(&self, device: &TestDevice, with_status: bool) -> specdec::Result<CpuFlagged<T>> {
+        let up = |x: &[i32]| device.upload(x);
+        let (q, k, v) = (
+            device.upload(&self.q),
+            device.upload(&self.k),
+            device.upload(&self.v),
+        );
+        let (offsets, parents, prefix, table) = (
+            up(&self.token_offsets),
+            up(&self.parents),
+            up(&self.prefix_lens),
+            up(&self.page_table),
+        );
+        let cos_sin = self.cos_sin.as_ref().map(|c| device.upload(c));
+        let poison = T::from_f32(-12345.0);
+        let mut k_cache = device.upload_with_spare(&self.k_cache, poison);
+        let mut v_cache = device.upload_with_spare(&self.v_cache, poison);
+        let mut out = device.upload_with_spare(&vec![T::NAN; self.shape.q_len()], poison);
+        let mut lse = device.upload_with_spare(&vec![f32::NAN; self.shape.lse_len()], -777.0);
+        let mut status = device.upload_with_spare(&vec![-9i32; self.shape.num_requests], -9);
+        let inputs = TreeAttentionInputs {
+            shape: self.shape,
+            q: q.input(),
+            k: k.input(),
+            v: v.input(),
+            token_offsets: offsets.input(),
+            parents: parents.input(),
+            prefix_lens: prefix.input(),
+            page_table: table.input(),
+            cos_sin_cache: cos_sin.as_ref().map(Array::input),
+            softmax_scale: self.scale,
+        };
+        let outputs = TreeAttentionOutputs {
+            k_cache: k_cache.output(),
+            v_cache: v_cache.output(),
+            out: out.output(),
+            lse: Some(lse.output()),
+            request_status: with_status.then(|| status.output()),
+        };
+        device
+            .backend
+            .tree_attention(device.stream(), &inputs, outputs)?;
+        Ok((
+            out.download(device),
+            lse.download(device),
+            k_cache.download(device),
+            v_cache.download(device),
+            status.download(device),
+        ))
+    }
+}
+
+/// The rows at slots L_b + i hold the rotated keys and the values; every other element is unchanged.
+pub fn check_appended<T: HalfElement>(p: &Problem<T>, k_cache: &[T], v_cache: &[T], label: &str) {
+    let (hkv, d) = (p.shape.cache.num_kv_heads, p.shape.cache.head_dim);
+    let mut want_k = p.k_cache.clone();
+    let mut want_v = p.v_cache.clone();
+    for b in 0..p.shape.num_requests {
+        for node in 0..p.rows(b).len() {
+            for h in 0..hkv {
+                let at = p.cache_index(b, p.prefix_lens[b] as usize + node, h);
+                let (k, v) = p.appended(b, node, h);
+                want_k[at..at + d].copy_from_slice(&k);
+                want_v[at..at + d].copy_from_slice(&v);
+            }
+        }
+    }
+    let bits = |x: &[T]| x.iter().map(|e| e.to_bits()).collect::<Vec<_>>();
+    assert!(
+        bits(k_cache) == bits(&want_k),
+        "{label}: k_cache differs from the expected appends"
+    );
+    assert!(
+        bits(v_cache) == bits(&want_v),
+        "{label}: v_cache differs from the expected appends"
+    );
+}
+
+/// `p` on `device` against the oracle of the module comment above.
+pub fn check<T: HalfElement + Element>(device: &TestDevice, p: &Problem<T>, label: &str) {
+    let label = format!("{} {label}", device.name());
+    let (out, lse, k_cache, v_cache, status) = p.run(device, true).unwrap();
+    assert!(
+        status.iter().all(|&s| s == 0),
+        "{label}: request_status {status:?}"
+    );
+    let eps = epsilon::<T>();
+    let f = |x: &[T]| x.iter().map(|e| f64::from(e.to_f32())).collect::<Vec<_>>();
+    let g = |x: &[f32]| x.iter().map(|&e| f64::from(e)).collect::<Vec<_>>();
+    let (got_out, got_lse) = (f(&out), g(&lse));
+    let (want_out, want_lse, out_slack, lse_tolerance): (Vec<f64>, Vec<f64>, f64, f64) =
+        if device.is_cpu() {
+            let (o, l) = p.reference();
+            (o, l, 0.0, 1e-6)
+        } else {
+            let (o, l, _, _, _) = p.run(&TestDevice::cpu(), true).unwrap();
+            (f(&o), g(&l), 2.0 * eps, 1.0 / 4096.0)
+        };
+    if let Some((i, g, w)) = worst_violation(&got_out, &want_out, |i| {
+        out_slack + eps * want_out[i].abs() + SUBNORMAL_STEP
+    }) {
+        panic!("{label}: out[{i}] = {g}, reference {w}");
+    }
+    if let Some((i, g, w)) = worst_violation(&got_lse, &want_lse, |i| {
+        lse_tolerance * (1.0 + want_lse[i].abs())
+    }) {
+        panic!("{label}: lse[{i}] = {g}, reference {w}");
+    }
+    check_appended(p, &k_cache, &v_cache, &label);
+}
+
+pub fn tree_of(rng: &mut StdRng, kind: usize, n: usize) -> Vec<i32> {
+    match kind % 4 {
+        0 => chain(n),
+        1 => star(n),
+        2 => full_binary(n),
+        _ => random_tree(rng, n),
+    }
+}
+
+/// Chain, star, full binary and random trees over every head dim, GQA ratio and RoPE style. The CPU runs small
+/// trees (1 to 12 nodes) over short prefixes; CUDA runs tree sizes that land on every row-warp configuration
+/// (1 to 64 nodes) over prefixes up to 2600, ragged across requests.
+fn sweep<T: HalfElement + Element>(device: &TestDevice, rng: &mut StdRng) {
+    let styles = [None, Some(RopeStyle::Neox), Some(RopeStyle::Gptj)];
+    let (heads, tree_sizes): (&[(usize, usize)], &[usize]) = if device.is_cpu() {
+        (&[(4, 4), (8, 2), (16, 2)], &[12])
+    } else {
+        (&[(4, 4), (16, 4), (32, 4)], &[1, 3, 8, 17, 64])
+    };
+    let mut case = 0;
+    for head_dim in [64, 128, 256] {
+        for &(hq, hkv) in heads {
+            for rope in styles {
+                for &tree_size in tree_sizes {
+                    let page_size = [16, 32, 64][case % 3];
+                    let requests = 1 + case % 3;
+                    let trees: Vec<Vec<i32>> = (0..requests)
+                        .map(|r| {
+                            let n = if r == 0 && !device.is_cpu() {
+                                tree_size
+                            } else {
+                                rng.random_range(1..=tree_size)
+                            };
+                            tree_of(rng, case + r, n)
+                        })
+                        .collect();
+                    // L = 0, L below a page, L not a multiple of the page size, and (CUDA) long.
+                    let prefix_lens = (0..requests)
+                        .map(|r| match (case + r) % if device.is_cpu() { 3 } else { 4 } {
+                            0 => 0,
+                            1 => rng.random_range(1..page_size),
+                            2 => rng.random_range(page_size..4 * page_size) | 1,
+                            _ => rng.random_range(1000..2600),
+                        })
+                        .collect();
+                    let spec = Spec {
+                        trees,
+                        prefix_lens,
+                        num_q_heads: hq,
+                        num_kv_heads: hkv,
+                        head_dim,
+                        page_size,
+                        rope,
+                    };
+                    let p = Problem::<T>::random(rng, &spec);
+                    let label = format!(
+                        "{} d{head_dim} hq{hq} hkv{hkv} T<={tree_size} rope {rope:?}",
+                        T::DTYPE.name()
+                    );
+                    check(device, &p, &label);
+                    case += 1;
+                }
+            }
+        }
+    }
+}
+
+pub fn trees_match_the_reference_fp16(device: &TestDevice) {
+    sweep::<half::f16>(
+        device,
+        &mut super::rng(&format!("{} fp16 trees", device.name())),
+    );
+}
+
+pub fn trees_match_the_reference_bf16(device: &TestDevice) {
+    sweep::<half::bf16>(
+        device,
+        &mut super::rng(&format!("{} bf16 trees", device.name())),
+    );
+}
+
+pub fn every_tree_shape_at_64_nodes(device: &TestDevice) {
+    let mut rng = super::rng(&format!("{} 64-node trees", device.name()));
+    for kind in 0..4 {
+        let spec = Spec {
+            trees: vec![tree_of(&mut rng, kind, 64), tree_of(&mut rng, kind, 5)],
+            prefix_lens: vec![37, 0],
+            num_q_heads: 8,
+            num_kv_heads: 2,
+            head_dim: 64,
+            page_size: 16,
+            rope: Some(RopeStyle::Neox),
+        };
+        let p = Problem::<half::bf16>::random(&mut rng, &spec);
+        check(device, &p, &format!("tree kind {kind}"));
+    }
+}
+
+/// RoPE in the call equals RoPE applied beforehand by the documented rule, bit for bit (out and cache).
+pub fn rope_equals_inputs_rotated_beforehand(device: &TestDevice) {
+    let mut rng = super::rng(&format!("{} RoPE", device.name()));
+    for style in [RopeStyle::Neox, RopeStyle::Gptj] {
+        let spec = Spec {
+            trees: vec![full_binary(9), chain(4)],
+            prefix_lens: vec![21, 3],
+            num_q_heads: 8,
+            num_kv_heads: 2,
+            head_dim: 64,
+            page_size: 16,
+            rope: Some(style),
+        };
+        let with_rope = Problem::<half::bf16>::random(&mut rng, &spec);
+        let mut without = Problem::<half::bf16>::random(&mut rng, &Spec { rope: None, ..spec });
+        without.q = with_rope.q.clone();
+        without.k = with_rope.k.clone();
+        without.v = with_rope.v.clone();
+        without.k_cache = with_rope.k_cache.clone();
+        without.v_cache = with_rope.v_cache.clone();
+        without.page_table = with_rope.page_table.clone();
+        let (hq, hkv, d) = (8, 2, 64);
+        for b in 0..2 {
+            for row in with_rope.rows(b) {
+                let node = row - with_rope.rows(b).start;
+                let depth = path(&with_rope.parents[with_rope.rows(b)], node).len() - 1;
+                let pos = with_rope.prefix_lens[b] as usize + depth;
+                for h in 0..hq {
+                    let r = with_rope.rotated(&with_rope.q[(row * hq + h) * d..][..d], pos);
+                    without.q[(row * hq + h) * d..][..d].copy_from_slice(&r);
+                }
+                for h in 0..hkv {
+                    let r = with_rope.rotated(&with_rope.k[(row * hkv + h) * d..][..d], pos);
+                    without.k[(row * hkv + h) * d..][..d].copy_from_slice(&r);
+                }
+            }
+        }
+        let a = with_rope.run(device, false).unwrap();
+        let b = without.run(device, false).unwrap();
+        let bits = |x: &[half::bf16]| x.iter().map(|e| e.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&a.0), bits(&b.0), "{style:?}: out");
+        assert_eq!(bits(&a.2), bits(&b.2), "{style:?}: k_cache");
+        assert_eq!(a.1, b.1, "{style:?}: lse");
+    }
+}
+
+/// Broken offsets of one request can make two others, each with valid offsets of its own, claim the same rows:
+/// with `token_offsets = [0, 3, 1, 4]` request 1 is broken (3 > 1) and request 2's rows 1..4 overlap request 0's.
+/// The row goes to one request (the search of `token_owner`) and the other is flagged OFFSETS, so request 0 is
+/// computed exactly as without its neighbours (before, the flagged request 2's NaN rows overwrote request 0's).
+pub fn rows_claimed_by_two_requests_go_to_one_and_flag_the_other(device: &TestDevice) {
+    let mut rng = super::rng(&format!("{} rows claimed twice", device.name()));
+    let spec = Spec {
+        trees: vec![chain(3), chain(1), chain(1)],
+        prefix_lens: vec![5, 17, 9],
+        num_q_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 64,
+        page_size: 16,
+        rope: Some(RopeStyle::Neox),
+    };
+    let good = Problem::<half::f16>::random(&mut rng, &spec);
+    let mut p = good.clone();
+    p.token_offsets = vec![0, 3, 1, 4];
+    let (out, lse, k_cache, _, status) = p.run(device, true).unwrap();
+    let offsets = specdec::RequestStatus::Offsets.code();
+    assert_eq!(status, [0, offsets, offsets]);
+    let (good_out, good_lse, good_k, _, _) = good.run(device, true).unwrap();
+    let (hq, d) = (4, 64);
+    let bits = |x: &[half::f16]| x.iter().map(|e| e.to_bits()).collect::<Vec<_>>();
+    assert_eq!(
+        bits(&out[..3 * hq * d]),
+        bits(&good_out[..3 * hq * d]),
+        "request 0's rows, as without its neighbours"
+    );
+    assert_eq!(&lse[..3 * hq], &good_lse[..3 * hq], "request 0's lse");
+    // Nothing else was computed: rows 3.. are as they were (NaN), and only request 0 appended to the cache.
+    assert!(out[3 * hq * d..].iter().all(|x| x.to_f32().is_nan()));
+    let mut appended = k_cache.clone();
+    for node in 0..3 {
+        for h in 0..2 {
+            let at = p.cache_index(0, 5 + node, h);
+            assert_eq!(bits(&k_cache[at..at + d]), bits(&good_k[at..at + d]));
+            appended[at..at + d].copy_from_slice(&p.k_cache[at..at + d]);
+        }
+    }
+    assert_eq!(
+        bits(&appended),
+        bits(&p.k_cache),
+        "a flagged request appended to the cache"
+    );
 }
