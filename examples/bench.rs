@@ -11,22 +11,25 @@
 //!                                                      # (--family is the same)
 //! ```
 //!
-//! Timing: on CUDA, events around batches of calls on one stream, the median over batches, inputs rotated over
-//! copies that together exceed the L2 cache; on the CPU, wall-clock per call, the median. Bandwidth ceiling:
-//! a device-to-device copy (CUDA) or a multi-threaded memcpy (CPU), counting bytes read plus bytes written.
+//! One harness serves every primitive on either backend (`Target`): the case's arrays are placed in the
+//! backend's memory, its large inputs rotated over copies that together exceed the last-level cache, each call
+//! made through `specdec::backend::Backend` (as the C ABI and the tests make theirs), timed, and its outputs
+//! read back and compared with the CPU reference on CUDA. Timing: on CUDA, events around batches of calls on
+//! one stream, the median over batches; on the CPU, wall-clock per call, the median. Bandwidth ceiling: a
+//! device-to-device copy (CUDA) or a multi-threaded memcpy (CPU), counting bytes read plus bytes written.
 //! Greedy inputs have every draft equal to its row's argmax, so every backend must read every logits row.
 
 use std::io::Write;
 use std::sync::Arc;
 use std::time::Instant;
 
-use cudarc::driver::{sys, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr};
+use cudarc::driver::{sys, CudaSlice, CudaStream, DevicePtr, DeviceRepr};
 use half::{bf16, f16};
 use rayon::prelude::*;
 use specdec::attention::{
-    PagedCacheShape, TreeAttentionInputs, TreeAttentionOutputs, TreeAttentionShape, TreeBatch,
+    PagedCacheShape, TreeAttentionInputs, TreeAttentionOutputs, TreeAttentionShape,
 };
-use specdec::backend::Stream;
+use specdec::backend::{In, Out, Stream};
 use specdec::cuda::{CudaBackend, DeviceIn, DeviceOut};
 use specdec::int4::{GemvShape, Int4Gemv, Int4Quantize, Int4Shape};
 use specdec::{cpu, DType, LogitsElement};
@@ -94,12 +97,234 @@ fn parse_options() -> Options {
     options
 }
 
-enum Backend {
-    Cpu,
-    Cuda {
-        backend: CudaBackend,
-        stream: Arc<CudaStream>,
+/// Where the main job runs, and the one harness every primitive's case uses on either backend: arrays placed
+/// in the backend's memory, rotated over copies larger than the last-level cache, calls timed, outputs read
+/// back. Every call goes through `specdec::backend::Backend`, as the C ABI's and the tests' do.
+struct Target {
+    backend: specdec::backend::Backend,
+    /// The CUDA stream every upload, call and download runs on; `None` on the CPU.
+    stream: Option<Arc<CudaStream>>,
+}
+
+/// An array in the target's memory. On a device, its address is taken once (everything runs on the target's
+/// one stream, which orders the uploads, the calls and the downloads).
+enum Buffer<T> {
+    Host(Vec<T>),
+    Device {
+        slice: CudaSlice<T>,
+        ptr: u64,
+        len: usize,
     },
+}
+
+/// `copies` copies of an array of `len` elements, back to back, so that consecutive calls read different
+/// memory: together they exceed the last-level cache (the GPU's L2, the CPU's L3), as a decoding step's
+/// inputs would arrive from the model rather than from a warm cache.
+struct Rotated<T> {
+    buffer: Buffer<T>,
+    len: usize,
+    copies: usize,
+}
+
+impl Target {
+    fn cpu() -> Self {
+        Target {
+            backend: specdec::backend::Backend::Cpu,
+            stream: None,
+        }
+    }
+
+    fn is_cpu(&self) -> bool {
+        self.stream.is_none()
+    }
+
+    fn cuda(&self) -> Option<&CudaBackend> {
+        match &self.backend {
+            specdec::backend::Backend::Cuda(cuda) => Some(cuda),
+            specdec::backend::Backend::Cpu => None,
+        }
+    }
+
+    fn stream(&self) -> Stream<'_> {
+        self.stream.as_deref().map_or(Stream::Default, Stream::Cuda)
+    }
+
+    /// A copy of `data` in the target's memory.
+    fn upload<T: DeviceRepr + Clone + Default>(&self, data: &[T]) -> Buffer<T> {
+        match &self.stream {
+            None => Buffer::Host(data.to_vec()),
+            Some(stream) => {
+                // One spare element: cudarc refuses empty copies.
+                let mut padded = data.to_vec();
+                padded.push(T::default());
+                let slice = stream.clone_htod(&padded).expect("upload");
+                let ptr = raw_address(&slice, stream);
+                Buffer::Device {
+                    slice,
+                    ptr,
+                    len: data.len(),
+                }
+            }
+        }
+    }
+
+    /// `len` copies of `value` in the target's memory (on a device, filled there rather than uploaded: caches
+    /// of several GB).
+    fn filled(&self, len: usize, value: bf16) -> Buffer<bf16> {
+        let Some(stream) = &self.stream else {
+            return Buffer::Host(vec![value; len]);
+        };
+        let slice = unsafe { stream.alloc::<bf16>(len + 1) }.expect("allocate");
+        let ptr = raw_address(&slice, stream);
+        // SAFETY: fills the whole live allocation (len + 1 elements of 16 bits) on the target's stream.
+        unsafe { sys::cuMemsetD16Async(ptr, value.to_bits(), len + 1, stream.cu_stream()) }
+            .result()
+            .expect("fill");
+        Buffer::Device { slice, ptr, len }
+    }
+
+    /// Copies of `data` that together exceed the last-level cache (at most `max_copies`).
+    fn rotated<T: DeviceRepr + Copy>(&self, data: &[T], max_copies: usize) -> Rotated<T> {
+        assert!(!data.is_empty(), "rotated arrays are the large inputs");
+        let bytes = std::mem::size_of_val(data);
+        let budget = if self.is_cpu() {
+            CPU_ROTATION_BYTES
+        } else {
+            GPU_ROTATION_BYTES
+        };
+        let copies = if simulated() {
+            1
+        } else {
+            budget.div_ceil(bytes).clamp(1, max_copies)
+        };
+        let buffer = match &self.stream {
+            None => Buffer::Host(data.repeat(copies)),
+            Some(stream) => {
+                let one = stream.clone_htod(data).expect("upload");
+                let mut all = unsafe { stream.alloc::<T>(copies * data.len()) }.expect("allocate");
+                for c in 0..copies {
+                    stream
+                        .memcpy_dtod(
+                            &one,
+                            &mut all.slice_mut(c * data.len()..(c + 1) * data.len()),
+                        )
+                        .expect("replicate");
+                }
+                let ptr = raw_address(&all, stream);
+                Buffer::Device {
+                    slice: all,
+                    ptr,
+                    len: copies * data.len(),
+                }
+            }
+        };
+        Rotated {
+            buffer,
+            len: data.len(),
+            copies,
+        }
+    }
+
+    /// Median microseconds per call of `call(i)`, `i` counting calls (for rotation). On the CPU: wall clock
+    /// per call, at least 3 calls, then up to 200 or half a second. On CUDA: 10 warm-up calls, then 30 batches
+    /// of 10 calls timed with events (on the simulator one call, timed once, never reported as speed).
+    fn time(&self, mut call: impl FnMut(usize)) -> f64 {
+        let Some(stream) = &self.stream else {
+            let mut samples = Vec::new();
+            let started = Instant::now();
+            while samples.len() < 3
+                || (started.elapsed().as_secs_f64() < 0.5 && samples.len() < 200)
+            {
+                let t = Instant::now();
+                call(samples.len());
+                samples.push(t.elapsed().as_secs_f64() * 1e6);
+            }
+            return median(samples);
+        };
+        let cuda = self.cuda().expect("a stream means CUDA");
+        let (warmup, batches, calls_per_batch) = if simulated() { (0, 1, 1) } else { (10, 30, 10) };
+        for i in 0..warmup {
+            call(i);
+        }
+        let timing = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let (start, end) = (
+            cuda.context().new_event(timing).unwrap(),
+            cuda.context().new_event(timing).unwrap(),
+        );
+        let mut samples = Vec::new();
+        for batch in 0..batches {
+            start.record(stream).unwrap();
+            for i in 0..calls_per_batch {
+                call(warmup + batch * calls_per_batch + i);
+            }
+            end.record(stream).unwrap();
+            samples.push(start.elapsed_ms(&end).unwrap() as f64 * 1e3 / calls_per_batch as f64);
+        }
+        stream.synchronize().expect("benchmark work completes");
+        median(samples)
+    }
+}
+
+/// The address of a cudarc allocation. cudarc's per-stream tracking is not needed: the main job runs every
+/// upload, call and download on the target's one stream, which orders them.
+fn raw_address<T>(slice: &CudaSlice<T>, stream: &Arc<CudaStream>) -> u64 {
+    let (ptr, _recorded) = slice.device_ptr(stream);
+    ptr
+}
+
+impl<T: DeviceRepr + Clone> Buffer<T> {
+    fn len(&self) -> usize {
+        match self {
+            Buffer::Host(data) => data.len(),
+            Buffer::Device { len, .. } => *len,
+        }
+    }
+
+    fn input(&self) -> In<'_, T> {
+        self.input_range(0, self.len())
+    }
+
+    fn input_range(&self, start: usize, len: usize) -> In<'_, T> {
+        match self {
+            Buffer::Host(data) => In::Host(&data[start..start + len]),
+            Buffer::Device { ptr, .. } => {
+                let at = ptr + (start * std::mem::size_of::<T>()) as u64;
+                // SAFETY: `len` elements from `start` of the live allocation, borrowed for the view's life, on
+                // the target's one stream.
+                In::Device(unsafe { DeviceIn::from_raw(at, len) })
+            }
+        }
+    }
+
+    fn output(&mut self) -> Out<'_, T> {
+        let len = self.len();
+        match self {
+            Buffer::Host(data) => Out::Host(data),
+            // SAFETY: as in `input_range`, borrowed mutably.
+            Buffer::Device { ptr, .. } => Out::Device(unsafe { DeviceOut::from_raw(*ptr, len) }),
+        }
+    }
+
+    /// The contents, after the work enqueued so far.
+    fn download(&self, target: &Target) -> Vec<T> {
+        match (self, &target.stream) {
+            (Buffer::Host(data), _) => data.clone(),
+            (Buffer::Device { slice, .. }, Some(stream)) => {
+                let mut all = stream.clone_dtoh(slice).expect("download");
+                all.truncate(self.len());
+                all
+            }
+            (Buffer::Device { .. }, None) => unreachable!("device buffers belong to a CUDA target"),
+        }
+    }
+}
+
+impl<T: DeviceRepr + Clone> Rotated<T> {
+    /// The copy call `i` reads.
+    fn input(&self, i: usize) -> In<'_, T> {
+        self.buffer
+            .input_range((i % self.copies) * self.len, self.len)
+    }
 }
 
 /// One greedy-verification case: `batch` requests of `drafts` draft tokens each over vocabulary `vocab`.
@@ -173,16 +398,14 @@ fn rate_cells(bytes: f64, micros: f64, ceiling_gbps: f64) -> String {
 
 fn main() {
     let options = parse_options();
-    let (backend, cuda_unusable) = choose_backend(&options.backend);
-    let _ = SIMULATED.set(match &backend {
-        Backend::Cuda { backend, .. } => backend
-            .device_name()
-            .is_ok_and(|name| name.starts_with("specdec-sim")),
-        Backend::Cpu => false,
-    });
-    let (machine, ceiling_gbps) = match &backend {
-        Backend::Cpu => (cpu_name(), cpu_copy_bandwidth()),
-        Backend::Cuda { backend, stream } => (gpu_name(backend), gpu_copy_bandwidth(stream)),
+    let (target, cuda_unusable) = choose_backend(&options.backend);
+    let _ = SIMULATED.set(target.cuda().is_some_and(|cuda| {
+        cuda.device_name()
+            .is_ok_and(|name| name.starts_with("specdec-sim"))
+    }));
+    let (machine, ceiling_gbps) = match (target.cuda(), &target.stream) {
+        (Some(cuda), Some(stream)) => (gpu_name(cuda), gpu_copy_bandwidth(stream)),
+        _ => (cpu_name(), cpu_copy_bandwidth()),
     };
 
     // On the simulator every case is a CPU's worth of work per CUDA thread: the CPU backend's sizes.
@@ -210,9 +433,9 @@ fn main() {
         );
         let _ = std::io::stderr().flush();
         let row = match case.dtype {
-            DType::F32 => run_greedy::<f32>(&backend, *case),
-            DType::F16 => run_greedy::<f16>(&backend, *case),
-            DType::BF16 => run_greedy::<bf16>(&backend, *case),
+            DType::F32 => run_greedy::<f32>(&target, *case),
+            DType::F16 => run_greedy::<f16>(&target, *case),
+            DType::BF16 => run_greedy::<bf16>(&target, *case),
         };
         rows.push(row);
     }
@@ -220,9 +443,9 @@ fn main() {
         eprintln!("\rdone: {} cases{}", cases.len(), " ".repeat(40));
     }
 
-    let backend_name = match &backend {
-        Backend::Cpu => format!("cpu ({} threads)", rayon::current_num_threads()),
-        Backend::Cuda { backend, .. } => format!("cuda (device {})", backend.ordinal()),
+    let backend_name = match target.cuda() {
+        None => format!("cpu ({} threads)", rayon::current_num_threads()),
+        Some(cuda) => format!("cuda (device {})", cuda.ordinal()),
     };
     println!("## specdec main job");
     println!();
@@ -244,13 +467,13 @@ fn main() {
     println!();
     let mut failures = 0;
     if options.wants("greedy") || options.wants("sampling") {
-        failures += verify_rows(&options, &backend, &rows, ceiling_gbps);
+        failures += verify_rows(&options, &target, &rows, ceiling_gbps);
     }
     if options.wants("int4") {
-        failures += int4_rows(&backend, options.quick, ceiling_gbps);
+        failures += int4_rows(&target, options.quick, ceiling_gbps);
     }
     if options.wants("attention") {
-        failures += attention_rows(&backend, options.quick, ceiling_gbps);
+        failures += attention_rows(&target, options.quick, ceiling_gbps);
     }
     if failures > 0 {
         eprintln!("bench: {failures} case(s) disagree with the CPU reference");
@@ -260,7 +483,7 @@ fn main() {
 
 /// Prints the verification table: the greedy rows already timed, then times and prints the rejection-sampling
 /// cases (when `--family sampling` is wanted). Returns the number of rows that disagree with the CPU reference.
-fn verify_rows(options: &Options, backend: &Backend, rows: &[Row], ceiling_gbps: f64) -> usize {
+fn verify_rows(options: &Options, target: &Target, rows: &[Row], ceiling_gbps: f64) -> usize {
     table_header(
         "Verification (greedy and rejection sampling)",
         &["primitive", "dtype", "B", "k", "V"],
@@ -281,7 +504,7 @@ fn verify_rows(options: &Options, backend: &Backend, rows: &[Row], ceiling_gbps:
         );
         failures += usize::from(row.check.starts_with("MISMATCH"));
     }
-    let gpu_sizes = matches!(backend, Backend::Cuda { .. }) && !simulated();
+    let gpu_sizes = !target.is_cpu() && !simulated();
     let sampler_cases = if options.wants("sampling") {
         sampler_cases(options.quick, gpu_sizes)
     } else {
@@ -297,7 +520,7 @@ fn verify_rows(options: &Options, backend: &Backend, rows: &[Row], ceiling_gbps:
             "rejection_verify bf16 {kind} B={} k={} V={} ...",
             case.batch, case.drafts, case.vocab
         );
-        let (micros, check) = run_sampler(backend, case);
+        let (micros, check) = run_sampler(target, case);
         let bytes = case.bytes() as f64;
         println!(
             "| rejection_verify (chain, {kind}) | bf16 | {} | {} | {} | {:.2} | {:.2} | {} | {} |",
@@ -461,205 +684,126 @@ fn sampler_inputs(case: SamplerCase) -> SamplerInputs {
     }
 }
 
-/// The CPU reference's accepted counts and emitted tokens, and its median time.
-fn sampler_cpu(
+/// The arrays of a sampler case's call, in `rows` (target, then draft rows with `with_q`) and `arrays`
+/// (offsets, tokens, temperature, top-k, top-p, seeds, steps), as `VerifyInputs` of call `i`.
+fn sampler_call_inputs<'a>(
     case: SamplerCase,
-    inputs: &SamplerInputs,
-    timed: bool,
-) -> (f64, Vec<i32>, Vec<i32>) {
-    use specdec::sampling::{Drafts, Rows, SamplingParams, VerifyInputs, VerifyOutputs};
-    let (b, k) = (case.batch, case.drafts);
-    let verify_inputs = VerifyInputs {
+    target_rows: &'a Rotated<bf16>,
+    draft_rows: Option<&'a Rotated<bf16>>,
+    arrays: &'a SamplerArrays,
+    i: usize,
+) -> specdec::sampling::VerifyInputs<'a> {
+    use specdec::sampling::{Drafts, Rows, SamplingParams, VerifyInputs};
+    VerifyInputs {
         vocab_size: case.vocab,
         drafts: Drafts::Chain {
-            draft_offsets: (&inputs.offsets).into(),
-            draft_tokens: (&inputs.tokens).into(),
+            draft_offsets: arrays.offsets.input(),
+            draft_tokens: arrays.tokens.input(),
         },
-        target: Rows::LogitsBF16((&inputs.target).into()),
-        draft: case
-            .with_q
-            .then_some(Rows::LogitsBF16((&inputs.draft).into())),
+        target: Rows::LogitsBF16(target_rows.input(i)),
+        draft: draft_rows.map(|d| Rows::LogitsBF16(d.input(i))),
         params: Some(SamplingParams {
-            temperature: (&inputs.temperature).into(),
-            top_k: case.filtered.then_some((&inputs.top_k[..]).into()),
-            top_p: case.filtered.then_some((&inputs.top_p[..]).into()),
+            temperature: arrays.temperature.input(),
+            top_k: case.filtered.then(|| arrays.top_k.input()),
+            top_p: case.filtered.then(|| arrays.top_p.input()),
         }),
         draft_params: None,
-        seeds: (&inputs.seeds).into(),
-        steps: (&inputs.steps).into(),
-    };
-    let (mut accepted, mut emitted) = (vec![0; b], vec![0; b * (k + 1)]);
-    let mut samples = Vec::new();
-    let started = Instant::now();
-    loop {
-        let outputs = VerifyOutputs {
-            emit_width: k + 1,
-            accepted_counts: (&mut accepted).into(),
-            emitted_tokens: (&mut emitted).into(),
-            accepted_nodes: None,
-            accept_flags: None,
-            request_status: None,
-        };
-        let t = Instant::now();
-        cpu::rejection_verify(&verify_inputs, outputs).expect("valid inputs");
-        samples.push(t.elapsed().as_secs_f64() * 1e6);
-        if !timed
-            || samples.len() >= 50
-            || (samples.len() >= 3 && started.elapsed().as_secs_f64() > 0.5)
-        {
-            break;
-        }
+        seeds: arrays.seeds.input(),
+        steps: arrays.steps.input(),
     }
-    (median(samples), accepted, emitted)
 }
 
-/// Times a sampler case on the backend; on CUDA, compares every request with the CPU reference (with draft
-/// rows, a token may differ where softmax sums round differently: more than 1 in 100 requests is a mismatch).
-fn run_sampler(backend: &Backend, case: SamplerCase) -> (f64, String) {
+/// A sampler case's small arrays in the target's memory.
+struct SamplerArrays {
+    offsets: Buffer<i32>,
+    tokens: Buffer<i32>,
+    temperature: Buffer<f32>,
+    top_k: Buffer<i32>,
+    top_p: Buffer<f32>,
+    seeds: Buffer<u64>,
+    steps: Buffer<u64>,
+}
+
+impl SamplerArrays {
+    fn new(target: &Target, inputs: &SamplerInputs) -> Self {
+        SamplerArrays {
+            offsets: target.upload(&inputs.offsets),
+            tokens: target.upload(&inputs.tokens),
+            temperature: target.upload(&inputs.temperature),
+            top_k: target.upload(&inputs.top_k),
+            top_p: target.upload(&inputs.top_p),
+            seeds: target.upload(&inputs.seeds),
+            steps: target.upload(&inputs.steps),
+        }
+    }
+}
+
+/// Runs a sampler case on `target` (timed) and, on CUDA, on the CPU reference; returns the time and the check.
+/// On CUDA every request is compared with the CPU reference (with draft rows, a token may differ where softmax
+/// sums round differently: more than 1 in 100 requests is a mismatch).
+fn run_sampler(target: &Target, case: SamplerCase) -> (f64, String) {
     let inputs = sampler_inputs(case);
-    match backend {
-        Backend::Cpu => (
-            sampler_cpu(case, &inputs, true).0,
-            NOT_CHECKED_ON_CPU.into(),
-        ),
-        Backend::Cuda { backend, stream } => {
-            let (micros, accepted, emitted) = time_sampler_cuda(backend, stream, case, &inputs);
-            let (_, want_accepted, want_emitted) = sampler_cpu(case, &inputs, false);
-            let w = case.drafts + 1;
-            let differ = (0..case.batch)
-                .filter(|&r| {
-                    accepted[r] != want_accepted[r]
-                        || emitted[r * w..(r + 1) * w] != want_emitted[r * w..(r + 1) * w]
-                })
-                .count();
-            // Softmax sums (draft rows, top-p's cut) round differently on the two sides.
-            let check = match (differ, case.with_q || case.filtered) {
-                (0, _) => "= CPU reference".to_string(),
-                (n, true) if n * 100 <= case.batch => {
-                    format!("{n} of {} requests differ (rounding)", case.batch)
-                }
-                (n, _) => format!("MISMATCH ({n} of {} requests differ)", case.batch),
-            };
-            (micros, check)
-        }
-    }
-}
-
-fn time_sampler_cuda(
-    backend: &CudaBackend,
-    stream: &Arc<CudaStream>,
-    case: SamplerCase,
-    inputs: &SamplerInputs,
-) -> (f64, Vec<i32>, Vec<i32>) {
-    use specdec::sampling::{Drafts, Rows, SamplingParams, VerifyInputs, VerifyOutputs};
     let (b, w) = (case.batch, case.drafts + 1);
-    let (target_len, draft_len) = (inputs.target.len(), inputs.draft.len());
-    let per_call = 2 * (target_len + if case.with_q { draft_len } else { 0 });
-    let copies = GPU_ROTATION_BYTES.div_ceil(per_call).clamp(1, 4096);
-    let replicate = |host: &[bf16]| -> CudaSlice<bf16> {
-        let one = stream.clone_htod(host).expect("upload");
-        let mut all =
-            unsafe { stream.alloc::<bf16>(copies * host.len()) }.expect("allocate rotated rows");
-        for c in 0..copies {
-            stream
-                .memcpy_dtod(
-                    &one,
-                    &mut all.slice_mut(c * host.len()..(c + 1) * host.len()),
-                )
-                .expect("replicate rows");
-        }
-        all
-    };
-    let target = replicate(&inputs.target);
-    let draft = replicate(if case.with_q {
-        &inputs.draft
-    } else {
-        &inputs.draft[..1]
-    });
-    let offsets = stream.clone_htod(&inputs.offsets).expect("upload");
-    let tokens = stream.clone_htod(&inputs.tokens).expect("upload");
-    let temperature = stream.clone_htod(&inputs.temperature).expect("upload");
-    let top_k = stream.clone_htod(&inputs.top_k).expect("upload");
-    let top_p = stream.clone_htod(&inputs.top_p).expect("upload");
-    let seeds = stream.clone_htod(&inputs.seeds).expect("upload");
-    let steps = stream.clone_htod(&inputs.steps).expect("upload");
-    let mut accepted = stream.clone_htod(&vec![-7; b]).expect("poisoned output");
-    let mut emitted = stream
-        .clone_htod(&vec![-7; b * w])
-        .expect("poisoned output");
-    let (t, _t) = target.device_ptr(stream);
-    let (d, _d) = draft.device_ptr(stream);
-    let (o, _o) = offsets.device_ptr(stream);
-    let (k, _k) = tokens.device_ptr(stream);
-    let (tp, _tp) = temperature.device_ptr(stream);
-    let (tk, _tk) = top_k.device_ptr(stream);
-    let (pp, _pp) = top_p.device_ptr(stream);
-    let (sd, _sd) = seeds.device_ptr(stream);
-    let (st, _st) = steps.device_ptr(stream);
-    let (a, _a) = accepted.device_ptr_mut(stream);
-    let (e, _e) = emitted.device_ptr_mut(stream);
-    let cuda = specdec::backend::Backend::Cuda(backend.clone());
-    let call = |i: usize| {
-        let c = (i % copies) as u64;
-        // SAFETY: every pointer is a live allocation of at least the length given, used on `stream` only.
-        unsafe {
-            let device_inputs = VerifyInputs {
-                vocab_size: case.vocab,
-                drafts: Drafts::Chain {
-                    draft_offsets: DeviceIn::from_raw(o, b + 1).into(),
-                    draft_tokens: DeviceIn::from_raw(k, inputs.tokens.len()).into(),
-                },
-                target: Rows::LogitsBF16(
-                    DeviceIn::from_raw(t + c * 2 * target_len as u64, target_len).into(),
-                ),
-                draft: case.with_q.then(|| {
-                    Rows::LogitsBF16(
-                        DeviceIn::from_raw(d + c * 2 * draft_len as u64, draft_len).into(),
-                    )
-                }),
-                params: Some(SamplingParams {
-                    temperature: DeviceIn::from_raw(tp, b).into(),
-                    top_k: case.filtered.then(|| DeviceIn::from_raw(tk, b).into()),
-                    top_p: case.filtered.then(|| DeviceIn::from_raw(pp, b).into()),
-                }),
-                draft_params: None,
-                seeds: DeviceIn::from_raw(sd, b).into(),
-                steps: DeviceIn::from_raw(st, b).into(),
-            };
-            let outputs = VerifyOutputs {
+    let run = |on: &Target, timed: bool| {
+        let target_rows = on.rotated(&inputs.target, 4096);
+        let draft_rows = case.with_q.then(|| on.rotated(&inputs.draft, 4096));
+        let arrays = SamplerArrays::new(on, &inputs);
+        let mut accepted = on.upload(&vec![-7; b]);
+        let mut emitted = on.upload(&vec![-7; b * w]);
+        let mut call = |i: usize| {
+            let call_inputs =
+                sampler_call_inputs(case, &target_rows, draft_rows.as_ref(), &arrays, i);
+            let outputs = specdec::sampling::VerifyOutputs {
                 emit_width: w,
-                accepted_counts: DeviceOut::from_raw(a, b).into(),
-                emitted_tokens: DeviceOut::from_raw(e, b * w).into(),
+                accepted_counts: accepted.output(),
+                emitted_tokens: emitted.output(),
                 accepted_nodes: None,
                 accept_flags: None,
                 request_status: None,
             };
-            cuda.rejection_verify(Stream::Cuda(stream), &device_inputs, outputs)
+            on.backend
+                .rejection_verify(on.stream(), &call_inputs, outputs)
+                .expect("rejection_verify");
+        };
+        let micros = if timed { on.time(&mut call) } else { 0.0 };
+        if !timed {
+            call(0);
         }
-        .expect("rejection_verify launch");
+        (micros, accepted.download(on), emitted.download(on))
     };
-    let micros = time_cuda_calls(backend, stream, call);
-    drop((_t, _d, _o, _k, _tp, _tk, _pp, _sd, _st, _a, _e));
-    stream.synchronize().expect("benchmark work completes");
-    (
-        micros,
-        stream.clone_dtoh(&accepted).unwrap(),
-        stream.clone_dtoh(&emitted).unwrap(),
-    )
+    let (micros, accepted, emitted) = run(target, true);
+    if target.is_cpu() {
+        return (micros, NOT_CHECKED_ON_CPU.into());
+    }
+    let (_, want_accepted, want_emitted) = run(&Target::cpu(), false);
+    let differ = (0..b)
+        .filter(|&r| {
+            accepted[r] != want_accepted[r]
+                || emitted[r * w..(r + 1) * w] != want_emitted[r * w..(r + 1) * w]
+        })
+        .count();
+    // Softmax sums (draft rows, top-p's cut) round differently on the two sides.
+    let check = match (differ, case.with_q || case.filtered) {
+        (0, _) => "= CPU reference".to_string(),
+        (n, true) if n * 100 <= b => format!("{n} of {b} requests differ (rounding)"),
+        (n, _) => format!("MISMATCH ({n} of {b} requests differ)"),
+    };
+    (micros, check)
 }
 
 /// The backend `--backend` asks for, and why CUDA was not used when `auto` fell back to the CPU.
-fn choose_backend(choice: &str) -> (Backend, Option<String>) {
+fn choose_backend(choice: &str) -> (Target, Option<String>) {
     if choice == "cpu" {
-        return (Backend::Cpu, None);
+        return (Target::cpu(), None);
     }
     match CudaBackend::new(0) {
-        Ok(backend) => {
-            let stream = backend
-                .context()
-                .new_stream()
-                .expect("create a CUDA stream");
-            (Backend::Cuda { backend, stream }, None)
+        Ok(cuda) => {
+            let stream = cuda.context().new_stream().expect("create a CUDA stream");
+            let target = Target {
+                backend: specdec::backend::Backend::Cuda(cuda),
+                stream: Some(stream),
+            };
+            (target, None)
         }
         Err(e) if choice == "cuda" => {
             eprintln!("bench: --backend cuda, but CUDA is unusable: {e}");
@@ -667,7 +811,7 @@ fn choose_backend(choice: &str) -> (Backend, Option<String>) {
         }
         Err(e) => {
             eprintln!("bench: CUDA unusable ({e}); running on the CPU backend");
-            (Backend::Cpu, Some(e.to_string()))
+            (Target::cpu(), Some(e.to_string()))
         }
     }
 }
@@ -760,7 +904,7 @@ fn median(mut samples: Vec<f64>) -> f64 {
     samples[samples.len() / 2]
 }
 
-fn run_greedy<T: BenchElement>(backend: &Backend, case: GreedyCase) -> Row {
+fn run_greedy<T: BenchElement>(target: &Target, case: GreedyCase) -> Row {
     let inputs = greedy_inputs::<T>(case);
     let (want_accepted, want_emitted) = reference(case, &inputs);
     let all_accepted = want_accepted.iter().all(|&n| n as usize == case.drafts);
@@ -768,145 +912,47 @@ fn run_greedy<T: BenchElement>(backend: &Backend, case: GreedyCase) -> Row {
         all_accepted,
         "benchmark drafts are argmaxes, so all are accepted"
     );
-    match backend {
-        Backend::Cpu => {
-            let copies = CPU_ROTATION_BYTES
-                .div_ceil(case.logits_bytes())
-                .clamp(1, 64);
-            let rotated: Vec<Vec<T>> = (0..copies).map(|_| inputs.logits.clone()).collect();
-            let (mut accepted, mut emitted) =
-                (vec![0; case.batch], vec![0; case.batch * inputs.width]);
-            let mut samples = Vec::new();
-            let started = Instant::now();
-            while samples.len() < 5
-                || (started.elapsed().as_secs_f64() < 0.5 && samples.len() < 200)
-            {
-                let logits = &rotated[samples.len() % copies];
-                let t = Instant::now();
-                cpu::greedy_verify(
-                    logits,
-                    case.vocab,
-                    &inputs.offsets,
-                    &inputs.drafts,
-                    inputs.width,
-                    &mut accepted,
-                    &mut emitted,
-                    None,
-                )
-                .expect("valid inputs");
-                samples.push(t.elapsed().as_secs_f64() * 1e6);
-            }
-            Row {
-                case,
-                micros: median(samples),
-                check: NOT_CHECKED_ON_CPU.into(),
-            }
-        }
-        Backend::Cuda { backend, stream } => {
-            let (micros, accepted, emitted) = time_greedy_cuda(backend, stream, case, &inputs);
-            let check = if accepted == want_accepted && emitted == want_emitted {
-                "= CPU reference".to_string()
-            } else {
-                let first = emitted.iter().zip(&want_emitted).position(|(a, b)| a != b);
-                format!("MISMATCH (first emitted difference at {first:?})")
-            };
-            Row {
-                case,
-                micros,
-                check,
-            }
-        }
-    }
-}
-
-fn time_greedy_cuda<T: BenchElement>(
-    backend: &CudaBackend,
-    stream: &Arc<CudaStream>,
-    case: GreedyCase,
-    inputs: &GreedyInputs<T>,
-) -> (f64, Vec<i32>, Vec<i32>) {
-    let len = inputs.logits.len();
-    let copies = GPU_ROTATION_BYTES
-        .div_ceil(case.logits_bytes())
-        .clamp(1, 4096);
-    let one: CudaSlice<T> = stream.clone_htod(&inputs.logits).expect("upload logits");
-    let mut rotated: CudaSlice<T> =
-        unsafe { stream.alloc::<T>(copies * len) }.expect("allocate rotated logits");
-    for c in 0..copies {
-        stream
-            .memcpy_dtod(&one, &mut rotated.slice_mut(c * len..(c + 1) * len))
-            .expect("replicate logits");
-    }
-    let offsets = stream.clone_htod(&inputs.offsets).expect("upload offsets");
-    let drafts = stream.clone_htod(&inputs.drafts).expect("upload drafts");
-    let mut accepted = stream
-        .clone_htod(&vec![-7; case.batch])
-        .expect("poisoned output");
-    let mut emitted = stream
-        .clone_htod(&vec![-7; case.batch * inputs.width])
-        .expect("poisoned output");
-
-    let (base, _r) = rotated.device_ptr(stream);
-    let (o, _o) = offsets.device_ptr(stream);
-    let (d, _d) = drafts.device_ptr(stream);
-    let (a, _a) = accepted.device_ptr_mut(stream);
-    let (e, _e) = emitted.device_ptr_mut(stream);
-    let elem = std::mem::size_of::<T>() as u64;
-    let cuda = specdec::backend::Backend::Cuda(backend.clone());
-    let inputs_width = inputs.width;
-    let call = |i: usize| {
-        let logits = base + (i % copies * len) as u64 * elem;
-        // SAFETY: every pointer is a live allocation above of the stated length, used on `stream`.
-        unsafe {
-            let inputs = specdec::greedy::GreedyInputs {
-                logits: DeviceIn::<T>::from_raw(logits, len).into(),
-                vocab_size: case.vocab,
-                draft_offsets: DeviceIn::from_raw(o, case.batch + 1).into(),
-                draft_tokens: DeviceIn::from_raw(d, inputs.drafts.len()).into(),
-            };
-            let outputs = specdec::greedy::GreedyOutputs {
-                emit_width: inputs_width,
-                accepted_counts: DeviceOut::from_raw(a, case.batch).into(),
-                emitted_tokens: DeviceOut::from_raw(e, case.batch * inputs_width).into(),
-                request_status: None,
-            };
-            cuda.greedy_verify(Stream::Cuda(stream), &inputs, outputs)
-        }
-        .expect("greedy_verify launch");
-    };
-    let micros = time_cuda_calls(backend, stream, call);
-    drop((_r, _o, _d, _a, _e));
-    stream.synchronize().expect("benchmark work completes");
-    (
-        micros,
-        stream.clone_dtoh(&accepted).unwrap(),
-        stream.clone_dtoh(&emitted).unwrap(),
-    )
-}
-
-/// Median microseconds per call of `call(i)` (which enqueues call `i` on `stream`): 10 warm-up calls, then
-/// 30 batches of 10 calls timed with CUDA events.
-fn time_cuda_calls(backend: &CudaBackend, stream: &Arc<CudaStream>, call: impl Fn(usize)) -> f64 {
-    // On the simulator: one call, timed once (the number is the simulation's, and never reported as speed).
-    let (warmup, batches, calls_per_batch) = if simulated() { (0, 1, 1) } else { (10, 30, 10) };
-    for i in 0..warmup {
-        call(i);
-    }
-    let timing = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
-    let (start, end) = (
-        backend.context().new_event(timing).unwrap(),
-        backend.context().new_event(timing).unwrap(),
+    let logits = target.rotated(&inputs.logits, 4096);
+    let (offsets, drafts) = (
+        target.upload(&inputs.offsets),
+        target.upload(&inputs.drafts),
     );
-    let mut samples = Vec::new();
-    for batch in 0..batches {
-        start.record(stream).unwrap();
-        for i in 0..calls_per_batch {
-            call(warmup + batch * calls_per_batch + i);
+    let mut accepted = target.upload(&vec![-7; case.batch]);
+    let mut emitted = target.upload(&vec![-7; case.batch * inputs.width]);
+    let micros = target.time(|i| {
+        let call_inputs = specdec::greedy::GreedyInputs {
+            logits: logits.input(i),
+            vocab_size: case.vocab,
+            draft_offsets: offsets.input(),
+            draft_tokens: drafts.input(),
+        };
+        let outputs = specdec::greedy::GreedyOutputs {
+            emit_width: inputs.width,
+            accepted_counts: accepted.output(),
+            emitted_tokens: emitted.output(),
+            request_status: None,
+        };
+        target
+            .backend
+            .greedy_verify(target.stream(), &call_inputs, outputs)
+            .expect("greedy_verify");
+    });
+    let check = if target.is_cpu() {
+        NOT_CHECKED_ON_CPU.to_string()
+    } else {
+        let (accepted, emitted) = (accepted.download(target), emitted.download(target));
+        if accepted == want_accepted && emitted == want_emitted {
+            "= CPU reference".to_string()
+        } else {
+            let first = emitted.iter().zip(&want_emitted).position(|(a, b)| a != b);
+            format!("MISMATCH (first emitted difference at {first:?})")
         }
-        end.record(stream).unwrap();
-        samples.push(start.elapsed_ms(&end).unwrap() as f64 * 1e3 / calls_per_batch as f64);
+    };
+    Row {
+        case,
+        micros,
+        check,
     }
-    median(samples)
 }
 
 /// Device-to-device copy of 1 GiB, median of 10, counting bytes read plus bytes written (on the simulator, a
@@ -1040,13 +1086,13 @@ const LLAMA3_8B_LAYER: [(usize, usize); 7] = [
 
 /// int4 rows: the GEMV (g128, bf16 activations and scales) for every issue shape and M in {1, 2, 4, 8, 16},
 /// and the quantizer per shape with the Llama-3-8B total. Returns the number of mismatches.
-fn int4_rows(backend: &Backend, quick: bool, ceiling_gbps: f64) -> usize {
+fn int4_rows(target: &Target, quick: bool, ceiling_gbps: f64) -> usize {
     table_header(
         "int4 GEMV and quantizer (W4A16)",
         &["primitive", "dtype", "N", "K", "M", "group"],
     );
     // The GPU's shapes, or the CPU's (also on the simulator).
-    let cuda = matches!(backend, Backend::Cuda { .. }) && !simulated();
+    let cuda = !target.is_cpu() && !simulated();
     let mut failures = 0;
     let ms: &[usize] = if quick || !cuda {
         &[1, 16]
@@ -1084,17 +1130,36 @@ fn int4_rows(backend: &Backend, quick: bool, ceiling_gbps: f64) -> usize {
                     bf16::from_f32((splitmix(&mut state) >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
                 })
                 .collect();
-            let mut want = vec![bf16::ZERO; m * n];
-            let t = Instant::now();
-            cpu::int4_gemv(&gemv, &packed, &scales, &zeros, &x, &mut want).expect("valid inputs");
-            let cpu_micros = t.elapsed().as_secs_f64() * 1e6;
-            let (micros, check) = match backend {
-                Backend::Cpu => (cpu_micros, NOT_CHECKED_ON_CPU.to_string()),
-                Backend::Cuda { backend, stream } => {
-                    let (micros, got) =
-                        time_gemv_cuda(backend, stream, &gemv, &packed, &scales, &zeros, &x);
-                    (micros, compare_outputs(&got, &want, n))
-                }
+            // The weights rotate (they are what a GEMV streams); the activations stay.
+            let copies = 16;
+            let (packed_r, scales_r, zeros_r) = (
+                target.rotated(&packed, copies),
+                target.rotated(&scales, copies),
+                target.rotated(&zeros, copies),
+            );
+            let xs = target.upload(&x);
+            let mut y = target.upload(&vec![bf16::NAN; m * n]);
+            let micros = target.time(|i| {
+                let args = Int4Gemv {
+                    shape: gemv,
+                    packed: packed_r.input(i),
+                    scales: scales_r.input(i),
+                    zeros: zeros_r.input(i),
+                    x: xs.input(),
+                    y: y.output(),
+                };
+                target
+                    .backend
+                    .int4_gemv(target.stream(), args)
+                    .expect("int4_gemv");
+            });
+            let check = if target.is_cpu() {
+                NOT_CHECKED_ON_CPU.to_string()
+            } else {
+                let mut want = vec![bf16::ZERO; m * n];
+                cpu::int4_gemv(&gemv, &packed, &scales, &zeros, &x, &mut want)
+                    .expect("valid inputs");
+                compare_outputs(&y.download(target), &want, n)
             };
             let bytes =
                 (shape.packed_len() * 4 + shape.meta_len() * 3 + (m * k + m * n) * 2) as f64;
@@ -1125,33 +1190,47 @@ fn int4_rows(backend: &Backend, quick: bool, ceiling_gbps: f64) -> usize {
                 )
             })
             .collect();
-        let (mut packed, mut scales, mut zeros) = (
-            vec![0u32; shape.packed_len()],
-            vec![bf16::ZERO; shape.meta_len()],
-            vec![0u8; shape.meta_len()],
-        );
-        let t = Instant::now();
-        cpu::int4_quantize(&shape, &w, &mut packed, &mut scales, &mut zeros).expect("valid");
-        let cpu_micros = t.elapsed().as_secs_f64() * 1e6;
-        let (micros, check) = match backend {
-            Backend::Cpu => (cpu_micros, NOT_CHECKED_ON_CPU.to_string()),
-            Backend::Cuda { backend, stream } => {
-                let (micros, got) = time_quantize_cuda(backend, stream, &shape, &w);
-                let same = got.0 == packed
-                    && got
-                        .1
-                        .iter()
-                        .map(|v| v.to_bits())
-                        .eq(scales.iter().map(|v| v.to_bits()))
-                    && got.2 == zeros;
-                (
-                    micros,
-                    if same {
-                        "= CPU bytes".to_string()
-                    } else {
-                        "MISMATCH (bytes differ)".to_string()
-                    },
-                )
+        let weights = target.rotated(&w, 16);
+        let mut packed = target.upload(&vec![0u32; shape.packed_len()]);
+        let mut scales = target.upload(&vec![bf16::ZERO; shape.meta_len()]);
+        let mut zeros = target.upload(&vec![0u8; shape.meta_len()]);
+        let micros = target.time(|i| {
+            let args = Int4Quantize {
+                shape,
+                weights: weights.input(i),
+                packed: packed.output(),
+                scales: scales.output(),
+                zeros: zeros.output(),
+            };
+            target
+                .backend
+                .int4_quantize(target.stream(), args)
+                .expect("int4_quantize");
+        });
+        let check = if target.is_cpu() {
+            NOT_CHECKED_ON_CPU.to_string()
+        } else {
+            let (mut want_packed, mut want_scales, mut want_zeros) = (
+                vec![0u32; shape.packed_len()],
+                vec![bf16::ZERO; shape.meta_len()],
+                vec![0u8; shape.meta_len()],
+            );
+            cpu::int4_quantize(
+                &shape,
+                &w,
+                &mut want_packed,
+                &mut want_scales,
+                &mut want_zeros,
+            )
+            .expect("valid");
+            let bits = |s: &[bf16]| s.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            let same = packed.download(target) == want_packed
+                && bits(&scales.download(target)) == bits(&want_scales)
+                && zeros.download(target) == want_zeros;
+            if same {
+                "= CPU bytes".to_string()
+            } else {
+                "MISMATCH (bytes differ)".to_string()
             }
         };
         let uses = LLAMA3_8B_LAYER.iter().filter(|&&s| s == (n, k)).count();
@@ -1202,129 +1281,21 @@ fn compare_outputs(got: &[bf16], want: &[bf16], n: usize) -> String {
     }
 }
 
-/// Times the GEMV over weight copies rotated past the L2 cache; returns (median us, output of the last call).
-#[allow(clippy::too_many_arguments)]
-fn time_gemv_cuda(
-    backend: &CudaBackend,
-    stream: &Arc<CudaStream>,
-    shape: &GemvShape,
-    packed: &[u32],
-    scales: &[bf16],
-    zeros: &[u8],
-    x: &[bf16],
-) -> (f64, Vec<bf16>) {
-    let w = &shape.weights;
-    let weight_bytes = w.packed_len() * 4 + w.meta_len() * 3;
-    let copies = GPU_ROTATION_BYTES.div_ceil(weight_bytes).clamp(1, 64);
-    let packed_all = stream
-        .clone_htod(&packed.repeat(copies))
-        .expect("upload packed");
-    let scales_all = stream
-        .clone_htod(&scales.repeat(copies))
-        .expect("upload scales");
-    let zeros_all = stream
-        .clone_htod(&zeros.repeat(copies))
-        .expect("upload zeros");
-    let xs = stream.clone_htod(x).expect("upload x");
-    let mut y = stream
-        .clone_htod(&vec![bf16::NAN; shape.y_len()])
-        .expect("poisoned output");
-    let (p, _p) = packed_all.device_ptr(stream);
-    let (s, _s) = scales_all.device_ptr(stream);
-    let (z, _z) = zeros_all.device_ptr(stream);
-    let (xp, _x) = xs.device_ptr(stream);
-    let (yp, _y) = y.device_ptr_mut(stream);
-    let cuda = specdec::backend::Backend::Cuda(backend.clone());
-    let call = |i: usize| {
-        let c = (i % copies) as u64;
-        // SAFETY: copy `c` of each array lies inside the live allocations above; used on `stream`.
-        unsafe {
-            let args = Int4Gemv::<bf16, bf16> {
-                shape: *shape,
-                packed: DeviceIn::from_raw(p + c * (w.packed_len() * 4) as u64, w.packed_len())
-                    .into(),
-                scales: DeviceIn::from_raw(s + c * (w.meta_len() * 2) as u64, w.meta_len()).into(),
-                zeros: DeviceIn::from_raw(z + c * w.meta_len() as u64, w.meta_len()).into(),
-                x: DeviceIn::from_raw(xp, shape.x_len()).into(),
-                y: DeviceOut::from_raw(yp, shape.y_len()).into(),
-            };
-            cuda.int4_gemv(Stream::Cuda(stream), args)
-        }
-        .expect("int4_gemv launch");
-    };
-    let micros = time_cuda_calls(backend, stream, call);
-    drop((_p, _s, _z, _x, _y));
-    stream.synchronize().expect("benchmark work completes");
-    (micros, stream.clone_dtoh(&y).unwrap())
-}
-
-/// `(packed, scales, zeros)` of a quantized matrix, read back from the device.
-type QuantizedArrays = (Vec<u32>, Vec<bf16>, Vec<u8>);
-
-/// Times the quantizer; returns (median us, the arrays of the last call).
-fn time_quantize_cuda(
-    backend: &CudaBackend,
-    stream: &Arc<CudaStream>,
-    shape: &Int4Shape,
-    w: &[bf16],
-) -> (f64, QuantizedArrays) {
-    let copies = GPU_ROTATION_BYTES.div_ceil(w.len() * 2).clamp(1, 16);
-    let weights = stream
-        .clone_htod(&w.repeat(copies))
-        .expect("upload weights");
-    let mut packed = stream
-        .alloc_zeros::<u32>(shape.packed_len())
-        .expect("alloc");
-    let mut scales = stream.alloc_zeros::<bf16>(shape.meta_len()).expect("alloc");
-    let mut zeros = stream.alloc_zeros::<u8>(shape.meta_len()).expect("alloc");
-    let (wp, _w) = weights.device_ptr(stream);
-    let (p, _p) = packed.device_ptr_mut(stream);
-    let (s, _s) = scales.device_ptr_mut(stream);
-    let (z, _z) = zeros.device_ptr_mut(stream);
-    let cuda = specdec::backend::Backend::Cuda(backend.clone());
-    let call = |i: usize| {
-        let c = (i % copies) as u64;
-        // SAFETY: copy `c` of the weights and the outputs are live allocations of the stated lengths.
-        unsafe {
-            let args = Int4Quantize::<bf16, bf16> {
-                shape: *shape,
-                weights: DeviceIn::from_raw(wp + c * (w.len() * 2) as u64, w.len()).into(),
-                packed: DeviceOut::from_raw(p, shape.packed_len()).into(),
-                scales: DeviceOut::from_raw(s, shape.meta_len()).into(),
-                zeros: DeviceOut::from_raw(z, shape.meta_len()).into(),
-            };
-            cuda.int4_quantize(Stream::Cuda(stream), args)
-        }
-        .expect("int4_quantize launch");
-    };
-    let micros = time_cuda_calls(backend, stream, call);
-    drop((_w, _p, _s, _z));
-    stream.synchronize().expect("benchmark work completes");
-    (
-        micros,
-        (
-            stream.clone_dtoh(&packed).unwrap(),
-            stream.clone_dtoh(&scales).unwrap(),
-            stream.clone_dtoh(&zeros).unwrap(),
-        ),
-    )
-}
-
 /// Tree-attention rows: Llama-3-8B-shaped heads (32 q, 8 kv, D = 128, bf16, pages of 16), full binary trees,
 /// every request with the same prefix length. Bytes are the floor: the prefix KV read once, plus q, k, v and
 /// out. On CUDA every listed size runs; the outputs are checked for NaN and the request status only (exactness is
 /// tests/attention_gpu's job). On the CPU one small case runs. Returns the number of failed checks.
-fn attention_rows(backend: &Backend, quick: bool, ceiling_gbps: f64) -> usize {
+fn attention_rows(target: &Target, quick: bool, ceiling_gbps: f64) -> usize {
     let (hq, hkv, d, ps) = (32usize, 8usize, 128usize, 16usize);
     table_header(
         "Tree attention over a paged KV cache (append, no RoPE)",
         &["primitive", "dtype", "B", "L", "T", "Hq / Hkv", "D", "page"],
     );
-    let cases: Vec<(usize, usize, usize)> = match backend {
-        Backend::Cpu => vec![(1, 1024, 8)],
-        Backend::Cuda { .. } if simulated() => vec![(1, 1024, 8), (2, 512, 64)],
-        Backend::Cuda { .. } if quick => vec![(1, 8192, 16), (16, 8192, 1), (16, 8192, 64)],
-        Backend::Cuda { .. } => {
+    let cases: Vec<(usize, usize, usize)> = match target.is_cpu() {
+        true => vec![(1, 1024, 8)],
+        false if simulated() => vec![(1, 1024, 8), (2, 512, 64)],
+        false if quick => vec![(1, 8192, 16), (16, 8192, 1), (16, 8192, 64)],
+        false => {
             let mut all = Vec::new();
             for batch in [1, 16, 64] {
                 for prefix in [1024, 8192, 32768] {
@@ -1368,118 +1339,54 @@ fn attention_rows(backend: &Backend, quick: bool, ceiling_gbps: f64) -> usize {
             values(shape.kv_len()),
         );
         let scale = 1.0 / (d as f32).sqrt();
-        let (micros, check) = match backend {
-            Backend::Cpu => {
-                let (mut kc, mut vc) = (values(cache.cache_len()), values(cache.cache_len()));
-                let mut out = vec![bf16::ZERO; shape.q_len()];
-                let batch_arrays = TreeBatch {
-                    token_offsets: &offsets,
-                    parents: &parents,
-                    prefix_lens: &prefix_lens,
-                    page_table: &page_table,
-                };
-                let t = Instant::now();
-                cpu::tree_attention(
-                    &shape,
-                    &q,
-                    &k,
-                    &v,
-                    &batch_arrays,
-                    None,
-                    scale,
-                    &mut kc,
-                    &mut vc,
-                    &mut out,
-                    None,
-                    None,
-                )
-                .expect("valid inputs");
-                (
-                    t.elapsed().as_secs_f64() * 1e6,
-                    NOT_CHECKED_ON_CPU.to_string(),
-                )
-            }
-            Backend::Cuda { backend, stream } => {
-                let up = |x: &[i32]| stream.clone_htod(x).expect("upload");
-                let (o, p, l, t) = (
-                    up(&offsets),
-                    up(&parents),
-                    up(&prefix_lens),
-                    up(&page_table),
-                );
-                let (qd, kd, vd) = (
-                    stream.clone_htod(&q).expect("upload q"),
-                    stream.clone_htod(&k).expect("upload k"),
-                    stream.clone_htod(&v).expect("upload v"),
-                );
-                let mut kc = stream
-                    .alloc_zeros::<bf16>(cache.cache_len())
-                    .expect("k cache");
-                let mut vc = stream
-                    .alloc_zeros::<bf16>(cache.cache_len())
-                    .expect("v cache");
-                for (buffer, pattern) in [(&mut kc, 0x3E80u16), (&mut vc, 0xBF00u16)] {
-                    let (ptr, _sync) = buffer.device_ptr_mut(stream);
-                    // SAFETY: fills the whole live allocation with a bf16 pattern (0.25 and -0.5), on `stream`.
-                    unsafe {
-                        sys::cuMemsetD16Async(ptr, pattern, cache.cache_len(), stream.cu_stream())
-                    }
-                    .result()
-                    .expect("fill the cache");
-                }
-                let mut out = stream.alloc_zeros::<bf16>(shape.q_len()).expect("out");
-                let mut status = stream.clone_htod(&vec![-9i32; batch]).expect("status");
-                let (qp, _a) = qd.device_ptr(stream);
-                let (kp, _b) = kd.device_ptr(stream);
-                let (vp, _c) = vd.device_ptr(stream);
-                let (op, _d) = o.device_ptr(stream);
-                let (pp, _e) = p.device_ptr(stream);
-                let (lp, _f) = l.device_ptr(stream);
-                let (tp, _g) = t.device_ptr(stream);
-                let (kcp, _h) = kc.device_ptr_mut(stream);
-                let (vcp, _i) = vc.device_ptr_mut(stream);
-                let (outp, _j) = out.device_ptr_mut(stream);
-                let (sp, _k) = status.device_ptr_mut(stream);
-                let cuda = specdec::backend::Backend::Cuda(backend.clone());
-                let call = |_: usize| {
-                    // SAFETY: every pointer is a live allocation of the length given, used on `stream`.
-                    unsafe {
-                        let inputs = TreeAttentionInputs::<bf16> {
-                            shape,
-                            q: DeviceIn::from_raw(qp, shape.q_len()).into(),
-                            k: DeviceIn::from_raw(kp, shape.kv_len()).into(),
-                            v: DeviceIn::from_raw(vp, shape.kv_len()).into(),
-                            token_offsets: DeviceIn::from_raw(op, batch + 1).into(),
-                            parents: DeviceIn::from_raw(pp, batch * tree).into(),
-                            prefix_lens: DeviceIn::from_raw(lp, batch).into(),
-                            page_table: DeviceIn::from_raw(tp, page_table.len()).into(),
-                            cos_sin_cache: None,
-                            softmax_scale: scale,
-                        };
-                        let outputs = TreeAttentionOutputs {
-                            k_cache: DeviceOut::from_raw(kcp, cache.cache_len()).into(),
-                            v_cache: DeviceOut::from_raw(vcp, cache.cache_len()).into(),
-                            out: DeviceOut::from_raw(outp, shape.q_len()).into(),
-                            lse: None,
-                            request_status: Some(DeviceOut::from_raw(sp, batch).into()),
-                        };
-                        cuda.tree_attention(Stream::Cuda(stream), &inputs, outputs)
-                    }
-                    .expect("tree_attention launch");
-                };
-                let micros = time_cuda_calls(backend, stream, call);
-                drop((_a, _b, _c, _d, _e, _f, _g, _h, _i, _j, _k));
-                stream.synchronize().expect("benchmark work completes");
-                let out = stream.clone_dtoh(&out).expect("read out");
-                let status = stream.clone_dtoh(&status).expect("read status");
-                let check = if status.iter().any(|&s| s != 0) {
-                    format!("MISMATCH (request_status {status:?})")
-                } else if out.iter().any(|x| !x.to_f32().is_finite()) {
-                    "MISMATCH (non-finite output)".to_string()
-                } else {
-                    "status ok, finite".to_string()
-                };
-                (micros, check)
+        let up = |x: &[i32]| target.upload(x);
+        let (o, p, l, t) = (
+            up(&offsets),
+            up(&parents),
+            up(&prefix_lens),
+            up(&page_table),
+        );
+        let (qd, kd, vd) = (target.upload(&q), target.upload(&k), target.upload(&v));
+        // The caches: 0.25 and -0.5 everywhere (what they hold does not change the work).
+        let mut kc = target.filled(cache.cache_len(), bf16::from_f32(0.25));
+        let mut vc = target.filled(cache.cache_len(), bf16::from_f32(-0.5));
+        let mut out = target.upload(&vec![bf16::ZERO; shape.q_len()]);
+        let mut status = target.upload(&vec![-9i32; batch]);
+        let micros = target.time(|_| {
+            let inputs = TreeAttentionInputs {
+                shape,
+                q: qd.input(),
+                k: kd.input(),
+                v: vd.input(),
+                token_offsets: o.input(),
+                parents: p.input(),
+                prefix_lens: l.input(),
+                page_table: t.input(),
+                cos_sin_cache: None,
+                softmax_scale: scale,
+            };
+            let outputs = TreeAttentionOutputs {
+                k_cache: kc.output(),
+                v_cache: vc.output(),
+                out: out.output(),
+                lse: None,
+                request_status: Some(status.output()),
+            };
+            target
+                .backend
+                .tree_attention(target.stream(), &inputs, outputs)
+                .expect("tree_attention");
+        });
+        let check = if target.is_cpu() {
+            NOT_CHECKED_ON_CPU.to_string()
+        } else {
+            let (out, status) = (out.download(target), status.download(target));
+            if status.iter().any(|&s| s != 0) {
+                format!("MISMATCH (request_status {status:?})")
+            } else if out.iter().any(|x| !x.to_f32().is_finite()) {
+                "MISMATCH (non-finite output)".to_string()
+            } else {
+                "status ok, finite".to_string()
             }
         };
         let bytes =
