@@ -205,6 +205,9 @@ fn bad_inputs_are_named_and_nothing_is_written() {
         "page_table[0]"
     );
     assert_eq!(modified(&|p| p.page_table[4] = -1), "page_table[4]");
+    // A shape built field by field (its fields are public) is re-checked, not trusted.
+    assert_eq!(modified(&|p| p.shape.cache.page_size = 0), "page_size");
+    assert_eq!(modified(&|p| p.shape.cache.head_dim = 65), "head_dim");
     // Offsets out of order, and a tree above max_tree_size.
     assert_eq!(modified(&|p| p.token_offsets[1] = 8), "token_offsets[1]");
     assert_eq!(

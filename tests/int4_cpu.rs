@@ -306,3 +306,25 @@ fn awq_checkpoints_convert_exactly() {
         "qweight"
     );
 }
+
+/// A shape built field by field (its fields are public) is re-checked by the backend: a group size of 0 is an
+/// error naming it, not a division by zero.
+#[test]
+fn shapes_built_field_by_field_are_checked() {
+    let shape = Int4Shape {
+        n: 16,
+        k: 64,
+        group_size: 0,
+    };
+    let w = vec![f16::from_f32(0.0); 16 * 64];
+    let (mut packed, mut scales, mut zeros) = (vec![0u32; 128], vec![f16::ZERO; 0], vec![0u8; 0]);
+    let result = cpu::int4_quantize(&shape, &w, &mut packed, &mut scales, &mut zeros);
+    assert_eq!(argument_of(result), "group_size");
+    let gemv = GemvShape {
+        m: 0,
+        weights: Int4Shape::new(16, 64, 32).unwrap(),
+    };
+    let (x, mut y) = (vec![f16::ZERO; 0], vec![f16::ZERO; 0]);
+    let result = cpu::int4_gemv(&gemv, &packed, &scales, &zeros, &x, &mut y);
+    assert_eq!(argument_of(result), "m");
+}

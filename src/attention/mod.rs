@@ -119,6 +119,18 @@ pub struct PagedCacheShape {
 }
 
 impl PagedCacheShape {
+    /// The geometry re-checked by the rules of [`PagedCacheShape::new`]: its fields are public, so a shape
+    /// built field by field reaches a backend only through this.
+    pub fn checked(&self) -> Result<Self> {
+        PagedCacheShape::new(
+            self.num_pages,
+            self.page_size,
+            self.num_kv_heads,
+            self.head_dim,
+            self.pages_per_request,
+        )
+    }
+
     /// Checks the geometry: page size, head dimension, at least one KV head and one page per request, and
     /// every element index of the cache representable in 63 bits.
     pub fn new(
@@ -343,6 +355,7 @@ impl<T> TreeAttentionInputs<'_, T> {
     /// backend.
     pub fn check_lengths(&self, outputs: &TreeAttentionOutputs<'_, T>) -> Result<()> {
         check_softmax_scale(self.softmax_scale)?;
+        self.shape.checked()?;
         self.shape.check_lengths(
             self.q.len(),
             self.k.len(),
@@ -367,7 +380,7 @@ impl<T> TreeAttentionInputs<'_, T> {
 impl<T> KvCompaction<'_, T> {
     /// Checks every array's length against the shape: the one size check of every backend.
     pub fn check_lengths(&self) -> Result<()> {
-        let shape = &self.shape;
+        let shape = &self.shape.checked()?;
         shape.check_lengths(
             self.accepted_offsets.len(),
             self.accepted_nodes.len(),
@@ -593,6 +606,18 @@ impl TreeRequest {
 }
 
 impl TreeAttentionShape {
+    /// The shape re-checked by the rules of [`TreeAttentionShape::new`] and [`PagedCacheShape::new`].
+    pub fn checked(&self) -> Result<Self> {
+        TreeAttentionShape::new(
+            self.num_requests,
+            self.num_tokens,
+            self.num_q_heads,
+            self.max_tree_size,
+            self.cache.checked()?,
+            self.rope,
+        )
+    }
+
     /// Checks the sizes: `Hq` a positive multiple of `Hkv`, `max_tree_size` in `1..=`[`MAX_TREE_NODES`], `num_tokens` and every
     /// q/out element index representable in 31 and 63 bits, `max_position` at least 1.
     pub fn new(
@@ -898,6 +923,16 @@ pub struct CompactionShape {
 }
 
 impl CompactionShape {
+    /// The shape re-checked by the rules of [`CompactionShape::new`] and [`PagedCacheShape::new`].
+    pub fn checked(&self) -> Result<Self> {
+        CompactionShape::new(
+            self.num_requests,
+            self.num_layers,
+            self.num_accepted,
+            self.cache.checked()?,
+        )
+    }
+
     /// Checks the sizes.
     pub fn new(
         num_requests: usize,

@@ -78,6 +78,12 @@ pub struct Int4Shape {
 }
 
 impl Int4Shape {
+    /// The shape re-checked by the rules of [`Int4Shape::new`]: its fields are public, so a shape built field
+    /// by field reaches a backend only through this.
+    pub fn checked(&self) -> Result<Self> {
+        Int4Shape::new(self.n, self.k, self.group_size)
+    }
+
     /// Checks the format's shape rules: `group_size` in [`GROUP_SIZES`], `n` a positive multiple of 16, `k` a
     /// positive multiple of 64 and of `group_size`, and every array size addressable by 32-bit element indices
     /// on the device (`n * k < 2^31 * 8`).
@@ -190,6 +196,11 @@ pub struct GemvShape {
 }
 
 impl GemvShape {
+    /// The shape re-checked by the rules of [`GemvShape::new`] and [`Int4Shape::new`].
+    pub fn checked(&self) -> Result<Self> {
+        GemvShape::new(self.m, self.weights.checked()?)
+    }
+
     /// Checks `m` (1 to 16) and the weight shape.
     pub fn new(m: usize, weights: Int4Shape) -> Result<Self> {
         if m == 0 || m > MAX_GEMV_ROWS {
@@ -274,7 +285,7 @@ impl Backend {
         stream: Stream<'_>,
         args: Int4Quantize<'_, T, S>,
     ) -> Result<()> {
-        let shape = args.shape;
+        let shape = args.shape.checked()?;
         check_len("weights", args.weights.len(), shape.weights_len())?;
         shape.check_packed_lengths(args.packed.len(), args.scales.len(), args.zeros.len())?;
         match self {
@@ -315,7 +326,7 @@ impl Backend {
         stream: Stream<'_>,
         args: Int4Pack<'_, T, S>,
     ) -> Result<()> {
-        let shape = args.shape;
+        let shape = args.shape.checked()?;
         check_len("weights", args.weights.len(), shape.weights_len())?;
         shape.check_packed_lengths(args.packed.len(), args.scales.len(), args.zeros.len())?;
         match self {
@@ -355,7 +366,7 @@ impl Backend {
         stream: Stream<'_>,
         args: Int4Gemv<'_, A, S>,
     ) -> Result<()> {
-        let shape = args.shape;
+        let shape = args.shape.checked()?;
         shape.weights.check_packed_lengths(
             args.packed.len(),
             args.scales.len(),

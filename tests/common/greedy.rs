@@ -316,40 +316,24 @@ pub fn bad_sizes_are_refused_naming_the_argument(device: &TestDevice) {
     expect_invalid(run(3, 0, &ok, &[0, 0], 3, 2, 6, Some(1)), "request_status");
 }
 
-/// An array in the other backend's memory is refused naming it (the CPU backend given device memory, the CUDA
-/// backend given host memory).
+/// An array in the other backend's memory is refused naming it: the CPU backend given device memory (when a GPU
+/// is here to make some), the CUDA backend given host memory.
 pub fn arrays_in_the_wrong_memory_are_refused(device: &TestDevice) {
     let host_logits = [0.0f32; 3];
+    let gpu = if device.is_cpu() { other_gpu() } else { None };
+    let device_logits = gpu.as_ref().map(|gpu| gpu.upload(&host_logits));
+    let logits = match (&device_logits, device.is_cpu()) {
+        (Some(array), _) => array.input(),
+        (None, true) => return,
+        (None, false) => host_logits[..].into(),
+    };
     let (offsets, drafts) = (device.upload(&[0i32, 0]), device.upload::<i32>(&[]));
     let mut accepted = device.upload(&[0i32]);
     let mut emitted = device.upload(&[0i32]);
-    if device.is_cpu() {
-        #[cfg(feature = "cuda")]
-        if let Some(cuda) = TestDevice::cuda("wrong memory (CPU backend given device memory)") {
-            let device_logits = cuda.upload(&host_logits);
-            let result = device.backend.greedy_verify(
-                device.stream(),
-                &GreedyInputs {
-                    logits: device_logits.input(),
-                    vocab_size: 3,
-                    draft_offsets: offsets.input(),
-                    draft_tokens: drafts.input(),
-                },
-                GreedyOutputs {
-                    emit_width: 1,
-                    accepted_counts: accepted.output(),
-                    emitted_tokens: emitted.output(),
-                    request_status: None,
-                },
-            );
-            expect_invalid(result, "logits");
-        }
-        return;
-    }
     let result = device.backend.greedy_verify(
         device.stream(),
         &GreedyInputs {
-            logits: host_logits[..].into(),
+            logits,
             vocab_size: 3,
             draft_offsets: offsets.input(),
             draft_tokens: drafts.input(),
@@ -362,4 +346,12 @@ pub fn arrays_in_the_wrong_memory_are_refused(device: &TestDevice) {
         },
     );
     expect_invalid(result, "logits");
+}
+
+/// A GPU to make device memory with, for a test running on the CPU backend.
+fn other_gpu() -> Option<TestDevice> {
+    #[cfg(feature = "cuda")]
+    return TestDevice::cuda("wrong memory (CPU backend given device memory)");
+    #[cfg(not(feature = "cuda"))]
+    None
 }
