@@ -9,9 +9,9 @@ use super::greedy::arg;
 use super::memory::{check_device_ptr, StreamScratch};
 use super::params::{CompactionParams, TreeAttentionParams};
 use super::{cuda_error, CudaBackend};
-use crate::attention::{check_softmax_scale, CompactionShape, TreeAttentionShape};
+use crate::attention::{CompactionShape, TreeAttentionShape};
 use crate::dtype::DType;
-use crate::error::{check_len, Error, Result};
+use crate::error::{Error, Result};
 
 const MODULE: &str = "tree_attention";
 /// The most splits of one request's prefix; the merge kernel holds one per lane.
@@ -40,36 +40,11 @@ pub(crate) struct TreeAttentionDevicePtrs {
 }
 
 impl TreeAttentionDevicePtrs {
-    /// Non-null where required, and aligned as the kernels read them (the caches in 16-byte vectors).
+    /// What `backend::In::device` does not check: the kernels read the caches in 16-byte vectors. Lengths,
+    /// non-null pointers and element alignment were checked when the addresses were taken.
     pub(crate) fn check(&self, shape: &TreeAttentionShape) -> Result<()> {
-        check_device_ptr("q", self.q, shape.q_len(), 2)?;
-        check_device_ptr("k", self.k, shape.kv_len(), 2)?;
-        check_device_ptr("v", self.v, shape.kv_len(), 2)?;
-        check_device_ptr(
-            "token_offsets",
-            self.token_offsets,
-            shape.num_requests + 1,
-            4,
-        )?;
-        check_device_ptr("parents", self.parents, shape.num_tokens, 4)?;
-        check_device_ptr("prefix_lens", self.prefix_lens, shape.num_requests, 4)?;
-        check_device_ptr("page_table", self.page_table, shape.page_table_len(), 4)?;
         check_device_ptr("k_cache", self.k_cache, shape.cache.cache_len(), 16)?;
-        check_device_ptr("v_cache", self.v_cache, shape.cache.cache_len(), 16)?;
-        if shape.rope.is_some() != (self.cos_sin_cache != 0) {
-            return Err(Error::invalid(
-                "cos_sin_cache",
-                if shape.rope.is_some() {
-                    "is null, but RoPE is asked for"
-                } else {
-                    "is given, but RoPE is off"
-                },
-            ));
-        }
-        check_device_ptr("cos_sin_cache", self.cos_sin_cache, shape.cos_sin_len(), 4)?;
-        check_device_ptr("out", self.out, shape.q_len(), 2)?;
-        check_device_ptr("lse", self.lse, 0, 4)?;
-        check_device_ptr("request_status", self.request_status, 0, 4)
+        check_device_ptr("v_cache", self.v_cache, shape.cache.cache_len(), 16)
     }
 }
 
@@ -85,6 +60,8 @@ pub(crate) struct CompactionDevicePtrs<'a> {
 }
 
 impl CompactionDevicePtrs<'_> {
+    /// What the shared checks do not cover: at most [`MAX_COMPACTION_LAYERS`] layers per launch, and caches
+    /// aligned for the kernel's 16-byte vectors.
     pub(crate) fn check(&self, shape: &CompactionShape) -> Result<()> {
         if shape.num_layers > MAX_COMPACTION_LAYERS {
             return Err(Error::invalid(
@@ -96,37 +73,12 @@ impl CompactionDevicePtrs<'_> {
                 ),
             ));
         }
-        check_len("k_caches", self.k_caches.len(), shape.num_layers)?;
-        check_len("v_caches", self.v_caches.len(), shape.num_layers)?;
         for (layer, (&k, &v)) in self.k_caches.iter().zip(self.v_caches).enumerate() {
-            check_device_ptr(
-                &format!("k_caches[{layer}]"),
-                k,
-                shape.cache.cache_len(),
-                16,
-            )?;
-            check_device_ptr(
-                &format!("v_caches[{layer}]"),
-                v,
-                shape.cache.cache_len(),
-                16,
-            )?;
+            let len = shape.cache.cache_len();
+            check_device_ptr(&format!("k_caches[{layer}]"), k, len, 16)?;
+            check_device_ptr(&format!("v_caches[{layer}]"), v, len, 16)?;
         }
-        check_device_ptr(
-            "accepted_offsets",
-            self.accepted_offsets,
-            shape.num_requests + 1,
-            4,
-        )?;
-        check_device_ptr("accepted_nodes", self.accepted_nodes, shape.num_accepted, 4)?;
-        check_device_ptr("prefix_lens", self.prefix_lens, shape.num_requests, 4)?;
-        check_device_ptr(
-            "page_table",
-            self.page_table,
-            shape.num_requests * shape.cache.pages_per_request,
-            4,
-        )?;
-        check_device_ptr("request_status", self.request_status, 0, 4)
+        Ok(())
     }
 }
 
@@ -141,7 +93,6 @@ impl CudaBackend {
         softmax_scale: f32,
         ptrs: &TreeAttentionDevicePtrs,
     ) -> Result<()> {
-        check_softmax_scale(softmax_scale)?;
         let dtype_name = match dtype {
             DType::F16 => "f16",
             DType::BF16 => "bf16",
