@@ -36,8 +36,9 @@ fn counts(sequences: &[Vec<Token>], s: &[Token]) -> (Vec<(Token, usize)>, usize)
 
 /// The reference drafter: `sequences` are the prompt's stored rollouts (prompt and output each), among them
 /// the request's own, whose tokens are `context` unless it was evicted. For every match length from
-/// `min_match` to `max_match` whose suffix occurs with a continuation, the draft from that suffix; the one with
-/// the highest score (sum of path probabilities) wins, ties to the longer match.
+/// `min_match` to `max_match` whose suffix occurs with a continuation, the chain from that suffix; the match
+/// length whose chain has the highest score (sum of path probabilities) wins, ties to the longer match. A chain
+/// proposal is that chain, a tree proposal the tree from the same suffix.
 fn reference(
     sequences: &[Vec<Token>],
     context: &[Token],
@@ -45,23 +46,38 @@ fn reference(
     kind: DraftKind,
 ) -> Draft {
     let top = config.max_match.min(context.len());
+    let budget = |match_len: usize| {
+        config.max_draft.min(
+            (match_len as f64 * config.match_factor + config.match_offset)
+                .floor()
+                .max(0.0) as usize,
+        )
+    };
     let mut best: Option<Draft> = None;
     for match_len in config.min_match..=top {
         let suffix = &context[context.len() - match_len..];
         if continuations(sequences, suffix).is_empty() {
             continue;
         }
-        let budget = config.max_draft.min(
-            (match_len as f64 * config.match_factor + config.match_offset)
-                .floor()
-                .max(0.0) as usize,
+        let draft = reference_at(
+            sequences,
+            suffix,
+            config,
+            DraftKind::Chain,
+            budget(match_len),
         );
-        let draft = reference_at(sequences, suffix, config, kind, budget);
         if best.as_ref().is_none_or(|b| draft.score >= b.score) {
             best = Some(draft);
         }
     }
-    best.unwrap_or_default()
+    match (best, kind) {
+        (None, _) => Draft::default(),
+        (Some(chain), DraftKind::Chain) => chain,
+        (Some(chain), DraftKind::Tree) => {
+            let suffix = &context[context.len() - chain.match_len..];
+            reference_at(sequences, suffix, config, kind, budget(chain.match_len))
+        }
+    }
 }
 
 /// The reference draft from the occurrences of `suffix`, in at most `budget` nodes.
@@ -387,6 +403,42 @@ fn a_shorter_match_with_more_expected_accepted_tokens_wins() {
         (draft.tokens, draft.match_len, draft.score),
         (vec![10], 4, 1.0)
     );
+}
+
+#[test]
+fn a_tree_is_drafted_from_the_match_length_whose_chain_scores_best() {
+    // History: [9 1 2 3 10 11 12] and four rollouts [k 3 a a+1 .. a+5] (a = 20, 30, 40, 50). Context
+    // [9 1 2 3], budget 24 at every match length. The 4-token match occurs once: chain [10 11 12], score 3.
+    // The 1-token match [3] occurs five times with five different continuations: its chain is [10 11 12] at
+    // 1/5 each (score 0.6), while its best-first tree of 24 nodes would take all five branches (score
+    // 0.6 + 4 * 6 * 0.2 = 5.4). Trees are chosen by their chain: the proposal is the 4-token match's tree.
+    let drafter = Drafter::new(DrafterConfig {
+        match_factor: 24.0,
+        min_token_prob: 0.0,
+        ..DrafterConfig::default()
+    })
+    .unwrap();
+    let mut rollouts: Vec<Vec<Token>> = vec![vec![9, 1, 2, 3, 10, 11, 12]];
+    for (k, a) in [(60, 20), (61, 30), (62, 40), (63, 50)] {
+        rollouts.push([k, 3].into_iter().chain(a..a + 6).collect());
+    }
+    store_rollouts(&drafter, 1, rollouts.iter().map(Vec::as_slice));
+    drafter.add_request(10, 1, &[9, 1, 2, 3]).unwrap();
+    let chain = drafter.propose(10, DraftKind::Chain).unwrap();
+    let tree = drafter.propose(10, DraftKind::Tree).unwrap();
+    for draft in [&chain, &tree] {
+        assert_eq!(
+            (
+                &draft.tokens,
+                draft.match_len,
+                draft.score,
+                draft.occurrences
+            ),
+            (&vec![10, 11, 12], 4, 3.0, 1)
+        );
+    }
+    assert_eq!(tree.parents, vec![-1, 0, 1]);
+    check_probe(&drafter, 1, 10, &[9, 1, 2, 3], "five continuations of [3]");
 }
 
 #[test]

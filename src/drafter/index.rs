@@ -416,6 +416,11 @@ impl SuffixIndex {
         len
     }
 
+    /// The longest match reported.
+    pub fn max_match(&self) -> usize {
+        self.max_match
+    }
+
     /// The gram lengths of the chain levels, ascending: `min_match`, 3 and 6, each at least `min_match` (so
     /// levels may repeat).
     pub fn gram_lens(&self) -> [usize; LEVELS] {

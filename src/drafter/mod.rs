@@ -20,11 +20,13 @@
 //!   the cursors that agree, repeat. **Tree**: best-first by path probability (ties to the lower parent index,
 //!   then the smaller token). A token's empirical probability is the share of cursors continuing with it; a
 //!   node is drafted only while its path probability is at least `min_token_prob`. See [`Draft`].
-//! * **Selection**: a draft is built from every matching suffix, and the one with the highest score (the sum
-//!   of its path probabilities: the expected number of accepted tokens if the history's continuations were
-//!   the target's) is proposed, ties to the longer match (suffix decoding's rule, arXiv 2411.04975, section
-//!   3.2). A shorter match can win: after a mismatch the long suffixes are often new, and a frequent short
-//!   one predicts better than a rare long one.
+//! * **Selection**: every matching suffix length is scored by its chain (the sum of the chain's path
+//!   probabilities: the expected number of accepted tokens if the history's continuations were the target's),
+//!   and the best score wins, ties to the longer match (suffix decoding's rule, arXiv 2411.04975, section 3.2).
+//!   A chain proposal is the winning chain; a tree proposal is the tree from the winning suffix, so one tree is
+//!   drafted per proposal (choosing trees by their own score instead accepted as many tokens per step on the
+//!   real-text replay, at several times the latency). A shorter match can win: after a mismatch the long
+//!   suffixes are often new, and a frequent short one predicts better than a rare long one.
 //! * **Budget** (draft tokens for a chain, nodes for a tree) of a match of `m` tokens: `min(max_draft,
 //!   floor(m * match_factor + match_offset))`, further capped by the request's length class if
 //!   [`LengthClasses`] are configured.
@@ -699,9 +701,9 @@ impl Drafter {
         budget
     }
 
-    /// Proposes a draft for `request`, continuing its context (prompt and output so far): the best-scoring draft
-    /// over every matching suffix (see the module documentation), with its match length, score and the number
-    /// of occurrences it was built from. An empty draft means nothing matched (`match_len` 0), the budget is 0,
+    /// Proposes a draft for `request`, continuing its context (prompt and output so far): the chain, or the tree,
+    /// of the matching suffix whose chain scores best (see the module documentation), with its match length,
+    /// score and the number of occurrences it was built from. An empty draft means nothing matched (`match_len` 0), the budget is 0,
     /// or no continuation reached `min_token_prob`.
     pub fn propose(&self, request: u64, kind: DraftKind) -> Result<Draft> {
         let state = self.request(request)?;
