@@ -411,11 +411,24 @@ fn replays(quick: bool) {
         max_occurrences: usize::MAX,
         ..DrafterConfig::default()
     };
+    let chain_eight = DrafterConfig {
+        max_occurrences: 8,
+        ..DrafterConfig::default()
+    };
+    // DAS's budget rule (a length class's budget, whatever the match length), as the only change.
+    let chain_flat = DrafterConfig {
+        match_factor: DrafterConfig::default().max_draft as f64,
+        ..DrafterConfig::default()
+    };
     let tree = DrafterConfig {
         max_draft: DrafterConfig::MAX_DRAFT,
         match_factor: DrafterConfig::MAX_DRAFT as f64,
         min_token_prob: 0.0,
         ..DrafterConfig::default()
+    };
+    let tree_eight = DrafterConfig {
+        max_occurrences: 8,
+        ..tree.clone()
     };
     let sizes: &[usize] = if quick {
         &[100_000]
@@ -425,7 +438,22 @@ fn replays(quick: bool) {
     for (name, config, kind) in [
         ("chain (defaults)", &chain, DraftKind::Chain),
         ("chain, every occurrence", &uncapped, DraftKind::Chain),
+        (
+            "chain, 8 occurrences per level",
+            &chain_eight,
+            DraftKind::Chain,
+        ),
+        (
+            "chain, budget 24 at any match",
+            &chain_flat,
+            DraftKind::Chain,
+        ),
         ("tree, 63 drafts", &tree, DraftKind::Tree),
+        (
+            "tree, 63 drafts, 8 occurrences per level",
+            &tree_eight,
+            DraftKind::Tree,
+        ),
     ] {
         for &tokens in sizes {
             for (scope_name, scope) in [("per prompt", Scope::PerPrompt), ("global", Scope::Global)]

@@ -4,9 +4,10 @@
 //! `min_match`) in the stored sequences *followed by another token*, each with its match length.
 //!
 //! How: every occurrence of a k-gram that has a continuation is linked into a chain of positions holding the
-//! same k-gram, for three gram lengths (levels): `min_match`, 3 and 6. A query walks the chain of the
-//! context's last gram at one level, at most a given number of entries (the most recently linked first),
-//! extending each candidate backwards token by token to get its exact match length. The 6-gram chain gives the
+//! same k-gram, for three gram lengths (levels): `min_match`, 3 and 6. A query walks the chains of the
+//! context's last grams at every level in lockstep (their cache misses overlap), at most a given number of
+//! entries each (the most recently linked first), extending each candidate backwards token by token to get its
+//! exact match length. The 6-gram chain gives the
 //! long matches, the 3-gram chain those of 3 to 5 tokens, the `min_match` chain the shorter ones: a frequent
 //! short gram's chain then need not be walked far to find a match of middling length. Because every candidate
 //! is compared token by token, hash collisions never produce a wrong match; a walk that reaches the end of its
@@ -33,7 +34,7 @@ pub type Token = u32;
 /// The gram lengths indexed: `min_match`, then these (each raised to `min_match` if that is longer). Each
 /// level's chain gives the matches from its gram length up to the next level's.
 const UPPER_GRAMS: [usize; LEVELS - 1] = [3, 6];
-const LEVELS: usize = 3;
+pub(crate) const LEVELS: usize = 3;
 const ANCHOR: usize = UPPER_GRAMS[LEVELS - 2];
 const NONE: u64 = u64::MAX;
 
@@ -142,6 +143,21 @@ fn prefetch_read<T>(value: &T) {
     };
     #[cfg(not(target_arch = "x86_64"))]
     let _ = value;
+}
+
+/// Prefetches the tokens a candidate occurrence ending at `end` is read at: up to `before` tokens back (its match)
+/// and `AFTER` ahead (its continuation, for the draft), one cache line at a time, so that the misses of all the
+/// candidates overlap instead of each candidate's comparison waiting on its own.
+fn prefetch_span(tokens: &[Token], end: usize, before: usize) {
+    const LINE: usize = 64 / std::mem::size_of::<Token>();
+    const AFTER: usize = 64;
+    let (from, to) = (end.saturating_sub(before), (end + AFTER).min(tokens.len()));
+    for at in (from..to).step_by(LINE) {
+        prefetch_read(&tokens[at]);
+    }
+    if let Some(last) = tokens[from..to].last() {
+        prefetch_read(last);
+    }
 }
 
 fn gram_hash(gram: &[Token]) -> u64 {
@@ -427,62 +443,70 @@ impl SuffixIndex {
         self.gram_lens
     }
 
-    /// Walks at most `max_visits` entries of `level`'s chain for the context's last gram, most recently linked
-    /// first, and pushes every occurrence that matches at least `min_len` of the context's last tokens, with its
-    /// match length (at most `max_match`). A visit is one chain entry, another gram sharing the bucket included,
-    /// so the work is bounded however often the gram occurs. Returns whether the chain was walked to its end
-    /// (then every occurrence of the gram was seen).
+    /// For each level in `levels`, walks at most `max_visits` entries of its chain for the context's last gram,
+    /// most recently linked first, and puts in `found[level]` every occurrence that matches at least that
+    /// level's gram length of the context's last tokens, with its match length (at most `max_match`). A visit is
+    /// one chain entry, another gram sharing the bucket included, so the work is bounded however often a gram
+    /// occurs. Returns, per level, whether its chain was walked to its end (then every occurrence of the gram
+    /// was seen; `true` for a level not walked).
+    ///
+    /// The chains are walked in lockstep: each step's link address comes from the one before, so one chain is a
+    /// sequence of dependent cache misses, but the chains of different levels are independent and their misses
+    /// overlap.
     pub fn collect(
         &self,
         context: &[Token],
-        level: usize,
+        levels: &[usize],
         max_visits: usize,
-        min_len: usize,
-        out: &mut Vec<Candidate>,
-    ) -> bool {
-        let k = self.gram_lens[level];
-        if context.len() < k {
-            return true;
+        found: &mut [Vec<Candidate>; LEVELS],
+    ) -> [bool; LEVELS] {
+        let mut at = [NONE; LEVELS];
+        for &level in levels {
+            let k = self.gram_lens[level];
+            found[level].clear();
+            if context.len() >= k {
+                let table = &self.heads[level];
+                at[level] = table.buckets[table.bucket(gram_hash(&context[context.len() - k..]))];
+            }
         }
-        let limit = self.max_match.min(context.len());
-        let table = &self.heads[level];
-        let mut at = table.buckets[table.bucket(gram_hash(&context[context.len() - k..]))];
-        // First the chain (each link's address comes from the one before), prefetching each occurrence's
-        // tokens so that their cache misses overlap the walk; then the comparisons.
-        let first = out.len();
+        // First the chains, prefetching each occurrence's tokens so that their cache misses overlap the walks;
+        // then the comparisons.
         for _ in 0..max_visits {
-            if at == NONE {
+            let mut walking = false;
+            for &level in levels {
+                if at[level] == NONE {
+                    continue;
+                }
+                walking = true;
+                let o = Occurrence::unpack(at[level]);
+                let sequence = self.slot(o.slot);
+                prefetch_span(&sequence.tokens, o.end as usize, self.max_match);
+                at[level] = sequence.links[level][o.end as usize].next;
+                found[level].push(Candidate {
+                    occurrence: o,
+                    match_len: 0,
+                });
+            }
+            if !walking {
                 break;
             }
-            let o = Occurrence::unpack(at);
-            let sequence = self.slot(o.slot);
-            prefetch_read(&sequence.tokens[o.end as usize - 1]);
-            at = sequence.links[level][o.end as usize].next;
-            out.push(Candidate {
-                occurrence: o,
-                match_len: 0,
+        }
+        let limit = self.max_match.min(context.len());
+        for &level in levels {
+            let k = self.gram_lens[level];
+            found[level].retain_mut(|c| {
+                let o = c.occurrence;
+                c.match_len = self.slot(o.slot).tokens[..o.end as usize]
+                    .iter()
+                    .rev()
+                    .zip(context.iter().rev())
+                    .take(limit)
+                    .take_while(|(a, b)| a == b)
+                    .count();
+                c.match_len >= k
             });
         }
-        let mut kept = first;
-        for i in first..out.len() {
-            let o = out[i].occurrence;
-            let match_len = self.slot(o.slot).tokens[..o.end as usize]
-                .iter()
-                .rev()
-                .zip(context.iter().rev())
-                .take(limit)
-                .take_while(|(a, b)| a == b)
-                .count();
-            if match_len >= min_len.max(k) {
-                out[kept] = Candidate {
-                    occurrence: o,
-                    match_len,
-                };
-                kept += 1;
-            }
-        }
-        out.truncate(kept);
-        at == NONE
+        at.map(|a| a == NONE)
     }
 }
 

@@ -21,9 +21,9 @@
 //! `v`: a chain is then a walk down the trie, with no rescan of the cursors per match length or per token.
 
 use std::cmp::Ordering;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashMap};
 
-use super::index::{Candidate, SuffixIndex, Token};
+use super::index::{Candidate, SuffixIndex, Token, LEVELS};
 use super::DraftKind;
 
 /// A draft: `tokens[i]` with `parents[i]` (-1 for a child of the context's last token, otherwise an earlier
@@ -47,6 +47,18 @@ pub struct Draft {
     pub occurrences: usize,
 }
 
+impl Draft {
+    fn with_capacity(nodes: usize, occurrences: usize) -> Self {
+        Draft {
+            tokens: Vec::with_capacity(nodes),
+            parents: Vec::with_capacity(nodes),
+            probs: Vec::with_capacity(nodes),
+            occurrences,
+            ..Draft::default()
+        }
+    }
+}
+
 const NO_NODE: u32 = u32::MAX;
 
 /// The end of a trie edge: the edge holds the tokens `sequence[start..start + len]`, its first token the
@@ -56,6 +68,8 @@ struct TrieNode<'a> {
     sequence: &'a [Token],
     start: u32,
     len: u32,
+    /// The edge's first token, kept here so that finding a child reads no history.
+    first: Token,
     /// Cursors whose continuation runs through the whole edge.
     count: u32,
     /// Of those, the cursors whose sequence ends at the edge's end (no next token there).
@@ -85,23 +99,34 @@ pub(crate) struct ContinuationTrie<'a> {
     depth_cap: usize,
     /// The largest count among the root's children (the most frequent first token's).
     top_first: u32,
+    /// `(node, first token) -> child`, kept when many cursors are expected (an uncapped walk of a frequent
+    /// gram: a node may then have hundreds of children); otherwise a node's children are found by scanning its
+    /// sibling list, which is faster for the few a capped walk gives.
+    children: Option<HashMap<(u32, Token), u32>>,
 }
 
 impl<'a> ContinuationTrie<'a> {
-    /// An empty trie; no draft from it is ever deeper than `depth_cap` tokens.
-    fn new(depth_cap: usize) -> Self {
+    /// Cursors beyond which children are found through a hash map.
+    const SCAN_CURSORS: usize = 64;
+
+    /// An empty trie for about `cursors` cursors; no draft from it is ever deeper than `depth_cap` tokens.
+    fn new(depth_cap: usize, cursors: usize) -> Self {
+        let mut nodes = Vec::with_capacity(2 * cursors.min(1 << 12) + 1);
+        nodes.push(TrieNode {
+            sequence: &[],
+            start: 0,
+            len: 0,
+            first: 0,
+            count: 0,
+            ends: 0,
+            first_child: NO_NODE,
+            next_sibling: NO_NODE,
+        });
         ContinuationTrie {
-            nodes: vec![TrieNode {
-                sequence: &[],
-                start: 0,
-                len: 0,
-                count: 0,
-                ends: 0,
-                first_child: NO_NODE,
-                next_sibling: NO_NODE,
-            }],
+            nodes,
             depth_cap,
             top_first: 0,
+            children: (cursors > Self::SCAN_CURSORS).then(HashMap::new),
         }
     }
 
@@ -120,8 +145,11 @@ impl<'a> ContinuationTrie<'a> {
     }
 
     fn child_with(&self, node: u32, token: Token) -> u32 {
+        if let Some(children) = &self.children {
+            return children.get(&(node, token)).copied().unwrap_or(NO_NODE);
+        }
         let mut child = self.nodes[node as usize].first_child;
-        while child != NO_NODE && self.nodes[child as usize].edge()[0] != token {
+        while child != NO_NODE && self.nodes[child as usize].first != token {
             child = self.nodes[child as usize].next_sibling;
         }
         child
@@ -146,11 +174,15 @@ impl<'a> ContinuationTrie<'a> {
                     sequence,
                     start: at as u32,
                     len: len as u32,
+                    first: token,
                     count: 1,
-                    ends: u32::from(at + len == sequence.len()),
+                    ends: u32::from(at + len == sequence.len() && depth + len < self.depth_cap),
                     first_child: NO_NODE,
                     next_sibling,
                 });
+                if let Some(children) = &mut self.children {
+                    children.insert((node, token), leaf);
+                }
                 if node == 0 {
                     self.top_first = self.top_first.max(1);
                 }
@@ -182,11 +214,22 @@ impl<'a> ContinuationTrie<'a> {
         let mut rest = *upper;
         rest.start += keep as u32;
         rest.len -= keep as u32;
+        rest.first = rest.sequence[rest.start as usize];
         rest.next_sibling = NO_NODE;
         upper.len = keep as u32;
         upper.ends = 0;
         upper.first_child = lower;
         self.nodes.push(rest);
+        if let Some(children) = &mut self.children {
+            let mut child = rest.first_child;
+            while child != NO_NODE {
+                let c = &self.nodes[child as usize];
+                children.remove(&(node, c.first));
+                children.insert((lower, c.first), child);
+                child = c.next_sibling;
+            }
+            children.insert((node, rest.first), lower);
+        }
     }
 
     /// The most frequent child of `node` (ties to the smaller token), or `NO_NODE`.
@@ -197,8 +240,7 @@ impl<'a> ContinuationTrie<'a> {
             let c = &self.nodes[child as usize];
             if best == NO_NODE || {
                 let b = &self.nodes[best as usize];
-                (c.count, std::cmp::Reverse(c.edge()[0]))
-                    > (b.count, std::cmp::Reverse(b.edge()[0]))
+                (c.count, std::cmp::Reverse(c.first)) > (b.count, std::cmp::Reverse(b.first))
             } {
                 best = child;
             }
@@ -207,14 +249,13 @@ impl<'a> ContinuationTrie<'a> {
         best
     }
 
-    /// Follows the most frequent continuation (ties to the smallest token id) for up to `budget` tokens.
-    fn chain(&self, budget: usize, min_token_prob: f64) -> Draft {
-        let mut draft = Draft {
-            occurrences: self.cursors(),
-            ..Draft::default()
-        };
+    /// Follows the most frequent continuation (ties to the smallest token id) for up to `budget` tokens, into
+    /// `chain` (whose `match_len` is left alone).
+    fn chain(&self, budget: usize, min_token_prob: f64, chain: &mut Chain<'a>) {
+        chain.segments.clear();
+        (chain.len, chain.score, chain.occurrences) = (0, 0.0, self.cursors());
         let (mut node, mut prob) = (0u32, 1.0f64);
-        while draft.tokens.len() < budget {
+        while chain.len < budget {
             let child = self.most_frequent_child(node);
             if child == NO_NODE {
                 break;
@@ -225,15 +266,15 @@ impl<'a> ContinuationTrie<'a> {
                 break;
             }
             // Along the edge every cursor continues alike: each further token has probability 1.
-            for &token in c.edge().iter().take(budget - draft.tokens.len()) {
-                draft.parents.push(draft.tokens.len() as i32 - 1);
-                draft.tokens.push(token);
-                draft.probs.push(prob);
-                draft.score += prob;
+            let tokens =
+                &c.sequence[c.start as usize..][..(c.len as usize).min(budget - chain.len)];
+            for _ in tokens {
+                chain.score += prob;
             }
+            chain.len += tokens.len();
+            chain.segments.push((tokens, prob));
             node = child;
         }
-        draft
     }
 
     /// Queues the children of the end of `node`'s edge whose path probability reaches the floor.
@@ -254,7 +295,7 @@ impl<'a> ContinuationTrie<'a> {
                 pending.push(Pending {
                     prob: child_prob,
                     parent,
-                    token: c.edge()[0],
+                    token: c.first,
                     node: child,
                     offset: 0,
                 });
@@ -265,11 +306,8 @@ impl<'a> ContinuationTrie<'a> {
 
     /// Best-first: repeatedly drafts the pending node of highest path probability, until `budget` nodes.
     fn tree(&self, budget: usize, min_token_prob: f64) -> Draft {
-        let mut draft = Draft {
-            occurrences: self.cursors(),
-            ..Draft::default()
-        };
-        let mut pending = BinaryHeap::new();
+        let mut draft = Draft::with_capacity(budget, self.cursors());
+        let mut pending = BinaryHeap::with_capacity(4 * budget);
         if budget > 0 {
             self.queue_children(0, -1, 1.0, min_token_prob, &mut pending);
         }
@@ -294,6 +332,32 @@ impl<'a> ContinuationTrie<'a> {
                 }
             }
         }
+        draft
+    }
+}
+
+/// A chain drafted from the trie, as the edges it runs along: `(tokens, path probability)` each. Scoring a
+/// match length needs only its score; the tokens are written out for the winner alone.
+#[derive(Default)]
+struct Chain<'a> {
+    segments: Vec<(&'a [Token], f64)>,
+    len: usize,
+    score: f64,
+    occurrences: usize,
+    match_len: usize,
+}
+
+impl Chain<'_> {
+    fn draft(&self) -> Draft {
+        let mut draft = Draft::with_capacity(self.len, self.occurrences);
+        for &(tokens, prob) in &self.segments {
+            for &token in tokens {
+                draft.parents.push(draft.tokens.len() as i32 - 1);
+                draft.tokens.push(token);
+                draft.probs.push(prob);
+            }
+        }
+        (draft.match_len, draft.score) = (self.match_len, self.score);
         draft
     }
 }
@@ -349,25 +413,30 @@ pub(crate) struct Settings<'b> {
 /// see the module documentation); an empty draft with `match_len` 0 when no suffix of at least `min_match`
 /// tokens occurs with a continuation.
 ///
-/// The chain levels are walked from the longest gram down: each gives the matches from its gram length up to
-/// the next level's (the longer ones came from that level, unless its walk stopped at the cap first: then
-/// this level's longer matches that it did not reach count too, for the shorter match lengths). A level is
-/// walked only if one of its matches could still score higher, i.e. while the best score is below the budget
+/// The chain levels are walked together, then scored from the longest gram down: each gives the matches from
+/// its gram length up to the next level's (the longer ones came from that level, unless its walk stopped at
+/// the cap first: then this level's longer matches that it did not reach count too, for the shorter match
+/// lengths). A level is scored only if one of its matches could still score higher, i.e. while the best score is below the budget
 /// of a match one token shorter than the level above (a chain's score is at most its length). The drafts
 /// of the match lengths between two occurrences' match lengths are prefixes of the longer one's, so only the
 /// match lengths that occur are drafted.
 pub(crate) fn best_draft(index: &SuffixIndex, context: &[Token], settings: &Settings<'_>) -> Draft {
     let grams = index.gram_lens();
     let longest = context.len().min(index.max_match());
-    let mut trie = ContinuationTrie::new((settings.budget)(longest));
+    // The levels to walk, longest gram first; a level with the gram length of the level above adds nothing.
+    let levels: Vec<usize> = (0..grams.len())
+        .rev()
+        .filter(|&level| grams.get(level + 1) != Some(&grams[level]))
+        .collect();
+    let mut found: [Vec<Candidate>; LEVELS] = Default::default();
+    let complete = index.collect(context, &levels, settings.max_occurrences, &mut found);
+    let mut trie =
+        ContinuationTrie::new((settings.budget)(longest), found.iter().map(Vec::len).sum());
     let mut candidates: Vec<Candidate> = Vec::new();
-    let mut best: Option<Draft> = None;
+    let mut best: Option<Chain<'_>> = None;
     let mut upper_complete = true;
-    for level in (0..grams.len()).rev() {
+    for &level in &levels {
         let upper = grams.get(level + 1).copied().unwrap_or(usize::MAX);
-        if grams[level] == upper {
-            continue; // the same gram length as the level above: already walked
-        }
         if upper != usize::MAX
             && best
                 .as_ref()
@@ -375,21 +444,14 @@ pub(crate) fn best_draft(index: &SuffixIndex, context: &[Token], settings: &Sett
         {
             break;
         }
-        let mut found = Vec::new();
-        let complete = index.collect(
-            context,
-            level,
-            settings.max_occurrences,
-            grams[level],
-            &mut found,
-        );
+        let mut found = std::mem::take(&mut found[level]);
         // A match of the level above's gram length or more is also on that level's chain: it is new here only
         // if that walk stopped at the cap before reaching it.
         found.retain(|c| {
             c.match_len < upper
                 || !upper_complete && !candidates.iter().any(|o| o.occurrence == c.occurrence)
         });
-        upper_complete = complete;
+        upper_complete = complete[level];
         score_match_lengths(
             index,
             &mut found,
@@ -404,12 +466,18 @@ pub(crate) fn best_draft(index: &SuffixIndex, context: &[Token], settings: &Sett
         return Draft::default();
     };
     match settings.kind {
-        DraftKind::Chain => best,
+        DraftKind::Chain => best.draft(),
         DraftKind::Tree => {
             let budget = (settings.budget)(best.match_len);
-            let mut trie = ContinuationTrie::new(budget);
-            for c in candidates.iter().filter(|c| c.match_len >= best.match_len) {
-                trie.insert(index.tokens_of(c.occurrence), c.occurrence.end as usize);
+            // The trie holds every candidate scored; unless a shorter match came after the winner, its counts
+            // are the winner's (and deeper than its budget, which no draft reaches).
+            let shortest = candidates.iter().map(|c| c.match_len).min();
+            if shortest != Some(best.match_len) {
+                let from = candidates.iter().filter(|c| c.match_len >= best.match_len);
+                trie = ContinuationTrie::new(budget, from.clone().count());
+                for c in from {
+                    trie.insert(index.tokens_of(c.occurrence), c.occurrence.end as usize);
+                }
             }
             Draft {
                 match_len: best.match_len,
@@ -431,9 +499,10 @@ fn score_match_lengths<'a>(
     lengths: std::ops::Range<usize>,
     settings: &Settings<'_>,
     trie: &mut ContinuationTrie<'a>,
-    best: &mut Option<Draft>,
+    best: &mut Option<Chain<'a>>,
 ) {
     found.sort_by_key(|c| std::cmp::Reverse(c.match_len));
+    let mut chain = Chain::default();
     let mut i = 0;
     while i < found.len() {
         let v = found[i].match_len;
@@ -455,12 +524,105 @@ fn score_match_lengths<'a>(
                 continue;
             }
         }
-        let draft = Draft {
-            match_len: v,
-            ..trie.chain(budget, settings.min_token_prob)
+        trie.chain(budget, settings.min_token_prob, &mut chain);
+        chain.match_len = v;
+        if best.as_ref().is_none_or(|b| chain.score > b.score) {
+            let previous = best.replace(chain);
+            chain = previous.unwrap_or_default();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    /// Every path of the trie, token by token: `path -> (cursors whose continuation starts with it, cursors whose
+    /// continuation is exactly it)`. Fails on two siblings with the same first token.
+    fn expanded(trie: &ContinuationTrie<'_>) -> BTreeMap<Vec<Token>, (u32, u32)> {
+        let mut out = BTreeMap::new();
+        out.insert(Vec::new(), (trie.nodes[0].count, trie.nodes[0].ends));
+        let mut stack = vec![(0u32, Vec::new())];
+        while let Some((node, path)) = stack.pop() {
+            let mut child = trie.nodes[node as usize].first_child;
+            while child != NO_NODE {
+                let c = &trie.nodes[child as usize];
+                let mut p = path.clone();
+                for (i, &t) in c.edge().iter().enumerate() {
+                    p.push(t);
+                    let ends = if i + 1 == c.edge().len() { c.ends } else { 0 };
+                    assert!(
+                        out.insert(p.clone(), (c.count, ends)).is_none(),
+                        "{p:?} twice"
+                    );
+                }
+                stack.push((child, p));
+                child = c.next_sibling;
+            }
+        }
+        out
+    }
+
+    /// The same from the cursors themselves.
+    fn brute_force(cursors: &[(&[Token], usize)], cap: usize) -> BTreeMap<Vec<Token>, (u32, u32)> {
+        let mut out = BTreeMap::from([(Vec::new(), (0, 0))]);
+        for &(sequence, next) in cursors {
+            let rest = &sequence[next..];
+            for len in 0..=rest.len().min(cap) {
+                let entry = out.entry(rest[..len].to_vec()).or_default();
+                entry.0 += 1;
+                entry.1 += u32::from(len == rest.len() && len < cap);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_trie_counts_every_prefix_of_every_cursor_in_both_lookup_modes() {
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = |n: u64| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state % n
         };
-        if best.as_ref().is_none_or(|b| draft.score > b.score) {
-            *best = Some(draft);
+        for case in 0..200 {
+            let vocab = 1 + next(4) as u32;
+            let sequences: Vec<Vec<Token>> = (0..1 + next(6))
+                .map(|_| {
+                    (0..next(40))
+                        .map(|_| next(u64::from(vocab)) as Token)
+                        .collect()
+                })
+                .collect();
+            let mut cursors = Vec::new();
+            for s in &sequences {
+                for _ in 0..next(30) {
+                    cursors.push((s.as_slice(), next(s.len() as u64 + 1) as usize));
+                }
+            }
+            let cap = 1 + next(12) as usize;
+            let want = brute_force(&cursors, cap);
+            for expected_cursors in [0, 1000] {
+                let mut trie = ContinuationTrie::new(cap, expected_cursors);
+                assert_eq!(trie.children.is_some(), expected_cursors > 0);
+                for &(s, at) in &cursors {
+                    trie.insert(s, at);
+                }
+                assert_eq!(
+                    expanded(&trie),
+                    want,
+                    "case {case}, hashed {expected_cursors}"
+                );
+                let top = want
+                    .iter()
+                    .filter(|(p, _)| p.len() == 1)
+                    .map(|(_, &(count, _))| count)
+                    .max()
+                    .unwrap_or(0);
+                assert_eq!(trie.top_first, top, "case {case}");
+            }
         }
     }
 }
