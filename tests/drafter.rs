@@ -240,38 +240,78 @@ fn configs() -> Vec<DrafterConfig> {
     ]
 }
 
+/// Six rollouts of prompt 7 (random, or mutated copies of one base), then a probe generating its own rollout,
+/// checked against the reference every 17 tokens.
+fn check_rollouts_against_the_reference(
+    rng: &mut impl Rng,
+    config: &DrafterConfig,
+    vocab: u32,
+    repetitive: bool,
+    what: &str,
+) {
+    let drafter = Drafter::new(config.clone()).unwrap();
+    let base = random_sequence(rng, 300, vocab);
+    let prompt_tokens = random_sequence(rng, 20, vocab);
+    for r in 0..6u64 {
+        drafter.add_request(r, 7, &prompt_tokens).unwrap();
+        let rollout = if repetitive {
+            mutated(rng, &base, vocab)
+        } else {
+            random_sequence(rng, 200, vocab)
+        };
+        drafter.append(r, &rollout).unwrap();
+        drafter.finish_request(r).unwrap();
+    }
+    // The probe generates its own rollout; draft at several points along it.
+    let probe_output = if repetitive {
+        mutated(rng, &base, vocab)
+    } else {
+        random_sequence(rng, 120, vocab)
+    };
+    drafter.add_request(100, 7, &prompt_tokens).unwrap();
+    let mut context = prompt_tokens.clone();
+    for (i, chunk) in probe_output.chunks(17).enumerate() {
+        drafter.append(100, chunk).unwrap();
+        context.extend_from_slice(chunk);
+        let what = format!("{what}, vocab {vocab}, repetitive {repetitive}, step {i}");
+        check_probe(&drafter, 7, 100, &context, &what);
+    }
+}
+
 #[test]
 fn proposals_match_the_brute_force_reference() {
     let mut rng = common::rng("drafter reference");
     for (c, config) in configs().into_iter().enumerate() {
         for (vocab, repetitive) in [(3u32, false), (12, false), (50, true), (1000, true)] {
-            let drafter = Drafter::new(config.clone()).unwrap();
-            let base = random_sequence(&mut rng, 300, vocab);
-            let prompt_tokens = random_sequence(&mut rng, 20, vocab);
-            for r in 0..6u64 {
-                drafter.add_request(r, 7, &prompt_tokens).unwrap();
-                let rollout = if repetitive {
-                    mutated(&mut rng, &base, vocab)
-                } else {
-                    random_sequence(&mut rng, 200, vocab)
-                };
-                drafter.append(r, &rollout).unwrap();
-                drafter.finish_request(r).unwrap();
-            }
-            // The probe generates its own rollout; draft at several points along it.
-            let probe_output = if repetitive {
-                mutated(&mut rng, &base, vocab)
-            } else {
-                random_sequence(&mut rng, 120, vocab)
-            };
-            drafter.add_request(100, 7, &prompt_tokens).unwrap();
-            let mut context = prompt_tokens.clone();
-            for (i, chunk) in probe_output.chunks(17).enumerate() {
-                drafter.append(100, chunk).unwrap();
-                context.extend_from_slice(chunk);
-                let what = format!("config {c}, vocab {vocab}, repetitive {repetitive}, step {i}");
-                check_probe(&drafter, 7, 100, &context, &what);
-            }
+            check_rollouts_against_the_reference(
+                &mut rng,
+                &config,
+                vocab,
+                repetitive,
+                &format!("config {c}"),
+            );
+        }
+    }
+}
+
+#[test]
+fn capped_walks_match_the_reference_while_every_chain_is_shorter_than_the_cap() {
+    // With at most 64 entries per level the levels below the longest gram's are walked together; over 1000
+    // token ids no gram occurs that often here, so the proposals are still exact.
+    let mut rng = common::rng("drafter lockstep reference");
+    for (c, config) in configs().into_iter().enumerate() {
+        let capped = DrafterConfig {
+            max_occurrences: 64,
+            ..config
+        };
+        for repetitive in [false, true] {
+            check_rollouts_against_the_reference(
+                &mut rng,
+                &capped,
+                1000,
+                repetitive,
+                &format!("config {c}, 64 per level"),
+            );
         }
     }
 }

@@ -409,11 +409,14 @@ pub(crate) struct Settings<'b> {
     pub budget: &'b dyn Fn(usize) -> usize,
 }
 
+/// The most chain entries per level for which the levels below the longest gram's are walked together.
+const LOCKSTEP_VISITS: usize = 64;
+
 /// The best draft over every match length of the context's suffix (by chain score, ties to the longer match;
 /// see the module documentation); an empty draft with `match_len` 0 when no suffix of at least `min_match`
 /// tokens occurs with a continuation.
 ///
-/// The chain levels are walked together, then scored from the longest gram down: each gives the matches from
+/// The chain levels are scored from the longest gram down: each gives the matches from
 /// its gram length up to the next level's (the longer ones came from that level, unless its walk stopped at
 /// the cap first: then this level's longer matches that it did not reach count too, for the shorter match
 /// lengths). A level is scored only if one of its matches could still score higher, i.e. while the best score is below the budget
@@ -429,13 +432,16 @@ pub(crate) fn best_draft(index: &SuffixIndex, context: &[Token], settings: &Sett
         .filter(|&level| grams.get(level + 1) != Some(&grams[level]))
         .collect();
     let mut found: [Vec<Candidate>; LEVELS] = Default::default();
-    let complete = index.collect(context, &levels, settings.max_occurrences, &mut found);
-    let mut trie =
-        ContinuationTrie::new((settings.budget)(longest), found.iter().map(Vec::len).sum());
+    let mut complete = [true; LEVELS];
+    let mut walked = 0;
+    let mut trie = ContinuationTrie::new(
+        (settings.budget)(longest),
+        settings.max_occurrences.saturating_mul(levels.len()),
+    );
     let mut candidates: Vec<Candidate> = Vec::new();
     let mut best: Option<Chain<'_>> = None;
     let mut upper_complete = true;
-    for &level in &levels {
+    for (i, &level) in levels.iter().enumerate() {
         let upper = grams.get(level + 1).copied().unwrap_or(usize::MAX);
         if upper != usize::MAX
             && best
@@ -443,6 +449,25 @@ pub(crate) fn best_draft(index: &SuffixIndex, context: &[Token], settings: &Sett
                 .is_some_and(|b| b.score >= (settings.budget)(upper - 1) as f64)
         {
             break;
+        }
+        if i == walked {
+            // The longest gram's level alone first: a long match often makes the others unnecessary. Then the
+            // rest together, so that their cache misses overlap, unless walks are long (one by one then: a
+            // level above may spare the walk of a frequent short gram).
+            walked = if i == 0 || settings.max_occurrences > LOCKSTEP_VISITS {
+                i + 1
+            } else {
+                levels.len()
+            };
+            let done = index.collect(
+                context,
+                &levels[i..walked],
+                settings.max_occurrences,
+                &mut found,
+            );
+            for &l in &levels[i..walked] {
+                complete[l] = done[l];
+            }
         }
         let mut found = std::mem::take(&mut found[level]);
         // A match of the level above's gram length or more is also on that level's chain: it is new here only
