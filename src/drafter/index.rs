@@ -145,21 +145,6 @@ fn prefetch_read<T>(value: &T) {
     let _ = value;
 }
 
-/// Prefetches the tokens a candidate occurrence ending at `end` is read at: up to `before` tokens back (its match)
-/// and `AFTER` ahead (its continuation, for the draft), one cache line at a time, so that the misses of all the
-/// candidates overlap instead of each candidate's comparison waiting on its own.
-fn prefetch_span(tokens: &[Token], end: usize, before: usize) {
-    const LINE: usize = 64 / std::mem::size_of::<Token>();
-    const AFTER: usize = 64;
-    let (from, to) = (end.saturating_sub(before), (end + AFTER).min(tokens.len()));
-    for at in (from..to).step_by(LINE) {
-        prefetch_read(&tokens[at]);
-    }
-    if let Some(last) = tokens[from..to].last() {
-        prefetch_read(last);
-    }
-}
-
 fn gram_hash(gram: &[Token]) -> u64 {
     let mut h = 0x243F_6A88_85A3_08D3u64 ^ gram.len() as u64;
     for &t in gram {
@@ -469,8 +454,9 @@ impl SuffixIndex {
                 at[level] = table.buckets[table.bucket(gram_hash(&context[context.len() - k..]))];
             }
         }
-        // First the chains, prefetching each occurrence's tokens so that their cache misses overlap the walks;
-        // then the comparisons.
+        // First the chains, prefetching each occurrence's last matched token so that those cache misses
+        // overlap the walks; then the comparisons. (Prefetching whole spans, the match and the continuation,
+        // was slower at 10^7 tokens: the extra lines queue ahead of the walks' dependent loads.)
         for _ in 0..max_visits {
             let mut walking = false;
             for &level in levels {
@@ -480,7 +466,7 @@ impl SuffixIndex {
                 walking = true;
                 let o = Occurrence::unpack(at[level]);
                 let sequence = self.slot(o.slot);
-                prefetch_span(&sequence.tokens, o.end as usize, self.max_match);
+                prefetch_read(&sequence.tokens[o.end as usize - 1]);
                 at[level] = sequence.links[level][o.end as usize].next;
                 found[level].push(Candidate {
                     occurrence: o,

@@ -434,10 +434,14 @@ pub(crate) fn best_draft(index: &SuffixIndex, context: &[Token], settings: &Sett
     let mut found: [Vec<Candidate>; LEVELS] = Default::default();
     let mut complete = [true; LEVELS];
     let mut walked = 0;
-    let mut trie = ContinuationTrie::new(
-        (settings.budget)(longest),
-        settings.max_occurrences.saturating_mul(levels.len()),
-    );
+    let mut trie = Trie {
+        continuations: ContinuationTrie::new(
+            (settings.budget)(longest),
+            settings.max_occurrences.saturating_mul(levels.len()),
+        ),
+        pending: Vec::new(),
+        holds_from: usize::MAX,
+    };
     let mut candidates: Vec<Candidate> = Vec::new();
     let mut best: Option<Chain<'_>> = None;
     let mut upper_complete = true;
@@ -490,14 +494,14 @@ pub(crate) fn best_draft(index: &SuffixIndex, context: &[Token], settings: &Sett
     let Some(best) = best else {
         return Draft::default();
     };
+    let trie_holds_from = trie.holds_from;
     match settings.kind {
         DraftKind::Chain => best.draft(),
         DraftKind::Tree => {
             let budget = (settings.budget)(best.match_len);
-            // The trie holds every candidate scored; unless a shorter match came after the winner, its counts
-            // are the winner's (and deeper than its budget, which no draft reaches).
-            let shortest = candidates.iter().map(|c| c.match_len).min();
-            if shortest != Some(best.match_len) {
+            // The trie holds the occurrences of the winner's match length unless a shorter one was scored after.
+            let mut trie = trie.continuations;
+            if trie_holds_from != best.match_len {
                 let from = candidates.iter().filter(|c| c.match_len >= best.match_len);
                 trie = ContinuationTrie::new(budget, from.clone().count());
                 for c in from {
@@ -516,14 +520,14 @@ pub(crate) fn best_draft(index: &SuffixIndex, context: &[Token], settings: &Sett
 /// first, and after those of each match length `v` in `lengths` scores the chain of the occurrences matching at
 /// least `v` tokens; keeps the best score in `best` (a shorter match must score strictly higher). Every
 /// occurrence already in `trie` matches at least `lengths.end` tokens. A match length is skipped when its bound
-/// cannot beat `best`: its budget, or its first token's probability times its budget (every path probability
-/// is at most the first's).
+/// cannot beat `best`: its budget (checked before its occurrences are inserted), or its first token's
+/// probability times its budget (every path probability is at most the first's).
 fn score_match_lengths<'a>(
     index: &'a SuffixIndex,
     found: &mut [Candidate],
     lengths: std::ops::Range<usize>,
     settings: &Settings<'_>,
-    trie: &mut ContinuationTrie<'a>,
+    trie: &mut Trie<'a>,
     best: &mut Option<Chain<'a>>,
 ) {
     found.sort_by_key(|c| std::cmp::Reverse(c.match_len));
@@ -533,28 +537,50 @@ fn score_match_lengths<'a>(
         let v = found[i].match_len;
         debug_assert!(v >= lengths.start);
         while i < found.len() && found[i].match_len == v {
-            let o = found[i].occurrence;
-            trie.insert(index.tokens_of(o), o.end as usize);
+            trie.pending.push(found[i]);
             i += 1;
         }
         if v >= lengths.end {
             continue;
         }
         let budget = (settings.budget)(v);
-        if let Some(b) = best.as_ref() {
-            // A margin for rounding: the bound must never drop a draft that would tie or win.
-            if budget as f64 <= b.score
-                || trie.top_first_share() * budget as f64 * (1.0 + 1e-9) < b.score
-            {
-                continue;
-            }
+        if best.as_ref().is_some_and(|b| budget as f64 <= b.score) {
+            continue;
         }
-        trie.chain(budget, settings.min_token_prob, &mut chain);
+        trie.flush(index, v);
+        // A margin for rounding: the bound must never drop a draft that would tie or win.
+        if best.as_ref().is_some_and(|b| {
+            trie.continuations.top_first_share() * budget as f64 * (1.0 + 1e-9) < b.score
+        }) {
+            continue;
+        }
+        trie.continuations
+            .chain(budget, settings.min_token_prob, &mut chain);
         chain.match_len = v;
         if best.as_ref().is_none_or(|b| chain.score > b.score) {
             let previous = best.replace(chain);
             chain = previous.unwrap_or_default();
         }
+    }
+}
+
+/// The selection's trie and the occurrences not in it yet: they are inserted only when a chain is to be scored,
+/// so a match length pruned by its budget alone (an uncapped walk of a frequent short gram) costs no insertion.
+struct Trie<'a> {
+    continuations: ContinuationTrie<'a>,
+    pending: Vec<Candidate>,
+    /// Every occurrence matching at least this many tokens is in `continuations` (`usize::MAX`: none).
+    holds_from: usize,
+}
+
+impl<'a> Trie<'a> {
+    /// Inserts the pending occurrences, all those matching at least `v` tokens.
+    fn flush(&mut self, index: &'a SuffixIndex, v: usize) {
+        for c in self.pending.drain(..) {
+            self.continuations
+                .insert(index.tokens_of(c.occurrence), c.occurrence.end as usize);
+        }
+        self.holds_from = v;
     }
 }
 
