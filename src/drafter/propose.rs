@@ -90,7 +90,10 @@ impl TrieNode<'_> {
 
 /// The continuations of a set of cursors, as a path-compressed trie cut at `depth_cap` tokens: a node's count
 /// is the number of cursors whose continuation starts with the node's path, so the empirical probability of a
-/// child is its count over its parent's continuing cursors, and along an edge (one child) it is 1. Inserting a
+/// child is its count over its parent's continuing cursors, and along an edge (one child) it is 1. The cap
+/// may be lowered between insertions (a shorter match has a smaller budget): a node's count then covers the
+/// cursors inserted while the cap was at least its depth, which is every cursor for the nodes a draft within
+/// the current cap reaches. Inserting a
 /// cursor costs the length of its common prefix with the cursors already in (at most `depth_cap`), and a chain
 /// or tree of `n` nodes then costs `O(n)` node visits (times the children at a branch), however many cursors
 /// agree along it.
@@ -128,6 +131,11 @@ impl<'a> ContinuationTrie<'a> {
             top_first: 0,
             children: (cursors > Self::SCAN_CURSORS).then(HashMap::new),
         }
+    }
+
+    /// Lowers the depth cap to `cap` for the cursors inserted from now on.
+    fn lower_cap(&mut self, cap: usize) {
+        self.depth_cap = self.depth_cap.min(cap);
     }
 
     /// Cursors inserted.
@@ -192,6 +200,7 @@ impl<'a> ContinuationTrie<'a> {
             let common = edge
                 .iter()
                 .zip(&sequence[at..])
+                .take(self.depth_cap - depth)
                 .take_while(|(a, b)| a == b)
                 .count();
             if common < edge.len() {
@@ -547,7 +556,7 @@ fn score_match_lengths<'a>(
         if best.as_ref().is_some_and(|b| budget as f64 <= b.score) {
             continue;
         }
-        trie.flush(index, v);
+        trie.flush(index, v, budget);
         // A margin for rounding: the bound must never drop a draft that would tie or win.
         if best.as_ref().is_some_and(|b| {
             trie.continuations.top_first_share() * budget as f64 * (1.0 + 1e-9) < b.score
@@ -574,8 +583,10 @@ struct Trie<'a> {
 }
 
 impl<'a> Trie<'a> {
-    /// Inserts the pending occurrences, all those matching at least `v` tokens.
-    fn flush(&mut self, index: &'a SuffixIndex, v: usize) {
+    /// Inserts the pending occurrences, all those matching at least `v` tokens, as deep as `budget` (the
+    /// budget of `v`: those of shorter matches, scored later, are no larger).
+    fn flush(&mut self, index: &'a SuffixIndex, v: usize, budget: usize) {
+        self.continuations.lower_cap(budget);
         for c in self.pending.drain(..) {
             self.continuations
                 .insert(index.tokens_of(c.occurrence), c.occurrence.end as usize);
@@ -615,10 +626,10 @@ mod tests {
         out
     }
 
-    /// The same from the cursors themselves.
-    fn brute_force(cursors: &[(&[Token], usize)], cap: usize) -> BTreeMap<Vec<Token>, (u32, u32)> {
+    /// The same from the cursors themselves, each inserted under its own depth cap.
+    fn brute_force(cursors: &[(&[Token], usize, usize)]) -> BTreeMap<Vec<Token>, (u32, u32)> {
         let mut out = BTreeMap::from([(Vec::new(), (0, 0))]);
-        for &(sequence, next) in cursors {
+        for &(sequence, next, cap) in cursors {
             let rest = &sequence[next..];
             for len in 0..=rest.len().min(cap) {
                 let entry = out.entry(rest[..len].to_vec()).or_default();
@@ -630,7 +641,7 @@ mod tests {
     }
 
     #[test]
-    fn the_trie_counts_every_prefix_of_every_cursor_in_both_lookup_modes() {
+    fn the_trie_counts_every_prefix_of_every_cursor_under_its_cap_in_both_lookup_modes() {
         let mut state = 0x2545_F491_4F6C_DD1Du64;
         let mut next = |n: u64| {
             state ^= state << 13;
@@ -647,18 +658,23 @@ mod tests {
                         .collect()
                 })
                 .collect();
+            // Cursors in sequence order, under a cap that falls now and then.
             let mut cursors = Vec::new();
+            let mut cap = 1 + next(12) as usize;
             for s in &sequences {
                 for _ in 0..next(30) {
-                    cursors.push((s.as_slice(), next(s.len() as u64 + 1) as usize));
+                    if next(8) == 0 {
+                        cap -= next(cap as u64) as usize;
+                    }
+                    cursors.push((s.as_slice(), next(s.len() as u64 + 1) as usize, cap));
                 }
             }
-            let cap = 1 + next(12) as usize;
-            let want = brute_force(&cursors, cap);
+            let want = brute_force(&cursors);
             for expected_cursors in [0, 1000] {
-                let mut trie = ContinuationTrie::new(cap, expected_cursors);
+                let mut trie = ContinuationTrie::new(usize::MAX, expected_cursors);
                 assert_eq!(trie.children.is_some(), expected_cursors > 0);
-                for &(s, at) in &cursors {
+                for &(s, at, cap) in &cursors {
+                    trie.lower_cap(cap);
                     trie.insert(s, at);
                 }
                 assert_eq!(
