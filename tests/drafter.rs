@@ -297,20 +297,62 @@ fn proposals_match_the_brute_force_reference() {
 #[test]
 fn capped_walks_match_the_reference_while_every_chain_is_shorter_than_the_cap() {
     // With at most 64 entries per level the levels below the longest gram's are walked together; over 1000
-    // token ids no gram occurs that often here, so the proposals are still exact.
+    // token ids no gram occurs that often here, so the proposals are still exact. With 21 per level (at most 63
+    // cursors) the trie scans sibling lists instead of keeping a hash map.
     let mut rng = common::rng("drafter lockstep reference");
     for (c, config) in configs().into_iter().enumerate() {
-        let capped = DrafterConfig {
-            max_occurrences: 64,
-            ..config
+        for max_occurrences in [21, 64] {
+            let capped = DrafterConfig {
+                max_occurrences,
+                ..config.clone()
+            };
+            for repetitive in [false, true] {
+                check_rollouts_against_the_reference(
+                    &mut rng,
+                    &capped,
+                    1000,
+                    repetitive,
+                    &format!("config {c}, {max_occurrences} per level"),
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn capped_walks_never_count_an_occurrence_twice() {
+    // Over 2 to 4 token ids every gram's chain is far longer than the cap, so a level's walk stops before it
+    // reaches the longer matches its level above found, and the levels' candidates overlap. Debug builds
+    // assert that no occurrence goes into a proposal's trie twice; a proposal built from one counted twice
+    // could also report more occurrences than the matched suffix has.
+    let mut rng = common::rng("drafter capped overlap");
+    for case in 0..200 {
+        let vocab = rng.random_range(2..5);
+        let config = DrafterConfig {
+            max_occurrences: rng.random_range(1..7),
+            min_token_prob: 0.0,
+            ..DrafterConfig::default()
         };
-        for repetitive in [false, true] {
-            check_rollouts_against_the_reference(
-                &mut rng,
-                &capped,
-                1000,
-                repetitive,
-                &format!("config {c}, 64 per level"),
+        let drafter = Drafter::new(config.clone()).unwrap();
+        let rollouts: Vec<Vec<Token>> = (0..4)
+            .map(|_| random_sequence(&mut rng, 150, vocab))
+            .collect();
+        store_rollouts(&drafter, 1, rollouts.iter().map(Vec::as_slice));
+        // The context copies a stretch of a stored rollout, so that long matches with few occurrences exist.
+        let source = &rollouts[rng.random_range(0..rollouts.len())];
+        let start = rng.random_range(0..source.len() - 40);
+        let context = source[start..start + 40].to_vec();
+        drafter.add_request(100, 1, &context).unwrap();
+        let sequences = drafter.history(1);
+        for kind in [DraftKind::Chain, DraftKind::Tree] {
+            let draft = drafter.propose(100, kind).unwrap();
+            let suffix = &context[context.len() - draft.match_len..];
+            let occurring = continuations(&sequences, suffix).len();
+            assert!(
+                draft.occurrences <= occurring.min(3 * config.max_occurrences),
+                "case {case}, {kind:?}: {} occurrences of a {}-token suffix that occurs {occurring} times",
+                draft.occurrences,
+                draft.match_len
             );
         }
     }

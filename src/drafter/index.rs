@@ -5,10 +5,9 @@
 //!
 //! How: every occurrence of a k-gram that has a continuation is linked into a chain of positions holding the
 //! same k-gram, for three gram lengths (levels): `min_match`, 3 and 6. A query walks the chains of the
-//! context's last grams at every level in lockstep (their cache misses overlap), at most a given number of
-//! entries each (the most recently linked first), extending each candidate backwards token by token to get its
-//! exact match length. The 6-gram chain gives the
-//! long matches, the 3-gram chain those of 3 to 5 tokens, the `min_match` chain the shorter ones: a frequent
+//! context's last grams at the levels it is asked for, in lockstep when several (their cache misses overlap),
+//! at most a given number of entries each (the most recently linked first), extending each candidate backwards
+//! token by token to get its exact match length. The 6-gram chain gives the long matches, the 3-gram chain those of 3 to 5 tokens, the `min_match` chain the shorter ones: a frequent
 //! short gram's chain then need not be walked far to find a match of middling length. Because every candidate
 //! is compared token by token, hash collisions never produce a wrong match; a walk that reaches the end of its
 //! chain has seen every occurrence.
@@ -40,7 +39,7 @@ const NONE: u64 = u64::MAX;
 
 /// An occurrence: the matched tokens end just before `end` in the sequence in `slot`, and `tokens[end]` is
 /// the continuation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct Occurrence {
     pub slot: u32,
     pub end: u32,

@@ -16,14 +16,15 @@
 //! per prompt, 1.416 and 1.417 global, at 1M tokens). The chain is the tree's most probable path, and one tree
 //! is drafted per proposal.
 //!
-//! How: the cursors of every candidate occurrence go into one [`ContinuationTrie`], longest match first, so
-//! that after the occurrences matching at least `v` tokens are in, the trie's counts are those of match length
-//! `v`: a chain is then a walk down the trie, with no rescan of the cursors per match length or per token.
+//! How: the cursors of the candidate occurrences go into one [`ContinuationTrie`], longest match first, so that
+//! after the occurrences matching at least `v` tokens are in, the trie's counts are those of match length `v`:
+//! a chain is then a walk down the trie, with no rescan of the cursors per match length or per token. A match
+//! length whose budget alone cannot beat the best score is never inserted.
 
 use std::cmp::Ordering;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, HashSet};
 
-use super::index::{Candidate, SuffixIndex, Token, LEVELS};
+use super::index::{Candidate, Occurrence, SuffixIndex, Token, LEVELS};
 use super::DraftKind;
 
 /// A draft: `tokens[i]` with `parents[i]` (-1 for a child of the context's last token, otherwise an earlier
@@ -93,8 +94,8 @@ impl TrieNode<'_> {
 /// child is its count over its parent's continuing cursors, and along an edge (one child) it is 1. The cap
 /// may be lowered between insertions (a shorter match has a smaller budget): a node's count then covers the
 /// cursors inserted while the cap was at least its depth, which is every cursor for the nodes a draft within
-/// the current cap reaches. Inserting a
-/// cursor costs the length of its common prefix with the cursors already in (at most `depth_cap`), and a chain
+/// the current cap reaches. Inserting a cursor costs the length of its common prefix with the cursors already
+/// in (at most `depth_cap` node visits, plus a rekey of the split node's children in hash-map mode), and a chain
 /// or tree of `n` nodes then costs `O(n)` node visits (times the children at a branch), however many cursors
 /// agree along it.
 pub(crate) struct ContinuationTrie<'a> {
@@ -102,9 +103,10 @@ pub(crate) struct ContinuationTrie<'a> {
     depth_cap: usize,
     /// The largest count among the root's children (the most frequent first token's).
     top_first: u32,
-    /// `(node, first token) -> child`, kept when many cursors are expected (an uncapped walk of a frequent
-    /// gram: a node may then have hundreds of children); otherwise a node's children are found by scanning its
-    /// sibling list, which is faster for the few a capped walk gives.
+    /// `(node, first token) -> child`, kept when more than [`Self::SCAN_CURSORS`] cursors may come (the
+    /// configured walks allow it: `max_occurrences` times the levels; a node may then have hundreds of
+    /// children); otherwise a node's children are found by scanning its sibling list, which is faster for the
+    /// few that short walks give.
     children: Option<HashMap<(u32, Token), u32>>,
 }
 
@@ -450,10 +452,13 @@ pub(crate) fn best_draft(index: &SuffixIndex, context: &[Token], settings: &Sett
         ),
         pending: Vec::new(),
         holds_from: usize::MAX,
+        #[cfg(debug_assertions)]
+        inserted: HashSet::new(),
     };
     let mut candidates: Vec<Candidate> = Vec::new();
     let mut best: Option<Chain<'_>> = None;
     let mut upper_complete = true;
+    let mut winner_pool = 0;
     for (i, &level) in levels.iter().enumerate() {
         let upper = grams.get(level + 1).copied().unwrap_or(usize::MAX);
         if upper != usize::MAX
@@ -485,10 +490,13 @@ pub(crate) fn best_draft(index: &SuffixIndex, context: &[Token], settings: &Sett
         let mut found = std::mem::take(&mut found[level]);
         // A match of the level above's gram length or more is also on that level's chain: it is new here only
         // if that walk stopped at the cap before reaching it.
-        found.retain(|c| {
-            c.match_len < upper
-                || !upper_complete && !candidates.iter().any(|o| o.occurrence == c.occurrence)
-        });
+        if upper_complete {
+            found.retain(|c| c.match_len < upper);
+        } else {
+            let known: HashSet<Occurrence> = candidates.iter().map(|c| c.occurrence).collect();
+            found.retain(|c| c.match_len < upper || !known.contains(&c.occurrence));
+        }
+        let scored = best.as_ref().map(|b| b.match_len);
         upper_complete = complete[level];
         score_match_lengths(
             index,
@@ -499,6 +507,10 @@ pub(crate) fn best_draft(index: &SuffixIndex, context: &[Token], settings: &Sett
             &mut best,
         );
         candidates.extend(found);
+        if best.as_ref().map(|b| b.match_len) != scored {
+            // The occurrences the winner's chain could count: none a later level adds.
+            winner_pool = candidates.len();
+        }
     }
     let Some(best) = best else {
         return Draft::default();
@@ -511,7 +523,9 @@ pub(crate) fn best_draft(index: &SuffixIndex, context: &[Token], settings: &Sett
             // The trie holds the occurrences of the winner's match length unless a shorter one was scored after.
             let mut trie = trie.continuations;
             if trie_holds_from != best.match_len {
-                let from = candidates.iter().filter(|c| c.match_len >= best.match_len);
+                let from = candidates[..winner_pool]
+                    .iter()
+                    .filter(|c| c.match_len >= best.match_len);
                 trie = ContinuationTrie::new(budget, from.clone().count());
                 for c in from {
                     trie.insert(index.tokens_of(c.occurrence), c.occurrence.end as usize);
@@ -580,6 +594,9 @@ struct Trie<'a> {
     pending: Vec<Candidate>,
     /// Every occurrence matching at least this many tokens is in `continuations` (`usize::MAX`: none).
     holds_from: usize,
+    /// What went in, to check that no occurrence goes in twice (the levels' walks overlap).
+    #[cfg(debug_assertions)]
+    inserted: HashSet<Occurrence>,
 }
 
 impl<'a> Trie<'a> {
@@ -588,6 +605,8 @@ impl<'a> Trie<'a> {
     fn flush(&mut self, index: &'a SuffixIndex, v: usize, budget: usize) {
         self.continuations.lower_cap(budget);
         for c in self.pending.drain(..) {
+            #[cfg(debug_assertions)]
+            assert!(self.inserted.insert(c.occurrence), "{c:?} inserted twice");
             self.continuations
                 .insert(index.tokens_of(c.occurrence), c.occurrence.end as usize);
         }
