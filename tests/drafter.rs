@@ -326,22 +326,37 @@ fn capped_walks_never_count_an_occurrence_twice() {
     // assert that no occurrence goes into a proposal's trie twice; a proposal built from one counted twice
     // could also report more occurrences than the matched suffix has.
     let mut rng = common::rng("drafter capped overlap");
-    for case in 0..200 {
-        let vocab = rng.random_range(2..5);
+    // Short walks (the earlier candidates scanned), then long ones over long rollouts (looked up in a set).
+    let mut cases: Vec<(u32, usize, usize)> = Vec::new();
+    for _ in 0..200 {
+        cases.push((rng.random_range(2..5), rng.random_range(1..7), 150));
+    }
+    for _ in 0..10 {
+        cases.push((2, rng.random_range(80..120), 2000));
+    }
+    for (case, (vocab, max_occurrences, rollout_len)) in cases.into_iter().enumerate() {
         let config = DrafterConfig {
-            max_occurrences: rng.random_range(1..7),
+            max_occurrences,
             min_token_prob: 0.0,
+            // Long walks: matches of at most 8 tokens, so that no long match ends the proposal at the 6-gram
+            // level and the shorter grams are walked too.
+            max_match: if rollout_len < 1000 { 32 } else { 8 },
             ..DrafterConfig::default()
         };
         let drafter = Drafter::new(config.clone()).unwrap();
         let rollouts: Vec<Vec<Token>> = (0..4)
-            .map(|_| random_sequence(&mut rng, 150, vocab))
+            .map(|_| random_sequence(&mut rng, rollout_len, vocab))
             .collect();
         store_rollouts(&drafter, 1, rollouts.iter().map(Vec::as_slice));
-        // The context copies a stretch of a stored rollout, so that long matches with few occurrences exist.
-        let source = &rollouts[rng.random_range(0..rollouts.len())];
-        let start = rng.random_range(0..source.len() - 40);
-        let context = source[start..start + 40].to_vec();
+        // Short walks: the context copies a stretch of a stored rollout, so that long matches with few
+        // occurrences exist. Long walks: a random context, whose long matches do not end the proposal early.
+        let context = if rollout_len < 1000 {
+            let source = &rollouts[rng.random_range(0..rollouts.len())];
+            let start = rng.random_range(0..source.len() - 40);
+            source[start..start + 40].to_vec()
+        } else {
+            random_sequence(&mut rng, 40, vocab)
+        };
         drafter.add_request(100, 1, &context).unwrap();
         let sequences = drafter.history(1);
         for kind in [DraftKind::Chain, DraftKind::Tree] {

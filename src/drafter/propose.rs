@@ -490,8 +490,13 @@ pub(crate) fn best_draft(index: &SuffixIndex, context: &[Token], settings: &Sett
         let mut found = std::mem::take(&mut found[level]);
         // A match of the level above's gram length or more is also on that level's chain: it is new here only
         // if that walk stopped at the cap before reaching it.
+        // (A few earlier candidates are scanned; many, from long walks, are looked up in a set.)
         if upper_complete {
             found.retain(|c| c.match_len < upper);
+        } else if candidates.len() <= ContinuationTrie::SCAN_CURSORS {
+            found.retain(|c| {
+                c.match_len < upper || !candidates.iter().any(|o| o.occurrence == c.occurrence)
+            });
         } else {
             let known: HashSet<Occurrence> = candidates.iter().map(|c| c.occurrence).collect();
             found.retain(|c| c.match_len < upper || !known.contains(&c.occurrence));
