@@ -306,7 +306,15 @@ fn capped_walks_match_the_reference_while_every_chain_is_shorter_than_the_cap() 
                 max_occurrences,
                 ..config.clone()
             };
-            for repetitive in [false, true] {
+            // A chain also holds other grams sharing its hash bucket: in the repetitive histories a token of
+            // the shared prompt and base occurs a dozen times, and with a bucket's other grams its chain can pass
+            // 21 entries, where the walk stops and proposals are no longer exact.
+            let repetitive: &[bool] = if max_occurrences >= 64 {
+                &[false, true]
+            } else {
+                &[false]
+            };
+            for &repetitive in repetitive {
                 check_rollouts_against_the_reference(
                     &mut rng,
                     &capped,

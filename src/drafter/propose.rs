@@ -427,13 +427,13 @@ const LOCKSTEP_VISITS: usize = 64;
 /// see the module documentation); an empty draft with `match_len` 0 when no suffix of at least `min_match`
 /// tokens occurs with a continuation.
 ///
-/// The chain levels are scored from the longest gram down: each gives the matches from
-/// its gram length up to the next level's (the longer ones came from that level, unless its walk stopped at
-/// the cap first: then this level's longer matches that it did not reach count too, for the shorter match
-/// lengths). A level is scored only if one of its matches could still score higher, i.e. while the best score is below the budget
-/// of a match one token shorter than the level above (a chain's score is at most its length). The drafts
-/// of the match lengths between two occurrences' match lengths are prefixes of the longer one's, so only the
-/// match lengths that occur are drafted.
+/// The chain levels are scored from the longest gram down: each gives the matches from its gram length up to
+/// the next level's (the longer ones came from that level, unless its walk stopped at the cap first: then this
+/// level's longer matches that it did not reach count too, for the shorter match lengths). A level is scored
+/// only if one of its matches could still score higher, i.e. while the best score is below the budget of a
+/// match one token shorter than the level above (a chain's score is at most its length). The drafts of the
+/// match lengths between two occurrences' match lengths are prefixes of the longer one's, so only the match
+/// lengths that occur are drafted.
 pub(crate) fn best_draft(index: &SuffixIndex, context: &[Token], settings: &Settings<'_>) -> Draft {
     let grams = index.gram_lens();
     let longest = context.len().min(index.max_match());
