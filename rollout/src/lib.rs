@@ -1,0 +1,13 @@
+//! specdec's main job on a real model: RL rollouts of SmolLM2-135M-Instruct with and without speculation,
+//! every step through specdec's primitives (issue 19).
+//!
+//! * [`model`]: the GGUF file (fetched by `scripts/fetch-model.sh`), its configuration, its weights dequantized
+//!   to f32 (the target) with candle.
+//! * [`tokenizer`]: the byte-level BPE tokenizer built from the file's vocabulary and merges with the
+//!   `tokenizers` crate, and its chat template.
+//! * [`target`]: the target's forward pass, batched over every sequence's new tokens as trees, with specdec's
+//!   tree attention over a paged KV cache and its compaction of accepted paths.
+
+pub mod model;
+pub mod target;
+pub mod tokenizer;
