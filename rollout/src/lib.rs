@@ -7,7 +7,10 @@
 //!   `tokenizers` crate, and its chat template.
 //! * [`target`]: the target's forward pass, batched over every sequence's new tokens as trees, with specdec's
 //!   tree attention over a paged KV cache and its compaction of accepted paths.
+//! * [`engine`]: the decoding loop: trees of drafts verified by specdec's rejection sampler, autoregressive
+//!   decoding through the same calls.
 
+pub mod engine;
 pub mod model;
 pub mod target;
 pub mod tokenizer;

@@ -1,0 +1,343 @@
+//! The decoding loop: a batch of requests decoded together, each step one target forward pass over every
+//! active request's verification tree (its last decided token as the root, the drafts as the other nodes), then
+//! specdec's rejection sampler over the target's rows, then compaction of the accepted paths.
+//!
+//! Without a drafter every tree is its root alone: autoregressive decoding through the very same calls. With
+//! specdec's suffix drafter ([`specdec::drafter`], DAS's drafter over the rollouts of the same prompt, earlier
+//! iterations included) the drafts are point masses: the sampler accepts a drafted token with the target's
+//! probability of it and otherwise samples the residual (Leviathan et al. 2023, section 2.3; SpecInfer's
+//! multi-step verification for trees, Miao et al. 2024, section 4.2), so the output distribution is the
+//! target's at any temperature; at temperature 0 it is the target's argmax.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use specdec::drafter::{DraftKind, Drafter};
+use specdec::sampling::{Drafts, Rows, SamplingParams, VerifyInputs, VerifyOutputs};
+use specdec::tree::{compaction_paths, PackedTrees, VerifyTree, MAX_DRAFTS};
+
+use crate::target::{SequenceId, Target, TreeInput};
+
+/// One rollout to generate.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// The drafter's request id: unique among the requests alive together.
+    pub id: u64,
+    /// The prompt's id: the rollouts of one prompt share a drafter history.
+    pub prompt_id: u64,
+    /// The prompt's tokens (chat template applied), at least one.
+    pub prompt: Vec<u32>,
+    /// The sampler's Philox key for this rollout ([`specdec::sampling::noise::sample_seed`]).
+    pub seed: u64,
+}
+
+/// How drafts are made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drafting {
+    /// None: autoregressive decoding.
+    None,
+    /// The suffix drafter's chains.
+    SuffixChain,
+    /// The suffix drafter's trees.
+    SuffixTree,
+}
+
+/// The settings of a batch.
+#[derive(Debug, Clone, Copy)]
+pub struct DecodeSettings {
+    /// Most new tokens per rollout.
+    pub max_new_tokens: usize,
+    /// The token that ends a rollout (kept in its output).
+    pub stop_token: u32,
+    /// Sampling temperature, `>= 0`; 0 is greedy.
+    pub temperature: f32,
+    /// Nucleus sampling: `(0, 1]`, 1 off.
+    pub top_p: f32,
+    /// How drafts are made.
+    pub drafting: Drafting,
+}
+
+/// What a batch took and did.
+#[derive(Debug, Clone, Default)]
+pub struct DecodeStats {
+    /// Decoding steps (target forward passes after the prefill).
+    pub steps: usize,
+    /// Tokens drafted, over all steps and requests.
+    pub drafted: usize,
+    /// Drafted tokens accepted.
+    pub accepted: usize,
+    /// Tokens emitted (kept outputs).
+    pub generated: usize,
+    /// Wall time of the whole batch, prefill included.
+    pub wall: Duration,
+    /// In the target's forward passes (prefill included).
+    pub target: Duration,
+    /// In the drafter (proposals and appends).
+    pub drafting: Duration,
+    /// In the sampler.
+    pub sampling: Duration,
+    /// `accepted_at[j]`: steps whose draft position `j` was accepted; `drafted_at[j]`: steps that drafted a
+    /// token at depth `j + 1`.
+    pub accepted_at: Vec<usize>,
+    /// See `accepted_at`.
+    pub drafted_at: Vec<usize>,
+}
+
+struct Active {
+    request: Request,
+    sequence: SequenceId,
+    /// The last decided token: the root of the next tree, not yet in the cache.
+    last: u32,
+    output: Vec<u32>,
+    step: u64,
+}
+
+/// Generates every request's rollout; returns the outputs (in request order) and the batch's figures. The
+/// drafter, if any, is fed every prompt and every emitted token (its requests are finished at the end), so the
+/// next batch drafts from this one's rollouts.
+///
+/// # Errors
+/// An empty prompt, a drafter required but absent, or an error of the target, the drafter or the sampler.
+pub fn decode(
+    target: &mut Target,
+    drafter: Option<&Drafter>,
+    requests: &[Request],
+    settings: &DecodeSettings,
+) -> Result<(Vec<Vec<u32>>, DecodeStats)> {
+    let start = Instant::now();
+    let mut stats = DecodeStats::default();
+    let drafter = match settings.drafting {
+        Drafting::None => drafter,
+        _ => Some(drafter.context("the suffix drafting settings need a drafter")?),
+    };
+    let mut outputs = vec![Vec::new(); requests.len()];
+    let mut active = Vec::with_capacity(requests.len());
+    for (slot, request) in requests.iter().enumerate() {
+        let (&last, context) = request
+            .prompt
+            .split_last()
+            .with_context(|| format!("request {}: empty prompt", request.id))?;
+        let sequence = target.add_sequence();
+        let t = Instant::now();
+        target.prefill(sequence, context)?;
+        stats.target += t.elapsed();
+        if let Some(drafter) = drafter {
+            drafter.add_request(request.id, request.prompt_id, &request.prompt)?;
+        }
+        active.push((
+            slot,
+            Active {
+                request: request.clone(),
+                sequence,
+                last,
+                output: Vec::new(),
+                step: 0,
+            },
+        ));
+    }
+
+    while !active.is_empty() {
+        stats.steps += 1;
+        let t = Instant::now();
+        let trees = active
+            .iter()
+            .map(|(_, a)| draft_tree(drafter, a, settings))
+            .collect::<Result<Vec<_>>>()?;
+        stats.drafting += t.elapsed();
+        let packed = PackedTrees::new(&trees);
+        let nodes: Vec<u32> = packed.tokens.iter().map(|&t| t as u32).collect();
+        let inputs: Vec<TreeInput<'_>> = active
+            .iter()
+            .enumerate()
+            .map(|(b, (_, a))| {
+                let range = packed.offsets[b] as usize..packed.offsets[b + 1] as usize;
+                TreeInput {
+                    sequence: a.sequence,
+                    tokens: &nodes[range.clone()],
+                    parents: &packed.parents[range],
+                }
+            })
+            .collect();
+        let t = Instant::now();
+        let logits = target.forward(&inputs)?;
+        let logits = logits.flatten_all()?.to_vec1::<f32>()?;
+        stats.target += t.elapsed();
+
+        let t = Instant::now();
+        let verified = verify(&packed, &logits, target.config().vocab, &active, settings)?;
+        stats.sampling += t.elapsed();
+        let (path_offsets, path_nodes) = compaction_paths(
+            &verified.accepted_counts,
+            &verified.accepted_nodes,
+            packed.emit_width,
+        )?;
+        let paths: Vec<(SequenceId, &[i32])> = active
+            .iter()
+            .enumerate()
+            .map(|(b, (_, a))| {
+                let path = &path_nodes[path_offsets[b] as usize..path_offsets[b + 1] as usize];
+                (a.sequence, path)
+            })
+            .collect();
+        let t = Instant::now();
+        target.accept(&paths)?;
+        stats.target += t.elapsed();
+
+        let w = packed.emit_width;
+        let mut still_active = Vec::with_capacity(active.len());
+        for (b, (slot, mut a)) in active.into_iter().enumerate() {
+            let accepted = verified.accepted_counts[b] as usize;
+            let tree = &trees[b];
+            stats.drafted += tree.drafts();
+            stats.accepted += accepted;
+            let depths = tree.depths();
+            let max_depth = depths.iter().copied().max().unwrap_or(0);
+            grow(&mut stats.drafted_at, max_depth);
+            grow(&mut stats.accepted_at, max_depth);
+            for depth in 1..=max_depth {
+                stats.drafted_at[depth - 1] += 1;
+            }
+            for j in 0..accepted {
+                stats.accepted_at[j] += 1;
+            }
+            let emitted = &verified.emitted_tokens[b * w..b * w + accepted + 1];
+            let room = settings.max_new_tokens - a.output.len();
+            let mut kept: Vec<u32> = emitted.iter().take(room).map(|&t| t as u32).collect();
+            let stop = kept.iter().position(|&t| t == settings.stop_token);
+            if let Some(stop) = stop {
+                kept.truncate(stop + 1);
+            }
+            stats.generated += kept.len();
+            a.output.extend_from_slice(&kept);
+            a.step += 1;
+            let t = Instant::now();
+            if let Some(drafter) = drafter {
+                drafter.append(a.request.id, &kept)?;
+            }
+            stats.drafting += t.elapsed();
+            a.last = *kept.last().expect("a step emits at least one token");
+            if stop.is_some() || a.output.len() >= settings.max_new_tokens {
+                target.release(a.sequence)?;
+                if let Some(drafter) = drafter {
+                    drafter.finish_request(a.request.id)?;
+                }
+                outputs[slot] = std::mem::take(&mut a.output);
+            } else {
+                still_active.push((slot, a));
+            }
+        }
+        active = still_active;
+    }
+    stats.wall = start.elapsed();
+    Ok((outputs, stats))
+}
+
+fn grow(v: &mut Vec<usize>, len: usize) {
+    if v.len() < len {
+        v.resize(len, 0);
+    }
+}
+
+/// The request's verification tree: its last token as the root, the drafter's proposal (if any) below it,
+/// cut so that no draft lies beyond the request's remaining budget of new tokens.
+fn draft_tree(
+    drafter: Option<&Drafter>,
+    a: &Active,
+    settings: &DecodeSettings,
+) -> Result<VerifyTree> {
+    let kind = match settings.drafting {
+        Drafting::None => return Ok(VerifyTree::root(a.last as i32)),
+        Drafting::SuffixChain => DraftKind::Chain,
+        Drafting::SuffixTree => DraftKind::Tree,
+    };
+    let drafter = drafter.expect("checked by decode");
+    let mut draft = drafter.propose(a.request.id, kind)?;
+    // A step emits its accepted drafts plus one token: drafts deeper than the remaining budget less one are
+    // never kept. Parents come first, so dropping every node past the depth limit keeps a valid tree.
+    let max_depth = (settings.max_new_tokens - a.output.len())
+        .saturating_sub(1)
+        .min(MAX_DRAFTS);
+    let mut depth = Vec::with_capacity(draft.tokens.len());
+    let mut keep = Vec::with_capacity(draft.tokens.len());
+    for &parent in &draft.parents {
+        let d = if parent < 0 {
+            1
+        } else {
+            depth[parent as usize] + 1
+        };
+        depth.push(d);
+        keep.push(d <= max_depth && (parent < 0 || keep[parent as usize]));
+    }
+    if keep.iter().any(|k| !k) {
+        let mut new_index = vec![-1i32; keep.len()];
+        let (mut tokens, mut parents) = (Vec::new(), Vec::new());
+        for i in 0..keep.len() {
+            if keep[i] {
+                new_index[i] = tokens.len() as i32;
+                tokens.push(draft.tokens[i]);
+                let p = draft.parents[i];
+                parents.push(if p < 0 { -1 } else { new_index[p as usize] });
+            }
+        }
+        draft.tokens = tokens;
+        draft.parents = parents;
+    }
+    Ok(VerifyTree::from_draft(a.last as i32, &draft)?)
+}
+
+struct Verified {
+    accepted_counts: Vec<i32>,
+    emitted_tokens: Vec<i32>,
+    accepted_nodes: Vec<i32>,
+}
+
+/// specdec's rejection sampler over the packed trees, the target's f32 logits one row per node, the drafts
+/// point masses.
+fn verify(
+    packed: &PackedTrees,
+    logits: &[f32],
+    vocab: usize,
+    active: &[(usize, Active)],
+    settings: &DecodeSettings,
+) -> Result<Verified> {
+    let b = active.len();
+    ensure!(logits.len() == packed.tokens.len() * vocab, "logits rows");
+    let temperature = vec![settings.temperature; b];
+    let top_p = vec![settings.top_p; b];
+    let seeds: Vec<u64> = active.iter().map(|(_, a)| a.request.seed).collect();
+    let steps: Vec<u64> = active.iter().map(|(_, a)| a.step).collect();
+    let w = packed.emit_width;
+    let mut out = Verified {
+        accepted_counts: vec![0; b],
+        emitted_tokens: vec![-1; b * w],
+        accepted_nodes: vec![-1; b * w],
+    };
+    let inputs = VerifyInputs {
+        vocab_size: vocab,
+        drafts: Drafts::Tree {
+            node_offsets: packed.offsets.as_slice().into(),
+            node_tokens: packed.tokens.as_slice().into(),
+            parents: packed.parents.as_slice().into(),
+        },
+        target: Rows::LogitsF32(logits.into()),
+        draft: None,
+        params: Some(SamplingParams {
+            temperature: temperature.as_slice().into(),
+            top_k: None,
+            top_p: (settings.top_p < 1.0).then(|| top_p.as_slice().into()),
+        }),
+        draft_params: None,
+        seeds: seeds.as_slice().into(),
+        steps: steps.as_slice().into(),
+    };
+    let outputs = VerifyOutputs {
+        emit_width: w,
+        accepted_counts: out.accepted_counts.as_mut_slice().into(),
+        emitted_tokens: out.emitted_tokens.as_mut_slice().into(),
+        accepted_nodes: Some(out.accepted_nodes.as_mut_slice().into()),
+        accept_flags: None,
+        request_status: None,
+    };
+    specdec::cpu::rejection_verify(&inputs, outputs).context("the rejection sampler")?;
+    Ok(out)
+}
