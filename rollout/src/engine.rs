@@ -62,6 +62,9 @@ pub struct DecodeSettings {
 pub struct DecodeStats {
     /// Decoding steps (target forward passes after the prefill).
     pub steps: usize,
+    /// Rollout-steps: the active rollouts summed over steps (each is one tree verified); autoregressive
+    /// decoding emits exactly one token per rollout-step.
+    pub rollout_steps: usize,
     /// Tokens drafted, over all steps and requests.
     pub drafted: usize,
     /// Drafted tokens accepted.
@@ -138,6 +141,7 @@ pub fn decode(
 
     while !active.is_empty() {
         stats.steps += 1;
+        stats.rollout_steps += active.len();
         let t = Instant::now();
         let trees = active
             .iter()

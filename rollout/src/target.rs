@@ -7,6 +7,8 @@
 //! verification, [`Target::accept`] moves the accepted path's KV into place with specdec's compaction, in every
 //! layer at once.
 
+use std::time::{Duration, Instant};
+
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{Device, Tensor, D};
 use specdec::attention::{
@@ -65,6 +67,8 @@ pub struct Target {
     rope: RopeShape,
     /// `[max_position, D]`: cos of the `D / 2` frequencies at each position, then their sin (f32).
     cos_sin: Vec<f32>,
+    /// Time spent in tree attention (KV append, RoPE and attention), all layers, since creation.
+    attention_time: Duration,
 }
 
 /// How many tokens one sequence may hold, at most.
@@ -113,6 +117,7 @@ impl Target {
                 max_position,
             },
             cos_sin: cos_sin_table(c.head_dim, c.rope_base, max_position),
+            attention_time: Duration::ZERO,
             weights,
         })
     }
@@ -125,6 +130,11 @@ impl Target {
     /// The weights.
     pub fn weights(&self) -> &Weights {
         &self.weights
+    }
+
+    /// Time spent in specdec's tree attention (KV append, RoPE, attention) since the target was made.
+    pub fn attention_time(&self) -> Duration {
+        self.attention_time
     }
 
     /// The weights back, the cache dropped.
@@ -261,6 +271,7 @@ impl Target {
             let q = to_f16(&h.matmul(&block.wq.t()?)?)?;
             let k = to_f16(&h.matmul(&block.wk.t()?)?)?;
             let v = to_f16(&h.matmul(&block.wv.t()?)?)?;
+            let start = Instant::now();
             specdec::cpu::tree_attention(
                 shape,
                 &q,
@@ -276,6 +287,7 @@ impl Target {
                 None,
             )
             .with_context(|| format!("tree attention, layer {layer}"))?;
+            self.attention_time += start.elapsed();
             let attn: Vec<f32> = attn_out.iter().map(|h| h.to_f32()).collect();
             let attn = Tensor::from_vec(attn, (n, c.num_q_heads * c.head_dim), &Device::Cpu)?;
             x = (x + attn.matmul(&block.wo.t()?)?)?;

@@ -1,0 +1,226 @@
+//! specdec's main job: GRPO-style rollouts of SmolLM2-135M-Instruct with and without speculation, on the CPU
+//! backend, timed per policy, with the same seeds for every policy.
+//!
+//! A workload is P prompts x G samples, up to N new tokens each, over I iterations; each iteration decodes
+//! its P x G rollouts as one batch that shrinks as rollouts finish (the long tail that decides an RL step's
+//! rollout time). The suffix drafter's history persists across iterations, as across training epochs.
+//!
+//! ```text
+//! cargo run --release -p specdec-rollout --bin rollout -- [--prompts 4] [--samples 4] [--max-new-tokens 64]
+//! ```
+
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use clap::Parser;
+use specdec::drafter::{Drafter, DrafterConfig};
+use specdec::sampling::noise::sample_seed;
+use specdec_rollout::engine::{decode, DecodeSettings, DecodeStats, Drafting, Request};
+use specdec_rollout::model::{model_path, GgufFile, Weights};
+use specdec_rollout::target::{Target, GGUF_LLAMA_ROPE};
+use specdec_rollout::tokenizer::{ChatTokenizer, Message};
+
+/// GRPO-style rollouts of SmolLM2-135M-Instruct, autoregressive and speculative, through specdec.
+#[derive(Parser, Debug)]
+struct Args {
+    /// P: prompts per iteration, the first P lines of rollout/data/prompts.txt.
+    #[arg(long, default_value_t = 4)]
+    prompts: usize,
+    /// G: samples per prompt.
+    #[arg(long, default_value_t = 4)]
+    samples: usize,
+    /// N: most new tokens per rollout.
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// I: iterations (the drafter's history grows across them).
+    #[arg(long, default_value_t = 2)]
+    iterations: usize,
+    /// Sampling temperature (1 as in RL; 0 is greedy).
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f32,
+    /// Nucleus sampling threshold, 1 off.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// The base of every rollout's sampler seed.
+    #[arg(long, default_value_t = 2026)]
+    seed: u64,
+}
+
+const POLICIES: [(&str, Drafting); 3] = [
+    ("autoregressive", Drafting::None),
+    ("suffix chain (DAS)", Drafting::SuffixChain),
+    ("suffix tree", Drafting::SuffixTree),
+];
+
+#[derive(Default)]
+struct PolicyRun {
+    stats: DecodeStats,
+    attention: Duration,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let prompts_text = include_str!("../../data/prompts.txt");
+    let questions: Vec<&str> = prompts_text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    ensure!(
+        (1..=questions.len()).contains(&args.prompts),
+        "--prompts is {}; rollout/data/prompts.txt has {}",
+        args.prompts,
+        questions.len()
+    );
+    ensure!(
+        args.samples >= 1 && args.max_new_tokens >= 1 && args.iterations >= 1,
+        "P, G, N and I are at least 1"
+    );
+
+    let path = model_path()?;
+    let load = Instant::now();
+    let mut file = GgufFile::open(&path)?;
+    let tokenizer = ChatTokenizer::from_gguf(&file)?;
+    let weights = Weights::from_gguf(&mut file)?;
+    let config = weights.config;
+    let stop = tokenizer
+        .token_id("<|im_end|>")
+        .context("<|im_end|> in the vocabulary")?;
+    let batch = args.prompts * args.samples;
+    let pages_per_sequence = 1024 / 16;
+    let mut target = Target::new(
+        weights,
+        batch * pages_per_sequence,
+        16,
+        1024,
+        GGUF_LLAMA_ROPE,
+    )?;
+    eprintln!(
+        "rollout: {} ({} layers, hidden {}, {} q / {} kv heads, vocab {}) loaded in {:.1} s",
+        path.display(),
+        config.num_layers,
+        config.hidden,
+        config.num_q_heads,
+        config.num_kv_heads,
+        config.vocab,
+        load.elapsed().as_secs_f64()
+    );
+
+    let prompts: Vec<Vec<u32>> = questions[..args.prompts]
+        .iter()
+        .map(|q| tokenizer.encode_chat(&[Message::user(*q)]))
+        .collect::<Result<_>>()?;
+    let mut runs = Vec::new();
+    for &(name, drafting) in &POLICIES {
+        let drafter = Drafter::new(DrafterConfig::default())?;
+        let mut run = PolicyRun::default();
+        let attention_before = target.attention_time();
+        for iteration in 0..args.iterations {
+            drafter.begin_iteration(iteration as u64)?;
+            let requests: Vec<Request> = (0..batch)
+                .map(|r| Request {
+                    id: r as u64,
+                    prompt_id: (r / args.samples) as u64,
+                    prompt: prompts[r / args.samples].clone(),
+                    seed: sample_seed(args.seed + iteration as u64, r as u64),
+                })
+                .collect();
+            let settings = DecodeSettings {
+                max_new_tokens: args.max_new_tokens,
+                stop_token: stop,
+                temperature: args.temperature,
+                top_p: args.top_p,
+                drafting,
+            };
+            let (outputs, stats) = decode(&mut target, Some(&drafter), &requests, &settings)?;
+            eprintln!(
+                "rollout: {name}, iteration {iteration}: {} tokens in {} steps, {:.1} s; first rollout: {:?}",
+                stats.generated,
+                stats.steps,
+                stats.wall.as_secs_f64(),
+                tokenizer.decode(&outputs[0])?
+            );
+            accumulate(&mut run.stats, &stats);
+        }
+        run.attention = target.attention_time() - attention_before;
+        runs.push((name, run));
+    }
+    print_report(&args, &runs);
+    Ok(())
+}
+
+fn accumulate(total: &mut DecodeStats, s: &DecodeStats) {
+    total.steps += s.steps;
+    total.rollout_steps += s.rollout_steps;
+    total.drafted += s.drafted;
+    total.accepted += s.accepted;
+    total.generated += s.generated;
+    total.wall += s.wall;
+    total.target += s.target;
+    total.drafting += s.drafting;
+    total.sampling += s.sampling;
+    for (sum, add) in [
+        (&mut total.accepted_at, &s.accepted_at),
+        (&mut total.drafted_at, &s.drafted_at),
+    ] {
+        if sum.len() < add.len() {
+            sum.resize(add.len(), 0);
+        }
+        for (a, b) in sum.iter_mut().zip(add) {
+            *a += b;
+        }
+    }
+}
+
+fn print_report(args: &Args, runs: &[(&str, PolicyRun)]) {
+    println!(
+        "## Rollouts of SmolLM2-135M-Instruct: P = {} prompts x G = {} samples, N = {} new tokens, I = {} \
+         iterations, temperature {}, top-p {}, CPU backend ({} threads)\n",
+        args.prompts,
+        args.samples,
+        args.max_new_tokens,
+        args.iterations,
+        args.temperature,
+        args.top_p,
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
+    println!(
+        "| policy | makespan (s) | vs autoregressive | tokens | tokens/s | target forwards | tokens per rollout-step | \
+         drafts accepted | target (s) | of which attention (s) | drafting (s) | sampler (s) | other (s) |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let baseline = runs[0].1.stats.wall.as_secs_f64();
+    for (name, run) in runs {
+        let s = &run.stats;
+        let wall = s.wall.as_secs_f64();
+        let other =
+            wall - s.target.as_secs_f64() - s.drafting.as_secs_f64() - s.sampling.as_secs_f64();
+        println!(
+            "| {name} | {wall:.2} | {:.3} | {} | {:.1} | {} | {:.2} | {} / {} | {:.2} | {:.2} | {:.3} | {:.3} | {:.3} |",
+            wall / baseline,
+            s.generated,
+            s.generated as f64 / wall,
+            s.steps,
+            s.generated as f64 / s.rollout_steps as f64,
+            s.accepted,
+            s.drafted,
+            s.target.as_secs_f64(),
+            run.attention.as_secs_f64(),
+            s.drafting.as_secs_f64(),
+            s.sampling.as_secs_f64(),
+            other
+        );
+    }
+    println!("\nAcceptance per draft position (accepted / drafted at depth j):\n");
+    for (name, run) in runs.iter().skip(1) {
+        let cells: Vec<String> = run
+            .stats
+            .drafted_at
+            .iter()
+            .zip(&run.stats.accepted_at)
+            .take(8)
+            .enumerate()
+            .map(|(j, (&d, &a))| format!("j={} {:.2} ({a}/{d})", j + 1, a as f64 / d.max(1) as f64))
+            .collect();
+        println!("- {name}: {}", cells.join(", "));
+    }
+}
