@@ -115,14 +115,26 @@ pub fn decode(
     };
     let mut outputs = vec![Vec::new(); requests.len()];
     let mut active = Vec::with_capacity(requests.len());
+    // Rollouts of one prompt share its prefill: the first is prefilled, the others copy its cache.
+    let mut prefilled: Vec<(u64, &[u32], SequenceId)> = Vec::new();
     for (slot, request) in requests.iter().enumerate() {
         let (&last, context) = request
             .prompt
             .split_last()
             .with_context(|| format!("request {}: empty prompt", request.id))?;
-        let sequence = target.add_sequence();
         let t = Instant::now();
-        target.prefill(sequence, context)?;
+        let shared = prefilled.iter().find(|(prompt_id, prompt, _)| {
+            *prompt_id == request.prompt_id && *prompt == request.prompt.as_slice()
+        });
+        let sequence = match shared {
+            Some(&(_, _, source)) => target.fork(source)?,
+            None => {
+                let sequence = target.add_sequence();
+                target.prefill(sequence, context)?;
+                prefilled.push((request.prompt_id, &request.prompt, sequence));
+                sequence
+            }
+        };
         stats.target += t.elapsed();
         if let Some(drafter) = drafter {
             drafter.add_request(request.id, request.prompt_id, &request.prompt)?;

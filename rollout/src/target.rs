@@ -153,6 +153,34 @@ impl Target {
         SequenceId(slot)
     }
 
+    /// A new sequence holding a copy of `id`'s cached tokens (the rollouts of one prompt share its prefill).
+    ///
+    /// # Errors
+    /// An unknown sequence, one with pending nodes, or a cache with too few free pages.
+    pub fn fork(&mut self, id: SequenceId) -> Result<SequenceId> {
+        let source = self.sequence(id)?.clone();
+        ensure!(
+            source.pending == 0,
+            "sequence {id:?} has nodes not yet accepted"
+        );
+        let copy = self.add_sequence();
+        if let Err(e) = self.reserve(copy, source.len) {
+            self.release(copy)?;
+            return Err(e);
+        }
+        let page_elements =
+            self.cache.shape.page_size * self.cache.shape.num_kv_heads * self.cache.shape.head_dim;
+        let pages = &self.sequences[copy.0].as_ref().unwrap().pages;
+        for layer in self.cache.k.iter_mut().chain(self.cache.v.iter_mut()) {
+            for (&from, &to) in source.pages.iter().zip(pages) {
+                let (from, to) = (from as usize * page_elements, to as usize * page_elements);
+                layer.copy_within(from..from + page_elements, to);
+            }
+        }
+        self.sequences[copy.0].as_mut().unwrap().len = source.len;
+        Ok(copy)
+    }
+
     /// Frees a sequence's pages.
     ///
     /// # Errors
