@@ -976,6 +976,78 @@ mod tree {
         }
     }
 
+    /// A model-free drafter's chains (DAS's suffix drafter) cost no draft step: a step that verifies them is
+    /// priced as a verification alone, and the search, offered them alone or mixed with a model drafter's
+    /// chains, finds the brute-force optimum.
+    #[test]
+    fn model_free_chains_are_priced_as_verification_and_chosen_optimally() {
+        let cost = qwen();
+        let free = |k| DraftShape::model_free_chain(k);
+        let (a, b, none) = (free(3), free(0), DraftShape::none());
+        assert_eq!(
+            shaped_step_seconds(&cost, &[1000, 2000], &[&a, &b]),
+            cost.verify_step(2, 3000, 4 + 1)
+        );
+        assert_eq!(
+            shaped_step_seconds(&cost, &[1000, 2000], &[&none, &b]),
+            cost.target_step(2, 3000)
+        );
+        let mut rng = crate::common::rng("model-free options brute force");
+        for trial in 0..300 {
+            let batch = rng.random_range(1..=3);
+            let mixed = trial % 2 == 1;
+            let contexts: Vec<usize> = (0..batch).map(|_| rng.random_range(0..16_000)).collect();
+            let options: Vec<Vec<DraftOption>> = contexts
+                .iter()
+                .map(|&context| {
+                    let a0 = rng.random_range(0.05..0.99);
+                    let r = RequestOutlook {
+                        context,
+                        acceptance: (0..5).map(|j| a0 * (-0.1 * j as f64).exp()).collect(),
+                    };
+                    let mut list: Vec<DraftOption> = (1..=5)
+                        .map(|k| DraftOption::model_free_chain(&r, k))
+                        .collect();
+                    if mixed {
+                        list.extend((1..=2).map(|k| DraftOption::chain(&r, k)));
+                    }
+                    list
+                })
+                .collect();
+            let (choice, value) = choose_draft_options(&cost, &contexts, &options);
+            let none = DraftOption::none();
+            let value_of = |c: &[usize]| {
+                let chosen: Vec<&DraftOption> = c
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &m)| if m == 0 { &none } else { &options[i][m - 1] })
+                    .collect();
+                let tokens: f64 = chosen.iter().map(|o| o.expected_tokens).sum();
+                let shapes: Vec<&DraftShape> = chosen.iter().map(|o| &o.shape).collect();
+                tokens / shaped_step_seconds(&cost, &contexts, &shapes)
+            };
+            assert!((value_of(&choice) - value).abs() <= 1e-12 * value);
+            let mut best = 0.0f64;
+            let mut c = vec![0; batch];
+            loop {
+                best = best.max(value_of(&c));
+                let mut i = 0;
+                while i < batch && c[i] == options[i].len() {
+                    c[i] = 0;
+                    i += 1;
+                }
+                if i == batch {
+                    break;
+                }
+                c[i] += 1;
+            }
+            assert!(
+                value >= best * (1.0 - 1e-12),
+                "trial {trial}: chose {choice:?} at {value}, brute force {best}"
+            );
+        }
+    }
+
     #[test]
     fn trees_pay_where_chains_do_and_more_at_small_batch() {
         let cost = qwen();

@@ -12,7 +12,10 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use specdec::drafter::{DraftKind, Drafter};
+use specdec::drafter::{Draft, DraftKind, Drafter};
+use specdec::policy::{
+    choose_draft_options, AcceptanceStats, CostModel, DraftOption, RequestOutlook,
+};
 use specdec::sampling::{Drafts, Rows, SamplingParams, VerifyInputs, VerifyOutputs};
 use specdec::tree::{compaction_paths, PackedTrees, VerifyTree, MAX_DRAFTS};
 
@@ -40,6 +43,11 @@ pub enum Drafting {
     SuffixChain,
     /// The suffix drafter's trees.
     SuffixTree,
+    /// specdec's goodput policy over the suffix drafter's chains: each step, every rollout's chain is cut to
+    /// the length (0 included) that maximises the batch's expected tokens per second under
+    /// [`DecodeSettings::cost`], from the rollout's measured per-position acceptance
+    /// ([`specdec::policy::choose_draft_options`]).
+    GoodputChain,
 }
 
 /// The settings of a batch.
@@ -55,6 +63,8 @@ pub struct DecodeSettings {
     pub top_p: f32,
     /// How drafts are made.
     pub drafting: Drafting,
+    /// The step cost model of [`Drafting::GoodputChain`] (fitted on this machine: [`crate::policy::calibrate`]).
+    pub cost: Option<CostModel>,
 }
 
 /// What a batch took and did.
@@ -93,6 +103,8 @@ struct Active {
     last: u32,
     output: Vec<u32>,
     step: u64,
+    /// Per-position acceptance of this rollout's drafts, for the goodput policy.
+    acceptance: AcceptanceStats,
 }
 
 /// Generates every request's rollout; returns the outputs (in request order) and the batch's figures. The
@@ -147,6 +159,7 @@ pub fn decode(
                 last,
                 output: Vec::new(),
                 step: 0,
+                acceptance: AcceptanceStats::new(MAX_DRAFTS, ACCEPTANCE_PRIOR, ACCEPTANCE_WEIGHT)?,
             },
         ));
     }
@@ -155,9 +168,25 @@ pub fn decode(
         stats.steps += 1;
         stats.rollout_steps += active.len();
         let t = Instant::now();
+        let mut drafts = active
+            .iter()
+            .map(|(_, a)| propose(drafter, a, settings))
+            .collect::<Result<Vec<_>>>()?;
+        if settings.drafting == Drafting::GoodputChain {
+            let cost = settings
+                .cost
+                .as_ref()
+                .context("the goodput policy needs a cost model")?;
+            let lengths = goodput_lengths(cost, &active, &drafts);
+            for (draft, k) in drafts.iter_mut().zip(lengths) {
+                draft.tokens.truncate(k);
+                draft.parents.truncate(k);
+            }
+        }
         let trees = active
             .iter()
-            .map(|(_, a)| draft_tree(drafter, a, settings))
+            .zip(&drafts)
+            .map(|((_, a), draft)| Ok(VerifyTree::from_draft(a.last as i32, draft)?))
             .collect::<Result<Vec<_>>>()?;
         stats.drafting += t.elapsed();
         let packed = PackedTrees::new(&trees);
@@ -216,6 +245,11 @@ pub fn decode(
             for j in 0..accepted {
                 stats.accepted_at[j] += 1;
             }
+            if tree.drafts() > 0 {
+                a.acceptance.record(max_depth, accepted)?;
+            } else {
+                a.acceptance.forget(ACCEPTANCE_WEIGHT / 4.0);
+            }
             let emitted = &verified.emitted_tokens[b * w..b * w + accepted + 1];
             let room = settings.max_new_tokens - a.output.len();
             let mut kept: Vec<u32> = emitted.iter().take(room).map(|&t| t as u32).collect();
@@ -254,16 +288,12 @@ fn grow(v: &mut Vec<usize>, len: usize) {
     }
 }
 
-/// The request's verification tree: its last token as the root, the drafter's proposal (if any) below it,
-/// cut so that no draft lies beyond the request's remaining budget of new tokens.
-fn draft_tree(
-    drafter: Option<&Drafter>,
-    a: &Active,
-    settings: &DecodeSettings,
-) -> Result<VerifyTree> {
+/// The request's draft from the suffix drafter (none without drafting), cut so that no draft lies beyond the
+/// request's remaining budget of new tokens.
+fn propose(drafter: Option<&Drafter>, a: &Active, settings: &DecodeSettings) -> Result<Draft> {
     let kind = match settings.drafting {
-        Drafting::None => return Ok(VerifyTree::root(a.last as i32)),
-        Drafting::SuffixChain => DraftKind::Chain,
+        Drafting::None => return Ok(Draft::default()),
+        Drafting::SuffixChain | Drafting::GoodputChain => DraftKind::Chain,
         Drafting::SuffixTree => DraftKind::Tree,
     };
     let drafter = drafter.expect("checked by decode");
@@ -286,19 +316,51 @@ fn draft_tree(
     }
     if keep.iter().any(|k| !k) {
         let mut new_index = vec![-1i32; keep.len()];
-        let (mut tokens, mut parents) = (Vec::new(), Vec::new());
+        let (mut tokens, mut parents, mut probs) = (Vec::new(), Vec::new(), Vec::new());
         for i in 0..keep.len() {
             if keep[i] {
                 new_index[i] = tokens.len() as i32;
                 tokens.push(draft.tokens[i]);
+                probs.push(draft.probs[i]);
                 let p = draft.parents[i];
                 parents.push(if p < 0 { -1 } else { new_index[p as usize] });
             }
         }
         draft.tokens = tokens;
         draft.parents = parents;
+        draft.probs = probs;
     }
-    Ok(VerifyTree::from_draft(a.last as i32, &draft)?)
+    Ok(draft)
+}
+
+/// A rollout's acceptance estimates start here and move by this weight per verification.
+const ACCEPTANCE_PRIOR: f64 = 0.5;
+const ACCEPTANCE_WEIGHT: f64 = 0.2;
+
+/// Per rollout, the length of its chain to verify (0 to the proposal's length) maximising the step's expected
+/// tokens per second: [`specdec::policy::choose_draft_options`] with every chain length as an option, each a
+/// model-free chain (the suffix drafter runs no model: no draft step, only the verification is priced).
+fn goodput_lengths(cost: &CostModel, active: &[(usize, Active)], drafts: &[Draft]) -> Vec<usize> {
+    let contexts: Vec<usize> = active
+        .iter()
+        .map(|(_, a)| a.request.prompt.len() + a.output.len())
+        .collect();
+    let options: Vec<Vec<DraftOption>> = active
+        .iter()
+        .zip(drafts)
+        .map(|((_, a), draft)| {
+            let outlook = RequestOutlook {
+                context: a.request.prompt.len() + a.output.len(),
+                acceptance: (1..=draft.tokens.len())
+                    .map(|j| a.acceptance.acceptance(j))
+                    .collect(),
+            };
+            (1..=draft.tokens.len())
+                .map(|k| DraftOption::model_free_chain(&outlook, k))
+                .collect()
+        })
+        .collect();
+    choose_draft_options(cost, &contexts, &options).0
 }
 
 struct Verified {

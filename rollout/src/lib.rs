@@ -9,8 +9,10 @@
 //!   tree attention over a paged KV cache and its compaction of accepted paths.
 //! * [`engine`]: the decoding loop: trees of drafts verified by specdec's rejection sampler, autoregressive
 //!   decoding through the same calls.
+//! * [`policy`]: specdec's cost model calibrated on this machine, for the goodput policy.
 
 pub mod engine;
 pub mod model;
+pub mod policy;
 pub mod target;
 pub mod tokenizer;

@@ -5,8 +5,10 @@
 
 use candle_core::{IndexOp, D};
 use specdec::drafter::{Drafter, DrafterConfig};
+use specdec::policy::{CostModel, Gpu, Overheads};
 use specdec_rollout::engine::{decode, DecodeSettings, DecodeStats, Drafting, Request};
-use specdec_rollout::model::{model_path, GgufFile, Weights};
+use specdec_rollout::model::{model_path, Config, GgufFile, Weights};
+use specdec_rollout::policy::model_shape;
 use specdec_rollout::target::{Target, GGUF_LLAMA_ROPE};
 use specdec_rollout::tokenizer::{ChatTokenizer, Message};
 
@@ -30,6 +32,14 @@ fn setup() -> (Target, ChatTokenizer) {
     )
 }
 
+/// The model's configuration, read from the file.
+fn model_config() -> &'static Config {
+    static CONFIG: std::sync::OnceLock<Config> = std::sync::OnceLock::new();
+    CONFIG.get_or_init(|| {
+        Config::from_gguf(&GgufFile::open(&model_path().unwrap()).unwrap()).unwrap()
+    })
+}
+
 fn requests(tok: &ChatTokenizer) -> Vec<Request> {
     QUESTIONS
         .iter()
@@ -50,6 +60,19 @@ fn settings(tok: &ChatTokenizer, drafting: Drafting) -> DecodeSettings {
         temperature: 0.0,
         top_p: 1.0,
         drafting,
+        // A machine on which verification is cheap, so that the goodput policy drafts (the test is about its
+        // output, which must not depend on the cost model).
+        cost: Some(CostModel::new(
+            Gpu {
+                name: "cheap verification",
+                bandwidth: 10e9,
+                flops: 1e15,
+                bandwidth_efficiency: 1.0,
+                compute_efficiency: 1.0,
+            },
+            model_shape(model_config()),
+            Overheads::default(),
+        )),
     }
 }
 
@@ -126,7 +149,11 @@ fn greedy_speculative_decoding_emits_the_autoregressive_tokens() {
     // The next iteration drafts from the first one's rollouts (same prompts: the drafts are mostly right).
     drafter.begin_iteration(1).unwrap();
     let mut divergences = 0;
-    for drafting in [Drafting::SuffixChain, Drafting::SuffixTree] {
+    for drafting in [
+        Drafting::SuffixChain,
+        Drafting::SuffixTree,
+        Drafting::GoodputChain,
+    ] {
         let (spec, stats) = decode(
             &mut target,
             Some(&drafter),

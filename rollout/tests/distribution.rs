@@ -95,6 +95,7 @@ fn sampled_speculative_tokens_follow_the_autoregressive_law() {
         temperature: 1.0,
         top_p: 1.0,
         drafting,
+        cost: None,
     };
 
     // The exact law of the first token.

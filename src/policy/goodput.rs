@@ -1,7 +1,8 @@
 //! specdec's own policy: per-request drafts (chains or trees) that maximise the expected emitted tokens per
 //! second of a decoding step, under the cost model.
 //!
-//! Each request has a set of [`DraftOption`]s (draft nothing, a chain of `k`, a tree of `n` nodes), each with
+//! Each request has a set of [`DraftOption`]s (draft nothing, a chain of `k`, a tree of `n` nodes, a chain of
+//! `k` from a drafter that runs no model such as DAS's suffix drafter), each with
 //! its expected emitted tokens ([`super::expected_tokens`] for chains, [`DraftTree::expected_tokens`] for
 //! trees, from the request's per-position acceptance) and what it costs: the tokens the drafter runs at each
 //! draft position and the tokens verified. A step in which nobody drafts is a plain target step; otherwise it
@@ -79,6 +80,15 @@ impl DraftShape {
         }
     }
 
+    /// A chain of `k` drafts from a drafter that runs no model (DAS's suffix drafter, an n-gram lookup): no
+    /// draft steps, `k + 1` tokens verified.
+    pub fn model_free_chain(k: usize) -> Self {
+        DraftShape {
+            drafter_tokens: Vec::new(),
+            verified: k + 1,
+        }
+    }
+
     /// The first `drafts` drafts of `tree`.
     pub fn tree(tree: &DraftTree, drafts: usize) -> Self {
         DraftShape {
@@ -119,6 +129,14 @@ impl DraftOption {
         }
     }
 
+    /// A chain of `k` drafts for `request` from a drafter that runs no model ([`DraftShape::model_free_chain`]).
+    pub fn model_free_chain(request: &RequestOutlook, k: usize) -> Self {
+        DraftOption {
+            expected_tokens: request.expected_tokens(k),
+            shape: DraftShape::model_free_chain(k),
+        }
+    }
+
     /// The first `drafts` drafts of `tree`.
     pub fn tree(tree: &DraftTree, drafts: usize) -> Self {
         DraftOption {
@@ -129,6 +147,20 @@ impl DraftOption {
 
     fn depth(&self) -> usize {
         self.shape.depth()
+    }
+
+    /// Whether the drafter runs no model for it while it still verifies drafts.
+    fn is_model_free(&self) -> bool {
+        self.shape.drafter_tokens.is_empty() && self.shape.verified > 1
+    }
+
+    /// The search level that offers it: its depth, or for a model-free chain its length.
+    fn level(&self) -> usize {
+        if self.is_model_free() {
+            self.shape.verified - 1
+        } else {
+            self.depth()
+        }
     }
 }
 
@@ -165,7 +197,12 @@ fn priced_step(
     let context: usize = contexts.iter().sum();
     let longest = depths.iter().copied().max().unwrap_or(0);
     if longest == 0 {
-        return cost.target_step(batch, context);
+        // No draft step: a plain step, or the verification of a model-free drafter's drafts.
+        return if verified == batch {
+            cost.target_step(batch, context)
+        } else {
+            cost.verify_step(batch, context, verified)
+        };
     }
     let mut seconds = 0.0;
     for j in 1..=longest {
@@ -233,27 +270,34 @@ pub fn choose_draft_trees(
     let limits = depth_limits(max_depth);
     // Options are tagged with (index into `trees[i]`, drafts).
     let mut trees: Vec<Vec<DraftTree>> = vec![Vec::new(); requests.len()];
-    let (choice, value) = search(cost, &contexts, &most_tokens, limits.len(), |level| {
-        let (limit, shallower) = (
-            limits[level],
-            if level == 0 { 0 } else { limits[level - 1] },
-        );
-        requests
-            .iter()
-            .zip(&mut trees)
-            .map(|(r, built)| {
-                let tree = r.best_tree(max_drafts, limit);
-                let options = tree_sizes(limit, max_drafts)
-                    .into_iter()
-                    // A tree no deeper than the previous limit was offered there.
-                    .filter(|&n| n <= tree.drafts() && tree.depth(n) > shallower)
-                    .map(|n| (DraftOption::tree(&tree, n), (built.len(), n)))
-                    .collect();
-                built.push(tree);
-                options
-            })
-            .collect()
-    });
+    let (choice, value) = search(
+        cost,
+        &contexts,
+        &most_tokens,
+        limits.len(),
+        false,
+        |level| {
+            let (limit, shallower) = (
+                limits[level],
+                if level == 0 { 0 } else { limits[level - 1] },
+            );
+            requests
+                .iter()
+                .zip(&mut trees)
+                .map(|(r, built)| {
+                    let tree = r.best_tree(max_drafts, limit);
+                    let options = tree_sizes(limit, max_drafts)
+                        .into_iter()
+                        // A tree no deeper than the previous limit was offered there.
+                        .filter(|&n| n <= tree.drafts() && tree.depth(n) > shallower)
+                        .map(|n| (DraftOption::tree(&tree, n), (built.len(), n)))
+                        .collect();
+                    built.push(tree);
+                    options
+                })
+                .collect()
+        },
+    );
     let chosen = choice
         .into_iter()
         .zip(&trees)
@@ -317,21 +361,23 @@ pub fn choose_draft_options(
     assert_eq!(contexts.len(), options.len(), "one option list per request");
     let deepest = options
         .iter()
-        .flat_map(|l| l.iter().map(|o| o.depth()))
+        .flat_map(|l| l.iter().map(|o| o.level()))
         .max()
         .unwrap_or(0);
     let most_tokens: Vec<f64> = options
         .iter()
         .map(|l| l.iter().map(|o| o.expected_tokens).fold(1.0, f64::max))
         .collect();
-    let (choice, value) = search(cost, contexts, &most_tokens, deepest, |level| {
-        // Level `l` offers the options of depth `l + 1`, tagged with their place in the list.
+    let model_free = options.iter().flatten().any(DraftOption::is_model_free);
+    let (choice, value) = search(cost, contexts, &most_tokens, deepest, model_free, |level| {
+        // Level `l` offers the options of depth (or model-free length) `l + 1`, tagged with their place in the
+        // list.
         options
             .iter()
             .map(|list| {
                 list.iter()
                     .enumerate()
-                    .filter(|(_, o)| o.depth() == level + 1)
+                    .filter(|(_, o)| o.level() == level + 1)
                     .map(|(m, o)| (o.clone(), m + 1))
                     .collect()
             })
@@ -346,20 +392,22 @@ const MIN_GAIN: f64 = 1e-12;
 
 /// The search behind [`choose_draft_options`] and [`choose_draft_trees`]. `levels` depth limits, in increasing
 /// order; `offer(level)` returns, per request, the options that become available at that level (no deeper than
-/// its limit), each with a tag. `most_tokens[i]` bounds request `i`'s expected tokens over every option.
+/// its limit), each with a tag. `most_tokens[i]` bounds request `i`'s expected tokens over every option;
+/// `model_free` says whether some option drafts without a draft step.
 /// Returns each request's chosen tag (`None`: no draft) and the goodput.
 fn search<T: Copy>(
     cost: &CostModel,
     contexts: &[usize],
     most_tokens: &[f64],
     levels: usize,
+    model_free: bool,
     mut offer: impl FnMut(usize) -> Vec<Vec<(DraftOption, T)>>,
 ) -> (Vec<Option<T>>, f64) {
     let batch = contexts.len();
     let context: usize = contexts.iter().sum();
     let plain = batch as f64 / cost.target_step(batch, context);
     let mut best = (vec![None; batch], plain);
-    if batch == 0 || !speculation_may_pay(cost, contexts, most_tokens, plain) {
+    if batch == 0 || !speculation_may_pay(cost, contexts, most_tokens, plain, model_free) {
         return best;
     }
     let none = DraftOption::none();
@@ -435,19 +483,25 @@ fn search<T: Copy>(
 }
 
 /// Whether any drafting could beat plain decoding: every request's most productive option, over a step no
-/// shorter than any drafting step can be (one draft step of the shortest context, then a verification of one
-/// draft), must beat the plain goodput. Both step terms only grow with more drafts, so this bound is safe.
+/// shorter than any drafting step can be (one draft step of the shortest context, unless a model-free drafter
+/// is on offer, then a verification of one draft), must beat the plain goodput. Both step terms only grow with
+/// more drafts, so this bound is safe.
 fn speculation_may_pay(
     cost: &CostModel,
     contexts: &[usize],
     most_tokens: &[f64],
     plain: f64,
+    model_free: bool,
 ) -> bool {
     let batch = contexts.len();
     let context: usize = contexts.iter().sum();
     let shortest = contexts.iter().copied().min().unwrap_or(0);
-    let fastest =
-        cost.draft_tree_step(1, shortest, 1) + cost.verify_step(batch, context, batch + 1);
+    let cheapest_draft = if model_free {
+        0.0
+    } else {
+        cost.draft_tree_step(1, shortest, 1)
+    };
+    let fastest = cheapest_draft + cost.verify_step(batch, context, batch + 1);
     most_tokens.iter().sum::<f64>() / fastest > plain
 }
 

@@ -14,9 +14,11 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use clap::Parser;
 use specdec::drafter::{Drafter, DrafterConfig};
+use specdec::policy::StepKind;
 use specdec::sampling::noise::sample_seed;
 use specdec_rollout::engine::{decode, DecodeSettings, DecodeStats, Drafting, Request};
 use specdec_rollout::model::{model_path, GgufFile, Weights};
+use specdec_rollout::policy::{calibrate, Calibration, CALIBRATION_SEQUENCES};
 use specdec_rollout::target::{Target, GGUF_LLAMA_ROPE};
 use specdec_rollout::tokenizer::{ChatTokenizer, Message};
 
@@ -46,10 +48,11 @@ struct Args {
     seed: u64,
 }
 
-const POLICIES: [(&str, Drafting); 3] = [
+const POLICIES: [(&str, Drafting); 4] = [
     ("autoregressive", Drafting::None),
     ("suffix chain (DAS)", Drafting::SuffixChain),
     ("suffix tree", Drafting::SuffixTree),
+    ("goodput, suffix chains (specdec)", Drafting::GoodputChain),
 ];
 
 #[derive(Default)]
@@ -87,9 +90,11 @@ fn main() -> Result<()> {
         .context("<|im_end|> in the vocabulary")?;
     let batch = args.prompts * args.samples;
     let pages_per_sequence = 1024 / 16;
+    // Room for the batch, and for calibration's copies of a prompt beside the prompt itself.
+    let sequences = batch.max(CALIBRATION_SEQUENCES);
     let mut target = Target::new(
         weights,
-        batch * pages_per_sequence,
+        sequences * pages_per_sequence,
         16,
         1024,
         GGUF_LLAMA_ROPE,
@@ -109,6 +114,7 @@ fn main() -> Result<()> {
         .iter()
         .map(|q| tokenizer.encode_chat(&[Message::user(*q)]))
         .collect::<Result<_>>()?;
+    let calibration = calibrate(&mut target, &prompts[0])?;
     let mut runs = Vec::new();
     for &(name, drafting) in &POLICIES {
         let drafter = Drafter::new(DrafterConfig::default())?;
@@ -130,6 +136,7 @@ fn main() -> Result<()> {
                 temperature: args.temperature,
                 top_p: args.top_p,
                 drafting,
+                cost: Some(calibration.cost),
             };
             let (outputs, stats) = decode(&mut target, Some(&drafter), &requests, &settings)?;
             eprintln!(
@@ -145,6 +152,7 @@ fn main() -> Result<()> {
         runs.push((name, run));
     }
     print_report(&args, &runs);
+    print_calibration(&calibration);
     Ok(())
 }
 
@@ -222,5 +230,68 @@ fn print_report(args: &Args, runs: &[(&str, PolicyRun)]) {
             .map(|(j, (&d, &a))| format!("j={} {:.2} ({a}/{d})", j + 1, a as f64 / d.max(1) as f64))
             .collect();
         println!("- {name}: {}", cells.join(", "));
+    }
+}
+
+fn print_calibration(c: &Calibration) {
+    let o = &c.cost.overheads;
+    // Residuals of the steps the policy prices (target and verification).
+    let residuals: Vec<(f64, f64)> = c
+        .samples
+        .iter()
+        .filter_map(|s| match s.kind {
+            StepKind::Target => Some((s.seconds, c.cost.target_step(s.batch, s.context_tokens))),
+            StepKind::Verify { tokens } => Some((
+                s.seconds,
+                c.cost.verify_step(s.batch, s.context_tokens, tokens),
+            )),
+            StepKind::Draft => None,
+        })
+        .collect();
+    let rms = (residuals.iter().map(|(m, p)| (m - p).powi(2)).sum::<f64>()
+        / residuals.len() as f64)
+        .sqrt();
+    let worst = residuals
+        .iter()
+        .map(|(m, p)| ((m - p) / m).abs())
+        .fold(0.0, f64::max);
+    println!(
+        "\nCost model of the goodput policy, fitted on this machine (`CostModel::fit` on {} step times): measured \
+         copy bandwidth {:.1} GB/s, f32 matmul rate {:.1} GFLOP/s; fitted overheads t0 = {:.2} ms per step, \
+         t1 = {:.3} ms per sequence, v1 = {:.3} ms per verified token; residuals over the {} target and \
+         verification steps: rms {:.2} ms, largest {:.0}% of its step.\n",
+        c.report.samples,
+        c.bandwidth / 1e9,
+        c.flops / 1e9,
+        o.t0 * 1e3,
+        o.t1 * 1e3,
+        o.v1 * 1e3,
+        residuals.len(),
+        rms * 1e3,
+        worst * 100.0
+    );
+    println!("| step | batch | tokens | measured (ms) | model (ms) |");
+    println!("|---|---|---|---|---|");
+    for s in &c.samples {
+        let (name, tokens, model) = match s.kind {
+            StepKind::Target => (
+                "target",
+                s.batch,
+                c.cost.target_step(s.batch, s.context_tokens),
+            ),
+            StepKind::Verify { tokens } => (
+                "verify",
+                tokens,
+                c.cost.verify_step(s.batch, s.context_tokens, tokens),
+            ),
+            // Suffix chains are priced as model-free: the draft terms are never used.
+            StepKind::Draft => ("suffix proposals", s.batch, f64::NAN),
+        };
+        println!(
+            "| {name} | {} | {tokens} | {:.3} | {:.3} |",
+            s.batch,
+            s.seconds * 1e3,
+            model * 1e3
+        );
     }
 }
