@@ -296,9 +296,9 @@ impl Target {
         let mut attn_out = vec![f16::ZERO; shape.q_len()];
         for (layer, block) in self.weights.blocks.iter().enumerate() {
             let h = rms_norm(&x, &block.attn_norm, c.rms_eps)?;
-            let q = to_f16(&h.matmul(&block.wq.t()?)?)?;
-            let k = to_f16(&h.matmul(&block.wk.t()?)?)?;
-            let v = to_f16(&h.matmul(&block.wv.t()?)?)?;
+            let q = to_f16(&h.matmul(&block.wq)?)?;
+            let k = to_f16(&h.matmul(&block.wk)?)?;
+            let v = to_f16(&h.matmul(&block.wv)?)?;
             let start = Instant::now();
             specdec::cpu::tree_attention(
                 shape,
@@ -318,14 +318,14 @@ impl Target {
             self.attention_time += start.elapsed();
             let attn: Vec<f32> = attn_out.iter().map(|h| h.to_f32()).collect();
             let attn = Tensor::from_vec(attn, (n, c.num_q_heads * c.head_dim), &Device::Cpu)?;
-            x = (x + attn.matmul(&block.wo.t()?)?)?;
+            x = (x + attn.matmul(&block.wo)?)?;
             let h = rms_norm(&x, &block.ffn_norm, c.rms_eps)?;
-            let gate = h.matmul(&block.w_gate.t()?)?.silu()?;
-            let up = h.matmul(&block.w_up.t()?)?;
-            x = (x + (gate * up)?.matmul(&block.w_down.t()?)?)?;
+            let gate = h.matmul(&block.w_gate)?.silu()?;
+            let up = h.matmul(&block.w_up)?;
+            x = (x + (gate * up)?.matmul(&block.w_down)?)?;
         }
         let h = rms_norm(&x, &self.weights.output_norm, c.rms_eps)?;
-        Ok(h.matmul(&self.weights.lm_head().t()?)?)
+        Ok(h.matmul(&self.weights.lm_head)?)
     }
 
     /// Keeps, for each sequence, the accepted nodes of its last forward pass (`accepted[b].1`: node indices
