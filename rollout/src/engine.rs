@@ -94,6 +94,19 @@ pub struct DecodeStats {
     pub accepted_at: Vec<usize>,
     /// See `accepted_at`.
     pub drafted_at: Vec<usize>,
+    /// One entry per decoding step, in order.
+    pub timeline: Vec<StepRecord>,
+}
+
+/// One decoding step, for the timeline.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepRecord {
+    /// Seconds from the start of the batch to the end of the step.
+    pub end: f64,
+    /// Rollouts verified in the step (the active batch).
+    pub active: usize,
+    /// Tokens they kept.
+    pub emitted: usize,
 }
 
 struct Active {
@@ -229,6 +242,7 @@ pub fn decode(
         stats.target += t.elapsed();
 
         let w = packed.emit_width;
+        let (batch, generated_before) = (active.len(), stats.generated);
         let mut still_active = Vec::with_capacity(active.len());
         for (b, (slot, mut a)) in active.into_iter().enumerate() {
             let accepted = verified.accepted_counts[b] as usize;
@@ -277,6 +291,11 @@ pub fn decode(
             }
         }
         active = still_active;
+        stats.timeline.push(StepRecord {
+            end: start.elapsed().as_secs_f64(),
+            active: batch,
+            emitted: stats.generated - generated_before,
+        });
     }
     stats.wall = start.elapsed();
     Ok((outputs, stats))

@@ -16,7 +16,7 @@ use clap::Parser;
 use specdec::drafter::{Drafter, DrafterConfig};
 use specdec::policy::StepKind;
 use specdec::sampling::noise::sample_seed;
-use specdec_rollout::engine::{decode, DecodeSettings, DecodeStats, Drafting, Request};
+use specdec_rollout::engine::{decode, DecodeSettings, DecodeStats, Drafting, Request, StepRecord};
 use specdec_rollout::model::{model_path, GgufFile, Weights};
 use specdec_rollout::policy::{calibrate, Calibration, CALIBRATION_SEQUENCES};
 use specdec_rollout::target::{Target, GGUF_LLAMA_ROPE};
@@ -46,6 +46,9 @@ struct Args {
     /// The base of every rollout's sampler seed.
     #[arg(long, default_value_t = 2026)]
     seed: u64,
+    /// Where to write the picture of active batch and tokens per rollout-step over time (SVG).
+    #[arg(long, default_value = "target/rollout-timeline.svg")]
+    svg: std::path::PathBuf,
 }
 
 const POLICIES: [(&str, Drafting); 4] = [
@@ -153,10 +156,21 @@ fn main() -> Result<()> {
     }
     print_report(&args, &runs);
     print_calibration(&calibration);
+    if let Some(dir) = args.svg.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(&args.svg, timeline_svg(&runs, batch))
+        .with_context(|| format!("writing {}", args.svg.display()))?;
+    eprintln!("rollout: timeline written to {}", args.svg.display());
     Ok(())
 }
 
 fn accumulate(total: &mut DecodeStats, s: &DecodeStats) {
+    let offset = total.wall.as_secs_f64();
+    total.timeline.extend(s.timeline.iter().map(|r| StepRecord {
+        end: r.end + offset,
+        ..*r
+    }));
     total.steps += s.steps;
     total.rollout_steps += s.rollout_steps;
     total.drafted += s.drafted;
@@ -294,4 +308,67 @@ fn print_calibration(c: &Calibration) {
             model * 1e3
         );
     }
+}
+
+/// One panel per policy, on one time axis: the active batch (a step line, blue) and the tokens each rollout
+/// kept per step (orange), over wall seconds.
+fn timeline_svg(runs: &[(&str, PolicyRun)], batch: usize) -> String {
+    const WIDTH: f64 = 860.0;
+    const PANEL: f64 = 150.0;
+    const LEFT: f64 = 60.0;
+    const PLOT_W: f64 = 760.0;
+    const PLOT_H: f64 = 100.0;
+    let longest = runs
+        .iter()
+        .map(|(_, r)| r.stats.wall.as_secs_f64())
+        .fold(1e-9, f64::max);
+    let most_tokens = runs
+        .iter()
+        .flat_map(|(_, r)| {
+            r.stats
+                .timeline
+                .iter()
+                .map(|s| s.emitted as f64 / s.active as f64)
+        })
+        .fold(1.0, f64::max);
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{WIDTH}\" height=\"{}\" font-family=\"sans-serif\" \
+         font-size=\"11\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n",
+        PANEL * runs.len() as f64 + 30.0
+    );
+    for (p, (name, run)) in runs.iter().enumerate() {
+        let top = 20.0 + PANEL * p as f64;
+        let x = |t: f64| LEFT + PLOT_W * t / longest;
+        let y = |v: f64, max: f64| top + PLOT_H * (1.0 - v / max);
+        svg += &format!(
+            "<text x=\"{LEFT}\" y=\"{}\">{name}: {:.1} s; blue: active batch (0..{batch}), orange: tokens per \
+             rollout-step (0..{most_tokens:.1})</text>\n<rect x=\"{LEFT}\" y=\"{top}\" width=\"{PLOT_W}\" \
+             height=\"{PLOT_H}\" fill=\"none\" stroke=\"#999\"/>\n",
+            top - 5.0,
+            run.stats.wall.as_secs_f64()
+        );
+        // Each step is a horizontal segment over its duration, in both series.
+        let (mut active, mut tokens) = (String::new(), String::new());
+        let mut previous_end = 0.0;
+        for r in &run.stats.timeline {
+            let (x0, x1) = (x(previous_end), x(r.end));
+            let a = y(r.active as f64, batch as f64);
+            let t = y(r.emitted as f64 / r.active as f64, most_tokens);
+            active += &format!("{x0:.1},{a:.1} {x1:.1},{a:.1} ");
+            tokens += &format!("M{x0:.1},{t:.1} H{x1:.1} ");
+            previous_end = r.end;
+        }
+        svg += &format!(
+            "<polyline points=\"{active}\" fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"1.5\"/>\n\
+             <path d=\"{tokens}\" fill=\"none\" stroke=\"#ff7f0e\" stroke-width=\"1.5\"/>\n"
+        );
+    }
+    svg += &format!(
+        "<text x=\"{LEFT}\" y=\"{}\">0 s</text><text x=\"{}\" y=\"{}\" text-anchor=\"end\">{longest:.1} s \
+         (wall time, iterations back to back)</text>\n</svg>\n",
+        PANEL * runs.len() as f64 + 20.0,
+        LEFT + PLOT_W,
+        PANEL * runs.len() as f64 + 20.0
+    );
+    svg
 }
