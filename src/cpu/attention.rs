@@ -131,60 +131,68 @@ pub(crate) fn tree_attention_checked<T: HalfElement>(
         }
     }
 
-    // Each row's request: rows outside every request (none, once token_offsets[B] = N) are left as they are.
-    let mut row_request = vec![None; shape.num_tokens];
-    for (b, request) in requests.iter().enumerate() {
-        if let Some(request) = request {
-            for i in 0..request.tree_size() {
-                row_request[request.first_row + i] = Some((b, i));
-            }
-        }
-    }
+    // One work item per (request, KV head): its prefix keys and values are converted to f64 once, then every
+    // node of the tree and every q head of the group attends over them and the node's path. Conversions are
+    // exact, so this computes what converting each element where it is used would, with the same operations in
+    // the same order; rows outside every request are left as they are.
     let scale = f64::from(softmax_scale);
+    let group = shape.group_size();
     let (k_cache, v_cache) = (&*k_cache, &*v_cache);
-    let results: Vec<(Vec<T>, Vec<f32>)> = super::pool::install(|| {
-        row_request
+    let to_f64 = |x: &[T]| -> Vec<f64> { x.iter().map(|e| f64::from(e.to_f32())).collect() };
+    let items: Vec<(usize, usize)> = requests
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.is_some())
+        .flat_map(|(b, _)| (0..hkv).map(move |kv_head| (b, kv_head)))
+        .collect();
+    // Per item: for each node, for each q head of the group, its output row and log-sum-exp.
+    let results: Vec<Vec<(Vec<T>, f32)>> = super::pool::install(|| {
+        items
             .par_iter()
-            .enumerate()
-            .map(|(row, owner)| {
-                let Some((b, node)) = *owner else {
-                    return (Vec::new(), Vec::new());
-                };
-                let request = requests[b]
-                    .as_ref()
-                    .expect("rows of processed requests only");
-                let mut outs = Vec::with_capacity(hq * d);
-                let mut lses = Vec::with_capacity(hq);
-                for head in 0..hq {
-                    let kv_head = head / shape.group_size();
-                    let query = &q_rot[(row * hq + head) * d..][..d];
-                    let prefix = (0..request.prefix_len).map(|slot| {
+            .map(|&(b, kv_head)| {
+                let request = requests[b].as_ref().expect("items of processed requests only");
+                let gather = |cache: &[T]| -> Vec<f64> {
+                    let mut all = Vec::with_capacity(request.prefix_len * d);
+                    for slot in 0..request.prefix_len {
                         let at = shape.cache.slot_offset(batch.page_table, b, slot, kv_head);
-                        (&k_cache[at..at + d], &v_cache[at..at + d])
-                    });
-                    let tree = (0..=node)
-                        .filter(|&j| request.ancestors[node] >> j & 1 == 1)
-                        .map(|j| {
-                            let at = ((request.first_row + j) * hkv + kv_head) * d;
-                            (&k_rot[at..at + d], &v[at..at + d])
-                        });
-                    let (o, l) = attend(query, prefix.chain(tree), scale, d);
-                    outs.extend(o.into_iter().map(T::from_f64));
-                    lses.push(l as f32);
+                        all.extend(cache[at..at + d].iter().map(|e| f64::from(e.to_f32())));
+                    }
+                    all
+                };
+                let (prefix_k, prefix_v) = (gather(k_cache), gather(v_cache));
+                let node_kv = |j: usize| {
+                    let at = ((request.first_row + j) * hkv + kv_head) * d;
+                    (to_f64(&k_rot[at..at + d]), to_f64(&v[at..at + d]))
+                };
+                let nodes: Vec<(Vec<f64>, Vec<f64>)> = (0..request.tree_size()).map(node_kv).collect();
+                let mut out = Vec::with_capacity(request.tree_size() * group);
+                for node in 0..request.tree_size() {
+                    let row = request.first_row + node;
+                    for head in kv_head * group..(kv_head + 1) * group {
+                        let query = to_f64(&q_rot[(row * hq + head) * d..][..d]);
+                        let prefix = prefix_k.chunks_exact(d).zip(prefix_v.chunks_exact(d));
+                        let path = (0..=node)
+                            .filter(|&j| request.ancestors[node] >> j & 1 == 1)
+                            .map(|j| (nodes[j].0.as_slice(), nodes[j].1.as_slice()));
+                        let (o, l) = attend(&query, prefix.chain(path), scale, d);
+                        out.push((o.into_iter().map(T::from_f64).collect(), l as f32));
+                    }
                 }
-                (outs, lses)
+                out
             })
             .collect()
     });
 
     let mut lse = lse;
-    for (row, (o, l)) in results.into_iter().enumerate() {
-        if o.is_empty() {
-            continue;
-        }
-        out[row * hq * d..][..hq * d].copy_from_slice(&o);
-        if let Some(lse) = lse.as_deref_mut() {
-            lse[row * hq..][..hq].copy_from_slice(&l);
+    for (&(b, kv_head), result) in items.iter().zip(results) {
+        let request = requests[b].as_ref().expect("items of processed requests only");
+        for (index, (o, l)) in result.into_iter().enumerate() {
+            let (node, head) = (index / group, kv_head * group + index % group);
+            let row = request.first_row + node;
+            out[(row * hq + head) * d..][..d].copy_from_slice(&o);
+            if let Some(lse) = lse.as_deref_mut() {
+                lse[row * hq + head] = l;
+            }
         }
     }
     // A flagged request's rows, where its offsets say which they are: NaN, as the CUDA kernel writes.
@@ -202,24 +210,19 @@ pub(crate) fn tree_attention_checked<T: HalfElement>(
     Ok(())
 }
 
-/// The softmax-weighted sum of values and the log-sum-exp of the scores, all in f64, in one pass (an online
-/// softmax: the running sums are rescaled when a larger score comes), so that memory does not grow with the
-/// prefix, however long the caller makes it.
-fn attend<'a, T: HalfElement>(
-    query: &[T],
-    keys_values: impl Iterator<Item = (&'a [T], &'a [T])>,
+/// The softmax-weighted sum of values and the log-sum-exp of the scores, all in f64 (elements converted
+/// exactly), in one pass (an online softmax: the running sums are rescaled when a larger score comes), so that
+/// memory does not grow with the prefix, however long the caller makes it.
+fn attend<'a>(
+    query: &[f64],
+    keys_values: impl Iterator<Item = (&'a [f64], &'a [f64])>,
     scale: f64,
     d: usize,
 ) -> (Vec<f64>, f64) {
-    let query: Vec<f64> = query.iter().map(|x| f64::from(x.to_f32())).collect();
     let (mut max, mut total) = (f64::NEG_INFINITY, 0.0);
     let mut weighted = vec![0.0; d];
     for (key, value) in keys_values {
-        let dot: f64 = key
-            .iter()
-            .zip(&query)
-            .map(|(k, q)| f64::from(k.to_f32()) * q)
-            .sum();
+        let dot: f64 = key.iter().zip(query).map(|(k, q)| k * q).sum();
         let score = dot * scale;
         if score == f64::NEG_INFINITY {
             continue; // weight exp(-inf) = 0
@@ -233,8 +236,8 @@ fn attend<'a, T: HalfElement>(
         }
         let p = (score - max).exp();
         total += p;
-        for (w, x) in weighted.iter_mut().zip(value.iter()) {
-            *w += p * f64::from(x.to_f32());
+        for (w, x) in weighted.iter_mut().zip(value) {
+            *w += p * x;
         }
     }
     weighted.iter_mut().for_each(|w| *w /= total);
