@@ -122,22 +122,106 @@ struct Active {
 
 /// Generates every request's rollout; returns the outputs (in request order) and the batch's figures. The
 /// drafter, if any, is fed every prompt and every emitted token (its requests are finished at the end), so the
-/// next batch drafts from this one's rollouts.
+/// next batch drafts from this one's rollouts. On an error every sequence the call made is released and every
+/// drafter request it registered is finished, so the target and the drafter stay usable.
 ///
 /// # Errors
-/// An empty prompt, a drafter required but absent, or an error of the target, the drafter or the sampler.
+/// Settings or requests that cannot run (checked before anything is allocated: `max_new_tokens` 0, a
+/// temperature or top-p outside its range, a drafter or cost model missing for the drafting chosen, an empty
+/// prompt, a repeated request id, a prompt plus `max_new_tokens` beyond the target's sequence length), or an
+/// error of the target, the drafter or the sampler.
 pub fn decode(
     target: &mut Target,
     drafter: Option<&Drafter>,
     requests: &[Request],
     settings: &DecodeSettings,
 ) -> Result<(Vec<Vec<u32>>, DecodeStats)> {
+    check_inputs(target, drafter, requests, settings)?;
+    let mut held = Held::default();
+    let result = run(target, drafter, requests, settings, &mut held);
+    if result.is_err() {
+        // Best effort: the error being returned is the one that matters.
+        for sequence in held.sequences {
+            let _ = target.release(sequence);
+        }
+        if let Some(drafter) = drafter {
+            for request in held.requests {
+                let _ = drafter.finish_request(request);
+            }
+        }
+    }
+    result
+}
+
+/// What a call holds: its sequences in the target and its requests in the drafter.
+#[derive(Default)]
+struct Held {
+    sequences: Vec<SequenceId>,
+    requests: Vec<u64>,
+}
+
+fn check_inputs(
+    target: &Target,
+    drafter: Option<&Drafter>,
+    requests: &[Request],
+    settings: &DecodeSettings,
+) -> Result<()> {
+    ensure!(
+        settings.max_new_tokens >= 1,
+        "max_new_tokens is 0; at least 1"
+    );
+    ensure!(
+        settings.temperature.is_finite() && settings.temperature >= 0.0,
+        "temperature is {}; finite and >= 0",
+        settings.temperature
+    );
+    ensure!(
+        settings.top_p > 0.0 && settings.top_p <= 1.0,
+        "top_p is {}; in (0, 1]",
+        settings.top_p
+    );
+    ensure!(
+        settings.drafting == Drafting::None || drafter.is_some(),
+        "{:?} needs a drafter",
+        settings.drafting
+    );
+    ensure!(
+        settings.drafting != Drafting::GoodputChain || settings.cost.is_some(),
+        "the goodput policy needs a cost model (settings.cost)"
+    );
+    let capacity = target.max_sequence_len();
+    for (i, request) in requests.iter().enumerate() {
+        ensure!(
+            !request.prompt.is_empty(),
+            "requests[{i}] (id {}): empty prompt",
+            request.id
+        );
+        ensure!(
+            request.prompt.len() + settings.max_new_tokens <= capacity,
+            "requests[{i}] (id {}): {} prompt tokens plus max_new_tokens {} exceed the target's sequence length {capacity}",
+            request.id,
+            request.prompt.len(),
+            settings.max_new_tokens
+        );
+        ensure!(
+            requests[..i].iter().all(|r| r.id != request.id),
+            "requests[{i}]: id {} repeats an earlier request's",
+            request.id
+        );
+    }
+    Ok(())
+}
+
+fn run(
+    target: &mut Target,
+    drafter: Option<&Drafter>,
+    requests: &[Request],
+    settings: &DecodeSettings,
+    held: &mut Held,
+) -> Result<(Vec<Vec<u32>>, DecodeStats)> {
     let start = Instant::now();
     let mut stats = DecodeStats::default();
-    let drafter = match settings.drafting {
-        Drafting::None => drafter,
-        _ => Some(drafter.context("the suffix drafting settings need a drafter")?),
-    };
+    let capacity = target.max_sequence_len();
     let mut outputs = vec![Vec::new(); requests.len()];
     let mut active = Vec::with_capacity(requests.len());
     // Rollouts of one prompt share its prefill: the first is prefilled, the others copy its cache.
@@ -152,9 +236,14 @@ pub fn decode(
             *prompt_id == request.prompt_id && *prompt == request.prompt.as_slice()
         });
         let sequence = match shared {
-            Some(&(_, _, source)) => target.fork(source)?,
+            Some(&(_, _, source)) => {
+                let sequence = target.fork(source)?;
+                held.sequences.push(sequence);
+                sequence
+            }
             None => {
                 let sequence = target.add_sequence();
+                held.sequences.push(sequence);
                 target.prefill(sequence, context)?;
                 prefilled.push((request.prompt_id, &request.prompt, sequence));
                 sequence
@@ -163,6 +252,7 @@ pub fn decode(
         stats.target += t.elapsed();
         if let Some(drafter) = drafter {
             drafter.add_request(request.id, request.prompt_id, &request.prompt)?;
+            held.requests.push(request.id);
         }
         active.push((
             slot,
@@ -183,7 +273,7 @@ pub fn decode(
         let t = Instant::now();
         let mut drafts = active
             .iter()
-            .map(|(_, a)| propose(drafter, a, settings))
+            .map(|(_, a)| propose(drafter, a, settings, capacity))
             .collect::<Result<Vec<_>>>()?;
         if settings.drafting == Drafting::GoodputChain {
             let cost = settings
@@ -194,6 +284,7 @@ pub fn decode(
             for (draft, k) in drafts.iter_mut().zip(lengths) {
                 draft.tokens.truncate(k);
                 draft.parents.truncate(k);
+                draft.probs.truncate(k);
             }
         }
         let trees = active
@@ -282,8 +373,10 @@ pub fn decode(
             a.last = *kept.last().expect("a step emits at least one token");
             if stop.is_some() || a.output.len() >= settings.max_new_tokens {
                 target.release(a.sequence)?;
+                held.sequences.retain(|&s| s != a.sequence);
                 if let Some(drafter) = drafter {
                     drafter.finish_request(a.request.id)?;
+                    held.requests.retain(|&r| r != a.request.id);
                 }
                 outputs[slot] = std::mem::take(&mut a.output);
             } else {
@@ -307,9 +400,16 @@ fn grow(v: &mut Vec<usize>, len: usize) {
     }
 }
 
-/// The request's draft from the suffix drafter (none without drafting), cut so that no draft lies beyond the
-/// request's remaining budget of new tokens.
-fn propose(drafter: Option<&Drafter>, a: &Active, settings: &DecodeSettings) -> Result<Draft> {
+/// The request's draft from the suffix drafter (none without drafting), cut so that every node can be kept:
+/// none deeper than the request's remaining budget of new tokens allows, none below a stop token (a rollout
+/// ends there), and no more nodes than the sequence has room for. Parents come first, so dropping a node with
+/// its descendants, or the last nodes, keeps a valid tree.
+fn propose(
+    drafter: Option<&Drafter>,
+    a: &Active,
+    settings: &DecodeSettings,
+    capacity: usize,
+) -> Result<Draft> {
     let kind = match settings.drafting {
         Drafting::None => return Ok(Draft::default()),
         Drafting::SuffixChain | Drafting::GoodputChain => DraftKind::Chain,
@@ -318,37 +418,45 @@ fn propose(drafter: Option<&Drafter>, a: &Active, settings: &DecodeSettings) -> 
     let drafter = drafter.expect("checked by decode");
     let mut draft = drafter.propose(a.request.id, kind)?;
     // A step emits its accepted drafts plus one token: drafts deeper than the remaining budget less one are
-    // never kept. Parents come first, so dropping every node past the depth limit keeps a valid tree.
+    // never kept.
     let max_depth = (settings.max_new_tokens - a.output.len())
         .saturating_sub(1)
         .min(MAX_DRAFTS);
+    // The cache holds the context but its last token (the root); the tree's nodes go after it.
+    let room = capacity.saturating_sub(a.request.prompt.len() + a.output.len());
     let mut depth = Vec::with_capacity(draft.tokens.len());
     let mut keep = Vec::with_capacity(draft.tokens.len());
-    for &parent in &draft.parents {
-        let d = if parent < 0 {
-            1
+    for (i, &parent) in draft.parents.iter().enumerate() {
+        ensure!(
+            parent >= -1 && parent < i as i32,
+            "the drafter's node {i} has parent {parent}"
+        );
+        let (d, parent_open) = if parent < 0 {
+            (1, true)
         } else {
-            depth[parent as usize] + 1
+            let p = parent as usize;
+            (
+                depth[p] + 1,
+                keep[p] && draft.tokens[p] != settings.stop_token,
+            )
         };
         depth.push(d);
-        keep.push(d <= max_depth && (parent < 0 || keep[parent as usize]));
+        keep.push(d <= max_depth && parent_open);
     }
-    if keep.iter().any(|k| !k) {
-        let mut new_index = vec![-1i32; keep.len()];
-        let (mut tokens, mut parents, mut probs) = (Vec::new(), Vec::new(), Vec::new());
-        for i in 0..keep.len() {
-            if keep[i] {
-                new_index[i] = tokens.len() as i32;
-                tokens.push(draft.tokens[i]);
-                probs.push(draft.probs[i]);
-                let p = draft.parents[i];
-                parents.push(if p < 0 { -1 } else { new_index[p as usize] });
-            }
+    let mut new_index = vec![-1i32; keep.len()];
+    let (mut tokens, mut parents, mut probs) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..keep.len() {
+        if keep[i] && tokens.len() < room {
+            new_index[i] = tokens.len() as i32;
+            tokens.push(draft.tokens[i]);
+            probs.push(draft.probs.get(i).copied().unwrap_or(0.0));
+            let p = draft.parents[i];
+            parents.push(if p < 0 { -1 } else { new_index[p as usize] });
         }
-        draft.tokens = tokens;
-        draft.parents = parents;
-        draft.probs = probs;
     }
+    draft.tokens = tokens;
+    draft.parents = parents;
+    draft.probs = probs;
     Ok(draft)
 }
 

@@ -11,7 +11,7 @@
 
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{ensure, Result};
 use candle_core::{Device, Tensor};
 use specdec::drafter::{DraftKind, Drafter, DrafterConfig};
 use specdec::policy::{CostModel, FitReport, Gpu, ModelShape, StepKind, StepSample};
@@ -93,6 +93,7 @@ pub fn matmul_rate(c: &Config) -> Result<f64> {
 /// # Errors
 /// The target's, or a fit that the samples do not determine.
 pub fn calibrate(target: &mut Target, prompt: &[u32]) -> Result<Calibration> {
+    ensure!(!prompt.is_empty(), "calibration needs a prompt");
     let config = *target.config();
     let bandwidth = copy_bandwidth();
     let flops = matmul_rate(&config)?;
@@ -111,7 +112,7 @@ pub fn calibrate(target: &mut Target, prompt: &[u32]) -> Result<Calibration> {
             let sequences: Vec<_> = (0..batch)
                 .map(|_| target.fork(source))
                 .collect::<Result<_>>()?;
-            let tokens: Vec<u32> = prompt.iter().rev().take(nodes).copied().collect();
+            let tokens: Vec<u32> = prompt.iter().rev().cycle().take(nodes).copied().collect();
             let parents = chain_parents(nodes);
             let inputs: Vec<TreeInput<'_>> = sequences
                 .iter()

@@ -49,6 +49,8 @@ struct Sequence {
     len: usize,
     /// Nodes appended by the last forward pass, not yet accepted.
     pending: usize,
+    /// Their parents (inside that tree), to check accepted paths.
+    pending_parents: Vec<i32>,
 }
 
 /// The paged KV cache of every layer, fp16, in specdec's layout (`[num_pages, page_size, Hkv, D]` per layer).
@@ -195,6 +197,11 @@ impl Target {
         Ok(())
     }
 
+    /// The most tokens one sequence can hold (cached, plus a tree being verified).
+    pub fn max_sequence_len(&self) -> usize {
+        self.cache.shape.pages_per_request * self.cache.shape.page_size
+    }
+
     /// Tokens in a sequence's cache.
     ///
     /// # Errors
@@ -277,7 +284,9 @@ impl Target {
         )?;
         let logits = self.layers(&tokens, &shape, &batch)?;
         for input in inputs {
-            self.sequences[input.sequence.0].as_mut().unwrap().pending = input.tokens.len();
+            let seq = self.sequences[input.sequence.0].as_mut().unwrap();
+            seq.pending = input.tokens.len();
+            seq.pending_parents = input.parents.to_vec();
         }
         Ok(logits)
     }
@@ -401,6 +410,14 @@ impl Target {
     /// # Errors
     /// As [`Target::forward`].
     pub fn prefill(&mut self, id: SequenceId, tokens: &[u32]) -> Result<Tensor> {
+        if tokens.is_empty() {
+            self.sequence(id)?;
+            return Ok(Tensor::zeros(
+                (0, self.weights.config.vocab),
+                candle_core::DType::F32,
+                &Device::Cpu,
+            )?);
+        }
         let mut logits = Vec::new();
         for chunk in tokens.chunks(MAX_TREE_NODES) {
             let parents = chain_parents(chunk.len());

@@ -173,3 +173,74 @@ fn greedy_speculative_decoding_emits_the_autoregressive_tokens() {
     }
     println!("{divergences} divergences, each at a near tie");
 }
+
+/// Bad settings are refused before anything is allocated, naming the setting; a one-token prompt decodes; and
+/// the target and the drafter stay usable after an error.
+#[test]
+fn bad_settings_are_named_and_leave_the_target_usable() {
+    let (mut target, tok) = setup();
+    let drafter = Drafter::new(DrafterConfig::default()).unwrap();
+    let one = Request {
+        id: 7,
+        prompt_id: 7,
+        prompt: vec![tok.token_id("<|im_start|>").unwrap()],
+        seed: 7,
+    };
+    let good = DecodeSettings {
+        max_new_tokens: 2,
+        ..settings(&tok, Drafting::SuffixChain)
+    };
+    let cases: [(DecodeSettings, &str); 5] = [
+        (
+            DecodeSettings {
+                max_new_tokens: 0,
+                ..good
+            },
+            "max_new_tokens",
+        ),
+        (DecodeSettings { top_p: 0.0, ..good }, "top_p"),
+        (
+            DecodeSettings {
+                temperature: f32::NAN,
+                ..good
+            },
+            "temperature",
+        ),
+        (
+            DecodeSettings {
+                max_new_tokens: 5000,
+                ..good
+            },
+            "sequence length",
+        ),
+        (
+            DecodeSettings {
+                drafting: Drafting::GoodputChain,
+                cost: None,
+                ..good
+            },
+            "cost model",
+        ),
+    ];
+    for (bad, named) in cases {
+        let err = decode(
+            &mut target,
+            Some(&drafter),
+            std::slice::from_ref(&one),
+            &bad,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains(named), "{err:?} should name {named}");
+    }
+    let twice = decode(
+        &mut target,
+        Some(&drafter),
+        &[one.clone(), one.clone()],
+        &good,
+    )
+    .unwrap_err();
+    assert!(twice.to_string().contains("repeats"), "{twice}");
+    let (out, _) = decode(&mut target, Some(&drafter), &[one], &good).unwrap();
+    assert!(!out[0].is_empty() && out[0].len() <= 2, "{out:?}");
+}

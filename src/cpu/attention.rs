@@ -150,7 +150,9 @@ pub(crate) fn tree_attention_checked<T: HalfElement>(
         items
             .par_iter()
             .map(|&(b, kv_head)| {
-                let request = requests[b].as_ref().expect("items of processed requests only");
+                let request = requests[b]
+                    .as_ref()
+                    .expect("items of processed requests only");
                 let gather = |cache: &[T]| -> Vec<f64> {
                     let mut all = Vec::with_capacity(request.prefix_len * d);
                     for slot in 0..request.prefix_len {
@@ -164,7 +166,8 @@ pub(crate) fn tree_attention_checked<T: HalfElement>(
                     let at = ((request.first_row + j) * hkv + kv_head) * d;
                     (to_f64(&k_rot[at..at + d]), to_f64(&v[at..at + d]))
                 };
-                let nodes: Vec<(Vec<f64>, Vec<f64>)> = (0..request.tree_size()).map(node_kv).collect();
+                let nodes: Vec<(Vec<f64>, Vec<f64>)> =
+                    (0..request.tree_size()).map(node_kv).collect();
                 let mut out = Vec::with_capacity(request.tree_size() * group);
                 for node in 0..request.tree_size() {
                     let row = request.first_row + node;
@@ -185,7 +188,9 @@ pub(crate) fn tree_attention_checked<T: HalfElement>(
 
     let mut lse = lse;
     for (&(b, kv_head), result) in items.iter().zip(results) {
-        let request = requests[b].as_ref().expect("items of processed requests only");
+        let request = requests[b]
+            .as_ref()
+            .expect("items of processed requests only");
         for (index, (o, l)) in result.into_iter().enumerate() {
             let (node, head) = (index / group, kv_head * group + index % group);
             let row = request.first_row + node;

@@ -98,6 +98,13 @@ pub struct Fit {
 /// an expected count below 5 are pooled into one bin (and that bin into the smallest other one while its own
 /// expectation stays below 5), so the chi-square approximation holds.
 pub fn chi_square(observed: &[u64], expected: &[f64]) -> Fit {
+    chi_square_pooled(observed, expected, 5.0)
+}
+
+/// [`chi_square`] with categories pooled below an expected count of `min_expected` instead of 5: a larger
+/// threshold keeps the chi-square approximation accurate further into its tail, for tests that reject only
+/// at tiny p-values.
+pub fn chi_square_pooled(observed: &[u64], expected: &[f64], min_expected: f64) -> Fit {
     assert_eq!(observed.len(), expected.len());
     let n: u64 = observed.iter().sum();
     let nf = n as f64;
@@ -111,14 +118,14 @@ pub fn chi_square(observed: &[u64], expected: &[f64]) -> Fit {
     let (mut pooled_o, mut pooled_e) = (0.0, 0.0);
     for (&o, &p) in observed.iter().zip(expected) {
         let e = p * nf;
-        if e >= 5.0 {
+        if e >= min_expected {
             bins.push((o as f64, e));
         } else {
             pooled_o += o as f64;
             pooled_e += e;
         }
     }
-    if pooled_e >= 5.0 || bins.is_empty() {
+    if pooled_e >= min_expected || bins.is_empty() {
         bins.push((pooled_o, pooled_e));
     } else if let Some(smallest) = bins.iter_mut().min_by(|a, b| a.1.total_cmp(&b.1)) {
         smallest.0 += pooled_o;
