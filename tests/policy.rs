@@ -944,35 +944,7 @@ mod tree {
                     list
                 })
                 .collect();
-            let (choice, value) = choose_draft_options(&cost, &contexts, &options);
-            let none = DraftOption::none();
-            let pick = |i: usize, m: usize| if m == 0 { &none } else { &options[i][m - 1] };
-            let value_of = |c: &[usize]| {
-                let chosen: Vec<&DraftOption> =
-                    c.iter().enumerate().map(|(i, &m)| pick(i, m)).collect();
-                let tokens: f64 = chosen.iter().map(|o| o.expected_tokens).sum();
-                let shapes: Vec<&DraftShape> = chosen.iter().map(|o| &o.shape).collect();
-                tokens / shaped_step_seconds(&cost, &contexts, &shapes)
-            };
-            assert!((value_of(&choice) - value).abs() <= 1e-12 * value);
-            let mut best = 0.0f64;
-            let mut c = vec![0; batch];
-            loop {
-                best = best.max(value_of(&c));
-                let mut i = 0;
-                while i < batch && c[i] == options[i].len() {
-                    c[i] = 0;
-                    i += 1;
-                }
-                if i == batch {
-                    break;
-                }
-                c[i] += 1;
-            }
-            assert!(
-                value >= best * (1.0 - 1e-12),
-                "trial {trial}: chose {choice:?} at {value}, brute force {best}"
-            );
+            check_choice_against_brute_force(&cost, &contexts, &options, trial);
         }
     }
 
@@ -1014,38 +986,56 @@ mod tree {
                     list
                 })
                 .collect();
-            let (choice, value) = choose_draft_options(&cost, &contexts, &options);
-            let none = DraftOption::none();
-            let value_of = |c: &[usize]| {
-                let chosen: Vec<&DraftOption> = c
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &m)| if m == 0 { &none } else { &options[i][m - 1] })
-                    .collect();
-                let tokens: f64 = chosen.iter().map(|o| o.expected_tokens).sum();
-                let shapes: Vec<&DraftShape> = chosen.iter().map(|o| &o.shape).collect();
-                tokens / shaped_step_seconds(&cost, &contexts, &shapes)
-            };
-            assert!((value_of(&choice) - value).abs() <= 1e-12 * value);
-            let mut best = 0.0f64;
-            let mut c = vec![0; batch];
-            loop {
-                best = best.max(value_of(&c));
-                let mut i = 0;
-                while i < batch && c[i] == options[i].len() {
-                    c[i] = 0;
-                    i += 1;
-                }
-                if i == batch {
-                    break;
-                }
-                c[i] += 1;
-            }
-            assert!(
-                value >= best * (1.0 - 1e-12),
-                "trial {trial}: chose {choice:?} at {value}, brute force {best}"
-            );
+            check_choice_against_brute_force(&cost, &contexts, &options, trial);
         }
+    }
+
+    /// The goodput of request `i` taking option `choice[i]` (0: no draft), under `cost`.
+    fn value_of(
+        cost: &CostModel,
+        contexts: &[usize],
+        options: &[Vec<DraftOption>],
+        choice: &[usize],
+    ) -> f64 {
+        let none = DraftOption::none();
+        let chosen: Vec<&DraftOption> = choice
+            .iter()
+            .enumerate()
+            .map(|(i, &m)| if m == 0 { &none } else { &options[i][m - 1] })
+            .collect();
+        let tokens: f64 = chosen.iter().map(|o| o.expected_tokens).sum();
+        let shapes: Vec<&DraftShape> = chosen.iter().map(|o| &o.shape).collect();
+        tokens / shaped_step_seconds(cost, contexts, &shapes)
+    }
+
+    /// `choose_draft_options` reports the goodput of its choice, and no combination of options beats it.
+    fn check_choice_against_brute_force(
+        cost: &CostModel,
+        contexts: &[usize],
+        options: &[Vec<DraftOption>],
+        trial: usize,
+    ) {
+        let (choice, value) = choose_draft_options(cost, contexts, options);
+        assert!((value_of(cost, contexts, options, &choice) - value).abs() <= 1e-12 * value);
+        let batch = contexts.len();
+        let mut best = 0.0f64;
+        let mut c = vec![0; batch];
+        loop {
+            best = best.max(value_of(cost, contexts, options, &c));
+            let mut i = 0;
+            while i < batch && c[i] == options[i].len() {
+                c[i] = 0;
+                i += 1;
+            }
+            if i == batch {
+                break;
+            }
+            c[i] += 1;
+        }
+        assert!(
+            value >= best * (1.0 - 1e-12),
+            "trial {trial}: chose {choice:?} at {value}, brute force {best}"
+        );
     }
 
     #[test]
