@@ -19,9 +19,13 @@ use specdec::half::f16;
 
 use crate::model::{Config, Weights};
 
-/// A sequence's handle in a [`Target`].
+/// A sequence's handle in a [`Target`]. Its slot is reused after [`Target::release`], but never its
+/// generation: a released handle is refused, not taken for the slot's next sequence.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct SequenceId(usize);
+pub struct SequenceId {
+    slot: usize,
+    generation: u64,
+}
 
 /// The new tokens of one sequence in a forward pass: a tree whose nodes are `tokens`, `parents[i]` the index
 /// of node `i`'s parent (`-1` for a root, parents before children). Node `i` sits at position
@@ -43,6 +47,8 @@ pub fn chain_parents(len: usize) -> Vec<i32> {
 
 #[derive(Debug, Clone, Default)]
 struct Sequence {
+    /// The generation of the handle that owns it.
+    generation: u64,
     /// Pages of the cache, in order.
     pages: Vec<i32>,
     /// Tokens in the cache (committed).
@@ -66,6 +72,7 @@ pub struct Target {
     weights: Weights,
     cache: KvCache,
     sequences: Vec<Option<Sequence>>,
+    next_generation: u64,
     rope: RopeShape,
     /// `[max_position, D]`: cos of the `D / 2` frequencies at each position, then their sin (f32).
     cos_sin: Vec<f32>,
@@ -114,6 +121,7 @@ impl Target {
                 free_pages: (0..num_pages as i32).rev().collect(),
             },
             sequences: Vec::new(),
+            next_generation: 0,
             rope: RopeShape {
                 style: rope_style,
                 max_position,
@@ -151,8 +159,13 @@ impl Target {
             self.sequences.push(None);
             self.sequences.len() - 1
         });
-        self.sequences[slot] = Some(Sequence::default());
-        SequenceId(slot)
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        self.sequences[slot] = Some(Sequence {
+            generation,
+            ..Sequence::default()
+        });
+        SequenceId { slot, generation }
     }
 
     /// A new sequence holding a copy of `id`'s cached tokens (the rollouts of one prompt share its prefill).
@@ -172,14 +185,14 @@ impl Target {
         }
         let page_elements =
             self.cache.shape.page_size * self.cache.shape.num_kv_heads * self.cache.shape.head_dim;
-        let pages = &self.sequences[copy.0].as_ref().unwrap().pages;
+        let pages = &self.sequences[copy.slot].as_ref().unwrap().pages;
         for layer in self.cache.k.iter_mut().chain(self.cache.v.iter_mut()) {
             for (&from, &to) in source.pages.iter().zip(pages) {
                 let (from, to) = (from as usize * page_elements, to as usize * page_elements);
                 layer.copy_within(from..from + page_elements, to);
             }
         }
-        self.sequences[copy.0].as_mut().unwrap().len = source.len;
+        self.sequences[copy.slot].as_mut().unwrap().len = source.len;
         Ok(copy)
     }
 
@@ -188,11 +201,8 @@ impl Target {
     /// # Errors
     /// An unknown sequence.
     pub fn release(&mut self, id: SequenceId) -> Result<()> {
-        let seq = self
-            .sequences
-            .get_mut(id.0)
-            .and_then(Option::take)
-            .with_context(|| format!("sequence {id:?} is not in the target"))?;
+        self.sequence(id)?;
+        let seq = self.sequences[id.slot].take().expect("checked above");
         self.cache.free_pages.extend(seq.pages);
         Ok(())
     }
@@ -212,8 +222,9 @@ impl Target {
 
     fn sequence(&self, id: SequenceId) -> Result<&Sequence> {
         self.sequences
-            .get(id.0)
+            .get(id.slot)
             .and_then(Option::as_ref)
+            .filter(|s| s.generation == id.generation)
             .with_context(|| format!("sequence {id:?} is not in the target"))
     }
 
@@ -284,7 +295,7 @@ impl Target {
         )?;
         let logits = self.layers(&tokens, &shape, &batch)?;
         for input in inputs {
-            let seq = self.sequences[input.sequence.0].as_mut().unwrap();
+            let seq = self.sequences[input.sequence.slot].as_mut().unwrap();
             seq.pending = input.tokens.len();
             seq.pending_parents = input.parents.to_vec();
         }
@@ -397,7 +408,7 @@ impl Target {
         )
         .context("compacting the accepted paths")?;
         for (id, path) in accepted {
-            let seq = self.sequences[id.0].as_mut().unwrap();
+            let seq = self.sequences[id.slot].as_mut().unwrap();
             seq.len += path.len();
             seq.pending = 0;
         }
@@ -436,7 +447,7 @@ impl Target {
     fn reserve(&mut self, id: SequenceId, extra: usize) -> Result<()> {
         let page_size = self.cache.shape.page_size;
         let max_len = self.cache.shape.pages_per_request * page_size;
-        let seq = self.sequences[id.0].as_mut().unwrap();
+        let seq = self.sequences[id.slot].as_mut().unwrap();
         let needed = seq.len + extra;
         ensure!(
             needed <= max_len,

@@ -230,6 +230,12 @@ fn a_tree_verifies_each_branch_as_its_own_chain() {
     let d = max_abs_diff(&after_tree, &after_chain);
     println!("after accepting branch B: max |diff| {d:.5}");
     assert!(d <= SAME_MATH, "{d}");
+
+    // A released handle is refused, also once its slot holds another sequence.
+    target.release(seq).unwrap();
+    let reused = target.add_sequence();
+    assert!(target.len(seq).is_err() && target.release(seq).is_err());
+    assert_eq!(target.len(reused).unwrap(), 0);
 }
 
 /// Perplexity on English prose written for this repository (rollout/data/held-out.txt, 303 words).
