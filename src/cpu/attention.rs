@@ -217,7 +217,8 @@ pub(crate) fn tree_attention_checked<T: HalfElement>(
 
 /// The softmax-weighted sum of values and the log-sum-exp of the scores, all in f64 (elements converted
 /// exactly), in one pass (an online softmax: the running sums are rescaled when a larger score comes), so that
-/// memory does not grow with the prefix, however long the caller makes it.
+/// no score vector is kept. The caller holds one (request, KV head)'s prefix in f64 while it attends: memory
+/// grows with the prefix by 16 bytes per element, once per work item.
 fn attend<'a>(
     query: &[f64],
     keys_values: impl Iterator<Item = (&'a [f64], &'a [f64])>,
