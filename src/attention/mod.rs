@@ -628,7 +628,8 @@ impl TreeAttentionShape {
         cache: PagedCacheShape,
         rope: Option<RopeShape>,
     ) -> Result<Self> {
-        if num_q_heads == 0 || num_q_heads % cache.num_kv_heads != 0 || num_q_heads > 8192 {
+        if num_q_heads == 0 || !num_q_heads.is_multiple_of(cache.num_kv_heads) || num_q_heads > 8192
+        {
             return Err(Error::invalid(
                 "num_q_heads",
                 format!(

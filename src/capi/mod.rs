@@ -486,7 +486,7 @@ fn check_host_ptr(argument: &str, address: usize, len: usize, align: usize) -> R
             format!("is a null pointer but has {len} elements"),
         ));
     }
-    if address % align != 0 {
+    if !address.is_multiple_of(align) {
         return Err(Error::invalid(
             argument,
             format!("pointer {address:#x} is not aligned to {align} bytes"),

@@ -24,6 +24,38 @@ pub(crate) fn install<R: Send>(work: impl FnOnce() -> R + Send) -> R {
     process_pool().install(work)
 }
 
+/// Runs `run` on every job and returns when all have finished: the first job on the calling thread, the others
+/// on a pool whose threads exist in this process (as [`install`]). For short parallel sections (tens of
+/// microseconds), where handing all the work to the pool and sleeping until it is done costs as much as a
+/// job: the caller works instead of waiting.
+pub(crate) fn spread<T: Send>(jobs: Vec<T>, run: impl Fn(T) + Sync) {
+    if jobs.len() <= 1 {
+        return jobs.into_iter().for_each(run);
+    }
+    if rayon::current_thread_index().is_some() {
+        // On a pool the caller chose: as rayon schedules it there.
+        use rayon::prelude::*;
+        return jobs.into_par_iter().for_each(&run);
+    }
+    let run = &run;
+    process_pool().in_place_scope(|scope| {
+        let mut jobs = jobs.into_iter();
+        let first = jobs.next();
+        for job in jobs {
+            scope.spawn(move |_| run(job));
+        }
+        first.map(run);
+    });
+}
+
+/// Threads of the pool [`install`] and [`spread`] run on: of the caller's pool when called on one.
+pub(crate) fn threads() -> usize {
+    match rayon::current_thread_index() {
+        Some(_) => rayon::current_num_threads(),
+        None => process_pool().current_num_threads(),
+    }
+}
+
 /// The pool's slot, locked for a `fork` (see `crate::fork_safety`).
 pub(crate) fn lock_for_fork() -> Box<dyn std::any::Any> {
     Box::new(POOL.lock().unwrap_or_else(|e| e.into_inner()))

@@ -240,7 +240,7 @@ pub(crate) fn gemv_row_tiles(row_tiles: usize, multiprocessors: u32) -> usize {
     let wanted_blocks = 2 * multiprocessors as usize;
     [4, 2]
         .into_iter()
-        .find(|&r| row_tiles % r == 0 && row_tiles / r >= wanted_blocks)
+        .find(|&r| row_tiles.is_multiple_of(r) && row_tiles / r >= wanted_blocks)
         .unwrap_or(1)
 }
 

@@ -126,7 +126,7 @@ pub(crate) fn check_device_ptr(
             format!("is a null pointer but has {len} elements"),
         ));
     }
-    if ptr % align as u64 != 0 {
+    if !ptr.is_multiple_of(align as u64) {
         return Err(Error::invalid(
             argument,
             format!("pointer {ptr:#x} is not aligned to {align} bytes"),

@@ -94,13 +94,13 @@ impl Int4Shape {
                 format!("is {group_size}; the int4 format has groups of 32, 64 or 128 columns"),
             ));
         }
-        if n == 0 || n % TILE_ROWS != 0 {
+        if n == 0 || !n.is_multiple_of(TILE_ROWS) {
             return Err(Error::invalid(
                 "n",
                 format!("is {n}; the int4 format needs a positive multiple of {TILE_ROWS} rows (pad the matrix)"),
             ));
         }
-        if k == 0 || k % TILE_COLS != 0 || k % group_size != 0 {
+        if k == 0 || !k.is_multiple_of(TILE_COLS) || !k.is_multiple_of(group_size) {
             return Err(Error::invalid(
                 "k",
                 format!(
@@ -256,8 +256,10 @@ pub struct Int4Pack<'a, T, S> {
     pub packed: Out<'a, u32>,
 }
 
-/// The GEMV `y[M, N] = x[M, K] W^T` for an int4 `W`, fp32 accumulation, `y` rounded to the activation type.
-/// The CPU backend refuses a zero above 15; the CUDA backend reads zeros' low 4 bits. On CUDA, `packed` and `x`
+/// The GEMV `y[M, N] = x[M, K] W^T` for an int4 `W`, fp32 accumulation, `y` rounded to the activation type
+/// (`docs/int4-format.md`, "GEMV semantics", states each backend's order and error bound; with a bf16 scale
+/// above `2^128 / 15`, where `(q - z) * s` itself may leave f32's range, an output may be infinite or NaN where
+/// the exact sum is finite). The CPU backend refuses a zero above 15; the CUDA backend reads zeros' low 4 bits. On CUDA, `packed` and `x`
 /// must be 16-byte aligned.
 pub struct Int4Gemv<'a, A, S> {
     /// `M` and the weight matrix's shape.
