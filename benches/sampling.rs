@@ -46,9 +46,9 @@ fn chain_verification(c: &mut Criterion) {
         draft[i * VOCAB + token as usize] = 30.0;
     }
     let offsets: Vec<i32> = (0..=BATCH).map(|b| (b * DRAFTS) as i32).collect();
-    let temperature = vec![1.0f32; BATCH];
+    let temperature = [1.0f32; BATCH];
     let seeds: Vec<u64> = (0..BATCH as u64).collect();
-    let steps = vec![0u64; BATCH];
+    let steps = [0u64; BATCH];
     for with_draft_rows in [false, true] {
         let name = if with_draft_rows {
             "draft rows"
