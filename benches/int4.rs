@@ -116,5 +116,36 @@ fn gemv_m1(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, copy, gemv_m1);
+/// M = 8 (a batch of eight sequences' draft step): each vector of codes is decoded once per 4 activation rows
+/// on AVX-512, so the time grows slower than M.
+fn gemv_m8(c: &mut Criterion) {
+    let mut group = c.benchmark_group("int4_gemv_m8_bf16_g64");
+    let m = 8;
+    for (name, n, k) in SHAPES {
+        let shape = Int4Shape::new(n, k, GROUP_SIZE).unwrap();
+        let gemv = GemvShape::new(m, shape).unwrap();
+        let matrix_bytes = shape.packed_len() * 4 + shape.meta_len() * 3;
+        let copies = COLD_BYTES.div_ceil(matrix_bytes).max(2);
+        let weights: Vec<Weights> = (0..copies)
+            .map(|i| random_weights(shape, 0x2545_F491_4F6C_DD1D ^ i as u64))
+            .collect();
+        let x: Vec<bf16> = (0..m * k)
+            .map(|i| bf16::from_f32((i % 7) as f32 - 3.0))
+            .collect();
+        let mut y = vec![bf16::ZERO; m * n];
+        group.throughput(Throughput::Bytes((matrix_bytes + 2 * m * (k + n)) as u64));
+        let mut turn = 0;
+        group.bench_function(BenchmarkId::new("kernel", name), |b| {
+            b.iter(|| {
+                let w = &weights[turn % copies];
+                turn += 1;
+                cpu::int4_gemv(&gemv, &w.packed, &w.scales, &w.zeros, &x, &mut y).unwrap();
+                black_box(&y);
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, copy, gemv_m1, gemv_m8);
 criterion_main!(benches);

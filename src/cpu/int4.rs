@@ -452,6 +452,10 @@ impl Kernel {
         sums: &mut [f32],
     ) {
         let eighth = words.len() / 8;
+        #[cfg(target_arch = "x86_64")]
+        if self == Kernel::Avx512 {
+            return avx512_tile_row(meta, words, next, activations, k, sums);
+        }
         for (i, x) in activations.chunks(k).enumerate() {
             let out = &mut sums[i * TILE_ROWS..][..TILE_ROWS];
             for chunk in 0..TILE_ROWS / 2 {
@@ -464,12 +468,52 @@ impl Kernel {
                     // their 64 activations each (the caller's shapes).
                     #[cfg(target_arch = "x86_64")]
                     Kernel::Avx2 => unsafe { avx2::chunk_rows(words, x, chunk, meta) },
-                    // SAFETY: as above, with AVX-512F.
                     #[cfg(target_arch = "x86_64")]
-                    Kernel::Avx512 => unsafe { avx512::chunk_rows(words, x, chunk, meta) },
+                    Kernel::Avx512 => unreachable!("handled above"),
                 };
                 out[chunk] = upper;
                 out[chunk + 8] = lower;
+            }
+        }
+    }
+}
+
+/// [`Kernel::tile_row`] with AVX-512: up to 4 activation rows per pass, so that each vector of codes is
+/// decoded once for them (16 accumulators; more would spill).
+#[cfg(target_arch = "x86_64")]
+fn avx512_tile_row(
+    meta: &RowMeta,
+    words: &[u32],
+    next: Option<&[u32]>,
+    activations: &[f32],
+    k: usize,
+    sums: &mut [f32],
+) {
+    const BLOCK: usize = 4;
+    let eighth = words.len() / 8;
+    let rows: Vec<&[f32]> = activations.chunks(k).collect();
+    for (block, xs) in rows.chunks(BLOCK).enumerate() {
+        for chunk in 0..TILE_ROWS / 2 {
+            if let (0, Some(next)) = (block, next) {
+                prefetch(&next[chunk * eighth..][..eighth]);
+            }
+            let mut store = |pairs: &[(f32, f32)]| {
+                for (j, &(upper, lower)) in pairs.iter().enumerate() {
+                    let out = &mut sums[(block * BLOCK + j) * TILE_ROWS..][..TILE_ROWS];
+                    out[chunk] = upper;
+                    out[chunk + 8] = lower;
+                }
+            };
+            // SAFETY: `detect` found AVX-512F on this CPU; `words` holds whole tiles and every activation row
+            // their 64 activations each (the caller's shapes).
+            unsafe {
+                match *xs {
+                    [a, b, c, d] => store(&avx512::chunk_rows(words, [a, b, c, d], chunk, meta)),
+                    [a, b, c] => store(&avx512::chunk_rows(words, [a, b, c], chunk, meta)),
+                    [a, b] => store(&avx512::chunk_rows(words, [a, b], chunk, meta)),
+                    [a] => store(&avx512::chunk_rows(words, [a], chunk, meta)),
+                    _ => unreachable!("blocks of 1 to {BLOCK} rows"),
+                }
             }
         }
     }
@@ -600,22 +644,24 @@ mod avx512 {
 
     use super::{RowMeta, CHUNK_WORDS, TILE_COLS, TILE_WORDS};
 
-    /// [`super::portable_chunk_rows`] in AVX-512 vectors: a chunk's 16 words are one vector, and each
-    /// accumulator holds 16 partial sums of a row; the same operations in the same order.
+    /// [`super::portable_chunk_rows`] for `ROWS` activation rows at once, in AVX-512 vectors: a chunk's 16
+    /// words are one vector, decoded once for all the rows, and each accumulator holds 16 partial sums of an
+    /// output; for each output, the same operations in the same order.
     ///
     /// # Safety
-    /// The CPU must have AVX-512F. `words` holds whole tiles and `x` 64 activations per tile.
+    /// The CPU must have AVX-512F. `words` holds whole tiles and each of `xs` 64 activations per tile.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn chunk_rows(
+    pub(super) unsafe fn chunk_rows<const ROWS: usize>(
         words: &[u32],
-        x: &[f32],
+        xs: [&[f32]; ROWS],
         chunk: usize,
         meta: &RowMeta,
-    ) -> (f32, f32) {
+    ) -> [(f32, f32); ROWS] {
         let tiles = words.len() / TILE_WORDS;
-        assert!(x.len() >= tiles * TILE_COLS);
+        assert!(xs.iter().all(|x| x.len() >= tiles * TILE_COLS));
         let mask = _mm512_set1_epi32(0xF);
-        let mut acc = [[_mm512_setzero_ps(); 2]; 2];
+        // `acc[i][p % 2][rho]`.
+        let mut acc = [[[_mm512_setzero_ps(); 2]; 2]; ROWS];
         for tile_col in 0..tiles {
             // Lanes [h0, h0, h1, h1] four times (RowMeta::lanes).
             let (h0, h1) = meta.groups(tile_col);
@@ -629,21 +675,23 @@ mod avx512 {
             let scale = [lanes(&meta.scale, chunk), lanes(&meta.scale, chunk + 8)];
             let offset = [lanes(&meta.offset, chunk), lanes(&meta.offset, chunk + 8)];
             // SAFETY (all loads): `tile_col < tiles`, so the chunk's 16 words lie inside `words` and the 64
-            // activations inside `x` (asserted above).
+            // activations inside each of `xs` (asserted above).
             let codes = _mm512_loadu_si512(
                 words
                     .as_ptr()
                     .add(tile_col * TILE_WORDS + chunk * CHUNK_WORDS)
                     as *const __m512i,
             );
-            let xs = x.as_ptr().add(tile_col * TILE_COLS);
+            let column = tile_col * TILE_COLS;
             for p in 0..4 {
-                let x_p = _mm512_loadu_ps(xs.add(p * CHUNK_WORDS));
-                for (rho, a) in acc[p % 2].iter_mut().enumerate() {
+                for rho in 0..2 {
                     let shift = _mm512_set1_epi32((4 * (2 * p + rho)) as i32);
                     let q = _mm512_and_si512(_mm512_srlv_epi32(codes, shift), mask);
                     let weight = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), scale[rho], offset[rho]);
-                    *a = _mm512_fmadd_ps(weight, x_p, *a);
+                    for (acc, x) in acc.iter_mut().zip(&xs) {
+                        let x_p = _mm512_loadu_ps(x.as_ptr().add(column + p * CHUNK_WORDS));
+                        acc[p % 2][rho] = _mm512_fmadd_ps(weight, x_p, acc[p % 2][rho]);
+                    }
                 }
             }
         }
@@ -656,10 +704,12 @@ mod avx512 {
             _mm256_storeu_ps(v.as_mut_ptr(), halves);
             super::reduce(v)
         };
-        (
-            row(_mm512_add_ps(acc[0][0], acc[1][0])),
-            row(_mm512_add_ps(acc[0][1], acc[1][1])),
-        )
+        acc.map(|[even, odd]| {
+            (
+                row(_mm512_add_ps(even[0], odd[0])),
+                row(_mm512_add_ps(even[1], odd[1])),
+            )
+        })
     }
 }
 
@@ -688,7 +738,7 @@ mod tests {
                 .collect();
             scales[3] = bf16::NAN;
             let zeros: Vec<u8> = (0..w.meta_len()).map(|_| (next() % 16) as u8).collect();
-            for m in 1..=3 {
+            for m in [1, 2, 3, 4, 5, 9] {
                 let mut x: Vec<f16> = (0..m * k)
                     .map(|_| f16::from_f32((next() % 2001) as f32 * 1e-3 - 1.0))
                     .collect();
