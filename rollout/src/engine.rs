@@ -7,7 +7,10 @@
 //! iterations included) the drafts are point masses: the sampler accepts a drafted token with the target's
 //! probability of it and otherwise samples the residual (Leviathan et al. 2023, section 2.3; SpecInfer's
 //! multi-step verification for trees, Miao et al. 2024, section 4.2), so the output distribution is the
-//! target's at any temperature; at temperature 0 it is the target's argmax.
+//! target's at any temperature; at temperature 0 it is the target's argmax. With EfficientRollout's int4
+//! self-drafter ([`crate::selfdraft`]) the drafts are sampled from the drafter's distribution `q`, whose rows go
+//! to the sampler with them: a draft is accepted with probability `min(1, p/q)`, otherwise the residual
+//! `norm(max(0, p - q))` is sampled (Leviathan et al. 2023, section 2.3).
 
 use std::time::{Duration, Instant};
 
@@ -16,7 +19,7 @@ use specdec::drafter::{Draft, DraftKind, Drafter};
 use specdec::policy::{
     choose_draft_options, AcceptanceStats, CostModel, DraftOption, RequestOutlook,
 };
-use specdec::sampling::{Drafts, Rows, SamplingParams, VerifyInputs, VerifyOutputs};
+use specdec::sampling::{noise, Drafts, Rows, SamplingParams, VerifyInputs, VerifyOutputs};
 use specdec::tree::{compaction_paths, PackedTrees, VerifyTree, MAX_DRAFTS};
 
 use crate::target::{SequenceId, Target, TreeInput};
@@ -48,6 +51,13 @@ pub enum Drafting {
     /// [`DecodeSettings::cost`], from the rollout's measured per-position acceptance
     /// ([`specdec::policy::choose_draft_options`]).
     GoodputChain,
+    /// EfficientRollout's int4 self-drafter ([`Target::requantize_drafter`]): chains of `k` tokens (1 to
+    /// [`MAX_DRAFTS`]), each sampled from the drafter at the step's temperature and top-p, one batched draft
+    /// forward pass per depth.
+    Int4Chain {
+        /// Drafts per step.
+        k: usize,
+    },
 }
 
 /// The settings of a batch.
@@ -180,11 +190,20 @@ fn check_inputs(
         "top_p is {}; in (0, 1]",
         settings.top_p
     );
-    ensure!(
-        settings.drafting == Drafting::None || drafter.is_some(),
-        "{:?} needs a drafter",
-        settings.drafting
-    );
+    match settings.drafting {
+        Drafting::None => {}
+        Drafting::Int4Chain { k } => {
+            ensure!(
+                (1..=MAX_DRAFTS).contains(&k),
+                "Int4Chain {{ k: {k} }}: 1 to {MAX_DRAFTS} drafts"
+            );
+            ensure!(
+                target.drafter().is_some(),
+                "Int4Chain needs the target's int4 drafter (Target::requantize_drafter)"
+            );
+        }
+        _ => ensure!(drafter.is_some(), "{:?} needs a drafter", settings.drafting),
+    }
     ensure!(
         settings.drafting != Drafting::GoodputChain || settings.cost.is_some(),
         "the goodput policy needs a cost model (settings.cost)"
@@ -271,10 +290,19 @@ fn run(
         stats.steps += 1;
         stats.rollout_steps += active.len();
         let t = Instant::now();
-        let mut drafts = active
-            .iter()
-            .map(|(_, a)| propose(drafter, a, settings, capacity))
-            .collect::<Result<Vec<_>>>()?;
+        let (mut drafts, q_rows) = match settings.drafting {
+            Drafting::Int4Chain { k } => {
+                let (drafts, q_rows) = self_drafts(target, &active, k, settings, capacity)?;
+                (drafts, Some(q_rows))
+            }
+            _ => (
+                active
+                    .iter()
+                    .map(|(_, a)| propose(drafter, a, settings, capacity))
+                    .collect::<Result<Vec<_>>>()?,
+                None,
+            ),
+        };
         if settings.drafting == Drafting::GoodputChain {
             let cost = settings
                 .cost
@@ -313,7 +341,14 @@ fn run(
         stats.target += t.elapsed();
 
         let t = Instant::now();
-        let verified = verify(&packed, &logits, target.config().vocab, &active, settings)?;
+        let verified = verify(
+            &packed,
+            &logits,
+            q_rows.as_deref(),
+            target.config().vocab,
+            &active,
+            settings,
+        )?;
         stats.sampling += t.elapsed();
         let (path_offsets, path_nodes) = compaction_paths(
             &verified.accepted_counts,
@@ -411,19 +446,13 @@ fn propose(
     capacity: usize,
 ) -> Result<Draft> {
     let kind = match settings.drafting {
-        Drafting::None => return Ok(Draft::default()),
+        Drafting::None | Drafting::Int4Chain { .. } => return Ok(Draft::default()),
         Drafting::SuffixChain | Drafting::GoodputChain => DraftKind::Chain,
         Drafting::SuffixTree => DraftKind::Tree,
     };
     let drafter = drafter.expect("checked by decode");
     let mut draft = drafter.propose(a.request.id, kind)?;
-    // A step emits its accepted drafts plus one token: drafts deeper than the remaining budget less one are
-    // never kept.
-    let max_depth = (settings.max_new_tokens - a.output.len())
-        .saturating_sub(1)
-        .min(MAX_DRAFTS);
-    // The cache holds the context but its last token (the root); the tree's nodes go after it.
-    let room = capacity.saturating_sub(a.request.prompt.len() + a.output.len());
+    let (max_depth, room) = draft_room(a, settings, capacity);
     let mut depth = Vec::with_capacity(draft.tokens.len());
     let mut keep = Vec::with_capacity(draft.tokens.len());
     for (i, &parent) in draft.parents.iter().enumerate() {
@@ -458,6 +487,150 @@ fn propose(
     draft.parents = parents;
     draft.probs = probs;
     Ok(draft)
+}
+
+/// How deep a rollout's drafts may go this step (its remaining budget of new tokens less one, as a step emits
+/// its accepted drafts plus one; at most [`MAX_DRAFTS`]) and how many nodes its sequence has room for (the
+/// cache holds the context but its last token, the root; the tree's nodes go after it).
+fn draft_room(a: &Active, settings: &DecodeSettings, capacity: usize) -> (usize, usize) {
+    let max_depth = (settings.max_new_tokens - a.output.len())
+        .saturating_sub(1)
+        .min(MAX_DRAFTS);
+    let room = capacity.saturating_sub(a.request.prompt.len() + a.output.len());
+    (max_depth, room)
+}
+
+/// The most drafts a chain may have this step ([`draft_room`]).
+fn draft_limit(a: &Active, settings: &DecodeSettings, capacity: usize) -> usize {
+    let (max_depth, room) = draft_room(a, settings, capacity);
+    max_depth.min(room)
+}
+
+/// The int4 self-drafter's chains: each active rollout drafts up to `k` tokens (fewer near its budget, its
+/// sequence's end, or after drafting the stop token), one batched [`Target::draft_forward`] per depth over the
+/// rollouts still drafting. Each draft is drawn from the drafter's row by specdec's own sampler (a verification
+/// with no drafts emits one token from its row), at the step's temperature and top-p, with Philox noise of a
+/// stream of its own ([`draft_seed`]): so `q` is exactly the distribution the verification computes from the
+/// same row. At temperature 0 a draft is the drafter's argmax. Returns the chains and, above temperature 0,
+/// each rollout's draft logits (`[drafts, vocab]`, f32), the rows its verification reads as `q`. The drafted
+/// tokens' KV is dropped again ([`Target::rewind`]); the verification writes the target's over it.
+fn self_drafts(
+    target: &mut Target,
+    active: &[(usize, Active)],
+    k: usize,
+    settings: &DecodeSettings,
+    capacity: usize,
+) -> Result<(Vec<Draft>, Vec<Vec<f32>>)> {
+    let vocab = target.config().vocab;
+    let limits: Vec<usize> = active
+        .iter()
+        .map(|(_, a)| draft_limit(a, settings, capacity).min(k))
+        .collect();
+    let mut drafts = vec![Draft::default(); active.len()];
+    let mut q_rows = vec![Vec::new(); active.len()];
+    let mut open: Vec<bool> = limits.iter().map(|&l| l > 0).collect();
+    for depth in 0..limits.iter().copied().max().unwrap_or(0) {
+        let members: Vec<usize> = (0..active.len()).filter(|&b| open[b]).collect();
+        if members.is_empty() {
+            break;
+        }
+        let fed: Vec<[u32; 1]> = members
+            .iter()
+            .map(|&b| [*drafts[b].tokens.last().unwrap_or(&active[b].1.last)])
+            .collect();
+        let inputs: Vec<TreeInput<'_>> = members
+            .iter()
+            .zip(&fed)
+            .map(|(&b, token)| TreeInput {
+                sequence: active[b].1.sequence,
+                tokens: token,
+                parents: &[-1],
+            })
+            .collect();
+        let logits = target.draft_forward(&inputs)?;
+        let kept: Vec<(SequenceId, &[i32])> = members
+            .iter()
+            .map(|&b| (active[b].1.sequence, &[0][..]))
+            .collect();
+        target.accept(&kept)?;
+        let logits = logits.flatten_all()?.to_vec1::<f32>()?;
+        let tokens = if settings.temperature == 0.0 {
+            logits.chunks(vocab).map(specdec::cpu::argmax).collect()
+        } else {
+            let rollouts: Vec<&Active> = members.iter().map(|&b| &active[b].1).collect();
+            sample_drafts(&logits, vocab, &rollouts, depth, settings)?
+        };
+        for ((&b, &token), row) in members.iter().zip(&tokens).zip(logits.chunks(vocab)) {
+            if settings.temperature > 0.0 {
+                q_rows[b].extend_from_slice(row);
+            }
+            let draft = &mut drafts[b];
+            draft.parents.push(draft.tokens.len() as i32 - 1);
+            draft.tokens.push(token as u32);
+            open[b] = draft.tokens.len() < limits[b] && token as u32 != settings.stop_token;
+        }
+    }
+    for ((_, a), draft) in active.iter().zip(&drafts) {
+        target.rewind(a.sequence, draft.tokens.len())?;
+    }
+    Ok((drafts, q_rows))
+}
+
+/// One token from each row of `logits` (`[rollouts, vocab]`), by specdec's sampler: a verification of empty
+/// chains emits its bonus token, drawn from the row at the step's temperature and top-p.
+fn sample_drafts(
+    logits: &[f32],
+    vocab: usize,
+    rollouts: &[&Active],
+    depth: usize,
+    settings: &DecodeSettings,
+) -> Result<Vec<usize>> {
+    let n = rollouts.len();
+    let offsets = vec![0i32; n + 1];
+    let temperature = vec![settings.temperature; n];
+    let top_p = vec![settings.top_p; n];
+    let seeds: Vec<u64> = rollouts
+        .iter()
+        .map(|a| draft_seed(a.request.seed))
+        .collect();
+    let steps: Vec<u64> = rollouts
+        .iter()
+        .map(|a| a.step * (MAX_DRAFTS as u64 + 1) + depth as u64)
+        .collect();
+    let (mut accepted, mut emitted) = (vec![0i32; n], vec![-1i32; n]);
+    let inputs = VerifyInputs {
+        vocab_size: vocab,
+        drafts: Drafts::Chain {
+            draft_offsets: offsets.as_slice().into(),
+            draft_tokens: (&[][..]).into(),
+        },
+        target: Rows::LogitsF32(logits.into()),
+        draft: None,
+        params: Some(SamplingParams {
+            temperature: temperature.as_slice().into(),
+            top_k: None,
+            top_p: (settings.top_p < 1.0).then(|| top_p.as_slice().into()),
+        }),
+        draft_params: None,
+        seeds: seeds.as_slice().into(),
+        steps: steps.as_slice().into(),
+    };
+    let outputs = VerifyOutputs {
+        emit_width: 1,
+        accepted_counts: accepted.as_mut_slice().into(),
+        emitted_tokens: emitted.as_mut_slice().into(),
+        accepted_nodes: None,
+        accept_flags: None,
+        request_status: None,
+    };
+    specdec::cpu::rejection_verify(&inputs, outputs).context("sampling the int4 drafts")?;
+    Ok(emitted.into_iter().map(|t| t as usize).collect())
+}
+
+/// The Philox key of a rollout's drafts: derived from its sampling seed ([`noise::sample_seed`] with an index
+/// no group uses), so the drafts' noise is independent of the verification's.
+fn draft_seed(seed: u64) -> u64 {
+    noise::sample_seed(seed, u64::MAX)
 }
 
 /// A rollout's acceptance estimates start here and move by this weight per verification.
@@ -496,11 +669,13 @@ struct Verified {
     accepted_nodes: Vec<i32>,
 }
 
-/// specdec's rejection sampler over the packed trees, the target's f32 logits one row per node, the drafts
-/// point masses.
+/// specdec's rejection sampler over the packed trees, the target's f32 logits one row per node; the drafts are
+/// point masses, or, with `q_rows` (each rollout's `[drafts, vocab]` draft logits, read with the target's
+/// temperature and top-p), chains drawn from those.
 fn verify(
     packed: &PackedTrees,
     logits: &[f32],
+    q_rows: Option<&[Vec<f32>]>,
     vocab: usize,
     active: &[(usize, Active)],
     settings: &DecodeSettings,
@@ -517,15 +692,39 @@ fn verify(
         emitted_tokens: vec![-1; b * w],
         accepted_nodes: vec![-1; b * w],
     };
-    let inputs = VerifyInputs {
-        vocab_size: vocab,
-        drafts: Drafts::Tree {
+    // With q rows, every tree is a chain (root, then its drafts): the sampler's chain form, draft `j` of
+    // rollout `b` at packed node `offsets[b] + 1 + j`.
+    let chains = q_rows.filter(|_| settings.temperature > 0.0).map(|rows| {
+        let draft_offsets: Vec<i32> = packed
+            .offsets
+            .iter()
+            .enumerate()
+            .map(|(b, &o)| o - b as i32)
+            .collect();
+        let draft_tokens: Vec<i32> = (0..b)
+            .flat_map(|r| packed.offsets[r] as usize + 1..packed.offsets[r + 1] as usize)
+            .map(|node| packed.tokens[node])
+            .collect();
+        (draft_offsets, draft_tokens, rows.concat())
+    });
+    let drafts = match &chains {
+        Some((draft_offsets, draft_tokens, _)) => Drafts::Chain {
+            draft_offsets: draft_offsets.as_slice().into(),
+            draft_tokens: draft_tokens.as_slice().into(),
+        },
+        None => Drafts::Tree {
             node_offsets: packed.offsets.as_slice().into(),
             node_tokens: packed.tokens.as_slice().into(),
             parents: packed.parents.as_slice().into(),
         },
+    };
+    let inputs = VerifyInputs {
+        vocab_size: vocab,
+        drafts,
         target: Rows::LogitsF32(logits.into()),
-        draft: None,
+        draft: chains
+            .as_ref()
+            .map(|(_, _, q)| Rows::LogitsF32(q.as_slice().into())),
         params: Some(SamplingParams {
             temperature: temperature.as_slice().into(),
             top_k: None,
@@ -544,5 +743,18 @@ fn verify(
         request_status: None,
     };
     specdec::cpu::rejection_verify(&inputs, outputs).context("the rejection sampler")?;
+    if chains.is_some() {
+        // A chain's accepted path is its first drafts, nodes 1..=accepted of its tree (written here, so that
+        // compaction reads the tree form whichever form the sampler took).
+        for (row, &accepted) in out.accepted_nodes.chunks_mut(w).zip(&out.accepted_counts) {
+            for (j, node) in row.iter_mut().enumerate() {
+                *node = if (j as i32) < accepted {
+                    j as i32 + 1
+                } else {
+                    -1
+                };
+            }
+        }
+    }
     Ok(out)
 }

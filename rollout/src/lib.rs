@@ -10,9 +10,12 @@
 //! * [`engine`]: the decoding loop: trees of drafts verified by specdec's rejection sampler, autoregressive
 //!   decoding through the same calls.
 //! * [`policy`]: specdec's cost model calibrated on this machine, for the goodput policy.
+//! * [`selfdraft`]: EfficientRollout's int4 self-drafter, requantized from the target with specdec's quantizer
+//!   and run through specdec's int4 GEMV.
 
 pub mod engine;
 pub mod model;
 pub mod policy;
+pub mod selfdraft;
 pub mod target;
 pub mod tokenizer;

@@ -18,6 +18,7 @@ use specdec::attention::{
 use specdec::half::f16;
 
 use crate::model::{Config, Weights};
+use crate::selfdraft::{Int4Linear, Int4Model};
 
 /// A sequence's handle in a [`Target`]. Its slot is reused after [`Target::release`], but never its
 /// generation: a released handle is refused, not taken for the slot's next sequence.
@@ -78,6 +79,8 @@ pub struct Target {
     cos_sin: Vec<f32>,
     /// Time spent in tree attention (KV append, RoPE and attention), all layers, since creation.
     attention_time: Duration,
+    /// The int4 self-drafter, once [`Target::requantize_drafter`] made it.
+    drafter: Option<Int4Model>,
 }
 
 /// How many tokens one sequence may hold, at most.
@@ -128,8 +131,25 @@ impl Target {
             },
             cos_sin: cos_sin_table(c.head_dim, c.rope_base, max_position),
             attention_time: Duration::ZERO,
+            drafter: None,
             weights,
         })
+    }
+
+    /// Makes (or remakes, after a weight update) the int4 self-drafter from the current weights; returns the
+    /// time the requantization took.
+    ///
+    /// # Errors
+    /// A weight shape the int4 format cannot hold.
+    pub fn requantize_drafter(&mut self) -> Result<Duration> {
+        let (model, took) = Int4Model::requantize(&self.weights)?;
+        self.drafter = Some(model);
+        Ok(took)
+    }
+
+    /// The int4 self-drafter, if made.
+    pub fn drafter(&self) -> Option<&Int4Model> {
+        self.drafter.as_ref()
     }
 
     /// The model's sizes.
@@ -236,6 +256,45 @@ impl Target {
     /// An unknown or repeated sequence, a sequence with pending nodes, a bad tree, a token outside the
     /// vocabulary, or a cache with no free page.
     pub fn forward(&mut self, inputs: &[TreeInput<'_>]) -> Result<Tensor> {
+        self.forward_through(inputs, false)
+    }
+
+    /// [`Target::forward`] through the int4 self-drafter's linears instead of the target's (embedding, norms,
+    /// attention and KV cache shared): the drafter's KV is appended after the target's, pending as with
+    /// `forward`. A draft step is this, then [`Target::accept`] of its one node; [`Target::rewind`] drops the
+    /// drafted tokens before their verification, which writes the target's KV over them.
+    ///
+    /// # Errors
+    /// As `forward`, or no drafter made ([`Target::requantize_drafter`]).
+    pub fn draft_forward(&mut self, inputs: &[TreeInput<'_>]) -> Result<Tensor> {
+        ensure!(
+            self.drafter.is_some(),
+            "draft_forward: no int4 drafter (requantize_drafter makes it)"
+        );
+        self.forward_through(inputs, true)
+    }
+
+    /// Drops the last `tokens` tokens of a sequence (drafted tokens, before their verification).
+    ///
+    /// # Errors
+    /// An unknown sequence, one with pending nodes, or fewer tokens than `tokens`.
+    pub fn rewind(&mut self, id: SequenceId, tokens: usize) -> Result<()> {
+        let seq = self.sequence(id)?;
+        ensure!(
+            seq.pending == 0,
+            "rewind: sequence {id:?} has {} nodes not yet accepted",
+            seq.pending
+        );
+        ensure!(
+            tokens <= seq.len,
+            "rewind: {tokens} tokens from a sequence of {}",
+            seq.len
+        );
+        self.sequences[id.slot].as_mut().unwrap().len -= tokens;
+        Ok(())
+    }
+
+    fn forward_through(&mut self, inputs: &[TreeInput<'_>], drafter: bool) -> Result<Tensor> {
         ensure!(!inputs.is_empty(), "forward: no inputs");
         let c = self.weights.config;
         let mut token_offsets = vec![0i32];
@@ -293,7 +352,7 @@ impl Target {
             self.cache.shape,
             Some(self.rope),
         )?;
-        let logits = self.layers(&tokens, &shape, &batch)?;
+        let logits = self.layers(&tokens, &shape, &batch, drafter)?;
         for input in inputs {
             let seq = self.sequences[input.sequence.slot].as_mut().unwrap();
             seq.pending = input.tokens.len();
@@ -302,12 +361,19 @@ impl Target {
         Ok(logits)
     }
 
+    /// The blocks and the head, through the target's linears or (`drafter`) the int4 self-drafter's.
     fn layers(
         &mut self,
         tokens: &[u32],
         shape: &TreeAttentionShape,
         batch: &TreeBatch<'_>,
+        drafter: bool,
     ) -> Result<Tensor> {
+        let int4 = if drafter {
+            Some(self.drafter.as_ref().context("no int4 drafter")?)
+        } else {
+            None
+        };
         let c = self.weights.config;
         let n = tokens.len();
         let ids = Tensor::new(tokens, &Device::Cpu)?;
@@ -315,10 +381,11 @@ impl Target {
         let softmax_scale = 1.0 / (c.head_dim as f32).sqrt();
         let mut attn_out = vec![f16::ZERO; shape.q_len()];
         for (layer, block) in self.weights.blocks.iter().enumerate() {
+            let small = int4.map(|m| &m.blocks[layer]);
             let h = rms_norm(&x, &block.attn_norm, c.rms_eps)?;
-            let q = to_f16(&h.matmul(&block.wq)?)?;
-            let k = to_f16(&h.matmul(&block.wk)?)?;
-            let v = to_f16(&h.matmul(&block.wv)?)?;
+            let q = to_f16(&project(&h, &block.wq, small.map(|b| &b.wq))?)?;
+            let k = to_f16(&project(&h, &block.wk, small.map(|b| &b.wk))?)?;
+            let v = to_f16(&project(&h, &block.wv, small.map(|b| &b.wv))?)?;
             let start = Instant::now();
             specdec::cpu::tree_attention(
                 shape,
@@ -338,14 +405,14 @@ impl Target {
             self.attention_time += start.elapsed();
             let attn: Vec<f32> = attn_out.iter().map(|h| h.to_f32()).collect();
             let attn = Tensor::from_vec(attn, (n, c.num_q_heads * c.head_dim), &Device::Cpu)?;
-            x = (x + attn.matmul(&block.wo)?)?;
+            x = (x + project(&attn, &block.wo, small.map(|b| &b.wo))?)?;
             let h = rms_norm(&x, &block.ffn_norm, c.rms_eps)?;
-            let gate = h.matmul(&block.w_gate)?.silu()?;
-            let up = h.matmul(&block.w_up)?;
-            x = (x + (gate * up)?.matmul(&block.w_down)?)?;
+            let gate = project(&h, &block.w_gate, small.map(|b| &b.w_gate))?.silu()?;
+            let up = project(&h, &block.w_up, small.map(|b| &b.w_up))?;
+            x = (x + project(&(gate * up)?, &block.w_down, small.map(|b| &b.w_down))?)?;
         }
         let h = rms_norm(&x, &self.weights.output_norm, c.rms_eps)?;
-        Ok(h.matmul(&self.weights.lm_head)?)
+        project(&h, &self.weights.lm_head, int4.map(|m| &m.lm_head))
     }
 
     /// Keeps, for each sequence, the accepted nodes of its last forward pass (`accepted[b].1`: node indices
@@ -494,6 +561,14 @@ pub fn cos_sin_table(head_dim: usize, base: f32, max_position: usize) -> Vec<f32
 }
 
 /// RMSNorm over the last dimension: `x / sqrt(mean(x^2) + eps) * weight`.
+/// `x W` through the target's dense weight (`[in, out]`), or its int4 copy when drafting.
+fn project(x: &Tensor, dense: &Tensor, int4: Option<&Int4Linear>) -> Result<Tensor> {
+    match int4 {
+        Some(w) => w.apply(x),
+        None => Ok(x.matmul(dense)?),
+    }
+}
+
 fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
     let mean_square = x.sqr()?.mean_keepdim(D::Minus1)?;
     let inv_rms = (mean_square + f64::from(eps))?.sqrt()?.recip()?;

@@ -148,11 +148,14 @@ fn greedy_speculative_decoding_emits_the_autoregressive_tokens() {
 
     // The next iteration drafts from the first one's rollouts (same prompts: the drafts are mostly right).
     drafter.begin_iteration(1).unwrap();
+    let took = target.requantize_drafter().unwrap();
+    println!("int4 self-drafter requantized in {took:?}");
     let mut divergences = 0;
     for drafting in [
         Drafting::SuffixChain,
         Drafting::SuffixTree,
         Drafting::GoodputChain,
+        Drafting::Int4Chain { k: 4 },
     ] {
         let (spec, stats) = decode(
             &mut target,
@@ -190,7 +193,7 @@ fn bad_settings_are_named_and_leave_the_target_usable() {
         max_new_tokens: 2,
         ..settings(&tok, Drafting::SuffixChain)
     };
-    let cases: [(DecodeSettings, &str); 5] = [
+    let cases: [(DecodeSettings, &str); 7] = [
         (
             DecodeSettings {
                 max_new_tokens: 0,
@@ -220,6 +223,20 @@ fn bad_settings_are_named_and_leave_the_target_usable() {
                 ..good
             },
             "cost model",
+        ),
+        (
+            DecodeSettings {
+                drafting: Drafting::Int4Chain { k: 4 },
+                ..good
+            },
+            "int4 drafter",
+        ),
+        (
+            DecodeSettings {
+                drafting: Drafting::Int4Chain { k: 0 },
+                ..good
+            },
+            "k: 0",
         ),
     ];
     for (bad, named) in cases {

@@ -1,16 +1,18 @@
 //! Losslessness on the real model at temperature 1: the first tokens of rollouts decoded with the suffix
-//! drafter's trees follow the same law as those decoded autoregressively. Two independent sets of samples
+//! drafter's trees (point masses) and with the int4 self-drafter's chains (drafts sampled from `q`, verified
+//! with its rows) follow the same law as those decoded autoregressively. Three independent sets of samples
 //! (different seeds), and the exact law of the first token (the target's softmax after the prompt):
 //!
 //! 1. each set's first token against the exact law (Pearson's chi-square, one sample);
-//! 2. the two sets' first two tokens against each other (chi-square test of homogeneity, two samples).
+//! 2. the suffix-tree and autoregressive sets' first two tokens against each other (chi-square test of
+//!    homogeneity, two samples).
 //!
 //! The p-values are the chi-square approximation's, which is accurate in the far tail only when every bin
 //! expects many draws: one bin expecting 5 alone crosses a 1e-7 threshold 3 to 50 times as often as the
 //! approximation says, one expecting 50 about as often, one expecting 20 about 5 times as often at 1e-7 and
 //! about 6e-9 at 1e-9 (Poisson tails). So the first-token checks pool categories until each bin expects 50
 //! draws and reject below p = 1e-7; the pair check, whose categories are spread thinner, pools to 20 and
-//! rejects below 1e-9. A correct engine fails this test with probability below about 3e-7 (< 1e-6).
+//! rejects below 1e-9. A correct engine fails this test with probability below about 4e-7 (< 1e-6).
 //! The drafter's history (an earlier iteration's rollouts of the same prompt) makes its drafts right often
 //! enough that both acceptance and the residual resampling run at the first position, and its trees put
 //! several siblings there: a sampler that accepted drafts too often or resampled from the wrong residual would
@@ -155,6 +157,24 @@ fn sampled_speculative_tokens_follow_the_autoregressive_law() {
         &settings(Drafting::None),
     )
     .unwrap();
+    target.requantize_drafter().unwrap();
+    let (int4, int4_stats) = decode(
+        &mut target,
+        None,
+        &requests(&prompt, SAMPLES, 4),
+        &settings(Drafting::Int4Chain { k: 4 }),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    println!(
+        "int4 self-drafter: {} drafts, {} accepted ({:.2})",
+        int4_stats.drafted,
+        int4_stats.accepted,
+        int4_stats.accepted as f64 / int4_stats.drafted as f64
+    );
+    assert!(
+        int4_stats.drafted >= SAMPLES && int4_stats.drafted > int4_stats.accepted,
+        "the int4 arm must draft at the first position and see rejections"
+    );
     let (spec, stats) = decode(
         &mut target,
         Some(&drafter),
@@ -182,7 +202,11 @@ fn sampled_speculative_tokens_follow_the_autoregressive_law() {
         "no first position with several siblings"
     );
 
-    for (name, outputs) in [("autoregressive", &ar), ("speculative", &spec)] {
+    for (name, outputs) in [
+        ("autoregressive", &ar),
+        ("speculative (suffix trees)", &spec),
+        ("speculative (int4 self-drafter)", &int4),
+    ] {
         let mut counts = vec![0u64; exact.len()];
         for out in outputs.iter() {
             counts[out[0] as usize] += 1;

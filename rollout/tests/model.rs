@@ -280,3 +280,57 @@ fn log_softmax_rows(logits: &Tensor) -> Vec<Vec<f32>> {
         })
         .collect()
 }
+
+/// The int4 self-drafter is the model, quantized: on the held-out text (teacher forcing, through the same
+/// KV cache machinery as drafting: draft forward passes, each accepted), its perplexity stays near the target's
+/// and its argmax agrees with the target's at most positions. Round-to-nearest int4 at group size 64 costs a
+/// small model a few points of perplexity (measured: 28.4 against 21.3, argmax agreement 0.66; bounds 1.6x
+/// and 0.5); a wrong layout, transposition or scale would give perplexity in the
+/// thousands and agreement near 0.
+#[test]
+fn the_int4_self_drafter_tracks_the_target() {
+    let tok = tokenizer();
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/data/held-out.txt")).unwrap();
+    let tokens = tok.encode(&text).unwrap();
+    let mut target = target(GGUF_LLAMA_ROPE);
+    let took = target.requantize_drafter().unwrap();
+    let exact = target.add_sequence();
+    let want = log_softmax_rows(&target.prefill(exact, &tokens).unwrap());
+    let drafted = target.add_sequence();
+    let mut got = Vec::new();
+    for chunk in tokens.chunks(64) {
+        let parents = chain_parents(chunk.len());
+        let input = TreeInput {
+            sequence: drafted,
+            tokens: chunk,
+            parents: &parents,
+        };
+        got.extend(log_softmax_rows(&target.draft_forward(&[input]).unwrap()));
+        let path: Vec<i32> = (0..chunk.len() as i32).collect();
+        target.accept(&[(drafted, &path)]).unwrap();
+    }
+    let perplexity = |rows: &[Vec<f32>]| {
+        let nll: f64 = tokens[1..]
+            .iter()
+            .enumerate()
+            .map(|(i, &next)| -f64::from(rows[i][next as usize]))
+            .sum();
+        (nll / (tokens.len() - 1) as f64).exp()
+    };
+    let argmax = |row: &Vec<f32>| specdec::cpu::argmax(row);
+    let agree = want
+        .iter()
+        .zip(&got)
+        .filter(|(w, g)| argmax(w) == argmax(g))
+        .count() as f64
+        / tokens.len() as f64;
+    let (p_target, p_int4) = (perplexity(&want), perplexity(&got));
+    println!(
+        "int4 self-drafter (requantized in {took:?}): perplexity {p_int4:.2} (target {p_target:.2}), argmax \
+         agreement {agree:.3} over {} tokens",
+        tokens.len()
+    );
+    assert!(p_int4 < 1.6 * p_target, "{p_int4} against {p_target}");
+    assert!(agree > 0.5, "{agree}");
+}
