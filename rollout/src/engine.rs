@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use specdec::drafter::{Draft, DraftKind, Drafter};
 use specdec::policy::{
-    choose_draft_options, AcceptanceStats, CostModel, DraftOption, RequestOutlook,
+    choose_draft_options, AcceptanceStats, CostModel, DraftOption, EfficientRollout,
+    EfficientRolloutConfig, RequestOutlook,
 };
 use specdec::sampling::{noise, Drafts, Rows, SamplingParams, VerifyInputs, VerifyOutputs};
 use specdec::tree::{compaction_paths, PackedTrees, VerifyTree, MAX_DRAFTS};
@@ -58,6 +59,19 @@ pub enum Drafting {
         /// Drafts per step.
         k: usize,
     },
+    /// specdec's goodput policy over the int4 self-drafter's chains: each step, every rollout's chain length
+    /// (0 to `max_k`) maximising the batch's expected tokens per second under [`DecodeSettings::int4_cost`]
+    /// (whose draft steps are the int4 drafter's, measured), from the rollout's measured acceptance.
+    GoodputInt4 {
+        /// The longest chain considered.
+        max_k: usize,
+    },
+    /// EfficientRollout's toggle and ladder ([`specdec::policy::EfficientRollout`], its published settings)
+    /// over the int4 self-drafter: each step, speculation turns on (for the rest of the call) once the
+    /// predicted speedup under [`DecodeSettings::int4_cost`] reaches its margin, every rollout then drafting
+    /// the ladder's length. The ladder starts at its first rung in every call (it moves between rollouts,
+    /// and a call is one rollout phase here).
+    EfficientRolloutInt4,
 }
 
 /// The settings of a batch.
@@ -75,6 +89,9 @@ pub struct DecodeSettings {
     pub drafting: Drafting,
     /// The step cost model of [`Drafting::GoodputChain`] (fitted on this machine: [`crate::policy::calibrate`]).
     pub cost: Option<CostModel>,
+    /// The step cost model of the int4 policies ([`Drafting::GoodputInt4`], [`Drafting::EfficientRolloutInt4`]):
+    /// fitted with the int4 drafter's draft steps ([`crate::policy::Calibration::int4`]).
+    pub int4_cost: Option<CostModel>,
 }
 
 /// What a batch took and did.
@@ -192,14 +209,32 @@ fn check_inputs(
     );
     match settings.drafting {
         Drafting::None => {}
-        Drafting::Int4Chain { k } => {
+        Drafting::Int4Chain { k: limit } | Drafting::GoodputInt4 { max_k: limit } => {
             ensure!(
-                (1..=MAX_DRAFTS).contains(&k),
-                "Int4Chain {{ k: {k} }}: 1 to {MAX_DRAFTS} drafts"
+                (1..=MAX_DRAFTS).contains(&limit),
+                "{:?}: 1 to {MAX_DRAFTS} drafts",
+                settings.drafting
             );
             ensure!(
                 target.drafter().is_some(),
-                "Int4Chain needs the target's int4 drafter (Target::requantize_drafter)"
+                "{:?} needs the target's int4 drafter (Target::requantize_drafter)",
+                settings.drafting
+            );
+            ensure!(
+                matches!(settings.drafting, Drafting::Int4Chain { .. })
+                    || settings.int4_cost.is_some(),
+                "{:?} needs the int4 cost model (settings.int4_cost)",
+                settings.drafting
+            );
+        }
+        Drafting::EfficientRolloutInt4 => {
+            ensure!(
+                target.drafter().is_some(),
+                "EfficientRolloutInt4 needs the target's int4 drafter (Target::requantize_drafter)"
+            );
+            ensure!(
+                settings.int4_cost.is_some(),
+                "EfficientRolloutInt4 needs the int4 cost model (settings.int4_cost)"
             );
         }
         _ => ensure!(drafter.is_some(), "{:?} needs a drafter", settings.drafting),
@@ -243,6 +278,12 @@ fn run(
     let capacity = target.max_sequence_len();
     let mut outputs = vec![Vec::new(); requests.len()];
     let mut active = Vec::with_capacity(requests.len());
+    let mut toggle = match settings.drafting {
+        Drafting::EfficientRolloutInt4 => {
+            Some(EfficientRollout::new(EfficientRolloutConfig::default())?)
+        }
+        _ => None,
+    };
     // Rollouts of one prompt share its prefill: the first is prefilled, the others copy its cache.
     let mut prefilled: Vec<(u64, &[u32], SequenceId)> = Vec::new();
     for (slot, request) in requests.iter().enumerate() {
@@ -290,9 +331,33 @@ fn run(
         stats.steps += 1;
         stats.rollout_steps += active.len();
         let t = Instant::now();
-        let (mut drafts, q_rows) = match settings.drafting {
-            Drafting::Int4Chain { k } => {
-                let (drafts, q_rows) = self_drafts(target, &active, k, settings, capacity)?;
+        let int4_lengths = match settings.drafting {
+            Drafting::Int4Chain { k } => Some(vec![k; active.len()]),
+            Drafting::GoodputInt4 { max_k } => Some(goodput_int4_lengths(
+                settings.int4_cost.as_ref().context("checked")?,
+                &active,
+                max_k,
+            )),
+            Drafting::EfficientRolloutInt4 => {
+                let policy = toggle.as_mut().context("made for this drafting")?;
+                let context: usize = active
+                    .iter()
+                    .map(|(_, a)| a.request.prompt.len() + a.output.len())
+                    .sum();
+                let cost = settings.int4_cost.as_ref().context("checked")?;
+                let on = policy.step(cost, active.len(), context);
+                let k = if on {
+                    policy.gamma().min(MAX_DRAFTS)
+                } else {
+                    0
+                };
+                Some(vec![k; active.len()])
+            }
+            _ => None,
+        };
+        let (mut drafts, q_rows) = match int4_lengths {
+            Some(lengths) => {
+                let (drafts, q_rows) = self_drafts(target, &active, &lengths, settings, capacity)?;
                 (drafts, Some(q_rows))
             }
             _ => (
@@ -446,7 +511,10 @@ fn propose(
     capacity: usize,
 ) -> Result<Draft> {
     let kind = match settings.drafting {
-        Drafting::None | Drafting::Int4Chain { .. } => return Ok(Draft::default()),
+        Drafting::None
+        | Drafting::Int4Chain { .. }
+        | Drafting::GoodputInt4 { .. }
+        | Drafting::EfficientRolloutInt4 => return Ok(Draft::default()),
         Drafting::SuffixChain | Drafting::GoodputChain => DraftKind::Chain,
         Drafting::SuffixTree => DraftKind::Tree,
     };
@@ -506,7 +574,7 @@ fn draft_limit(a: &Active, settings: &DecodeSettings, capacity: usize) -> usize 
     max_depth.min(room)
 }
 
-/// The int4 self-drafter's chains: each active rollout drafts up to `k` tokens (fewer near its budget, its
+/// The int4 self-drafter's chains: each active rollout drafts up to its `lengths` entry (fewer near its budget, its
 /// sequence's end, or after drafting the stop token), one batched [`Target::draft_forward`] per depth over the
 /// rollouts still drafting. Each draft is drawn from the drafter's row by specdec's own sampler (a verification
 /// with no drafts emits one token from its row), at the step's temperature and top-p, with Philox noise of a
@@ -517,14 +585,15 @@ fn draft_limit(a: &Active, settings: &DecodeSettings, capacity: usize) -> usize 
 fn self_drafts(
     target: &mut Target,
     active: &[(usize, Active)],
-    k: usize,
+    lengths: &[usize],
     settings: &DecodeSettings,
     capacity: usize,
 ) -> Result<(Vec<Draft>, Vec<Vec<f32>>)> {
     let vocab = target.config().vocab;
     let limits: Vec<usize> = active
         .iter()
-        .map(|(_, a)| draft_limit(a, settings, capacity).min(k))
+        .zip(lengths)
+        .map(|((_, a), &k)| draft_limit(a, settings, capacity).min(k))
         .collect();
     let mut drafts = vec![Draft::default(); active.len()];
     let mut q_rows = vec![Vec::new(); active.len()];
@@ -657,6 +726,29 @@ fn goodput_lengths(cost: &CostModel, active: &[(usize, Active)], drafts: &[Draft
             };
             (1..=draft.tokens.len())
                 .map(|k| DraftOption::model_free_chain(&outlook, k))
+                .collect()
+        })
+        .collect();
+    choose_draft_options(cost, &contexts, &options).0
+}
+
+/// Per rollout, the int4 chain length (0 to `max_k`) maximising the step's expected tokens per second:
+/// [`specdec::policy::choose_draft_options`] with every chain length as an option, each priced with its draft
+/// steps and its verification.
+fn goodput_int4_lengths(cost: &CostModel, active: &[(usize, Active)], max_k: usize) -> Vec<usize> {
+    let contexts: Vec<usize> = active
+        .iter()
+        .map(|(_, a)| a.request.prompt.len() + a.output.len())
+        .collect();
+    let options: Vec<Vec<DraftOption>> = active
+        .iter()
+        .map(|(_, a)| {
+            let outlook = RequestOutlook {
+                context: a.request.prompt.len() + a.output.len(),
+                acceptance: (1..=max_k).map(|j| a.acceptance.acceptance(j)).collect(),
+            };
+            (1..=max_k)
+                .map(|k| DraftOption::chain(&outlook, k))
                 .collect()
         })
         .collect();

@@ -7,7 +7,9 @@
 //! are measured first. The model counts weight bytes as bf16 while the target reads f32 weights, so the
 //! roofline is given half the measured bandwidth. The suffix drafter runs no model: its chains are priced as
 //! model-free ([`specdec::policy::DraftShape::model_free_chain`]: the verification alone). Its proposals are
-//! timed too (microseconds), as the fit needs draft samples; the fitted draft terms are not used.
+//! timed too (microseconds), as the fit needs draft samples; the fitted draft terms are not used. When the
+//! target has its int4 self-drafter, its draft steps are timed at the same batch sizes and a second model is
+//! fitted with them, which prices the int4 policies' draft steps.
 
 use std::time::Instant;
 
@@ -29,6 +31,20 @@ pub struct Calibration {
     /// The step times the fit used.
     pub samples: Vec<StepSample>,
     /// The fitted model.
+    pub cost: CostModel,
+    /// Its residuals.
+    pub report: FitReport,
+    /// With the int4 self-drafter: its draft steps' times, and the model fitted with them instead of the
+    /// suffix drafter's proposals.
+    pub int4: Option<Int4Calibration>,
+}
+
+/// The int4 self-drafter's part of the calibration.
+#[derive(Debug, Clone)]
+pub struct Int4Calibration {
+    /// Draft steps (one token per sequence) at each calibration batch size.
+    pub samples: Vec<StepSample>,
+    /// The cost model fitted on the target and verification samples plus these.
     pub cost: CostModel,
     /// Its residuals.
     pub report: FitReport,
@@ -173,11 +189,72 @@ pub fn calibrate(target: &mut Target, prompt: &[u32]) -> Result<Calibration> {
         }
     }
     let (cost, report) = CostModel::fit(cpu, model_shape(&config), &samples)?;
+    let int4 = match target.drafter() {
+        Some(_) => {
+            let int4_samples = int4_draft_samples(target, prompt)?;
+            let mut all: Vec<StepSample> = samples
+                .iter()
+                .filter(|s| s.kind != StepKind::Draft)
+                .copied()
+                .collect();
+            all.extend_from_slice(&int4_samples);
+            let (cost, report) = CostModel::fit(cpu, model_shape(&config), &all)?;
+            Some(Int4Calibration {
+                samples: int4_samples,
+                cost,
+                report,
+            })
+        }
+        None => None,
+    };
     Ok(Calibration {
         bandwidth,
         flops,
         samples,
         cost,
         report,
+        int4,
     })
+}
+
+/// The int4 self-drafter's draft step (one token per sequence, through [`Target::draft_forward`]) at each
+/// calibration batch size on copies of `prompt`, the best of three.
+fn int4_draft_samples(target: &mut Target, prompt: &[u32]) -> Result<Vec<StepSample>> {
+    let source = target.add_sequence();
+    target.prefill(source, prompt)?;
+    let token = [*prompt.last().expect("checked non-empty")];
+    let mut samples = Vec::new();
+    for batch in CALIBRATION_BATCHES {
+        let sequences: Vec<_> = (0..batch)
+            .map(|_| target.fork(source))
+            .collect::<Result<_>>()?;
+        let inputs: Vec<TreeInput<'_>> = sequences
+            .iter()
+            .map(|&sequence| TreeInput {
+                sequence,
+                tokens: &token,
+                parents: &[-1],
+            })
+            .collect();
+        let mut seconds = f64::INFINITY;
+        for _ in 0..3 {
+            let t = Instant::now();
+            let logits = target.draft_forward(&inputs)?;
+            std::hint::black_box(logits.flatten_all()?.to_vec1::<f32>()?);
+            seconds = seconds.min(t.elapsed().as_secs_f64());
+            let keep: Vec<(_, &[i32])> = sequences.iter().map(|&s| (s, &[][..])).collect();
+            target.accept(&keep)?;
+        }
+        samples.push(StepSample {
+            kind: StepKind::Draft,
+            batch,
+            context_tokens: batch * prompt.len(),
+            seconds,
+        });
+        for s in sequences {
+            target.release(s)?;
+        }
+    }
+    target.release(source)?;
+    Ok(samples)
 }

@@ -60,20 +60,26 @@ fn settings(tok: &ChatTokenizer, drafting: Drafting) -> DecodeSettings {
         temperature: 0.0,
         top_p: 1.0,
         drafting,
-        // A machine on which verification is cheap, so that the goodput policy drafts (the test is about its
-        // output, which must not depend on the cost model).
-        cost: Some(CostModel::new(
-            Gpu {
-                name: "cheap verification",
-                bandwidth: 10e9,
-                flops: 1e15,
-                bandwidth_efficiency: 1.0,
-                compute_efficiency: 1.0,
-            },
-            model_shape(model_config()),
-            Overheads::default(),
-        )),
+        // A machine on which verification (and an int4 draft step) is cheap, so that the goodput policies and
+        // EfficientRollout's toggle draft (the test is about their output, which must not depend on the cost
+        // model).
+        cost: Some(cheap_verification()),
+        int4_cost: Some(cheap_verification()),
     }
+}
+
+fn cheap_verification() -> CostModel {
+    CostModel::new(
+        Gpu {
+            name: "cheap verification",
+            bandwidth: 10e9,
+            flops: 1e15,
+            bandwidth_efficiency: 1.0,
+            compute_efficiency: 1.0,
+        },
+        model_shape(model_config()),
+        Overheads::default(),
+    )
 }
 
 fn summary(name: &str, stats: &DecodeStats) {
@@ -156,6 +162,8 @@ fn greedy_speculative_decoding_emits_the_autoregressive_tokens() {
         Drafting::SuffixTree,
         Drafting::GoodputChain,
         Drafting::Int4Chain { k: 4 },
+        Drafting::GoodputInt4 { max_k: 6 },
+        Drafting::EfficientRolloutInt4,
     ] {
         let (spec, stats) = decode(
             &mut target,
@@ -193,7 +201,7 @@ fn bad_settings_are_named_and_leave_the_target_usable() {
         max_new_tokens: 2,
         ..settings(&tok, Drafting::SuffixChain)
     };
-    let cases: [(DecodeSettings, &str); 7] = [
+    let cases: [(DecodeSettings, &str); 8] = [
         (
             DecodeSettings {
                 max_new_tokens: 0,
@@ -237,6 +245,14 @@ fn bad_settings_are_named_and_leave_the_target_usable() {
                 ..good
             },
             "k: 0",
+        ),
+        (
+            DecodeSettings {
+                drafting: Drafting::EfficientRolloutInt4,
+                int4_cost: None,
+                ..good
+            },
+            "int4 drafter",
         ),
     ];
     for (bad, named) in cases {

@@ -117,6 +117,7 @@ fn sampled_speculative_tokens_follow_the_autoregressive_law() {
         top_p: 1.0,
         drafting,
         cost: None,
+        int4_cost: None,
     };
 
     // The exact law of the first token.

@@ -51,7 +51,7 @@ struct Args {
     svg: std::path::PathBuf,
 }
 
-const POLICIES: [(&str, Drafting); 5] = [
+const POLICIES: [(&str, Drafting); 7] = [
     ("autoregressive", Drafting::None),
     ("suffix chain (DAS)", Drafting::SuffixChain),
     ("suffix tree", Drafting::SuffixTree),
@@ -59,6 +59,14 @@ const POLICIES: [(&str, Drafting); 5] = [
     (
         "int4 self-drafter, k = 4 (EfficientRollout's drafter)",
         Drafting::Int4Chain { k: 4 },
+    ),
+    (
+        "int4, EfficientRollout's toggle and ladder",
+        Drafting::EfficientRolloutInt4,
+    ),
+    (
+        "goodput, int4 chains (specdec)",
+        Drafting::GoodputInt4 { max_k: 8 },
     ),
 ];
 
@@ -121,10 +129,10 @@ fn main() -> Result<()> {
         .iter()
         .map(|q| tokenizer.encode_chat(&[Message::user(*q)]))
         .collect::<Result<_>>()?;
-    let calibration = calibrate(&mut target, &prompts[0])?;
     // As after an RL weight update: every linear layer and the LM head requantized to int4.
     let requantization = target.requantize_drafter()?;
     let drafter_bytes = target.drafter().map_or(0, |d| d.bytes());
+    let calibration = calibrate(&mut target, &prompts[0])?;
     let mut runs = Vec::new();
     for &(name, drafting) in &POLICIES {
         let drafter = Drafter::new(DrafterConfig::default())?;
@@ -147,6 +155,7 @@ fn main() -> Result<()> {
                 top_p: args.top_p,
                 drafting,
                 cost: Some(calibration.cost),
+                int4_cost: calibration.int4.as_ref().map(|c| c.cost),
             };
             let (outputs, stats) = decode(&mut target, Some(&drafter), &requests, &settings)?;
             eprintln!(
@@ -322,6 +331,26 @@ fn print_calibration(c: &Calibration) {
             s.seconds * 1e3,
             model * 1e3
         );
+    }
+    if let Some(int4) = &c.int4 {
+        let o = &int4.cost.overheads;
+        println!(
+            "\nThe int4 policies' cost model: the same target and verification steps, and the int4 self-drafter's \
+             draft steps (one token per sequence); fitted draft overheads d0 = {:.2} ms per step, d1 = {:.3} ms \
+             per sequence.\n",
+            o.d0 * 1e3,
+            o.d1 * 1e3
+        );
+        println!("| step | batch | measured (ms) | model (ms) |");
+        println!("|---|---|---|---|");
+        for s in &int4.samples {
+            println!(
+                "| int4 draft | {} | {:.3} | {:.3} |",
+                s.batch,
+                s.seconds * 1e3,
+                int4.cost.draft_step(s.batch, s.context_tokens) * 1e3
+            );
+        }
     }
 }
 
