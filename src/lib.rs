@@ -4,7 +4,8 @@
 //! backend for every primitive, and a C ABI (`include/specdec.h`) so that any engine can call the primitives on
 //! its own device pointers and CUDA stream.
 //!
-//! * [`cpu`]: the reference implementations; the oracle of the GPU tests and the fallback without a GPU.
+//! * [`cpu`]: the CPU backend (readable reference implementations, and SIMD kernels where speed matters, such
+//!   as the int4 GEMV); the oracle of the GPU tests and the backend without a GPU.
 //! * [`cuda`]: the same primitives on a CUDA device, launched on the caller's stream.
 //! * [`capi`]: the C ABI.
 //!

@@ -204,10 +204,12 @@ fn for_each_weight<S: HalfElement>(
 }
 
 /// `y[M, N] = x[M, K] W^T` for an int4 `W`, on the CPU backend's kernel: every weight `(q - z) * s` is formed
-/// exactly in f32, multiplied with the activation and accumulated in f32 (fused multiply-adds, 32 partial sums
-/// per row, K / 32 terms each, added in a fixed tree), and each output is rounded once to the activation type; see [`crate::int4`]
-/// for the error bound. Zeros above 15 are an error; a NaN scale makes its row NaN. Host slices: shorthand
-/// for [`Backend::Cpu.int4_gemv`](crate::backend::Backend::int4_gemv).
+/// in f32 (exactly, unless a bf16 scale above `2^128 / 15` takes it out of f32's range), multiplied with the
+/// activation and accumulated in f32 (fused multiply-adds, 32 partial sums per row, K / 32 terms each, added
+/// in a fixed tree), and each output is rounded once to the activation type; `docs/int4-format.md`, "GEMV
+/// semantics", states the order and the error bound. Zeros above 15 are an error; a NaN scale makes its row
+/// NaN, and every NaN output is the activation type's converted NaN (`HalfElement::CONVERTED_NAN`). Host
+/// slices: shorthand for [`Backend::Cpu.int4_gemv`](crate::backend::Backend::int4_gemv).
 pub fn int4_gemv<A: HalfElement, S: HalfElement>(
     shape: &GemvShape,
     packed: &[u32],
@@ -237,7 +239,8 @@ pub fn int4_gemv<A: HalfElement, S: HalfElement>(
 // as many codes; at 8 lanes and two vector ops per cycle, 5 vector ops per 8 weights are about 9 M cycles, 3 ms
 // on one core at 3 GHz (half that with 16 lanes). So decoding, not memory, bounds a core, and the kernel spends
 // 5 ops per lane-vector of weights: shift, mask, convert, one fused multiply-add for `q * s + (-(z * s))`
-// (exact: both products fit f32's mantissa, so the only rounding is of an exact value that f32 represents),
+// (exact: both products fit f32's mantissa, so the only rounding is of an exact value that f32 represents;
+// where `z * s` overflows, a bf16 scale near its maximum, the row runs on the portable kernel's `(q - z) * s`),
 // one for the product with `x`. Measured (benches/int4.rs): 7-13 GiB/s, against a 26 GiB/s copy.
 //
 // The layout (crate::int4) is read as it lies. Four consecutive lanes of a tile (64 bytes, 16 words) hold two
@@ -343,10 +346,17 @@ fn permuted_activations<A: HalfElement>(x: &[A], m: usize, k: usize) -> Vec<f32>
 }
 
 /// The scales and zero points of one row of tiles in f32: for group `g` of the row and row `r` of the tile,
-/// `scale[16 g + r]` and `offset[16 g + r] = -(z * s)`, so that a weight is `q * s + offset`, exactly.
+/// `scale[16 g + r]`, `zero[16 g + r]` and `offset[16 g + r] = -(z * s)`. A weight is `(q - z) * s`, one
+/// rounding of an exact value; where `z * s` is finite, `q * s + offset` in one fused multiply-add is that same
+/// rounding (the vector kernels' form: one instruction instead of two).
 struct RowMeta {
     scale: Vec<f32>,
+    zero: Vec<f32>,
     offset: Vec<f32>,
+    /// Every `offset` is finite, so the vector kernels' form gives the same bits as `(q - z) * s`. Not so for
+    /// a bf16 scale above `f32::MAX / 15` (`z * s` overflows where `(q - z) * s` need not), nor an infinite
+    /// or NaN one: such a row of tiles runs on the portable kernel.
+    offsets_finite: bool,
     /// `log2(group_size)`: the group of column `c` is `c >> group_shift`.
     group_shift: u32,
 }
@@ -356,21 +366,27 @@ impl RowMeta {
         let len = TILE_ROWS * w.groups_per_row();
         RowMeta {
             scale: vec![0.0; len],
+            zero: vec![0.0; len],
             offset: vec![0.0; len],
+            offsets_finite: true,
             group_shift: w.group_size.trailing_zeros(),
         }
     }
 
     fn fill<S: HalfElement>(&mut self, w: &Int4Shape, tile_row: usize, scales: &[S], zeros: &[u8]) {
+        self.offsets_finite = true;
         for g in 0..w.groups_per_row() {
             let first = g * w.n + tile_row * TILE_ROWS;
             let rows = scales[first..][..TILE_ROWS]
                 .iter()
                 .zip(&zeros[first..][..TILE_ROWS]);
             for (r, (s, &z)) in rows.enumerate() {
-                let s = s.to_f32();
+                let (s, z) = (s.to_f32(), f32::from(z));
+                let offset = -(z * s);
                 self.scale[TILE_ROWS * g + r] = s;
-                self.offset[TILE_ROWS * g + r] = -(f32::from(z) * s);
+                self.zero[TILE_ROWS * g + r] = z;
+                self.offset[TILE_ROWS * g + r] = offset;
+                self.offsets_finite &= offset.is_finite();
             }
         }
     }
@@ -384,15 +400,15 @@ impl RowMeta {
         }
     }
 
-    /// The scales and offsets of row `row` of the tile for the 8 lanes of a vector of its chunk's words: lane
-    /// `i` is word `i % 4` of a tile lane, which lies in half `(i % 4) / 2` of the tile.
+    /// The scales and zero points of row `row` of the tile for the 8 lanes of a vector of its chunk's words:
+    /// lane `i` is word `i % 4` of a tile lane, which lies in half `(i % 4) / 2` of the tile.
     fn lanes(&self, tile_col: usize, row: usize) -> ([f32; 8], [f32; 8]) {
         let (h0, h1) = self.groups(tile_col);
         let lanes = |v: &[f32]| {
             let (a, b) = (v[h0 + row], v[h1 + row]);
             [a, a, b, b, a, a, b, b]
         };
-        (lanes(&self.scale), lanes(&self.offset))
+        (lanes(&self.scale), lanes(&self.zero))
     }
 
     /// Where the two halves' groups of a tile start in `scale` and `offset`.
@@ -416,24 +432,30 @@ enum Kernel {
 
 impl Kernel {
     fn detect() -> Self {
-        *Self::available().last().expect("the portable kernel")
-    }
-
-    /// The kernels this CPU can run, slowest first.
-    fn available() -> Vec<Self> {
-        #[allow(unused_mut)]
-        let mut kernels = vec![Kernel::Portable];
         #[cfg(target_arch = "x86_64")]
         {
             use std::arch::is_x86_feature_detected as has;
             if has!("avx2") && has!("fma") {
-                kernels.push(Kernel::Avx2);
-            }
-            if has!("avx512f") {
-                kernels.push(Kernel::Avx512);
+                return if has!("avx512f") {
+                    Kernel::Avx512
+                } else {
+                    Kernel::Avx2
+                };
             }
         }
-        kernels
+        Kernel::Portable
+    }
+
+    /// The kernels this CPU can run, slowest first.
+    #[cfg(test)]
+    fn available() -> Vec<Self> {
+        match Self::detect() {
+            Kernel::Portable => vec![Kernel::Portable],
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => vec![Kernel::Portable, Kernel::Avx2],
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 => vec![Kernel::Portable, Kernel::Avx2, Kernel::Avx512],
+        }
     }
 
     /// The 16 x M sums of one row of tiles (`words`), into `sums` as `[activation row][16 rows]`, while the
@@ -452,8 +474,13 @@ impl Kernel {
         sums: &mut [f32],
     ) {
         let eighth = words.len() / 8;
+        let kernel = if meta.offsets_finite {
+            self
+        } else {
+            Kernel::Portable
+        };
         #[cfg(target_arch = "x86_64")]
-        if self == Kernel::Avx512 {
+        if kernel == Kernel::Avx512 {
             return avx512_tile_row(meta, words, next, activations, k, sums);
         }
         for (i, x) in activations.chunks(k).enumerate() {
@@ -462,10 +489,10 @@ impl Kernel {
                 if let (0, Some(next)) = (i, next) {
                     prefetch(&next[chunk * eighth..][..eighth]);
                 }
-                let (upper, lower) = match self {
+                let (upper, lower) = match kernel {
                     Kernel::Portable => portable_chunk_rows(words, x, chunk, meta),
                     // SAFETY: `detect` found AVX2 and FMA on this CPU; `words` holds whole tiles and `x`
-                    // their 64 activations each (the caller's shapes).
+                    // their 64 activations each (the caller's shapes); `chunk < 8`.
                     #[cfg(target_arch = "x86_64")]
                     Kernel::Avx2 => unsafe { avx2::chunk_rows(words, x, chunk, meta) },
                     #[cfg(target_arch = "x86_64")]
@@ -491,8 +518,10 @@ fn avx512_tile_row(
 ) {
     const BLOCK: usize = 4;
     let eighth = words.len() / 8;
-    let rows: Vec<&[f32]> = activations.chunks(k).collect();
-    for (block, xs) in rows.chunks(BLOCK).enumerate() {
+    for (block, block_rows) in activations.chunks(BLOCK * k).enumerate() {
+        let mut rows = block_rows.chunks(k);
+        let xs: [&[f32]; BLOCK] = std::array::from_fn(|_| rows.next().unwrap_or(&[]));
+        let xs = &xs[..block_rows.len() / k];
         for chunk in 0..TILE_ROWS / 2 {
             if let (0, Some(next)) = (block, next) {
                 prefetch(&next[chunk * eighth..][..eighth]);
@@ -504,8 +533,8 @@ fn avx512_tile_row(
                     out[chunk + 8] = lower;
                 }
             };
-            // SAFETY: `detect` found AVX-512F on this CPU; `words` holds whole tiles and every activation row
-            // their 64 activations each (the caller's shapes).
+            // SAFETY: `detect` found AVX-512F, AVX2 and FMA on this CPU; `words` holds whole tiles and every
+            // activation row their 64 activations each (the caller's shapes); `chunk < 8`.
             unsafe {
                 match *xs {
                     [a, b, c, d] => store(&avx512::chunk_rows(words, [a, b, c, d], chunk, meta)),
@@ -550,10 +579,10 @@ fn portable_chunk_rows(words: &[u32], x: &[f32], chunk: usize, meta: &RowMeta) -
         let chunk_words = &tile[chunk * CHUNK_WORDS..][..CHUNK_WORDS];
         for p in 0..4 {
             for (rho, acc) in acc[p % 2].iter_mut().enumerate() {
-                let (s, nzs) = meta[rho];
+                let (s, z) = meta[rho];
                 for (i, (acc, &word)) in acc.iter_mut().zip(chunk_words).enumerate() {
                     let q = ((word >> (4 * (2 * p + rho))) & 0xF) as f32;
-                    let weight = q.mul_add(s[i % 8], nzs[i % 8]);
+                    let weight = (q - z[i % 8]) * s[i % 8];
                     *acc = weight.mul_add(x[p * CHUNK_WORDS + i], *acc);
                 }
             }
@@ -578,10 +607,12 @@ mod avx2 {
 
     use super::{RowMeta, CHUNK_WORDS, TILE_COLS, TILE_WORDS};
 
-    /// [`super::portable_chunk_rows`] in AVX2 vectors: the same operations in the same order.
+    /// [`super::portable_chunk_rows`] in AVX2 vectors: the same operations in the same order, each weight as
+    /// `q * s + offset` (the same bits as `(q - z) * s` where `meta.offsets_finite`).
     ///
     /// # Safety
-    /// The CPU must have AVX2 and FMA. `words` holds whole tiles and `x` 64 activations per tile.
+    /// The CPU must have AVX2 and FMA. `words` holds whole tiles, `x` 64 activations per tile, and
+    /// `chunk < 8`.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn chunk_rows(
         words: &[u32],
@@ -646,10 +677,12 @@ mod avx512 {
 
     /// [`super::portable_chunk_rows`] for `ROWS` activation rows at once, in AVX-512 vectors: a chunk's 16
     /// words are one vector, decoded once for all the rows, and each accumulator holds 16 partial sums of an
-    /// output; for each output, the same operations in the same order.
+    /// output; for each output, the same operations in the same order, each weight as `q * s + offset` (the
+    /// same bits as `(q - z) * s` where `meta.offsets_finite`).
     ///
     /// # Safety
-    /// The CPU must have AVX-512F. `words` holds whole tiles and each of `xs` 64 activations per tile.
+    /// The CPU must have AVX-512F (and so AVX2 and FMA). `words` holds whole tiles, each of `xs` 64
+    /// activations per tile, and `chunk < 8`.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn chunk_rows<const ROWS: usize>(
         words: &[u32],
@@ -737,6 +770,10 @@ mod tests {
                 .map(|_| bf16::from_f32((next() % 1000) as f32 * 1e-4 + 1e-3))
                 .collect();
             scales[3] = bf16::NAN;
+            // `z * s` overflows f32 for z > 1, `(q - z) * s` for |q - z| > 1: such rows run on the
+            // portable kernel, which must then agree with itself; an infinite scale likewise.
+            scales[5] = bf16::from_f32(1.0e38);
+            scales[6] = bf16::INFINITY;
             let zeros: Vec<u8> = (0..w.meta_len()).map(|_| (next() % 16) as u8).collect();
             for m in [1, 2, 3, 4, 5, 9] {
                 let mut x: Vec<f16> = (0..m * k)
@@ -763,6 +800,32 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A bf16 scale above `f32::MAX / 15` with weights that f32 holds: `(q - z) * s` is finite where
+    /// `q * s - z * s` would overflow, and the output is the exact sum (here one weight, -1e38, times 1).
+    #[test]
+    fn a_scale_near_bf16_max_gives_finite_outputs_where_the_weights_are_finite() {
+        let w = Int4Shape::new(16, 64, 64).unwrap();
+        let scale = bf16::from_f32(1.0e38);
+        let mut weights = vec![bf16::ZERO; 16 * 64];
+        weights[5] = -scale; // row 0, column 5: code 14 against zero point 15
+        let (scales, zeros) = (vec![scale; 16], vec![15u8; 16]);
+        let mut packed = vec![0u32; w.packed_len()];
+        int4_pack(&w, &weights, &scales, &zeros, &mut packed).unwrap();
+        let x = vec![bf16::ONE; 64];
+        let mut y = vec![bf16::NAN; 16];
+        int4_gemv(
+            &GemvShape::new(1, w).unwrap(),
+            &packed,
+            &scales,
+            &zeros,
+            &x,
+            &mut y,
+        )
+        .unwrap();
+        assert_eq!(y[0], -scale);
+        assert!(y[1..].iter().all(|v| *v == bf16::ZERO), "{y:?}");
     }
 
     /// The permutation puts every column of a tile in exactly one place.

@@ -2,7 +2,8 @@
 //!
 //! `fork` copies only the calling thread. A child forked after a thread pool started (Python's `multiprocessing`,
 //! data-loader workers) inherits a pool whose workers do not exist, and its first parallel call would wait for
-//! them for ever. So every parallel section of the CPU backend runs through [`install`]:
+//! them for ever. So every parallel section of the CPU backend runs through [`install`] (or [`spread`], on the
+//! same pools, by the same rule):
 //!
 //! * called on a thread of a rayon pool (inside the caller's `ThreadPool::install`), it runs there: the caller
 //!   chose the threads, and they exist;

@@ -259,8 +259,9 @@ pub struct Int4Pack<'a, T, S> {
 /// The GEMV `y[M, N] = x[M, K] W^T` for an int4 `W`, fp32 accumulation, `y` rounded to the activation type
 /// (`docs/int4-format.md`, "GEMV semantics", states each backend's order and error bound; with a bf16 scale
 /// above `2^128 / 15`, where `(q - z) * s` itself may leave f32's range, an output may be infinite or NaN where
-/// the exact sum is finite). The CPU backend refuses a zero above 15; the CUDA backend reads zeros' low 4 bits. On CUDA, `packed` and `x`
-/// must be 16-byte aligned.
+/// the exact sum is finite; likewise where partial sums of products leave f32's range, which needs activations
+/// or scales within a few binades of f32's maximum). The CPU backend refuses a zero above 15; the CUDA backend
+/// reads zeros' low 4 bits. On CUDA, `packed` and `x` must be 16-byte aligned.
 pub struct Int4Gemv<'a, A, S> {
     /// `M` and the weight matrix's shape.
     pub shape: GemvShape,
