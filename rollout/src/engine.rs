@@ -23,6 +23,7 @@ use specdec::policy::{
 use specdec::sampling::{noise, Drafts, Rows, SamplingParams, VerifyInputs, VerifyOutputs};
 use specdec::tree::{compaction_paths, PackedTrees, VerifyTree, MAX_DRAFTS};
 
+use crate::pq::PqSample;
 use crate::target::{SequenceId, Target, TreeInput};
 
 /// One rollout to generate.
@@ -92,6 +93,9 @@ pub struct DecodeSettings {
     /// The step cost model of the int4 policies ([`Drafting::GoodputInt4`], [`Drafting::EfficientRolloutInt4`]):
     /// fitted with the int4 drafter's draft steps ([`crate::policy::Calibration::int4`]).
     pub int4_cost: Option<CostModel>,
+    /// With the int4 self-drafter above temperature 0, every rollout's drafted positions at the decoding steps
+    /// `0, pq_every, 2 pq_every, ...` of the rollout are logged to [`DecodeStats::pq`]; 0 logs none.
+    pub pq_every: u64,
 }
 
 /// What a batch took and did.
@@ -123,6 +127,10 @@ pub struct DecodeStats {
     pub drafted_at: Vec<usize>,
     /// One entry per decoding step, in order.
     pub timeline: Vec<StepRecord>,
+    /// The logged drafted positions ([`DecodeSettings::pq_every`]), in step order.
+    pub pq: Vec<PqSample>,
+    /// Time spent logging them (computing both rows' distributions and their misses): not in `wall`.
+    pub pq_logging: Duration,
 }
 
 /// One decoding step, for the timeline.
@@ -415,6 +423,19 @@ fn run(
             settings,
         )?;
         stats.sampling += t.elapsed();
+        if let (Some(q_rows), true) = (&q_rows, settings.pq_every > 0) {
+            let t = Instant::now();
+            log_pq(
+                &mut stats.pq,
+                &packed,
+                &logits,
+                q_rows,
+                &verified,
+                &active,
+                settings,
+            );
+            stats.pq_logging += t.elapsed();
+        }
         let (path_offsets, path_nodes) = compaction_paths(
             &verified.accepted_counts,
             &verified.accepted_nodes,
@@ -485,13 +506,48 @@ fn run(
         }
         active = still_active;
         stats.timeline.push(StepRecord {
-            end: start.elapsed().as_secs_f64(),
+            end: (start.elapsed() - stats.pq_logging).as_secs_f64(),
             active: batch,
             emitted: stats.generated - generated_before,
         });
     }
-    stats.wall = start.elapsed();
+    stats.wall = start.elapsed() - stats.pq_logging;
     Ok((outputs, stats))
+}
+
+/// Logs the drafted positions of the rollouts at a logged step ([`DecodeSettings::pq_every`]): the target's row
+/// of each draft (its parent node's logits), the drafter's row it was drawn from, and whether it was accepted.
+fn log_pq(
+    log: &mut Vec<PqSample>,
+    packed: &PackedTrees,
+    logits: &[f32],
+    q_rows: &[Vec<f32>],
+    verified: &Verified,
+    active: &[(usize, Active)],
+    settings: &DecodeSettings,
+) {
+    if settings.temperature == 0.0 {
+        return;
+    }
+    let vocab = logits.len() / packed.tokens.len();
+    for (b, (_, a)) in active.iter().enumerate() {
+        if a.step % settings.pq_every != 0 {
+            continue;
+        }
+        let root = packed.offsets[b] as usize;
+        for (j, draft) in q_rows[b].chunks(vocab).enumerate() {
+            let token = packed.tokens[root + 1 + j] as u32;
+            let accepted = (j as i32) < verified.accepted_counts[b];
+            log.push(PqSample::new(
+                (a.request.id, a.step, j + 1),
+                (token, accepted),
+                &logits[(root + j) * vocab..][..vocab],
+                draft,
+                settings.temperature,
+                settings.top_p,
+            ));
+        }
+    }
 }
 
 fn grow(v: &mut Vec<usize>, len: usize) {

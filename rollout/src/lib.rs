@@ -10,12 +10,15 @@
 //! * [`engine`]: the decoding loop: trees of drafts verified by specdec's rejection sampler, autoregressive
 //!   decoding through the same calls.
 //! * [`policy`]: specdec's cost model calibrated on this machine, for the goodput policy.
+//! * [`pq`]: the target's and the int4 drafter's rows at drafted positions, logged, and the tree policy's
+//!   sibling law measured on them.
 //! * [`selfdraft`]: EfficientRollout's int4 self-drafter, requantized from the target with specdec's quantizer
 //!   and run through specdec's int4 GEMV.
 
 pub mod engine;
 pub mod model;
 pub mod policy;
+pub mod pq;
 pub mod selfdraft;
 pub mod target;
 pub mod tokenizer;

@@ -65,6 +65,7 @@ fn settings(tok: &ChatTokenizer, drafting: Drafting) -> DecodeSettings {
         // model).
         cost: Some(cheap_verification()),
         int4_cost: Some(cheap_verification()),
+        pq_every: 0,
     }
 }
 

@@ -12,7 +12,8 @@
 //! approximation says, one expecting 50 about as often, one expecting 20 about 5 times as often at 1e-7 and
 //! about 6e-9 at 1e-9 (Poisson tails). So the first-token checks pool categories until each bin expects 50
 //! draws and reject below p = 1e-7; the pair check, whose categories are spread thinner, pools to 20 and
-//! rejects below 1e-9. A correct engine fails this test with probability below about 4e-7 (< 1e-6).
+//! rejects below 1e-9. With the check of the logged rows' acceptance (below 1e-7), a correct engine fails this
+//! test with probability below about 5e-7 (< 1e-6).
 //! The drafter's history (an earlier iteration's rollouts of the same prompt) makes its drafts right often
 //! enough that both acceptance and the residual resampling run at the first position, and its trees put
 //! several siblings there: a sampler that accepted drafts too often or resampled from the wrong residual would
@@ -29,6 +30,7 @@ use specdec::drafter::{Drafter, DrafterConfig};
 use specdec::sampling::noise::sample_seed;
 use specdec_rollout::engine::{decode, DecodeSettings, Drafting, Request};
 use specdec_rollout::model::{model_path, GgufFile, Weights};
+use specdec_rollout::pq::PqSample;
 use specdec_rollout::target::{Target, GGUF_LLAMA_ROPE};
 use specdec_rollout::tokenizer::{ChatTokenizer, Message};
 use stats::{chi_square_p_value, chi_square_pooled};
@@ -118,6 +120,7 @@ fn sampled_speculative_tokens_follow_the_autoregressive_law() {
         drafting,
         cost: None,
         int4_cost: None,
+        pq_every: 1,
     };
 
     // The exact law of the first token.
@@ -176,6 +179,39 @@ fn sampled_speculative_tokens_follow_the_autoregressive_law() {
         int4_stats.drafted >= SAMPLES && int4_stats.drafted > int4_stats.accepted,
         "the int4 arm must draft at the first position and see rejections"
     );
+    // The logged rows (issue 19, item 7) are the ones the sampler read: each first draft's target row is the
+    // exact law above, and the first drafts were accepted as often as their logged acceptance probabilities
+    // say (a sum of Bernoulli trials against its mean, normal approximation, |z| < 5.5: a correct engine
+    // fails with probability below 1e-7).
+    let first: Vec<&PqSample> = int4_stats
+        .pq
+        .iter()
+        .filter(|s| s.step == 0 && s.depth == 1)
+        .collect();
+    assert_eq!(
+        first.len(),
+        SAMPLES,
+        "every rollout drafts at its first step"
+    );
+    for s in &first {
+        for (&token, &p) in s.tokens.iter().zip(&s.p) {
+            assert!(
+                (p - exact[token as usize]).abs() < 1e-6,
+                "token {token}: p {p}"
+            );
+        }
+    }
+    let mean: f64 = first.iter().map(|s| s.acceptance()).sum();
+    let variance: f64 = first
+        .iter()
+        .map(|s| s.acceptance() * (1.0 - s.acceptance()))
+        .sum();
+    let accepted = first.iter().filter(|s| s.accepted).count() as f64;
+    let z = (accepted - mean) / variance.sqrt();
+    println!(
+        "int4 first drafts: {accepted} accepted, logged probabilities say {mean:.1} (z = {z:.2})"
+    );
+    assert!(z.abs() < 5.5, "z = {z}");
     let (spec, stats) = decode(
         &mut target,
         Some(&drafter),

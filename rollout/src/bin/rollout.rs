@@ -14,11 +14,12 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use clap::Parser;
 use specdec::drafter::{Drafter, DrafterConfig};
-use specdec::policy::StepKind;
+use specdec::policy::{sibling_exponent, StepKind};
 use specdec::sampling::noise::sample_seed;
 use specdec_rollout::engine::{decode, DecodeSettings, DecodeStats, Drafting, Request, StepRecord};
 use specdec_rollout::model::{model_path, GgufFile, Weights};
 use specdec_rollout::policy::{calibrate, Calibration, CALIBRATION_SEQUENCES};
+use specdec_rollout::pq::{PqSample, SiblingLaw};
 use specdec_rollout::target::{Target, GGUF_LLAMA_ROPE};
 use specdec_rollout::tokenizer::{ChatTokenizer, Message};
 
@@ -49,6 +50,13 @@ struct Args {
     /// Where to write the picture of active batch and tokens per rollout-step over time (SVG).
     #[arg(long, default_value = "target/rollout-timeline.svg")]
     svg: std::path::PathBuf,
+    /// Where to write the JSON log (one object per line) of the target's and the int4 drafter's rows at the
+    /// logged drafted positions.
+    #[arg(long, default_value = "target/rollout-pq.jsonl")]
+    pq_log: std::path::PathBuf,
+    /// Log the drafted positions of every rollout's decoding steps 0, E, 2E, ... (0: none).
+    #[arg(long, default_value_t = 4)]
+    pq_every: u64,
 }
 
 const POLICIES: [(&str, Drafting); 7] = [
@@ -134,6 +142,7 @@ fn main() -> Result<()> {
     let drafter_bytes = target.drafter().map_or(0, |d| d.bytes());
     let calibration = calibrate(&mut target, &prompts[0])?;
     let mut runs = Vec::new();
+    let mut pq_log: Vec<(&str, PqSample)> = Vec::new();
     for &(name, drafting) in &POLICIES {
         let drafter = Drafter::new(DrafterConfig::default())?;
         let mut run = PolicyRun::default();
@@ -156,8 +165,10 @@ fn main() -> Result<()> {
                 drafting,
                 cost: Some(calibration.cost),
                 int4_cost: calibration.int4.as_ref().map(|c| c.cost),
+                pq_every: args.pq_every,
             };
-            let (outputs, stats) = decode(&mut target, Some(&drafter), &requests, &settings)?;
+            let (outputs, mut stats) = decode(&mut target, Some(&drafter), &requests, &settings)?;
+            pq_log.extend(stats.pq.drain(..).map(|s| (name, s)));
             eprintln!(
                 "rollout: {name}, iteration {iteration}: {} tokens in {} steps, {:.1} s; first rollout: {:?}",
                 stats.generated,
@@ -180,13 +191,86 @@ fn main() -> Result<()> {
         drafter_bytes as f64 / 1e6
     );
     print_calibration(&calibration);
-    if let Some(dir) = args.svg.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    std::fs::write(&args.svg, timeline_svg(&runs, batch))
-        .with_context(|| format!("writing {}", args.svg.display()))?;
+    print_sibling_law(&args, &pq_log);
+    let lines: String = pq_log
+        .iter()
+        .map(|(name, s)| s.json_line(name) + "\n")
+        .collect();
+    write_file(&args.pq_log, &lines)?;
+    eprintln!(
+        "rollout: {} drafted positions' p and q rows written to {}",
+        pq_log.len(),
+        args.pq_log.display()
+    );
+    write_file(&args.svg, &timeline_svg(&runs, batch))?;
     eprintln!("rollout: timeline written to {}", args.svg.display());
     Ok(())
+}
+
+fn write_file(path: &std::path::Path, contents: &str) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(path, contents).with_context(|| format!("writing {}", path.display()))
+}
+
+/// The tree policy's sibling law against the one measured on the logged positions of each policy that
+/// logged any: per draft depth and over all, the probability that `w` children drawn from the drafter are all
+/// rejected, measured (exact, per position, averaged) and assumed (the law at the positions' mean acceptance).
+fn print_sibling_law(args: &Args, log: &[(&str, PqSample)]) {
+    if log.is_empty() {
+        return;
+    }
+    println!(
+        "\nThe sibling law on the real rows (issue 19, item 7): at the int4 drafter's drafted positions of every \
+         rollout's steps 0, {e}, {}, ... (log: {}), the target's row p and the drafter's row q at the run's \
+         temperature and top-p; P(w rejected) is the probability that w children drawn i.i.d. from q are all \
+         rejected against p, measured exactly per position (specdec::policy::recursive_rejection_misses) and \
+         averaged, against the tree policy's law (1 - a) w^-g(a) at the positions' mean acceptance a. The implied \
+         g solves the law at w = 2 for the measured value.\n",
+        2 * args.pq_every,
+        args.pq_log.display(),
+        e = args.pq_every,
+    );
+    println!(
+        "| policy | depth | positions | mean a | accepted in the run | P(2 rejected) measured / assumed | \
+         P(4 rejected) measured / assumed | P(8 rejected) measured / assumed | g implied at w = 2 / g(a) |"
+    );
+    println!("|---|---|---:|---:|---:|---|---|---|---|");
+    let mut names: Vec<&str> = log.iter().map(|(n, _)| *n).collect();
+    names.dedup();
+    for name in names {
+        let samples: Vec<&PqSample> = log
+            .iter()
+            .filter(|(n, _)| *n == name)
+            .map(|(_, s)| s)
+            .collect();
+        let depths = samples.iter().map(|s| s.depth).max().unwrap_or(0);
+        for depth in (0..=depths).map(|d| (d > 0).then_some(d)) {
+            let chosen: Vec<&PqSample> = samples
+                .iter()
+                .copied()
+                .filter(|s| depth.is_none_or(|d| s.depth == d))
+                .collect();
+            let Some(law) = SiblingLaw::of(chosen.iter().copied()) else {
+                continue;
+            };
+            let accepted = chosen.iter().filter(|s| s.accepted).count();
+            let pair = |w: usize| format!("{:.3} / {:.3}", law.measured[w - 1], law.assumed[w - 1]);
+            println!(
+                "| {name} | {} | {} | {:.3} | {:.3} | {} | {} | {} | {:.3} / {:.3} |",
+                depth.map_or("all".to_string(), |d| d.to_string()),
+                law.positions,
+                law.acceptance,
+                accepted as f64 / law.positions as f64,
+                pair(2),
+                pair(4),
+                pair(8),
+                law.implied_exponent(2),
+                sibling_exponent(law.acceptance),
+            );
+        }
+    }
 }
 
 fn accumulate(total: &mut DecodeStats, s: &DecodeStats) {
