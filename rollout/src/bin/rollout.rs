@@ -233,7 +233,7 @@ fn print_sibling_law(args: &Args, log: &[(&str, PqSample)]) {
         e = args.pq_every,
     );
     println!(
-        "| policy | depth | positions | mean a | accepted in the run | P(2 rejected) measured / assumed | \
+        "| policy | depth | positions | mean a | accepted in the run (its chain reached it) | P(2 rejected) measured / assumed | \
          P(4 rejected) measured / assumed | P(8 rejected) measured / assumed | g implied at w = 2 / g(a) |"
     );
     println!("|---|---|---:|---:|---:|---|---|---|---|");
