@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use clap::Parser;
-use specdec::drafter::{Drafter, DrafterConfig};
+use specdec::drafter::{Drafter, DrafterConfig, LengthClasses};
 use specdec::policy::{sibling_exponent, StepKind};
 use specdec::sampling::noise::sample_seed;
 use specdec_rollout::engine::{decode, DecodeSettings, DecodeStats, Drafting, Request, StepRecord};
@@ -59,9 +59,13 @@ struct Args {
     pq_every: u64,
 }
 
-const POLICIES: [(&str, Drafting); 7] = [
+/// The name of the policy whose suffix drafter applies DAS's length classes.
+const DAS_CLASSES: &str = "suffix chain, DAS length classes";
+
+const POLICIES: [(&str, Drafting); 8] = [
     ("autoregressive", Drafting::None),
     ("suffix chain (DAS)", Drafting::SuffixChain),
+    (DAS_CLASSES, Drafting::SuffixChain),
     ("suffix tree", Drafting::SuffixTree),
     ("goodput, suffix chains (specdec)", Drafting::GoodputChain),
     (
@@ -144,7 +148,10 @@ fn main() -> Result<()> {
     let mut runs = Vec::new();
     let mut pq_log: Vec<(&str, PqSample)> = Vec::new();
     for &(name, drafting) in &POLICIES {
-        let drafter = Drafter::new(DrafterConfig::default())?;
+        let drafter = Drafter::new(DrafterConfig {
+            length_classes: (name == DAS_CLASSES).then(|| das_length_classes(args.max_new_tokens)),
+            ..DrafterConfig::default()
+        })?;
         let mut run = PolicyRun::default();
         let attention_before = target.attention_time();
         for iteration in 0..args.iterations {
@@ -205,6 +212,17 @@ fn main() -> Result<()> {
     write_file(&args.svg, &timeline_svg(&runs, batch))?;
     eprintln!("rollout: timeline written to {}", args.svg.display());
     Ok(())
+}
+
+/// DAS's length classes for this workload: the drafter's defaults (Long from 1024 generated tokens, Medium from
+/// 256, budgets 24 / 8 / 0) are for generations of up to 4096 tokens; here the thresholds are the same shares
+/// of `max_new_tokens` (a quarter and a sixteenth), the budgets unchanged.
+fn das_length_classes(max_new_tokens: usize) -> LengthClasses {
+    LengthClasses {
+        long_threshold: max_new_tokens.div_ceil(4),
+        medium_threshold: max_new_tokens.div_ceil(16),
+        ..LengthClasses::default()
+    }
 }
 
 fn write_file(path: &std::path::Path, contents: &str) -> Result<()> {
