@@ -537,10 +537,11 @@ fn log_pq(
         let root = packed.offsets[b] as usize;
         for (j, draft) in q_rows[b].chunks(vocab).enumerate() {
             let token = packed.tokens[root + 1 + j] as u32;
+            let reached = (j as i32) <= verified.accepted_counts[b];
             let accepted = (j as i32) < verified.accepted_counts[b];
             log.push(PqSample::new(
                 (a.request.id, a.step, j + 1),
-                (token, accepted),
+                (token, reached, accepted),
                 &logits[(root + j) * vocab..][..vocab],
                 draft,
                 settings.temperature,

@@ -21,8 +21,9 @@ pub const MAX_WIDTH: usize = 8;
 /// mass.
 pub const LOG_FLOOR: f64 = 1e-5;
 
-/// One drafted position: where it was, whether the run accepted it, the exact all-rejected probabilities, and
-/// the two rows (sparse: every token with `p` or `q` at least [`LOG_FLOOR`]).
+/// One drafted position: where it was, whether the run reached and accepted it, the exact all-rejected
+/// probabilities, and the two rows (sparse: the drafted token and every token with `p` or `q` at least
+/// [`LOG_FLOOR`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct PqSample {
     /// The rollout's request id.
@@ -33,6 +34,8 @@ pub struct PqSample {
     pub depth: usize,
     /// The drafted token.
     pub token: u32,
+    /// Whether the verification tried it (every draft before it in the chain accepted).
+    pub reached: bool,
     /// Whether the verification accepted it.
     pub accepted: bool,
     /// `misses[w - 1]`: the probability that `w` children drawn i.i.d. from `q` are all rejected against `p`,
@@ -53,9 +56,12 @@ pub struct PqSample {
 impl PqSample {
     /// The sample of a drafted `token` whose target logits are `target` and draft logits `draft` (same length,
     /// the vocabulary), both read at `temperature` (`> 0`) and `top_p` as specdec's sampler reads them.
+    ///
+    /// # Panics
+    /// As [`sampling_law`].
     pub fn new(
         (rollout, step, depth): (u64, u64, usize),
-        (token, accepted): (u32, bool),
+        (token, reached, accepted): (u32, bool, bool),
         target: &[f32],
         draft: &[f32],
         temperature: f32,
@@ -65,7 +71,7 @@ impl PqSample {
         let q = sampling_law(draft, temperature, top_p);
         let misses = recursive_rejection_misses(&p, &q, MAX_WIDTH);
         let logged: Vec<usize> = (0..p.len())
-            .filter(|&x| p[x] >= LOG_FLOOR || q[x] >= LOG_FLOOR)
+            .filter(|&x| p[x] >= LOG_FLOOR || q[x] >= LOG_FLOOR || x == token as usize)
             .collect();
         let rest = |row: &[f64]| (1.0 - logged.iter().map(|&x| row[x]).sum::<f64>()).max(0.0);
         PqSample {
@@ -73,6 +79,7 @@ impl PqSample {
             step,
             depth,
             token,
+            reached,
             accepted,
             misses,
             tokens: logged.iter().map(|&x| x as u32).collect(),
@@ -88,19 +95,22 @@ impl PqSample {
         1.0 - self.misses[0]
     }
 
-    /// The sample as one line of JSON (an object; `label` names the policy).
-    pub fn json_line(&self, label: &str) -> String {
+    /// The sample as one line of JSON (an object; `label` names the policy, `iteration` the decode call: request
+    /// ids and steps restart in each).
+    pub fn json_line(&self, label: &str, iteration: usize) -> String {
         let list = |values: &mut dyn Iterator<Item = String>| values.collect::<Vec<_>>().join(",");
         let mut line = String::new();
         let _ = write!(
             line,
-            "{{\"policy\":{},\"rollout\":{},\"step\":{},\"depth\":{},\"token\":{},\"accepted\":{},\
-             \"misses\":[{}],\"p_rest\":{:e},\"q_rest\":{:e},\"tokens\":[{}],\"p\":[{}],\"q\":[{}]}}",
+            "{{\"policy\":{},\"iteration\":{},\"rollout\":{},\"step\":{},\"depth\":{},\"token\":{},\
+             \"reached\":{},\"accepted\":{},\"misses\":[{}],\"p_rest\":{:e},\"q_rest\":{:e},\"tokens\":[{}],\"p\":[{}],\"q\":[{}]}}",
             serde_json::to_string(label).expect("a string"),
+            iteration,
             self.rollout,
             self.step,
             self.depth,
             self.token,
+            self.reached,
             self.accepted,
             list(&mut self.misses.iter().map(|m| format!("{m:e}"))),
             self.p_rest,
@@ -115,15 +125,18 @@ impl PqSample {
 
 /// The distribution specdec's sampler draws from a row of logits (`crate::sampling`, "Distributions"):
 /// `z = logit / temperature` in f32; top-p keeps, in decreasing order of `z`, the smallest prefix whose mass
-/// reaches `top_p` (ties with its last element kept); softmax in f64 over what is kept.
+/// reaches `top_p` (ties with its last element kept); softmax in f64 over what is kept (the sampler's own sums
+/// are f32 on the CPU: the two agree within rounding).
 ///
 /// # Panics
-/// If `temperature` is not positive or the row holds no finite logit.
+/// If `temperature` is not positive, a logit is NaN, or the row holds no finite logit (the sampler refuses
+/// such rows before they could be logged).
 pub fn sampling_law(logits: &[f32], temperature: f32, top_p: f32) -> Vec<f64> {
     assert!(
         temperature > 0.0,
         "a sampling law needs a positive temperature"
     );
+    assert!(!logits.iter().any(|l| l.is_nan()), "a NaN logit");
     let z: Vec<f32> = logits.iter().map(|&l| l / temperature).collect();
     let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     assert!(max.is_finite(), "a row needs a finite logit");
@@ -241,7 +254,7 @@ mod tests {
     fn a_sample_logs_both_rows_and_their_exact_misses() {
         let target = [3.0f32, 1.0, 0.0, -20.0];
         let draft = [1.0f32, 3.0, 0.0, -20.0];
-        let s = PqSample::new((7, 3, 1), (1, false), &target, &draft, 1.0, 1.0);
+        let s = PqSample::new((7, 3, 1), (1, true, false), &target, &draft, 1.0, 1.0);
         let (p, q) = (
             sampling_law(&target, 1.0, 1.0),
             sampling_law(&draft, 1.0, 1.0),
@@ -249,12 +262,16 @@ mod tests {
         let overlap: f64 = p.iter().zip(&q).map(|(a, b)| a.min(*b)).sum();
         assert!((s.acceptance() - overlap).abs() < 1e-12);
         assert!(s.misses.windows(2).all(|m| m[1] <= m[0]));
-        // Token 3 has p and q near 2e-10: below the floor, in the rest.
+        // Token 3 has p and q near 2e-10: below the floor, in the rest, unless it is the drafted token.
         assert_eq!(s.tokens, vec![0, 1, 2]);
         assert!(s.p_rest > 0.0 && s.p_rest < 1e-8 && s.q_rest < 1e-8);
-        let line = s.json_line("int4");
-        assert!(line
-            .starts_with("{\"policy\":\"int4\",\"rollout\":7,\"step\":3,\"depth\":1,\"token\":1,"));
+        let drafted = PqSample::new((7, 3, 2), (3, false, false), &target, &draft, 1.0, 1.0);
+        assert_eq!(drafted.tokens, vec![0, 1, 2, 3]);
+        assert!(drafted.p_rest < 1e-12 && drafted.q_rest < 1e-12);
+        let line = s.json_line("int4", 1);
+        assert!(line.starts_with(
+            "{\"policy\":\"int4\",\"iteration\":1,\"rollout\":7,\"step\":3,\"depth\":1,\"token\":1,\"reached\":true,"
+        ));
         let parsed: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(parsed["p"].as_array().unwrap().len(), 3);
         assert_eq!(parsed["misses"].as_array().unwrap().len(), MAX_WIDTH);
@@ -263,7 +280,7 @@ mod tests {
     #[test]
     fn the_law_of_identical_rows_is_all_accepted() {
         let rows = [0.5f32, -1.0, 2.0];
-        let s = PqSample::new((0, 0, 1), (2, true), &rows, &rows, 1.0, 1.0);
+        let s = PqSample::new((0, 0, 1), (2, true, true), &rows, &rows, 1.0, 1.0);
         let law = SiblingLaw::of([&s]).unwrap();
         assert!(law.measured.iter().all(|&m| m.abs() < 1e-12));
         assert!((law.acceptance - 1.0).abs() < 1e-12);

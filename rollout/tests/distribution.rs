@@ -12,8 +12,8 @@
 //! approximation says, one expecting 50 about as often, one expecting 20 about 5 times as often at 1e-7 and
 //! about 6e-9 at 1e-9 (Poisson tails). So the first-token checks pool categories until each bin expects 50
 //! draws and reject below p = 1e-7; the pair check, whose categories are spread thinner, pools to 20 and
-//! rejects below 1e-9. With the check of the logged rows' acceptance (below 1e-7), a correct engine fails this
-//! test with probability below about 5e-7 (< 1e-6).
+//! rejects below 1e-9. With the check of the logged rows' acceptance (an exact test at 1e-7), a correct engine
+//! fails this test with probability below about 5e-7 (< 1e-6).
 //! The drafter's history (an earlier iteration's rollouts of the same prompt) makes its drafts right often
 //! enough that both acceptance and the residual resampling run at the first position, and its trees put
 //! several siblings there: a sampler that accepted drafts too often or resampled from the wrong residual would
@@ -50,6 +50,23 @@ fn requests(prompt: &[u32], count: usize, base_seed: u64) -> Vec<Request> {
             seed: sample_seed(base_seed, i as u64),
         })
         .collect()
+}
+
+/// The two-sided p-value of `observed` successes in independent Bernoulli trials of the given probabilities:
+/// twice the smaller tail of their sum's exact law (by the recursion over trials), at most 1.
+fn bernoulli_sum_p_value(probabilities: &[f64], observed: usize) -> f64 {
+    let mut law = vec![1.0];
+    for &a in probabilities {
+        let mut next = vec![0.0; law.len() + 1];
+        for (k, &mass) in law.iter().enumerate() {
+            next[k] += mass * (1.0 - a);
+            next[k + 1] += mass * a;
+        }
+        law = next;
+    }
+    let below: f64 = law[..=observed].iter().sum();
+    let above: f64 = law[observed..].iter().sum();
+    (2.0 * below.min(above)).min(1.0)
 }
 
 /// Pearson's chi-square test of homogeneity of two samples over the same categories; categories whose
@@ -180,9 +197,10 @@ fn sampled_speculative_tokens_follow_the_autoregressive_law() {
         "the int4 arm must draft at the first position and see rejections"
     );
     // The logged rows (issue 19, item 7) are the ones the sampler read: each first draft's target row is the
-    // exact law above, and the first drafts were accepted as often as their logged acceptance probabilities
-    // say (a sum of Bernoulli trials against its mean, normal approximation, |z| < 5.5: a correct engine
-    // fails with probability below 1e-7).
+    // exact law above (within the rounding of a batched forward against a single one: 1e-3 relative, where the
+    // next row's, a different law, differs wholly), and the first drafts were accepted as often as their
+    // logged acceptance probabilities say (the exact law of a sum of independent Bernoulli trials, two-sided
+    // p-value rejected below 1e-7: a correct engine fails with probability below 1e-7).
     let first: Vec<&PqSample> = int4_stats
         .pq
         .iter()
@@ -195,23 +213,21 @@ fn sampled_speculative_tokens_follow_the_autoregressive_law() {
     );
     for s in &first {
         for (&token, &p) in s.tokens.iter().zip(&s.p) {
+            let want = exact[token as usize];
             assert!(
-                (p - exact[token as usize]).abs() < 1e-6,
-                "token {token}: p {p}"
+                (p - want).abs() <= 1e-3 * want.max(1e-4),
+                "token {token}: p {p}, exact {want}"
             );
         }
     }
-    let mean: f64 = first.iter().map(|s| s.acceptance()).sum();
-    let variance: f64 = first
-        .iter()
-        .map(|s| s.acceptance() * (1.0 - s.acceptance()))
-        .sum();
-    let accepted = first.iter().filter(|s| s.accepted).count() as f64;
-    let z = (accepted - mean) / variance.sqrt();
+    let probabilities: Vec<f64> = first.iter().map(|s| s.acceptance()).collect();
+    let accepted = first.iter().filter(|s| s.accepted).count();
+    let p = bernoulli_sum_p_value(&probabilities, accepted);
     println!(
-        "int4 first drafts: {accepted} accepted, logged probabilities say {mean:.1} (z = {z:.2})"
+        "int4 first drafts: {accepted} accepted, logged probabilities say {:.1} (p = {p:.3})",
+        probabilities.iter().sum::<f64>()
     );
-    assert!(z.abs() < 5.5, "z = {z}");
+    assert!(p >= ALPHA, "p = {p}");
     let (spec, stats) = decode(
         &mut target,
         Some(&drafter),

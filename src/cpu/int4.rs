@@ -420,7 +420,9 @@ impl RowMeta {
 }
 
 /// The kernel this machine runs: AVX-512 where the CPU has it, else AVX2 with FMA, else the portable one. All
-/// compute the same values bit for bit (same operations in the same order; `f32::mul_add` is fused).
+/// compute the same sums bit for bit (the same roundings in the same order; `f32::mul_add` is fused). Only the
+/// sign of a zero weight may differ (`(q - z) * s` against `q * s - z * s` where `q = z`), which no sum shows:
+/// the accumulators start at +0.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Kernel {
     Portable,
@@ -770,10 +772,15 @@ mod tests {
                 .map(|_| bf16::from_f32((next() % 1000) as f32 * 1e-4 + 1e-3))
                 .collect();
             scales[3] = bf16::NAN;
-            // `z * s` overflows f32 for z > 1, `(q - z) * s` for |q - z| > 1: such rows run on the
-            // portable kernel, which must then agree with itself; an infinite scale likewise.
-            scales[5] = bf16::from_f32(1.0e38);
-            scales[6] = bf16::INFINITY;
+            // In the last row of tiles (the first too where there is one): scales whose `z * s` overflows f32
+            // for z >= 4 (and `(q - z) * s` for |q - z| >= 4), whose rows run on the portable kernel; a
+            // negative and a zero scale, which do not.
+            let last = w.meta_len() - 1;
+            scales[last] = bf16::from_f32(1.0e38);
+            scales[last - 1] = bf16::from_f32(-1.0e38);
+            scales[last - 2] = bf16::INFINITY;
+            scales[last - 3] = bf16::from_f32(-0.5);
+            scales[last - 4] = bf16::ZERO;
             let zeros: Vec<u8> = (0..w.meta_len()).map(|_| (next() % 16) as u8).collect();
             for m in [1, 2, 3, 4, 5, 9] {
                 let mut x: Vec<f16> = (0..m * k)

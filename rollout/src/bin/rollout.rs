@@ -146,7 +146,7 @@ fn main() -> Result<()> {
     let drafter_bytes = target.drafter().map_or(0, |d| d.bytes());
     let calibration = calibrate(&mut target, &prompts[0])?;
     let mut runs = Vec::new();
-    let mut pq_log: Vec<(&str, PqSample)> = Vec::new();
+    let mut pq_log: Vec<(&str, usize, PqSample)> = Vec::new();
     for &(name, drafting) in &POLICIES {
         let drafter = Drafter::new(DrafterConfig {
             length_classes: (name == DAS_CLASSES).then(|| das_length_classes(args.max_new_tokens)),
@@ -175,7 +175,7 @@ fn main() -> Result<()> {
                 pq_every: args.pq_every,
             };
             let (outputs, mut stats) = decode(&mut target, Some(&drafter), &requests, &settings)?;
-            pq_log.extend(stats.pq.drain(..).map(|s| (name, s)));
+            pq_log.extend(stats.pq.drain(..).map(|s| (name, iteration, s)));
             eprintln!(
                 "rollout: {name}, iteration {iteration}: {} tokens in {} steps, {:.1} s; first rollout: {:?}",
                 stats.generated,
@@ -201,7 +201,7 @@ fn main() -> Result<()> {
     print_sibling_law(&args, &pq_log);
     let lines: String = pq_log
         .iter()
-        .map(|(name, s)| s.json_line(name) + "\n")
+        .map(|(name, iteration, s)| s.json_line(name, *iteration) + "\n")
         .collect();
     write_file(&args.pq_log, &lines)?;
     eprintln!(
@@ -234,8 +234,9 @@ fn write_file(path: &std::path::Path, contents: &str) -> Result<()> {
 
 /// The tree policy's sibling law against the one measured on the logged positions of each policy that
 /// logged any: per draft depth and over all, the probability that `w` children drawn from the drafter are all
-/// rejected, measured (exact, per position, averaged) and assumed (the law at the positions' mean acceptance).
-fn print_sibling_law(args: &Args, log: &[(&str, PqSample)]) {
+/// rejected, measured (exact, per position, averaged) and assumed (the law at the positions' mean acceptance),
+/// over the positions the verification reached (the nodes the law prices).
+fn print_sibling_law(args: &Args, log: &[(&str, usize, PqSample)]) {
     if log.is_empty() {
         return;
     }
@@ -244,24 +245,24 @@ fn print_sibling_law(args: &Args, log: &[(&str, PqSample)]) {
          rollout's steps 0, {e}, {}, ... (log: {}), the target's row p and the drafter's row q at the run's \
          temperature and top-p; P(w rejected) is the probability that w children drawn i.i.d. from q are all \
          rejected against p, measured exactly per position (specdec::policy::recursive_rejection_misses) and \
-         averaged, against the tree policy's law (1 - a) w^-g(a) at the positions' mean acceptance a. The implied \
-         g solves the law at w = 2 for the measured value.\n",
+         averaged over the positions the verification reached, against the tree policy's law (1 - a) w^-g(a) at \
+         their mean acceptance a. The implied g solves the law at w = 2 for the measured value.\n",
         2 * args.pq_every,
         args.pq_log.display(),
         e = args.pq_every,
     );
     println!(
-        "| policy | depth | positions | mean a | accepted in the run (its chain reached it) | P(2 rejected) measured / assumed | \
+        "| policy | depth | positions reached | mean a | accepted in the run | P(2 rejected) measured / assumed | \
          P(4 rejected) measured / assumed | P(8 rejected) measured / assumed | g implied at w = 2 / g(a) |"
     );
     println!("|---|---|---:|---:|---:|---|---|---|---|");
-    let mut names: Vec<&str> = log.iter().map(|(n, _)| *n).collect();
+    let mut names: Vec<&str> = log.iter().map(|(n, _, _)| *n).collect();
     names.dedup();
     for name in names {
         let samples: Vec<&PqSample> = log
             .iter()
-            .filter(|(n, _)| *n == name)
-            .map(|(_, s)| s)
+            .filter(|(n, _, s)| *n == name && s.reached)
+            .map(|(_, _, s)| s)
             .collect();
         let depths = samples.iter().map(|s| s.depth).max().unwrap_or(0);
         for depth in (0..=depths).map(|d| (d > 0).then_some(d)) {
