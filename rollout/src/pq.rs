@@ -10,8 +10,6 @@
 //! exactly and without sampling, the probability that the first `w` children of such a node would all be
 //! rejected; [`SiblingLaw`] sets those against the law's prediction.
 
-use std::fmt::Write as _;
-
 use specdec::policy::{recursive_rejection_misses, sibling_exponent};
 
 /// Widths `w = 1..=MAX_WIDTH` whose all-rejected probability is logged per position.
@@ -98,28 +96,23 @@ impl PqSample {
     /// The sample as one line of JSON (an object; `label` names the policy, `iteration` the decode call: request
     /// ids and steps restart in each).
     pub fn json_line(&self, label: &str, iteration: usize) -> String {
-        let list = |values: &mut dyn Iterator<Item = String>| values.collect::<Vec<_>>().join(",");
-        let mut line = String::new();
-        let _ = write!(
-            line,
-            "{{\"policy\":{},\"iteration\":{},\"rollout\":{},\"step\":{},\"depth\":{},\"token\":{},\
-             \"reached\":{},\"accepted\":{},\"misses\":[{}],\"p_rest\":{:e},\"q_rest\":{:e},\"tokens\":[{}],\"p\":[{}],\"q\":[{}]}}",
-            serde_json::to_string(label).expect("a string"),
-            iteration,
-            self.rollout,
-            self.step,
-            self.depth,
-            self.token,
-            self.reached,
-            self.accepted,
-            list(&mut self.misses.iter().map(|m| format!("{m:e}"))),
-            self.p_rest,
-            self.q_rest,
-            list(&mut self.tokens.iter().map(|t| t.to_string())),
-            list(&mut self.p.iter().map(|v| format!("{v:e}"))),
-            list(&mut self.q.iter().map(|v| format!("{v:e}"))),
-        );
-        line
+        serde_json::json!({
+            "policy": label,
+            "iteration": iteration,
+            "rollout": self.rollout,
+            "step": self.step,
+            "depth": self.depth,
+            "token": self.token,
+            "reached": self.reached,
+            "accepted": self.accepted,
+            "misses": self.misses,
+            "p_rest": self.p_rest,
+            "q_rest": self.q_rest,
+            "tokens": self.tokens,
+            "p": self.p,
+            "q": self.q,
+        })
+        .to_string()
     }
 }
 
@@ -220,11 +213,6 @@ impl SiblingLaw {
     pub fn implied_exponent(&self, w: usize) -> f64 {
         -(self.measured[w - 1] / self.measured[0]).ln() / (w as f64).ln()
     }
-
-    /// Expected tokens a node with `w` children adds when reached, measured and assumed: `1 - P(all rejected)`.
-    pub fn node_tokens(&self, w: usize) -> (f64, f64) {
-        (1.0 - self.measured[w - 1], 1.0 - self.assumed[w - 1])
-    }
 }
 
 #[cfg(test)]
@@ -269,11 +257,20 @@ mod tests {
         assert_eq!(drafted.tokens, vec![0, 1, 2, 3]);
         assert!(drafted.p_rest < 1e-12 && drafted.q_rest < 1e-12);
         let line = s.json_line("int4", 1);
-        assert!(line.starts_with(
-            "{\"policy\":\"int4\",\"iteration\":1,\"rollout\":7,\"step\":3,\"depth\":1,\"token\":1,\"reached\":true,"
-        ));
+        assert!(!line.contains('\n'));
         let parsed: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(parsed["policy"], "int4");
+        assert_eq!(
+            (&parsed["iteration"], &parsed["rollout"], &parsed["step"]),
+            (&1.into(), &7.into(), &3.into())
+        );
+        assert_eq!((&parsed["depth"], &parsed["token"]), (&1.into(), &1.into()));
+        assert_eq!(
+            (&parsed["reached"], &parsed["accepted"]),
+            (&true.into(), &false.into())
+        );
         assert_eq!(parsed["p"].as_array().unwrap().len(), 3);
+        assert_eq!(parsed["p"][0].as_f64(), Some(s.p[0]));
         assert_eq!(parsed["misses"].as_array().unwrap().len(), MAX_WIDTH);
     }
 
