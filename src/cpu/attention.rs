@@ -1,10 +1,11 @@
-//! Tree attention over a paged KV cache and accepted-path compaction, on the CPU: the reference of
-//! `cuda/tree_attention.cu`. Semantics, layouts and rules: [`crate::attention`].
-//!
-//! Scores, the softmax and the weighted sum of values are computed in f64 from the exact element values, and
-//! each output is rounded once: the oracle the GPU kernels (fp32 accumulation) are measured against.
+//! Tree attention over a paged KV cache and accepted-path compaction, on the CPU: the KV append, RoPE and the
+//! checks here, the attention itself in f32 by the kernel of `attention_kernel.rs` (AVX2 and FMA, or portable),
+//! on the backend's threads. Semantics, layouts and rules: [`crate::attention`]. The readable f64 reference the
+//! tests hold both this and `cuda/tree_attention.cu` to is `Problem::reference` in `tests/common/attention.rs`.
 
 use rayon::prelude::*;
+
+use super::attention_kernel::{attend, Kernel, WorkItem};
 
 use crate::attention::{
     rotate_pair, CompactionShape, KvCompaction, TreeAttentionInputs, TreeAttentionOutputs,
@@ -131,72 +132,98 @@ pub(crate) fn tree_attention_checked<T: HalfElement>(
         }
     }
 
-    // One work item per (request, KV head): its prefix keys and values are converted to f64 once, then every
-    // node of the tree and every q head of the group attends over them and the node's path. Conversions are
-    // exact, so this computes what converting each element where it is used would, with the same operations in
-    // the same order; rows outside every request are left as they are.
-    let scale = f64::from(softmax_scale);
+    // One work item per (request, KV head), on the backend's threads: its keys (the prefix from the cache, then
+    // the tree's rotated keys) transposed into f32, its values and its group's query rows in f32, then the
+    // kernel. Rows outside every request are left as they are.
+    let kernel = Kernel::detect();
     let group = shape.group_size();
     let (k_cache, v_cache) = (&*k_cache, &*v_cache);
-    let to_f64 = |x: &[T]| -> Vec<f64> { x.iter().map(|e| f64::from(e.to_f32())).collect() };
     let items: Vec<(usize, usize)> = requests
         .iter()
         .enumerate()
         .filter(|(_, r)| r.is_some())
         .flat_map(|(b, _)| (0..hkv).map(move |kv_head| (b, kv_head)))
         .collect();
-    // Per item: for each node, for each q head of the group, its output row and log-sum-exp.
-    let results: Vec<Vec<(Vec<T>, f32)>> = super::pool::install(|| {
+    // Per item: `[T * G, D]` outputs and `[T * G]` log-sum-exps, node-major.
+    let results: Vec<(Vec<T>, Vec<f32>)> = super::pool::install(|| {
         items
             .par_iter()
             .map(|&(b, kv_head)| {
                 let request = requests[b]
                     .as_ref()
                     .expect("items of processed requests only");
-                let gather = |cache: &[T]| -> Vec<f64> {
-                    let mut all = Vec::with_capacity(request.prefix_len * d);
-                    for slot in 0..request.prefix_len {
-                        let at = shape.cache.slot_offset(batch.page_table, b, slot, kv_head);
-                        all.extend(cache[at..at + d].iter().map(|e| f64::from(e.to_f32())));
+                let (prefix, nodes) = (request.prefix_len, request.tree_size());
+                let n = prefix + nodes;
+                // Key and value rows: the prefix's from the cache, then the tree's.
+                let rows = |j: usize| -> (&[T], &[T]) {
+                    if j < prefix {
+                        let at = shape.cache.slot_offset(batch.page_table, b, j, kv_head);
+                        (&k_cache[at..at + d], &v_cache[at..at + d])
+                    } else {
+                        let at = ((request.first_row + j - prefix) * hkv + kv_head) * d;
+                        (&k_rot[at..at + d], &v[at..at + d])
                     }
-                    all
                 };
-                let (prefix_k, prefix_v) = (gather(k_cache), gather(v_cache));
-                let node_kv = |j: usize| {
-                    let at = ((request.first_row + j) * hkv + kv_head) * d;
-                    (to_f64(&k_rot[at..at + d]), to_f64(&v[at..at + d]))
-                };
-                let nodes: Vec<(Vec<f64>, Vec<f64>)> =
-                    (0..request.tree_size()).map(node_kv).collect();
-                let mut out = Vec::with_capacity(request.tree_size() * group);
-                for node in 0..request.tree_size() {
-                    let row = request.first_row + node;
-                    for head in kv_head * group..(kv_head + 1) * group {
-                        let query = to_f64(&q_rot[(row * hq + head) * d..][..d]);
-                        let prefix = prefix_k.chunks_exact(d).zip(prefix_v.chunks_exact(d));
-                        let path = (0..=node)
-                            .filter(|&j| request.ancestors[node] >> j & 1 == 1)
-                            .map(|j| (nodes[j].0.as_slice(), nodes[j].1.as_slice()));
-                        let (o, l) = attend(&query, prefix.chain(path), scale, d);
-                        out.push((o.into_iter().map(T::from_f64).collect(), l as f32));
+                let mut keys_t = vec![0.0f32; d * n];
+                let mut values = vec![0.0f32; n * d];
+                // Transposed by tiles of TILE keys, so that the writes to `keys_t` are TILE floats long.
+                const TILE: usize = 16;
+                let mut tile = vec![0.0f32; TILE * d];
+                for first in (0..n).step_by(TILE) {
+                    let width = TILE.min(n - first);
+                    for (t, j) in (first..first + width).enumerate() {
+                        let (key, value) = rows(j);
+                        for (f, x) in tile[t * d..(t + 1) * d].iter_mut().zip(key) {
+                            *f = x.to_f32();
+                        }
+                        for (f, x) in values[j * d..(j + 1) * d].iter_mut().zip(value) {
+                            *f = x.to_f32();
+                        }
+                    }
+                    for e in 0..d {
+                        let column = &mut keys_t[e * n + first..][..width];
+                        for (t, f) in column.iter_mut().enumerate() {
+                            *f = tile[t * d + e];
+                        }
                     }
                 }
-                out
+                let queries: Vec<f32> = (0..nodes)
+                    .flat_map(|i| {
+                        let row = request.first_row + i;
+                        q_rot[(row * hq + kv_head * group) * d..][..group * d].iter()
+                    })
+                    .map(|x| x.to_f32())
+                    .collect();
+                let item = WorkItem {
+                    request,
+                    keys_t: &keys_t,
+                    values: &values,
+                    queries: &queries,
+                    group,
+                    head_dim: d,
+                    scale: softmax_scale,
+                };
+                let mut out = vec![T::from_f32(0.0); nodes * group * d];
+                let mut lse = vec![0.0f32; nodes * group];
+                attend(kernel, &item, &mut out, &mut lse, T::from_f64);
+                (out, lse)
             })
             .collect()
     });
 
     let mut lse = lse;
-    for (&(b, kv_head), result) in items.iter().zip(results) {
+    for (&(b, kv_head), (item_out, item_lse)) in items.iter().zip(results) {
         let request = requests[b]
             .as_ref()
             .expect("items of processed requests only");
-        for (index, (o, l)) in result.into_iter().enumerate() {
-            let (node, head) = (index / group, kv_head * group + index % group);
+        for node in 0..request.tree_size() {
+            // The group's q heads are adjacent in a row of `out` and `lse`.
             let row = request.first_row + node;
-            out[(row * hq + head) * d..][..d].copy_from_slice(&o);
+            let heads = row * hq + kv_head * group;
+            out[heads * d..][..group * d]
+                .copy_from_slice(&item_out[node * group * d..][..group * d]);
             if let Some(lse) = lse.as_deref_mut() {
-                lse[row * hq + head] = l;
+                lse[heads..heads + group].copy_from_slice(&item_lse[node * group..][..group]);
             }
         }
     }
@@ -213,41 +240,6 @@ pub(crate) fn tree_attention_checked<T: HalfElement>(
     }
     write_statuses(&statuses, request_status);
     Ok(())
-}
-
-/// The softmax-weighted sum of values and the log-sum-exp of the scores, all in f64 (elements converted
-/// exactly), in one pass (an online softmax: the running sums are rescaled when a larger score comes), so that
-/// no score vector is kept. The caller holds one (request, KV head)'s prefix in f64 while it attends: memory
-/// grows with the prefix by 16 bytes per element, once per work item.
-fn attend<'a>(
-    query: &[f64],
-    keys_values: impl Iterator<Item = (&'a [f64], &'a [f64])>,
-    scale: f64,
-    d: usize,
-) -> (Vec<f64>, f64) {
-    let (mut max, mut total) = (f64::NEG_INFINITY, 0.0);
-    let mut weighted = vec![0.0; d];
-    for (key, value) in keys_values {
-        let dot: f64 = key.iter().zip(query).map(|(k, q)| k * q).sum();
-        let score = dot * scale;
-        if score == f64::NEG_INFINITY {
-            continue; // weight exp(-inf) = 0
-        }
-        if score > max {
-            // exp(-inf) = 0 for the first score; a NaN score never gets here and poisons the sums below.
-            let rescale = (max - score).exp();
-            total *= rescale;
-            weighted.iter_mut().for_each(|w| *w *= rescale);
-            max = score;
-        }
-        let p = (score - max).exp();
-        total += p;
-        for (w, x) in weighted.iter_mut().zip(value) {
-            *w += p * x;
-        }
-    }
-    weighted.iter_mut().for_each(|w| *w /= total);
-    (weighted, max + total.ln())
 }
 
 /// Rotates one head in place by the rule of [`crate::attention`].

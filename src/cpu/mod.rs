@@ -27,6 +27,7 @@
 //! Results never depend on the thread count.
 
 pub(crate) mod attention;
+mod attention_kernel;
 pub(crate) mod greedy;
 pub(crate) mod int4;
 pub(crate) mod pool;
