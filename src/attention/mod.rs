@@ -28,7 +28,10 @@
 //! 2. **Attention**: node `i`'s (rotated) query, for q head `h` (KV head `h / (Hq / Hkv)`), attends to the
 //!    `L_b` cached prefix slots, to its ancestors and to itself, with scores `softmax_scale * q . k`:
 //!    `out[row, h] = sum_j softmax(scores)_j v_j`, rounded to the element type, and optionally
-//!    `lse[row, h] = ln sum_j exp(score_j)` (f32, natural logarithm).
+//!    `lse[row, h] = ln sum_j exp(score_j)` (f32, natural logarithm). Scores are f32 on both backends (the CPU
+//!    sums the softmax's weights in f64): on the CPU a dot product beyond f32's range (possible only with bf16
+//!    inputs above about 1e19) is infinite and makes its row NaN, and a row whose every score is `-inf` has NaN
+//!    outputs and an lse of `-inf`.
 //!
 //! No mask is ever built: ancestry comes from the parent array (a 64-bit ancestor set per node), prefix keys
 //! are never masked, and nothing the call reads or allocates depends on `L` beyond the cache itself.

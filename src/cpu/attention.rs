@@ -1,11 +1,13 @@
 //! Tree attention over a paged KV cache and accepted-path compaction, on the CPU: the KV append, RoPE and the
-//! checks here, the attention itself in f32 by the kernel of `attention_kernel.rs` (AVX2 and FMA, or portable),
+//! checks here, the attention itself in f32 by the kernel of `attention_kernel.rs` (AVX-512, AVX2 and FMA, or
+//! portable),
 //! on the backend's threads. Semantics, layouts and rules: [`crate::attention`]. The readable f64 reference the
 //! tests hold both this and `cuda/tree_attention.cu` to is `Problem::reference` in `tests/common/attention.rs`.
 
 use rayon::prelude::*;
 
-use super::attention_kernel::{attend, Kernel, WorkItem};
+use super::attention_kernel::{attend, WorkItem};
+use super::simd::Kernel;
 
 use crate::attention::{
     rotate_pair, CompactionShape, KvCompaction, TreeAttentionInputs, TreeAttentionOutputs,
@@ -141,7 +143,7 @@ pub(crate) fn tree_attention_checked<T: HalfElement>(
     let items: Vec<(usize, usize)> = requests
         .iter()
         .enumerate()
-        .filter(|(_, r)| r.is_some())
+        .filter(|(_, r)| r.as_ref().is_some_and(|r| r.tree_size() > 0))
         .flat_map(|(b, _)| (0..hkv).map(move |kv_head| (b, kv_head)))
         .collect();
     // Per item: `[T * G, D]` outputs and `[T * G]` log-sum-exps, node-major.

@@ -4,6 +4,7 @@
 
 use rayon::prelude::*;
 
+use super::simd::Kernel;
 use crate::backend::{Backend, Stream};
 use crate::error::Result;
 use crate::greedy::REQUEST_INVALID;
@@ -341,75 +342,167 @@ fn softmax(z: &[f32]) -> Vec<f64> {
     exps.into_iter().map(|e| e / sum).collect()
 }
 
-/// Probabilities (f32) of a distribution.
+/// Probabilities (f32) of a distribution: for log weights, [`softmax`]'s values rounded to f32, computed in the
+/// log weights' own buffer (no f64 row: at V = 49152 that was 384 KiB allocated, and faulted in, per row).
 fn probabilities(d: Dist) -> Vec<f32> {
     match d {
         Dist::Weights(w) => w,
-        Dist::Log(z) => softmax(&z).into_iter().map(|p| p as f32).collect(),
+        Dist::Log(mut z) => {
+            let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            for x in z.iter_mut() {
+                *x = (*x - max).exp();
+            }
+            let sum: f64 = z.iter().map(|&e| f64::from(e)).sum();
+            for e in z.iter_mut() {
+                *e = (f64::from(*e) / sum) as f32;
+            }
+            z
+        }
     }
 }
 
 /// A token drawn from `d` with the node's noise: the exponential race `argmax w(x) / E_x` over `w(x) > 0`, or
 /// its log form `argmax z(x) - ln E_x` over `z(x) > -inf`; ties go to the lowest index.
 ///
-/// Tokens are visited in increasing order, and a block of 4 whose keys cannot exceed the best key so far (by
-/// the bounds on the noise, [`noise::MIN_EXPONENTIAL`]) is skipped without drawing its noise: exact, since a
-/// skipped key is at most the best and a tie goes to the earlier token.
+/// Tokens are visited in increasing order, by chunks of [`RACE_CHUNK`], and a chunk whose keys cannot exceed the
+/// best key so far (by the bounds on the noise, [`noise::MIN_EXPONENTIAL`] and [`noise::MAX_GUMBEL`]) is
+/// skipped without drawing its noise: exact, since a skipped key is below the best and a tie goes to the earlier
+/// token. A chunk's noise is computed side by side (16 Philox blocks, then the exponentials and logarithms as
+/// straight-line code), compiled for the CPU's vector instructions: the same bits as the scalar functions of
+/// [`noise`], which the CUDA kernels also give.
 fn draw(d: &Dist, noise: &RequestNoise, node: u32) -> usize {
-    let (v, key_ceiling) = match d {
-        Dist::Weights(w) => (w.len(), weight_ceiling as fn(&[f32], usize) -> f64),
-        Dist::Log(z) => (z.len(), log_weight_ceiling as fn(&[f32], usize) -> f64),
+    draw_with(Kernel::detect(), d, noise, node)
+}
+
+fn draw_with(kernel: Kernel, d: &Dist, noise: &RequestNoise, node: u32) -> usize {
+    assert!(
+        kernel.runs_here(),
+        "{kernel:?} kernel on a CPU without its instructions"
+    );
+    match kernel {
+        Kernel::Portable => draw_by_chunks(d, noise, node),
+        // SAFETY: the CPU has the kernel's instructions (asserted above).
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx2Fma => unsafe { draw_avx2(d, noise, node) },
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx512 => unsafe { draw_avx512(d, noise, node) },
+    }
+}
+
+/// # Safety
+/// The CPU must have AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn draw_avx2(d: &Dist, noise: &RequestNoise, node: u32) -> usize {
+    draw_by_chunks(d, noise, node)
+}
+
+/// # Safety
+/// The CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2")]
+unsafe fn draw_avx512(d: &Dist, noise: &RequestNoise, node: u32) -> usize {
+    draw_by_chunks(d, noise, node)
+}
+
+/// Tokens whose noise is computed together: 16 Philox blocks of 4.
+const RACE_CHUNK: usize = 64;
+
+/// The race of [`draw`], as loops over a chunk's tokens (no closures: a closure would not be compiled with the
+/// caller's target features).
+#[inline(always)]
+fn draw_by_chunks(d: &Dist, noise: &RequestNoise, node: u32) -> usize {
+    let (values, logs) = match d {
+        Dist::Weights(w) => (w.as_slice(), false),
+        Dist::Log(z) => (z.as_slice(), true),
     };
-    let values = match d {
-        Dist::Weights(w) => w,
-        Dist::Log(z) => z,
-    };
-    let mut best: Option<(f32, usize)> = None;
-    for first in (0..v).step_by(4) {
-        let lanes = first..(first + 4).min(v);
-        if let Some((best_key, _)) = best {
-            if lanes
-                .clone()
-                .all(|x| key_ceiling(values, x) < f64::from(best_key))
-            {
+    // A drawn token's key is positive (w / E) or above -inf (z - ln E); -inf marks a token without mass.
+    let (mut best_key, mut best) = (f32::NEG_INFINITY, None);
+    let mut exponentials = [0.0f32; RACE_CHUNK];
+    let mut keys = [0.0f32; RACE_CHUNK];
+    for first in (0..values.len()).step_by(RACE_CHUNK) {
+        let chunk = &values[first..values.len().min(first + RACE_CHUNK)];
+        if best.is_some() {
+            let top = largest(chunk);
+            let ceiling = match logs {
+                true => f64::from(top) + noise::MAX_GUMBEL,
+                false if top > 0.0 => f64::from(top) / noise::MIN_EXPONENTIAL,
+                false => f64::NEG_INFINITY,
+            };
+            if ceiling < f64::from(best_key) {
                 continue;
             }
         }
-        // The four lanes' noise first, as independent chains the CPU can overlap.
-        let high = noise.block(noise::Domain::Token, node, first as u32);
-        let exponentials: [f32; 4] = std::array::from_fn(|i| {
-            noise.token_exponential_from(node, (first + i) as u32, high[i])
-        });
-        let log_exponentials = match d {
-            Dist::Log(_) => exponentials.map(noise::ln),
-            Dist::Weights(_) => [0.0; 4],
-        };
-        for x in lanes {
-            let key = match d {
-                Dist::Weights(w) if w[x] > 0.0 => w[x] / exponentials[x - first],
-                Dist::Log(z) if z[x] > f32::NEG_INFINITY => z[x] - log_exponentials[x - first],
-                _ => continue,
-            };
-            if best.is_none_or(|(k, _)| key > k) {
-                best = Some((key, x));
+        let blocks = noise.token_highs::<{ RACE_CHUNK / 4 }>(node, first as u32);
+        let mut highs = [0u32; RACE_CHUNK];
+        let mut needs_low_word = false;
+        for (i, high) in highs.iter_mut().enumerate() {
+            *high = blocks[i % 4][i / 4];
+            needs_low_word |= high.leading_zeros() > 9;
+        }
+        for (e, &high) in exponentials.iter_mut().zip(&highs) {
+            *e = noise::exponential_of_high(high);
+        }
+        if needs_low_word {
+            for (i, (e, &high)) in exponentials[..chunk.len()]
+                .iter_mut()
+                .zip(&highs)
+                .enumerate()
+            {
+                if high.leading_zeros() > 9 {
+                    *e = noise.token_exponential_from(node, (first + i) as u32, high);
+                }
             }
         }
+        if logs {
+            for ((k, &z), &e) in keys.iter_mut().zip(chunk).zip(&exponentials) {
+                let key = z - noise::ln(e);
+                *k = if z > f32::NEG_INFINITY {
+                    key
+                } else {
+                    f32::NEG_INFINITY
+                };
+            }
+        } else {
+            for ((k, &w), &e) in keys.iter_mut().zip(chunk).zip(&exponentials) {
+                *k = if w > 0.0 { w / e } else { f32::NEG_INFINITY };
+            }
+        }
+        // Most chunks do not hold a better key: their largest (by lanes) says so, and only a chunk that does is
+        // searched for its first largest key.
+        let keys = &keys[..chunk.len()];
+        let top = largest(keys);
+        if top > best_key {
+            let at = keys
+                .iter()
+                .position(|&k| k == top)
+                .expect("the largest key is a key");
+            (best_key, best) = (top, Some(first + at));
+        }
     }
-    best.expect("a validated row has mass").1
+    best.expect("a validated row has mass")
 }
 
-/// An upper bound on the race key `w / E` of token `x` (`-inf` for no mass).
-fn weight_ceiling(w: &[f32], x: usize) -> f64 {
-    if w[x] > 0.0 {
-        f64::from(w[x]) / noise::MIN_EXPONENTIAL
-    } else {
-        f64::NEG_INFINITY
+/// The largest of `values` (`-inf` if none is above it; NaN ignored), by 16 lanes so that it vectorises: the
+/// largest is the same in any order.
+#[inline(always)]
+fn largest(values: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let chunks = values.chunks_exact(16);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (lane, &x) in lanes.iter_mut().zip(chunk) {
+            *lane = if x > *lane { x } else { *lane };
+        }
     }
-}
-
-/// An upper bound on the key `z - ln E` of token `x`.
-fn log_weight_ceiling(z: &[f32], x: usize) -> f64 {
-    f64::from(z[x]) + noise::MAX_GUMBEL
+    for (lane, &x) in lanes.iter_mut().zip(tail) {
+        *lane = if x > *lane { x } else { *lane };
+    }
+    let mut top = f32::NEG_INFINITY;
+    for &lane in &lanes {
+        top = if lane > top { lane } else { top };
+    }
+    top
 }
 
 fn argmax_row(rows: &HostRows<'_>, row: usize, v: usize) -> usize {
@@ -418,5 +511,90 @@ fn argmax_row(rows: &HostRows<'_>, row: usize, v: usize) -> usize {
         HostRows::LogitsF32(r) | HostRows::Probs(r) => super::argmax(&r[range]),
         HostRows::LogitsF16(r) => super::argmax(&r[range]),
         HostRows::LogitsBF16(r) => super::argmax(&r[range]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The race token by token, as the noise module defines it: every token's exponential, its key, the first
+    /// largest key.
+    fn race(d: &Dist, noise: &RequestNoise, node: u32) -> usize {
+        let mut best: Option<(f32, usize)> = None;
+        let values = match d {
+            Dist::Weights(w) => w,
+            Dist::Log(z) => z,
+        };
+        for (x, &value) in values.iter().enumerate() {
+            let e = noise.token_exponential(node, x as u32);
+            let key = match d {
+                Dist::Weights(_) if value > 0.0 => value / e,
+                Dist::Log(_) if value > f32::NEG_INFINITY => value - noise::ln(e),
+                _ => continue,
+            };
+            if best.is_none_or(|(k, _)| key > k) {
+                best = Some((key, x));
+            }
+        }
+        best.expect("mass").1
+    }
+
+    /// Every kernel's chunked race draws the token-by-token race's token: rows of probabilities and of logits,
+    /// with zero and `-inf` entries, flat rows (where the noise alone decides), one hot token, sizes around the
+    /// chunk, and enough draws that high words needing their low word (1 in 1024) occur.
+    #[test]
+    fn the_chunked_race_draws_the_token_by_token_race_on_every_kernel() {
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 24) as f32
+        };
+        for kernel in Kernel::available() {
+            let mut draws = 0;
+            for (case, v) in [1, 3, 63, 64, 65, 200, 1000, 4099, 49152]
+                .into_iter()
+                .enumerate()
+            {
+                for trial in 0..[40, 40, 40, 40, 40, 40, 30, 20, 4][case] {
+                    let kind = trial % 4;
+                    let mut row: Vec<f32> = (0..v).map(|_| next()).collect();
+                    match kind {
+                        0 => row
+                            .iter_mut()
+                            .for_each(|x| *x = if *x < 0.3 { 0.0 } else { *x }),
+                        1 => row.iter_mut().for_each(|x| *x = 1.0),
+                        2 => row[v / 2] = 1e6,
+                        _ => {}
+                    }
+                    if row.iter().all(|&x| x == 0.0) {
+                        row[0] = 1.0;
+                    }
+                    let weights = Dist::Weights(row.clone());
+                    let logits = Dist::Log(
+                        row.iter()
+                            .map(|&x| if x == 0.0 { f32::NEG_INFINITY } else { 8.0 * x })
+                            .collect(),
+                    );
+                    let noise = RequestNoise {
+                        seed: 77 + trial as u64,
+                        step: case as u64,
+                    };
+                    for (d, label) in [(&weights, "weights"), (&logits, "logits")] {
+                        for node in [0, 5] {
+                            assert_eq!(
+                                draw_with(kernel, d, &noise, node),
+                                race(d, &noise, node),
+                                "{kernel:?} {label} V={v} trial {trial} node {node}"
+                            );
+                            draws += v;
+                        }
+                    }
+                }
+            }
+            assert!(draws > 1 << 20, "{draws} tokens raced");
+        }
     }
 }

@@ -74,6 +74,38 @@ pub fn philox4x32_10(key: [u32; 2], counter: [u32; 4]) -> [u32; 4] {
     [c0, c1, c2, c3]
 }
 
+/// [`philox4x32_10`] of `N` counters that differ only in their first word, `c0 + i` for lane `i`: word `w` of
+/// lane `i`'s block in `[w][i]`. The same bits lane by lane, written as loops over the lanes so that a compiler
+/// vectorises them (32-bit products into 64 bits, exclusive ors).
+#[inline(always)]
+pub fn philox4x32_10_lanes<const N: usize>(key: [u32; 2], counter: [u32; 4]) -> [[u32; N]; 4] {
+    let [mut k0, mut k1] = key;
+    let mut c = [
+        [counter[0]; N],
+        [counter[1]; N],
+        [counter[2]; N],
+        [counter[3]; N],
+    ];
+    for (i, c0) in c[0].iter_mut().enumerate() {
+        *c0 = c0.wrapping_add(i as u32);
+    }
+    for round in 0..10 {
+        if round > 0 {
+            k0 = k0.wrapping_add(PHILOX_W0);
+            k1 = k1.wrapping_add(PHILOX_W1);
+        }
+        // The four words of lane `i` live in four arrays: an index is the plain way to walk them together.
+        #[allow(clippy::needless_range_loop)]
+        for i in 0..N {
+            let (hi0, lo0) = mulhilo(PHILOX_M0, c[0][i]);
+            let (hi1, lo1) = mulhilo(PHILOX_M1, c[2][i]);
+            (c[0][i], c[1][i], c[2][i], c[3][i]) =
+                (hi1 ^ c[1][i] ^ k0, lo1, hi0 ^ c[3][i] ^ k1, lo0);
+        }
+    }
+    c
+}
+
 /// A seed for sample `sample` of a group sharing `base_seed` (the rollouts of one prompt in GRPO, or any requests
 /// that must draw independently): the same seed and step give the same noise in any batch slot, so samples meant
 /// to differ need different seeds. For a fixed `base_seed` distinct `sample` values give distinct seeds (an odd
@@ -116,6 +148,22 @@ impl RequestNoise {
         self.block(domain, node, index)[(index % 4) as usize]
     }
 
+    /// The high words (Token domain) of the `4 N` tokens from `first` (a multiple of 4) drawn at `node`: the
+    /// same words as [`Self::block`] gives four at a time, from `N` blocks computed side by side.
+    #[inline(always)]
+    pub fn token_highs<const N: usize>(&self, node: u32, first: u32) -> [[u32; N]; 4] {
+        debug_assert!(node < 1 << 16 && first.is_multiple_of(4));
+        philox4x32_10_lanes(
+            [self.seed as u32, (self.seed >> 32) as u32],
+            [
+                first / 4,
+                ((Domain::Token as u32) << 16) | node,
+                self.step as u32,
+                (self.step >> 32) as u32,
+            ],
+        )
+    }
+
     /// The acceptance coin of the `j`-th child tried at `node`: a uniform in (0, 1).
     pub fn coin(&self, node: u32, j: u32) -> f32 {
         uniform(self.bits(Domain::Coin, node, j))
@@ -155,14 +203,27 @@ pub const MAX_GUMBEL: f64 = 28.43;
 /// rounded `f32` operations, as everywhere in this file.
 #[inline(always)]
 pub fn exponential_of_draw(high: u32, low: impl FnOnce() -> u32) -> f32 {
-    let (lz, m) = if high.leading_zeros() <= 9 {
-        let lz = high.leading_zeros();
-        (lz, (high >> (9 - lz)) & 0x3F_FFFF)
-    } else {
-        let r = (u64::from(high) << 32) | u64::from(low());
-        let lz = r.leading_zeros().min(40);
-        (lz, ((r >> (41 - lz)) & 0x3F_FFFF) as u32)
-    };
+    if high.leading_zeros() <= 9 {
+        return exponential_of_high(high);
+    }
+    let r = (u64::from(high) << 32) | u64::from(low());
+    let lz = r.leading_zeros().min(40);
+    exponential_of_bucket(lz, ((r >> (41 - lz)) & 0x3F_FFFF) as u32)
+}
+
+/// [`exponential_of_draw`] of a high word with at most 9 leading zeros (all but 1 in 1024), which needs no low
+/// word, as straight-line code: both branches computed and one selected, so that a loop over many tokens
+/// vectorises, with the same bits. For a high word with more leading zeros the result is meaningless: a caller
+/// computing many at once redoes those with [`exponential_of_draw`].
+#[inline(always)]
+pub fn exponential_of_high(high: u32) -> f32 {
+    let lz = high.leading_zeros().min(9);
+    exponential_of_bucket(lz, (high >> (9 - lz)) & 0x3F_FFFF)
+}
+
+/// `E` of bucket `lz` and cell `m` (see [`exponential_of_draw`]).
+#[inline(always)]
+fn exponential_of_bucket(lz: u32, m: u32) -> f32 {
     let t = f32::from_bits(((126 - lz) << 23) | (2 * m + 1));
     if lz >= 2 {
         // t < 1/4: E = -ln(1 - t) = 2 atanh(s), s = t / (2 - t) <= 1/7; the first omitted term is below 2^-31 E.
@@ -233,6 +294,43 @@ mod tests {
             ),
             [0xd16c_fe09, 0x94fd_cceb, 0x5001_e420, 0x2412_6ea1]
         );
+    }
+
+    #[test]
+    fn philox_lanes_equal_philox_lane_by_lane() {
+        let (key, counter) = (
+            [0xa409_3822, 0x299f_31d0],
+            [0xFFFF_FFF9, 0x85a3_08d3, 7, 0x0370_7344],
+        );
+        let lanes = philox4x32_10_lanes::<16>(key, counter);
+        for i in 0..16u32 {
+            let c0 = counter[0].wrapping_add(i);
+            let one = philox4x32_10(key, [c0, counter[1], counter[2], counter[3]]);
+            assert_eq!(lanes.map(|words| words[i as usize]), one, "lane {i}");
+        }
+    }
+
+    #[test]
+    fn the_high_word_alone_gives_the_draw_where_it_suffices() {
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut highs: Vec<u32> = (0..=9)
+            .flat_map(|lz| [u32::MAX >> lz, 1 << (31 - lz), (1 << (31 - lz)) | 1])
+            .collect();
+        highs.extend((0..1_000_000).map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 32) as u32 | 1 << 22
+        }));
+        for high in highs {
+            assert!(high.leading_zeros() <= 9);
+            let want = exponential_of_draw(high, || unreachable!("no low word needed"));
+            assert_eq!(
+                exponential_of_high(high).to_bits(),
+                want.to_bits(),
+                "high {high:#x}"
+            );
+        }
     }
 
     #[test]

@@ -384,10 +384,11 @@ pub fn with_payload_nans<T: HalfElement>(
 /// The spacing of fp16's subnormals, which bounds the absolute rounding error of tiny outputs.
 pub const SUBNORMAL_STEP: f64 = 1.0 / (1u64 << 24) as f64;
 
-/// The CPU kernel's f32 error, absolute, for values in [-1, 1): the weighted sum over `n` keys is off by at
-/// most `n 2^-24 max|v|` (2^-15.9 at the CPU bodies' 270 keys at most), and a score by at most
-/// `D 2^-24 sum_d |q_d k_d| scale`, which moves a weight by as much relatively; the exponential adds 3 ulp.
-/// 2^-14, a sixteenth of fp16's ulp at 1, covers them with room; a wrong key, mask or scale is off by far more.
+/// The CPU kernel's f32 error, absolute, for values in [-1, 1): the weighted sum over `n` keys is off by
+/// about `sqrt(n) 2^-24 max|v|` (worst case `n 2^-24`, 2^-15.9 at the CPU bodies' 270 keys at most), a score
+/// by about `sqrt(D) 2^-24 sum_d |q_d k_d| scale` (worst case `D` times), which moves a weight by as much
+/// relatively, and the exponential adds 3 ulp. 2^-14, a sixteenth of fp16's ulp at 1, is far above the typical
+/// errors (not a worst-case bound at D = 256); a wrong key, mask or scale is off by far more.
 pub const CPU_F32_SLACK: f64 = 1.0 / 16384.0;
 
 /// The CPU kernel's lse, relative to `1 + |lse|`: f32 scores (above) and exponentials, the sum of weights in

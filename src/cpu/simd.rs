@@ -1,0 +1,58 @@
+//! The instruction sets the CPU backend's kernels are compiled for (tree attention, the sampler's race),
+//! chosen at run time by what the CPU has. (The int4 GEMV has its own choice, with its own kernels.)
+
+/// The instruction sets a kernel is compiled for, chosen by what the CPU has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kernel {
+    Portable,
+    #[cfg(target_arch = "x86_64")]
+    Avx2Fma,
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+impl Kernel {
+    pub(crate) fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx2") && has!("fma") {
+                return if has!("avx512f") {
+                    Kernel::Avx512
+                } else {
+                    Kernel::Avx2Fma
+                };
+            }
+        }
+        Kernel::Portable
+    }
+
+    /// Whether this CPU has the kernel's instruction sets: the dispatchers assert it before they run a kernel's
+    /// `#[target_feature]` code, so that no caller can run one where it is undefined (the answer is cached).
+    pub(crate) fn runs_here(self) -> bool {
+        match self {
+            Kernel::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2Fma => {
+                std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+            }
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 => {
+                Kernel::Avx2Fma.runs_here() && std::arch::is_x86_feature_detected!("avx512f")
+            }
+        }
+    }
+
+    /// The kernels this CPU can run.
+    #[cfg(test)]
+    pub(crate) fn available() -> Vec<Self> {
+        match Self::detect() {
+            Kernel::Portable => vec![Kernel::Portable],
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2Fma => vec![Kernel::Portable, Kernel::Avx2Fma],
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 => vec![Kernel::Portable, Kernel::Avx2Fma, Kernel::Avx512],
+        }
+    }
+}
