@@ -366,7 +366,7 @@ fn probabilities(d: Dist) -> Vec<f32> {
 ///
 /// Tokens are visited in increasing order, by chunks of [`RACE_CHUNK`], and a chunk whose keys cannot exceed the
 /// best key so far (by the bounds on the noise, [`noise::MIN_EXPONENTIAL`] and [`noise::MAX_GUMBEL`]) is
-/// skipped without drawing its noise: exact, since a skipped key is below the best and a tie goes to the earlier
+/// skipped without drawing its noise: exact, since a skipped key is at most the best and a tie goes to the earlier
 /// token. A chunk's noise is computed side by side (16 Philox blocks, then the exponentials and logarithms as
 /// straight-line code), compiled for the CPU's vector instructions: the same bits as the scalar functions of
 /// [`noise`], which the CUDA kernels also give.
@@ -385,6 +385,7 @@ fn draw_with(kernel: Kernel, d: &Dist, noise: &RequestNoise, node: u32) -> usize
         #[cfg(target_arch = "x86_64")]
         Kernel::Avx2Fma => unsafe { draw_avx2(d, noise, node) },
         #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
         Kernel::Avx512 => unsafe { draw_avx512(d, noise, node) },
     }
 }
@@ -473,10 +474,10 @@ fn draw_by_chunks(d: &Dist, noise: &RequestNoise, node: u32) -> usize {
         let keys = &keys[..chunk.len()];
         let top = largest(keys);
         if top > best_key {
-            let at = keys
-                .iter()
-                .position(|&k| k == top)
-                .expect("the largest key is a key");
+            let mut at = 0;
+            while keys[at] != top {
+                at += 1;
+            }
             (best_key, best) = (top, Some(first + at));
         }
     }
@@ -595,6 +596,57 @@ mod tests {
                 }
             }
             assert!(draws > 1 << 20, "{draws} tokens raced");
+        }
+    }
+
+    /// Exact ties at the top, built from the noise itself (`w = E` gives the key 1.0 exactly, `z = ln E` the key
+    /// 0.0), within a chunk, across chunks and in the last partial chunk, go to the first tied token; rows with
+    /// one token of mass, in the first, a middle or the last partial chunk, skip the empty chunks and draw it.
+    #[test]
+    fn ties_go_to_the_first_token_and_single_tokens_are_found_on_every_kernel() {
+        let v = 300;
+        let noise = RequestNoise { seed: 11, step: 3 };
+        let node = 2;
+        let e = |x: usize| noise.token_exponential(node, x as u32);
+        for kernel in Kernel::available() {
+            for tied in [
+                vec![70, 100],
+                vec![100, 130],
+                vec![130, 299],
+                vec![5, 6, 250],
+            ] {
+                let mut weights = vec![0.0f32; v];
+                let mut logits = vec![f32::NEG_INFINITY; v];
+                for &x in &tied {
+                    weights[x] = e(x);
+                    logits[x] = noise::ln(e(x));
+                }
+                for d in [Dist::Weights(weights), Dist::Log(logits)] {
+                    assert_eq!(
+                        draw_with(kernel, &d, &noise, node),
+                        tied[0],
+                        "{kernel:?} ties {tied:?}"
+                    );
+                    assert_eq!(
+                        race(&d, &noise, node),
+                        tied[0],
+                        "the reference, ties {tied:?}"
+                    );
+                }
+            }
+            for x in [0, 63, 64, 150, 299] {
+                let mut weights = vec![0.0f32; v];
+                weights[x] = 0.25;
+                let mut logits = vec![f32::NEG_INFINITY; v];
+                logits[x] = -3.0;
+                for d in [Dist::Weights(weights), Dist::Log(logits)] {
+                    assert_eq!(
+                        draw_with(kernel, &d, &noise, node),
+                        x,
+                        "{kernel:?} single token {x}"
+                    );
+                }
+            }
         }
     }
 }

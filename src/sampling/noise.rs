@@ -324,7 +324,21 @@ mod tests {
         }));
         for high in highs {
             assert!(high.leading_zeros() <= 9);
-            let want = exponential_of_draw(high, || unreachable!("no low word needed"));
+            // The rule of `exponential_of_draw`'s documentation, written out with branches: `t` from the bucket
+            // `lz` and the 22 bits after the leading one, then the series or the logarithm.
+            let lz = high.leading_zeros();
+            let m = (high >> (9 - lz)) & 0x3F_FFFF;
+            let t = f32::from_bits(((126 - lz) << 23) | (2 * m + 1));
+            let want = if lz >= 2 {
+                two_atanh(t / (2.0 - t))
+            } else {
+                -ln(1.0 - t)
+            };
+            assert_eq!(
+                exponential_of_draw(high, || unreachable!("no low word needed")).to_bits(),
+                want.to_bits(),
+                "high {high:#x}"
+            );
             assert_eq!(
                 exponential_of_high(high).to_bits(),
                 want.to_bits(),
