@@ -5,6 +5,8 @@
 
 use rayon::prelude::*;
 
+use super::simd::Kernel;
+
 use crate::backend::{Backend, Stream};
 use crate::dtype::HalfElement;
 use crate::error::{Error, Result};
@@ -419,47 +421,11 @@ impl RowMeta {
     }
 }
 
-/// The kernel this machine runs: AVX-512 where the CPU has it, else AVX2 with FMA, else the portable one. All
-/// compute the same sums bit for bit (the same roundings in the same order; `f32::mul_add` is fused). Only the
-/// sign of a zero weight may differ (`(q - z) * s` against `q * s - z * s` where `q = z`), which no sum shows:
-/// the accumulators start at +0.
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Kernel {
-    Portable,
-    #[cfg(target_arch = "x86_64")]
-    Avx2,
-    #[cfg(target_arch = "x86_64")]
-    Avx512,
-}
-
+// The GEMV's kernels, by `Kernel` (src/cpu/simd.rs): AVX-512 where the CPU has it, else AVX2 with FMA, else the
+// portable one. All compute the same sums bit for bit (the same roundings in the same order; `f32::mul_add` is
+// fused). Only the sign of a zero weight may differ (`(q - z) * s` against `q * s - z * s` where `q = z`), which
+// no sum shows: the accumulators start at +0.
 impl Kernel {
-    fn detect() -> Self {
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::arch::is_x86_feature_detected as has;
-            if has!("avx2") && has!("fma") {
-                return if has!("avx512f") {
-                    Kernel::Avx512
-                } else {
-                    Kernel::Avx2
-                };
-            }
-        }
-        Kernel::Portable
-    }
-
-    /// The kernels this CPU can run, slowest first.
-    #[cfg(test)]
-    fn available() -> Vec<Self> {
-        match Self::detect() {
-            Kernel::Portable => vec![Kernel::Portable],
-            #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => vec![Kernel::Portable, Kernel::Avx2],
-            #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512 => vec![Kernel::Portable, Kernel::Avx2, Kernel::Avx512],
-        }
-    }
-
     /// The 16 x M sums of one row of tiles (`words`), into `sums` as `[activation row][16 rows]`, while the
     /// next row of tiles (`next`) is brought towards the cache.
     ///
@@ -475,6 +441,10 @@ impl Kernel {
         k: usize,
         sums: &mut [f32],
     ) {
+        assert!(
+            self.runs_here(),
+            "{self:?} kernel on a CPU without its instructions"
+        );
         let eighth = words.len() / 8;
         let kernel = if meta.offsets_finite {
             self
@@ -493,10 +463,10 @@ impl Kernel {
                 }
                 let (upper, lower) = match kernel {
                     Kernel::Portable => portable_chunk_rows(words, x, chunk, meta),
-                    // SAFETY: `detect` found AVX2 and FMA on this CPU; `words` holds whole tiles and `x`
+                    // SAFETY: the CPU has AVX2 and FMA (asserted above); `words` holds whole tiles and `x`
                     // their 64 activations each (the caller's shapes); `chunk < 8`.
                     #[cfg(target_arch = "x86_64")]
-                    Kernel::Avx2 => unsafe { avx2::chunk_rows(words, x, chunk, meta) },
+                    Kernel::Avx2Fma => unsafe { avx2::chunk_rows(words, x, chunk, meta) },
                     #[cfg(target_arch = "x86_64")]
                     Kernel::Avx512 => unreachable!("handled above"),
                 };

@@ -1,5 +1,5 @@
-//! The instruction sets the CPU backend's kernels are compiled for (tree attention, the sampler's race),
-//! chosen at run time by what the CPU has. (The int4 GEMV has its own choice, with its own kernels.)
+//! The instruction sets the CPU backend's kernels are compiled for (the int4 GEMV, tree attention, the
+//! sampler's race), chosen at run time by what the CPU has.
 
 /// The instruction sets a kernel is compiled for, chosen by what the CPU has.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
