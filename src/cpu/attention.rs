@@ -1,7 +1,6 @@
 //! Tree attention over a paged KV cache and accepted-path compaction, on the CPU: the KV append, RoPE and the
 //! checks here, the attention itself in f32 by the kernel of `attention_kernel.rs` (AVX-512, AVX2 and FMA, or
-//! portable),
-//! on the backend's threads. Semantics, layouts and rules: [`crate::attention`]. The readable f64 reference the
+//! portable) on the backend's threads. Semantics, layouts and rules: [`crate::attention`]. The readable f64 reference the
 //! tests hold both this and `cuda/tree_attention.cu` to is `Problem::reference` in `tests/common/attention.rs`.
 
 use rayon::prelude::*;

@@ -274,7 +274,7 @@ fn attend_rows<T: Copy, M: MulAdd, const R: usize, const W: usize>(
             let path = item.request.ancestors[(first + r) / item.group];
             maxima.push(exponentials::<M>(row, prefix, path, item.scale));
         }
-        let totals = row_sums(scores, n, &maxima);
+        let totals = row_sums(scores, n);
         // P V over the prefix keys by blocks, then each row's path keys in order on the same sums.
         product::<M, R, W>(scores, n, &item.values[..prefix * d], d, prefix, sums);
         for (r, (acc, weights)) in sums
@@ -351,8 +351,8 @@ fn exponentials<M: MulAdd>(row: &mut [f32], prefix: usize, path: u64, scale: f32
 /// weights (masked keys) sit; the rows are summed side by side, each still in order, so that the additions
 /// overlap. An empty softmax (max `-inf`) sums to 0.
 #[inline(always)]
-fn row_sums(weights: &[f32], n: usize, maxima: &[f32]) -> Vec<f64> {
-    let mut totals = vec![0.0f64; maxima.len()];
+fn row_sums(weights: &[f32], n: usize) -> Vec<f64> {
+    let mut totals = vec![0.0f64; weights.len() / n];
     for j in 0..n {
         for (r, total) in totals.iter_mut().enumerate() {
             *total += f64::from(weights[r * n + j]);
