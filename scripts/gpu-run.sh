@@ -2,10 +2,11 @@
 # The GPU runner, staged as gpu-stage/run.sh by scripts/stage-gpu.sh. Runs one family's checks and timings on a
 # machine with a GPU and no Rust toolchain, in this order: the family's GPU tests with SPECDEC_REQUIRE_GPU=1;
 # compute-sanitizer's memcheck on them; racecheck, synccheck and initcheck on a chosen subset; the main job's
-# rows for the family; the peers (PyTorch) on the same inputs. The last line is "N passed, N failed".
+# rows for the family; the peers (PyTorch, through the Python package) on the same inputs; the Python package's
+# CUDA tests (python/tests/test_cuda.py). The last line is "N passed, N failed".
 #
 #   bash gpu-stage/run.sh greedy                 # one family: greedy, sampling, int4, attention (or all)
-#   bash gpu-stage/run.sh int4 tests sanitize    # some parts of it: tests sanitize bench peers
+#   bash gpu-stage/run.sh int4 tests sanitize    # some parts of it: tests sanitize bench peers python
 #
 # Sized for a lent GPU machine (one command of at most 10 minutes, at most 8 files back): every step runs under
 # its own time limit and all of them under one budget (SPECDEC_RUNNER_BUDGET_S, default 450 s), so a hung kernel
@@ -27,10 +28,10 @@ case "$family" in
     exit 2
     ;;
 esac
-parts=${*:-tests sanitize bench peers}
+parts=${*:-tests sanitize bench peers python}
 for part in $parts; do
-  [[ " tests sanitize bench peers " == *" $part "* ]] || {
-    echo "run.sh: unknown part $part (tests, sanitize, bench or peers)" >&2
+  [[ " tests sanitize bench peers python " == *" $part "* ]] || {
+    echo "run.sh: unknown part $part (tests, sanitize, bench, peers or python)" >&2
     exit 2
   }
 done
@@ -163,16 +164,37 @@ run() {
       --backend cuda "${quick[@]}" "${args[@]}"
     [[ -s $out/bench.md ]] && cat "$out/bench.md"
   fi
+  # The Python package (peers and its CUDA tests): cffi and pycparser from the staged wheels (the image has
+  # neither), the package from its sources with the staged library.
+  local site=${TMPDIR:-/tmp}/specdec-python-site
+  local package_env=(env PYTHONPATH="$site:$here/python:$here/python/tests"
+    SPECDEC_KERNELS_LIBRARY="$here/libspecdec.so")
+  local torch_cuda=
+  if { want peers || want python; } && python3 -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
+    torch_cuda=1
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" wheels/*.whl
+  fi
   if want peers; then
-    if python3 -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
+    if [[ -n $torch_cuda ]]; then
       local args=()
       for f in $families; do args+=(--family "$f"); done
       # Unbuffered, so that the rows of the cases done survive a timeout.
-      step "peers (PyTorch: $families)" 180 peers.log "${stdout_to[@]}" "$out/peers.md" python3 -u peers.py \
-        --lib ./libspecdec.so "${quick[@]}" "${args[@]}"
+      step "peers (PyTorch: $families)" 180 peers.log "${stdout_to[@]}" "$out/peers.md" "${package_env[@]}" \
+        python3 -u peers.py "${quick[@]}" "${args[@]}"
       [[ -s $out/peers.md ]] && cat "$out/peers.md"
     else
       echo "SKIPPED peers: no PyTorch with CUDA here"
+    fi
+  fi
+  if want python; then
+    if [[ -n $torch_cuda ]]; then
+      # Every family through the package on CUDA tensors: against the CPU backend, on a side stream, in CUDA
+      # graphs, opcheck (python/tests/test_cuda.py; the CPU suite runs in CI).
+      step "python package on CUDA (pytest python/tests/test_cuda.py)" 120 python.log "${package_env[@]}" \
+        python3 -m pytest -q -p no:cacheprovider python/tests/test_cuda.py
+      tail -n 1 "$logs/python.log"
+    else
+      echo "SKIPPED python: no PyTorch with CUDA here"
     fi
   fi
   tar czf "$out/logs.tar.gz" -C "$out" logs && rm -rf "$logs"

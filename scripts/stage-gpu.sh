@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Stages one family's GPU run in gpu-stage/ (git-ignored), ready to carry to a GPU machine that has no Rust
-# toolchain: the family's GPU test binary, the main job `bench`, libspecdec.so for the peer harness, peers.py
-# and the runner (scripts/gpu-run.sh as run.sh), all stripped, with kernels for sm_90 only (the lent GPUs are
+# toolchain: the family's GPU test binary, the main job `bench`, the Python package (python/specdec_kernels, with
+# libspecdec.so, and the cffi and pycparser wheels for the GPU image's Python 3.12, which lacks them) for the peer
+# harness, peers.py and the runner (scripts/gpu-run.sh as run.sh), all stripped, with kernels for sm_90 only (the lent GPUs are
 # H100/H200). There: `bash gpu-stage/run.sh FAMILY` (see scripts/gpu-run.sh).
 #
 #   scripts/stage-gpu.sh greedy                      # or sampling, int4, attention; all stages every family
@@ -64,6 +65,13 @@ for line in open(messages):
 PY
 cp "target/$profile/examples/bench" "target/$profile/libspecdec.so" "$stage/"
 cp bench/peers.py "$stage/"
+# The package as sources (the header link dereferenced); libspecdec.so is found through SPECDEC_KERNELS_LIBRARY.
+mkdir -p "$stage/python"
+cp -RL python/specdec_kernels python/tests "$stage/python/"
+rm -rf "$stage"/python/*/__pycache__ "$stage"/python/specdec_kernels/_libspecdec*
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+  -d "$stage/wheels" cffi==2.1.1 pycparser==2.23
 cp scripts/gpu-run.sh "$stage/run.sh"
 strip "$stage"/tests/* "$stage/bench" "$stage/libspecdec.so"
 commit=$(git rev-parse --short=12 HEAD)

@@ -13,9 +13,16 @@ the tensors' device and the call returns without waiting; torch tensors go throu
 custom ops (see `specdec_kernels.ops`), which trace under torch.compile.
 """
 from ._ffi import InvalidArgumentError, SpecdecError, request_status_name
+from .attention import AttentionResult, tree_attention, tree_kv_compact
+from .drafter import Proposal, SuffixDrafter
 from .int4 import Int4Weight
+from .int4 import from_awq as int4_from_awq
+from .int4 import from_gptq as int4_from_gptq
 from .int4 import gemv as int4_gemv
+from .int4 import pack as int4_pack
 from .int4 import quantize as int4_quantize
+from .policy import CostModel, DraftLengths, DraftTrees, choose_draft_lengths, choose_draft_trees
+from .tree import CompactionPaths, VerifyTree, compaction_paths, draft_to_verify_tree
 from .verify import (
     VerifyResult,
     greedy_verify,
@@ -36,6 +43,23 @@ __all__ = [
     "Int4Weight",
     "int4_quantize",
     "int4_gemv",
+    "int4_pack",
+    "int4_from_gptq",
+    "int4_from_awq",
+    "AttentionResult",
+    "tree_attention",
+    "tree_kv_compact",
+    "SuffixDrafter",
+    "Proposal",
+    "CostModel",
+    "DraftLengths",
+    "DraftTrees",
+    "choose_draft_lengths",
+    "choose_draft_trees",
+    "VerifyTree",
+    "CompactionPaths",
+    "draft_to_verify_tree",
+    "compaction_paths",
     "version",
 ]
 

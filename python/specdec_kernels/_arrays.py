@@ -24,8 +24,30 @@ _ITEM_BYTES = {
 }
 
 
+# numpy's dtype.name is slow (it formats a string each time); the library's dtypes by lookup instead.
+_NUMPY_NAMES = {np.dtype(name): name for name in _ITEM_BYTES if name != "bfloat16"}
+
+
 def _torch():
     return sys.modules.get("torch")
+
+
+_TORCH_NAMES = {}
+
+
+def _torch_dtype_name(dtype):
+    name = _TORCH_NAMES.get(dtype)
+    if name is None:
+        name = _TORCH_NAMES[dtype] = str(dtype).replace("torch.", "")
+    return name
+
+
+def through_op(primary):
+    """Whether a call on torch tensors goes through its torch.library op: while torch.compile (or export)
+    traces, and for tensor subclasses (fake, functional) that only the op's fake implementation can take. A
+    plain eager call runs the same implementation directly, without the op dispatch's tens of microseconds."""
+    torch = _torch()
+    return primary.is_torch and (torch.compiler.is_compiling() or type(primary.value) is not torch.Tensor)
 
 
 class Array:
@@ -58,7 +80,9 @@ class Array:
 def _describe(value, name):
     torch = _torch()
     if torch is not None and isinstance(value, torch.Tensor):
-        dtype = str(value.dtype).replace("torch.", "")
+        if value.layout != torch.strided:
+            raise ValueError(f"{name}: {value.layout} layout; specdec takes dense (strided) tensors")
+        dtype = _torch_dtype_name(value.dtype)
         device = (value.device.type, value.device.index or 0)
         if device[0] not in ("cpu", "cuda"):
             raise ValueError(f"{name}: on device {value.device}; specdec takes CPU and CUDA tensors")
@@ -71,12 +95,16 @@ def _describe(value, name):
             raise ValueError(f"{name}: requires grad; specdec's kernels have no backward (pass x.detach())")
         return Array(value, name, dtype, tuple(value.shape), device, True)
     if isinstance(value, np.ndarray):
+        if not value.dtype.isnative:
+            raise ValueError(f"{name}: byte order {value.dtype.str!r} is not this machine's; convert with "
+                             f".astype({value.dtype.newbyteorder('=').name!r})")
         if not value.flags.c_contiguous:
             raise ValueError(
                 f"{name}: not C-contiguous (shape {value.shape}, strides {value.strides}); a view such as "
                 f"x[:, :V] must be copied first (np.ascontiguousarray(x[:, :V]))"
             )
-        return Array(value, name, value.dtype.name, tuple(value.shape), ("cpu", 0), False)
+        dtype = _NUMPY_NAMES.get(value.dtype) or value.dtype.name
+        return Array(value, name, dtype, tuple(value.shape), ("cpu", 0), False)
     raise TypeError(f"{name}: expected a torch.Tensor or a numpy.ndarray, got {type(value).__name__}")
 
 
@@ -87,7 +115,7 @@ def _dtype_hint(found, allowed):
             "array, e.g. x.view(ml_dtypes.bfloat16))"
         )
     if found == "int64" and "int32" in allowed:
-        return " (token ids, offsets and parents are int32: convert with .to(torch.int32) or .astype(np.int32))"
+        return " (convert with .to(torch.int32) or .astype(np.int32))"
     return ""
 
 
@@ -100,6 +128,14 @@ def array(value, name, dtypes, ndim=None):
     if ndim is not None and len(described.shape) != ndim:
         raise ValueError(f"{name}: {len(described.shape)} dimensions (shape {described.shape}), expected {ndim}")
     return described
+
+
+def output(value, name):
+    """An output this package has just allocated (so nothing to check): its Array."""
+    if isinstance(value, np.ndarray):
+        return Array(value, name, _NUMPY_NAMES.get(value.dtype) or value.dtype.name, value.shape, ("cpu", 0), False)
+    device = (value.device.type, value.device.index or 0)
+    return Array(value, name, _torch_dtype_name(value.dtype), tuple(value.shape), device, True)
 
 
 def optional_array(value, name, dtypes, ndim=None):
@@ -164,20 +200,35 @@ def per_request(value, name, like, count, dtype, dtypes):
     torch = _torch()
     is_array = isinstance(value, np.ndarray) or (torch is not None and isinstance(value, torch.Tensor))
     if not is_array:
-        if isinstance(value, (int, float, np.integer, np.floating)):
-            value = full(like, (count,), dtype, _int64_bits(value, name) if dtype == "int64" else value)
+        integral = dtype in ("int32", "int64")
+        values = [value] if _is_scalar(value) else value
+        if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+            raise TypeError(f"{name}: {value!r}, expected a number, a sequence of numbers or an array")
+        values = list(values)
+        for v in values:
+            if isinstance(v, bool) or not _is_scalar(v) or (integral and not isinstance(v, (int, np.integer))):
+                kind = "integers" if integral else "numbers"
+                raise TypeError(f"{name}: {v!r} in it, expected {kind}")
+        if dtype == "int64":
+            values = [_int64_bits(v, name) for v in values]
+        elif dtype == "int32":
+            for v in values:
+                if not -(1 << 31) <= int(v) < (1 << 31):
+                    raise OverflowError(f"{name}: {v} does not fit in int32")
+        if _is_scalar(value):
+            value = full(like, (count,), dtype, values[0])
+        elif like.is_torch:
+            value = torch.tensor(values, dtype=getattr(torch, dtype), device=like.value.device)
         else:
-            values = list(value)
-            if dtype == "int64":
-                values = [_int64_bits(v, name) for v in values]
-            if like.is_torch:
-                value = torch.tensor(values, dtype=getattr(torch, dtype), device=like.value.device)
-            else:
-                value = np.asarray(values, dtype=_numpy_dtype(dtype))
+            value = np.asarray(values, dtype=_numpy_dtype(dtype))
     checked = array(value, name, dtypes, ndim=1)
     same_device(like, checked)
     expect_shape(checked, (count,))
     return checked
+
+
+def _is_scalar(value):
+    return isinstance(value, (int, float, np.integer, np.floating))
 
 
 def _int64_bits(value, name):
@@ -186,6 +237,13 @@ def _int64_bits(value, name):
     if not -(1 << 63) <= value < (1 << 64):
         raise OverflowError(f"{name}: {value} does not fit in 64 bits")
     return value - (1 << 64) if value >= (1 << 63) else value
+
+
+def positive_int(value, name):
+    """A positive Python or numpy integer as an int, named in the error."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name}: {value!r}, expected a positive int")
+    return int(value)
 
 
 def stream_of(primary):

@@ -95,6 +95,9 @@ def context(device_type, index):
     """The process's context for the CPU (`"cpu"`) or a CUDA device (`"cuda"`, ordinal), created on first use
     and kept for the process's lifetime (contexts are thread-safe and cheap to keep)."""
     key = (device_type, index)
+    ctx = _contexts.get(key)
+    if ctx is not None:
+        return ctx
     with _contexts_lock:
         ctx = _contexts.get(key)
         if ctx is None:

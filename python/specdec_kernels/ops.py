@@ -13,8 +13,12 @@ otherwise read from the offsets' values.
     torch.ops.specdec_kernels.rejection_verify_tree(target, draft, node_tokens, parents, node_offsets, ...)
     torch.ops.specdec_kernels.int4_quantize(weights, group_size, scale_dtype)
     torch.ops.specdec_kernels.int4_gemv(x, packed, scales, zeros, n, group_size)
+    torch.ops.specdec_kernels.tree_attention(q, k, v, token_offsets, parents, prefix_lens, page_table, k_cache,
+        v_cache, cos_sin_cache, rope_style, softmax_scale, max_tree_size)      # mutates k_cache, v_cache
+    torch.ops.specdec_kernels.tree_kv_compact(k_caches, v_caches, accepted_offsets, accepted_nodes, prefix_lens,
+        page_table)                                                          # mutates the caches
 """
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -27,43 +31,51 @@ def ensure_registered():
 def _register():
     from torch import Tensor
 
-    from . import _arrays, int4, verify
+    from . import _arrays, attention, int4, verify
 
     def checked(tensor, name, dtypes):
+        """A required tensor argument, checked (the schema lets None through for a Tensor)."""
+        if tensor is None:
+            raise TypeError(f"{name}: None, expected a tensor")
+        return _arrays.array(tensor, name, dtypes)
+
+    def optional(tensor, name, dtypes):
         return None if tensor is None else _arrays.array(tensor, name, dtypes)
 
     @torch.library.custom_op("specdec_kernels::greedy_verify", mutates_args=())
-    def greedy_verify(logits: Tensor, draft_tokens: Tensor, draft_offsets: Tensor, emit_width: int) -> List[Tensor]:
+    def greedy_verify(
+        logits: Tensor, draft_tokens: Tensor, draft_offsets: Tensor, emit_width: int,
+    ) -> Tuple[Tensor, Tensor, Tensor]:
         result = verify.greedy_verify_into(
             checked(logits, "logits", verify.LOGITS_DTYPES),
             checked(draft_tokens, "draft_tokens", ("int32",)),
             checked(draft_offsets, "draft_offsets", ("int32",)),
             emit_width,
         )
-        return [result.accepted_counts, result.emitted_tokens, result.request_status]
+        return result.accepted_counts, result.emitted_tokens, result.request_status
 
     @greedy_verify.register_fake
     def _(logits, draft_tokens, draft_offsets, emit_width):
         num_requests = draft_offsets.shape[0] - 1
-        return [
+        return (
             logits.new_empty((num_requests,), dtype=torch.int32),
             logits.new_empty((num_requests, emit_width), dtype=torch.int32),
             logits.new_empty((num_requests,), dtype=torch.int32),
-        ]
+        )
 
     def sampling_of(target, temperature, top_k, top_p, seeds, steps, draft_temperature, draft_top_k, draft_top_p):
         given = dict(temperature=temperature, top_k=top_k, top_p=top_p, seeds=seeds, steps=steps,
                      draft_temperature=draft_temperature, draft_top_k=draft_top_k, draft_top_p=draft_top_p)
-        return {name: checked(value, name, verify._SAMPLING_FIELDS[name][1]) for name, value in given.items()}
+        return {name: optional(value, name, verify._SAMPLING_FIELDS[name][1]) for name, value in given.items()}
 
     def verify_outputs_fake(target, num_requests, emit_width):
-        return [
+        return (
             target.new_empty((num_requests,), dtype=torch.int32),
             target.new_empty((num_requests, emit_width), dtype=torch.int32),
             target.new_empty((num_requests, emit_width), dtype=torch.int32),
             target.new_empty((num_requests, emit_width), dtype=torch.int8),
             target.new_empty((num_requests,), dtype=torch.int32),
-        ]
+        )
 
     @torch.library.custom_op("specdec_kernels::rejection_verify_chain", mutates_args=())
     def rejection_verify_chain(
@@ -71,16 +83,16 @@ def _register():
         temperature: Optional[Tensor], top_k: Optional[Tensor], top_p: Optional[Tensor], seeds: Tensor,
         steps: Tensor, draft_temperature: Optional[Tensor], draft_top_k: Optional[Tensor],
         draft_top_p: Optional[Tensor], probabilities: bool, emit_width: int,
-    ) -> List[Tensor]:
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         target_array = checked(target, "target", verify.LOGITS_DTYPES)
         sampling = sampling_of(target, temperature, top_k, top_p, seeds, steps, draft_temperature, draft_top_k,
                                draft_top_p)
         result = verify.rejection_call(
-            "chain", target_array, checked(draft, "draft", verify.LOGITS_DTYPES),
+            "chain", target_array, optional(draft, "draft", verify.LOGITS_DTYPES),
             checked(draft_tokens, "draft_tokens", ("int32",)), None,
             checked(draft_offsets, "draft_offsets", ("int32",)), probabilities, emit_width, sampling,
         )
-        return list(result)
+        return tuple(result)
 
     @rejection_verify_chain.register_fake
     def _(target, draft, draft_tokens, draft_offsets, *rest):
@@ -92,35 +104,39 @@ def _register():
         temperature: Optional[Tensor], top_k: Optional[Tensor], top_p: Optional[Tensor], seeds: Tensor,
         steps: Tensor, draft_temperature: Optional[Tensor], draft_top_k: Optional[Tensor],
         draft_top_p: Optional[Tensor], probabilities: bool, emit_width: int,
-    ) -> List[Tensor]:
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         target_array = checked(target, "target", verify.LOGITS_DTYPES)
         sampling = sampling_of(target, temperature, top_k, top_p, seeds, steps, draft_temperature, draft_top_k,
                                draft_top_p)
         result = verify.rejection_call(
-            "tree", target_array, checked(draft, "draft", verify.LOGITS_DTYPES),
+            "tree", target_array, optional(draft, "draft", verify.LOGITS_DTYPES),
             checked(node_tokens, "node_tokens", ("int32",)), checked(parents, "parents", ("int32",)),
             checked(node_offsets, "node_offsets", ("int32",)), probabilities, emit_width, sampling,
         )
-        return list(result)
+        return tuple(result)
 
     @rejection_verify_tree.register_fake
     def _(target, draft, node_tokens, parents, node_offsets, *rest):
         return verify_outputs_fake(target, node_offsets.shape[0] - 1, rest[-1])
 
     @torch.library.custom_op("specdec_kernels::int4_quantize", mutates_args=())
-    def int4_quantize(weights: Tensor, group_size: int, scale_dtype: torch.dtype) -> List[Tensor]:
+    def int4_quantize(
+        weights: Tensor, group_size: int, scale_dtype: torch.dtype,
+    ) -> Tuple[Tensor, Tensor, Tensor]:
         w = checked(weights, "weights", int4.WEIGHT_DTYPES)
-        return list(int4.quantize_call(w, group_size, str(scale_dtype).replace("torch.", ""))[:3])
+        return tuple(int4.quantize_call(w, group_size, str(scale_dtype).replace("torch.", ""))[:3])
 
     @int4_quantize.register_fake
     def _(weights, group_size, scale_dtype):
+        if scale_dtype not in (torch.float16, torch.bfloat16):
+            raise TypeError(f"scale_dtype: {scale_dtype}, expected torch.float16 or torch.bfloat16")
         n, k = weights.shape
         groups = k // group_size
-        return [
+        return (
             weights.new_empty((n * k // 8,), dtype=torch.uint32),
             weights.new_empty((groups, n), dtype=scale_dtype),
             weights.new_empty((groups, n), dtype=torch.uint8),
-        ]
+        )
 
     @torch.library.custom_op("specdec_kernels::int4_gemv", mutates_args=())
     def int4_gemv(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor, n: int, group_size: int) -> Tensor:
@@ -132,6 +148,35 @@ def _register():
     @int4_gemv.register_fake
     def _(x, packed, scales, zeros, n, group_size):
         return x.new_empty((x.shape[0], n))
+
+    @torch.library.custom_op("specdec_kernels::tree_attention", mutates_args=("k_cache", "v_cache"))
+    def tree_attention(
+        q: Tensor, k: Tensor, v: Tensor, token_offsets: Tensor, parents: Tensor, prefix_lens: Tensor,
+        page_table: Tensor, k_cache: Tensor, v_cache: Tensor, cos_sin_cache: Optional[Tensor], rope_style: str,
+        softmax_scale: float, max_tree_size: int,
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        return tuple(attention.tree_attention_call(q, k, v, token_offsets, parents, prefix_lens, page_table, k_cache,
+                                                  v_cache, cos_sin_cache, rope_style, softmax_scale, max_tree_size))
+
+    @tree_attention.register_fake
+    def _(q, k, v, token_offsets, *rest):
+        return (
+            q.new_empty(q.shape),
+            q.new_empty((q.shape[0], q.shape[1]), dtype=torch.float32),
+            q.new_empty((token_offsets.shape[0] - 1,), dtype=torch.int32),
+        )
+
+    @torch.library.custom_op("specdec_kernels::tree_kv_compact", mutates_args=("k_caches", "v_caches"))
+    def tree_kv_compact(
+        k_caches: List[Tensor], v_caches: List[Tensor], accepted_offsets: Tensor, accepted_nodes: Tensor,
+        prefix_lens: Tensor, page_table: Tensor,
+    ) -> Tensor:
+        return attention.tree_kv_compact_call(k_caches, v_caches, accepted_offsets, accepted_nodes, prefix_lens,
+                                              page_table)
+
+    @tree_kv_compact.register_fake
+    def _(k_caches, v_caches, accepted_offsets, *rest):
+        return accepted_offsets.new_empty((accepted_offsets.shape[0] - 1,), dtype=torch.int32)
 
 
 _register()

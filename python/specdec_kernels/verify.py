@@ -10,6 +10,8 @@ from Transformers via Speculative Decoding" (ICML 2023, section 2.3) for chains,
 import sys
 from typing import Any, NamedTuple, Optional
 
+import numpy as np
+
 from . import _arrays
 from ._ffi import check, context, ffi, lib, request_status_name
 
@@ -59,14 +61,23 @@ def _emit_width(emit_width, offsets, name, extra):
 
 
 def _check_emit_width(emit_width):
-    if isinstance(emit_width, bool) or not isinstance(emit_width, int) or emit_width < 1:
-        raise ValueError(f"emit_width: {emit_width!r}, expected a positive int")
-    return emit_width
+    return _arrays.positive_int(emit_width, "emit_width")
+
+
+def _checked_host_offsets(offsets, name, most_per_request):
+    """Offsets read on the host for a default emit_width: 0 first, non-decreasing, at most `most_per_request`
+    apart. Broken offsets are an error here (pass emit_width to have such a request flagged alone instead)."""
+    if not offsets or offsets[0] != 0:
+        raise ValueError(f"{name}: must start at 0 (pass emit_width to have broken requests flagged alone)")
+    for b in range(len(offsets) - 1):
+        if not 0 <= offsets[b + 1] - offsets[b] <= most_per_request:
+            raise ValueError(f"{name}: request {b} spans {offsets[b]}..{offsets[b + 1]}, expected 0 to "
+                             f"{most_per_request} entries (pass emit_width to have it flagged alone)")
+    return offsets
 
 
 def _longest_chain_plus_one(offsets, name):
-    if len(offsets) < 1:
-        raise ValueError(f"{name}: empty; it holds num_requests + 1 offsets")
+    offsets = _checked_host_offsets(offsets, name, lib.SPECDEC_MAX_TREE_NODES - 1)
     lengths = [offsets[b + 1] - offsets[b] for b in range(len(offsets) - 1)]
     return max(lengths, default=0) + 1
 
@@ -102,7 +113,7 @@ def greedy_verify(logits, draft_tokens, draft_offsets, *, emit_width=None):
     logits = _arrays.array(logits, "logits", LOGITS_DTYPES, ndim=2)
     _check_greedy(logits, draft_tokens, draft_offsets)
     width = _emit_width(emit_width, draft_offsets, "draft_offsets", _longest_chain_plus_one)
-    if logits.is_torch:
+    if _arrays.through_op(logits):
         from . import ops
 
         counts, emitted, status = ops.ensure_registered().greedy_verify(
@@ -133,7 +144,7 @@ def greedy_verify_into(logits, draft_tokens, draft_offsets, emit_width):
     counts = _arrays.empty(logits, (num_requests,), "int32")
     emitted = _arrays.empty(logits, (num_requests, emit_width), "int32")
     status = _arrays.empty(logits, (num_requests,), "int32")
-    outs = [_arrays.array(x, n, ("int32",)) for x, n in ((counts, "counts"), (emitted, "emitted"), (status, "s"))]
+    outs = [_arrays.output(x, n) for x, n in ((counts, "counts"), (emitted, "emitted"), (status, "status"))]
     check(
         lib.specdec_greedy_verify(
             _context_of(logits),
@@ -215,7 +226,7 @@ def _rejection(kind, target, draft, tokens, tokens_name, parents, offsets, offse
     else:
         width = _emit_width(emit_width, offsets, offsets_name,
                             lambda _offsets, _name: _deepest_tree_plus_one(offsets, parents))
-    if target.is_torch:
+    if _arrays.through_op(target):
         from . import ops
 
         def tensor(arr):
@@ -267,7 +278,7 @@ def _check_rejection(kind, target, draft, tokens, parents, offsets, probabilitie
 
 
 def _deepest_tree_plus_one(offsets, parents):
-    bounds = offsets.value.tolist()
+    bounds = _checked_host_offsets(offsets.value.tolist(), offsets.name, lib.SPECDEC_MAX_TREE_NODES)
     parent_of = parents.value.tolist()
     deepest = 0
     for b in range(len(bounds) - 1):
@@ -288,6 +299,12 @@ def rejection_call(kind, target, draft, tokens, parents, offsets, probabilities,
     again here (the torch ops enter here); allocates and returns the outputs."""
     _check_rejection(kind, target, draft, tokens, parents, offsets, probabilities, sampling)
     _check_emit_width(emit_width)
+    if draft is not None and draft.shape[0] == 0:
+        # No draft rows to read. An empty torch tensor has no data pointer (NULL: "point-mass drafts") while an
+        # empty numpy array has one; dropping the rows, and the drafter's parameters that apply to them only,
+        # gives both one meaning.
+        draft = None
+        sampling = {**sampling, "draft_temperature": None, "draft_top_k": None, "draft_top_p": None}
     struct = sampling_struct(sampling)
     num_requests = offsets.shape[0] - 1
     result = VerifyResult(
@@ -297,7 +314,7 @@ def rejection_call(kind, target, draft, tokens, parents, offsets, probabilities,
         _arrays.empty(target, (num_requests, emit_width), "int8"),
         _arrays.empty(target, (num_requests,), "int32"),
     )
-    outs = [_arrays.array(x, name, ("int32", "int8")) for x, name in zip(result, VerifyResult._fields)]
+    outs = [_arrays.output(x, name) for x, name in zip(result, VerifyResult._fields)]
     outputs = ffi.new("specdec_verify_outputs *")
     outputs.accepted_counts = outs[0].pointer("int32_t")
     outputs.emitted_tokens = outs[1].pointer("int32_t")
@@ -375,5 +392,15 @@ def rejection_verify_tree(target, node_tokens, parents, node_offsets, *, draft=N
 
 
 def sample_seed(base_seed, sample):
-    """The seed of sample `sample` of a group sharing `base_seed` (distinct samples, distinct seeds)."""
-    return int(lib.specdec_sample_seed(base_seed, sample))
+    """The seed (a Python int in [0, 2^64)) of sample `sample` of a group sharing `base_seed`: distinct samples
+    get distinct seeds. Both arguments are 64-bit: a negative int is taken as its two's-complement bits."""
+    return int(lib.specdec_sample_seed(_uint64(base_seed, "base_seed"), _uint64(sample, "sample")))
+
+
+def _uint64(value, name):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name}: {value!r}, expected an int")
+    value = int(value)
+    if not -(1 << 63) <= value < (1 << 64):
+        raise OverflowError(f"{name}: {value} does not fit in 64 bits")
+    return value & ((1 << 64) - 1)

@@ -139,3 +139,69 @@ def test_int4_arguments_are_named():
 def test_numpy_without_ml_dtypes_names_the_fix():
     with pytest.raises(TypeError, match="ml_dtypes.bfloat16"):
         sk.int4_quantize(np.zeros((16, 64), np.uint16), group_size=64)
+
+
+def test_review_findings_stay_fixed():
+    """Each case a review found (a silent result, a numpy/torch difference or an unnamed error), kept fixed."""
+    logits, tokens, offsets = chain_inputs()
+    np_logits, np_tokens, np_offsets = logits.numpy(), tokens.numpy(), offsets.numpy()
+    # A big-endian array would be read as little-endian bytes.
+    with pytest.raises(ValueError, match=r"^logits: byte order '>f4'"):
+        sk.greedy_verify(np_logits.astype(">f4"), np_tokens, np_offsets)
+    # Broken offsets with the default emit_width: an error naming them, never a huge allocation.
+    with pytest.raises(ValueError, match=r"^draft_offsets: request 0 spans 0..67108864"):
+        sk.greedy_verify(np.zeros((1, 8), np.float32), np.zeros(0, np.int32), np.array([0, 2**26], np.int32))
+    flagged = sk.greedy_verify(np.zeros((1, 8), np.float32), np.zeros(0, np.int32), np.array([0, 2**26], np.int32),
+                               emit_width=np.int64(4))
+    assert flagged.request_status.tolist() == [1]  # SPECDEC_REQUEST_OFFSETS
+    # Per-request values: no silent coercion, and the argument named.
+    for bad, error in (([[1], [2]], TypeError), (1.9, TypeError), (True, TypeError), ("12", TypeError)):
+        with pytest.raises(error, match=r"^seeds: "):
+            sk.rejection_verify_chain(logits, tokens, offsets, seeds=bad, steps=0)
+    with pytest.raises(TypeError, match=r"^top_k: 2.7"):
+        sk.rejection_verify_chain(logits, tokens, offsets, seeds=1, steps=0, top_k=2.7)
+    for inputs in ((logits, tokens, offsets), (np_logits, np_tokens, np_offsets)):
+        with pytest.raises(OverflowError, match=r"^top_k: 1099511627776 does not fit in int32"):
+            sk.rejection_verify_chain(*inputs, seeds=1, steps=0, top_k=2**40)
+    with pytest.raises(TypeError, match=r"^top_k: dtype int64, expected int32 \(convert with"):
+        sk.rejection_verify_chain(logits, tokens, offsets, seeds=1, steps=0, top_k=torch.ones(2, dtype=torch.int64))
+    # 64-bit seeds: negative ints are their two's-complement bits, everywhere.
+    assert sk.sample_seed(-1, 0) == sk.sample_seed(2**64 - 1, 0)
+    with pytest.raises(OverflowError, match=r"^base_seed: "):
+        sk.sample_seed(2**64, 0)
+    # Layouts the library cannot read.
+    with pytest.raises(ValueError, match=r"^logits: torch.sparse_coo layout"):
+        sk.greedy_verify(logits.to_sparse(), tokens, offsets)
+
+
+def test_no_drafts_with_draft_rows_means_the_same_on_numpy_and_torch():
+    """T = 0 (nobody drafted) with empty draft rows and the drafter's temperature: the rows are never read; an
+    empty torch tensor (no data pointer) and an empty numpy array behave alike."""
+    target = np.random.default_rng(0).standard_normal((2, 8)).astype(np.float32)
+    tokens, offsets = np.zeros(0, np.int32), np.zeros(3, np.int32)
+    a = sk.rejection_verify_chain(target, tokens, offsets, draft=np.zeros((0, 8), np.float32), draft_temperature=0.5,
+                                  seeds=[1, 2], steps=0)
+    b = sk.rejection_verify_chain(torch.from_numpy(target), torch.from_numpy(tokens), torch.from_numpy(offsets),
+                                  draft=torch.zeros(0, 8), draft_temperature=0.5, seeds=[1, 2], steps=0)
+    np.testing.assert_array_equal(a.emitted_tokens, b.emitted_tokens.numpy())
+    assert a.request_status.tolist() == [0, 0]
+
+
+def test_int4_review_findings_stay_fixed():
+    w = torch.randn(32, 128, dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"^group_size: 64.0"):
+        sk.int4_quantize(w, group_size=64.0)
+    from_numpy_dtype = sk.int4_quantize(w.numpy(), group_size=64, scale_dtype=np.float16)
+    assert from_numpy_dtype.scales.dtype == np.float16
+    weight = sk.int4_quantize(w.numpy(), group_size=64)
+    with pytest.raises(TypeError, match=r"^weight.packed: a numpy array while x is a torch tensor"):
+        sk.int4_gemv(torch.randn(1, 128, dtype=torch.float16), weight)
+    with pytest.raises(TypeError, match=r"^scale_dtype: "):
+        specdec_kernels.ops.ensure_registered().int4_quantize(w, 64, torch.float32)
+    with pytest.raises(TypeError, match=r"^weights: None"):
+        specdec_kernels.ops.ensure_registered().int4_quantize(None, 64, torch.float16)
+    with pytest.raises(TypeError, match=r"^parents: None"):
+        specdec_kernels.ops.ensure_registered().rejection_verify_tree(
+            torch.randn(2, 8), None, torch.zeros(2, dtype=torch.int32), None, torch.tensor([0, 2], dtype=torch.int32),
+            torch.ones(1), None, None, torch.ones(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64), None,
+            None, None, False, 3)

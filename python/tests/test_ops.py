@@ -54,6 +54,32 @@ def test_opcheck_int4_gemv():
     torch.library.opcheck(ops.ensure_registered().int4_gemv, (x, weight.packed, weight.scales, weight.zeros, 32, 64))
 
 
+def attention_args():
+    torch.manual_seed(0)
+    q = torch.randn(3, 4, 64, dtype=torch.bfloat16)
+    k, v = torch.randn(3, 2, 64, dtype=torch.bfloat16), torch.randn(3, 2, 64, dtype=torch.bfloat16)
+    offsets = torch.tensor([0, 2, 3], dtype=torch.int32)
+    parents = torch.tensor([-1, 0, -1], dtype=torch.int32)
+    prefix_lens = torch.tensor([5, 0], dtype=torch.int32)
+    page_table = torch.tensor([[0], [2]], dtype=torch.int32)
+    k_cache, v_cache = torch.randn(3, 16, 2, 64, dtype=torch.bfloat16), torch.randn(3, 16, 2, 64, dtype=torch.bfloat16)
+    angles = torch.rand(32, 32, dtype=torch.float64)
+    cos_sin = torch.cat([angles.cos(), angles.sin()], dim=1).float()
+    return (q, k, v, offsets, parents, prefix_lens, page_table, k_cache, v_cache, cos_sin, "neox", 0.125, 2)
+
+
+def test_opcheck_tree_attention():
+    torch.library.opcheck(ops.ensure_registered().tree_attention, attention_args())
+
+
+def test_opcheck_tree_kv_compact():
+    k_caches = [torch.randn(3, 16, 2, 64, dtype=torch.float16) for _ in range(2)]
+    v_caches = [torch.randn(3, 16, 2, 64, dtype=torch.float16) for _ in range(2)]
+    args = (k_caches, v_caches, torch.tensor([0, 2, 3], dtype=torch.int32), torch.tensor([0, 2, 0], dtype=torch.int32),
+            torch.tensor([5, 0], dtype=torch.int32), torch.tensor([[0], [2]], dtype=torch.int32))
+    torch.library.opcheck(ops.ensure_registered().tree_kv_compact, args)
+
+
 def test_compiled_verification_step_matches_eager():
     logits, tokens, offsets, width = greedy_args()
 
@@ -66,3 +92,14 @@ def test_compiled_verification_step_matches_eager():
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
     for got, want in zip(compiled(logits, tokens, offsets), step(logits, tokens, offsets)):
         torch.testing.assert_close(got, want)
+
+
+def test_int4_traces_with_fullgraph():
+    w = torch.randn(32, 128, dtype=torch.bfloat16)
+    x = torch.randn(2, 128, dtype=torch.bfloat16)
+
+    def layer(w, x):
+        return sk.int4_gemv(x, sk.int4_quantize(w, group_size=64))
+
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(w, x), layer(w, x), rtol=0, atol=0)

@@ -131,8 +131,9 @@ def test_tree_first_token_follows_the_target_with_point_mass_drafts(rng):
 def test_numpy_and_torch_give_the_same_bits(rng, dtype):
     vocab, num_requests = 257, 6
     offsets, tokens = ragged(rng, num_requests, 5, vocab)
-    target = torch.randn(len(tokens) + num_requests, vocab, generator=torch.Generator().manual_seed(int(rng.integers(1 << 31))))
-    draft = torch.randn(len(tokens), vocab)
+    generator = torch.Generator().manual_seed(int(rng.integers(1 << 31)))
+    target = torch.randn(len(tokens) + num_requests, vocab, generator=generator)
+    draft = torch.randn(len(tokens), vocab, generator=generator)
     target, draft = target.to(dtype), draft.to(dtype)
     seeds = rng.integers(0, 1 << 63, num_requests).astype(np.uint64)
 
