@@ -63,10 +63,17 @@ def _register():
             logits.new_empty((num_requests,), dtype=torch.int32),
         )
 
-    def sampling_of(target, temperature, top_k, top_p, seeds, steps, draft_temperature, draft_top_k, draft_top_p):
-        given = dict(temperature=temperature, top_k=top_k, top_p=top_p, seeds=seeds, steps=steps,
-                     draft_temperature=draft_temperature, draft_top_k=draft_top_k, draft_top_p=draft_top_p)
-        return {name: optional(value, name, verify._SAMPLING_FIELDS[name][1]) for name, value in given.items()}
+    def rejection(kind, target, draft, tokens, tokens_name, parents, offsets, offsets_name, sampling,
+                  probabilities, emit_width):
+        """Both rejection ops: `sampling` the eight per-request tensors in `verify._SAMPLING_FIELDS` order."""
+        sampling = {name: optional(value, name, verify._SAMPLING_FIELDS[name][1])
+                    for name, value in zip(verify._SAMPLING_FIELDS, sampling)}
+        return tuple(verify.rejection_call(
+            kind, checked(target, "target", verify.LOGITS_DTYPES), optional(draft, "draft", verify.LOGITS_DTYPES),
+            checked(tokens, tokens_name, ("int32",)),
+            None if kind == "chain" else checked(parents, "parents", ("int32",)),
+            checked(offsets, offsets_name, ("int32",)), probabilities, emit_width, sampling,
+        ))
 
     def verify_outputs_fake(target, num_requests, emit_width):
         return (
@@ -84,15 +91,9 @@ def _register():
         steps: Tensor, draft_temperature: Optional[Tensor], draft_top_k: Optional[Tensor],
         draft_top_p: Optional[Tensor], probabilities: bool, emit_width: int,
     ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        target_array = checked(target, "target", verify.LOGITS_DTYPES)
-        sampling = sampling_of(target, temperature, top_k, top_p, seeds, steps, draft_temperature, draft_top_k,
-                               draft_top_p)
-        result = verify.rejection_call(
-            "chain", target_array, optional(draft, "draft", verify.LOGITS_DTYPES),
-            checked(draft_tokens, "draft_tokens", ("int32",)), None,
-            checked(draft_offsets, "draft_offsets", ("int32",)), probabilities, emit_width, sampling,
-        )
-        return tuple(result)
+        sampling = (temperature, top_k, top_p, seeds, steps, draft_temperature, draft_top_k, draft_top_p)
+        return rejection("chain", target, draft, draft_tokens, "draft_tokens", None, draft_offsets, "draft_offsets",
+                         sampling, probabilities, emit_width)
 
     @rejection_verify_chain.register_fake
     def _(target, draft, draft_tokens, draft_offsets, *rest):
@@ -105,15 +106,9 @@ def _register():
         steps: Tensor, draft_temperature: Optional[Tensor], draft_top_k: Optional[Tensor],
         draft_top_p: Optional[Tensor], probabilities: bool, emit_width: int,
     ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        target_array = checked(target, "target", verify.LOGITS_DTYPES)
-        sampling = sampling_of(target, temperature, top_k, top_p, seeds, steps, draft_temperature, draft_top_k,
-                               draft_top_p)
-        result = verify.rejection_call(
-            "tree", target_array, optional(draft, "draft", verify.LOGITS_DTYPES),
-            checked(node_tokens, "node_tokens", ("int32",)), checked(parents, "parents", ("int32",)),
-            checked(node_offsets, "node_offsets", ("int32",)), probabilities, emit_width, sampling,
-        )
-        return tuple(result)
+        sampling = (temperature, top_k, top_p, seeds, steps, draft_temperature, draft_top_k, draft_top_p)
+        return rejection("tree", target, draft, node_tokens, "node_tokens", parents, node_offsets, "node_offsets",
+                         sampling, probabilities, emit_width)
 
     @rejection_verify_tree.register_fake
     def _(target, draft, node_tokens, parents, node_offsets, *rest):
