@@ -11,21 +11,11 @@ import numpy as np
 from ._ffi import ffi
 
 # The element types the library's arrays use, by the name numpy and torch print.
-_ITEM_BYTES = {
-    "float32": 4,
-    "float16": 2,
-    "bfloat16": 2,
-    "int32": 4,
-    "uint32": 4,
-    "int64": 8,
-    "uint64": 8,
-    "uint8": 1,
-    "int8": 1,
-}
+_DTYPE_NAMES = ("float32", "float16", "bfloat16", "int32", "uint32", "int64", "uint64", "uint8", "int8")
 
 
 # numpy's dtype.name is slow (it formats a string each time); the library's dtypes by lookup instead.
-_NUMPY_NAMES = {np.dtype(name): name for name in _ITEM_BYTES if name != "bfloat16"}
+_NUMPY_NAMES = {np.dtype(name): name for name in _DTYPE_NAMES if name != "bfloat16"}
 
 
 def _torch():
@@ -63,13 +53,6 @@ class Array:
         self.shape = shape
         self.device = device
         self.is_torch = is_torch
-
-    @property
-    def numel(self):
-        count = 1
-        for size in self.shape:
-            count *= size
-        return count
 
     def pointer(self, c_type="void"):
         """The data as a C pointer (read only when the call runs: a fake tensor being traced has none)."""
@@ -210,7 +193,7 @@ def per_request(value, name, like, count, dtype, dtypes):
                 kind = "integers" if integral else "numbers"
                 raise TypeError(f"{name}: {v!r} in it, expected {kind}")
         if dtype == "int64":
-            values = [_int64_bits(v, name) for v in values]
+            values = [int64_bits(v, name) for v in values]
         elif dtype == "int32":
             for v in values:
                 if not -(1 << 31) <= int(v) < (1 << 31):
@@ -231,19 +214,30 @@ def _is_scalar(value):
     return isinstance(value, (int, float, np.integer, np.floating))
 
 
-def _int64_bits(value, name):
-    """A Python int in [-2^63, 2^64) as the int64 with the same 64 bits (seeds are uint64 in the C ABI)."""
+def int64_bits(value, name):
+    """A Python or numpy int in [-2^63, 2^64) as the int64 with the same 64 bits (seeds are uint64 in the C ABI)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name}: {value!r}, expected an int")
     value = int(value)
     if not -(1 << 63) <= value < (1 << 64):
         raise OverflowError(f"{name}: {value} does not fit in 64 bits")
     return value - (1 << 64) if value >= (1 << 63) else value
 
 
-def positive_int(value, name):
-    """A positive Python or numpy integer as an int, named in the error."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name}: {value!r}, expected a positive int")
-    return int(value)
+def host_offsets(offsets, most_per_request, default_of):
+    """An offsets array's values read on the host, to compute the default of `default_of`: 0 first, each request
+    0 to `most_per_request` entries. Broken offsets are an error here; passing `default_of` instead lets the
+    library flag such a request alone."""
+    bounds = offsets.value.tolist()
+    if not bounds:
+        raise ValueError(f"{offsets.name}: empty; it holds num_requests + 1 offsets (0 first)")
+    if bounds[0] != 0:
+        raise ValueError(f"{offsets.name}: must start at 0 (pass {default_of} to have broken requests flagged alone)")
+    for b in range(len(bounds) - 1):
+        if not 0 <= bounds[b + 1] - bounds[b] <= most_per_request:
+            raise ValueError(f"{offsets.name}: request {b} spans {bounds[b]}..{bounds[b + 1]}, expected 0 to "
+                             f"{most_per_request} entries (pass {default_of} to have it flagged alone)")
+    return bounds
 
 
 def stream_of(primary):

@@ -57,9 +57,8 @@ def tree_attention(q, k, v, token_offsets, parents, prefix_lens, page_table, k_c
     q = _arrays.array(q, "q", ELEMENT_DTYPES, ndim=3)
     token_offsets = _arrays.array(token_offsets, "token_offsets", ("int32",), ndim=1)
     if max_tree_size is None:
-        bounds = token_offsets.value.tolist()
-        max_tree_size = max([bounds[b + 1] - bounds[b] for b in range(len(bounds) - 1)], default=0)
-        max_tree_size = max(max_tree_size, 1)
+        bounds = _arrays.host_offsets(token_offsets, lib.SPECDEC_MAX_TREE_NODES, "max_tree_size")
+        max_tree_size = max([bounds[b + 1] - bounds[b] for b in range(len(bounds) - 1)] + [1])
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[2])
     _check_rope_style(rope_style)

@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import _arrays
+from . import _arrays, _host
 from ._ffi import check, context, ffi, lib
 
 WEIGHT_DTYPES = ("float16", "bfloat16")
@@ -39,9 +39,10 @@ def _scale_name(scale_dtype, default):
     """"float16" or "bfloat16" from a name, a torch dtype or a numpy / ml_dtypes dtype."""
     if scale_dtype is None:
         return default
+    torch = sys.modules.get("torch")
     if isinstance(scale_dtype, str):
         name = scale_dtype
-    elif "torch" in str(type(scale_dtype)):
+    elif torch is not None and isinstance(scale_dtype, torch.dtype):
         name = str(scale_dtype).replace("torch.", "")
     else:
         try:
@@ -101,7 +102,7 @@ def _checked_weight(weight):
     if not isinstance(weight, Int4Weight):
         raise TypeError(f"weight: expected an Int4Weight (from quantize or pack), got {type(weight).__name__}")
     _check_group_size(weight.group_size)
-    _arrays.positive_int(weight.n, "weight.n")
+    _host.whole_number(weight.n, "weight.n", 1)
     packed = _arrays.array(weight.packed, "weight.packed", ("uint32",), ndim=1)
     scales = _arrays.array(weight.scales, "weight.scales", WEIGHT_DTYPES, ndim=2)
     zeros = _arrays.array(weight.zeros, "weight.zeros", ("uint8",), ndim=2)
@@ -130,7 +131,7 @@ def gemv_call(xs, packed, scales, zeros, n, group_size):
     if len(xs.shape) != 2:
         raise ValueError(f"x: shape {xs.shape}, expected [m, k]")
     m, k = xs.shape
-    n = _arrays.positive_int(n, "n")
+    n = _host.whole_number(n, "n", 1)
     if packed.shape != (n * k // 8,) or (n * k) % 8:
         raise ValueError(f"packed: shape {packed.shape}, expected ({n * k // 8},) for n = {n} and x's k = {k}")
     groups = k // group_size

@@ -65,9 +65,9 @@ def _register():
 
     def rejection(kind, target, draft, tokens, tokens_name, parents, offsets, offsets_name, sampling,
                   probabilities, emit_width):
-        """Both rejection ops: `sampling` the eight per-request tensors in `verify._SAMPLING_FIELDS` order."""
-        sampling = {name: optional(value, name, verify._SAMPLING_FIELDS[name][1])
-                    for name, value in zip(verify._SAMPLING_FIELDS, sampling)}
+        """Both rejection ops: `sampling` the eight per-request tensors in `verify.SAMPLING_FIELDS` order."""
+        sampling = {name: optional(value, name, verify.SAMPLING_FIELDS[name][1])
+                    for name, value in zip(verify.SAMPLING_FIELDS, sampling)}
         return tuple(verify.rejection_call(
             kind, checked(target, "target", verify.LOGITS_DTYPES), optional(draft, "draft", verify.LOGITS_DTYPES),
             checked(tokens, tokens_name, ("int32",)),

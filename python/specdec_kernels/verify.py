@@ -10,9 +10,7 @@ from Transformers via Speculative Decoding" (ICML 2023, section 2.3) for chains,
 import sys
 from typing import Any, NamedTuple, Optional
 
-import numpy as np
-
-from . import _arrays
+from . import _arrays, _host
 from ._ffi import check, context, ffi, lib, request_status_name
 
 LOGITS_DTYPES = ("float32", "float16", "bfloat16")
@@ -51,42 +49,15 @@ def _context_of(primary):
     return context(*primary.device)
 
 
-def _emit_width(emit_width, offsets, name, extra):
-    """`emit_width` as given, or the longest chain (or deepest tree, `extra` says how to measure) plus one,
-    computed from the offsets on the host (a device-to-host copy for CUDA tensors: pass emit_width to avoid it,
-    and under torch.compile)."""
-    if emit_width is not None:
-        return _check_emit_width(emit_width)
-    return extra(offsets.value.tolist(), name)
-
-
 def _check_emit_width(emit_width):
-    return _arrays.positive_int(emit_width, "emit_width")
+    return _host.whole_number(emit_width, "emit_width", 1)
 
 
-def _checked_host_offsets(offsets, name, most_per_request):
-    """Offsets read on the host for a default emit_width: 0 first, non-decreasing, at most `most_per_request`
-    apart. Broken offsets are an error here (pass emit_width to have such a request flagged alone instead)."""
-    if not offsets or offsets[0] != 0:
-        raise ValueError(f"{name}: must start at 0 (pass emit_width to have broken requests flagged alone)")
-    for b in range(len(offsets) - 1):
-        if not 0 <= offsets[b + 1] - offsets[b] <= most_per_request:
-            raise ValueError(f"{name}: request {b} spans {offsets[b]}..{offsets[b + 1]}, expected 0 to "
-                             f"{most_per_request} entries (pass emit_width to have it flagged alone)")
-    return offsets
-
-
-def _longest_chain_plus_one(offsets, name):
-    offsets = _checked_host_offsets(offsets, name, lib.SPECDEC_MAX_TREE_NODES - 1)
-    lengths = [offsets[b + 1] - offsets[b] for b in range(len(offsets) - 1)]
-    return max(lengths, default=0) + 1
-
-
-def _offsets(value, name):
-    offsets = _arrays.array(value, name, ("int32",), ndim=1)
-    if offsets.shape[0] < 1:
-        raise ValueError(f"{name}: empty; it holds num_requests + 1 offsets (0 first)")
-    return offsets
+# A default emit_width is read from the offsets on the host (a device-to-host copy for CUDA tensors: pass
+# emit_width to avoid it, and under torch.compile).
+def _longest_chain_plus_one(offsets):
+    bounds = _arrays.host_offsets(offsets, lib.SPECDEC_MAX_TREE_NODES - 1, "emit_width")
+    return max((bounds[b + 1] - bounds[b] for b in range(len(bounds) - 1)), default=0) + 1
 
 
 def greedy_verify(logits, draft_tokens, draft_offsets, *, emit_width=None):
@@ -109,10 +80,10 @@ def greedy_verify(logits, draft_tokens, draft_offsets, *, emit_width=None):
         for what the library rejects (its message names the argument).
     """
     draft_tokens = _arrays.array(draft_tokens, "draft_tokens", ("int32",), ndim=1)
-    draft_offsets = _offsets(draft_offsets, "draft_offsets")
+    draft_offsets = _arrays.array(draft_offsets, "draft_offsets", ("int32",), ndim=1)
     logits = _arrays.array(logits, "logits", LOGITS_DTYPES, ndim=2)
-    _check_greedy(logits, draft_tokens, draft_offsets)
-    width = _emit_width(emit_width, draft_offsets, "draft_offsets", _longest_chain_plus_one)
+    # The shapes are checked once, in greedy_verify_into (where the op enters too).
+    width = _check_emit_width(emit_width) if emit_width is not None else _longest_chain_plus_one(draft_offsets)
     if _arrays.through_op(logits):
         from . import ops
 
@@ -123,12 +94,17 @@ def greedy_verify(logits, draft_tokens, draft_offsets, *, emit_width=None):
     return greedy_verify_into(logits, draft_tokens, draft_offsets, width)
 
 
-def _check_greedy(logits, draft_tokens, draft_offsets):
-    for arr, ndim in ((logits, 2), (draft_tokens, 1), (draft_offsets, 1)):
-        if len(arr.shape) != ndim:
+def _check_dimensions(offsets, *arrays_and_ndims):
+    """Each array's number of dimensions (None: not given), and offsets holding at least the 0 of no request."""
+    for arr, ndim in arrays_and_ndims + ((offsets, 1),):
+        if arr is not None and len(arr.shape) != ndim:
             raise ValueError(f"{arr.name}: {len(arr.shape)} dimensions (shape {arr.shape}), expected {ndim}")
-    if draft_offsets.shape[0] < 1:
-        raise ValueError("draft_offsets: empty; it holds num_requests + 1 offsets (0 first)")
+    if offsets.shape[0] < 1:
+        raise ValueError(f"{offsets.name}: empty; it holds num_requests + 1 offsets (0 first)")
+
+
+def _check_greedy(logits, draft_tokens, draft_offsets):
+    _check_dimensions(draft_offsets, (logits, 2), (draft_tokens, 1))
     rows = draft_tokens.shape[0] + draft_offsets.shape[0] - 1
     if logits.shape[0] != rows:
         raise ValueError(f"logits: {logits.shape[0]} rows, expected {rows} (one per draft plus one per request)")
@@ -166,7 +142,7 @@ def greedy_verify_into(logits, draft_tokens, draft_offsets, emit_width):
     return VerifyResult(counts, emitted, None, None, status)
 
 
-_SAMPLING_FIELDS = {  # name: (dtype made from a Python scalar, dtypes taken, C element type)
+SAMPLING_FIELDS = {  # name: (dtype made from a Python scalar, dtypes taken, C element type)
     "temperature": ("float32", ("float32",), "float"),
     "top_k": ("int32", ("int32",), "int32_t"),
     "top_p": ("float32", ("float32",), "float"),
@@ -198,7 +174,7 @@ def sampling_arrays(target, num_requests, probabilities, has_draft, params):
             raise ValueError(f"{required}: required (one per request, or one int for every request)")
     return {
         name: _arrays.per_request(params[name], name, target, num_requests, made, taken)
-        for name, (made, taken, _) in _SAMPLING_FIELDS.items()
+        for name, (made, taken, _) in SAMPLING_FIELDS.items()
     }
 
 
@@ -206,26 +182,27 @@ def sampling_struct(arrays):
     """The `specdec_sampling` struct pointing at checked arrays (which must outlive the call)."""
     struct = ffi.new("specdec_sampling *")
     for name, arr in arrays.items():
-        setattr(struct, name, ffi.NULL if arr is None else arr.pointer(_SAMPLING_FIELDS[name][2]))
+        setattr(struct, name, ffi.NULL if arr is None else arr.pointer(SAMPLING_FIELDS[name][2]))
     return struct
 
 
 def _rejection(kind, target, draft, tokens, tokens_name, parents, offsets, offsets_name, probabilities,
                emit_width, params):
     tokens = _arrays.array(tokens, tokens_name, ("int32",), ndim=1)
-    offsets = _offsets(offsets, offsets_name)
-    num_requests = offsets.shape[0] - 1
+    offsets = _arrays.array(offsets, offsets_name, ("int32",), ndim=1)
+    num_requests = max(offsets.shape[0] - 1, 0)  # an empty offsets array is named by _check_rejection
     target = _arrays.array(target, "target", ("float32",) if probabilities else LOGITS_DTYPES, ndim=2)
     draft = _arrays.optional_array(draft, "draft", LOGITS_DTYPES, ndim=2)
     if kind == "tree":
         parents = _arrays.array(parents, "parents", ("int32",), ndim=1)
     sampling = sampling_arrays(target, num_requests, probabilities, draft is not None, params)
-    _check_rejection(kind, target, draft, tokens, parents, offsets, probabilities, sampling)
-    if kind == "chain":
-        width = _emit_width(emit_width, offsets, offsets_name, _longest_chain_plus_one)
+    # The shapes are checked once, in rejection_call (where the ops enter too).
+    if emit_width is not None:
+        width = _check_emit_width(emit_width)
+    elif kind == "chain":
+        width = _longest_chain_plus_one(offsets)
     else:
-        width = _emit_width(emit_width, offsets, offsets_name,
-                            lambda _offsets, _name: _deepest_tree_plus_one(offsets, parents))
+        width = _deepest_tree_plus_one(offsets, parents)
     if _arrays.through_op(target):
         from . import ops
 
@@ -240,18 +217,14 @@ def _rejection(kind, target, draft, tokens, tokens_name, parents, offsets, offse
         if kind == "tree":
             op, tree_args = namespace.rejection_verify_tree, (tensor(parents),)
         outputs = op(target.value, tensor(draft), tokens.value, *tree_args, offsets.value,
-                     *(tensor(sampling[name]) for name in _SAMPLING_FIELDS), probabilities, width)
+                     *(tensor(sampling[name]) for name in SAMPLING_FIELDS), probabilities, width)
         return VerifyResult(*outputs)
     return rejection_call(kind, target, draft, tokens, parents, offsets, probabilities, width, sampling)
 
 
 def _check_rejection(kind, target, draft, tokens, parents, offsets, probabilities, sampling):
     """Everything the library cannot see for itself: dimensions, row counts, dtypes agreeing, one device."""
-    for arr, ndim in ((target, 2), (draft, 2), (tokens, 1), (offsets, 1), (parents, 1)):
-        if arr is not None and len(arr.shape) != ndim:
-            raise ValueError(f"{arr.name}: {len(arr.shape)} dimensions (shape {arr.shape}), expected {ndim}")
-    if offsets.shape[0] < 1:
-        raise ValueError(f"{offsets.name}: empty; it holds num_requests + 1 offsets (0 first)")
+    _check_dimensions(offsets, (target, 2), (draft, 2), (tokens, 1), (parents, 1))
     num_requests = offsets.shape[0] - 1
     if probabilities and target.dtype != "float32":
         raise TypeError(f"target: dtype {target.dtype} with probabilities=True; probability rows are float32")
@@ -270,15 +243,15 @@ def _check_rejection(kind, target, draft, tokens, parents, offsets, probabilitie
     for name, arr in sampling.items():
         if arr is None:
             continue
-        if arr.dtype not in _SAMPLING_FIELDS[name][1]:
-            raise TypeError(f"{name}: dtype {arr.dtype}, expected {' or '.join(_SAMPLING_FIELDS[name][1])}")
+        if arr.dtype not in SAMPLING_FIELDS[name][1]:
+            raise TypeError(f"{name}: dtype {arr.dtype}, expected {' or '.join(SAMPLING_FIELDS[name][1])}")
         if arr.shape != (num_requests,):
             raise ValueError(f"{name}: shape {arr.shape}, expected ({num_requests},) (one per request)")
     _arrays.same_device(target, draft, tokens, offsets, parents, *sampling.values())
 
 
 def _deepest_tree_plus_one(offsets, parents):
-    bounds = _checked_host_offsets(offsets.value.tolist(), offsets.name, lib.SPECDEC_MAX_TREE_NODES)
+    bounds = _arrays.host_offsets(offsets, lib.SPECDEC_MAX_TREE_NODES, "emit_width")
     parent_of = parents.value.tolist()
     deepest = 0
     for b in range(len(bounds) - 1):
@@ -394,13 +367,6 @@ def rejection_verify_tree(target, node_tokens, parents, node_offsets, *, draft=N
 def sample_seed(base_seed, sample):
     """The seed (a Python int in [0, 2^64)) of sample `sample` of a group sharing `base_seed`: distinct samples
     get distinct seeds. Both arguments are 64-bit: a negative int is taken as its two's-complement bits."""
-    return int(lib.specdec_sample_seed(_uint64(base_seed, "base_seed"), _uint64(sample, "sample")))
-
-
-def _uint64(value, name):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name}: {value!r}, expected an int")
-    value = int(value)
-    if not -(1 << 63) <= value < (1 << 64):
-        raise OverflowError(f"{name}: {value} does not fit in 64 bits")
-    return value & ((1 << 64) - 1)
+    mask = (1 << 64) - 1
+    return int(lib.specdec_sample_seed(_arrays.int64_bits(base_seed, "base_seed") & mask,
+                                       _arrays.int64_bits(sample, "sample") & mask))

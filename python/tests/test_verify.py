@@ -151,12 +151,16 @@ def test_numpy_and_torch_give_the_same_bits(rng, dtype):
 def test_a_chain_is_a_tree_of_one_branch(rng):
     """The same drafts verified as a chain and as a one-branch tree (its rows in node order) give the same
     tokens: one sampler, one rule."""
-    vocab, num_requests, drafts = 50, 4, 5
+    vocab, num_requests, drafts = 50, 16, 5
     target = rng.standard_normal((num_requests * (drafts + 1), vocab)).astype(np.float32)
-    draft = rng.standard_normal((num_requests * drafts, vocab)).astype(np.float32)
-    tokens = rng.integers(0, vocab, num_requests * drafts).astype(np.int32)
+    # Draft rows near the target's, and drafts drawn from them, so that paths of every length get accepted.
+    draft = (target.reshape(num_requests, drafts + 1, vocab)[:, :drafts].reshape(-1, vocab)
+             + 0.3 * rng.standard_normal((num_requests * drafts, vocab)).astype(np.float32))
+    tokens = np.array([rng.choice(vocab, p=softmax(row)) for row in draft], np.int32)
     offsets = np.arange(0, (num_requests + 1) * drafts, drafts, dtype=np.int32)
-    chain = sk.rejection_verify_chain(target, tokens, offsets, draft=draft, seeds=[1, 2, 3, 4], steps=9)
+    seeds = list(range(1, num_requests + 1))
+    chain = sk.rejection_verify_chain(target, tokens, offsets, draft=draft, seeds=seeds, steps=9)
+    assert chain.accepted_counts.max() >= 2, chain.accepted_counts  # the comparison covers accepted paths
     # Tree: node 0 is the last accepted token (its row is the first target row), node j + 1 is draft j.
     node_tokens = np.concatenate([np.concatenate([[0], tokens[b * drafts:(b + 1) * drafts]])
                                   for b in range(num_requests)]).astype(np.int32)
@@ -165,8 +169,8 @@ def test_a_chain_is_a_tree_of_one_branch(rng):
     # A node's draft row is the distribution its children were drawn from: the chain's row of the next draft.
     tree_draft = np.concatenate([np.concatenate([draft[b * drafts:(b + 1) * drafts], draft[:1] * 0])
                                  for b in range(num_requests)])
-    tree = sk.rejection_verify_tree(target, node_tokens, parents, node_offsets, draft=tree_draft,
-                                    seeds=[1, 2, 3, 4], steps=9)
+    tree = sk.rejection_verify_tree(target, node_tokens, parents, node_offsets, draft=tree_draft, seeds=seeds,
+                                    steps=9)
     np.testing.assert_array_equal(chain.accepted_counts, tree.accepted_counts)
     np.testing.assert_array_equal(chain.emitted_tokens, tree.emitted_tokens)
 
