@@ -32,7 +32,8 @@ pub(crate) mod greedy;
 pub(crate) mod int4;
 pub(crate) mod pool;
 pub(crate) mod sampling;
-mod simd;
+pub(crate) mod simd;
+mod softmax;
 
 pub use attention::{tree_attention, tree_kv_compact};
 pub use greedy::{argmax, greedy_verify};

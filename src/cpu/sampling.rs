@@ -4,7 +4,8 @@
 
 use rayon::prelude::*;
 
-use super::simd::Kernel;
+use super::simd::{largest, Kernel};
+use super::softmax::softmax_in_place;
 use crate::backend::{Backend, Stream};
 use crate::error::Result;
 use crate::greedy::REQUEST_INVALID;
@@ -156,7 +157,11 @@ fn verify_request(
             draft.check_row("draft", row, v, temperature(draft_name, draft_params), true)?;
         }
     }
-    // Each drafted token must have probability under the draft row it was drawn from (ignored when greedy).
+    // Each drafted token must have probability under the draft row it was drawn from (ignored when greedy). The
+    // first draft distributions are kept for the walk, which reads the same rows (all of a chain's, up to
+    // [`KEPT_DRAFT_ROWS`]; a wide tree's others are computed again if its path reaches them).
+    let mut draft_probabilities: Vec<Option<Vec<f32>>> = vec![None; nodes.len()];
+    let mut kept = 0;
     if let (Some(draft), false) = (&inputs.draft, greedy) {
         for (parent, kids) in children.iter().enumerate() {
             let (Some(draft_row), false) = (nodes[parent].draft_row, kids.is_empty()) else {
@@ -170,6 +175,10 @@ fn verify_request(
                 };
                 let token = nodes[kid].token;
                 check_drafted_token(name, index, token, q[token as usize], draft_row)?;
+            }
+            if kept < KEPT_DRAFT_ROWS {
+                draft_probabilities[parent] = Some(q);
+                kept += 1;
             }
         }
     }
@@ -192,12 +201,17 @@ fn verify_request(
             Step::from_point_mass(&nodes, kids, y)
         } else {
             let p = distribution(&inputs.target, target_row, v, params.as_ref());
-            match (&inputs.draft, nodes[node].draft_row) {
+            let q = match (&inputs.draft, nodes[node].draft_row) {
                 (Some(draft), Some(draft_row)) if !kids.is_empty() => {
-                    let q = distribution(draft, draft_row, v, draft_params.as_ref());
-                    verify_iid_children(&nodes, kids, p, q, &noise, node as u32)
+                    Some(draft_probabilities[node].take().unwrap_or_else(|| {
+                        probabilities(distribution(draft, draft_row, v, draft_params.as_ref()))
+                    }))
                 }
-                _ => Step::from_point_mass(&nodes, kids, draw(&p, &noise, node as u32) as i32),
+                _ => None,
+            };
+            match q {
+                Some(q) => verify_iid_children(&nodes, kids, p, &q, &noise, node as u32),
+                None => Step::from_point_mass(&nodes, kids, draw(&p, &noise, node as u32) as i32),
             }
         };
         match next {
@@ -215,6 +229,10 @@ fn verify_request(
         }
     }
 }
+
+/// Draft distributions computed by a request's checks and kept for its walk: at V = 152k, 16 rows are 9.3 MiB
+/// per request in flight.
+const KEPT_DRAFT_ROWS: usize = 16;
 
 fn children_of(nodes: &[Node]) -> Vec<Vec<usize>> {
     let mut children = vec![Vec::new(); nodes.len()];
@@ -242,31 +260,33 @@ impl Step {
     }
 }
 
-/// SpecInfer's multi-step speculative sampling at one node whose children were drawn i.i.d. from `q` (for a
-/// chain, the single child is Leviathan's rule). `r / mass` is the current residual distribution: `p` as given
-/// (mass 1) before the first rejection, so a chain needs no normalising sum.
+/// SpecInfer's multi-step speculative sampling at one node whose children were drawn i.i.d. from `q` (the draft
+/// probabilities; for a chain, the single child is Leviathan's rule). `r / mass` is the current residual
+/// distribution: `p` as given (mass 1) before the first rejection, so a chain needs no normalising sum.
 fn verify_iid_children(
     nodes: &[Node],
     kids: &[usize],
     p: Dist,
-    q: Dist,
+    q: &[f32],
     noise: &RequestNoise,
     node: u32,
 ) -> Step {
     let p = probabilities(p);
-    let q = probabilities(q);
-    let mut r = p.clone();
+    // The residual is copied from `p` at the first rejection (most nodes accept their first child).
+    let mut residual: Option<Vec<f32>> = None;
     let mut mass = 1.0f64;
     for (j, &child) in kids.iter().enumerate() {
         let x = nodes[child].token as usize;
         let u = noise.coin(node, j as u32);
+        let r = residual.as_deref().unwrap_or(&p);
         // Exact in f64 while mass is 1 (a product of two f32): u q(x) < p(x) never accepts p(x) = 0, and always
         // accepts p(x) >= q(x) > 0 because u < 1.
         if f64::from(u) * f64::from(q[x]) * mass < f64::from(r[x]) {
             return Step::Accept(child);
         }
+        let r = residual.get_or_insert_with(|| p.clone());
         let scale = if mass == 1.0 { 1.0 } else { mass as f32 };
-        for (rx, &qx) in r.iter_mut().zip(&q) {
+        for (rx, &qx) in r.iter_mut().zip(q) {
             let residual = if scale == 1.0 {
                 *rx - qx
             } else {
@@ -278,7 +298,10 @@ fn verify_iid_children(
     }
     // No residual mass is reachable only through rounding (the rejected children's p <= q everywhere means
     // p = q); then the draw falls back to p.
-    let weights = if mass > 0.0 { r } else { p };
+    let weights = match residual {
+        Some(r) if mass > 0.0 => r,
+        _ => p,
+    };
     Step::Emit(draw(&Dist::Weights(weights), noise, node) as i32)
 }
 
@@ -290,7 +313,10 @@ fn distribution(rows: &HostRows<'_>, row: usize, v: usize, params: Option<&Reque
         return Dist::Weights(values);
     };
     let t = params.temperature;
-    let mut z: Vec<f32> = values.iter().map(|&l| l / t).collect();
+    let mut z = values;
+    for x in z.iter_mut() {
+        *x /= t;
+    }
     if let Some(k) = params.top_k {
         let threshold = kth_largest(&z, k);
         mask_below(&mut z, threshold);
@@ -342,20 +368,13 @@ fn softmax(z: &[f32]) -> Vec<f64> {
     exps.into_iter().map(|e| e / sum).collect()
 }
 
-/// Probabilities (f32) of a distribution: for log weights, [`softmax`]'s values rounded to f32, computed in the
-/// log weights' own buffer (no f64 row: at V = 49152 that was 384 KiB allocated, and faulted in, per row).
+/// Probabilities (f32) of a distribution: for log weights, their softmax ([`softmax_in_place`]: f32
+/// exponentials, an f64 sum, quotients rounded to f32), computed in the log weights' own buffer.
 fn probabilities(d: Dist) -> Vec<f32> {
     match d {
         Dist::Weights(w) => w,
         Dist::Log(mut z) => {
-            let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            for x in z.iter_mut() {
-                *x = (*x - max).exp();
-            }
-            let sum: f64 = z.iter().map(|&e| f64::from(e)).sum();
-            for e in z.iter_mut() {
-                *e = (f64::from(*e) / sum) as f32;
-            }
+            softmax_in_place(&mut z);
             z
         }
     }
@@ -482,28 +501,6 @@ fn draw_by_chunks(d: &Dist, noise: &RequestNoise, node: u32) -> usize {
         }
     }
     best.expect("a validated row has mass")
-}
-
-/// The largest of `values` (`-inf` if none is above it; NaN ignored), by 16 lanes so that it vectorises: the
-/// largest is the same in any order.
-#[inline(always)]
-fn largest(values: &[f32]) -> f32 {
-    let mut lanes = [f32::NEG_INFINITY; 16];
-    let chunks = values.chunks_exact(16);
-    let tail = chunks.remainder();
-    for chunk in chunks {
-        for (lane, &x) in lanes.iter_mut().zip(chunk) {
-            *lane = if x > *lane { x } else { *lane };
-        }
-    }
-    for (lane, &x) in lanes.iter_mut().zip(tail) {
-        *lane = if x > *lane { x } else { *lane };
-    }
-    let mut top = f32::NEG_INFINITY;
-    for &lane in &lanes {
-        top = if lane > top { lane } else { top };
-    }
-    top
 }
 
 fn argmax_row(rows: &HostRows<'_>, row: usize, v: usize) -> usize {

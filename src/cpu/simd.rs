@@ -1,5 +1,5 @@
 //! The instruction sets the CPU backend's kernels are compiled for (the int4 GEMV, tree attention, the
-//! sampler's race), chosen at run time by what the CPU has.
+//! sampler's race and softmax), chosen at run time by what the CPU has, and the lane-wise maximum they share.
 
 /// The instruction sets a kernel is compiled for, chosen by what the CPU has.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,4 +55,26 @@ impl Kernel {
             Kernel::Avx512 => vec![Kernel::Portable, Kernel::Avx2Fma, Kernel::Avx512],
         }
     }
+}
+
+/// The largest of `values` (`-inf` if none is above it; NaN ignored), by 16 lanes so that it vectorises: the
+/// largest is the same in any order.
+#[inline(always)]
+pub(crate) fn largest(values: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let chunks = values.chunks_exact(16);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (lane, &x) in lanes.iter_mut().zip(chunk) {
+            *lane = if x > *lane { x } else { *lane };
+        }
+    }
+    for (lane, &x) in lanes.iter_mut().zip(tail) {
+        *lane = if x > *lane { x } else { *lane };
+    }
+    let mut top = f32::NEG_INFINITY;
+    for &lane in &lanes {
+        top = if lane > top { lane } else { top };
+    }
+    top
 }

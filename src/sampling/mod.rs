@@ -1023,6 +1023,119 @@ pub struct RowTemperature<'a> {
     pub temperature: f32,
 }
 
+/// What one pass over a row finds (most rows break no rule, and [`check_row_values`] then reads them once).
+struct RowScan {
+    nan_or_positive_infinity: bool,
+    below_zero: bool,
+    above_zero: bool,
+    above_negative_infinity: bool,
+    /// The largest `|x|` over finite values (0 if none).
+    largest_finite_magnitude: f32,
+}
+
+impl RowScan {
+    fn of<T: LogitsElement>(values: &[T]) -> RowScan {
+        #[cfg(target_arch = "x86_64")]
+        match crate::cpu::simd::Kernel::detect() {
+            // SAFETY: the CPU has AVX-512F and AVX2 (detected).
+            crate::cpu::simd::Kernel::Avx512 => return unsafe { Self::of_avx512(values) },
+            // SAFETY: the CPU has AVX2 (detected).
+            crate::cpu::simd::Kernel::Avx2Fma => return unsafe { Self::of_avx2(values) },
+            crate::cpu::simd::Kernel::Portable => {}
+        }
+        Self::of_lanes(values)
+    }
+
+    /// # Safety
+    /// The CPU must have AVX-512F and AVX2.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2")]
+    unsafe fn of_avx512<T: LogitsElement>(values: &[T]) -> RowScan {
+        Self::of_lanes(values)
+    }
+
+    /// # Safety
+    /// The CPU must have AVX2.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn of_avx2<T: LogitsElement>(values: &[T]) -> RowScan {
+        Self::of_lanes(values)
+    }
+
+    #[inline(always)]
+    fn of_lanes<T: LogitsElement>(values: &[T]) -> RowScan {
+        let mut lanes = ScanLanes::default();
+        let chunks = values.chunks_exact(SCAN_LANES);
+        let tail = chunks.remainder();
+        for chunk in chunks {
+            for (lane, x) in chunk.iter().enumerate() {
+                lanes.add(lane, x.to_f32());
+            }
+        }
+        for (lane, x) in tail.iter().enumerate() {
+            lanes.add(lane, x.to_f32());
+        }
+        let largest = lanes
+            .largest
+            .iter()
+            .copied()
+            .fold(f32::NEG_INFINITY, f32::max);
+        let smallest = lanes.smallest.iter().copied().fold(f32::INFINITY, f32::min);
+        RowScan {
+            nan_or_positive_infinity: lanes.nan.contains(&1.0) || largest == f32::INFINITY,
+            below_zero: smallest < 0.0,
+            above_zero: largest > 0.0,
+            above_negative_infinity: largest > f32::NEG_INFINITY,
+            largest_finite_magnitude: lanes.magnitude.iter().copied().fold(0.0, f32::max),
+        }
+    }
+}
+
+const SCAN_LANES: usize = 16;
+
+/// Four running values per lane, in 16 lanes so that the scan vectorises: the largest and smallest value and the
+/// largest finite magnitude (comparisons that a NaN fails leave them alone), and whether a NaN was seen (1).
+struct ScanLanes {
+    largest: [f32; SCAN_LANES],
+    smallest: [f32; SCAN_LANES],
+    magnitude: [f32; SCAN_LANES],
+    nan: [f32; SCAN_LANES],
+}
+
+impl Default for ScanLanes {
+    fn default() -> Self {
+        ScanLanes {
+            largest: [f32::NEG_INFINITY; SCAN_LANES],
+            smallest: [f32::INFINITY; SCAN_LANES],
+            magnitude: [0.0; SCAN_LANES],
+            nan: [0.0; SCAN_LANES],
+        }
+    }
+}
+
+impl ScanLanes {
+    #[inline(always)]
+    fn add(&mut self, lane: usize, x: f32) {
+        let largest = &mut self.largest[lane];
+        *largest = if x > *largest { x } else { *largest };
+        let smallest = &mut self.smallest[lane];
+        *smallest = if x < *smallest { x } else { *smallest };
+        let finite = if x.abs() < f32::INFINITY {
+            x.abs()
+        } else {
+            0.0
+        };
+        let magnitude = &mut self.magnitude[lane];
+        *magnitude = if finite > *magnitude {
+            finite
+        } else {
+            *magnitude
+        };
+        let nan = &mut self.nan[lane];
+        *nan = if x.is_nan() { 1.0 } else { *nan };
+    }
+}
+
 /// How far a probability row read as a distribution may sum from 1: far above the rounding of an f32 softmax
 /// (about 1e-6 at V = 262144), far below any real mistake (a row of another scale, a missing normalisation).
 pub const PROBABILITY_SUM_TOLERANCE: f64 = 1e-3;
@@ -1044,40 +1157,47 @@ pub fn check_row_values<T: LogitsElement>(
         Err(RequestStatus::RowValues
             .failure(format!("{name}[{row}, {i}]"), format!("is {x}: {why}")))
     };
-    let mut has_mass = false;
+    // A first pass finds whether the row breaks a rule (most rows do not); only then is it searched for the
+    // first value that does, to name it.
+    let scan = RowScan::of(values);
     match logits {
         Some(RowTemperature {
             name: temperature_name,
             request: b,
             temperature,
         }) => {
-            for (i, x) in values.iter().map(|x| x.to_f32()).enumerate() {
-                if x.is_nan() || x == f32::INFINITY {
-                    return bad(i, x, "logits may not be NaN or +inf");
+            // x / t is monotone in |x|, so it overflows for some finite x exactly when it does for the largest.
+            let overflows =
+                temperature > 0.0 && (scan.largest_finite_magnitude / temperature).is_infinite();
+            if scan.nan_or_positive_infinity || overflows {
+                for (i, x) in values.iter().map(|x| x.to_f32()).enumerate() {
+                    if x.is_nan() || x == f32::INFINITY {
+                        return bad(i, x, "logits may not be NaN or +inf");
+                    }
+                    if temperature > 0.0 && x.is_finite() && (x / temperature).is_infinite() {
+                        return Err(RequestStatus::RowValues.failure(
+                            format!("{temperature_name}[{b}]"),
+                            format!(
+                                "is {temperature}: {name}[{row}, {i}] = {x} divided by it overflows f32"
+                            ),
+                        ));
+                    }
                 }
-                if temperature > 0.0 && x.is_finite() && (x / temperature).is_infinite() {
-                    return Err(RequestStatus::RowValues.failure(
-                        format!("{temperature_name}[{b}]"),
-                        format!(
-                            "is {temperature}: {name}[{row}, {i}] = {x} divided by it overflows f32"
-                        ),
-                    ));
-                }
-                has_mass |= x > f32::NEG_INFINITY;
             }
-            if needs_mass && !has_mass {
+            if needs_mass && !scan.above_negative_infinity {
                 return Err(RequestStatus::RowValues
                     .failure(format!("{name}[{row}]"), "has no finite logit"));
             }
         }
         None => {
-            for (i, x) in values.iter().map(|x| x.to_f32()).enumerate() {
-                if !(x.is_finite() && x >= 0.0) {
-                    return bad(i, x, "probabilities must be finite and >= 0");
+            if scan.nan_or_positive_infinity || scan.below_zero {
+                for (i, x) in values.iter().map(|x| x.to_f32()).enumerate() {
+                    if !(x.is_finite() && x >= 0.0) {
+                        return bad(i, x, "probabilities must be finite and >= 0");
+                    }
                 }
-                has_mass |= x > 0.0;
             }
-            if needs_mass && !has_mass {
+            if needs_mass && !scan.above_zero {
                 return Err(RequestStatus::RowValues
                     .failure(format!("{name}[{row}]"), "has no probability mass"));
             }
@@ -1093,4 +1213,76 @@ pub fn check_row_values<T: LogitsElement>(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::{bf16, f16};
+
+    /// The scan against its definition, value by value, on rows of every length up to two chunks and a tail,
+    /// with every special value at every position, on every dtype.
+    fn scan_matches_its_definition<T: LogitsElement>(from: impl Fn(f32) -> T) {
+        let specials = [
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            -0.0,
+            0.0,
+            -3.5,
+            2.25,
+            6.0e4,
+            -6.0e4,
+        ];
+        for len in 1..=40 {
+            for at in 0..len {
+                for &special in &specials {
+                    let row: Vec<T> = (0..len)
+                        .map(|i| {
+                            from(if i == at {
+                                special
+                            } else {
+                                (i % 5) as f32 * 0.5 - 1.0
+                            })
+                        })
+                        .collect();
+                    let values: Vec<f32> = row.iter().map(|x| x.to_f32()).collect();
+                    let scan = RowScan::of(&row);
+                    let want_magnitude = values
+                        .iter()
+                        .filter(|x| x.is_finite())
+                        .fold(0.0f32, |m, x| m.max(x.abs()));
+                    let context = format!("{:?} len {len} {special} at {at}", T::DTYPE);
+                    assert_eq!(
+                        scan.nan_or_positive_infinity,
+                        values.iter().any(|x| x.is_nan() || *x == f32::INFINITY),
+                        "{context}"
+                    );
+                    assert_eq!(
+                        scan.below_zero,
+                        values.iter().any(|x| *x < 0.0),
+                        "{context}"
+                    );
+                    assert_eq!(
+                        scan.above_zero,
+                        values.iter().any(|x| *x > 0.0),
+                        "{context}"
+                    );
+                    assert_eq!(
+                        scan.above_negative_infinity,
+                        values.iter().any(|x| *x > f32::NEG_INFINITY),
+                        "{context}"
+                    );
+                    assert_eq!(scan.largest_finite_magnitude, want_magnitude, "{context}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_row_scan_finds_what_its_definition_finds() {
+        scan_matches_its_definition(|x| x);
+        scan_matches_its_definition(f16::from_f32);
+        scan_matches_its_definition(bf16::from_f32);
+    }
 }
