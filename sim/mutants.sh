@@ -9,7 +9,8 @@
 #   sim/mutants.sh            # after `cargo test --no-run` (kernels compiled) and `make -C sim`
 #
 # The small-kernel cases (a read one element past a row, a grid dimension over its limit, a partial barrier,
-# bad warp masks) are in sim/tests/check.cpp. Ends with "N passed, N failed" (a pass is a caught mutant).
+# bad warp masks) are in sim/tests/check.cpp. Mutants run side by side, one per core (each builds and runs on one
+# thread); their reports are printed in order. Ends with "N passed, N failed" (a pass is a caught mutant).
 set -uo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
@@ -20,8 +21,6 @@ trap 'rm -rf "$scratch"' EXIT
 # The GPU test binaries cargo built (the newest of each name).
 binary() { ls -t target/debug/deps/"$1"-* 2>/dev/null | grep -v '\.d$' | head -n 1; }
 
-passed=0
-failed=0
 # mutant NAME FILE OLD NEW FAMILY TEST FILTER SIGN: SIGN is a phrase the failing run must print.
 mutant() {
   local name=$1 file=$2 old=$3 new=$4 family=$5 test=$6 filter=$7 sign=$8
@@ -37,7 +36,6 @@ if text.count(old) != 1:
 open(path, "w").write(text.replace(old, new))
 PY
     echo "FAIL $name: the mutation does not apply"
-    failed=$((failed + 1))
     return
   fi
   for so in "$out"/kernels/*.so; do ln -s "$so" "$dir/kernels/"; done
@@ -46,54 +44,65 @@ PY
     "$dir/kernels/$family.so" >"$dir/build.log" 2>&1; then
     echo "FAIL $name: the mutant does not build"
     tail -n 20 "$dir/build.log"
-    failed=$((failed + 1))
     return
   fi
   local bin
   bin=$(binary "$test")
   if [[ -z "$bin" ]]; then
     echo "FAIL $name: no $test binary (run cargo test --no-run first)"
-    failed=$((failed + 1))
     return
   fi
   if SPECDEC_SIM_NO_BUILD=1 SPECDEC_SIM_KERNELS="$dir/kernels" SPECDEC_REQUIRE_GPU=1 \
     timeout 900 sim/run "$bin" --exact "$filter" >"$dir/run.log" 2>&1; then
     echo "FAIL $name: the mutant passed $test $filter"
-    failed=$((failed + 1))
   elif ! grep -q -- "$sign" "$dir/run.log"; then
     echo "FAIL $name: $test failed, but without \"$sign\":"
     tail -n 30 "$dir/run.log"
-    failed=$((failed + 1))
   else
     echo "PASS $name: caught by $test $filter ($((SECONDS - start)) s): $(grep -m 1 -- "$sign" "$dir/run.log" | cut -c 1-160)"
-    passed=$((passed + 1))
   fi
+}
+
+# launch NAME ...: `mutant NAME ...` in the background, its report in $scratch/NAME.report, once fewer than one
+# mutant per core is running.
+launched=()
+launch() {
+  while (($(jobs -rp | wc -l) >= $(nproc))); do wait -n; done
+  launched+=("$1")
+  mutant "$@" >"$scratch/$1.report" 2>&1 &
 }
 
 # 1. The barrier that publishes a prefix tile to every warp, removed: warps read tiles other warps' copies have
 #    not landed in (poison: NaN), so outputs differ from the reference.
-mutant attention-no-barrier-after-wait cuda/tree_attention.cu \
+launch attention-no-barrier-after-wait cuda/tree_attention.cu \
   $'    CopyAsyncWait<1>();\n    __syncthreads();\n' \
   $'    CopyAsyncWait<1>();\n' \
   tree_attention attention_gpu gpu_long_prefixes_split_and_merge_exactly "panicked"
 
 # 2. The cp.async wait of the prefix pipeline, removed: a tile is read before its copies land.
-mutant attention-no-copy-wait cuda/tree_attention.cu \
+launch attention-no-copy-wait cuda/tree_attention.cu \
   $'    CopyAsyncWait<1>();\n    __syncthreads();\n' \
   $'    __syncthreads();\n' \
   tree_attention attention_gpu gpu_long_prefixes_split_and_merge_exactly "panicked"
 
 # 3. A wrong lane in an mma fragment: each lane loads the activation columns of its neighbour in the quad.
-mutant int4-wrong-fragment-lane cuda/int4.cu \
+launch int4-wrong-fragment-lane cuda/int4.cu \
   'x + row * k + chunk * kTileCols + 32 * h + 8 * quad_pos))' \
   'x + row * k + chunk * kTileCols + 32 * h + 8 * (quad_pos ^ 1)))' \
   int4 int4_gpu gemv_matches_the_f64_reference_for_every_group_dtype_and_m "panicked"
 
 # 4. A shuffle whose mask leaves out lane 31 (the warp argmax of greedy verification).
-mutant greedy-shuffle-wrong-mask cuda/common.cuh \
+launch greedy-shuffle-wrong-mask cuda/common.cuh \
   'uint64_t other = __shfl_xor_sync(0xFFFFFFFFu, v, offset);' \
   'uint64_t other = __shfl_xor_sync(0x7FFFFFFFu, v, offset);' \
   greedy_verify greedy_gpu special_values_are_flagged_alone "leaves out the calling lane 31"
 
+wait
+passed=0
+for name in "${launched[@]}"; do
+  cat "$scratch/$name.report"
+  grep -q "^PASS $name:" "$scratch/$name.report" && passed=$((passed + 1))
+done
+failed=$((${#launched[@]} - passed))
 echo "$passed passed, $failed failed"
 [[ $failed -eq 0 ]]
